@@ -1,0 +1,150 @@
+//! Server-side commit latency of one changed 4 KiB file in volumes of 1k, 100k and 1M files,
+//! and the head + root listing a reload needs, over gRPC on loopback.
+//!
+//! Files sit in directories of 1,000 (`d{i}/f{j}`), so the root has N/1000 entries. The
+//! commit is timed inside the server (`Volumes::commit`: validation done, chunk check, merge
+//! onto the head, synced RocksDB batch); the chunk is uploaded beforehand, untimed. The
+//! baseline is one synced RocksDB write of the same size class (an fsync of the WAL), the
+//! floor any durable commit pays.
+//!
+//! `cargo run --release -p sail-benches --bin commit_latency [-- --sizes 1000,100000,1000000]`
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use chunkstore::{Backend, ChunkId, ChunkPolicy, LocalBackend};
+use clap::Parser;
+use proto::volume as pb;
+use sail_benches::{ms, percentile, print_table, random_bytes};
+use volumed::model::{Change, ChangeOp, Entry, EntryKind, FileData, VolPath};
+use volumed::server::{Server, ServerConfig};
+use volumed::service::ValidCommit;
+use volumed::service::convert::ValidRef;
+
+#[derive(Parser)]
+struct Args {
+    /// Volume sizes (files) to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1000,100000,1000000")]
+    sizes: Vec<usize>,
+    /// Timed commits per size.
+    #[arg(long, default_value_t = 200)]
+    commits: usize,
+    /// Timed head + root listings per size.
+    #[arg(long, default_value_t = 200)]
+    listings: usize,
+}
+
+fn file_entry(id: ChunkId, len: u32) -> Entry {
+    Entry {
+        mode: 0o644,
+        mtime_ns: 0,
+        kind: EntryKind::File(FileData { size: len as u64, policy: ChunkPolicy::Fixed { size: 8 << 20 }, chunks: vec![(id, len)] }),
+    }
+}
+
+fn upsert(path: String, e: Entry) -> Change {
+    Change { path: VolPath::parse(&path).expect("valid path"), op: ChangeOp::Upsert(e) }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut rows = Vec::new();
+    for &n in &args.sizes {
+        let dir = tempfile::tempdir()?;
+        let server = Server::bind(ServerConfig::local(dir.path(), "127.0.0.1:0".parse()?)).await?;
+        let volumes = server.volumes.clone();
+        let running = server.spawn();
+        let backend = LocalBackend::open(dir.path().join("chunks"))?;
+        let vref = ValidRef { org: "bench".into(), name: format!("v{n}") };
+        volumes.get_volume(vref.clone(), true, chunkstore::Chunking::Fixed).await?;
+
+        // Populate: every file shares one 4 KiB chunk (the tree is what matters here).
+        let shared = Bytes::from(random_bytes(4096, 1));
+        let shared_id = ChunkId::of(&shared);
+        backend.put(shared_id, shared.clone()).await?;
+        volumes.store().record_chunks(&[(shared_id, 4096)])?;
+        let fill = Instant::now();
+        let per_dir = 1000.min(n);
+        let mut batch = Vec::new();
+        for i in 0..n {
+            batch.push(upsert(format!("d{}/f{}", i / per_dir, i % per_dir), file_entry(shared_id, 4096)));
+            if batch.len() == 100_000 || i + 1 == n {
+                let changes = std::mem::take(&mut batch);
+                volumes.commit(ValidCommit { volume: vref.clone(), base: None, changes, message: "fill".into() }).await?;
+            }
+        }
+        let fill_time = fill.elapsed();
+
+        // Timed: one changed 4 KiB file per commit, at a pseudo-random existing path.
+        let mut samples = Vec::with_capacity(args.commits);
+        for k in 0..args.commits {
+            let data = Bytes::from(random_bytes(4096, 1000 + k as u64));
+            let id = ChunkId::of(&data);
+            backend.put(id, data).await?;
+            volumes.store().record_chunks(&[(id, 4096)])?;
+            let i = (k * 7919) % n;
+            let change = upsert(format!("d{}/f{}", i / per_dir, i % per_dir), file_entry(id, 4096));
+            let req = ValidCommit { volume: vref.clone(), base: None, changes: vec![change], message: String::new() };
+            let start = Instant::now();
+            volumes.commit(req).await?;
+            samples.push(start.elapsed());
+        }
+
+        // Timed: what a reload needs, over gRPC: GetHead + ListDir of the root.
+        let mut client = volumed::client::VolumeClient::connect(&running.endpoint()).await?;
+        let pref = Some(pb::VolumeRef { org: vref.org.clone(), name: vref.name.clone() });
+        let mut listing = Vec::with_capacity(args.listings);
+        let mut root_entries = 0;
+        for _ in 0..args.listings {
+            let start = Instant::now();
+            let head = client.grpc().get_head(pb::GetHeadRequest { volume: pref.clone() }).await?.into_inner();
+            let root = client
+                .grpc()
+                .list_dir(pb::ListDirRequest { volume: pref.clone(), commit: head.commit, path: String::new() })
+                .await?
+                .into_inner();
+            listing.push(start.elapsed());
+            root_entries = root.entries.len();
+        }
+
+        // Baseline: a synced 4 KiB write to a RocksDB in the same directory.
+        let db = rocksdb_floor(dir.path(), args.commits)?;
+
+        rows.push(vec![
+            n.to_string(),
+            format!("{:.1}", fill_time.as_secs_f64()),
+            ms(percentile(&mut samples.clone(), 50.0)),
+            ms(percentile(&mut samples, 99.0)),
+            ms(db),
+            format!("{:.2}", percentile(&mut samples.clone(), 50.0).as_secs_f64() / db.as_secs_f64()),
+            ms(percentile(&mut listing.clone(), 50.0)),
+            ms(percentile(&mut listing, 99.0)),
+            root_entries.to_string(),
+        ]);
+        running.stop().await?;
+    }
+    print_table(
+        "commit of one changed 4 KiB file (server-side) and head + root listing (gRPC, loopback)",
+        &["files", "fill s", "commit p50 ms", "commit p99 ms", "fsync'd write p50 ms", "p50 / fsync", "head+list p50 ms", "head+list p99 ms", "root entries"],
+        &rows,
+    );
+    Ok(())
+}
+
+/// Median latency of a synced 4 KiB RocksDB put: the durability floor on this disk.
+fn rocksdb_floor(dir: &std::path::Path, n: usize) -> anyhow::Result<Duration> {
+    let mut opts = rocksdb::Options::default();
+    opts.create_if_missing(true);
+    let db = rocksdb::DB::open(&opts, dir.join("floor"))?;
+    let mut wo = rocksdb::WriteOptions::default();
+    wo.set_sync(true);
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..n {
+        let value = random_bytes(4096, i as u64);
+        let start = Instant::now();
+        db.put_opt(i.to_be_bytes(), value, &wo)?;
+        samples.push(start.elapsed());
+    }
+    Ok(percentile(&mut samples, 50.0))
+}

@@ -1,0 +1,294 @@
+//! `LocalBackend`: chunks as files in a local directory (the embedded default).
+//!
+//! Layout: `<root>/chunks/<first 2 hex>/<64 hex>`; temp files in `<root>/tmp/`.
+//!
+//! Durability and atomicity of a put: the bytes go to a unique temp file, which is fsynced,
+//! then renamed into its shard directory (rename is atomic: readers see the whole chunk or
+//! nothing), then the shard directory is fsynced so the rename itself survives a crash. A
+//! newly created shard directory is fsynced into `chunks/` first. Temp files left by a crash
+//! are removed at open. Every `get` re-hashes the file, so a corrupted file is an
+//! [`ChunkError::Integrity`] error, never returned data.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::backend::{Backend, MAX_CHUNK_SIZE, Presigned};
+use crate::error::{ChunkError, Result};
+use crate::id::ChunkId;
+
+/// Chunks in a local directory. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct LocalBackend {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    root: PathBuf,
+    chunks: PathBuf,
+    tmp: PathBuf,
+    counter: AtomicU64,
+}
+
+fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> impl Future<Output = Result<T>> {
+    async move {
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| ChunkError::Backend(format!("I/O task failed: {e}")))?
+    }
+}
+
+fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl LocalBackend {
+    /// Opens (creating if needed) a chunk directory and removes temp files a crash left.
+    pub fn open(root: impl AsRef<Path>) -> Result<Self> {
+        let root = root.as_ref().to_path_buf();
+        let chunks = root.join("chunks");
+        let tmp = root.join("tmp");
+        fs::create_dir_all(&chunks)?;
+        fs::create_dir_all(&tmp)?;
+        for entry in fs::read_dir(&tmp)? {
+            let path = entry?.path();
+            if let Err(e) = fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "could not remove stale temp file");
+            }
+        }
+        Ok(Self { inner: Arc::new(Inner { root, chunks, tmp, counter: AtomicU64::new(0) }) })
+    }
+
+    /// The directory this backend was opened on.
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    /// Where the chunk's file lives (whether or not it exists).
+    pub fn chunk_path(&self, id: ChunkId) -> PathBuf {
+        let hex = id.to_hex();
+        self.inner.chunks.join(&hex[..2]).join(hex)
+    }
+
+    fn temp_path(&self) -> PathBuf {
+        let n = self.inner.counter.fetch_add(1, Ordering::Relaxed);
+        self.inner.tmp.join(format!("{}-{n}-{:016x}", std::process::id(), rand::random::<u64>()))
+    }
+
+    /// Moves a complete, fsynced temp file into place and makes the rename durable.
+    fn install(&self, tmp: &Path, id: ChunkId) -> Result<()> {
+        let dest = self.chunk_path(id);
+        let shard = dest.parent().expect("chunk paths have a shard directory");
+        if !shard.exists() {
+            match fs::create_dir(shard) {
+                Ok(()) => fsync_dir(&self.inner.chunks)?,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        fs::rename(tmp, &dest)?;
+        fsync_dir(shard)?;
+        Ok(())
+    }
+
+    /// Starts a streamed upload of chunk `expected` of at most `max_len` bytes. The bytes
+    /// become visible only when [`ChunkUpload::finish`] verifies their hash.
+    pub fn begin_upload(&self, expected: ChunkId, max_len: u64) -> Result<ChunkUpload> {
+        if max_len > MAX_CHUNK_SIZE {
+            return Err(ChunkError::TooLarge { size: max_len, limit: MAX_CHUNK_SIZE });
+        }
+        let path = self.temp_path();
+        let file = OpenOptions::new().write(true).create_new(true).open(&path)?;
+        Ok(ChunkUpload {
+            backend: self.clone(),
+            expected,
+            max_len,
+            written: 0,
+            hasher: blake3::Hasher::new(),
+            file: Some(file),
+            path,
+        })
+    }
+
+    /// Every chunk id stored (files whose names are not ids are skipped and logged).
+    pub fn list(&self) -> Result<Vec<ChunkId>> {
+        let mut out = Vec::new();
+        for shard in fs::read_dir(&self.inner.chunks)? {
+            let shard = shard?;
+            if !shard.file_type()?.is_dir() {
+                continue;
+            }
+            for entry in fs::read_dir(shard.path())? {
+                let name = entry?.file_name();
+                match name.to_str().and_then(|n| n.parse::<ChunkId>().ok()) {
+                    Some(id) => out.push(id),
+                    None => tracing::warn!(name = ?name, "unexpected file in chunk directory"),
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A streamed upload in progress (see [`LocalBackend::begin_upload`]). Dropping it without
+/// [`ChunkUpload::finish`] removes the temp file. Its methods do blocking I/O.
+pub struct ChunkUpload {
+    backend: LocalBackend,
+    expected: ChunkId,
+    max_len: u64,
+    written: u64,
+    hasher: blake3::Hasher,
+    file: Option<File>,
+    path: PathBuf,
+}
+
+impl ChunkUpload {
+    /// Appends bytes; fails with [`ChunkError::TooLarge`] past the announced length.
+    pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        let size = self.written + bytes.len() as u64;
+        if size > self.max_len {
+            return Err(ChunkError::TooLarge { size, limit: self.max_len });
+        }
+        let file = self.file.as_mut().ok_or_else(|| ChunkError::Backend("upload already finished".into()))?;
+        file.write_all(bytes)?;
+        self.hasher.update(bytes);
+        self.written = size;
+        Ok(())
+    }
+
+    /// Verifies the hash, fsyncs and installs the chunk; returns its length. On a mismatch
+    /// the temp file is removed and nothing becomes visible.
+    pub fn finish(mut self) -> Result<u64> {
+        let actual = ChunkId::from_bytes(*self.hasher.finalize().as_bytes());
+        if actual != self.expected {
+            return Err(ChunkError::Integrity { expected: self.expected, actual });
+        }
+        let file = self.file.take().ok_or_else(|| ChunkError::Backend("upload already finished".into()))?;
+        file.sync_all()?;
+        drop(file);
+        if self.backend.chunk_path(self.expected).exists() {
+            let _ = fs::remove_file(&self.path);
+        } else {
+            self.backend.install(&self.path, self.expected)?;
+        }
+        self.path = PathBuf::new();
+        Ok(self.written)
+    }
+}
+
+impl Drop for ChunkUpload {
+    fn drop(&mut self) {
+        if !self.path.as_os_str().is_empty() {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for LocalBackend {
+    fn kind(&self) -> &'static str {
+        "local"
+    }
+
+    async fn put(&self, id: ChunkId, data: Bytes) -> Result<()> {
+        if data.len() as u64 > MAX_CHUNK_SIZE {
+            return Err(ChunkError::TooLarge { size: data.len() as u64, limit: MAX_CHUNK_SIZE });
+        }
+        let this = self.clone();
+        blocking(move || {
+            if this.chunk_path(id).exists() {
+                return Ok(());
+            }
+            id.verify(&data)?;
+            let tmp = this.temp_path();
+            let result = (|| {
+                let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+                f.write_all(&data)?;
+                f.sync_all()?;
+                drop(f);
+                this.install(&tmp, id)
+            })();
+            if result.is_err() {
+                let _ = fs::remove_file(&tmp);
+            }
+            result
+        })
+        .await
+    }
+
+    async fn get(&self, id: ChunkId) -> Result<Bytes> {
+        let path = self.chunk_path(id);
+        blocking(move || {
+            let data = match fs::read(&path) {
+                Ok(d) => d,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(ChunkError::NotFound(id)),
+                Err(e) => return Err(e.into()),
+            };
+            id.verify(&data)?;
+            Ok(Bytes::from(data))
+        })
+        .await
+    }
+
+    async fn get_range(&self, id: ChunkId, offset: u64, len: u64) -> Result<Bytes> {
+        let path = self.chunk_path(id);
+        blocking(move || {
+            let file = match File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(ChunkError::NotFound(id)),
+                Err(e) => return Err(e.into()),
+            };
+            let size = file.metadata()?.len();
+            let end = offset.checked_add(len).filter(|&e| e <= size).ok_or_else(|| {
+                ChunkError::Io(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("range {offset}+{len} outside chunk {id} of {size} bytes"),
+                ))
+            })?;
+            let mut buf = vec![0u8; (end - offset) as usize];
+            file.read_exact_at(&mut buf, offset)?;
+            Ok(Bytes::from(buf))
+        })
+        .await
+    }
+
+    async fn exists(&self, id: ChunkId) -> Result<bool> {
+        Ok(self.size(id).await?.is_some())
+    }
+
+    async fn size(&self, id: ChunkId) -> Result<Option<u64>> {
+        let path = self.chunk_path(id);
+        blocking(move || match fs::metadata(&path) {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        })
+        .await
+    }
+
+    async fn delete(&self, id: ChunkId) -> Result<()> {
+        let path = self.chunk_path(id);
+        blocking(move || match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e.into()),
+        })
+        .await
+    }
+
+    async fn presign_get(&self, _id: ChunkId, _ttl: Duration) -> Result<Option<Presigned>> {
+        Ok(None)
+    }
+
+    async fn presign_put(&self, _id: ChunkId, _len: u64, _ttl: Duration) -> Result<Option<Presigned>> {
+        Ok(None)
+    }
+}

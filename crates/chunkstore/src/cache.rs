@@ -1,0 +1,2 @@
+//! Cache (being written).
+pub struct ChunkCache;

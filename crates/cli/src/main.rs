@@ -1,0 +1,295 @@
+//! `sail`: the command-line tool for volumes (and, later, sailboxes).
+//!
+//! Exit codes: 0 success, 1 server or transport error, 2 user error (bad arguments, not
+//! found, invalid input).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use proto::volume as pb;
+use volumed::client::{ClientError, FileUpload, VolumeClient};
+use volumed::server::{Server, ServerConfig};
+
+/// Default address of `sail up`, and of clients when SAIL_ENDPOINT is unset.
+const DEFAULT_LISTEN: &str = "127.0.0.1:7420";
+
+#[derive(Parser)]
+#[command(name = "sail", version, about = "Volumes and sailboxes")]
+struct Cli {
+    /// volumed endpoint.
+    #[arg(long, global = true, env = "SAIL_ENDPOINT", default_value = "http://127.0.0.1:7420")]
+    endpoint: String,
+    /// Org that owns the volumes.
+    #[arg(long, global = true, env = "SAIL_ORG", default_value = "default")]
+    org: String,
+    /// Print machine-readable JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the services in the foreground on the embedded local defaults.
+    Up {
+        /// Data directory (default: $XDG_DATA_HOME/sail or ~/.local/share/sail).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Address to listen on.
+        #[arg(long, default_value = DEFAULT_LISTEN)]
+        listen: std::net::SocketAddr,
+    },
+    /// Manage volumes.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+}
+
+#[derive(Subcommand)]
+enum VolumeCmd {
+    /// Create a volume (no error if it exists).
+    Create { name: String },
+    /// List volumes.
+    Ls,
+    /// Delete a volume (its chunks stay until garbage collection).
+    Rm { name: String },
+    /// Show the commit log, newest first.
+    Log {
+        name: String,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// Upload local files or directories into a volume as one commit.
+    Put {
+        name: String,
+        /// Local files or directories.
+        #[arg(required = true)]
+        local: Vec<PathBuf>,
+        /// Directory inside the volume to put them under.
+        #[arg(long, default_value = "")]
+        dest: String,
+    },
+    /// Write a file of the volume's head to stdout.
+    Cat { name: String, path: String },
+    /// List a directory of the volume's head.
+    List {
+        name: String,
+        #[arg(default_value = "")]
+        path: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            let user_error = e.downcast_ref::<ClientError>().is_some_and(|c| {
+                matches!(c, ClientError::Server { code, .. } if matches!(code,
+                    tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::AlreadyExists
+                    | tonic::Code::FailedPrecondition | tonic::Code::Aborted))
+            }) || e.downcast_ref::<UserError>().is_some();
+            ExitCode::from(if user_error { 2 } else { 1 })
+        }
+    }
+}
+
+/// An error in what the user asked for (exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UserError(String);
+
+fn default_data_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(x).join("sail");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
+    home.join(".local/share/sail")
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Up { data_dir, listen } => {
+            let data_dir = data_dir.unwrap_or_else(default_data_dir);
+            let server = Server::bind(ServerConfig::local(&data_dir, listen))
+                .await
+                .with_context(|| format!("starting volumed on {listen} (data in {})", data_dir.display()))?;
+            println!("sail up: volumed listening on http://{} (data in {})", server.addr, data_dir.display());
+            server
+                .serve(async {
+                    let _ = tokio::signal::ctrl_c().await;
+                })
+                .await?;
+            Ok(())
+        }
+        Command::Volume(cmd) => volume(cli.endpoint, cli.org, cli.json, cmd).await,
+    }
+}
+
+async fn volume(endpoint: String, org: String, json: bool, cmd: VolumeCmd) -> anyhow::Result<()> {
+    let mut c = VolumeClient::connect(&endpoint).await?;
+    let vref = |name: &str| Some(pb::VolumeRef { org: org.clone(), name: name.to_owned() });
+    match cmd {
+        VolumeCmd::Create { name } => {
+            let v = c.get_volume(&org, &name, true).await?;
+            if json {
+                println!("{}", volume_json(&v));
+            } else {
+                println!("volume {}/{} (id {}, head {})", v.org, v.name, v.id, &v.head[..12]);
+            }
+        }
+        VolumeCmd::Ls => {
+            let list = c.grpc().list_volumes(pb::ListVolumesRequest { org: org.clone() }).await.map_err(ClientError::from)?;
+            let vols = list.into_inner().volumes;
+            if json {
+                println!("{}", serde_json::Value::Array(vols.iter().map(volume_json).collect()));
+            } else {
+                for v in vols {
+                    println!("{:<32} {:>6} commits  head {}", v.name, v.commit_count, &v.head[..12]);
+                }
+            }
+        }
+        VolumeCmd::Rm { name } => {
+            c.grpc().delete_volume(pb::DeleteVolumeRequest { volume: vref(&name) }).await.map_err(ClientError::from)?;
+            if !json {
+                println!("deleted {org}/{name}");
+            }
+        }
+        VolumeCmd::Log { name, limit } => {
+            let log = c
+                .grpc()
+                .log(pb::LogRequest { volume: vref(&name), limit, before_seq: 0 })
+                .await
+                .map_err(ClientError::from)?
+                .into_inner();
+            if json {
+                let rows = log.commits.iter().map(|c| {
+                    serde_json::json!({"id": c.id, "seq": c.seq, "parent": c.parent, "base": c.base,
+                        "time_unix_ms": c.time_unix_ms, "changes": c.change_count, "message": c.message})
+                });
+                println!("{}", serde_json::Value::Array(rows.collect()));
+            } else {
+                for c in log.commits {
+                    let merged = if !c.base.is_empty() && c.base != c.parent { " (merged)" } else { "" };
+                    println!("#{:<5} {}  {:>5} changes{merged}  {}", c.seq, &c.id[..12], c.change_count, c.message);
+                }
+            }
+        }
+        VolumeCmd::Put { name, local, dest } => {
+            let started = Instant::now();
+            let mut files = Vec::new();
+            for path in &local {
+                collect(path, &join(&dest, &file_name(path)?), &mut files)?;
+            }
+            let bytes: u64 = files.iter().map(|f| f.data.len() as u64).sum();
+            let count = files.len();
+            let head = c.head(&org, &name).await?.commit;
+            let r = c.commit_files(&org, &name, &head, files, &[]).await?;
+            let up = c.last_upload;
+            if json {
+                println!("{}", serde_json::json!({"commit": r.commit, "seq": r.seq, "merged": r.merged, "files": count,
+                    "bytes": bytes, "chunks_uploaded": up.chunks_uploaded, "bytes_uploaded": up.bytes_uploaded,
+                    "chunks_skipped": up.chunks_skipped, "seconds": started.elapsed().as_secs_f64()}));
+            } else {
+                println!(
+                    "committed {count} files ({}) as #{} {} in {:.0?}: uploaded {} chunks ({}), {} already stored{}",
+                    human(bytes), r.seq, &r.commit[..12], started.elapsed(), up.chunks_uploaded,
+                    human(up.bytes_uploaded), up.chunks_skipped, if r.merged { ", merged onto a newer head" } else { "" }
+                );
+            }
+        }
+        VolumeCmd::Cat { name, path } => {
+            let data = c.read_file(&org, &name, &path).await?;
+            use std::io::Write;
+            std::io::stdout().write_all(&data)?;
+        }
+        VolumeCmd::List { name, path } => {
+            let req = pb::ListDirRequest { volume: vref(&name), commit: String::new(), path };
+            let listing = c.grpc().list_dir(req).await.map_err(ClientError::from)?.into_inner();
+            for e in listing.entries {
+                let entry = e.entry.unwrap_or_default();
+                let (kind, size) = match entry.kind {
+                    Some(pb::entry::Kind::File(f)) => ("file", human(f.size)),
+                    Some(pb::entry::Kind::Dir(_)) => ("dir", String::new()),
+                    Some(pb::entry::Kind::Symlink(s)) => ("link", format!("-> {}", s.target)),
+                    None => ("?", String::new()),
+                };
+                if json {
+                    println!("{}", serde_json::json!({"name": e.name, "kind": kind, "mode": entry.mode}));
+                } else {
+                    println!("{kind:<5} {:o} {size:>10}  {}", entry.mode, e.name);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn volume_json(v: &pb::Volume) -> serde_json::Value {
+    serde_json::json!({"id": v.id, "org": v.org, "name": v.name, "head": v.head,
+        "commits": v.commit_count, "created_unix_ms": v.created_unix_ms})
+}
+
+fn file_name(p: &Path) -> anyhow::Result<String> {
+    let name = p
+        .canonicalize()
+        .with_context(|| format!("reading {}", p.display()))?
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned());
+    name.ok_or_else(|| UserError(format!("{} has no file name", p.display())).into())
+}
+
+fn join(dir: &str, name: &str) -> String {
+    if dir.trim_matches('/').is_empty() { name.to_owned() } else { format!("{}/{name}", dir.trim_matches('/')) }
+}
+
+/// Reads a local file or directory tree (symlinks skipped) into uploads.
+fn collect(local: &Path, dest: &str, out: &mut Vec<FileUpload>) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::symlink_metadata(local).with_context(|| format!("reading {}", local.display()))?;
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(local)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            collect(&entry.path(), &join(dest, &name), out)?;
+        }
+    } else if meta.is_file() {
+        let data = std::fs::read(local).with_context(|| format!("reading {}", local.display()))?;
+        let mtime_ns = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos() as i64)
+            .unwrap_or(0);
+        out.push(FileUpload { path: dest.to_owned(), data: data.into(), mode: meta.permissions().mode() & 0o7777, mtime_ns });
+    } else if !meta.file_type().is_symlink() {
+        bail!(UserError(format!("{} is not a regular file or directory", local.display())));
+    }
+    Ok(())
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", UNITS[unit]) }
+}

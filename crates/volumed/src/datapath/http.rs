@@ -1,0 +1,158 @@
+//! The chunk HTTP endpoint volumed serves for the local backend: `GET` and `PUT`
+//! `/v1/chunks/{id}` at signed, expiring URLs (see [`super::sign`]).
+//!
+//! An upload streams into a temp file while being hashed and becomes visible (renamed into
+//! place, fsynced) only if its BLAKE3 equals the id in the URL and its length equals the
+//! signed length; anything else is rejected and leaves nothing behind. A download is read
+//! and verified against its id before the first byte is sent.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use chunkstore::{Backend, ChunkError, ChunkId, LocalBackend, MAX_CHUNK_SIZE};
+use futures::StreamExt;
+use serde::Deserialize;
+
+use crate::datapath::sign::{SignedParams, UrlSigner};
+use crate::error::VolumeError;
+use crate::meta::MetaStore;
+
+/// What the chunk routes need.
+#[derive(Clone)]
+pub struct ChunkHttpState {
+    /// Where chunks are stored.
+    pub backend: LocalBackend,
+    /// Signs and checks URLs.
+    pub signer: UrlSigner,
+    /// Records verified uploads as present.
+    pub store: MetaStore,
+}
+
+#[derive(Deserialize)]
+struct Params {
+    exp: u64,
+    #[serde(default)]
+    len: u64,
+    sig: String,
+}
+
+/// The axum routes of the data path.
+pub fn routes(state: ChunkHttpState) -> Router {
+    Router::new()
+        .route("/v1/chunks/{id}", get(download).put(upload))
+        .with_state(Arc::new(state))
+}
+
+fn reject(status: StatusCode, err: impl std::fmt::Display) -> Response {
+    (status, format!("{err}\n")).into_response()
+}
+
+fn check(state: &ChunkHttpState, method: &str, id: &str, p: Params) -> Result<(ChunkId, u64), Response> {
+    let chunk: ChunkId = id.parse().map_err(|e| reject(StatusCode::BAD_REQUEST, e))?;
+    let params = SignedParams { exp: p.exp, len: p.len, sig: p.sig };
+    state.signer.verify(method, id, &params).map_err(|e| reject(StatusCode::FORBIDDEN, e))?;
+    Ok((chunk, params.len))
+}
+
+async fn download(State(state): State<Arc<ChunkHttpState>>, Path(id): Path<String>, Query(p): Query<Params>) -> Response {
+    let (chunk, _) = match check(&state, "GET", &id, p) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    match state.backend.get(chunk).await {
+        Ok(bytes) => ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response(),
+        Err(ChunkError::NotFound(_)) => reject(StatusCode::NOT_FOUND, format!("chunk {chunk} not found")),
+        Err(e @ ChunkError::Integrity { .. }) => {
+            tracing::error!(%chunk, "stored chunk failed verification");
+            reject(StatusCode::INTERNAL_SERVER_ERROR, e)
+        }
+        Err(e) => reject(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+async fn upload(
+    State(state): State<Arc<ChunkHttpState>>,
+    Path(id): Path<String>,
+    Query(p): Query<Params>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let (chunk, len) = match check(&state, "PUT", &id, p) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    if len > MAX_CHUNK_SIZE {
+        return reject(StatusCode::PAYLOAD_TOO_LARGE, format!("{len} bytes exceeds {MAX_CHUNK_SIZE}"));
+    }
+    if let Some(cl) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        && cl != len
+    {
+        return reject(StatusCode::BAD_REQUEST, format!("Content-Length {cl} differs from signed length {len}"));
+    }
+    if matches!(state.store.chunk_known(&chunk), Ok(true)) {
+        return StatusCode::OK.into_response();
+    }
+    match receive(&state, chunk, len, body).await {
+        Ok(()) => match state.store.record_chunks(&[(chunk, len)]) {
+            Ok(()) => StatusCode::CREATED.into_response(),
+            Err(e) => reject(StatusCode::INTERNAL_SERVER_ERROR, e),
+        },
+        Err(e) => {
+            let status = match &e {
+                VolumeError::Integrity(_) => StatusCode::UNPROCESSABLE_ENTITY,
+                VolumeError::InvalidArgument(_) => StatusCode::BAD_REQUEST,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            reject(status, e)
+        }
+    }
+}
+
+/// Streams the body into a verified upload on a blocking thread.
+async fn receive(state: &ChunkHttpState, chunk: ChunkId, len: u64, body: Body) -> Result<(), VolumeError> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(16);
+    let backend = state.backend.clone();
+    let writer = tokio::task::spawn_blocking(move || -> Result<u64, VolumeError> {
+        let mut upload = backend.begin_upload(chunk, len)?;
+        while let Some(frame) = rx.blocking_recv() {
+            upload.write(&frame)?;
+        }
+        Ok(upload.finish()?)
+    });
+    let mut stream = body.into_data_stream();
+    let mut received: u64 = 0;
+    let mut failed = None;
+    while let Some(frame) = stream.next().await {
+        match frame {
+            Ok(bytes) => {
+                received += bytes.len() as u64;
+                if received > len {
+                    failed = Some(VolumeError::invalid(format!("body longer than the signed {len} bytes")));
+                    break;
+                }
+                if tx.send(bytes).await.is_err() {
+                    break; // the writer failed; its error is reported below
+                }
+            }
+            Err(e) => {
+                failed = Some(VolumeError::invalid(format!("reading request body: {e}")));
+                break;
+            }
+        }
+    }
+    drop(tx);
+    if let Some(e) = failed {
+        writer.abort();
+        return Err(e);
+    }
+    let written = writer.await.map_err(|e| VolumeError::Storage(e.to_string()))??;
+    if written != len {
+        return Err(VolumeError::invalid(format!("body is {written} bytes, signed length is {len}")));
+    }
+    Ok(())
+}

@@ -1,0 +1,156 @@
+//! The compact binary encoding shared by tree nodes and commits: LEB128 varints, length-
+//! prefixed strings, raw 32-byte ids. Every read is bounds-checked; decoders never allocate
+//! more than the input could describe.
+
+/// Why bytes could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed {what}: {reason}")]
+pub struct DecodeError {
+    /// What was being decoded ("tree node", "commit", ...).
+    pub what: &'static str,
+    /// What was wrong.
+    pub reason: String,
+}
+
+/// Appends encoded values to a buffer.
+#[derive(Default)]
+pub(crate) struct Writer {
+    pub(crate) buf: Vec<u8>,
+}
+
+impl Writer {
+    pub(crate) fn u8(&mut self, v: u8) {
+        self.buf.push(v);
+    }
+
+    pub(crate) fn varint(&mut self, mut v: u64) {
+        while v >= 0x80 {
+            self.buf.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        self.buf.push(v as u8);
+    }
+
+    pub(crate) fn zigzag(&mut self, v: i64) {
+        self.varint(((v << 1) ^ (v >> 63)) as u64);
+    }
+
+    pub(crate) fn bytes(&mut self, b: &[u8]) {
+        self.varint(b.len() as u64);
+        self.buf.extend_from_slice(b);
+    }
+
+    pub(crate) fn raw(&mut self, b: &[u8]) {
+        self.buf.extend_from_slice(b);
+    }
+}
+
+/// Reads encoded values from a slice.
+pub(crate) struct Reader<'a> {
+    data: &'a [u8],
+    pos: usize,
+    what: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    pub(crate) fn new(data: &'a [u8], what: &'static str) -> Self {
+        Self { data, pos: 0, what }
+    }
+
+    pub(crate) fn err(&self, reason: impl Into<String>) -> DecodeError {
+        DecodeError { what: self.what, reason: format!("{} at byte {}", reason.into(), self.pos) }
+    }
+
+    pub(crate) fn remaining(&self) -> usize {
+        self.data.len() - self.pos
+    }
+
+    pub(crate) fn u8(&mut self) -> Result<u8, DecodeError> {
+        let b = *self.data.get(self.pos).ok_or_else(|| self.err("unexpected end"))?;
+        self.pos += 1;
+        Ok(b)
+    }
+
+    pub(crate) fn varint(&mut self) -> Result<u64, DecodeError> {
+        let mut v: u64 = 0;
+        for shift in (0..64).step_by(7) {
+            let b = self.u8()?;
+            let part = (b & 0x7f) as u64;
+            if shift == 63 && part > 1 {
+                return Err(self.err("varint overflows 64 bits"));
+            }
+            v |= part << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(self.err("varint longer than 10 bytes"))
+    }
+
+    /// A varint that must fit `max`.
+    pub(crate) fn bounded(&mut self, max: u64, field: &str) -> Result<u64, DecodeError> {
+        let v = self.varint()?;
+        if v > max {
+            return Err(self.err(format!("{field} = {v} exceeds {max}")));
+        }
+        Ok(v)
+    }
+
+    pub(crate) fn zigzag(&mut self) -> Result<i64, DecodeError> {
+        let v = self.varint()?;
+        Ok(((v >> 1) as i64) ^ -((v & 1) as i64))
+    }
+
+    pub(crate) fn raw(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        if self.remaining() < n {
+            return Err(self.err(format!("need {n} bytes, {} left", self.remaining())));
+        }
+        let s = &self.data[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+
+    pub(crate) fn id32(&mut self) -> Result<[u8; 32], DecodeError> {
+        let mut out = [0u8; 32];
+        out.copy_from_slice(self.raw(32)?);
+        Ok(out)
+    }
+
+    pub(crate) fn string(&mut self, max: usize, field: &str) -> Result<&'a str, DecodeError> {
+        let len = self.bounded(max as u64, field)? as usize;
+        let raw = self.raw(len)?;
+        std::str::from_utf8(raw).map_err(|_| self.err(format!("{field} is not UTF-8")))
+    }
+
+    pub(crate) fn finish(&self) -> Result<(), DecodeError> {
+        if self.pos != self.data.len() {
+            return Err(self.err(format!("{} trailing bytes", self.remaining())));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn varints_roundtrip_and_reject_overflow() {
+        for v in [0u64, 1, 127, 128, 300, u32::MAX as u64, u64::MAX] {
+            let mut w = Writer::default();
+            w.varint(v);
+            let mut r = Reader::new(&w.buf, "test");
+            assert_eq!(r.varint().unwrap(), v);
+            r.finish().unwrap();
+        }
+        for v in [0i64, -1, 1, i64::MIN, i64::MAX] {
+            let mut w = Writer::default();
+            w.zigzag(v);
+            assert_eq!(Reader::new(&w.buf, "t").zigzag().unwrap(), v);
+        }
+        let mut r = Reader::new(&[0xff; 11], "t");
+        assert!(r.varint().is_err());
+        let mut r = Reader::new(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02], "t");
+        assert!(r.varint().is_err());
+    }
+}

@@ -1,0 +1,153 @@
+//! Running volumed: configuration, opening the stores, and serving gRPC and the chunk HTTP
+//! endpoint on one listener (gRPC requests are routed by their content type).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chunkstore::{LocalBackend, S3Backend, S3Config};
+use tokio::net::TcpListener;
+
+use crate::datapath::DataPath;
+use crate::datapath::http::{ChunkHttpState, routes};
+use crate::datapath::sign::UrlSigner;
+use crate::error::{Result, VolumeError};
+use crate::meta::MetaStore;
+use crate::service::{GrpcVolumes, Volumes};
+
+/// Where chunks are stored.
+#[derive(Clone, Debug)]
+pub enum BackendConfig {
+    /// `<data_dir>/chunks` (the embedded default).
+    Local,
+    /// An S3-compatible bucket.
+    S3(S3Config),
+}
+
+/// Everything volumed needs to start.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// RocksDB lives in `<data_dir>/meta`, local chunks in `<data_dir>/chunks`.
+    pub data_dir: PathBuf,
+    /// Address to listen on (port 0 picks a free one).
+    pub listen: SocketAddr,
+    /// Base URL clients use to reach this server's chunk endpoint; defaults to
+    /// `http://<bound address>`.
+    pub public_url: Option<String>,
+    /// Chunk backend.
+    pub backend: BackendConfig,
+    /// Lifetime of signed URLs.
+    pub url_ttl: Duration,
+}
+
+impl ServerConfig {
+    /// Local defaults under `data_dir`, listening on `listen`.
+    pub fn local(data_dir: impl Into<PathBuf>, listen: SocketAddr) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            listen,
+            public_url: None,
+            backend: BackendConfig::Local,
+            url_ttl: crate::service::DEFAULT_URL_TTL,
+        }
+    }
+}
+
+/// A started server.
+pub struct Server {
+    /// The bound address.
+    pub addr: SocketAddr,
+    /// The service (for in-process use by tests and benches).
+    pub volumes: Volumes,
+    listener: TcpListener,
+    router: axum::Router,
+}
+
+impl Server {
+    /// Opens the stores and binds the listener; call [`Server::serve`] to start serving.
+    pub async fn bind(config: ServerConfig) -> Result<Self> {
+        let io = |what: &str, e: std::io::Error| VolumeError::Storage(format!("{what}: {e}"));
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| io("creating data dir", e))?;
+        let listener = TcpListener::bind(config.listen).await.map_err(|e| io("binding listener", e))?;
+        let addr = listener.local_addr().map_err(|e| io("local address", e))?;
+        let meta_dir = config.data_dir.join("meta");
+        let store = tokio::task::spawn_blocking(move || MetaStore::open(meta_dir))
+            .await
+            .map_err(|e| VolumeError::Storage(e.to_string()))??;
+        let base_url = config.public_url.clone().unwrap_or_else(|| format!("http://{addr}"));
+        let (data, chunk_routes) = match &config.backend {
+            BackendConfig::Local => {
+                let backend = LocalBackend::open(config.data_dir.join("chunks"))?;
+                let signer = UrlSigner::load_or_create(&config.data_dir.join("url-signing.key"))?;
+                let state = ChunkHttpState { backend: backend.clone(), signer: signer.clone(), store: store.clone() };
+                (DataPath::Local { backend, signer, base_url }, Some(routes(state)))
+            }
+            BackendConfig::S3(s3) => {
+                let backend = S3Backend::new(s3.clone()).await?;
+                (DataPath::S3 { backend: Arc::new(backend) }, None)
+            }
+        };
+        let volumes = Volumes::new(store, data, config.url_ttl);
+        let grpc = GrpcVolumes::new(volumes.clone()).into_server();
+        let mut router = tonic::service::Routes::new(grpc).prepare().into_axum_router();
+        if let Some(chunk_routes) = chunk_routes {
+            router = router.merge(chunk_routes);
+        }
+        tracing::info!(%addr, data_dir = %config.data_dir.display(), backend = ?config.backend, "volumed bound");
+        Ok(Self { addr, volumes, listener, router })
+    }
+
+    /// Serves until `shutdown` resolves.
+    pub async fn serve(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(|e| VolumeError::Storage(format!("server failed: {e}")))
+    }
+
+    /// Serves in a background task; the returned handle stops it when dropped or on
+    /// [`RunningServer::stop`].
+    pub fn spawn(self) -> RunningServer {
+        let addr = self.addr;
+        let volumes = self.volumes.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(self.serve(async {
+            let _ = rx.await;
+        }));
+        RunningServer { addr, volumes, stop: Some(tx), task }
+    }
+}
+
+/// A server running in the background of this process.
+pub struct RunningServer {
+    /// The bound address.
+    pub addr: SocketAddr,
+    /// The service.
+    pub volumes: Volumes,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<()>>,
+}
+
+impl RunningServer {
+    /// `http://addr`, what clients connect to.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops serving and waits for the server task.
+    pub async fn stop(mut self) -> Result<()> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        (&mut self.task).await.map_err(|e| VolumeError::Storage(e.to_string()))?
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! Conversions between protobuf messages and the model, with full validation of everything
+//! that arrives from a client.
+
+use std::collections::HashSet;
+
+use chunkstore::{ChunkId, ChunkPolicy, Chunking};
+use proto::volume as pb;
+
+use crate::error::{Result, VolumeError};
+use crate::meta::{VolumeRecord, check_volume_name};
+use crate::model::{Change, ChangeOp, CommitId, Entry, EntryKind, FileData, TreeId, VolPath};
+
+/// Most changes one commit may carry.
+pub const MAX_CHANGES_PER_COMMIT: usize = 100_000;
+/// Most chunks one MissingChunks or ChunkUrls request may name.
+pub const MAX_CHUNKS_PER_REQUEST: usize = 10_000;
+
+/// A volume reference whose org and name passed validation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ValidRef {
+    /// Org name.
+    pub org: String,
+    /// Volume name.
+    pub name: String,
+}
+
+/// Validates a volume reference.
+pub fn volume_ref(r: Option<&pb::VolumeRef>) -> Result<ValidRef> {
+    let r = r.ok_or_else(|| VolumeError::invalid("missing volume reference"))?;
+    check_volume_name("org", &r.org)?;
+    check_volume_name("volume name", &r.name)?;
+    Ok(ValidRef { org: r.org.clone(), name: r.name.clone() })
+}
+
+/// A commit request that passed validation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ValidCommit {
+    /// The volume.
+    pub volume: ValidRef,
+    /// The commit the changes were made against (`None`: the client did not say).
+    pub base: Option<CommitId>,
+    /// The changes, normalised, in request order.
+    pub changes: Vec<Change>,
+    /// Message (bounded).
+    pub message: String,
+}
+
+impl ValidCommit {
+    /// Chunks referenced by file upserts, de-duplicated, with lengths.
+    pub fn referenced_chunks(&self) -> Vec<(ChunkId, u64)> {
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for c in &self.changes {
+            if let ChangeOp::Upsert(Entry { kind: EntryKind::File(f), .. }) = &c.op {
+                for (id, len) in &f.chunks {
+                    if seen.insert(*id) {
+                        out.push((*id, *len as u64));
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Validates a whole commit request: volume reference, base id, every path (normalised, not
+/// the root, no `..`/NUL, bounded), no path twice, every entry consistent, counts bounded.
+pub fn validate_commit(req: &pb::CommitRequest) -> Result<ValidCommit> {
+    let volume = volume_ref(req.volume.as_ref())?;
+    let base = optional_commit_id(&req.base)?;
+    if req.changes.is_empty() {
+        return Err(VolumeError::invalid("a commit needs at least one change"));
+    }
+    if req.changes.len() > MAX_CHANGES_PER_COMMIT {
+        return Err(VolumeError::invalid(format!(
+            "{} changes exceed the limit of {MAX_CHANGES_PER_COMMIT} per commit",
+            req.changes.len()
+        )));
+    }
+    if req.message.len() > crate::model::commit::MAX_MESSAGE_BYTES {
+        return Err(VolumeError::invalid("commit message too long"));
+    }
+    let mut seen = HashSet::with_capacity(req.changes.len());
+    let mut changes = Vec::with_capacity(req.changes.len());
+    for c in &req.changes {
+        let path = VolPath::parse(&c.path)?;
+        if path.is_root() {
+            return Err(VolumeError::invalid("a change cannot target the volume root"));
+        }
+        if !seen.insert(path.clone()) {
+            return Err(VolumeError::invalid(format!("path {path} appears twice in one commit")));
+        }
+        let op = match &c.op {
+            Some(pb::change::Op::Upsert(e)) => ChangeOp::Upsert(entry_from_proto(e, true)?),
+            Some(pb::change::Op::Delete(true)) => ChangeOp::Delete,
+            Some(pb::change::Op::Delete(false)) | None => {
+                return Err(VolumeError::invalid(format!("change for {path} has no operation")));
+            }
+        };
+        changes.push(Change { path, op });
+    }
+    Ok(ValidCommit { volume, base, changes, message: req.message.clone() })
+}
+
+/// Parses an optional 64-hex commit id ("" = none).
+pub fn optional_commit_id(s: &str) -> Result<Option<CommitId>> {
+    if s.is_empty() { Ok(None) } else { Ok(Some(s.parse()?)) }
+}
+
+/// Converts and validates an entry. In upserts (`upsert = true`) a directory's tree id is
+/// ignored: directories are built by the server.
+pub fn entry_from_proto(e: &pb::Entry, upsert: bool) -> Result<Entry> {
+    let kind = match &e.kind {
+        Some(pb::entry::Kind::File(f)) => {
+            let policy = match f.policy.as_ref().and_then(|p| p.kind.as_ref()) {
+                Some(pb::chunk_policy::Kind::FixedSize(size)) => ChunkPolicy::Fixed { size: *size },
+                Some(pb::chunk_policy::Kind::Fastcdc(c)) => {
+                    ChunkPolicy::FastCdc { min: c.min_size, avg: c.avg_size, max: c.max_size }
+                }
+                None => return Err(VolumeError::invalid("file entry has no chunk policy")),
+            };
+            if f.chunks.len() > crate::model::entry::MAX_CHUNKS_PER_FILE {
+                return Err(VolumeError::invalid("too many chunks in one file"));
+            }
+            let chunks = f
+                .chunks
+                .iter()
+                .map(|c| Ok((ChunkId::from_slice(&c.id)?, c.len)))
+                .collect::<Result<Vec<_>>>()?;
+            EntryKind::File(FileData { size: f.size, policy, chunks })
+        }
+        Some(pb::entry::Kind::Dir(d)) => {
+            if upsert {
+                EntryKind::Dir(TreeId::from_bytes([0; 32]))
+            } else {
+                EntryKind::Dir(TreeId::from_slice(&d.tree)?)
+            }
+        }
+        Some(pb::entry::Kind::Symlink(s)) => EntryKind::Symlink(s.target.clone()),
+        None => return Err(VolumeError::invalid("entry has no kind")),
+    };
+    let entry = Entry { mode: e.mode, mtime_ns: e.mtime_ns, kind };
+    entry.validate()?;
+    Ok(entry)
+}
+
+/// Converts an entry to its protobuf form.
+pub fn entry_to_proto(e: &Entry) -> pb::Entry {
+    let kind = match &e.kind {
+        EntryKind::File(f) => pb::entry::Kind::File(pb::FileEntry {
+            size: f.size,
+            policy: Some(policy_to_proto(&f.policy)),
+            chunks: f
+                .chunks
+                .iter()
+                .map(|(id, len)| pb::ChunkRef { id: id.as_bytes().to_vec(), len: *len })
+                .collect(),
+        }),
+        EntryKind::Dir(t) => pb::entry::Kind::Dir(pb::DirEntry { tree: t.as_bytes().to_vec() }),
+        EntryKind::Symlink(t) => pb::entry::Kind::Symlink(pb::SymlinkEntry { target: t.clone() }),
+    };
+    pb::Entry { mode: e.mode, mtime_ns: e.mtime_ns, kind: Some(kind) }
+}
+
+/// Converts a chunk policy to its protobuf form.
+pub fn policy_to_proto(p: &ChunkPolicy) -> pb::ChunkPolicy {
+    let kind = match *p {
+        ChunkPolicy::Fixed { size } => pb::chunk_policy::Kind::FixedSize(size),
+        ChunkPolicy::FastCdc { min, avg, max } => {
+            pb::chunk_policy::Kind::Fastcdc(pb::FastCdc { min_size: min, avg_size: avg, max_size: max })
+        }
+    };
+    pb::ChunkPolicy { kind: Some(kind) }
+}
+
+/// Converts a change to its protobuf form.
+pub fn change_to_proto(c: &Change) -> pb::Change {
+    let op = match &c.op {
+        ChangeOp::Upsert(e) => pb::change::Op::Upsert(entry_to_proto(e)),
+        ChangeOp::Delete => pb::change::Op::Delete(true),
+    };
+    pb::Change { path: c.path.to_string(), op: Some(op) }
+}
+
+/// Converts the protobuf chunking enum (unspecified = fixed).
+pub fn chunking_from_proto(v: i32) -> Result<Chunking> {
+    match pb::Chunking::try_from(v) {
+        Ok(pb::Chunking::Unspecified | pb::Chunking::Fixed) => Ok(Chunking::Fixed),
+        Ok(pb::Chunking::Fastcdc) => Ok(Chunking::FastCdc),
+        Err(_) => Err(VolumeError::invalid(format!("unknown chunking {v}"))),
+    }
+}
+
+/// Converts a volume record to its protobuf form.
+pub fn volume_to_proto(rec: &VolumeRecord) -> pb::Volume {
+    pb::Volume {
+        id: rec.id.to_string(),
+        org: rec.org.clone(),
+        name: rec.name.clone(),
+        head: rec.head.to_hex(),
+        created_unix_ms: rec.created_ms,
+        chunking: match rec.chunking {
+            Chunking::Fixed => pb::Chunking::Fixed as i32,
+            Chunking::FastCdc => pb::Chunking::Fastcdc as i32,
+        },
+        commit_count: rec.seq + 1,
+    }
+}
+
+/// Parses a list of chunk ids, bounded.
+pub fn chunk_ids(ids: &[Vec<u8>]) -> Result<Vec<ChunkId>> {
+    if ids.len() > MAX_CHUNKS_PER_REQUEST {
+        return Err(VolumeError::invalid(format!(
+            "{} chunks exceed the limit of {MAX_CHUNKS_PER_REQUEST} per request",
+            ids.len()
+        )));
+    }
+    ids.iter().map(|b| Ok(ChunkId::from_slice(b)?)).collect()
+}

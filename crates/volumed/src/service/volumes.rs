@@ -1,0 +1,300 @@
+//! `Volumes`: the volume operations, independent of the transport.
+//!
+//! Commits to one volume are serialised by a per-volume lock held from reading the head to
+//! publishing the new one (a few milliseconds); commits to different volumes run in parallel.
+//! All RocksDB work runs on blocking threads so a synced write never stalls the async runtime.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chunkstore::{ChunkId, Chunking, Presigned};
+use futures::{StreamExt, TryStreamExt};
+use tracing::{Instrument, info_span};
+
+use crate::datapath::DataPath;
+use crate::error::{Result, VolumeError};
+use crate::meta::read::{diff, list_dir, resolve};
+use crate::meta::store::now_ms;
+use crate::meta::{MetaStore, VolumeRecord, apply_changes};
+use crate::model::{Change, Commit, CommitId, Entry, TreeId, TreeNode, VolPath, VolumeId};
+use crate::service::convert::{ValidCommit, ValidRef};
+
+/// How long signed URLs stay valid by default.
+pub const DEFAULT_URL_TTL: Duration = Duration::from_secs(15 * 60);
+/// How many backend existence checks run at once.
+const EXISTS_CONCURRENCY: usize = 32;
+
+/// The result of a successful commit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommitOutcome {
+    /// The new head.
+    pub commit: CommitId,
+    /// Its sequence number.
+    pub seq: u64,
+    /// Whether the head had moved past the client's base (the changes were merged).
+    pub merged: bool,
+}
+
+/// The volume service's operations.
+#[derive(Clone)]
+pub struct Volumes {
+    store: MetaStore,
+    data: DataPath,
+    url_ttl: Duration,
+    commit_locks: Arc<Mutex<HashMap<VolumeId, Arc<Mutex<()>>>>>,
+    create_lock: Arc<Mutex<()>>,
+}
+
+/// Runs metadata work on a blocking thread.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| VolumeError::Storage(format!("metadata task failed: {e}")))?
+}
+
+impl Volumes {
+    /// Builds the service over a metadata store and a data path.
+    pub fn new(store: MetaStore, data: DataPath, url_ttl: Duration) -> Self {
+        Self {
+            store,
+            data,
+            url_ttl,
+            commit_locks: Arc::default(),
+            create_lock: Arc::default(),
+        }
+    }
+
+    /// The metadata store.
+    pub fn store(&self) -> &MetaStore {
+        &self.store
+    }
+
+    /// Returns the volume, creating it (with `chunking`) when `mint` is set.
+    pub async fn get_volume(&self, v: ValidRef, mint: bool, chunking: Chunking) -> Result<VolumeRecord> {
+        let store = self.store.clone();
+        let lock = self.create_lock.clone();
+        blocking(move || {
+            if let Some(rec) = store.find_volume(&v.org, &v.name)? {
+                return Ok(rec);
+            }
+            if !mint {
+                return Err(VolumeError::NotFound { org: v.org, name: v.name });
+            }
+            let _guard = lock.lock().map_err(|_| VolumeError::Storage("create lock poisoned".into()))?;
+            // Another request may have created it while we waited.
+            if let Some(rec) = store.find_volume(&v.org, &v.name)? {
+                return Ok(rec);
+            }
+            let rec = store.create_volume(&v.org, &v.name, chunking)?;
+            tracing::info!(volume = %rec.id, org = %rec.org, name = %rec.name, "volume created");
+            Ok(rec)
+        })
+        .await
+    }
+
+    async fn existing(&self, v: &ValidRef) -> Result<VolumeRecord> {
+        self.get_volume(v.clone(), false, Chunking::Fixed).await
+    }
+
+    /// Volumes of an org.
+    pub async fn list(&self, org: String) -> Result<Vec<VolumeRecord>> {
+        crate::meta::check_volume_name("org", &org)?;
+        let store = self.store.clone();
+        blocking(move || store.list_volumes(&org)).await
+    }
+
+    /// Deletes a volume's metadata (chunks stay for garbage collection).
+    pub async fn delete(&self, v: ValidRef) -> Result<()> {
+        let rec = self.existing(&v).await?;
+        let lock = self.commit_lock(rec.id)?;
+        let store = self.store.clone();
+        blocking(move || {
+            let _guard = lock.lock().map_err(|_| VolumeError::Storage("commit lock poisoned".into()))?;
+            store.delete_volume(&rec)
+        })
+        .await
+    }
+
+    /// The head commit and its root tree.
+    pub async fn head(&self, v: ValidRef) -> Result<(VolumeRecord, Commit)> {
+        let rec = self.existing(&v).await?;
+        let store = self.store.clone();
+        blocking(move || {
+            let commit = store.commit(rec.id, &rec.head)?;
+            Ok((rec, commit))
+        })
+        .await
+    }
+
+    /// Resolves `commit` (None = head) of a volume.
+    async fn at(&self, v: &ValidRef, commit: Option<CommitId>) -> Result<(VolumeRecord, CommitId, Commit)> {
+        let rec = self.existing(v).await?;
+        let id = commit.unwrap_or(rec.head);
+        let store = self.store.clone();
+        let vol = rec.id;
+        let c = blocking(move || store.commit(vol, &id)).await?;
+        Ok((rec, id, c))
+    }
+
+    /// Lists a directory at a commit.
+    pub async fn list_dir(&self, v: ValidRef, commit: Option<CommitId>, path: VolPath) -> Result<(CommitId, TreeId, TreeNode)> {
+        let (_, id, c) = self.at(&v, commit).await?;
+        let store = self.store.clone();
+        let (tree, node) = blocking(move || list_dir(&store, c.root, &path)).await?;
+        Ok((id, tree, node))
+    }
+
+    /// The entry at a path at a commit.
+    pub async fn stat(&self, v: ValidRef, commit: Option<CommitId>, path: VolPath) -> Result<(CommitId, Entry)> {
+        let (_, id, c) = self.at(&v, commit).await?;
+        let store = self.store.clone();
+        let entry = blocking(move || resolve(&store, c.root, &path)).await?;
+        Ok((id, entry))
+    }
+
+    /// A tree node by id (after checking the volume exists).
+    pub async fn tree(&self, v: ValidRef, tree: TreeId) -> Result<TreeNode> {
+        self.existing(&v).await?;
+        let store = self.store.clone();
+        blocking(move || {
+            store.tree(&tree).map_err(|e| match e {
+                VolumeError::Integrity(m) if m.contains("missing") => {
+                    VolumeError::invalid(format!("unknown tree {tree}"))
+                }
+                other => other,
+            })
+        })
+        .await
+    }
+
+    /// Changes from commit `from` to commit `to` (None = head).
+    pub async fn diff(&self, v: ValidRef, from: CommitId, to: Option<CommitId>) -> Result<Vec<Change>> {
+        let (rec, _, to_commit) = self.at(&v, to).await?;
+        let store = self.store.clone();
+        blocking(move || {
+            let from_commit = store.commit(rec.id, &from)?;
+            diff(&store, from_commit.root, to_commit.root)
+        })
+        .await
+    }
+
+    /// Chunks among `chunks` the backend lacks, each with a signed upload URL.
+    pub async fn missing_chunks(&self, v: ValidRef, chunks: Vec<(ChunkId, u64)>) -> Result<Vec<(ChunkId, Presigned)>> {
+        self.existing(&v).await?;
+        for (id, len) in &chunks {
+            if *len == 0 || *len > chunkstore::MAX_CHUNK_SIZE {
+                return Err(VolumeError::invalid(format!("chunk {id} has invalid length {len}")));
+            }
+        }
+        let missing = self.absent(chunks).await?;
+        let mut out = Vec::with_capacity(missing.len());
+        for (id, len) in missing {
+            out.push((id, self.data.upload_url(id, len, self.url_ttl).await?));
+        }
+        Ok(out)
+    }
+
+    /// Signed download URLs for chunks.
+    pub async fn chunk_urls(&self, v: ValidRef, ids: Vec<ChunkId>) -> Result<Vec<(ChunkId, Presigned)>> {
+        self.existing(&v).await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            out.push((id, self.data.download_url(id, self.url_ttl).await?));
+        }
+        Ok(out)
+    }
+
+    /// Filters `chunks` down to those the backend does not have, recording the present ones.
+    async fn absent(&self, chunks: Vec<(ChunkId, u64)>) -> Result<Vec<(ChunkId, u64)>> {
+        let store = self.store.clone();
+        let unknown = blocking(move || {
+            let mut unknown = Vec::new();
+            for (id, len) in chunks {
+                if !store.chunk_known(&id)? {
+                    unknown.push((id, len));
+                }
+            }
+            Ok(unknown)
+        })
+        .await?;
+        if unknown.is_empty() {
+            return Ok(unknown);
+        }
+        let checked: Vec<((ChunkId, u64), bool)> = futures::stream::iter(unknown)
+            .map(|(id, len)| {
+                let data = self.data.clone();
+                async move { Ok::<_, VolumeError>(((id, len), data.exists(id).await?)) }
+            })
+            .buffered(EXISTS_CONCURRENCY)
+            .try_collect()
+            .await?;
+        let (present, missing): (Vec<_>, Vec<_>) = checked.into_iter().partition(|(_, p)| *p);
+        let present: Vec<(ChunkId, u64)> = present.into_iter().map(|(c, _)| c).collect();
+        if !present.is_empty() {
+            let store = self.store.clone();
+            blocking(move || store.record_chunks(&present)).await?;
+        }
+        Ok(missing.into_iter().map(|(c, _)| c).collect())
+    }
+
+    /// Applies a validated commit onto the volume's current head (merge rules of
+    /// [`crate::meta::apply`]) and publishes it durably.
+    pub async fn commit(&self, req: ValidCommit) -> Result<CommitOutcome> {
+        let rec = self.existing(&req.volume).await?;
+        let span = info_span!("commit", volume = %rec.id, org = %rec.org, name = %rec.name);
+        async move {
+            let missing = self.absent(req.referenced_chunks()).await?;
+            if let Some((first, _)) = missing.first() {
+                return Err(VolumeError::MissingChunks { count: missing.len(), first: first.to_hex() });
+            }
+            let lock = self.commit_lock(rec.id)?;
+            let store = self.store.clone();
+            let vol = rec.id;
+            let outcome = blocking(move || {
+                let _guard = lock.lock().map_err(|_| VolumeError::Storage("commit lock poisoned".into()))?;
+                let rec = store
+                    .volume_by_id(vol)?
+                    .ok_or_else(|| VolumeError::NotFound { org: req.volume.org.clone(), name: req.volume.name.clone() })?;
+                if let Some(base) = &req.base {
+                    store.commit(rec.id, base)?; // must exist in this volume
+                }
+                let head = store.commit(rec.id, &rec.head)?;
+                let now = now_ms();
+                let applied = apply_changes(&store, head.root, &req.changes, (now as i64) * 1_000_000)?;
+                let commit = Commit {
+                    volume: rec.id,
+                    parent: Some(rec.head),
+                    base: req.base,
+                    root: applied.root,
+                    seq: rec.seq + 1,
+                    time_ms: now,
+                    change_count: req.changes.len() as u32,
+                    message: req.message,
+                };
+                let (id, next) = store.publish(&rec, &commit, &applied.new_nodes)?;
+                Ok(CommitOutcome { commit: id, seq: next.seq, merged: req.base.is_some_and(|b| b != rec.head) })
+            })
+            .await?;
+            tracing::info!(commit = %outcome.commit, seq = outcome.seq, merged = outcome.merged, "commit published");
+            Ok(outcome)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// The commit log, newest first.
+    pub async fn log(&self, v: ValidRef, before_seq: Option<u64>, limit: usize) -> Result<Vec<(CommitId, Commit)>> {
+        let rec = self.existing(&v).await?;
+        let store = self.store.clone();
+        blocking(move || store.log(rec.id, before_seq, limit)).await
+    }
+
+    fn commit_lock(&self, id: VolumeId) -> Result<Arc<Mutex<()>>> {
+        let mut locks = self
+            .commit_locks
+            .lock()
+            .map_err(|_| VolumeError::Storage("lock table poisoned".into()))?;
+        Ok(locks.entry(id).or_default().clone())
+    }
+}

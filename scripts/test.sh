@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The whole test suite: installs what it needs, builds once in release, runs every unit,
+# integration and doc test, then each fuzz target for a bounded time.
+#   FUZZ_SECONDS=N  seconds per fuzz target (default 30; 0 skips fuzzing)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh test
+export PATH="$HOME/.cargo/bin:$PATH"
+
+# Release everywhere: one compile serves tests, benches and binaries.
+cargo build --release --workspace --all-targets
+cargo test --release --workspace --no-fail-fast
+
+fuzz_seconds="${FUZZ_SECONDS:-30}"
+if [ "$fuzz_seconds" -gt 0 ]; then
+    # cargo-fuzz needs nightly flags; RUSTC_BOOTSTRAP lets the stable toolchain accept them.
+    export RUSTC_BOOTSTRAP=1
+    # Sanitizer-flag builds get their own target dir so they never invalidate the main one.
+    export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}/fuzz"
+    (cd fuzz && cargo fuzz build --release --sanitizer none)
+    for target in tree_node_decode commit_validate path_normalize; do
+        echo "fuzz: $target for ${fuzz_seconds}s"
+        mkdir -p "fuzz/corpus/$target"
+        (cd fuzz && cargo fuzz run --release --sanitizer none "$target" "corpus/$target" -- \
+            -max_total_time="$fuzz_seconds" -print_final_stats=1 2>&1 | tail -n 12)
+    done
+fi
+echo "all tests passed"
