@@ -32,7 +32,7 @@ pub use backend::local::LocalBackend;
 #[cfg(feature = "s3")]
 pub use backend::s3::{S3Backend, S3Config, S3Credentials};
 pub use backend::{Backend, MAX_CHUNK_SIZE, Presigned};
-pub use cache::ChunkCache;
+pub use cache::{CacheStats, ChunkCache};
 pub use chunker::{ChunkPolicy, ChunkSpan, Chunking};
 pub use error::{ChunkError, Result};
 pub use id::ChunkId;

@@ -100,7 +100,15 @@ impl Server {
 
     /// Serves until `shutdown` resolves.
     pub async fn serve(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
-        axum::serve(self.listener, self.router)
+        use axum::serve::ListenerExt;
+        // Without TCP_NODELAY a response spanning several segments waits ~40 ms for the
+        // client's delayed ACK (Nagle): a 100-entry directory listing took 44 ms instead of 1.
+        let listener = self.listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::warn!(error = %e, "could not set TCP_NODELAY");
+            }
+        });
+        axum::serve(listener, self.router)
             .with_graceful_shutdown(shutdown)
             .await
             .map_err(|e| VolumeError::Storage(format!("server failed: {e}")))

@@ -202,6 +202,11 @@ impl S3Backend {
         Ok(Self { client: Client::from_conf(builder.build()), config: Arc::new(config) })
     }
 
+    /// The underlying aws-sdk-s3 client (for operations this trait does not cover).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
     /// The configuration.
     pub fn config(&self) -> &S3Config {
         &self.config

@@ -1,0 +1,97 @@
+//! LocalBackend: atomic, durable, verified.
+
+use bytes::Bytes;
+use chunkstore::{Backend, ChunkError, ChunkId, LocalBackend};
+
+fn data(n: usize, seed: u8) -> Bytes {
+    Bytes::from((0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect::<Vec<u8>>())
+}
+
+fn tmp_files(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir.join("tmp")).unwrap().count()
+}
+
+#[tokio::test]
+async fn put_get_range_exists_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = LocalBackend::open(dir.path()).unwrap();
+    let d = data(100_000, 1);
+    let id = ChunkId::of(&d);
+    assert!(!b.exists(id).await.unwrap());
+    assert!(matches!(b.get(id).await, Err(ChunkError::NotFound(x)) if x == id));
+    b.put(id, d.clone()).await.unwrap();
+    b.put(id, d.clone()).await.unwrap(); // idempotent
+    assert_eq!(b.get(id).await.unwrap(), d);
+    assert_eq!(b.size(id).await.unwrap(), Some(100_000));
+    assert_eq!(b.get_range(id, 10, 5).await.unwrap(), d.slice(10..15));
+    assert!(b.get_range(id, 99_999, 2).await.is_err(), "range past the end");
+    assert_eq!(b.list().unwrap(), vec![id]);
+    assert!(b.presign_get(id, std::time::Duration::from_secs(1)).await.unwrap().is_none());
+    b.delete(id).await.unwrap();
+    b.delete(id).await.unwrap();
+    assert!(!b.exists(id).await.unwrap());
+    assert_eq!(tmp_files(dir.path()), 0);
+}
+
+#[tokio::test]
+async fn wrong_id_and_corruption_are_integrity_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = LocalBackend::open(dir.path()).unwrap();
+    let d = data(5000, 2);
+    let wrong = ChunkId::of(b"something else");
+    assert!(matches!(b.put(wrong, d.clone()).await, Err(ChunkError::Integrity { .. })));
+    assert!(!b.exists(wrong).await.unwrap(), "nothing stored under a wrong id");
+
+    let id = ChunkId::of(&d);
+    b.put(id, d.clone()).await.unwrap();
+    let path = b.chunk_path(id);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[1234] ^= 1;
+    std::fs::write(&path, bytes).unwrap();
+    assert!(matches!(b.get(id).await, Err(ChunkError::Integrity { expected, .. }) if expected == id));
+    let too_big = Bytes::from(vec![0u8; (chunkstore::MAX_CHUNK_SIZE + 1) as usize]);
+    assert!(matches!(b.put(ChunkId::of(&too_big), too_big).await, Err(ChunkError::TooLarge { .. })));
+}
+
+#[tokio::test]
+async fn streamed_uploads_become_visible_only_when_verified() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = LocalBackend::open(dir.path()).unwrap();
+    let d = data(70_000, 3);
+    let id = ChunkId::of(&d);
+
+    let mut up = b.begin_upload(id, d.len() as u64).unwrap();
+    for part in d.chunks(8192) {
+        up.write(part).unwrap();
+    }
+    assert!(!b.exists(id).await.unwrap(), "invisible before finish");
+    assert_eq!(up.finish().unwrap(), 70_000);
+    assert_eq!(b.get(id).await.unwrap(), d);
+
+    let other = data(70_000, 4);
+    let oid = ChunkId::of(&other);
+    let mut bad = b.begin_upload(oid, 70_000).unwrap();
+    bad.write(&d).unwrap(); // wrong bytes for `oid`
+    assert!(matches!(bad.finish(), Err(ChunkError::Integrity { .. })));
+    assert!(!b.exists(oid).await.unwrap());
+
+    let mut over = b.begin_upload(oid, 10).unwrap();
+    assert!(matches!(over.write(&other[..11]), Err(ChunkError::TooLarge { .. })));
+    drop(over);
+    let mut abandoned = b.begin_upload(oid, 70_000).unwrap();
+    abandoned.write(&other[..100]).unwrap();
+    drop(abandoned);
+    assert_eq!(tmp_files(dir.path()), 0, "failed and dropped uploads leave no temp files");
+}
+
+#[tokio::test]
+async fn stale_temp_files_are_removed_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = LocalBackend::open(dir.path()).unwrap();
+    let mut up = b.begin_upload(ChunkId::of(b"x"), 1).unwrap();
+    up.write(b"x").unwrap();
+    std::mem::forget(up); // simulate a crash: the temp file stays
+    assert_eq!(tmp_files(dir.path()), 1);
+    LocalBackend::open(dir.path()).unwrap();
+    assert_eq!(tmp_files(dir.path()), 0);
+}
