@@ -81,6 +81,10 @@ impl<'a> Reader<'a> {
             }
             v |= part << shift;
             if b & 0x80 == 0 {
+                // Only the shortest form is valid: one value, one encoding, one id.
+                if shift > 0 && b == 0 {
+                    return Err(self.err("non-minimal varint"));
+                }
                 return Ok(v);
             }
         }
@@ -150,6 +154,9 @@ mod tests {
         }
         let mut r = Reader::new(&[0xff; 11], "t");
         assert!(r.varint().is_err());
+        // 0x80 0x00 would also mean 0: non-minimal forms are rejected.
+        assert!(Reader::new(&[0x80, 0x00], "t").varint().is_err());
+        assert!(Reader::new(&[0xc3, 0x80, 0x00], "t").varint().is_err());
         let mut r = Reader::new(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02], "t");
         assert!(r.varint().is_err());
     }
