@@ -284,31 +284,25 @@ impl VolumeClient {
     }
 }
 
-async fn put_chunk(http: &reqwest::Client, u: pb::SignedUrl, data: Bytes) -> Result<()> {
-    let mut req = http.put(&u.url).body(data);
-    for (k, v) in &u.headers {
-        req = req.header(k, v);
-    }
-    let resp = req.send().await.map_err(|e| ClientError::Transfer(e.to_string()))?;
+/// Sends a signed-URL request with the headers the URL requires; non-2xx is an error.
+async fn send_signed(req: reqwest::RequestBuilder, u: &pb::SignedUrl, what: String) -> Result<reqwest::Response> {
+    let req = u.headers.iter().fold(req, |req, (k, v)| req.header(k, v));
+    let resp = req.send().await.map_err(|e| ClientError::Transfer(format!("{what}: {e}")))?;
     if !resp.status().is_success() {
         let status = resp.status();
         let body = resp.text().await.unwrap_or_default();
-        return Err(ClientError::Transfer(format!("PUT returned {status}: {}", body.trim())));
+        return Err(ClientError::Transfer(format!("{what} returned {status}: {}", body.trim())));
     }
+    Ok(resp)
+}
+
+async fn put_chunk(http: &reqwest::Client, u: pb::SignedUrl, data: Bytes) -> Result<()> {
+    send_signed(http.put(&u.url).body(data), &u, "PUT chunk".into()).await?;
     Ok(())
 }
 
 async fn get_chunk(http: &reqwest::Client, u: pb::SignedUrl, id: ChunkId) -> Result<Bytes> {
-    let mut req = http.get(&u.url);
-    for (k, v) in &u.headers {
-        req = req.header(k, v);
-    }
-    let resp = req.send().await.map_err(|e| ClientError::Transfer(e.to_string()))?;
-    if !resp.status().is_success() {
-        let status = resp.status();
-        let body = resp.text().await.unwrap_or_default();
-        return Err(ClientError::Transfer(format!("GET {id} returned {status}: {}", body.trim())));
-    }
+    let resp = send_signed(http.get(&u.url), &u, format!("GET {id}")).await?;
     let bytes = resp.bytes().await.map_err(|e| ClientError::Transfer(e.to_string()))?;
     id.verify(&bytes).map_err(|e| ClientError::Integrity(e.to_string()))?;
     Ok(bytes)

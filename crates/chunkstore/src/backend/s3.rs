@@ -233,6 +233,18 @@ impl S3Backend {
         }
     }
 
+    /// GetObject (optionally a `Range`), body collected; 404 is [`ChunkError::NotFound`].
+    async fn fetch(&self, id: ChunkId, range: Option<String>) -> Result<Bytes> {
+        let res = self.client.get_object().bucket(&self.config.bucket).key(self.key(id)).set_range(range).send().await;
+        let out = match res {
+            Ok(out) => out,
+            Err(e) if status_of(&e) == Some(404) => return Err(ChunkError::NotFound(id)),
+            Err(e) => return Err(backend_err("GetObject", Some(id), e)),
+        };
+        let body = out.body.collect().await;
+        Ok(body.map_err(|e| ChunkError::Backend(format!("S3 GetObject {id}: reading body: {e}")))?.into_bytes())
+    }
+
     async fn put_multipart(&self, id: ChunkId, data: Bytes) -> Result<()> {
         let key = self.key(id);
         let bucket = &self.config.bucket;
@@ -337,17 +349,7 @@ impl Backend for S3Backend {
     }
 
     async fn get(&self, id: ChunkId) -> Result<Bytes> {
-        let out = match self.client.get_object().bucket(&self.config.bucket).key(self.key(id)).send().await {
-            Ok(out) => out,
-            Err(e) if status_of(&e) == Some(404) => return Err(ChunkError::NotFound(id)),
-            Err(e) => return Err(backend_err("GetObject", Some(id), e)),
-        };
-        let data = out
-            .body
-            .collect()
-            .await
-            .map_err(|e| ChunkError::Backend(format!("S3 GetObject {id}: reading body: {e}")))?
-            .into_bytes();
+        let data = self.fetch(id, None).await?;
         id.verify(&data)?;
         Ok(data)
     }
@@ -359,25 +361,7 @@ impl Backend for S3Backend {
         let end = offset
             .checked_add(len - 1)
             .ok_or_else(|| ChunkError::Backend(format!("range {offset}+{len} overflows")))?;
-        let res = self
-            .client
-            .get_object()
-            .bucket(&self.config.bucket)
-            .key(self.key(id))
-            .range(format!("bytes={offset}-{end}"))
-            .send()
-            .await;
-        let out = match res {
-            Ok(out) => out,
-            Err(e) if status_of(&e) == Some(404) => return Err(ChunkError::NotFound(id)),
-            Err(e) => return Err(backend_err("GetObject (range)", Some(id), e)),
-        };
-        let data = out
-            .body
-            .collect()
-            .await
-            .map_err(|e| ChunkError::Backend(format!("S3 GetObject {id}: reading body: {e}")))?
-            .into_bytes();
+        let data = self.fetch(id, Some(format!("bytes={offset}-{end}"))).await?;
         if data.len() as u64 != len {
             return Err(ChunkError::Backend(format!(
                 "S3 range {offset}+{len} of {id} returned {} bytes",
