@@ -2,6 +2,7 @@
 //!
 //! Every bench prints a table with a same-run baseline and the ratio to it; none asserts on
 //! time (figures are reported, and docs/benchmarks.md records them with the command).
+#![warn(missing_docs)]
 
 use std::time::{Duration, Instant};
 

@@ -19,6 +19,7 @@
 //! # std::fs::remove_dir_all(&dir).unwrap();
 //! # }) }
 //! ```
+#![warn(missing_docs)]
 
 pub mod backend;
 pub mod cache;

@@ -5,6 +5,7 @@
 //! - [`datapath`]: signed-URL chunk transfer (volumed's own HTTP endpoint, or S3 presigning).
 //! - [`service`]: the operations and their gRPC binding; [`server`] runs them.
 //! - [`client`] (feature `server`, on by default): the typed client used by the CLI, the FUSE helper, tests and benches.
+#![warn(missing_docs)]
 
 #[cfg(feature = "server")]
 pub mod client;

@@ -94,6 +94,7 @@ impl Server {
         if let Some(chunk_routes) = chunk_routes {
             router = router.merge(chunk_routes);
         }
+        let router = router.layer(axum::middleware::from_fn(request_span));
         tracing::info!(%addr, data_dir = %config.data_dir.display(), backend = ?config.backend, "volumed bound");
         Ok(Self { addr, volumes, listener, router })
     }
@@ -125,6 +126,31 @@ impl Server {
         }));
         RunningServer { addr, volumes, stop: Some(tx), task }
     }
+}
+
+/// Runs every request (gRPC call or chunk transfer) inside a span carrying a request id, which
+/// is also returned to the client as `x-request-id`; logs failures and the latency at debug.
+async fn request_span(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    use tracing::Instrument;
+    let request_id = format!("{:016x}", rand::random::<u64>());
+    let span = tracing::info_span!("request", request_id = %request_id, method = %req.method(), path = %req.uri().path());
+    let started = std::time::Instant::now();
+    async move {
+        let mut resp = next.run(req).await;
+        let status = resp.status();
+        let grpc_status = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+        if status.is_client_error() || status.is_server_error() || !matches!(grpc_status.as_str(), "" | "0") {
+            tracing::warn!(%status, grpc_status, elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "request failed");
+        } else {
+            tracing::debug!(%status, elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "request done");
+        }
+        if let Ok(v) = axum::http::HeaderValue::from_str(&request_id) {
+            resp.headers_mut().insert("x-request-id", v);
+        }
+        resp
+    }
+    .instrument(span)
+    .await
 }
 
 /// A server running in the background of this process.

@@ -131,7 +131,7 @@ async fn kill_9_during_commits_loses_no_acknowledged_commit() {
         // acknowledged since the last check, and a random sample of older ones, are
         // downloaded and verified (all of them are after the last round); the log has them.
         let mut sample = Rng(rng.next() | 1);
-        let files = verify_head(&mut c, &mut known, |p| !verified.contains(p) || sample.next() % 50 == 0).await;
+        let files = verify_head(&mut c, &mut known, |p| !verified.contains(p) || sample.next().is_multiple_of(50)).await;
         verified.extend(files.keys().cloned());
         let log = c
             .grpc()
@@ -151,7 +151,7 @@ async fn kill_9_during_commits_loses_no_acknowledged_commit() {
             let mut wrng = Rng(rng.next() | 1);
             tokio::spawn(async move {
                 for i in 0.. {
-                    let len = if wrng.next() % 40 == 0 { (8 << 20) + 4096 } else { 1 + (wrng.next() % 32768) as usize };
+                    let len = if wrng.next().is_multiple_of(40) { (8 << 20) + 4096 } else { 1 + (wrng.next() % 32768) as usize };
                     let fseed = wrng.next() % 1_000_000;
                     let path = format!("r{round}/c{i}-{fseed}-{len}");
                     let head = c.head(ORG, VOL).await?.commit;

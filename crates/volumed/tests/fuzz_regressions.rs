@@ -7,9 +7,8 @@ use volumed::model::{Commit, TreeNode};
 #[test]
 fn non_canonical_varints_are_rejected() {
     let data = include_bytes!("fuzz_regressions/tree_node_noncanonical_varint.bin");
-    for decoded in [TreeNode::decode(data).map(|n| n.encode()), Commit::decode(data).map(|c| c.encode())] {
-        if let Ok(bytes) = decoded {
-            assert_eq!(&bytes[..], &data[..], "decoded input must re-encode to the same bytes");
-        }
+    let decoded = [TreeNode::decode(data).map(|n| n.encode()), Commit::decode(data).map(|c| c.encode())];
+    for bytes in decoded.into_iter().flatten() {
+        assert_eq!(&bytes[..], &data[..], "decoded input must re-encode to the same bytes");
     }
 }

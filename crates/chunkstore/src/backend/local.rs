@@ -38,12 +38,10 @@ struct Inner {
     counter: AtomicU64,
 }
 
-fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> impl Future<Output = Result<T>> {
-    async move {
-        tokio::task::spawn_blocking(f)
-            .await
-            .map_err(|e| ChunkError::Backend(format!("I/O task failed: {e}")))?
-    }
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ChunkError::Backend(format!("I/O task failed: {e}")))?
 }
 
 fn fsync_dir(dir: &Path) -> std::io::Result<()> {

@@ -52,17 +52,18 @@ fn reject(status: StatusCode, err: impl std::fmt::Display) -> Response {
     (status, format!("{err}\n")).into_response()
 }
 
-fn check(state: &ChunkHttpState, method: &str, id: &str, p: Params) -> Result<(ChunkId, u64), Response> {
-    let chunk: ChunkId = id.parse().map_err(|e| reject(StatusCode::BAD_REQUEST, e))?;
+/// Parses the chunk id and checks the URL's signature and expiry.
+fn check(state: &ChunkHttpState, method: &str, id: &str, p: Params) -> Result<(ChunkId, u64), (StatusCode, String)> {
+    let chunk: ChunkId = id.parse().map_err(|e| (StatusCode::BAD_REQUEST, format!("{e}\n")))?;
     let params = SignedParams { exp: p.exp, len: p.len, sig: p.sig };
-    state.signer.verify(method, id, &params).map_err(|e| reject(StatusCode::FORBIDDEN, e))?;
+    state.signer.verify(method, id, &params).map_err(|e| (StatusCode::FORBIDDEN, format!("{e}\n")))?;
     Ok((chunk, params.len))
 }
 
 async fn download(State(state): State<Arc<ChunkHttpState>>, Path(id): Path<String>, Query(p): Query<Params>) -> Response {
     let (chunk, _) = match check(&state, "GET", &id, p) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     match state.backend.get(chunk).await {
         Ok(bytes) => ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response(),
@@ -84,7 +85,7 @@ async fn upload(
 ) -> Response {
     let (chunk, len) = match check(&state, "PUT", &id, p) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     if len > MAX_CHUNK_SIZE {
         return reject(StatusCode::PAYLOAD_TOO_LARGE, format!("{len} bytes exceeds {MAX_CHUNK_SIZE}"));
