@@ -61,6 +61,23 @@ async fn eight_concurrent_clients_on_different_paths_all_survive() {
         .into_inner();
     let names: Vec<_> = root.entries.iter().map(|e| e.name.as_str()).collect();
     assert_eq!(names.len(), 9, "{names:?}");
+
+    // Tree nodes are readable by id, and Stat agrees with the listing.
+    let shared = root.entries.iter().find(|e| e.name == "shared").unwrap();
+    let Some(pb::entry::Kind::Dir(dir)) = shared.entry.as_ref().unwrap().kind.clone() else { panic!("shared is a dir") };
+    let node = c.grpc().get_tree(pb::GetTreeRequest { volume: vref("ws"), tree: dir.tree }).await.unwrap().into_inner();
+    assert_eq!(node.entries.len(), 5, "shared/dir0..dir4");
+    let stat = c
+        .grpc()
+        .stat(pb::StatRequest { volume: vref("ws"), commit: head.commit.clone(), path: "client3/file2.txt".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(pb::entry::Kind::File(f)) = stat.entry.unwrap().kind else { panic!("a file") };
+    assert_eq!(f.size, 3002);
+    assert_eq!(stat.commit, head.commit);
+    let err = c.grpc().get_tree(pb::GetTreeRequest { volume: vref("ws"), tree: vec![7; 32] }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "unknown tree ids are a clear error");
 }
 
 fn vref(name: &str) -> Option<pb::VolumeRef> {
