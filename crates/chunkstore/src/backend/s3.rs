@@ -344,7 +344,16 @@ impl Backend for S3Backend {
             Ok(_) => Ok(()),
             // Already stored: content addressing makes the existing object identical.
             Err(e) if status_of(&e) == Some(412) => Ok(()),
-            Err(e) => Err(backend_err("PutObject", Some(id), e)),
+            // A server may answer 412 before reading the body and close the connection, which
+            // the client sees as a broken pipe, not a 412. S3 puts are atomic and keys are
+            // content hashes, so if the object exists now, it holds exactly these bytes.
+            Err(e) => match self.exists(id).await {
+                Ok(true) => {
+                    tracing::debug!(chunk = %id, "conditional put failed but the chunk is stored");
+                    Ok(())
+                }
+                _ => Err(backend_err("PutObject", Some(id), e)),
+            },
         }
     }
 
