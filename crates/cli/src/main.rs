@@ -150,7 +150,7 @@ async fn volume(endpoint: String, org: String, json: bool, cmd: VolumeCmd) -> an
             if json {
                 println!("{}", volume_json(&v));
             } else {
-                println!("volume {}/{} (id {}, head {})", v.org, v.name, v.id, &v.head[..12]);
+                println!("volume {}/{} (id {}, head {})", v.org, v.name, v.id, short(&v.head));
             }
         }
         VolumeCmd::Ls => {
@@ -160,7 +160,7 @@ async fn volume(endpoint: String, org: String, json: bool, cmd: VolumeCmd) -> an
                 println!("{}", serde_json::Value::Array(vols.iter().map(volume_json).collect()));
             } else {
                 for v in vols {
-                    println!("{:<32} {:>6} commits  head {}", v.name, v.commit_count, &v.head[..12]);
+                    println!("{:<32} {:>6} commits  head {}", v.name, v.commit_count, short(&v.head));
                 }
             }
         }
@@ -186,7 +186,7 @@ async fn volume(endpoint: String, org: String, json: bool, cmd: VolumeCmd) -> an
             } else {
                 for c in log.commits {
                     let merged = if !c.base.is_empty() && c.base != c.parent { " (merged)" } else { "" };
-                    println!("#{:<5} {}  {:>5} changes{merged}  {}", c.seq, &c.id[..12], c.change_count, c.message);
+                    println!("#{:<5} {}  {:>5} changes{merged}  {}", c.seq, short(&c.id), c.change_count, c.message);
                 }
             }
         }
@@ -208,7 +208,7 @@ async fn volume(endpoint: String, org: String, json: bool, cmd: VolumeCmd) -> an
             } else {
                 println!(
                     "committed {count} files ({}) as #{} {} in {:.0?}: uploaded {} chunks ({}), {} already stored{}",
-                    human(bytes), r.seq, &r.commit[..12], started.elapsed(), up.chunks_uploaded,
+                    human(bytes), r.seq, short(&r.commit), started.elapsed(), up.chunks_uploaded,
                     human(up.bytes_uploaded), up.chunks_skipped, if r.merged { ", merged onto a newer head" } else { "" }
                 );
             }
@@ -281,6 +281,11 @@ fn collect(local: &Path, dest: &str, out: &mut Vec<FileUpload>) -> anyhow::Resul
         bail!(UserError(format!("{} is not a regular file or directory", local.display())));
     }
     Ok(())
+}
+
+/// The first 12 characters of an id, for display (ids come from the server: never slice blindly).
+fn short(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
 }
 
 fn human(bytes: u64) -> String {

@@ -276,9 +276,9 @@ impl VolumeClient {
         };
         let ids: Vec<ChunkId> = file.chunks.iter().map(|(id, _)| *id).collect();
         let parts = self.download_chunks(org, name, &ids).await?;
-        let mut out = Vec::with_capacity(file.size as usize);
-        for p in parts {
-            out.extend_from_slice(&p);
+        let out = parts.concat();
+        if out.len() as u64 != file.size {
+            return Err(ClientError::Protocol(format!("{path}: chunks hold {} bytes, entry says {}", out.len(), file.size)));
         }
         Ok(out)
     }
