@@ -9,7 +9,9 @@ export PATH="$HOME/.cargo/bin:$PATH"
 
 # Release everywhere: one compile serves tests, benches and binaries.
 cargo build --release --workspace --all-targets
-cargo test --release --workspace --no-fail-fast
+results=$(mktemp)
+trap 'rm -f "$results"' EXIT
+cargo test --release --workspace --no-fail-fast 2>&1 | tee "$results"
 
 fuzz_seconds="${FUZZ_SECONDS:-30}"
 if [ "$fuzz_seconds" -gt 0 ]; then
@@ -25,4 +27,5 @@ if [ "$fuzz_seconds" -gt 0 ]; then
             -max_total_time="$fuzz_seconds" -print_final_stats=1 2>&1 | tail -n 12)
     done
 fi
-echo "all tests passed"
+# One closing line summing every cargo test result (unit, integration and doc tests).
+awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$results"
