@@ -28,6 +28,12 @@ struct Cli {
     /// Print machine-readable JSON.
     #[arg(long, global = true)]
     json: bool,
+    /// Read chunks through this verified cache directory (shared by every reader on the host).
+    #[arg(long, global = true, env = "SAIL_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Capacity of the cache, in MiB.
+    #[arg(long, global = true, env = "SAIL_CACHE_MIB", default_value_t = 10240)]
+    cache_mib: u64,
     #[command(subcommand)]
     command: Command,
 }
@@ -137,12 +143,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await?;
             Ok(())
         }
-        Command::Volume(cmd) => volume(cli.endpoint, cli.org, cli.json, cmd).await,
+        Command::Volume(cmd) => {
+            let mut client = VolumeClient::connect(&cli.endpoint).await?;
+            if let Some(dir) = &cli.cache_dir {
+                let cache = chunkstore::ChunkCache::open(dir, cli.cache_mib << 20)
+                    .with_context(|| format!("opening chunk cache {}", dir.display()))?;
+                client = client.with_cache(cache);
+            }
+            volume(client, cli.org, cli.json, cmd).await
+        }
     }
 }
 
-async fn volume(endpoint: String, org: String, json: bool, cmd: VolumeCmd) -> anyhow::Result<()> {
-    let mut c = VolumeClient::connect(&endpoint).await?;
+async fn volume(mut c: VolumeClient, org: String, json: bool, cmd: VolumeCmd) -> anyhow::Result<()> {
     let vref = |name: &str| Some(pb::VolumeRef { org: org.clone(), name: name.to_owned() });
     match cmd {
         VolumeCmd::Create { name } => {

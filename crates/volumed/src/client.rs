@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::Bytes;
-use chunkstore::{ChunkId, Chunking};
+use chunkstore::{ChunkCache, ChunkId, Chunking};
 use futures::{StreamExt, TryStreamExt};
 use proto::volume as pb;
 use proto::volume::volume_service_client::VolumeServiceClient;
@@ -125,6 +125,7 @@ pub struct TransferStats {
 pub struct VolumeClient {
     grpc: VolumeServiceClient<Channel>,
     http: reqwest::Client,
+    cache: Option<ChunkCache>,
     /// Counters of the last upload.
     pub last_upload: TransferStats,
 }
@@ -152,7 +153,19 @@ impl VolumeClient {
             .pool_max_idle_per_host(TRANSFER_CONCURRENCY * 2)
             .build()
             .map_err(|e| err(e.to_string()))?;
-        Ok(Self { grpc, http, last_upload: TransferStats::default() })
+        Ok(Self { grpc, http, cache: None, last_upload: TransferStats::default() })
+    }
+
+    /// Reads chunks through `cache`: cached chunks are served locally (verified), missing ones
+    /// are fetched once per host however many readers want them, then cached.
+    pub fn with_cache(mut self, cache: ChunkCache) -> Self {
+        self.cache = Some(cache);
+        self
+    }
+
+    /// The chunk cache reads go through, if any.
+    pub fn cache(&self) -> Option<&ChunkCache> {
+        self.cache.as_ref()
     }
 
     /// The raw gRPC client, for calls this wrapper does not cover.
@@ -206,10 +219,26 @@ impl VolumeClient {
         Ok(stats)
     }
 
-    /// Downloads and verifies chunks.
+    /// Downloads and verifies chunks, in order (through the cache, when there is one).
     pub async fn download_chunks(&mut self, org: &str, name: &str, ids: &[ChunkId]) -> Result<Vec<Bytes>> {
-        let mut urls = Vec::with_capacity(ids.len());
-        for batch in ids.chunks(crate::service::convert::MAX_CHUNKS_PER_REQUEST) {
+        let mut found: HashMap<ChunkId, Bytes> = HashMap::new();
+        if let Some(cache) = &self.cache {
+            for id in ids {
+                if !found.contains_key(id)
+                    && let Some(bytes) = cache.get(*id).await.map_err(cache_error)?
+                {
+                    found.insert(*id, bytes);
+                }
+            }
+        }
+        let mut wanted: Vec<ChunkId> = Vec::new();
+        for id in ids {
+            if !found.contains_key(id) && !wanted.contains(id) {
+                wanted.push(*id);
+            }
+        }
+        let mut urls = Vec::with_capacity(wanted.len());
+        for batch in wanted.chunks(crate::service::convert::MAX_CHUNKS_PER_REQUEST) {
             let req = pb::ChunkUrlsRequest {
                 volume: vref(org, name),
                 ids: batch.iter().map(|i| i.as_bytes().to_vec()).collect(),
@@ -217,11 +246,30 @@ impl VolumeClient {
             urls.extend(self.grpc.chunk_urls(req).await?.into_inner().downloads);
         }
         let http = self.http.clone();
-        futures::stream::iter(urls.into_iter().zip(ids.iter().copied()))
-            .map(|(u, id)| get_chunk(&http, u, id))
+        let cache = self.cache.clone();
+        let fetched: Vec<(ChunkId, Bytes)> = futures::stream::iter(urls.into_iter().zip(wanted))
+            .map(|(u, id)| {
+                let (http, cache) = (http.clone(), cache.clone());
+                async move {
+                    let bytes = match cache {
+                        Some(cache) => cache
+                            .get_or_fetch(id, || async {
+                                get_chunk(&http, u, id).await.map_err(|e| chunkstore::ChunkError::Backend(e.to_string()))
+                            })
+                            .await
+                            .map_err(cache_error)?,
+                        None => get_chunk(&http, u, id).await?,
+                    };
+                    Ok::<_, ClientError>((id, bytes))
+                }
+            })
             .buffered(TRANSFER_CONCURRENCY)
             .try_collect()
-            .await
+            .await?;
+        found.extend(fetched);
+        ids.iter()
+            .map(|id| found.get(id).cloned().ok_or_else(|| ClientError::Protocol(format!("no URL for chunk {id}"))))
+            .collect()
     }
 
     /// Chunks whole files with the volume's chunker, uploads missing chunks, and commits them
@@ -281,6 +329,13 @@ impl VolumeClient {
             return Err(ClientError::Protocol(format!("{path}: chunks hold {} bytes, entry says {}", out.len(), file.size)));
         }
         Ok(out)
+    }
+}
+
+fn cache_error(e: chunkstore::ChunkError) -> ClientError {
+    match e {
+        chunkstore::ChunkError::Integrity { .. } => ClientError::Integrity(e.to_string()),
+        other => ClientError::Transfer(other.to_string()),
     }
 }
 

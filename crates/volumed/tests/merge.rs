@@ -191,3 +191,36 @@ async fn volumes_are_org_scoped_and_minted_only_when_asked() {
     assert_eq!(c.get_volume(ORG, "same", false).await.unwrap_err().name(), Some("VolumeNotFoundError"));
     assert_eq!(c.read_file("other-org", "same", "f").await.unwrap(), data);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_go_through_the_shared_verified_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let cache_dir = dir.path().join("cache");
+    let cached_client = || async {
+        let cache = chunkstore::ChunkCache::open(&cache_dir, 1 << 30).unwrap();
+        volumed::client::VolumeClient::connect(&server.endpoint()).await.unwrap().with_cache(cache)
+    };
+    let mut a = cached_client().await;
+    let base = a.get_volume(ORG, "cached", true).await.unwrap().head;
+    let data = bytes_for(11, (8 << 20) * 2 + 77); // three chunks
+    a.commit_files(ORG, "cached", &base, vec![file("f.bin", data.clone())], &[]).await.unwrap();
+
+    assert_eq!(a.read_file(ORG, "cached", "f.bin").await.unwrap(), data);
+    assert_eq!(a.cache().unwrap().stats().fetches, 3);
+    // Another client (another process, in production) on the same cache directory: no fetch.
+    let mut b = cached_client().await;
+    assert_eq!(b.read_file(ORG, "cached", "f.bin").await.unwrap(), data);
+    assert_eq!(b.cache().unwrap().stats().fetches, 0);
+    assert_eq!(b.cache().unwrap().stats().hits, 3);
+
+    // A corrupted cached chunk is dropped and fetched again; the reader still gets the right bytes.
+    let first = chunkstore::ChunkId::of(&data[..8 << 20]);
+    let path = b.cache().unwrap().path_of(first);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[100] ^= 0x55;
+    std::fs::write(&path, bytes).unwrap();
+    assert_eq!(b.read_file(ORG, "cached", "f.bin").await.unwrap(), data);
+    let stats = b.cache().unwrap().stats();
+    assert_eq!((stats.corrupt_dropped, stats.fetches), (1, 1));
+}
