@@ -99,10 +99,15 @@ async fn upload(
         return StatusCode::OK.into_response();
     }
     match receive(&state, chunk, len, body).await {
-        Ok(()) => match state.store.record_chunks(&[(chunk, len)]) {
-            Ok(()) => StatusCode::CREATED.into_response(),
-            Err(e) => reject(StatusCode::INTERNAL_SERVER_ERROR, e),
-        },
+        // A synced RocksDB write: keep the fsync off the async workers.
+        Ok(()) => {
+            let store = state.store.clone();
+            match tokio::task::spawn_blocking(move || store.record_chunks(&[(chunk, len)])).await {
+                Ok(Ok(())) => StatusCode::CREATED.into_response(),
+                Ok(Err(e)) => reject(StatusCode::INTERNAL_SERVER_ERROR, e),
+                Err(e) => reject(StatusCode::INTERNAL_SERVER_ERROR, e),
+            }
+        }
         Err(e) => {
             let status = match &e {
                 VolumeError::Integrity(_) => StatusCode::UNPROCESSABLE_ENTITY,
