@@ -6,7 +6,7 @@
 set -euo pipefail
 
 need_apt=()
-for pkg in protobuf-compiler librocksdb-dev libclang-dev pkg-config fio; do
+for pkg in protobuf-compiler librocksdb-dev libclang-dev pkg-config fio fuse3 psmisc; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if ((${#need_apt[@]})); then
@@ -17,6 +17,11 @@ fi
 
 export PATH="$HOME/.cargo/bin:$PATH"
 [ "${1:-}" = test ] || exit 0
+# pytest runs the Python SDK's tests against a real mount.
+if ! python3 -m pytest --version >/dev/null 2>&1; then
+    echo "setup: pip install pytest"
+    python3 -m pip install --quiet pytest
+fi
 # The S3-compatible server the tests start on 127.0.0.1 (verifies SigV4, supports presigned
 # URLs and conditional writes; docs/chunkstore.md says why this one).
 if ! command -v s3s-fs >/dev/null 2>&1; then

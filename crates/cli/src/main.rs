@@ -10,8 +10,11 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use proto::volume as pb;
+use guest_fuse::ControlError;
 use volumed::client::{ClientError, FileUpload, VolumeClient};
 use volumed::server::{Server, ServerConfig};
+
+mod mount_cmd;
 
 /// Default address of `sail up`, and of clients when SAIL_ENDPOINT is unset.
 const DEFAULT_LISTEN: &str = "127.0.0.1:7420";
@@ -86,10 +89,21 @@ enum VolumeCmd {
         #[arg(default_value = "")]
         path: String,
     },
+    /// Mount a volume lazily through FUSE (detached unless --foreground).
+    Mount(mount_cmd::MountArgs),
+    /// Commit a mount's local changes; prints the commit id.
+    Commit { path: PathBuf },
+    /// Switch a mount to the newest commit (discards its uncommitted changes).
+    Reload { path: PathBuf },
+    /// Show a mount's head, dirty files and cache counters.
+    Status { path: PathBuf },
+    /// Unmount (a mount whose helper died is detached).
+    Unmount { path: PathBuf },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let json = cli.json;
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
@@ -104,8 +118,17 @@ fn main() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
-            let user_error = e.downcast_ref::<ClientError>().is_some_and(|c| {
+            let name = e.downcast_ref::<ControlError>().map(|c| c.name.clone()).or_else(|| {
+                e.downcast_ref::<ClientError>().map(|c| c.name().unwrap_or("SailError").to_owned())
+            });
+            if json {
+                let name = name.clone().unwrap_or_else(|| "SailError".into());
+                eprintln!("{}", serde_json::json!({"error": {"name": name, "message": format!("{e:#}")}}));
+            } else {
+                eprintln!("error: {e:#}");
+            }
+            let user_error = name.as_deref().is_some_and(|n| USER_ERRORS.contains(&n)) || e.downcast_ref::<UserError>().is_some();
+            let user_error = user_error || e.downcast_ref::<ClientError>().is_some_and(|c| {
                 matches!(c, ClientError::Server { code, .. } if matches!(code,
                     tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::AlreadyExists
                     | tonic::Code::FailedPrecondition | tonic::Code::Aborted))
@@ -115,10 +138,16 @@ fn main() -> ExitCode {
     }
 }
 
+/// Contract errors caused by the request rather than by the service (exit code 2).
+const USER_ERRORS: &[&str] = &[
+    "VolumeNotFoundError", "VolumeInvalidArgumentError", "VolumeCommitConflictError", "VolumePathNotFoundError",
+    "VolumeCommitNotFoundError", "VolumeFuseUnavailableError",
+];
+
 /// An error in what the user asked for (exit code 2).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-struct UserError(String);
+pub(crate) struct UserError(pub(crate) String);
 
 fn default_data_dir() -> PathBuf {
     if let Some(x) = std::env::var_os("XDG_DATA_HOME") {
@@ -144,6 +173,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Volume(cmd) => {
+            let g = mount_cmd::Globals {
+                endpoint: cli.endpoint.clone(),
+                org: cli.org.clone(),
+                cache_dir: cli.cache_dir.clone(),
+                cache_mib: cli.cache_mib,
+                json: cli.json,
+            };
+            // Mount commands block on FUSE or a socket: run them off the async runtime.
+            let local = match cmd {
+                VolumeCmd::Mount(ref a) => { let a = a.clone(); Some(Box::new(move || mount_cmd::mount(&g, a)) as Box<dyn FnOnce() -> anyhow::Result<()> + Send>) }
+                VolumeCmd::Commit { ref path } => { let p = path.clone(); Some(Box::new(move || mount_cmd::commit(&g, &p)) as _) }
+                VolumeCmd::Reload { ref path } => { let p = path.clone(); Some(Box::new(move || mount_cmd::reload(&g, &p)) as _) }
+                VolumeCmd::Status { ref path } => { let p = path.clone(); Some(Box::new(move || mount_cmd::status(&g, &p)) as _) }
+                VolumeCmd::Unmount { ref path } => { let p = path.clone(); Some(Box::new(move || mount_cmd::unmount(&g, &p)) as _) }
+                _ => None,
+            };
+            if let Some(f) = local {
+                return tokio::task::spawn_blocking(f).await?;
+            }
             let mut client = VolumeClient::connect(&cli.endpoint).await?;
             if let Some(dir) = &cli.cache_dir {
                 let cache = chunkstore::ChunkCache::open(dir, cli.cache_mib << 20)
@@ -231,6 +279,9 @@ async fn volume(mut c: VolumeClient, org: String, json: bool, cmd: VolumeCmd) ->
             use std::io::Write;
             std::io::stdout().write_all(&data)?;
         }
+        VolumeCmd::Mount(_) | VolumeCmd::Commit { .. } | VolumeCmd::Reload { .. } | VolumeCmd::Status { .. } | VolumeCmd::Unmount { .. } => {
+            bail!("internal error: mount commands are handled before connecting")
+        }
         VolumeCmd::List { name, path } => {
             let req = pb::ListDirRequest { volume: vref(&name), commit: String::new(), path };
             let listing = c.grpc().list_dir(req).await.map_err(ClientError::from)?.into_inner();
@@ -297,11 +348,11 @@ fn collect(local: &Path, dest: &str, out: &mut Vec<FileUpload>) -> anyhow::Resul
 }
 
 /// The first 12 characters of an id, for display (ids come from the server: never slice blindly).
-fn short(id: &str) -> &str {
+pub(crate) fn short(id: &str) -> &str {
     id.get(..12).unwrap_or(id)
 }
 
-fn human(bytes: u64) -> String {
+pub(crate) fn human(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = bytes as f64;
     let mut unit = 0;

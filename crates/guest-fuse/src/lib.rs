@@ -1,4 +1,28 @@
 //! guest-fuse: the FUSE helper that mounts a volume lazily inside a guest or on a Linux host.
 //!
-//! Not built yet: issue 4 ("Lazy FUSE volumes") fills this crate. It will depend on
-//! `volumed`'s client and on `chunkstore`'s verified cache; see docs/guest-fuse.md.
+//! - [`tree`]: the inode table over the base commit and the changes commit needs;
+//! - [`remote`]: volumed and the chunk caches (verified chunks, readahead);
+//! - [`file_io`]: reading a file from its overlay and its committed chunks;
+//! - [`ops`]: changing operations; [`fs`]: the fuser binding;
+//! - [`commit`]: commit, reload and status; [`control`]: the per-mount control socket;
+//! - [`runner`]: mounting and unmounting (the `sail-volume-fuse` binary and
+//!   `sail volume mount` both call [`runner::run`]).
+//!
+//! See docs/guest-fuse.md for the design and the control protocol.
+#![warn(missing_docs)]
+
+pub mod commit;
+pub mod control;
+pub mod error;
+pub mod file_io;
+pub mod fs;
+pub mod mount;
+pub mod ops;
+pub mod ranges;
+pub mod remote;
+pub mod runner;
+pub mod tree;
+
+pub use commit::{CommitOutcome, MountStatus, ReloadOutcome};
+pub use control::{ControlClient, ControlError, FUSE_UNAVAILABLE};
+pub use runner::{MountOptions, clean_dead_mount, default_socket_path, lazy_unmount, run};

@@ -25,7 +25,12 @@ use proto::volume::volume_service_client::VolumeServiceClient;
 use tonic::transport::Channel;
 
 use crate::service::convert::{chunking_from_proto, entry_from_proto, policy_to_proto};
-use crate::service::error_name;
+
+/// Reads the contract error name back out of a status.
+pub fn error_name(status: &tonic::Status) -> Option<String> {
+    use prost::Message;
+    pb::ErrorDetail::decode(status.details()).ok().map(|d| d.name).filter(|n| !n.is_empty())
+}
 
 /// Chunk transfers in flight at once.
 pub const TRANSFER_CONCURRENCY: usize = 4;

@@ -4,10 +4,10 @@
 //! - [`meta`]: the RocksDB store and the merge that applies commits onto the head.
 //! - [`datapath`]: signed-URL chunk transfer (volumed's own HTTP endpoint, or S3 presigning).
 //! - [`service`]: the operations and their gRPC binding; [`server`] runs them.
-//! - [`client`] (feature `server`, on by default): the typed client used by the CLI, the FUSE helper, tests and benches.
+//! - [`client`] (feature `client`, implied by the default `server`): the typed client used by the CLI, the FUSE helper, tests and benches.
 #![warn(missing_docs)]
 
-#[cfg(feature = "server")]
+#[cfg(feature = "client")]
 pub mod client;
 #[cfg(feature = "server")]
 pub mod datapath;

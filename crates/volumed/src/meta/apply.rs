@@ -3,7 +3,7 @@
 //! Changes are applied in request order onto the *current head*, not the client's base, so
 //! concurrent commits to different paths both survive and, on the same path, the later commit
 //! wins. A delete marker removes the path (and its subtree); deleting a path that no longer
-//! exists is a no-op (someone else deleted it first). An upsert below a path creates missing
+//! exists is a no-op (someone else deleted it first), and never creates parent directories. An upsert below a path creates missing
 //! parent directories (mode 0755). The one case that cannot merge is an upsert below a path
 //! that is a file or symlink in the head: that is [`VolumeError::CommitConflict`].
 //!
@@ -97,6 +97,9 @@ fn apply_dir<'a>(
                     }
                     (_, _) => Slot::Leaf(e.clone()),
                 },
+                // Deleting below a path that is gone (or is a file) deletes nothing, and must
+                // not create the parents an upsert would.
+                (false, ChangeOp::Delete, slot @ (Slot::Absent | Slot::Leaf(_))) => slot,
                 (false, _, Slot::Absent) => Slot::Dir {
                     mode: IMPLICIT_DIR_MODE,
                     mtime_ns: now_ns,
@@ -222,6 +225,13 @@ mod tests {
         // Deleting what is not there is a no-op.
         let (again, _) = m.apply(root, &[ch("a/b", ChangeOp::Delete), ch("zzz", ChangeOp::Delete)]).unwrap();
         assert_eq!(again, root);
+        // Even below a deleted or missing path, or below a file: no parents appear.
+        let (again, _) = m
+            .apply(root, &[ch("a/d.txt/x", ChangeOp::Delete), ch("gone/x/y", ChangeOp::Delete)])
+            .unwrap();
+        assert_eq!(again, root);
+        let (after, _) = m.apply(root, &[ch("a", ChangeOp::Delete), ch("a/d.txt", ChangeOp::Delete)]).unwrap();
+        assert!(resolve(&m, after, &VolPath::parse("a").unwrap()).is_err(), "a stays deleted");
     }
 
     #[test]

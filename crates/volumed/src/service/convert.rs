@@ -1,7 +1,7 @@
 //! Conversions between protobuf messages and the model, with full validation of everything
 //! that arrives from a client.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use chunkstore::{ChunkId, ChunkPolicy, Chunking};
 use proto::volume as pb;
@@ -80,16 +80,22 @@ pub fn validate_commit(req: &pb::CommitRequest) -> Result<ValidCommit> {
     if req.message.len() > crate::model::commit::MAX_MESSAGE_BYTES {
         return Err(VolumeError::invalid("commit message too long"));
     }
-    let mut seen = HashSet::with_capacity(req.changes.len());
+    // A path appears once, except a delete marker followed by an upsert of the same path:
+    // that is a replace (the FUSE helper sends it when a path was removed and made again).
+    let mut seen: HashMap<VolPath, bool> = HashMap::with_capacity(req.changes.len());
     let mut changes = Vec::with_capacity(req.changes.len());
     for c in &req.changes {
         let path = VolPath::parse(&c.path)?;
         if path.is_root() {
             return Err(VolumeError::invalid("a change cannot target the volume root"));
         }
-        if !seen.insert(path.clone()) {
-            return Err(VolumeError::invalid(format!("path {path} appears twice in one commit")));
-        }
+        let is_delete = matches!(c.op, Some(pb::change::Op::Delete(_)));
+        let replace = match seen.get(&path) {
+            None => false,
+            Some(true) if !is_delete => true,
+            Some(_) => return Err(VolumeError::invalid(format!("path {path} appears twice in one commit"))),
+        };
+        seen.insert(path.clone(), is_delete && !replace);
         let op = match &c.op {
             Some(pb::change::Op::Upsert(e)) => ChangeOp::Upsert(entry_from_proto(e, true)?),
             Some(pb::change::Op::Delete(true)) => ChangeOp::Delete,

@@ -51,10 +51,7 @@ pub fn to_status(e: VolumeError) -> Status {
     Status::with_details(code, e.to_string(), detail.encode_to_vec().into())
 }
 
-/// Reads the contract error name back out of a status (for clients).
-pub fn error_name(status: &Status) -> Option<String> {
-    pb::ErrorDetail::decode(status.details()).ok().map(|d| d.name).filter(|n| !n.is_empty())
-}
+pub use crate::client::error_name;
 
 fn entries(node: TreeNode) -> Vec<pb::NamedEntry> {
     node.entries

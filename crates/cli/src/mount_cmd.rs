@@ -1,0 +1,247 @@
+//! `sail volume mount|commit|reload|status|unmount`: mounts run the guest-fuse helper (in the
+//! foreground, or as a detached child of this binary), and the other commands talk to a
+//! mount's control socket, found through the mount root's `user.sail.control` attribute.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use guest_fuse::{ControlClient, ControlError, MountOptions};
+
+use crate::{UserError, human, short};
+
+/// Options of `sail volume mount`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct MountArgs {
+    /// Volume name.
+    pub name: String,
+    /// Mount point (an existing, empty directory).
+    pub path: PathBuf,
+    /// Stay in the foreground (logs to stderr; Ctrl-C unmounts).
+    #[arg(long)]
+    pub foreground: bool,
+    /// Create the volume if it does not exist.
+    #[arg(long)]
+    pub create: bool,
+    /// Overlay directory for local writes (default: ~/.cache/sail/overlay/<hash>).
+    #[arg(long)]
+    pub overlay_dir: Option<PathBuf>,
+    /// In-memory chunk cache, MiB.
+    #[arg(long, default_value_t = 256)]
+    pub memory_cache_mib: u64,
+    /// FUSE worker threads.
+    #[arg(long, default_value_t = 4)]
+    pub threads: usize,
+}
+
+/// Global settings a mount needs.
+pub struct Globals {
+    /// volumed endpoint.
+    pub endpoint: String,
+    /// Org.
+    pub org: String,
+    /// Chunk cache directory, if given.
+    pub cache_dir: Option<PathBuf>,
+    /// Cache cap, MiB.
+    pub cache_mib: u64,
+    /// JSON output.
+    pub json: bool,
+}
+
+fn cache_home() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(x).join("sail");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
+    home.join(".cache/sail")
+}
+
+fn path_hash(p: &Path) -> String {
+    blake3::hash(p.as_os_str().as_encoded_bytes()).to_hex()[..16].to_owned()
+}
+
+/// `sail volume mount`.
+pub fn mount(g: &Globals, a: MountArgs) -> anyhow::Result<()> {
+    let mountpoint = std::fs::canonicalize(&a.path)
+        .map_err(|e| UserError(format!("mount point {}: {e}", a.path.display())))?;
+    if !mountpoint.is_dir() {
+        bail!(UserError(format!("mount point {} is not a directory", mountpoint.display())));
+    }
+    let hash = path_hash(&mountpoint);
+    let opts = MountOptions {
+        endpoint: g.endpoint.clone(),
+        org: g.org.clone(),
+        volume: a.name.clone(),
+        mint: a.create,
+        mountpoint: mountpoint.clone(),
+        cache_dir: g.cache_dir.clone().unwrap_or_else(|| cache_home().join("chunks")),
+        cache_max_bytes: g.cache_mib << 20,
+        overlay_dir: a.overlay_dir.clone().unwrap_or_else(|| cache_home().join("overlay").join(&hash)),
+        control_socket: None,
+        memory_cache_bytes: a.memory_cache_mib << 20,
+        threads: a.threads,
+    };
+    if a.foreground {
+        return guest_fuse::run(opts, |socket| eprintln!("mounted {} at {}; control socket {}", a.name, mountpoint.display(), socket.display()));
+    }
+    // Detach: re-run this binary in the foreground in its own session, logging to a file.
+    let log_path = guest_fuse::default_socket_path(&mountpoint).with_extension("log");
+    if let Some(d) = log_path.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    let started = Instant::now();
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args(["--endpoint", &g.endpoint, "--org", &g.org, "--cache-mib", &g.cache_mib.to_string()])
+        .args(["--cache-dir".as_ref(), opts.cache_dir.as_os_str()])
+        .args(["volume", "mount", "--foreground"])
+        .args(["--overlay-dir".as_ref(), opts.overlay_dir.as_os_str()])
+        .args(["--memory-cache-mib", &a.memory_cache_mib.to_string(), "--threads", &a.threads.to_string()])
+        .args(if a.create { &["--create"][..] } else { &[][..] })
+        .arg(&a.name)
+        .arg(&mountpoint)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe; the child gets its own session so it outlives us.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting the FUSE helper")?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect();
+            bail!("the FUSE helper exited ({status}) before the mount was ready:\n{}", tail.join("\n"));
+        }
+        if let Ok(c) = ControlClient::for_mount(&mountpoint)
+            && let Ok(st) = c.status()
+            && st.pid == child.id()
+        {
+            if g.json {
+                println!("{}", serde_json::json!({"mountpoint": mountpoint, "volume": a.name, "head": st.head,
+                    "pid": st.pid, "log": log_path, "ms": started.elapsed().as_secs_f64() * 1e3}));
+            } else {
+                println!(
+                    "mounted {}/{} at {} (head {}) in {:.0?}; helper pid {}, log {}",
+                    g.org, a.name, mountpoint.display(), short(&st.head), started.elapsed(), st.pid, log_path.display()
+                );
+            }
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("the FUSE helper did not become ready in 60 s (log: {})", log_path.display());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn client(path: &Path) -> anyhow::Result<ControlClient> {
+    Ok(ControlClient::for_mount(path)?)
+}
+
+/// A spinner on stderr while a long call runs (only on a terminal, never with --json).
+fn with_spinner<T>(json: bool, msg: &str, f: impl FnOnce() -> Result<T, ControlError>) -> Result<T, ControlError> {
+    use std::io::IsTerminal;
+    if json || !std::io::stderr().is_terminal() {
+        return f();
+    }
+    let bar = indicatif::ProgressBar::new_spinner().with_message(msg.to_owned());
+    bar.enable_steady_tick(Duration::from_millis(100));
+    let r = f();
+    bar.finish_and_clear();
+    r
+}
+
+/// `sail volume commit PATH`.
+pub fn commit(g: &Globals, path: &Path) -> anyhow::Result<()> {
+    let c = client(path)?;
+    let o = with_spinner(g.json, "committing", || c.commit())?;
+    if g.json {
+        println!("{}", serde_json::to_string(&o)?);
+    } else if o.seq == 0 {
+        println!("nothing to commit; head {}", short(&o.commit));
+    } else {
+        println!(
+            "committed #{} {}{}: {} upserts, {} deletes, {} chunks hashed, {} uploaded ({}) in {:.1} ms",
+            o.seq, short(&o.commit), if o.merged { " (merged onto a newer head)" } else { "" }, o.upserts, o.deletes,
+            o.chunks_hashed, o.chunks_uploaded, human(o.bytes_uploaded), o.elapsed_ms
+        );
+    }
+    Ok(())
+}
+
+/// `sail volume reload PATH`.
+pub fn reload(g: &Globals, path: &Path) -> anyhow::Result<()> {
+    let o = with_spinner(g.json, "reloading", || client(path).map_err(to_control)?.reload())?;
+    if g.json {
+        println!("{}", serde_json::to_string(&o)?);
+    } else {
+        println!("reloaded to {} (was {}); {} local changes discarded; {:.1} ms", short(&o.commit), short(&o.previous), o.discarded, o.elapsed_ms);
+    }
+    Ok(())
+}
+
+fn to_control(e: anyhow::Error) -> ControlError {
+    match e.downcast::<ControlError>() {
+        Ok(c) => c,
+        Err(e) => ControlError { name: "SailError".into(), message: e.to_string() },
+    }
+}
+
+/// `sail volume status PATH`.
+pub fn status(g: &Globals, path: &Path) -> anyhow::Result<()> {
+    let s = client(path)?.status()?;
+    if g.json {
+        println!("{}", serde_json::to_string(&s)?);
+    } else {
+        println!("{}/{} at {} (helper pid {})", s.org, s.volume, s.mountpoint, s.pid);
+        println!("  head     {}", s.head);
+        println!("  dirty    {} entries ({} files, {} changed), {} deletes pending", s.dirty_entries, s.dirty_files, human(s.dirty_bytes), s.pending_deletes);
+        println!("  reads    {} from memory, {} from disk cache or network ({} prefetched)", s.memory_hits, s.memory_misses, s.prefetched);
+        println!("  cache    {} hits, {} misses, {} of {} used", s.cache_hits, s.cache_misses, human(s.cache_bytes), human(s.cache_capacity));
+    }
+    Ok(())
+}
+
+fn is_mounted(path: &Path) -> bool {
+    let want = path.as_os_str().as_encoded_bytes();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|m| m.lines().any(|l| l.split(' ').nth(4).is_some_and(|p| p.as_bytes() == want)))
+        .unwrap_or(false)
+}
+
+/// `sail volume unmount PATH`: asks the helper to unmount; a mount whose helper died is
+/// detached (lazily, like `umount -l`).
+pub fn unmount(g: &Globals, path: &Path) -> anyhow::Result<()> {
+    let path = std::path::absolute(path)?;
+    match ControlClient::for_mount(&path) {
+        Ok(c) => {
+            c.unmount()?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while is_mounted(&path) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if is_mounted(&path) {
+                guest_fuse::lazy_unmount(&path)?;
+            }
+        }
+        Err(e) if is_mounted(&path) => {
+            guest_fuse::lazy_unmount(&path).with_context(|| format!("{e}; detaching the dead mount failed"))?;
+        }
+        Err(e) => return Err(e.into()),
+    }
+    if g.json {
+        println!("{}", serde_json::json!({"unmounted": path}));
+    } else {
+        println!("unmounted {}", path.display());
+    }
+    Ok(())
+}

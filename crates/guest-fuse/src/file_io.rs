@@ -1,0 +1,165 @@
+//! Reading a file's current bytes: ranges written locally come from the overlay file, the
+//! rest from the committed chunks (verified, through the caches). `FileView` is a snapshot
+//! of what a read needs, taken under the state lock and used without it.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use chunkstore::ChunkId;
+use volumed::model::FileData;
+
+use crate::error::{FuseError, Result};
+use crate::ranges::RangeSet;
+use crate::remote::Remote;
+use crate::tree::FileState;
+
+/// How far ahead of a sequential reader chunks are fetched, in bytes (at least one chunk).
+pub const READAHEAD_BYTES: u64 = 32 << 20;
+
+/// What reading one file needs.
+#[derive(Clone, Debug)]
+pub struct FileView {
+    /// Committed content.
+    pub base: Option<Arc<FileData>>,
+    /// Current length.
+    pub size: u64,
+    /// Overlay file and which ranges it holds (None when nothing was written locally).
+    pub local: Option<(Arc<File>, RangeSet)>,
+}
+
+impl FileView {
+    /// Snapshot of a file's state.
+    pub fn of(f: &FileState) -> Self {
+        let local = match (&f.overlay, f.local.is_empty()) {
+            (Some(o), false) => Some((o.clone(), f.local.clone())),
+            _ => None,
+        };
+        FileView { base: f.base.clone(), size: f.size, local }
+    }
+
+    /// Reads up to `len` bytes at `offset` (short only at end of file). When `sequential`,
+    /// the chunks after the read are fetched ahead.
+    pub fn read(&self, remote: &Arc<Remote>, offset: u64, len: usize, sequential: bool) -> Result<Vec<u8>> {
+        let end = self.size.min(offset.saturating_add(len as u64));
+        if offset >= end {
+            return Ok(Vec::new());
+        }
+        let mut out = vec![0u8; (end - offset) as usize];
+        let mut pos = offset;
+        while pos < end {
+            let (seg_end, from_overlay) = match &self.local {
+                Some((_, r)) => match r.containing(pos) {
+                    Some((_, e)) => (e.min(end), true),
+                    None => (r.next_after(pos).map(|(s, _)| s).unwrap_or(end).min(end), false),
+                },
+                None => (end, false),
+            };
+            let buf = &mut out[(pos - offset) as usize..(seg_end - offset) as usize];
+            if from_overlay {
+                if let Some((file, _)) = &self.local {
+                    read_overlay(file, pos, buf)?;
+                }
+            } else {
+                self.read_base(remote, pos, buf)?;
+            }
+            pos = seg_end;
+        }
+        if sequential {
+            self.read_ahead(remote, end);
+        }
+        Ok(out)
+    }
+
+    /// Fills `buf` from the committed chunks starting at `pos` (zeros past their end).
+    fn read_base(&self, remote: &Remote, mut pos: u64, buf: &mut [u8]) -> Result<()> {
+        let Some(base) = &self.base else {
+            buf.fill(0);
+            return Ok(());
+        };
+        let mut done = 0usize;
+        while done < buf.len() {
+            let Some((idx, start)) = base.locate(pos) else {
+                buf[done..].fill(0);
+                return Ok(());
+            };
+            let (id, clen) = base.chunks[idx];
+            let bytes = remote.chunk(id)?;
+            if bytes.len() != clen as usize {
+                return Err(FuseError::Protocol(format!("chunk {id} is {} bytes, entry says {clen}", bytes.len())));
+            }
+            let from = (pos - start) as usize;
+            let n = (bytes.len() - from).min(buf.len() - done);
+            buf[done..done + n].copy_from_slice(&bytes[from..from + n]);
+            done += n;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Starts fetching the committed chunks in `[from, from + READAHEAD_BYTES)`.
+    fn read_ahead(&self, remote: &Arc<Remote>, from: u64) {
+        let Some(base) = &self.base else { return };
+        let Some((mut idx, _)) = base.locate(from) else { return };
+        let mut ids: Vec<ChunkId> = Vec::new();
+        let mut covered = 0u64;
+        while idx < base.chunks.len() && (covered < READAHEAD_BYTES || ids.is_empty()) {
+            let (id, len) = base.chunks[idx];
+            let in_overlay = self.local.as_ref().is_some_and(|(_, r)| {
+                let start = chunk_start(base, idx);
+                r.containing(start).is_some_and(|(_, e)| e >= start + len as u64)
+            });
+            if !in_overlay {
+                ids.push(id);
+            }
+            covered += len as u64;
+            idx += 1;
+        }
+        remote.prefetch(ids);
+    }
+}
+
+fn chunk_start(base: &FileData, idx: usize) -> u64 {
+    match base.policy.fixed_index(0) {
+        Some(_) => idx as u64 * base.policy.max_chunk_len(),
+        None => base.chunks[..idx].iter().map(|(_, l)| *l as u64).sum(),
+    }
+}
+
+/// Reads `buf.len()` bytes of the overlay at `pos`; bytes past its end read as zeros.
+fn read_overlay(file: &File, pos: u64, buf: &mut [u8]) -> Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let n = file.read_at(&mut buf[done..], pos + done as u64)?;
+        if n == 0 {
+            buf[done..].fill(0);
+            break;
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+/// A `Read` over a file view, for the streaming chunker at commit.
+pub struct ViewReader<'a> {
+    view: &'a FileView,
+    remote: &'a Arc<Remote>,
+    pos: u64,
+}
+
+impl<'a> ViewReader<'a> {
+    /// Reads `view` from the start.
+    pub fn new(view: &'a FileView, remote: &'a Arc<Remote>) -> Self {
+        ViewReader { view, remote, pos: 0 }
+    }
+}
+
+impl std::io::Read for ViewReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let want = buf.len().min(8 << 20);
+        let data = self.view.read(self.remote, self.pos, want, false).map_err(std::io::Error::other)?;
+        buf[..data.len()].copy_from_slice(&data);
+        self.pos += data.len() as u64;
+        Ok(data.len())
+    }
+}

@@ -1,0 +1,69 @@
+//! `sail-volume-fuse`: mounts one volume in the foreground. `sail volume mount` runs the
+//! same code (and daemonizes it); this binary is for guests and service managers.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// Mount a sail volume lazily through FUSE.
+#[derive(Parser, Debug)]
+#[command(name = "sail-volume-fuse", version)]
+struct Args {
+    /// volumed endpoint.
+    #[arg(long, env = "SAIL_ENDPOINT", default_value = "http://127.0.0.1:7420")]
+    endpoint: String,
+    /// Org of the volume.
+    #[arg(long, env = "SAIL_ORG", default_value = "default")]
+    org: String,
+    /// Create the volume if it does not exist.
+    #[arg(long)]
+    create: bool,
+    /// Chunk cache directory (shared by all mounts on the host).
+    #[arg(long, env = "SAIL_CACHE_DIR", default_value = "/var/cache/sail/chunks")]
+    cache_dir: PathBuf,
+    /// Chunk cache size cap in MiB.
+    #[arg(long, default_value_t = 10240)]
+    cache_max_mib: u64,
+    /// Overlay directory for local writes (default: a directory beside the cache).
+    #[arg(long)]
+    overlay_dir: Option<PathBuf>,
+    /// Control socket path (default: /run/sail/mounts/<hash>.sock).
+    #[arg(long)]
+    control_socket: Option<PathBuf>,
+    /// In-memory chunk cache in MiB.
+    #[arg(long, default_value_t = 256)]
+    memory_cache_mib: u64,
+    /// FUSE worker threads.
+    #[arg(long, default_value_t = 4)]
+    threads: usize,
+    /// Volume name.
+    volume: String,
+    /// Mount point (an existing directory).
+    mountpoint: PathBuf,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SAIL_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let a = Args::parse();
+    let overlay_dir = a.overlay_dir.unwrap_or_else(|| {
+        let hash = blake3::hash(a.mountpoint.as_os_str().as_encoded_bytes()).to_hex();
+        a.cache_dir.with_file_name("overlay").join(&hash[..16])
+    });
+    let opts = guest_fuse::MountOptions {
+        endpoint: a.endpoint,
+        org: a.org,
+        volume: a.volume,
+        mint: a.create,
+        mountpoint: a.mountpoint,
+        cache_dir: a.cache_dir,
+        cache_max_bytes: a.cache_max_mib << 20,
+        overlay_dir,
+        control_socket: a.control_socket,
+        memory_cache_bytes: a.memory_cache_mib << 20,
+        threads: a.threads,
+    };
+    guest_fuse::run(opts, |socket| eprintln!("mounted; control socket {}", socket.display()))
+}

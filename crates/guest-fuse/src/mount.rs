@@ -1,0 +1,251 @@
+//! `MountCore`: the state one mount shares between its FUSE worker threads and its control
+//! socket: the inode table, the remote, the overlay directory and the open handles.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{Errno, FileAttr, FileType, INodeNo, Notifier};
+
+use crate::error::FuseError;
+use crate::file_io::FileView;
+use crate::remote::Remote;
+use crate::tree::{Kind, Node, ROOT, State};
+
+/// How long the kernel may cache entries and attributes. Every change to this view goes
+/// through this process, and a reload invalidates what the kernel cached, so it can be long.
+pub const TTL: Duration = Duration::from_secs(60);
+
+/// The extended attribute on the mount root that holds the control socket's path.
+pub const CONTROL_XATTR: &str = "user.sail.control";
+
+/// An open file or directory.
+#[derive(Debug)]
+pub struct Handle {
+    /// The inode.
+    pub ino: u64,
+    /// End of the previous read, to detect sequential reading.
+    pub next_read: AtomicU64,
+    /// Directory listing taken at opendir: (ino, type, name).
+    pub listing: Option<Vec<(u64, FileType, String)>>,
+}
+
+/// The shared core of one mount.
+pub struct MountCore {
+    /// Inode table and pending changes.
+    pub state: Mutex<State>,
+    /// volumed and the chunk caches.
+    pub remote: Arc<Remote>,
+    /// Where overlay files are created (anonymous files: nothing is left there after exit).
+    pub overlay_dir: PathBuf,
+    /// The control socket's path (reported through [`CONTROL_XATTR`]).
+    pub control_socket: PathBuf,
+    /// The mount point.
+    pub mountpoint: PathBuf,
+    /// volumed endpoint (for status).
+    pub endpoint: String,
+    /// Open handles.
+    pub handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    next_fh: AtomicU64,
+    /// Serialises commit and reload.
+    pub sync_lock: Mutex<()>,
+    /// Kernel cache invalidation (set once the session exists).
+    pub notifier: OnceLock<Notifier>,
+    uid: u32,
+    gid: u32,
+}
+
+impl MountCore {
+    /// A core over `state`.
+    pub fn new(state: State, remote: Arc<Remote>, overlay_dir: PathBuf, control_socket: PathBuf, mountpoint: PathBuf, endpoint: String) -> Self {
+        // SAFETY: getuid/getgid cannot fail and touch no memory.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        MountCore {
+            state: Mutex::new(state),
+            remote,
+            overlay_dir,
+            control_socket,
+            mountpoint,
+            endpoint,
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            sync_lock: Mutex::new(()),
+            notifier: OnceLock::new(),
+            uid,
+            gid,
+        }
+    }
+
+    /// Locks the state (a panic elsewhere does not poison the mount for good).
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Attributes of a node.
+    pub fn attr(&self, ino: u64, n: &Node) -> FileAttr {
+        let (kind, size, nlink) = match &n.kind {
+            Kind::Dir(d) => (FileType::Directory, d.children.as_ref().map_or(0, |c| c.len() as u64), 2),
+            Kind::File(f) => (FileType::RegularFile, f.size, 1),
+            Kind::Symlink(t) => (FileType::Symlink, t.len() as u64, 1),
+        };
+        let mtime = to_time(n.mtime_ns);
+        FileAttr {
+            ino: INodeNo(ino),
+            size,
+            blocks: size.div_ceil(512),
+            atime: mtime,
+            mtime,
+            ctime: to_time(n.ctime_ns),
+            crtime: mtime,
+            kind,
+            perm: (n.mode & 0o7777) as u16,
+            nlink,
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            blksize: 128 << 10,
+            flags: 0,
+        }
+    }
+
+    /// Attributes of `ino`.
+    pub fn getattr(&self, ino: u64) -> Result<FileAttr, Errno> {
+        let st = self.lock();
+        Ok(self.attr(ino, st.get(ino)?))
+    }
+
+    /// Makes sure directory `ino`'s children are loaded (fetching its tree node unlocked).
+    pub fn ensure_loaded(&self, ino: u64) -> Result<(), Errno> {
+        let tree = {
+            let st = self.lock();
+            match &st.get(ino)?.kind {
+                Kind::Dir(d) if d.children.is_some() => return Ok(()),
+                Kind::Dir(d) => d.tree.ok_or(Errno::EIO)?,
+                _ => return Err(Errno::ENOTDIR),
+            }
+        };
+        let entries = self.remote.tree(&tree).map_err(|e| log_err("load directory", e))?;
+        self.lock().install_children(ino, tree, entries);
+        Ok(())
+    }
+
+    /// Looks `name` up in `parent`, counting a kernel reference.
+    pub fn lookup(&self, parent: u64, name: &str) -> Result<FileAttr, Errno> {
+        self.ensure_loaded(parent)?;
+        let mut st = self.lock();
+        let child = *st.children(parent)?.ok_or(Errno::EIO)?.get(name).ok_or(Errno::ENOENT)?;
+        let node = st.get_mut(child)?;
+        node.lookups += 1;
+        let node = st.get(child)?;
+        Ok(self.attr(child, node))
+    }
+
+    /// The kernel dropped `n` references to `ino`.
+    pub fn forget(&self, ino: u64, n: u64) {
+        let mut st = self.lock();
+        if let Some(node) = st.nodes.get_mut(&ino) {
+            node.lookups = node.lookups.saturating_sub(n);
+        }
+        st.maybe_drop(ino);
+    }
+
+    /// Registers an open handle.
+    pub fn open_handle(&self, ino: u64, listing: Option<Vec<(u64, FileType, String)>>) -> Result<u64, Errno> {
+        self.lock().get_mut(ino)?.opens += 1;
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let h = Arc::new(Handle { ino, next_read: AtomicU64::new(0), listing });
+        self.handles.lock().unwrap_or_else(|p| p.into_inner()).insert(fh, h);
+        Ok(fh)
+    }
+
+    /// The handle `fh`.
+    pub fn handle(&self, fh: u64) -> Result<Arc<Handle>, Errno> {
+        self.handles.lock().unwrap_or_else(|p| p.into_inner()).get(&fh).cloned().ok_or(Errno::EBADF)
+    }
+
+    /// Closes `fh`.
+    pub fn release(&self, fh: u64) {
+        let h = self.handles.lock().unwrap_or_else(|p| p.into_inner()).remove(&fh);
+        if let Some(h) = h {
+            let mut st = self.lock();
+            if let Some(n) = st.nodes.get_mut(&h.ino) {
+                n.opens = n.opens.saturating_sub(1);
+            }
+            st.maybe_drop(h.ino);
+        }
+    }
+
+    /// A directory listing for opendir.
+    pub fn listing(&self, ino: u64) -> Result<Vec<(u64, FileType, String)>, Errno> {
+        self.ensure_loaded(ino)?;
+        let st = self.lock();
+        let node = st.get(ino)?;
+        let children = st.children(ino)?.ok_or(Errno::EIO)?;
+        let mut out = Vec::with_capacity(children.len() + 2);
+        out.push((ino, FileType::Directory, ".".to_owned()));
+        out.push((node.parent, FileType::Directory, "..".to_owned()));
+        for (name, &child) in children {
+            let kind = match st.nodes.get(&child).map(|n| &n.kind) {
+                Some(Kind::Dir(_)) => FileType::Directory,
+                Some(Kind::Symlink(_)) => FileType::Symlink,
+                _ => FileType::RegularFile,
+            };
+            out.push((child, kind, name.clone()));
+        }
+        Ok(out)
+    }
+
+    /// Reads from an open file.
+    pub fn read(&self, fh: u64, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+        let view = {
+            let st = self.lock();
+            match &st.get(ino)?.kind {
+                Kind::File(f) => FileView::of(f),
+                Kind::Dir(_) => return Err(Errno::EISDIR),
+                Kind::Symlink(_) => return Err(Errno::EINVAL),
+            }
+        };
+        let sequential = match self.handle(fh) {
+            Ok(h) => {
+                let prev = h.next_read.swap(offset + size as u64, Ordering::Relaxed);
+                prev == offset
+            }
+            Err(_) => false,
+        };
+        view.read(&self.remote, offset, size as usize, sequential).map_err(|e| log_err("read", e))
+    }
+
+    /// The symlink target of `ino`.
+    pub fn readlink(&self, ino: u64) -> Result<String, Errno> {
+        match &self.lock().get(ino)?.kind {
+            Kind::Symlink(t) => Ok(t.clone()),
+            _ => Err(Errno::EINVAL),
+        }
+    }
+
+    /// The root's inode number, for readability at call sites.
+    pub fn root(&self) -> u64 {
+        ROOT
+    }
+}
+
+/// Logs an error and turns it into the errno a FUSE reply carries.
+pub fn log_err(what: &str, e: FuseError) -> Errno {
+    tracing::warn!(error = %e, "{what} failed");
+    e.errno()
+}
+
+/// ns since the epoch to `SystemTime` (clamped before the epoch).
+pub fn to_time(ns: i64) -> SystemTime {
+    if ns >= 0 { UNIX_EPOCH + Duration::from_nanos(ns as u64) } else { UNIX_EPOCH }
+}
+
+/// `SystemTime` to ns since the epoch.
+pub fn from_time(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_nanos().min(i64::MAX as u128) as i64,
+        Err(_) => 0,
+    }
+}

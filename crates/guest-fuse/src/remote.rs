@@ -1,0 +1,221 @@
+//! `Remote`: the mount's blocking view of volumed and the chunk cache. FUSE callbacks run on
+//! fuser's worker threads; they call these methods, which drive the async client on the
+//! helper's tokio runtime. Chunks are verified by the client or the cache before they get
+//! here, and recently used ones stay in a small in-memory LRU so that a 64 MiB chunk is not
+//! re-read from disk for every 128 KiB FUSE read.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use chunkstore::{ChunkCache, ChunkId, Chunking};
+use proto::volume as pb;
+use tokio::runtime::Handle;
+use tokio::sync::Semaphore;
+use volumed::client::{TransferStats, VolumeClient};
+use volumed::model::{Entry, TreeId};
+use volumed::service::convert::{chunking_from_proto, entry_from_proto};
+
+use crate::error::{FuseError, Result};
+
+/// Chunk fetches that readahead may run at once (per mount).
+pub const PREFETCH_CONCURRENCY: usize = 4;
+
+/// Counters of the mount's reads.
+#[derive(Debug, Default)]
+pub struct ReadCounters {
+    /// Chunk reads served from memory.
+    pub memory_hits: AtomicU64,
+    /// Chunk reads that went to the disk cache or the network.
+    pub memory_misses: AtomicU64,
+    /// Chunks fetched ahead of the reader.
+    pub prefetched: AtomicU64,
+}
+
+/// Recently used chunks, capped by bytes.
+struct HotChunks {
+    cap: u64,
+    used: u64,
+    order: VecDeque<(ChunkId, Bytes)>,
+}
+
+impl HotChunks {
+    fn get(&mut self, id: ChunkId) -> Option<Bytes> {
+        let pos = self.order.iter().position(|(i, _)| *i == id)?;
+        let item = self.order.remove(pos)?;
+        let bytes = item.1.clone();
+        self.order.push_back(item);
+        Some(bytes)
+    }
+
+    fn insert(&mut self, id: ChunkId, bytes: Bytes) {
+        if self.order.iter().any(|(i, _)| *i == id) || bytes.len() as u64 > self.cap {
+            return;
+        }
+        self.used += bytes.len() as u64;
+        self.order.push_back((id, bytes));
+        while self.used > self.cap {
+            match self.order.pop_front() {
+                Some((_, b)) => self.used -= b.len() as u64,
+                None => break,
+            }
+        }
+    }
+}
+
+/// One slot per chunk being loaded, so concurrent readers of a chunk share one load.
+type Loading = Arc<Mutex<Option<Bytes>>>;
+
+/// The mount's connection to volumed plus its chunk caches.
+pub struct Remote {
+    rt: Handle,
+    client: VolumeClient,
+    org: String,
+    volume: String,
+    hot: Mutex<HotChunks>,
+    loading: Mutex<HashMap<ChunkId, Loading>>,
+    prefetch: Arc<Semaphore>,
+    /// Read counters.
+    pub counters: ReadCounters,
+}
+
+impl Remote {
+    /// Wraps a connected client (which should carry the shared [`ChunkCache`]).
+    pub fn new(rt: Handle, client: VolumeClient, org: &str, volume: &str, memory_cache_bytes: u64) -> Self {
+        Self {
+            rt,
+            client,
+            org: org.to_owned(),
+            volume: volume.to_owned(),
+            hot: Mutex::new(HotChunks { cap: memory_cache_bytes, used: 0, order: VecDeque::new() }),
+            loading: Mutex::new(HashMap::new()),
+            prefetch: Arc::new(Semaphore::new(PREFETCH_CONCURRENCY)),
+            counters: ReadCounters::default(),
+        }
+    }
+
+    /// The volume's name.
+    pub fn volume(&self) -> &str {
+        &self.volume
+    }
+
+    /// The volume's org.
+    pub fn org(&self) -> &str {
+        &self.org
+    }
+
+    /// The shared disk cache, if any.
+    pub fn cache(&self) -> Option<&ChunkCache> {
+        self.client.cache()
+    }
+
+    /// The head commit id and its root tree.
+    pub fn head(&self) -> Result<(String, TreeId)> {
+        let mut c = self.client.clone();
+        let head = self.rt.block_on(c.head(&self.org, &self.volume))?;
+        let root = TreeId::from_slice(&head.root).map_err(|e| FuseError::Protocol(e.to_string()))?;
+        Ok((head.commit, root))
+    }
+
+    /// How the volume chunks new files.
+    pub fn chunking(&self) -> Result<Chunking> {
+        let mut c = self.client.clone();
+        let vol = self.rt.block_on(c.get_volume(&self.org, &self.volume, false))?;
+        Ok(chunking_from_proto(vol.chunking).unwrap_or(Chunking::Fixed))
+    }
+
+    /// One directory node's entries.
+    pub fn tree(&self, id: &TreeId) -> Result<Vec<(String, Entry)>> {
+        let mut c = self.client.clone();
+        let req = pb::GetTreeRequest {
+            volume: Some(pb::VolumeRef { org: self.org.clone(), name: self.volume.clone() }),
+            tree: id.as_bytes().to_vec(),
+        };
+        let resp = self.rt.block_on(async move { c.grpc().get_tree(req).await });
+        let resp = resp.map_err(volumed::client::ClientError::from)?.into_inner();
+        resp.entries
+            .into_iter()
+            .map(|ne| {
+                let entry = ne.entry.ok_or_else(|| FuseError::Protocol(format!("entry {} has no body", ne.name)))?;
+                let entry = entry_from_proto(&entry, false).map_err(|e| FuseError::Protocol(e.to_string()))?;
+                if ne.name.is_empty() || ne.name.contains('/') || ne.name == "." || ne.name == ".." {
+                    return Err(FuseError::Protocol(format!("invalid entry name {:?}", ne.name)));
+                }
+                Ok((ne.name, entry))
+            })
+            .collect()
+    }
+
+    /// A chunk's verified bytes: from memory, else the disk cache, else volumed's data path.
+    pub fn chunk(&self, id: ChunkId) -> Result<Bytes> {
+        if let Some(b) = self.hot.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
+            self.counters.memory_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(b);
+        }
+        self.counters.memory_misses.fetch_add(1, Ordering::Relaxed);
+        self.load(id)
+    }
+
+    fn load(&self, id: ChunkId) -> Result<Bytes> {
+        let slot = {
+            let mut loading = self.loading.lock().unwrap_or_else(|p| p.into_inner());
+            loading.entry(id).or_default().clone()
+        };
+        let mut guard = slot.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = guard.as_ref() {
+            return Ok(b.clone());
+        }
+        if let Some(b) = self.hot.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
+            return Ok(b);
+        }
+        let mut c = self.client.clone();
+        let got = self.rt.block_on(c.download_chunks(&self.org, &self.volume, &[id]));
+        let result = got.map_err(FuseError::from).and_then(|mut v| {
+            v.pop().ok_or_else(|| FuseError::Protocol(format!("no bytes for chunk {id}")))
+        });
+        if let Ok(bytes) = &result {
+            self.hot.lock().unwrap_or_else(|p| p.into_inner()).insert(id, bytes.clone());
+            *guard = Some(bytes.clone());
+        }
+        drop(guard);
+        self.loading.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        result
+    }
+
+    /// Starts loading `ids` in the background (bounded; skipped when all slots are busy).
+    pub fn prefetch(self: &Arc<Self>, ids: Vec<ChunkId>) {
+        for id in ids {
+            if self.hot.lock().unwrap_or_else(|p| p.into_inner()).order.iter().any(|(i, _)| *i == id) {
+                continue;
+            }
+            let Ok(permit) = self.prefetch.clone().try_acquire_owned() else { return };
+            let this = self.clone();
+            self.rt.spawn_blocking(move || {
+                if this.load(id).is_ok() {
+                    this.counters.prefetched.fetch_add(1, Ordering::Relaxed);
+                }
+                drop(permit);
+            });
+        }
+    }
+
+    /// Uploads the chunks the store lacks.
+    pub fn upload(&self, chunks: &HashMap<ChunkId, Bytes>) -> Result<TransferStats> {
+        let mut c = self.client.clone();
+        Ok(self.rt.block_on(c.upload_chunks(&self.org, &self.volume, chunks))?)
+    }
+
+    /// Publishes a commit of `changes` made against `base`.
+    pub fn commit(&self, base: &str, changes: Vec<pb::Change>) -> Result<pb::CommitResponse> {
+        let mut c = self.client.clone();
+        let req = pb::CommitRequest {
+            volume: Some(pb::VolumeRef { org: self.org.clone(), name: self.volume.clone() }),
+            base: base.to_owned(),
+            changes,
+            message: String::new(),
+        };
+        let resp = self.rt.block_on(async move { c.grpc().commit(req).await });
+        Ok(resp.map_err(volumed::client::ClientError::from)?.into_inner())
+    }
+}

@@ -1,0 +1,170 @@
+//! Running a mount: connect, fetch the head, mount, serve the control socket, and unmount
+//! cleanly on SIGINT/SIGTERM, on an "unmount" request, or when someone runs `umount`.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use chunkstore::ChunkCache;
+use fuser::{Config, MountOption, Session};
+use volumed::client::VolumeClient;
+
+use crate::control;
+use crate::fs::VolumeFs;
+use crate::mount::MountCore;
+use crate::remote::Remote;
+use crate::tree::State;
+
+/// Everything a mount needs.
+#[derive(Clone, Debug)]
+pub struct MountOptions {
+    /// volumed endpoint, `http://host:port`.
+    pub endpoint: String,
+    /// Org the volume belongs to.
+    pub org: String,
+    /// Volume name.
+    pub volume: String,
+    /// Create the volume if it does not exist.
+    pub mint: bool,
+    /// Where to mount.
+    pub mountpoint: PathBuf,
+    /// Shared, verified chunk cache directory.
+    pub cache_dir: PathBuf,
+    /// Its size cap in bytes.
+    pub cache_max_bytes: u64,
+    /// Where this mount's overlay files live (anonymous files; nothing persists).
+    pub overlay_dir: PathBuf,
+    /// Control socket path (default: [`default_socket_path`]).
+    pub control_socket: Option<PathBuf>,
+    /// In-memory chunk cache in bytes.
+    pub memory_cache_bytes: u64,
+    /// FUSE worker threads.
+    pub threads: usize,
+}
+
+/// Where a mount's control socket goes by default: `/run/sail/mounts/<hash>.sock` as root
+/// (`$XDG_RUNTIME_DIR/sail/mounts/` or `/tmp/sail-<uid>/mounts/` otherwise), the hash being
+/// BLAKE3 of the absolute mount path. The mount root's `user.sail.control` xattr names it.
+pub fn default_socket_path(mountpoint: &Path) -> PathBuf {
+    // SAFETY: getuid cannot fail.
+    let uid = unsafe { libc::getuid() };
+    let base = if uid == 0 {
+        PathBuf::from("/run/sail")
+    } else if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
+        PathBuf::from(d).join("sail")
+    } else {
+        PathBuf::from(format!("/tmp/sail-{uid}"))
+    };
+    let hash = blake3::hash(mountpoint.as_os_str().as_encoded_bytes()).to_hex();
+    base.join("mounts").join(format!("{}.sock", &hash[..16]))
+}
+
+/// If `path` is a FUSE mount whose helper died (ENOTCONN), detaches it. Returns whether it
+/// did. Call before mounting and in test cleanup.
+pub fn clean_dead_mount(path: &Path) -> bool {
+    match std::fs::metadata(path) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => lazy_unmount(path).is_ok(),
+        _ => false,
+    }
+}
+
+/// `umount -l`: detaches the mount now; the kernel finishes when the last user leaves.
+pub fn lazy_unmount(path: &Path) -> std::io::Result<()> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: c is NUL-terminated.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Mounts and serves until unmounted. `ready` runs once the mount is live and the control
+/// socket accepts requests (with the socket's path).
+pub fn run(opts: MountOptions, ready: impl FnOnce(&Path)) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("sail-fuse-io")
+        .build()?;
+    let cache = ChunkCache::open(&opts.cache_dir, opts.cache_max_bytes)
+        .with_context(|| format!("opening chunk cache {}", opts.cache_dir.display()))?;
+    let mut client = rt.block_on(VolumeClient::connect(&opts.endpoint))?.with_cache(cache);
+    rt.block_on(client.get_volume(&opts.org, &opts.volume, opts.mint))?;
+    let remote = Arc::new(Remote::new(rt.handle().clone(), client, &opts.org, &opts.volume, opts.memory_cache_bytes));
+    let (commit, root) = remote.head()?;
+    tracing::info!(volume = %opts.volume, %commit, "head fetched");
+
+    clean_dead_mount(&opts.mountpoint);
+    let mountpoint = std::fs::canonicalize(&opts.mountpoint)
+        .with_context(|| format!("mount point {} must be an existing directory", opts.mountpoint.display()))?;
+    std::fs::create_dir_all(&opts.overlay_dir).with_context(|| format!("creating {}", opts.overlay_dir.display()))?;
+    let socket = opts.control_socket.clone().unwrap_or_else(|| default_socket_path(&mountpoint));
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(&socket);
+    let listener = std::os::unix::net::UnixListener::bind(&socket)
+        .with_context(|| format!("binding control socket {}", socket.display()))?;
+
+    let core = Arc::new(MountCore::new(
+        State::new(commit, root, 0o755),
+        remote,
+        opts.overlay_dir.clone(),
+        socket.clone(),
+        mountpoint.clone(),
+        opts.endpoint.clone(),
+    ));
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(format!("sail:{}/{}", opts.org, opts.volume)),
+        MountOption::Subtype("sail".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+    ];
+    // SAFETY: getuid cannot fail.
+    if unsafe { libc::getuid() } == 0 {
+        config.acl = fuser::SessionACL::All;
+    }
+    config.n_threads = Some(opts.threads.max(1));
+    config.clone_fd = true;
+    let mut session = Session::new(VolumeFs(core.clone()), &mountpoint, &config)
+        .with_context(|| format!("mounting {}", mountpoint.display()))?;
+    let _ = core.notifier.set(session.notifier());
+    let unmounter = Arc::new(Mutex::new(session.unmount_callable()));
+    let unmount: Arc<dyn Fn() + Send + Sync> = {
+        let (unmounter, mountpoint) = (unmounter.clone(), mountpoint.clone());
+        Arc::new(move || {
+            let r = unmounter.lock().unwrap_or_else(|p| p.into_inner()).unmount();
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "unmount failed (busy?); detaching lazily");
+                let _ = lazy_unmount(&mountpoint);
+            }
+        })
+    };
+    {
+        let (core, unmount) = (core.clone(), unmount.clone());
+        std::thread::Builder::new()
+            .name("sail-control".into())
+            .spawn(move || control::serve(listener, core, unmount))?;
+    }
+    {
+        let unmount = unmount.clone();
+        rt.spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+                return;
+            };
+            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+            tracing::info!("signal received; unmounting");
+            tokio::task::spawn_blocking(move || unmount());
+        });
+    }
+    ready(&socket);
+    let result = session.run();
+    let _ = std::fs::remove_file(&socket);
+    tracing::info!("unmounted");
+    rt.shutdown_background();
+    result.context("FUSE session failed")
+}
