@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Quickstart on the embedded local defaults: starts volumed (`sail up`) on a temporary data
-# directory, creates a volume, commits a small workspace, shows that a second commit uploads
-# only what changed, merges two concurrent commits, reads files back, and cleans up.
+# directory, creates a volume and mounts it twice through FUSE, writes files in one mount,
+# commits, reloads the other and reads them lazily, shows two concurrent commits merging,
+# prints what happened with timings, and cleans up (unmounts, stops the service).
+# Needs root (or a user allowed to mount FUSE) and /dev/fuse.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -14,6 +16,9 @@ sail() { "$bin_dir/sail" "$@"; }
 work=$(mktemp -d)
 server_pid=""
 cleanup() {
+    for m in "$work/a" "$work/b"; do
+        mountpoint -q "$m" 2>/dev/null && { "$bin_dir/sail" volume unmount "$m" >/dev/null 2>&1 || umount -l "$m"; }
+    done
     [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null
     rm -rf "$work"
 }
@@ -32,45 +37,63 @@ for _ in $(seq 1 100); do
 done
 export SAIL_ENDPOINT=$(sed -n 's/.*listening on \(http:\/\/[^ ]*\).*/\1/p' "$work/up.log")
 export SAIL_ORG=quickstart
-# Reads go through a verified chunk cache shared by every reader on the host.
-export SAIL_CACHE_DIR="$work/cache"
+# Every mount reads through a verified chunk cache (one per host; here one per mount, so
+# that mount B really fetches lazily).
 cat "$work/up.log"
 
-step "create a volume"
+step "create a volume and mount it twice (two FUSE helpers, like two sailboxes)"
 sail volume create demo
+mkdir -p "$work/a" "$work/b"
+sail --cache-dir "$work/cache-a" volume mount demo "$work/a"
+sail --cache-dir "$work/cache-b" volume mount demo "$work/b"
+echo "   control socket of mount A: $(getfattr --only-values -n user.sail.control "$work/a" 2>/dev/null || echo '(install attr to see it)')"
 
-step "make a small workspace: a notebook, source files and a 20 MiB data file"
-mkdir -p "$work/ws/src" "$work/ws/data"
-printf '{"cells": [{"source": "print(1)"}]}\n' > "$work/ws/analysis.ipynb"
-for i in $(seq 1 20); do printf 'def f%d():\n    return %d\n' "$i" "$i" > "$work/ws/src/mod$i.py"; done
-head -c $((20 << 20)) /dev/urandom > "$work/ws/data/samples.bin"
-echo "   $(find "$work/ws" -type f | wc -l) files, $(du -sh "$work/ws" | cut -f1)"
+step "write in mount A: a notebook, 20 source files and a 40 MiB data file"
+mkdir -p "$work/a/src" "$work/a/data"
+printf '{"cells": [{"source": "print(1)"}]}\n' > "$work/a/analysis.ipynb"
+for i in $(seq 1 20); do printf 'def f%d():\n    return %d\n' "$i" "$i" > "$work/a/src/mod$i.py"; done
+head -c $((40 << 20)) /dev/urandom > "$work/data.bin"
+cp "$work/data.bin" "$work/a/data/samples.bin"
+sail volume status "$work/a"
+echo "   mount B sees nothing yet (no live remote view): $(ls "$work/b" | wc -l) entries"
 
-step "commit it (chunks go straight to the store through signed URLs)"
-t=$(date +%s%N); sail volume put demo "$work/ws"/*; echo "   ($(ms_since $t) ms)"
+step "commit mount A (only dirty files are chunked; chunks go straight to the store)"
+sail volume commit "$work/a"
 
-step "edit one notebook and commit again: only the changed chunk is uploaded"
-printf '{"cells": [{"source": "print(2)"}]}\n' > "$work/ws/analysis.ipynb"
-t=$(date +%s%N); sail volume put demo "$work/ws"/*; echo "   ($(ms_since $t) ms)"
+step "reload mount B: metadata only, no file bytes move yet"
+sail volume reload "$work/b"
+ls -la "$work/b" "$work/b/data"
 
-step "two clients commit to different paths at the same time: both survive (merge)"
-echo "from client A" > "$work/a.txt"; echo "from client B" > "$work/b.txt"
-sail volume put demo "$work/a.txt" --dest clients & pa=$!
-sail volume put demo "$work/b.txt" --dest clients & pb=$!
+step "read in mount B: bytes are fetched on first read, verified, and cached"
+t=$(date +%s%N); cmp "$work/b/data/samples.bin" "$work/data.bin" && echo "   data/samples.bin: 40 MiB identical, first read $(ms_since $t) ms"
+t=$(date +%s%N); cmp "$work/b/data/samples.bin" "$work/data.bin" && echo "   second read $(ms_since $t) ms (page cache)"
+sail volume status "$work/b"
+
+step "edit one byte in the middle of the data file in A: the commit uploads one 8 MiB chunk"
+printf 'X' | dd of="$work/a/data/samples.bin" bs=1 seek=$((20 << 20)) conv=notrunc status=none
+sail volume commit "$work/a"
+
+step "two mounts commit different files at the same time: both survive (merge)"
+echo "from mount A" > "$work/a/a.txt"
+echo "from mount B" > "$work/b/b.txt"
+sail volume commit "$work/a" & pa=$!
+sail volume commit "$work/b" & pb=$!
 wait $pa $pb
-sail volume list demo clients
+sail volume reload "$work/a"
+sail volume reload "$work/b"
+echo "   mount A: $(cat "$work/a/a.txt") / $(cat "$work/a/b.txt")"
+echo "   mount B: $(cat "$work/b/a.txt") / $(cat "$work/b/b.txt")"
 
-step "read files back (every chunk is verified against its BLAKE3 id)"
-sail volume cat demo clients/a.txt
-sail volume cat demo clients/b.txt
-sail volume cat demo analysis.ipynb
-t=$(date +%s%N)
-sail volume cat demo data/samples.bin | cmp - "$work/ws/data/samples.bin" && echo "data/samples.bin: 20 MiB identical ($(ms_since $t) ms, fetched into $SAIL_CACHE_DIR)"
-t=$(date +%s%N)
-sail volume cat demo data/samples.bin | cmp - "$work/ws/data/samples.bin" && echo "again: $(ms_since $t) ms, served from the cache (re-verified)"
+step "reload discards uncommitted changes"
+echo "scratch" > "$work/b/scratch.txt"
+sail volume reload "$work/b"
+[ -e "$work/b/scratch.txt" ] || echo "   scratch.txt is gone, as promised"
 
 step "the commit log"
 sail volume log demo
-sail volume ls
+
+step "unmount"
+sail volume unmount "$work/a"
+sail volume unmount "$work/b"
 
 printf '\nquickstart finished in %s ms; cleaning up %s\n' "$(ms_since $t0)" "$work"

@@ -6,7 +6,7 @@
 set -euo pipefail
 
 need_apt=()
-for pkg in protobuf-compiler librocksdb-dev libclang-dev pkg-config fio fuse3 psmisc; do
+for pkg in protobuf-compiler librocksdb-dev libclang-dev pkg-config fio fuse3 attr; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if ((${#need_apt[@]})); then

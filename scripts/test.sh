@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what it needs, builds once in release, runs every unit,
-# integration and doc test, then each fuzz target for a bounded time.
+# integration and doc test (FUSE tests need root and /dev/fuse), the Python SDK's tests, then
+# each fuzz target for a bounded time.
 #   FUZZ_SECONDS=N  seconds per fuzz target (default 30; 0 skips fuzzing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +13,9 @@ cargo build --release --workspace --all-targets
 results=$(mktemp)
 trap 'rm -f "$results"' EXIT
 cargo test --release --workspace --no-fail-fast 2>&1 | tee "$results"
+
+# The Python SDK against real FUSE mounts served by the binaries just built.
+SAIL_BIN_DIR="${CARGO_TARGET_DIR:-$PWD/target}/release" python3 -m pytest -q sdk/python/tests 2>&1 | tee -a "$results"
 
 fuzz_seconds="${FUZZ_SECONDS:-30}"
 if [ "$fuzz_seconds" -gt 0 ]; then
@@ -28,4 +32,6 @@ if [ "$fuzz_seconds" -gt 0 ]; then
     done
 fi
 # One closing line summing every cargo test result (unit, integration and doc tests).
-awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$results"
+awk '/^test result:/ { p += $4; f += $6 }
+     / passed in / { for (i = 1; i < NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$results"

@@ -224,6 +224,14 @@ impl ChunkCache {
         blocking(move || this.store_verified(id, &data)).await
     }
 
+    /// Stores bytes the caller has just verified against `id` (for example, bytes that
+    /// [`ChunkId::verify`] accepted after a download), without hashing them a second time.
+    /// Passing unverified bytes here breaks the cache's guarantee; use [`ChunkCache::insert`].
+    pub async fn insert_verified(&self, id: ChunkId, data: Bytes) -> Result<()> {
+        let this = self.clone();
+        blocking(move || this.store_verified(id, &data)).await
+    }
+
     /// Stores bytes already verified against `id` (blocking).
     fn store_verified(&self, id: ChunkId, data: &[u8]) -> Result<()> {
         let len = data.len() as u64;

@@ -275,7 +275,14 @@ impl MountCore {
                 n.attached = false;
             }
         }
-        st.nodes.retain(|ino, n| *ino == ROOT || n.lookups > 0 || n.opens > 0);
+        let mem = st.mem.clone();
+        st.nodes.retain(|ino, n| {
+            let keep = *ino == ROOT || n.lookups > 0 || n.opens > 0;
+            if !keep {
+                crate::tree::release_overlay(&mem, n);
+            }
+            keep
+        });
         if let Some(root_node) = st.nodes.get_mut(&ROOT) {
             root_node.kind = Kind::Dir(DirState { tree: Some(root), children: None, moved: false });
             root_node.mtime_ns = now_ns();

@@ -2,14 +2,13 @@
 //! rest from the committed chunks (verified, through the caches). `FileView` is a snapshot
 //! of what a read needs, taken under the state lock and used without it.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use chunkstore::ChunkId;
 use volumed::model::FileData;
 
 use crate::error::{FuseError, Result};
+use crate::overlay::Overlay;
 use crate::ranges::RangeSet;
 use crate::remote::Remote;
 use crate::tree::FileState;
@@ -25,7 +24,7 @@ pub struct FileView {
     /// Current length.
     pub size: u64,
     /// Overlay file and which ranges it holds (None when nothing was written locally).
-    pub local: Option<(Arc<File>, RangeSet)>,
+    pub local: Option<(Overlay, RangeSet)>,
 }
 
 impl FileView {
@@ -57,8 +56,8 @@ impl FileView {
             };
             let buf = &mut out[(pos - offset) as usize..(seg_end - offset) as usize];
             if from_overlay {
-                if let Some((file, _)) = &self.local {
-                    read_overlay(file, pos, buf)?;
+                if let Some((overlay, _)) = &self.local {
+                    overlay.read_at(buf, pos)?;
                 }
             } else {
                 self.read_base(remote, pos, buf)?;
@@ -124,20 +123,6 @@ fn chunk_start(base: &FileData, idx: usize) -> u64 {
         Some(_) => idx as u64 * base.policy.max_chunk_len(),
         None => base.chunks[..idx].iter().map(|(_, l)| *l as u64).sum(),
     }
-}
-
-/// Reads `buf.len()` bytes of the overlay at `pos`; bytes past its end read as zeros.
-fn read_overlay(file: &File, pos: u64, buf: &mut [u8]) -> Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        let n = file.read_at(&mut buf[done..], pos + done as u64)?;
-        if n == 0 {
-            buf[done..].fill(0);
-            break;
-        }
-        done += n;
-    }
-    Ok(())
 }
 
 /// A `Read` over a file view, for the streaming chunker at commit.

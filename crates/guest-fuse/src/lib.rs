@@ -18,6 +18,7 @@ pub mod file_io;
 pub mod fs;
 pub mod mount;
 pub mod ops;
+pub mod overlay;
 pub mod ranges;
 pub mod remote;
 pub mod runner;

@@ -1,15 +1,12 @@
 //! Changing operations: create, mkdir, symlink, unlink, rmdir, rename, write, truncate,
 //! chmod and utimens. Each updates the inode table and records what commit will need.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::sync::Arc;
-
 use fuser::{Errno, FileAttr, TimeOrNow};
 use volumed::model::entry::MAX_FILE_SIZE;
 use volumed::model::path::check_name;
 
 use crate::mount::{MountCore, from_time};
+use crate::overlay::{MemUsage, Overlay};
 use crate::tree::{FileState, Kind, Node, ROOT, empty_dir, empty_file, now_ns};
 
 /// Validates a name from the kernel as a volume path component.
@@ -21,9 +18,11 @@ pub fn name_of(name: &std::ffi::OsStr) -> Result<&str, Errno> {
 
 /// Changes the length of a file, keeping the overlay in step. Bytes from the old end (or
 /// the new end, when shrinking) onwards now live in the overlay: zeros until written.
-fn resize(core: &MountCore, f: &mut FileState, new_size: u64) -> Result<(), Errno> {
-    let overlay = overlay_of(core, f)?;
-    overlay.set_len(new_size).map_err(io_errno)?;
+fn resize(core: &MountCore, mem: &MemUsage, f: &mut FileState, new_size: u64) -> Result<(), Errno> {
+    overlay_of(core, mem, f)?;
+    let overlay = f.overlay.as_mut().ok_or(Errno::EIO)?;
+    overlay.spill_if_needed(new_size, &core.overlay_dir, mem).map_err(io_errno)?;
+    overlay.set_len(new_size, mem).map_err(io_errno)?;
     let from = f.size.min(new_size);
     f.local.truncate(from);
     f.local.insert(from, u64::MAX);
@@ -32,16 +31,14 @@ fn resize(core: &MountCore, f: &mut FileState, new_size: u64) -> Result<(), Errn
     Ok(())
 }
 
-/// The file's overlay, created (sparse, anonymous) on first use.
-fn overlay_of(core: &MountCore, f: &mut FileState) -> Result<Arc<File>, Errno> {
+/// The file's overlay, created on first use.
+fn overlay_of(core: &MountCore, mem: &MemUsage, f: &mut FileState) -> Result<Overlay, Errno> {
     if let Some(o) = &f.overlay {
         return Ok(o.clone());
     }
-    let file = tempfile::tempfile_in(&core.overlay_dir).map_err(io_errno)?;
-    file.set_len(f.size).map_err(io_errno)?;
-    let file = Arc::new(file);
-    f.overlay = Some(file.clone());
-    Ok(file)
+    let o = Overlay::create(&core.overlay_dir, f.size, mem).map_err(io_errno)?;
+    f.overlay = Some(o.clone());
+    Ok(o)
 }
 
 fn io_errno(e: std::io::Error) -> Errno {
@@ -166,13 +163,19 @@ impl MountCore {
         let end = offset.checked_add(data.len() as u64).filter(|e| *e <= MAX_FILE_SIZE).ok_or(Errno::EFBIG)?;
         let overlay = {
             let mut st = self.lock();
+            let mem = st.mem.clone();
             match &mut st.get_mut(ino)?.kind {
-                Kind::File(f) => overlay_of(self, f)?,
+                Kind::File(f) => {
+                    overlay_of(self, &mem, f)?;
+                    let o = f.overlay.as_mut().ok_or(Errno::EIO)?;
+                    o.spill_if_needed(end, &self.overlay_dir, &mem).map_err(io_errno)?;
+                    o.clone()
+                }
                 Kind::Dir(_) => return Err(Errno::EISDIR),
                 Kind::Symlink(_) => return Err(Errno::EINVAL),
             }
         };
-        overlay.write_all_at(data, offset).map_err(io_errno)?;
+        overlay.write_at(data, offset).map_err(io_errno)?;
         let mut st = self.lock();
         let node = st.get_mut(ino)?;
         if let Kind::File(f) = &mut node.kind {
@@ -186,6 +189,7 @@ impl MountCore {
             f.changed.insert(offset, end);
         }
         node.mtime_ns = now_ns();
+        node.mode &= !0o6000; // writing clears set-user-id and set-group-id (KILLPRIV_V2)
         node.touch();
         let attached = node.attached;
         if attached {
@@ -197,6 +201,7 @@ impl MountCore {
     /// chmod, truncate and utimens (ownership changes are accepted and not stored).
     pub fn setattr(&self, ino: u64, mode: Option<u32>, size: Option<u64>, mtime: Option<TimeOrNow>) -> Result<FileAttr, Errno> {
         let mut st = self.lock();
+        let mem = st.mem.clone();
         let node = st.get_mut(ino)?;
         let mut changed = false;
         if let Some(size) = size {
@@ -206,7 +211,7 @@ impl MountCore {
             match &mut node.kind {
                 Kind::File(f) => {
                     if size != f.size {
-                        resize(self, f, size)?;
+                        resize(self, &mem, f, size)?;
                     }
                 }
                 Kind::Dir(_) => return Err(Errno::EISDIR),
@@ -244,7 +249,7 @@ impl MountCore {
             _ => None,
         };
         if let Some(o) = overlay {
-            o.sync_data().map_err(io_errno)?;
+            o.sync().map_err(io_errno)?;
         }
         Ok(())
     }

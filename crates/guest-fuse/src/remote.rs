@@ -76,6 +76,7 @@ pub struct Remote {
     hot: Mutex<HotChunks>,
     loading: Mutex<HashMap<ChunkId, Loading>>,
     prefetch: Arc<Semaphore>,
+    fills: Arc<Semaphore>,
     /// Read counters.
     pub counters: ReadCounters,
 }
@@ -91,6 +92,7 @@ impl Remote {
             hot: Mutex::new(HotChunks { cap: memory_cache_bytes, used: 0, order: VecDeque::new() }),
             loading: Mutex::new(HashMap::new()),
             prefetch: Arc::new(Semaphore::new(PREFETCH_CONCURRENCY)),
+            fills: Arc::new(Semaphore::new(PREFETCH_CONCURRENCY * 2)),
             counters: ReadCounters::default(),
         }
     }
@@ -169,11 +171,7 @@ impl Remote {
         if let Some(b) = self.hot.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
             return Ok(b);
         }
-        let mut c = self.client.clone();
-        let got = self.rt.block_on(c.download_chunks(&self.org, &self.volume, &[id]));
-        let result = got.map_err(FuseError::from).and_then(|mut v| {
-            v.pop().ok_or_else(|| FuseError::Protocol(format!("no bytes for chunk {id}")))
-        });
+        let result = self.fetch(id);
         if let Ok(bytes) = &result {
             self.hot.lock().unwrap_or_else(|p| p.into_inner()).insert(id, bytes.clone());
             *guard = Some(bytes.clone());
@@ -181,6 +179,35 @@ impl Remote {
         drop(guard);
         self.loading.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
         result
+    }
+
+    /// A chunk from the disk cache (verified as it is read), else downloaded (verified) and
+    /// handed to the reader at once while the cache is filled in the background: writing
+    /// 8-64 MiB into the cache must not sit between a cold reader and its bytes.
+    fn fetch(&self, id: ChunkId) -> Result<Bytes> {
+        let cache = self.client.cache().cloned();
+        if let Some(cache) = &cache
+            && let Some(bytes) = self.rt.block_on(cache.get(id)).map_err(|e| FuseError::Protocol(e.to_string()))?
+        {
+            return Ok(bytes);
+        }
+        let mut c = self.client.clone();
+        let got = self.rt.block_on(c.fetch_chunks(&self.org, &self.volume, &[id]))?;
+        let bytes = got.into_iter().next().ok_or_else(|| FuseError::Protocol(format!("no bytes for chunk {id}")))?;
+        if let Some(cache) = cache {
+            let data = bytes.clone();
+            let fills = self.fills.clone();
+            // Bounded: when fills back up, later chunks are served without being cached.
+            if let Ok(permit) = fills.try_acquire_owned() {
+                self.rt.spawn(async move {
+                    if let Err(e) = cache.insert_verified(id, data).await {
+                        tracing::debug!(chunk = %id, error = %e, "cache fill skipped");
+                    }
+                    drop(permit);
+                });
+            }
+        }
+        Ok(bytes)
     }
 
     /// Starts loading `ids` in the background (bounded; skipped when all slots are busy).

@@ -79,9 +79,23 @@ pub fn lazy_unmount(path: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Large files keep an overlay file open while dirty: allow as many descriptors as the
+/// hard limit permits.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: lim is a valid out-pointer; setrlimit only reads it.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 /// Mounts and serves until unmounted. `ready` runs once the mount is live and the control
 /// socket accepts requests (with the socket's path).
 pub fn run(opts: MountOptions, ready: impl FnOnce(&Path)) -> anyhow::Result<()> {
+    raise_fd_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -11,12 +11,12 @@
 //!   replaced), sent as delete markers.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::fs::File;
 use std::sync::Arc;
 
 use fuser::Errno;
 use volumed::model::{Entry, EntryKind, FileData, TreeId};
 
+use crate::overlay::{MemUsage, Overlay};
 use crate::ranges::RangeSet;
 
 /// The root directory's inode number.
@@ -29,8 +29,8 @@ pub struct FileState {
     pub base: Option<Arc<FileData>>,
     /// Current length.
     pub size: u64,
-    /// Sparse local file with the bytes written here (created on first write or truncate).
-    pub overlay: Option<Arc<File>>,
+    /// The bytes written here (created on first write or truncate).
+    pub overlay: Option<Overlay>,
     /// Byte ranges whose current content is in the overlay (holes there read as zeros).
     pub local: RangeSet,
     /// Byte ranges changed since `base` (commit re-chunks only chunks touching these).
@@ -163,6 +163,13 @@ pub fn now_ns() -> i64 {
         .unwrap_or(0)
 }
 
+/// Returns an in-memory overlay's bytes to the budget when its node goes away.
+pub fn release_overlay(mem: &MemUsage, node: &Node) {
+    if let Kind::File(FileState { overlay: Some(o), .. }) = &node.kind {
+        mem.release(o.mem_len());
+    }
+}
+
 /// The inode table and the pending changes.
 #[derive(Debug)]
 pub struct State {
@@ -179,6 +186,8 @@ pub struct State {
     /// A commit of this mount was merged onto a newer head: `base` holds changes the view
     /// does not show yet, so the next reload must not be skipped.
     pub behind: bool,
+    /// Memory held by in-memory overlays.
+    pub mem: Arc<MemUsage>,
 }
 
 impl State {
@@ -188,7 +197,7 @@ impl State {
         let mut node = Node::from_entry(ROOT, String::new(), Entry { mode: root_mode, mtime_ns: now_ns(), kind: EntryKind::Dir(root) });
         node.lookups = 1;
         nodes.insert(ROOT, node);
-        State { base, nodes, next_ino: ROOT + 1, dirty: HashSet::new(), deleted: BTreeSet::new(), behind: false }
+        State { base, nodes, next_ino: ROOT + 1, dirty: HashSet::new(), deleted: BTreeSet::new(), behind: false, mem: Arc::default() }
     }
 
     /// The node, or ENOENT.
@@ -368,8 +377,9 @@ impl State {
             && !n.attached
             && n.lookups == 0
             && n.opens == 0
+            && let Some(node) = self.nodes.remove(&ino)
         {
-            self.nodes.remove(&ino);
+            release_overlay(&self.mem, &node);
         }
     }
 

@@ -284,3 +284,56 @@ fn reads_work_when_the_cache_cannot_hold_a_chunk() {
     assert_eq!(hash_file(&b.p("f.bin")), blake3::hash(&data), "and again, after eviction");
     assert_eq!(b.status().cache_bytes, 0);
 }
+
+#[test]
+fn killing_the_helper_mid_commit_leaves_the_old_or_the_new_commit() {
+    let env = Env::new("vol");
+    let a = env.mount("vol");
+    fs::write(a.p("base.txt"), b"base").unwrap();
+    let base = a.commit().commit;
+    drop(a);
+    // Calibrate: how long does committing a 96 MiB file take here?
+    let probe = env.mount("vol");
+    fs::write(probe.p("probe.bin"), bytes_for(100, 96 * MIB)).unwrap();
+    let started = std::time::Instant::now();
+    probe.commit();
+    let full = started.elapsed();
+    probe.ctl().call("status").unwrap();
+    drop(probe);
+    let mut head = env.head("vol");
+    let seed: u64 = rand::random();
+    println!("kill seed {seed}, full commit {full:?}");
+    let mut outcomes = Vec::new();
+    for (round, fraction) in [0.0, 0.3, 0.6, 0.9, 1.5].into_iter().enumerate() {
+        let round = round as u64;
+        let mut m = env.mount("vol");
+        let data = bytes_for(seed ^ round, 96 * MIB);
+        fs::write(m.p(&format!("round{round}.bin")), &data).unwrap();
+        fs::write(m.p("base.txt"), format!("round {round}")).unwrap();
+        let ctl = m.ctl();
+        let committer = std::thread::spawn(move || ctl.commit());
+        // Kill at points spread over the commit's usual duration (and once after it).
+        std::thread::sleep(full.mul_f64(fraction));
+        m.kill();
+        let result = committer.join().unwrap();
+        let now = env.head("vol");
+        let text = env.read_file("vol", "base.txt");
+        if now == head {
+            assert!(result.is_err() || result.as_ref().is_ok_and(|o| o.commit == head));
+            assert_ne!(text, format!("round {round}").into_bytes(), "old head shows no new bytes");
+            outcomes.push("old");
+        } else {
+            // The new commit is whole: both files at their new contents.
+            assert_eq!(text, format!("round {round}").into_bytes());
+            assert_eq!(blake3::hash(&env.read_file("vol", &format!("round{round}.bin"))), blake3::hash(&data));
+            outcomes.push("new");
+            head = now;
+        }
+        assert!(guest_fuse::clean_dead_mount(&m.path) || !common::is_mounted(&m.path));
+    }
+    println!("outcomes: {outcomes:?} (base {base})");
+    // The next mount works and shows the head.
+    let b = env.mount("vol");
+    assert_eq!(b.status().head, head);
+    assert!(b.p("base.txt").exists());
+}

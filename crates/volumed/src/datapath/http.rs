@@ -99,7 +99,7 @@ async fn upload(
         return StatusCode::OK.into_response();
     }
     match receive(&state, chunk, len, body).await {
-        // A synced RocksDB write: keep the fsync off the async workers.
+        // A RocksDB write (and the upload's fsyncs before it): keep them off the async workers.
         Ok(()) => {
             let store = state.store.clone();
             match tokio::task::spawn_blocking(move || store.record_chunks(&[(chunk, len)])).await {

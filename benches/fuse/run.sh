@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# FUSE volume benchmarks (issue 4): fio and small-file workloads on a real mount, each run in
+# the same session against the same files on the local ext4 disk, printed as a table with
+# ratios. Run as root (FUSE, drop_caches):
+#   bash benches/fuse/run.sh            full run (1 GiB file, 10k-file tree, 100k-file volume)
+#   QUICK=1 bash benches/fuse/run.sh    smaller sizes, for a smoke test
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/sail/target}
+(cd "$ROOT" && cargo build --release --quiet -p sail-cli)
+SAIL=$CARGO_TARGET_DIR/release/sail
+QUICK=${QUICK:-0}
+SIZE_MIB=$([ "$QUICK" = 1 ] && echo 256 || echo 1024)
+SMALL_FILES=$([ "$QUICK" = 1 ] && echo 2000 || echo 10000)
+MANY_FILES=$([ "$QUICK" = 1 ] && echo 10000 || echo 100000)
+RUNTIME=$([ "$QUICK" = 1 ] && echo 3 || echo 10)
+
+W=$(mktemp -d /var/tmp/sail-bench.XXXXXX)
+UP_PID=
+MOUNTS=()
+cleanup() {
+    for m in "${MOUNTS[@]}"; do "$SAIL" volume unmount "$m" >/dev/null 2>&1 || umount -l "$m" 2>/dev/null || true; done
+    [ -n "$UP_PID" ] && kill "$UP_PID" 2>/dev/null && wait "$UP_PID" 2>/dev/null || true
+    rm -rf "$W"
+}
+trap cleanup EXIT
+
+"$SAIL" up --data-dir "$W/data" --listen 127.0.0.1:0 >"$W/up.log" 2>&1 &
+UP_PID=$!
+for _ in $(seq 300); do grep -q "listening on" "$W/up.log" && break; sleep 0.02; done
+export SAIL_ENDPOINT=$(grep -o 'http://[0-9.:]*' "$W/up.log" | head -1)
+"$SAIL" volume create bench >/dev/null
+
+mount_vol() { # mount_vol DIR CACHE_DIR
+    mkdir -p "$1"
+    "$SAIL" --cache-dir "$2" volume mount bench "$1" >/dev/null
+    MOUNTS+=("$1")
+}
+drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+fio_bw() { # fio_bw JOBFILE FILE JOBS -> MiB/s
+    FILE=$2 JOBS=$3 RUNTIME=$RUNTIME fio --output-format=json "$HERE/jobs/$1" | python3 "$HERE/fio_result.py"
+}
+fio_iops() {
+    FILE=$2 JOBS=1 RUNTIME=$RUNTIME fio --output-format=json "$HERE/jobs/$1" | python3 "$HERE/fio_result.py" iops
+}
+now() { date +%s.%N; }
+ms_since() { python3 -c "import sys; print(f'{(float(sys.argv[2]) - float(sys.argv[1])) * 1000:.0f}')" "$1" "$(now)"; }
+ttfb_ms() { # time to the first 4 KiB of a file, in ms (process start excluded)
+    python3 -c '
+import os, sys, time
+t = time.perf_counter(); fd = os.open(sys.argv[1], os.O_RDONLY); os.read(fd, 4096)
+print(f"{(time.perf_counter() - t) * 1000:.1f}")' "$1"
+}
+median() { python3 -c 'import statistics,sys; print(f"{statistics.median(float(x) for x in sys.argv[1:]):.1f}")' "$@"; }
+
+ROWS=()
+row() { ROWS+=("$1|$2|$3|$4|$5"); } # name | local | sail | ratio | target
+
+echo "bench: preparing a ${SIZE_MIB} MiB file ($W)" >&2
+mkdir -p "$W/local"
+head -c "${SIZE_MIB}M" /dev/urandom >"$W/local/big.bin"
+mount_vol "$W/m1" "$W/cache1"
+cp "$W/local/big.bin" "$W/m1/big.bin"
+"$SAIL" volume commit "$W/m1" >/dev/null
+
+# Cold sequential read: empty cache, chunks in the local backend, page cache dropped.
+mount_vol "$W/cold" "$W/cache-cold"
+drop_caches
+cold_local=$(fio_bw seqread.fio "$W/local/big.bin" 1)
+drop_caches
+cold_sail=$(fio_bw seqread.fio "$W/cold/big.bin" 1)
+row "seq read cold, 256k, 1 job (MiB/s)" "$cold_local" "$cold_sail" "" ">= 60%"
+
+# Time to first byte, cold (fresh mount and cache each time).
+t_local=(); t_sail=()
+for i in 1 2 3 4 5; do
+    mount_vol "$W/ttfb$i" "$W/cache-ttfb$i"
+    drop_caches
+    t_local+=("$(ttfb_ms "$W/local/big.bin")")
+    t_sail+=("$(ttfb_ms "$W/ttfb$i/big.bin")")
+done
+row "time to first byte, cold (ms, median of 5)" "$(median "${t_local[@]}")" "$(median "${t_sail[@]}")" "" "<= 20 ms"
+
+# Warm: a second mount that has read the file once.
+mount_vol "$W/m2" "$W/cache2"
+cat "$W/m2/big.bin" >/dev/null
+cat "$W/local/big.bin" >/dev/null
+for jobs in 1 4; do
+    l=$(fio_bw seqread.fio "$W/local/big.bin" $jobs)
+    s=$(fio_bw seqread.fio "$W/m2/big.bin" $jobs)
+    row "seq read warm, 256k, $jobs job(s) (MiB/s)" "$l" "$s" "" ">= 80%"
+done
+l=$(fio_iops randread.fio "$W/local/big.bin")
+s=$(fio_iops randread.fio "$W/m2/big.bin")
+row "rand read warm, 4k, 1 job (IOPS)" "$l" "$s" "" ">= 50%"
+
+# Small files: unpack a source tree, then commit it; reload + find on another mount.
+echo "bench: small files ($SMALL_FILES)" >&2
+python3 "$HERE/gen_tree.py" "$W/tree" "$SMALL_FILES" 25
+tar -C "$W/tree" -cf "$W/tree.tar" .
+drop_caches
+mkdir -p "$W/local/src"
+t0=$(now); tar -C "$W/local/src" -xf "$W/tree.tar"; sync -f "$W/local/src"; l=$(ms_since "$t0")
+mkdir -p "$W/m1/src"
+t0=$(now); tar -C "$W/m1/src" -xf "$W/tree.tar"; "$SAIL" volume commit "$W/m1" >/dev/null; s=$(ms_since "$t0")
+row "unpack $SMALL_FILES files (+ commit) (ms)" "$l" "$s" "" "<= 3x local"
+t0=$(now); find "$W/local/src" | wc -l >/dev/null; l=$(ms_since "$t0")
+t0=$(now); "$SAIL" volume reload "$W/m2" >/dev/null; find "$W/m2/src" | wc -l >/dev/null; s=$(ms_since "$t0")
+row "reload + find over them on another mount (ms)" "$l" "$s" "" ""
+
+# One changed file in a mounted volume of many files, committed from the CLI.
+echo "bench: $MANY_FILES-file volume" >&2
+python3 "$HERE/gen_tree.py" "$W/many" "$MANY_FILES" 100 tiny
+half=$((MANY_FILES / 2))
+(cd "$W/many" && find . -type f | sort >"$W/many.list")
+mkdir -p "$W/m1/many"
+head -n "$half" "$W/many.list" | tar -C "$W/many" -cf - -T - | tar -C "$W/m1/many" -xf -
+"$SAIL" volume commit "$W/m1" >/dev/null
+tail -n +"$((half + 1))" "$W/many.list" | tar -C "$W/many" -cf - -T - | tar -C "$W/m1/many" -xf -
+"$SAIL" volume commit "$W/m1" >/dev/null
+target=$W/m1/many/$(sed -n "$((half + 7))p" "$W/many.list")
+times=()
+for i in 1 2 3 4 5 6 7; do
+    echo "change $i" >"$target"
+    t0=$(now); "$SAIL" volume commit "$W/m1" >/dev/null; times+=("$(ms_since "$t0")")
+done
+row "commit 1 changed file of $MANY_FILES, CLI end to end (ms, median of 7)" "" "$(median "${times[@]}")" "" "<= 50 ms"
+
+printf '\n%-62s %12s %12s %8s  %s\n' "benchmark" "local ext4" "sail mount" "ratio" "target"
+for r in "${ROWS[@]}"; do
+    IFS='|' read -r name l s _ tgt <<<"$r"
+    ratio=""
+    if [ -n "$l" ] && [ -n "$s" ]; then
+        case "$name" in
+        *"(ms"*) ratio=$(python3 -c 'import sys; print(f"{float(sys.argv[1]) / max(float(sys.argv[2]), 0.001):.2f}x")' "$s" "$l") ;;
+        *) ratio=$(python3 -c 'import sys; print(f"{100 * float(sys.argv[1]) / max(float(sys.argv[2]), 0.001):.0f}%")' "$s" "$l") ;;
+        esac
+    fi
+    printf '%-62s %12s %12s %8s  %s\n' "$name" "$l" "$s" "$ratio" "$tgt"
+done
