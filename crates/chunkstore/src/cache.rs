@@ -84,6 +84,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 fn share_error(e: &ChunkError) -> ChunkError {
     match e {
         ChunkError::Integrity { expected, actual } => ChunkError::Integrity { expected: *expected, actual: *actual },
+        ChunkError::PieceIntegrity { chunk, piece } => ChunkError::PieceIntegrity { chunk: *chunk, piece: *piece },
         ChunkError::NotFound(id) => ChunkError::NotFound(*id),
         ChunkError::TooLarge { size, limit } => ChunkError::TooLarge { size: *size, limit: *limit },
         ChunkError::InvalidId(m) => ChunkError::InvalidId(m.clone()),

@@ -5,6 +5,14 @@ use crate::id::ChunkId;
 /// Everything that can go wrong storing or reading a chunk.
 #[derive(Debug, thiserror::Error)]
 pub enum ChunkError {
+    /// A piece of a chunk did not match its chaining value (see `pieces`).
+    #[error("integrity failure: piece {piece} of chunk {chunk} does not match its chaining value")]
+    PieceIntegrity {
+        /// The chunk.
+        chunk: ChunkId,
+        /// The piece index.
+        piece: usize,
+    },
     /// Bytes did not hash to the id they were stored or requested under.
     #[error("chunk integrity failure: expected {expected}, got bytes hashing to {actual}")]
     Integrity {

@@ -205,7 +205,10 @@ pub fn status(g: &Globals, path: &Path) -> anyhow::Result<()> {
         println!("{}/{} at {} (helper pid {})", s.org, s.volume, s.mountpoint, s.pid);
         println!("  head     {}", s.head);
         println!("  dirty    {} entries ({} files, {} changed), {} deletes pending", s.dirty_entries, s.dirty_files, human(s.dirty_bytes), s.pending_deletes);
-        println!("  reads    {} from memory, {} from disk cache or network ({} prefetched)", s.memory_hits, s.memory_misses, s.prefetched);
+        println!(
+            "  reads    {} from memory, {} from disk cache or network ({} prefetched, {} verified 1 MiB pieces)",
+            s.memory_hits, s.memory_misses, s.prefetched, s.pieces_fetched
+        );
         println!("  cache    {} hits, {} misses, {} of {} used", s.cache_hits, s.cache_misses, human(s.cache_bytes), human(s.cache_capacity));
     }
     Ok(())
@@ -224,9 +227,18 @@ pub fn unmount(g: &Globals, path: &Path) -> anyhow::Result<()> {
     let path = std::path::absolute(path)?;
     match ControlClient::for_mount(&path) {
         Ok(c) => {
+            let pid = c.status().map(|s| s.pid).ok();
             c.unmount()?;
+            // Wait for the unmount and for the helper to exit (so a new mount on this path
+            // does not race the old helper's cleanup).
             let deadline = Instant::now() + Duration::from_secs(10);
-            while is_mounted(&path) && Instant::now() < deadline {
+            // Running unless gone or a zombie (its parent, often init, reaps it later).
+            let alive = |pid: Option<u32>| {
+                pid.and_then(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
+                    .and_then(|st| st.rsplit(')').next().map(|rest| !rest.trim_start().starts_with('Z')))
+                    .unwrap_or(false)
+            };
+            while (is_mounted(&path) || alive(pid)) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(10));
             }
             if is_mounted(&path) {

@@ -94,6 +94,8 @@ pub struct MountStatus {
     pub memory_misses: u64,
     /// Chunks fetched ahead of readers.
     pub prefetched: u64,
+    /// Pieces of large chunks fetched with verified range requests.
+    pub pieces_fetched: u64,
     /// Disk cache hits (this process).
     pub cache_hits: u64,
     /// Disk cache misses (this process).
@@ -124,11 +126,28 @@ enum Body {
 struct Uploader<'a> {
     remote: &'a Remote,
     pending: HashMap<ChunkId, Bytes>,
+    pieces: HashMap<ChunkId, Vec<u8>>,
     pending_bytes: usize,
     out: CommitOutcome,
 }
 
 impl Uploader<'_> {
+    /// Hashes a new chunk (through its piece CVs when it is large enough to be read in
+    /// pieces: the same work, and readers can then verify ranges) and queues it.
+    fn hash_and_add(&mut self, data: Bytes) -> Result<ChunkId> {
+        let len = data.len() as u64;
+        let id = if len >= chunkstore::pieces::PIECED_MIN {
+            let cvs = chunkstore::pieces::piece_cvs(&data);
+            let id = chunkstore::pieces::root_from_cvs(len, &cvs).unwrap_or_else(|| ChunkId::of(&data));
+            self.pieces.insert(id, cvs);
+            id
+        } else {
+            ChunkId::of(&data)
+        };
+        self.add(id, data)?;
+        Ok(id)
+    }
+
     fn add(&mut self, id: ChunkId, data: Bytes) -> Result<()> {
         self.out.chunks_hashed += 1;
         self.pending_bytes += data.len();
@@ -141,10 +160,11 @@ impl Uploader<'_> {
 
     fn flush(&mut self) -> Result<()> {
         if !self.pending.is_empty() {
-            let stats = self.remote.upload(&self.pending)?;
+            let stats = self.remote.upload(&self.pending, &self.pieces)?;
             self.out.chunks_uploaded += stats.chunks_uploaded;
             self.out.bytes_uploaded += stats.bytes_uploaded;
             self.pending.clear();
+            self.pieces.clear();
             self.pending_bytes = 0;
         }
         Ok(())
@@ -201,7 +221,13 @@ impl MountCore {
             .iter()
             .map(|p| pb::Change { path: p.clone(), op: Some(pb::change::Op::Delete(true)) })
             .collect();
-        let mut up = Uploader { remote: &self.remote, pending: HashMap::new(), pending_bytes: 0, out: CommitOutcome::default() };
+        let mut up = Uploader {
+            remote: &self.remote,
+            pending: HashMap::new(),
+            pieces: HashMap::new(),
+            pending_bytes: 0,
+            out: CommitOutcome::default(),
+        };
         up.out.deletes = deletes.len();
         let chunking = if items.values().any(|i| matches!(i, Item::Node { body: Body::File { .. }, .. })) {
             self.remote.chunking()?
@@ -323,6 +349,7 @@ impl MountCore {
             memory_hits: load(&c.memory_hits),
             memory_misses: load(&c.memory_misses),
             prefetched: load(&c.prefetched),
+            pieces_fetched: load(&c.pieces_fetched),
             cache_hits: cache.hits,
             cache_misses: cache.misses,
             cache_bytes: cache.bytes_cached,
@@ -387,9 +414,8 @@ fn file_data(remote: &Arc<Remote>, view: &FileView, changed: &RangeSet, chunking
                     Some(&(id, l)) if l as u64 == len && !changed.intersects(start, end) => chunks.push((id, l)),
                     _ => {
                         let data = view.read(remote, start, len as usize, false)?;
-                        let id = ChunkId::of(&data);
+                        let id = up.hash_and_add(Bytes::from(data))?;
                         chunks.push((id, len as u32));
-                        up.add(id, Bytes::from(data))?;
                     }
                 }
                 start = end;
@@ -399,6 +425,9 @@ fn file_data(remote: &Arc<Remote>, view: &FileView, changed: &RangeSet, chunking
         _ => {
             policy.chunk_reader(ViewReader::new(view, remote), |span, data| -> Result<()> {
                 chunks.push((span.id, span.len as u32));
+                if span.len >= chunkstore::pieces::PIECED_MIN {
+                    up.pieces.insert(span.id, chunkstore::pieces::piece_cvs(data));
+                }
                 up.add(span.id, Bytes::copy_from_slice(data))
             })?;
         }

@@ -83,47 +83,43 @@ impl FileView {
                 return Ok(());
             };
             let (id, clen) = base.chunks[idx];
-            let bytes = remote.chunk(id)?;
-            if bytes.len() != clen as usize {
-                return Err(FuseError::Protocol(format!("chunk {id} is {} bytes, entry says {clen}", bytes.len())));
+            let from = pos - start;
+            let n = ((clen as u64).saturating_sub(from) as usize).min(buf.len() - done);
+            if n == 0 {
+                return Err(FuseError::Protocol(format!("chunk {id} is shorter than its entry says")));
             }
-            let from = (pos - start) as usize;
-            let n = (bytes.len() - from).min(buf.len() - done);
-            buf[done..done + n].copy_from_slice(&bytes[from..from + n]);
+            remote.read_into(id, clen as u64, from, &mut buf[done..done + n])?;
             done += n;
             pos += n as u64;
         }
         Ok(())
     }
 
-    /// Starts fetching the committed chunks in `[from, from + READAHEAD_BYTES)`.
+    /// Starts fetching the committed bytes in `[from, from + READAHEAD_BYTES)`: pieces of
+    /// large chunks read piece by piece, whole chunks otherwise.
     fn read_ahead(&self, remote: &Arc<Remote>, from: u64) {
         let Some(base) = &self.base else { return };
-        let Some((mut idx, _)) = base.locate(from) else { return };
+        let Some((mut idx, mut start)) = base.locate(from) else { return };
         let mut ids: Vec<ChunkId> = Vec::new();
         let mut covered = 0u64;
         while idx < base.chunks.len() && (covered < READAHEAD_BYTES || ids.is_empty()) {
             let (id, len) = base.chunks[idx];
+            let len = len as u64;
+            let in_chunk = from.max(start) - start;
             let in_overlay = self.local.as_ref().is_some_and(|(_, r)| {
-                let start = chunk_start(base, idx);
-                r.containing(start).is_some_and(|(_, e)| e >= start + len as u64)
+                r.containing(start).is_some_and(|(_, e)| e >= start + len)
             });
-            if !in_overlay {
+            if !in_overlay && !remote.prefetch_pieces(id, len, in_chunk, READAHEAD_BYTES - covered.min(READAHEAD_BYTES)) {
                 ids.push(id);
             }
-            covered += len as u64;
+            covered += len - in_chunk;
+            start += len;
             idx += 1;
         }
         remote.prefetch(ids);
     }
 }
 
-fn chunk_start(base: &FileData, idx: usize) -> u64 {
-    match base.policy.fixed_index(0) {
-        Some(_) => idx as u64 * base.policy.max_chunk_len(),
-        None => base.chunks[..idx].iter().map(|(_, l)| *l as u64).sum(),
-    }
-}
 
 /// A `Read` over a file view, for the streaming chunker at commit.
 pub struct ViewReader<'a> {

@@ -2,6 +2,7 @@
 //!
 //! - [`tree`]: the inode table over the base commit and the changes commit needs;
 //! - [`remote`]: volumed and the chunk caches (verified chunks, readahead);
+//! - [`pieced`]: large chunks read in verified 1 MiB pieces (range requests);
 //! - [`file_io`]: reading a file from its overlay and its committed chunks;
 //! - [`ops`]: changing operations; [`fs`]: the fuser binding;
 //! - [`commit`]: commit, reload and status; [`control`]: the per-mount control socket;
@@ -19,6 +20,7 @@ pub mod fs;
 pub mod mount;
 pub mod ops;
 pub mod overlay;
+pub mod pieced;
 pub mod ranges;
 pub mod remote;
 pub mod runner;

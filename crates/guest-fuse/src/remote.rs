@@ -22,6 +22,12 @@ use crate::error::{FuseError, Result};
 /// Chunk fetches that readahead may run at once (per mount).
 pub const PREFETCH_CONCURRENCY: usize = 4;
 
+/// Piece fetches that readahead may run at once (per mount).
+pub const PIECE_PREFETCH_CONCURRENCY: usize = 8;
+
+/// Memory for pieces of large chunks read piece by piece (see `pieced`).
+pub const PIECE_MEMORY: u64 = 160 << 20;
+
 /// Counters of the mount's reads.
 #[derive(Debug, Default)]
 pub struct ReadCounters {
@@ -31,17 +37,35 @@ pub struct ReadCounters {
     pub memory_misses: AtomicU64,
     /// Chunks fetched ahead of the reader.
     pub prefetched: AtomicU64,
+    /// 1 MiB pieces of large chunks fetched with range requests (verified against their CVs).
+    pub pieces_fetched: AtomicU64,
 }
 
-/// Recently used chunks, capped by bytes.
-struct HotChunks {
+/// Recently used chunks (or pieces), capped by bytes.
+pub(crate) struct Lru<K> {
     cap: u64,
     used: u64,
-    order: VecDeque<(ChunkId, Bytes)>,
+    order: VecDeque<(K, Bytes)>,
 }
 
-impl HotChunks {
-    fn get(&mut self, id: ChunkId) -> Option<Bytes> {
+impl<K: Copy + PartialEq> Lru<K> {
+    pub(crate) fn new(cap: u64) -> Self {
+        Lru { cap, used: 0, order: VecDeque::new() }
+    }
+
+    pub(crate) fn contains(&self, id: K) -> bool {
+        self.order.iter().any(|(i, _)| *i == id)
+    }
+
+    pub(crate) fn remove(&mut self, id: K) {
+        if let Some(pos) = self.order.iter().position(|(i, _)| *i == id)
+            && let Some((_, b)) = self.order.remove(pos)
+        {
+            self.used -= b.len() as u64;
+        }
+    }
+
+    pub(crate) fn get(&mut self, id: K) -> Option<Bytes> {
         let pos = self.order.iter().position(|(i, _)| *i == id)?;
         let item = self.order.remove(pos)?;
         let bytes = item.1.clone();
@@ -49,7 +73,7 @@ impl HotChunks {
         Some(bytes)
     }
 
-    fn insert(&mut self, id: ChunkId, bytes: Bytes) {
+    pub(crate) fn insert(&mut self, id: K, bytes: Bytes) {
         if self.order.iter().any(|(i, _)| *i == id) || bytes.len() as u64 > self.cap {
             return;
         }
@@ -69,14 +93,18 @@ type Loading = Arc<Mutex<Option<Bytes>>>;
 
 /// The mount's connection to volumed plus its chunk caches.
 pub struct Remote {
-    rt: Handle,
-    client: VolumeClient,
+    pub(crate) rt: Handle,
+    pub(crate) client: VolumeClient,
     org: String,
     volume: String,
-    hot: Mutex<HotChunks>,
+    pub(crate) hot: Mutex<Lru<ChunkId>>,
     loading: Mutex<HashMap<ChunkId, Loading>>,
-    prefetch: Arc<Semaphore>,
-    fills: Arc<Semaphore>,
+    pub(crate) pieces: Mutex<Lru<(ChunkId, usize)>>,
+    pub(crate) piece_loading: Mutex<HashMap<(ChunkId, usize), Loading>>,
+    pub(crate) urls: Mutex<HashMap<ChunkId, proto::volume::SignedUrl>>,
+    pub(crate) prefetch: Arc<Semaphore>,
+    pub(crate) piece_prefetch: Arc<Semaphore>,
+    pub(crate) fills: Arc<Semaphore>,
     /// Read counters.
     pub counters: ReadCounters,
 }
@@ -89,9 +117,13 @@ impl Remote {
             client,
             org: org.to_owned(),
             volume: volume.to_owned(),
-            hot: Mutex::new(HotChunks { cap: memory_cache_bytes, used: 0, order: VecDeque::new() }),
+            hot: Mutex::new(Lru::new(memory_cache_bytes)),
             loading: Mutex::new(HashMap::new()),
+            pieces: Mutex::new(Lru::new(PIECE_MEMORY)),
+            piece_loading: Mutex::new(HashMap::new()),
+            urls: Mutex::new(HashMap::new()),
             prefetch: Arc::new(Semaphore::new(PREFETCH_CONCURRENCY)),
+            piece_prefetch: Arc::new(Semaphore::new(PIECE_PREFETCH_CONCURRENCY)),
             fills: Arc::new(Semaphore::new(PREFETCH_CONCURRENCY * 2)),
             counters: ReadCounters::default(),
         }
@@ -184,7 +216,7 @@ impl Remote {
     /// A chunk from the disk cache (verified as it is read), else downloaded (verified) and
     /// handed to the reader at once while the cache is filled in the background: writing
     /// 8-64 MiB into the cache must not sit between a cold reader and its bytes.
-    fn fetch(&self, id: ChunkId) -> Result<Bytes> {
+    pub(crate) fn fetch(&self, id: ChunkId) -> Result<Bytes> {
         let cache = self.client.cache().cloned();
         if let Some(cache) = &cache
             && let Some(bytes) = self.rt.block_on(cache.get(id)).map_err(|e| FuseError::Protocol(e.to_string()))?
@@ -194,26 +226,28 @@ impl Remote {
         let mut c = self.client.clone();
         let got = self.rt.block_on(c.fetch_chunks(&self.org, &self.volume, &[id]))?;
         let bytes = got.into_iter().next().ok_or_else(|| FuseError::Protocol(format!("no bytes for chunk {id}")))?;
-        if let Some(cache) = cache {
-            let data = bytes.clone();
-            let fills = self.fills.clone();
-            // Bounded: when fills back up, later chunks are served without being cached.
-            if let Ok(permit) = fills.try_acquire_owned() {
-                self.rt.spawn(async move {
-                    if let Err(e) = cache.insert_verified(id, data).await {
-                        tracing::debug!(chunk = %id, error = %e, "cache fill skipped");
-                    }
-                    drop(permit);
-                });
-            }
-        }
+        self.fill_cache(id, bytes.clone());
         Ok(bytes)
+    }
+
+    /// Stores verified chunk bytes in the disk cache in the background (bounded: when fills
+    /// back up, chunks are served without being cached).
+    pub(crate) fn fill_cache(&self, id: ChunkId, bytes: Bytes) {
+        let Some(cache) = self.client.cache().cloned() else { return };
+        if let Ok(permit) = self.fills.clone().try_acquire_owned() {
+            self.rt.spawn(async move {
+                if let Err(e) = cache.insert_verified(id, bytes).await {
+                    tracing::debug!(chunk = %id, error = %e, "cache fill skipped");
+                }
+                drop(permit);
+            });
+        }
     }
 
     /// Starts loading `ids` in the background (bounded; skipped when all slots are busy).
     pub fn prefetch(self: &Arc<Self>, ids: Vec<ChunkId>) {
         for id in ids {
-            if self.hot.lock().unwrap_or_else(|p| p.into_inner()).order.iter().any(|(i, _)| *i == id) {
+            if self.hot.lock().unwrap_or_else(|p| p.into_inner()).contains(id) {
                 continue;
             }
             let Ok(permit) = self.prefetch.clone().try_acquire_owned() else { return };
@@ -227,10 +261,10 @@ impl Remote {
         }
     }
 
-    /// Uploads the chunks the store lacks.
-    pub fn upload(&self, chunks: &HashMap<ChunkId, Bytes>) -> Result<TransferStats> {
+    /// Uploads the chunks the store lacks, registering piece CVs of large ones.
+    pub fn upload(&self, chunks: &HashMap<ChunkId, Bytes>, pieces: &HashMap<ChunkId, Vec<u8>>) -> Result<TransferStats> {
         let mut c = self.client.clone();
-        Ok(self.rt.block_on(c.upload_chunks(&self.org, &self.volume, chunks))?)
+        Ok(self.rt.block_on(c.upload_chunks_with_pieces(&self.org, &self.volume, chunks, pieces))?)
     }
 
     /// Publishes a commit of `changes` made against `base`.

@@ -120,6 +120,7 @@ pub fn run(opts: MountOptions, ready: impl FnOnce(&Path)) -> anyhow::Result<()> 
     let _ = std::fs::remove_file(&socket);
     let listener = std::os::unix::net::UnixListener::bind(&socket)
         .with_context(|| format!("binding control socket {}", socket.display()))?;
+    let socket_ino = std::fs::metadata(&socket).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).ok();
 
     let core = Arc::new(MountCore::new(
         State::new(commit, root, 0o755),
@@ -177,7 +178,11 @@ pub fn run(opts: MountOptions, ready: impl FnOnce(&Path)) -> anyhow::Result<()> 
     }
     ready(&socket);
     let result = session.run();
-    let _ = std::fs::remove_file(&socket);
+    // Remove the socket only if it is still ours: a new helper for the same mount point may
+    // already have bound the same path.
+    if std::fs::metadata(&socket).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).ok() == socket_ino {
+        let _ = std::fs::remove_file(&socket);
+    }
     tracing::info!("unmounted");
     rt.shutdown_background();
     result.context("FUSE session failed")

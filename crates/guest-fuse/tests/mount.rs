@@ -141,6 +141,8 @@ fn two_gib_file_written_and_read_back_matches() {
     let b = env.mount("vol");
     assert_eq!(fs::metadata(b.p("huge.bin")).unwrap().len(), 2 << 30);
     assert_eq!(hash_file(&b.p("huge.bin")), want);
+    let st = b.status();
+    assert!(st.pieces_fetched >= 32, "64 MiB chunks were read in verified 1 MiB pieces: {st:?}");
     assert_eq!(hash_file(&a.p("huge.bin")), want);
 }
 

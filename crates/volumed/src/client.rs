@@ -193,11 +193,33 @@ impl VolumeClient {
         Ok(self.grpc.get_head(pb::GetHeadRequest { volume: vref(org, name) }).await?.into_inner())
     }
 
-    /// Uploads the chunks the store lacks; returns what was sent.
+    /// Uploads the chunks the store lacks; returns what was sent. Chunks of at least
+    /// [`chunkstore::pieces::PIECED_MIN`] bytes get their piece CVs computed and registered, so
+    /// readers can verify ranges of them.
     pub async fn upload_chunks(&mut self, org: &str, name: &str, chunks: &HashMap<ChunkId, Bytes>) -> Result<TransferStats> {
+        let pieces: HashMap<ChunkId, Vec<u8>> = chunks
+            .iter()
+            .filter(|(_, b)| b.len() as u64 >= chunkstore::pieces::PIECED_MIN)
+            .map(|(id, b)| (*id, chunkstore::pieces::piece_cvs(b)))
+            .collect();
+        self.upload_chunks_with_pieces(org, name, chunks, &pieces).await
+    }
+
+    /// [`VolumeClient::upload_chunks`] for callers that computed the piece CVs already.
+    pub async fn upload_chunks_with_pieces(
+        &mut self,
+        org: &str,
+        name: &str,
+        chunks: &HashMap<ChunkId, Bytes>,
+        pieces: &HashMap<ChunkId, Vec<u8>>,
+    ) -> Result<TransferStats> {
         let specs: Vec<pb::ChunkSpec> = chunks
             .iter()
-            .map(|(id, b)| pb::ChunkSpec { id: id.as_bytes().to_vec(), len: b.len() as u64 })
+            .map(|(id, b)| pb::ChunkSpec {
+                id: id.as_bytes().to_vec(),
+                len: b.len() as u64,
+                piece_cvs: pieces.get(id).cloned().unwrap_or_default(),
+            })
             .collect();
         let mut uploads = Vec::new();
         for batch in specs.chunks(crate::service::convert::MAX_CHUNKS_PER_REQUEST) {
@@ -283,9 +305,8 @@ impl VolumeClient {
             .collect()
     }
 
-    /// Downloads and verifies chunks without touching the cache (callers that fill the cache
-    /// in the background, like the FUSE helper, use this to serve a reader first).
-    pub async fn fetch_chunks(&mut self, org: &str, name: &str, ids: &[ChunkId]) -> Result<Vec<Bytes>> {
+    /// Signed download URLs (with piece CVs where the server knows them), in `ids` order.
+    pub async fn chunk_urls(&mut self, org: &str, name: &str, ids: &[ChunkId]) -> Result<Vec<pb::SignedUrl>> {
         let mut urls = Vec::with_capacity(ids.len());
         for batch in ids.chunks(crate::service::convert::MAX_CHUNKS_PER_REQUEST) {
             let req = pb::ChunkUrlsRequest {
@@ -297,6 +318,31 @@ impl VolumeClient {
         if urls.len() != ids.len() {
             return Err(ClientError::Protocol(format!("asked for {} chunk URLs, got {}", ids.len(), urls.len())));
         }
+        Ok(urls)
+    }
+
+    /// Fetches piece `idx` of chunk `id` (`len` bytes) with an HTTP range request and verifies
+    /// it against the URL's piece CVs (which must merge into `id`).
+    pub async fn fetch_piece(&self, url: &pb::SignedUrl, id: ChunkId, len: u64, idx: usize) -> Result<Bytes> {
+        use chunkstore::pieces::{piece_range, root_from_cvs, verify_piece};
+        if root_from_cvs(len, &url.piece_cvs) != Some(id) {
+            return Err(ClientError::Integrity(format!("piece CVs of chunk {id} do not merge into its id")));
+        }
+        let (start, n) = piece_range(len, idx);
+        if n == 0 {
+            return Err(ClientError::Protocol(format!("chunk {id} has no piece {idx}")));
+        }
+        let req = self.http.get(&url.url).header("range", format!("bytes={start}-{}", start + n - 1));
+        let resp = send_signed(req, url, format!("GET {id} piece {idx}")).await?;
+        let bytes = resp.bytes().await.map_err(|e| ClientError::Transfer(e.to_string()))?;
+        verify_piece(id, len, &url.piece_cvs, idx, &bytes).map_err(|e| ClientError::Integrity(e.to_string()))?;
+        Ok(bytes)
+    }
+
+    /// Downloads and verifies chunks without touching the cache (callers that fill the cache
+    /// in the background, like the FUSE helper, use this to serve a reader first).
+    pub async fn fetch_chunks(&mut self, org: &str, name: &str, ids: &[ChunkId]) -> Result<Vec<Bytes>> {
+        let urls = self.chunk_urls(org, name, ids).await?;
         let http = self.http.clone();
         futures::stream::iter(urls.into_iter().zip(ids.iter().copied()))
             .map(|(u, id)| get_chunk(&http, u, id))
@@ -367,7 +413,7 @@ impl VolumeClient {
 
 fn cache_error(e: chunkstore::ChunkError) -> ClientError {
     match e {
-        chunkstore::ChunkError::Integrity { .. } => ClientError::Integrity(e.to_string()),
+        chunkstore::ChunkError::Integrity { .. } | chunkstore::ChunkError::PieceIntegrity { .. } => ClientError::Integrity(e.to_string()),
         other => ClientError::Transfer(other.to_string()),
     }
 }

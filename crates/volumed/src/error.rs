@@ -88,7 +88,7 @@ impl From<DecodeError> for VolumeError {
 impl From<ChunkError> for VolumeError {
     fn from(e: ChunkError) -> Self {
         match e {
-            ChunkError::Integrity { .. } => Self::Integrity(e.to_string()),
+            ChunkError::Integrity { .. } | ChunkError::PieceIntegrity { .. } => Self::Integrity(e.to_string()),
             ChunkError::InvalidId(m) => Self::InvalidArgument(m),
             ChunkError::TooLarge { .. } => Self::InvalidArgument(e.to_string()),
             other => Self::Backend(other.to_string()),

@@ -25,7 +25,7 @@ async fn commits_and_reads_through_presigned_s3_urls() {
     let id = chunkstore::ChunkId::of(&data[..8 << 20]);
     let req = pb::MissingChunksRequest {
         volume: Some(pb::VolumeRef { org: "acme".into(), name: "s3vol".into() }),
-        chunks: vec![pb::ChunkSpec { id: id.as_bytes().to_vec(), len: 8 << 20 }],
+        chunks: vec![pb::ChunkSpec { id: id.as_bytes().to_vec(), len: 8 << 20, piece_cvs: vec![] }],
     };
     let urls = c.grpc().missing_chunks(req).await.unwrap().into_inner().uploads;
     assert_eq!(urls.len(), 1);

@@ -4,7 +4,9 @@
 //! An upload streams into a temp file while being hashed and becomes visible (renamed into
 //! place, fsynced) only if its BLAKE3 equals the id in the URL and its length equals the
 //! signed length; anything else is rejected and leaves nothing behind. A download is read
-//! and verified against its id before the first byte is sent.
+//! and verified against its id before the first byte is sent. A download with
+//! `Range: bytes=A-B` returns just those bytes (206), unverified here: the client checks them
+//! against the chunk's piece chaining values (chunkstore::pieces).
 
 use std::sync::Arc;
 
@@ -60,11 +62,46 @@ fn check(state: &ChunkHttpState, method: &str, id: &str, p: Params) -> Result<(C
     Ok((chunk, params.len))
 }
 
-async fn download(State(state): State<Arc<ChunkHttpState>>, Path(id): Path<String>, Query(p): Query<Params>) -> Response {
+/// Parses `bytes=A-B` (one closed range) into (offset, len).
+fn parse_range(h: &HeaderMap) -> Option<Result<(u64, u64), ()>> {
+    let raw = h.get(header::RANGE)?.to_str().ok()?;
+    let spec = raw.strip_prefix("bytes=")?;
+    let (a, b) = spec.split_once('-')?;
+    Some(match (a.parse::<u64>(), b.parse::<u64>()) {
+        (Ok(a), Ok(b)) if b >= a && b - a < MAX_CHUNK_SIZE => Ok((a, b - a + 1)),
+        _ => Err(()),
+    })
+}
+
+async fn download(
+    State(state): State<Arc<ChunkHttpState>>,
+    Path(id): Path<String>,
+    Query(p): Query<Params>,
+    headers: HeaderMap,
+) -> Response {
     let (chunk, _) = match check(&state, "GET", &id, p) {
         Ok(v) => v,
         Err(r) => return r.into_response(),
     };
+    match parse_range(&headers) {
+        Some(Ok((offset, len))) => {
+            return match state.backend.get_range(chunk, offset, len).await {
+                Ok(bytes) => (
+                    StatusCode::PARTIAL_CONTENT,
+                    [
+                        (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+                        (header::CONTENT_RANGE, format!("bytes {offset}-{}/*", offset + len - 1)),
+                    ],
+                    bytes,
+                )
+                    .into_response(),
+                Err(ChunkError::NotFound(_)) => reject(StatusCode::NOT_FOUND, format!("chunk {chunk} not found")),
+                Err(e) => reject(StatusCode::RANGE_NOT_SATISFIABLE, e),
+            };
+        }
+        Some(Err(())) => return reject(StatusCode::RANGE_NOT_SATISFIABLE, "unsupported Range header"),
+        None => {}
+    }
     match state.backend.get(chunk).await {
         Ok(bytes) => ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response(),
         Err(ChunkError::NotFound(_)) => reject(StatusCode::NOT_FOUND, format!("chunk {chunk} not found")),

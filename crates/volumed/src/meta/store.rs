@@ -33,7 +33,8 @@ const CF_COMMITS: &str = "commits";
 const CF_LOG: &str = "log";
 const CF_TREES: &str = "trees";
 const CF_CHUNKS: &str = "chunks";
-const ALL_CFS: [&str; 6] = [CF_VOLUMES, CF_NAMES, CF_COMMITS, CF_LOG, CF_TREES, CF_CHUNKS];
+const CF_PIECES: &str = "pieces";
+const ALL_CFS: [&str; 7] = [CF_VOLUMES, CF_NAMES, CF_COMMITS, CF_LOG, CF_TREES, CF_CHUNKS, CF_PIECES];
 
 /// The metadata database. Cheap to clone; safe to share between threads.
 #[derive(Clone)]
@@ -237,6 +238,18 @@ impl MetaStore {
     /// Whether the chunk is recorded as present in the backend.
     pub fn chunk_known(&self, id: &ChunkId) -> Result<bool> {
         Ok(self.db.get_pinned_cf(self.cf(CF_CHUNKS)?, id.as_bytes())?.is_some())
+    }
+
+    /// Stores a chunk's piece chaining values (checked by the caller to merge into `id`).
+    /// Not synced: they are a read optimisation that readers verify, and losing them only
+    /// means whole-chunk reads.
+    pub fn put_pieces(&self, id: &ChunkId, cvs: &[u8]) -> Result<()> {
+        Ok(self.db.put_cf(self.cf(CF_PIECES)?, id.as_bytes(), cvs)?)
+    }
+
+    /// A chunk's piece chaining values, if known.
+    pub fn pieces(&self, id: &ChunkId) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get_cf(self.cf(CF_PIECES)?, id.as_bytes())?)
     }
 
     /// Records chunks as present in the backend (after a verified upload or a backend check).

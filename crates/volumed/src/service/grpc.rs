@@ -134,7 +134,18 @@ impl VolumeService for GrpcVolumes {
         let req = req.into_inner();
         let v = volume_ref(req.volume.as_ref()).map_err(to_status)?;
         let ids = chunk_ids(&req.chunks.iter().map(|c| c.id.clone()).collect::<Vec<_>>()).map_err(to_status)?;
+        let mut pieces = Vec::new();
+        for (id, spec) in ids.iter().zip(&req.chunks) {
+            if spec.piece_cvs.is_empty() {
+                continue;
+            }
+            if chunkstore::pieces::root_from_cvs(spec.len, &spec.piece_cvs) != Some(*id) {
+                return Err(to_status(VolumeError::invalid(format!("piece_cvs of chunk {id} do not merge into its id"))));
+            }
+            pieces.push((*id, spec.piece_cvs.clone()));
+        }
         let chunks = ids.into_iter().zip(req.chunks.iter().map(|c| c.len)).collect();
+        self.inner.record_pieces(&v, pieces).await.map_err(to_status)?;
         let missing = self.inner.missing_chunks(v, chunks).await.map_err(to_status)?;
         Ok(Response::new(pb::MissingChunksResponse { uploads: missing.into_iter().map(signed).collect() }))
     }
@@ -144,7 +155,13 @@ impl VolumeService for GrpcVolumes {
         let v = volume_ref(req.volume.as_ref()).map_err(to_status)?;
         let ids = chunk_ids(&req.ids).map_err(to_status)?;
         let urls = self.inner.chunk_urls(v, ids).await.map_err(to_status)?;
-        Ok(Response::new(pb::ChunkUrlsResponse { downloads: urls.into_iter().map(signed).collect() }))
+        let pieces = self.inner.pieces_of(urls.iter().map(|(id, _)| *id).collect()).await.map_err(to_status)?;
+        let downloads = urls
+            .into_iter()
+            .zip(pieces)
+            .map(|(u, cvs)| pb::SignedUrl { piece_cvs: cvs.unwrap_or_default(), ..signed(u) })
+            .collect();
+        Ok(Response::new(pb::ChunkUrlsResponse { downloads }))
     }
 
     async fn commit(&self, req: Request<pb::CommitRequest>) -> R<pb::CommitResponse> {
@@ -187,5 +204,6 @@ fn signed((id, p): (chunkstore::ChunkId, chunkstore::Presigned)) -> pb::SignedUr
         method: p.method.to_owned(),
         expires_unix_ms: p.expires_unix_ms,
         headers: p.headers.into_iter().collect(),
+        piece_cvs: Vec::new(),
     }
 }

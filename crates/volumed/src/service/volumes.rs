@@ -195,6 +195,31 @@ impl Volumes {
         Ok(out)
     }
 
+    /// Stores piece chaining values offered with MissingChunks (already checked against the
+    /// chunk ids), unless known.
+    pub async fn record_pieces(&self, v: &ValidRef, pieces: Vec<(ChunkId, Vec<u8>)>) -> Result<()> {
+        if pieces.is_empty() {
+            return Ok(());
+        }
+        self.existing(v).await?;
+        let store = self.store.clone();
+        blocking(move || {
+            for (id, cvs) in pieces {
+                if store.pieces(&id)?.is_none() {
+                    store.put_pieces(&id, &cvs)?;
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Piece chaining values of chunks, where known.
+    pub async fn pieces_of(&self, ids: Vec<ChunkId>) -> Result<Vec<Option<Vec<u8>>>> {
+        let store = self.store.clone();
+        blocking(move || ids.iter().map(|id| store.pieces(id)).collect()).await
+    }
+
     /// Signed download URLs for chunks.
     pub async fn chunk_urls(&self, v: ValidRef, ids: Vec<ChunkId>) -> Result<Vec<(ChunkId, Presigned)>> {
         self.existing(&v).await?;

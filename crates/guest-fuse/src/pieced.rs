@@ -1,0 +1,197 @@
+//! Reading large chunks piece by piece. A 64 MiB chunk that is not cached locally is not
+//! fetched whole before a reader gets its first byte: when volumed knows the chunk's piece
+//! chaining values (registered at upload, see `chunkstore::pieces`), the reader's 1 MiB piece
+//! is fetched with an HTTP range request and verified against its CV, and readahead fetches
+//! the following pieces. Once every piece of a chunk has been read, they are joined into the
+//! whole chunk (already verified: the CVs merge into its id) and written to the disk cache.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use chunkstore::ChunkId;
+use chunkstore::pieces::{PIECE_SIZE, PIECED_MIN, piece_count, piece_range, root_from_cvs};
+use proto::volume::SignedUrl;
+
+use crate::error::{FuseError, Result};
+use crate::remote::Remote;
+
+/// A URL is reused until this long before it expires.
+const URL_MARGIN_MS: u64 = 30_000;
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+impl Remote {
+    /// Copies bytes `[from, from + out.len())` of chunk `id` (`clen` bytes long) into `out`.
+    pub fn read_into(&self, id: ChunkId, clen: u64, from: u64, out: &mut [u8]) -> Result<()> {
+        if let Some(b) = self.hot.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
+            self.counters.memory_hits.fetch_add(1, Ordering::Relaxed);
+            return copy_out(&b, from, out, id);
+        }
+        if clen >= PIECED_MIN
+            && !self.cache().is_some_and(|c| c.contains(id))
+            && let Some(url) = self.piece_url(id, clen)?
+        {
+            let mut pos = from;
+            let end = from + out.len() as u64;
+            while pos < end {
+                let idx = (pos / PIECE_SIZE) as usize;
+                let piece = self.piece(&url, id, clen, idx)?;
+                let (start, _) = piece_range(clen, idx);
+                let n = ((start + piece.len() as u64).min(end) - pos) as usize;
+                let at = (pos - from) as usize;
+                copy_out(&piece, pos - start, &mut out[at..at + n], id)?;
+                pos += n as u64;
+            }
+            return Ok(());
+        }
+        let b = self.chunk(id)?;
+        copy_out(&b, from, out, id)
+    }
+
+    /// The download URL of a large chunk, if volumed has its piece CVs (and they check out).
+    fn piece_url(&self, id: ChunkId, clen: u64) -> Result<Option<SignedUrl>> {
+        if let Some(u) = self.urls.lock().unwrap_or_else(|p| p.into_inner()).get(&id)
+            && u.expires_unix_ms > now_ms() + URL_MARGIN_MS
+        {
+            return Ok(Some(u.clone()).filter(|u| !u.piece_cvs.is_empty()));
+        }
+        let mut c = self.client.clone();
+        let urls = self.rt.block_on(c.chunk_urls(self.org(), self.volume(), &[id]))?;
+        let Some(mut url) = urls.into_iter().next() else { return Ok(None) };
+        if !url.piece_cvs.is_empty() && root_from_cvs(clen, &url.piece_cvs) != Some(id) {
+            tracing::warn!(chunk = %id, "piece CVs from volumed do not match the chunk; reading it whole");
+            url.piece_cvs.clear();
+        }
+        let mut urls = self.urls.lock().unwrap_or_else(|p| p.into_inner());
+        if urls.len() > 4096 {
+            urls.clear();
+        }
+        urls.insert(id, url.clone());
+        Ok(Some(url).filter(|u| !u.piece_cvs.is_empty()))
+    }
+
+    /// One verified piece (memory, else a range request; concurrent readers share a fetch).
+    fn piece(&self, url: &SignedUrl, id: ChunkId, clen: u64, idx: usize) -> Result<Bytes> {
+        if let Some(b) = self.pieces.lock().unwrap_or_else(|p| p.into_inner()).get((id, idx)) {
+            self.counters.memory_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(b);
+        }
+        self.counters.memory_misses.fetch_add(1, Ordering::Relaxed);
+        let slot = self.piece_loading.lock().unwrap_or_else(|p| p.into_inner()).entry((id, idx)).or_default().clone();
+        let mut guard = slot.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = guard.as_ref() {
+            return Ok(b.clone());
+        }
+        if let Some(b) = self.pieces.lock().unwrap_or_else(|p| p.into_inner()).get((id, idx)) {
+            return Ok(b);
+        }
+        let result = self.rt.block_on(self.client.fetch_piece(url, id, clen, idx)).map_err(FuseError::from);
+        if let Ok(b) = &result {
+            self.counters.pieces_fetched.fetch_add(1, Ordering::Relaxed);
+            self.pieces.lock().unwrap_or_else(|p| p.into_inner()).insert((id, idx), b.clone());
+            *guard = Some(b.clone());
+        }
+        drop(guard);
+        self.piece_loading.lock().unwrap_or_else(|p| p.into_inner()).remove(&(id, idx));
+        if result.is_ok() {
+            self.maybe_assemble(id, clen);
+        }
+        result
+    }
+
+    /// Joins a chunk whose pieces are all in memory into the whole chunk: kept in memory and
+    /// written to the disk cache.
+    fn maybe_assemble(&self, id: ChunkId, clen: u64) {
+        let n = piece_count(clen);
+        let parts: Vec<Bytes> = {
+            let mut pieces = self.pieces.lock().unwrap_or_else(|p| p.into_inner());
+            if !(0..n).all(|i| pieces.contains((id, i))) {
+                return;
+            }
+            let parts = (0..n).filter_map(|i| pieces.get((id, i))).collect::<Vec<_>>();
+            for i in 0..n {
+                pieces.remove((id, i));
+            }
+            parts
+        };
+        if parts.len() != n {
+            return;
+        }
+        let mut whole = BytesMut::with_capacity(clen as usize);
+        for p in parts {
+            whole.extend_from_slice(&p);
+        }
+        let whole = whole.freeze();
+        if whole.len() as u64 != clen {
+            return;
+        }
+        // Every piece was verified against CVs that merge into `id`: the whole is verified.
+        self.hot.lock().unwrap_or_else(|p| p.into_inner()).insert(id, whole.clone());
+        self.fill_cache(id, whole);
+    }
+
+    /// Fetches the pieces of chunk `id` in `[from, from + len)` in the background, bounded like
+    /// chunk readahead. Returns false when the chunk is not read piece by piece (small, or
+    /// already in memory or in the disk cache): the caller prefetches it whole.
+    pub fn prefetch_pieces(self: &Arc<Self>, id: ChunkId, clen: u64, from: u64, len: u64) -> bool {
+        if clen < PIECED_MIN
+            || self.hot.lock().unwrap_or_else(|p| p.into_inner()).contains(id)
+            || self.cache().is_some_and(|c| c.contains(id))
+        {
+            return false;
+        }
+        let url = match self.urls.lock().unwrap_or_else(|p| p.into_inner()).get(&id) {
+            Some(u) if u.expires_unix_ms > now_ms() + URL_MARGIN_MS => Some(u.clone()),
+            _ => None,
+        };
+        let Some(url) = url else {
+            // Learn the URL (and whether volumed has CVs) off the reader's path, then come back.
+            let Ok(permit) = self.piece_prefetch.clone().try_acquire_owned() else { return true };
+            let this = self.clone();
+            self.rt.spawn_blocking(move || {
+                let pieced = matches!(this.piece_url(id, clen), Ok(Some(_)));
+                drop(permit);
+                if pieced {
+                    this.prefetch_pieces(id, clen, from, len);
+                } else {
+                    this.prefetch(vec![id]);
+                }
+            });
+            return true;
+        };
+        if url.piece_cvs.is_empty() {
+            return false;
+        }
+        let first = (from / PIECE_SIZE) as usize;
+        let last = ((from + len).min(clen).div_ceil(PIECE_SIZE) as usize).min(piece_count(clen));
+        for idx in first..last {
+            if self.pieces.lock().unwrap_or_else(|p| p.into_inner()).contains((id, idx))
+                || self.piece_loading.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&(id, idx))
+            {
+                continue;
+            }
+            let Ok(permit) = self.piece_prefetch.clone().try_acquire_owned() else { break };
+            let (this, url) = (self.clone(), url.clone());
+            self.rt.spawn_blocking(move || {
+                if this.piece(&url, id, clen, idx).is_ok() {
+                    this.counters.prefetched.fetch_add(1, Ordering::Relaxed);
+                }
+                drop(permit);
+            });
+        }
+        true
+    }
+}
+
+fn copy_out(b: &Bytes, from: u64, out: &mut [u8], id: ChunkId) -> Result<()> {
+    let from = from as usize;
+    let Some(src) = b.get(from..from + out.len()) else {
+        return Err(FuseError::Protocol(format!("read past the end of chunk {id}")));
+    };
+    out.copy_from_slice(src);
+    Ok(())
+}
