@@ -1,5 +1,5 @@
 """`Volume`: a handle to a mounted volume, talking to the mount's FUSE helper over its
-control socket (one JSON object per line; see docs/guest-fuse.md)."""
+control socket (one JSON object per line each way; see docs/guest-fuse.md)."""
 
 from __future__ import annotations
 
@@ -11,84 +11,122 @@ from typing import Any
 
 from .errors import SailError, VolumeFuseUnavailableError, error_for
 
+#: Extended attribute on the mount root that holds the control socket's path.
 CONTROL_XATTR = "user.sail.control"
+
+
+def _unavailable(mount: str, why: str) -> VolumeFuseUnavailableError:
+    return VolumeFuseUnavailableError(f"FUSE helper unavailable for {mount}: {why}")
 
 
 def _socket_path(mount: str) -> str:
     """Reads the control socket path from the mount root's extended attribute."""
     try:
-        return os.getxattr(mount, CONTROL_XATTR).decode()
+        raw = os.getxattr(mount, CONTROL_XATTR)
     except OSError as e:
         if e.errno == errno.ENOTCONN:
-            why = "the FUSE helper is not running (dead mount)"
+            why = "the helper is not running (dead mount; unmount it with `umount -l` and mount again)"
         elif e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
             why = "not a sail volume mount"
         else:
-            why = f"cannot read {CONTROL_XATTR}: {e}"
-        raise VolumeFuseUnavailableError(f"FUSE helper unavailable for {mount}: {why}") from None
+            why = f"cannot read {CONTROL_XATTR}: {e.strerror or e}"
+        raise _unavailable(mount, why) from None
+    path = os.fsdecode(raw.rstrip(b"\0"))
+    if not path:
+        raise _unavailable(mount, f"{CONTROL_XATTR} is empty")
+    return path
 
 
 class Volume:
-    """A volume mounted at `path` (use `Volume.from_mount`)."""
+    """A volume mounted by the sail FUSE helper at ``path`` (get one with
+    :meth:`Volume.from_mount`).
+
+    Every call reconnects, re-reading the socket path from the mount, so a helper that was
+    restarted on the same mount point is found. Calls on one mount are served one at a time.
+    """
 
     def __init__(self, path: str) -> None:
+        #: Absolute path of the mount point.
         self.path = path
 
     @classmethod
-    def from_mount(cls, path: str | os.PathLike[str]) -> "Volume":
-        """The volume mounted at `path`. Raises VolumeFuseUnavailableError if no FUSE helper
-        serves it."""
-        path = os.path.abspath(os.fspath(path))
-        _socket_path(path)
-        return cls(path)
+    def from_mount(cls, path: str | os.PathLike[str]) -> Volume:
+        """The volume mounted at ``path`` (relative paths are resolved against the current
+        directory).
+
+        Raises :class:`VolumeFuseUnavailableError` if ``path`` is not a sail mount or its FUSE
+        helper is gone.
+        """
+        abspath = os.path.abspath(os.fspath(path))
+        _socket_path(abspath)
+        return cls(abspath)
 
     def _call(self, op: str, timeout: float | None) -> dict[str, Any]:
+        """Sends one request and returns the reply's result, or raises the reply's error."""
         sock_path = _socket_path(self.path)
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                 s.settimeout(timeout)
                 s.connect(sock_path)
                 s.sendall(json.dumps({"op": op}).encode() + b"\n")
-                line = s.makefile("rb").readline()
-        except OSError as e:
-            raise VolumeFuseUnavailableError(
-                f"FUSE helper unavailable for {self.path}: {sock_path}: {e}"
+                with s.makefile("rb") as r:
+                    line = r.readline()
+        except TimeoutError:
+            raise _unavailable(
+                self.path, f"no reply to {op!r} within {timeout} s (the helper may still finish it)"
             ) from None
-        if not line:
-            raise VolumeFuseUnavailableError(
-                f"FUSE helper unavailable for {self.path}: it closed the connection"
-            )
+        except OSError as e:
+            raise _unavailable(self.path, f"control socket {sock_path}: {e.strerror or e}") from None
+        if not line.strip():
+            raise _unavailable(self.path, f"the helper closed the connection without replying to {op!r}")
         try:
             reply = json.loads(line)
         except ValueError as e:
-            raise SailError(f"malformed reply from the FUSE helper: {e}") from None
-        if reply.get("ok"):
-            return reply.get("result") or {}
-        err = reply.get("error") or {}
-        raise error_for(str(err.get("name", "SailError")), str(err.get("message", "")))
+            raise SailError(f"malformed reply from the FUSE helper of {self.path}: {e}") from None
+        if not isinstance(reply, dict):
+            raise SailError(f"malformed reply from the FUSE helper of {self.path}: {line!r}")
+        if reply.get("ok") is True:
+            result = reply.get("result")
+            return result if isinstance(result, dict) else {}
+        err = reply.get("error")
+        err = err if isinstance(err, dict) else {}
+        message = err.get("message") or line.decode(errors="replace").strip()
+        raise error_for(str(err.get("name") or "SailError"), str(message))
 
     def commit_details(self, timeout: float | None = None) -> dict[str, Any]:
-        """Commits local changes; returns the full result (commit, seq, merged, upserts,
-        deletes, chunks_hashed, chunks_uploaded, bytes_uploaded, elapsed_ms)."""
+        """Commits the mount's local changes and returns the full result: ``commit``, ``seq``
+        (0 when there was nothing to commit), ``merged``, ``upserts``, ``deletes``,
+        ``chunks_hashed``, ``chunks_uploaded``, ``bytes_uploaded``, ``elapsed_ms``.
+
+        Waits without limit unless ``timeout`` (seconds) is given: big commits take minutes.
+        """
         return self._call("commit", timeout)
 
     def commit(self, timeout: float | None = None) -> str:
-        """Commits local changes and returns the commit id (the current head when nothing
-        changed)."""
+        """Commits the mount's local changes and returns the commit id (64 hex digits; the
+        current head when nothing changed)."""
         return str(self.commit_details(timeout)["commit"])
 
     def reload_details(self, timeout: float | None = None) -> dict[str, Any]:
-        """Switches to the newest commit, discarding uncommitted changes; returns the full
-        result (commit, previous, discarded, elapsed_ms)."""
+        """Switches the mount to the volume's newest commit, discarding its uncommitted
+        changes, and returns the full result: ``commit``, ``previous``, ``discarded``,
+        ``elapsed_ms``. Waits without limit unless ``timeout`` (seconds) is given."""
         return self._call("reload", timeout)
 
     def reload(self, timeout: float | None = None) -> str:
-        """Switches to the newest commit (discarding uncommitted changes); returns its id."""
+        """Switches the mount to the newest commit (discarding uncommitted changes) and
+        returns its id."""
         return str(self.reload_details(timeout)["commit"])
 
     def status(self, timeout: float | None = 30.0) -> dict[str, Any]:
-        """The mount's head, dirty entries/files/bytes and cache counters."""
+        """The mount's state: ``mountpoint``, ``endpoint``, ``org``, ``volume``, ``head``,
+        ``dirty_entries``, ``dirty_files``, ``dirty_bytes``, ``pending_deletes``, the memory
+        and disk cache counters, and the helper's ``pid``."""
         return self._call("status", timeout)
+
+    def unmount(self, timeout: float | None = 30.0) -> None:
+        """Asks the helper to unmount and exit (uncommitted changes are lost)."""
+        self._call("unmount", timeout)
 
     def __repr__(self) -> str:
         return f"Volume.from_mount({self.path!r})"

@@ -1,8 +1,14 @@
 """Fixtures: a real volumed (`sail up` on a temporary directory) and real FUSE mounts served
-by `sail-volume-fuse`. Binaries come from $SAIL_BIN_DIR (default: the cargo release dir)."""
+by `sail-volume-fuse`.
+
+Binaries come from $SAIL_BIN_DIR (default: $CARGO_TARGET_DIR/release, else
+~/.cache/sail/target/release). Missing binaries fail the tests unless SAIL_SDK_ALLOW_SKIP=1.
+"""
 
 from __future__ import annotations
 
+import collections
+import itertools
 import os
 import re
 import shutil
@@ -10,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 
@@ -17,139 +24,175 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+import sail  # noqa: E402
+
 
 def _bin_dir() -> str:
     if os.environ.get("SAIL_BIN_DIR"):
         return os.environ["SAIL_BIN_DIR"]
-    target = os.environ.get("CARGO_TARGET_DIR") or os.path.expanduser("~/.cache/sail/target")
-    return os.path.join(target, "release")
-
-
-BIN = _bin_dir()
+    if os.environ.get("CARGO_TARGET_DIR"):
+        return os.path.join(os.environ["CARGO_TARGET_DIR"], "release")
+    return os.path.expanduser("~/.cache/sail/target/release")
 
 
 def _need(name: str) -> str:
-    path = os.path.join(BIN, name)
+    path = os.path.join(_bin_dir(), name)
     if not os.access(path, os.X_OK):
-        msg = f"{path} not found: build it first (cargo build --release -p sail-cli -p guest-fuse)"
+        msg = (f"{path} not found: build it (cargo build --release) or set SAIL_BIN_DIR "
+               "(SAIL_SDK_ALLOW_SKIP=1 skips instead of failing)")
         if os.environ.get("SAIL_SDK_ALLOW_SKIP") == "1":
             pytest.skip(msg)
-        pytest.fail(msg)
+        pytest.fail(msg, pytrace=False)
     return path
 
 
-def _mounted(path: str) -> bool:
+def mounted(path: str) -> bool:
+    """Whether `path` is a mount point (dead FUSE mounts included)."""
     with open("/proc/self/mountinfo") as f:
         return any(line.split(" ")[4] == path for line in f)
 
 
+def detach(path: str) -> None:
+    """Lazily unmounts `path` if it is mounted (the way to clear a dead FUSE mount)."""
+    if mounted(path):
+        subprocess.run(["umount", "-l", path], check=False, capture_output=True)
+
+
 class Service:
-    """`sail up` on a temporary data directory."""
+    """`sail up` on a temporary data directory; its output is drained into `self.output`."""
 
     def __init__(self, root: str) -> None:
         self.root = root
+        self.output: collections.deque[str] = collections.deque(maxlen=200)
         self.proc = subprocess.Popen(
             [_need("sail"), "up", "--data-dir", os.path.join(root, "data"), "--listen", "127.0.0.1:0"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
         )
-        deadline = time.time() + 30
-        self.endpoint = None
-        assert self.proc.stdout is not None
-        while time.time() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            m = re.search(r"listening on (http://[0-9.:]+)", line)
-            if m:
-                self.endpoint = m.group(1)
-                break
-        if not self.endpoint:
-            self.proc.kill()
-            pytest.fail("sail up did not start")
+        found = threading.Event()
+        self.endpoint = ""
+
+        def drain() -> None:
+            assert self.proc.stdout is not None
+            for line in self.proc.stdout:
+                self.output.append(line)
+                m = re.search(r"listening on (http://127\.0\.0\.1:\d+)", line)
+                if m and not found.is_set():
+                    self.endpoint = m.group(1)
+                    found.set()
+
+        threading.Thread(target=drain, daemon=True).start()
+        if not found.wait(30):
+            self.stop()
+            pytest.fail("`sail up` printed no 'listening on' line in 30 s:\n" + "".join(self.output))
 
     def create(self, name: str) -> None:
-        subprocess.run([_need("sail"), "--endpoint", self.endpoint, "volume", "create", name], check=True,
-                       capture_output=True)
+        r = subprocess.run([_need("sail"), "--endpoint", self.endpoint, "volume", "create", name],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, f"sail volume create {name} failed: {r.stderr}"
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 class Mount:
-    """One FUSE helper process serving `path`."""
+    """One `sail-volume-fuse` process serving volume `volume` at `path`."""
 
-    def __init__(self, svc: Service, volume: str, n: int) -> None:
-        self.path = os.path.join(svc.root, f"mnt{n}")
-        os.makedirs(self.path)
-        self.log = open(os.path.join(svc.root, f"helper{n}.log"), "w")
-        self.proc = subprocess.Popen(
-            [_need("sail-volume-fuse"), "--endpoint", svc.endpoint,
-             "--cache-dir", os.path.join(svc.root, f"cache{n}"),
-             "--overlay-dir", os.path.join(svc.root, f"ovl{n}"),
-             "--control-socket", os.path.join(svc.root, f"ctl{n}.sock"), volume, self.path],
-            stdout=self.log, stderr=self.log,
-        )
-        deadline = time.time() + 15
+    def __init__(self, svc: Service, volume: str, n: int, path: str | None = None) -> None:
+        self.path = path or os.path.join(svc.root, f"mnt-{n}")
+        os.makedirs(self.path, exist_ok=True)
+        self.log_path = os.path.join(svc.root, f"helper-{n}.log")
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(
+                [_need("sail-volume-fuse"), "--endpoint", svc.endpoint,
+                 "--cache-dir", os.path.join(svc.root, "cache"),
+                 "--overlay-dir", os.path.join(svc.root, f"ovl-{n}"),
+                 "--control-socket", os.path.join(svc.root, f"ctl-{n}.sock"), volume, self.path],
+                stdout=log, stderr=log,
+            )
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.close()
+            raise
+
+    def _log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + 15
         while True:
             if self.proc.poll() is not None:
-                pytest.fail(f"helper exited: {open(self.log.name).read()}")
+                pytest.fail(f"sail-volume-fuse exited ({self.proc.returncode}) before mounting "
+                            f"{self.path}:\n{self._log()}")
             try:
                 os.getxattr(self.path, "user.sail.control")
-                break
+                return
             except OSError:
                 pass
-            if time.time() > deadline:
-                pytest.fail("mount not ready in 15 s")
+            if time.monotonic() > deadline:
+                pytest.fail(f"{self.path} not mounted after 15 s:\n{self._log()}")
             time.sleep(0.02)
 
     def kill(self) -> None:
+        """SIGKILLs the helper, leaving a dead mount behind."""
         self.proc.kill()
         self.proc.wait()
 
     def close(self) -> None:
+        """Unmounts through the control socket; kills and detaches if that does not work."""
         if self.proc.poll() is None:
             try:
-                import sail
-
-                sail.Volume(self.path)._call("unmount", 10)
+                sail.Volume(self.path).unmount(timeout=10)
                 self.proc.wait(10)
             except Exception:
                 self.proc.kill()
                 self.proc.wait()
-        if _mounted(self.path):
-            subprocess.run(["umount", "-l", self.path], check=False)
-        self.log.close()
+        detach(self.path)
 
 
 @pytest.fixture(scope="session")
 def service():
     root = tempfile.mkdtemp(prefix="sail-sdk-")
-    svc = Service(root)
-    yield svc
-    svc.stop()
-    shutil.rmtree(root, ignore_errors=True)
+    svc = None
+    try:
+        svc = Service(root)
+        yield svc
+    finally:
+        if svc is not None:
+            svc.stop()
+        # Safety net: nothing may stay mounted under root (and rmtree must not enter a mount).
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                if line.split(" ")[4].startswith(root + "/"):
+                    detach(line.split(" ")[4])
+        shutil.rmtree(root, ignore_errors=True)
+
+
+_numbers = itertools.count(1)
 
 
 @pytest.fixture
 def mounts(service):
-    """Returns (volume name, factory): each factory() call mounts that volume once more."""
+    """A fresh volume and a factory: each `mount()` call mounts it once more and returns the
+    Mount (`mount(path=...)` mounts at a given directory). All are unmounted at teardown."""
     name = "v" + uuid.uuid4().hex[:8]
     service.create(name)
     made: list[Mount] = []
 
-    def factory() -> Mount:
-        m = Mount(service, name, len(os.listdir(service.root)) + len(made))
+    def mount(path: str | None = None) -> Mount:
+        m = Mount(service, name, next(_numbers), path)
         made.append(m)
         return m
 
-    yield name, factory
+    yield mount
     for m in made:
         m.close()
-    leftover = [m.path for m in made if _mounted(m.path)]
+    leftover = [m.path for m in made if mounted(m.path)]
     assert not leftover, f"mounts left behind: {leftover}"
