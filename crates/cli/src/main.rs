@@ -1,4 +1,4 @@
-//! `sail`: the command-line tool for volumes (and, later, sailboxes).
+//! `sail`: the command-line tool for volumes and sailboxes.
 //!
 //! Exit codes: 0 success, 1 server or transport error, 2 user error (bad arguments, not
 //! found, invalid input).
@@ -14,6 +14,7 @@ use guest_fuse::ControlError;
 use volumed::client::{ClientError, FileUpload, VolumeClient};
 use volumed::server::{Server, ServerConfig};
 
+mod box_cmd;
 mod mount_cmd;
 
 /// Default address of `sail up`, and of clients when SAIL_ENDPOINT is unset.
@@ -55,6 +56,11 @@ enum Command {
     /// Manage volumes.
     #[command(subcommand)]
     Volume(VolumeCmd),
+    /// Manage sailboxes (microVMs).
+    #[command(subcommand, name = "box")]
+    Sailbox(box_cmd::BoxCmd),
+    /// Check what this host needs to run sailboxes (accelerator, VMM, kernel, agent).
+    Doctor,
 }
 
 #[derive(Subcommand)]
@@ -116,11 +122,11 @@ fn main() -> ExitCode {
         }
     };
     match rt.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             let name = e.downcast_ref::<ControlError>().map(|c| c.name.clone()).or_else(|| {
                 e.downcast_ref::<ClientError>().map(|c| c.name().unwrap_or("SailError").to_owned())
-            });
+            }).or_else(|| e.downcast_ref::<box_cmd::BoxError>().map(|b| b.name.clone()));
             if json {
                 let name = name.clone().unwrap_or_else(|| "SailError".into());
                 eprintln!("{}", serde_json::json!({"error": {"name": name, "message": format!("{e:#}")}}));
@@ -132,7 +138,8 @@ fn main() -> ExitCode {
                 matches!(c, ClientError::Server { code, .. } if matches!(code,
                     tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::AlreadyExists
                     | tonic::Code::FailedPrecondition | tonic::Code::Aborted))
-            }) || e.downcast_ref::<UserError>().is_some();
+            }) || e.downcast_ref::<UserError>().is_some()
+                || e.downcast_ref::<box_cmd::BoxError>().is_some_and(|b| b.is_user_error());
             ExitCode::from(if user_error { 2 } else { 1 })
         }
     }
@@ -157,21 +164,31 @@ fn default_data_dir() -> PathBuf {
     home.join(".local/share/sail")
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Up { data_dir, listen } => {
             let data_dir = data_dir.unwrap_or_else(default_data_dir);
             let server = Server::bind(ServerConfig::local(&data_dir, listen))
                 .await
                 .with_context(|| format!("starting volumed on {listen} (data in {})", data_dir.display()))?;
-            println!("sail up: volumed listening on http://{} (data in {})", server.addr, data_dir.display());
+            let host = vmm_host::Host::open(vmm_host::HostConfig::local(data_dir.join("vmm")))
+                .await
+                .with_context(|| format!("starting vmm-host (data in {})", data_dir.join("vmm").display()))?;
+            let server = server.with_grpc(|r| r.add_service(vmm_host::GrpcSailboxes::new(host).into_server()));
+            println!("sail up: volumed and vmm-host listening on http://{} (data in {})", server.addr, data_dir.display());
             server
                 .serve(async {
-                    let _ = tokio::signal::ctrl_c().await;
+                    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+                    }
                 })
                 .await?;
-            Ok(())
+            Ok(0)
         }
+        Command::Sailbox(cmd) => box_cmd::run(&cli.endpoint, cli.json, cmd).await,
+        Command::Doctor => box_cmd::doctor(&cli.endpoint, cli.json).await,
         Command::Volume(cmd) => {
             let g = mount_cmd::Globals {
                 endpoint: cli.endpoint.clone(),
@@ -190,7 +207,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 _ => None,
             };
             if let Some(f) = local {
-                return tokio::task::spawn_blocking(f).await?;
+                tokio::task::spawn_blocking(f).await??;
+                return Ok(0);
             }
             let mut client = VolumeClient::connect(&cli.endpoint).await?;
             if let Some(dir) = &cli.cache_dir {
@@ -198,7 +216,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .with_context(|| format!("opening chunk cache {}", dir.display()))?;
                 client = client.with_cache(cache);
             }
-            volume(client, cli.org, cli.json, cmd).await
+            volume(client, cli.org, cli.json, cmd).await?;
+            Ok(0)
         }
     }
 }

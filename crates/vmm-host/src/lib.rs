@@ -1,4 +1,43 @@
 //! vmm-host: the host service that runs sailboxes on a real VMM.
 //!
-//! Not built yet: issues 5 and 6 fill this crate. It will depend on `chunkstore` for disk and
-//! memory snapshots; see docs/vmm-host.md.
+//! - [`host::Host`]: the sailboxes of one machine: create, exec, files, listeners,
+//!   terminate, and recovery after a restart; state in RocksDB ([`store`]).
+//! - [`hypervisor`]: the `Hypervisor` trait and its QEMU backend (KVM where it works, TCG
+//!   otherwise: [`accel`]); guests are reached over hybrid vsock ([`vsock`]).
+//! - [`guest`]: the kernel kit and the initramfs that carries `sail-agent`; [`image`]: base
+//!   images stored as chunks; [`disk`]: copy-on-write disk layers.
+//! - [`service`]: the `sail.sailbox.v1` gRPC service.
+//!
+//! See docs/vmm-host.md for the layout on disk, the guest protocol and the tests.
+#![warn(missing_docs)]
+
+pub mod accel;
+pub mod agent_client;
+pub mod disk;
+pub mod error;
+mod exec;
+mod files;
+pub mod guest;
+pub mod host;
+pub mod hypervisor;
+pub mod image;
+mod ingress;
+pub mod model;
+pub mod procs;
+pub mod service;
+pub mod store;
+pub mod vsock;
+
+pub use error::{Result, SailboxError};
+pub use host::{Host, HostConfig};
+pub use service::GrpcSailboxes;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// This machine's hostname.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_owned()).unwrap_or_else(|_| "localhost".into())
+}

@@ -61,7 +61,8 @@ pub struct Server {
     /// The service (for in-process use by tests and benches).
     pub volumes: Volumes,
     listener: TcpListener,
-    router: axum::Router,
+    grpc: tonic::service::Routes,
+    chunk_routes: Option<axum::Router>,
 }
 
 impl Server {
@@ -90,13 +91,16 @@ impl Server {
         };
         let volumes = Volumes::new(store, data, config.url_ttl);
         let grpc = GrpcVolumes::new(volumes.clone()).into_server();
-        let mut router = tonic::service::Routes::new(grpc).prepare().into_axum_router();
-        if let Some(chunk_routes) = chunk_routes {
-            router = router.merge(chunk_routes);
-        }
-        let router = router.layer(axum::middleware::from_fn(request_span));
+        let grpc = tonic::service::Routes::new(grpc);
         tracing::info!(%addr, data_dir = %config.data_dir.display(), backend = ?config.backend, "volumed bound");
-        Ok(Self { addr, volumes, listener, router })
+        Ok(Self { addr, volumes, listener, grpc, chunk_routes })
+    }
+
+    /// Adds gRPC services (vmm-host's) to the ones served on this listener:
+    /// `server.with_grpc(|routes| routes.add_service(other))`.
+    pub fn with_grpc(mut self, add: impl FnOnce(tonic::service::Routes) -> tonic::service::Routes) -> Self {
+        self.grpc = add(self.grpc);
+        self
     }
 
     /// Serves until `shutdown` resolves.
@@ -109,7 +113,12 @@ impl Server {
                 tracing::warn!(error = %e, "could not set TCP_NODELAY");
             }
         });
-        axum::serve(listener, self.router)
+        let mut router = self.grpc.prepare().into_axum_router();
+        if let Some(chunk_routes) = self.chunk_routes {
+            router = router.merge(chunk_routes);
+        }
+        let router = router.layer(axum::middleware::from_fn(request_span));
+        axum::serve(listener, router)
             .with_graceful_shutdown(shutdown)
             .await
             .map_err(|e| VolumeError::Storage(format!("server failed: {e}")))

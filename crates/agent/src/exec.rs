@@ -1,0 +1,355 @@
+//! Exec requests: shell commands run under request ids chosen by the host, with captured
+//! (capped) output, a timeout that kills the whole process group, and detached background
+//! launches. Requests live in memory until the table's retention limit; the host persists
+//! results, so it only needs the agent's copy while a command runs or the host reconnects.
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use proto::agent as pb;
+use tokio::io::AsyncReadExt;
+use tokio::sync::watch;
+
+use crate::reaper::{Exit, Reaper};
+
+/// Bytes of stdout and of stderr kept per request; the rest is counted, not kept.
+pub const OUTPUT_CAP: usize = 16 << 20;
+
+/// Finished requests kept for late waiters (the oldest are dropped first).
+const RETAIN_FINISHED: usize = 256;
+
+/// How long output is still read after the command exits, for pipes that a leftover
+/// grandchild keeps open (`sleep 100 &` inside a foreground command).
+const DRAIN_GRACE: Duration = Duration::from_millis(250);
+
+/// Exit code reported when the timeout killed the command (as coreutils `timeout` does).
+pub const TIMEOUT_CODE: i32 = 124;
+
+/// The base environment of every command (requests add to it).
+const BASE_ENV: &[(&str, &str)] = &[
+    ("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
+    ("HOME", "/root"),
+    ("LANG", "C.UTF-8"),
+    ("TERM", "xterm"),
+];
+
+/// Why an exec request could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// The request is malformed.
+    #[error("{0}")]
+    Invalid(String),
+    /// The shell could not be started.
+    #[error("could not start /bin/sh: {0}")]
+    Spawn(std::io::Error),
+    /// No request with this id.
+    #[error("no exec request {0}")]
+    NotFound(String),
+}
+
+#[derive(Default)]
+struct Output {
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    stdout_bytes: u64,
+    stderr_bytes: u64,
+    result: Option<pb::ExecResult>,
+}
+
+impl Output {
+    fn push(&mut self, err: bool, data: &[u8]) {
+        let (buf, total) =
+            if err { (&mut self.stderr, &mut self.stderr_bytes) } else { (&mut self.stdout, &mut self.stdout_bytes) };
+        *total += data.len() as u64;
+        let room = OUTPUT_CAP.saturating_sub(buf.len());
+        buf.extend_from_slice(&data[..data.len().min(room)]);
+    }
+}
+
+/// One request: its captured output and, once finished, its result.
+struct Request {
+    output: Mutex<Output>,
+    /// Bumped on every change; streamers wait on it.
+    changed: watch::Sender<u64>,
+    pid: u32,
+}
+
+impl Request {
+    fn update(&self, f: impl FnOnce(&mut Output)) {
+        f(&mut self.output.lock().unwrap_or_else(|p| p.into_inner()));
+        self.changed.send_modify(|v| *v += 1);
+    }
+}
+
+/// All requests of this boot.
+#[derive(Clone)]
+pub struct ExecTable {
+    reaper: Reaper,
+    inner: Arc<Mutex<Table>>,
+}
+
+#[derive(Default)]
+struct Table {
+    requests: HashMap<String, Arc<Request>>,
+    finished: VecDeque<String>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+impl ExecTable {
+    /// An empty table spawning through `reaper`.
+    pub fn new(reaper: Reaper) -> Self {
+        Self { reaper, inner: Arc::default() }
+    }
+
+    /// Starts a request (or returns the running one with the same id).
+    pub fn start(&self, req: pb::StartExecRequest) -> Result<pb::StartExecResponse, ExecError> {
+        validate(&req)?;
+        let mut table = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(existing) = table.requests.get(&req.request_id) {
+            return Ok(pb::StartExecResponse { request_id: req.request_id, already_started: true, pid: existing.pid });
+        }
+        let started = now_ms();
+        let mut cmd = Command::new("/bin/sh");
+        cmd.arg("-c").arg(&req.command).env_clear();
+        cmd.current_dir(if req.cwd.is_empty() { "/" } else { &req.cwd });
+        for (k, v) in BASE_ENV {
+            cmd.env(k, v);
+        }
+        for e in &req.env {
+            cmd.env(&e.name, &e.value);
+        }
+        // Its own session and process group: a timeout kills everything it started, and a
+        // background launch outlives nothing of ours.
+        // SAFETY: setsid is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let (tx, _) = watch::channel(0);
+        if req.background {
+            cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+            let pid = self.reaper.spawn_detached(&mut cmd).map_err(ExecError::Spawn)?;
+            let request = Arc::new(Request { output: Mutex::default(), changed: tx, pid });
+            request.update(|o| {
+                o.result = Some(pb::ExecResult {
+                    request_id: req.request_id.clone(),
+                    started_unix_ms: started,
+                    finished_unix_ms: now_ms(),
+                    ..Default::default()
+                })
+            });
+            insert(&mut table, &req.request_id, request, true);
+            return Ok(pb::StartExecResponse { request_id: req.request_id, already_started: false, pid });
+        }
+        cmd.stdin(if req.stdin.is_empty() { Stdio::null() } else { Stdio::piped() });
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let (mut child, exited) = self.reaper.spawn(&mut cmd).map_err(ExecError::Spawn)?;
+        let pid = child.id();
+        let request = Arc::new(Request { output: Mutex::default(), changed: tx, pid });
+        insert(&mut table, &req.request_id, request.clone(), false);
+        drop(table);
+
+        let stdin = child.stdin.take().map(OwnedFd::from);
+        let stdout = child.stdout.take().map(OwnedFd::from);
+        let stderr = child.stderr.take().map(OwnedFd::from);
+        let table = self.clone();
+        let request_id = req.request_id.clone();
+        let timeout = (req.timeout_ms > 0).then(|| Duration::from_millis(req.timeout_ms));
+        tokio::spawn(async move {
+            if let Some(fd) = stdin {
+                tokio::spawn(feed_stdin(fd, req.stdin));
+            }
+            let out = stdout.map(|fd| tokio::spawn(pump(fd, request.clone(), false)));
+            let err = stderr.map(|fd| tokio::spawn(pump(fd, request.clone(), true)));
+            let (exit, timed_out) = wait_exit(exited, pid, timeout).await;
+            for pump in [out, err].into_iter().flatten() {
+                if tokio::time::timeout(DRAIN_GRACE, pump).await.is_err() {
+                    tracing::debug!(pid, "output pipe still open after exit; stopped reading");
+                }
+            }
+            let code = if timed_out { TIMEOUT_CODE } else { exit.shell_code() };
+            request.update(|o| {
+                o.result = Some(pb::ExecResult {
+                    request_id: req.request_id.clone(),
+                    return_code: code,
+                    stdout: o.stdout.clone(),
+                    stderr: o.stderr.clone(),
+                    stdout_truncated: o.stdout_bytes > o.stdout.len() as u64,
+                    stderr_truncated: o.stderr_bytes > o.stderr.len() as u64,
+                    stdout_bytes: o.stdout_bytes,
+                    stderr_bytes: o.stderr_bytes,
+                    timed_out,
+                    started_unix_ms: started,
+                    finished_unix_ms: now_ms(),
+                    signal: match exit {
+                        Exit::Signal(s) => s,
+                        Exit::Code(_) => 0,
+                    },
+                })
+            });
+            table.mark_finished(&req.request_id);
+        });
+        Ok(pb::StartExecResponse { request_id, already_started: false, pid })
+    }
+
+    fn get(&self, id: &str) -> Result<Arc<Request>, ExecError> {
+        let table = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        table.requests.get(id).cloned().ok_or_else(|| ExecError::NotFound(id.to_owned()))
+    }
+
+    fn mark_finished(&self, id: &str) {
+        let mut table = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        table.finished.push_back(id.to_owned());
+        trim(&mut table);
+    }
+
+    /// Waits until the request finishes and returns its result.
+    pub async fn wait(&self, id: &str) -> Result<pb::ExecResult, ExecError> {
+        let request = self.get(id)?;
+        let mut rx = request.changed.subscribe();
+        loop {
+            if let Some(r) = request.output.lock().unwrap_or_else(|p| p.into_inner()).result.clone() {
+                return Ok(r);
+            }
+            if rx.changed().await.is_err() {
+                return Err(ExecError::NotFound(id.to_owned()));
+            }
+        }
+    }
+
+    /// Streams output past the given offsets as it arrives, then the result.
+    pub fn stream(
+        &self,
+        id: &str,
+        mut out_off: u64,
+        mut err_off: u64,
+    ) -> Result<tokio::sync::mpsc::Receiver<pb::ExecEvent>, ExecError> {
+        use pb::exec_event::Event;
+        let request = self.get(id)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            let mut changes = request.changed.subscribe();
+            loop {
+                let (events, done) = {
+                    let o = request.output.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut events = Vec::new();
+                    let out_new = o.stdout.get(out_off as usize..).unwrap_or_default();
+                    if !out_new.is_empty() {
+                        events.push(Event::Stdout(out_new.to_vec()));
+                        out_off += out_new.len() as u64;
+                    }
+                    let err_new = o.stderr.get(err_off as usize..).unwrap_or_default();
+                    if !err_new.is_empty() {
+                        events.push(Event::Stderr(err_new.to_vec()));
+                        err_off += err_new.len() as u64;
+                    }
+                    if let Some(r) = &o.result {
+                        events.push(Event::Result(r.clone()));
+                    }
+                    (events, o.result.is_some())
+                };
+                for event in events {
+                    if tx.send(pb::ExecEvent { event: Some(event) }).await.is_err() {
+                        return;
+                    }
+                }
+                if done || changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(rx)
+    }
+}
+
+fn insert(table: &mut Table, id: &str, request: Arc<Request>, finished: bool) {
+    table.requests.insert(id.to_owned(), request);
+    if finished {
+        table.finished.push_back(id.to_owned());
+        trim(table);
+    }
+}
+
+fn trim(table: &mut Table) {
+    while table.finished.len() > RETAIN_FINISHED {
+        if let Some(old) = table.finished.pop_front() {
+            table.requests.remove(&old);
+        }
+    }
+}
+
+fn validate(req: &pb::StartExecRequest) -> Result<(), ExecError> {
+    let bad = |m: &str| Err(ExecError::Invalid(m.to_owned()));
+    if req.request_id.is_empty() || req.request_id.len() > 128 {
+        return bad("request_id must be 1..=128 bytes");
+    }
+    if req.command.is_empty() {
+        return bad("command is empty");
+    }
+    if req.command.contains('\0') || req.cwd.contains('\0') {
+        return bad("command and cwd must not contain NUL");
+    }
+    if !req.cwd.is_empty() {
+        if !req.cwd.starts_with('/') {
+            return bad("cwd must be an absolute path");
+        }
+        if !std::path::Path::new(&req.cwd).is_dir() {
+            return Err(ExecError::Invalid(format!("cwd {} is not a directory", req.cwd)));
+        }
+    }
+    for e in &req.env {
+        if e.name.is_empty() || e.name.contains(['=', '\0']) || e.value.contains('\0') {
+            return Err(ExecError::Invalid(format!("bad environment variable name {:?}", e.name)));
+        }
+    }
+    Ok(())
+}
+
+/// Waits for the exit, killing the process group when the timeout passes first.
+async fn wait_exit(
+    mut exited: tokio::sync::oneshot::Receiver<Exit>,
+    pid: u32,
+    timeout: Option<Duration>,
+) -> (Exit, bool) {
+    let mut timed_out = false;
+    if let Some(limit) = timeout {
+        match tokio::time::timeout(limit, &mut exited).await {
+            Ok(exit) => return (exit.unwrap_or(Exit::Code(-1)), false),
+            Err(_) => {
+                timed_out = true;
+                // SAFETY: plain syscall; the group id is the child's pid (setsid).
+                unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
+            }
+        }
+    }
+    (exited.await.unwrap_or(Exit::Code(-1)), timed_out)
+}
+
+async fn pump(fd: OwnedFd, request: Arc<Request>, err: bool) {
+    let Ok(mut pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else { return };
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match pipe.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => request.update(|o| o.push(err, &buf[..n])),
+        }
+    }
+}
+
+async fn feed_stdin(fd: OwnedFd, data: Vec<u8>) {
+    use tokio::io::AsyncWriteExt;
+    if let Ok(mut pipe) = tokio::net::unix::pipe::Sender::from_owned_fd(fd) {
+        let _ = pipe.write_all(&data).await;
+    }
+}

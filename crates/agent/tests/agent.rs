@@ -1,0 +1,281 @@
+//! The agent binary on the host, serving on Unix sockets instead of vsock: the same code a
+//! guest runs, exercised without booting a VM.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::TokioIo;
+use proto::agent as pb;
+use proto::agent::agent_client::AgentClient;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_stream::StreamExt;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+struct Agent {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Agent {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let api = dir.path().join("api.sock");
+        let fwd = dir.path().join("fwd.sock");
+        let child = Command::new(env!("CARGO_BIN_EXE_sail-agent"))
+            .arg("--listen")
+            .arg(format!("unix:{}", api.display()))
+            .arg("--forward")
+            .arg(format!("unix:{}", fwd.display()))
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !(api.exists() && fwd.exists()) {
+            assert!(Instant::now() < deadline, "agent did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Self { child, dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    async fn client(&self) -> AgentClient<Channel> {
+        let path = self.path("api.sock");
+        let channel = Endpoint::from_static("http://agent")
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let path = path.clone();
+                async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+            }))
+            .await
+            .unwrap();
+        AgentClient::new(channel).max_decoding_message_size(64 << 20)
+    }
+}
+
+fn exec(id: &str, command: &str) -> pb::StartExecRequest {
+    pb::StartExecRequest { request_id: id.into(), command: command.into(), ..Default::default() }
+}
+
+async fn run(c: &mut AgentClient<Channel>, req: pb::StartExecRequest) -> pb::ExecResult {
+    let id = req.request_id.clone();
+    c.start_exec(req).await.unwrap();
+    c.wait_exec(pb::WaitExecRequest { request_id: id, ..Default::default() }).await.unwrap().into_inner()
+}
+
+#[tokio::test]
+async fn hello_reports_versions() {
+    let agent = Agent::start();
+    let mut c = agent.client().await;
+    let h = c.hello(pb::HelloRequest::default()).await.unwrap().into_inner();
+    assert_eq!(h.protocol_version, 1);
+    assert!(h.guest_schema_version >= 1);
+    assert_eq!(h.agent_version, env!("CARGO_PKG_VERSION"));
+    assert!(!h.clock_adjusted, "a zero host time leaves the clock alone");
+}
+
+#[tokio::test]
+async fn exec_captures_output_code_cwd_and_env() {
+    let agent = Agent::start();
+    let mut c = agent.client().await;
+    let mut req = exec("e1", "echo out; echo err >&2; pwd; echo \"$GREETING\"; exit 7");
+    req.cwd = agent.dir.path().display().to_string();
+    req.env = vec![pb::EnvVar { name: "GREETING".into(), value: "hi there".into() }];
+    let r = run(&mut c, req).await;
+    assert_eq!(r.return_code, 7);
+    assert_eq!(String::from_utf8(r.stdout).unwrap(), format!("out\n{}\nhi there\n", agent.dir.path().display()));
+    assert_eq!(r.stderr, b"err\n");
+    assert!(!r.timed_out && !r.stdout_truncated);
+    assert!(r.finished_unix_ms >= r.started_unix_ms);
+
+    let r = run(&mut c, exec("e2", "kill -9 $$")).await;
+    assert_eq!((r.return_code, r.signal), (128 + 9, 9));
+
+    // The same id again is the same request, not a second run.
+    let again = c.start_exec(exec("e2", "echo twice")).await.unwrap().into_inner();
+    assert!(again.already_started);
+    let err = c.wait_exec(pb::WaitExecRequest { request_id: "nope".into(), ..Default::default() }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+
+    for (bad, why) in [("", "empty command"), ("a\0b", "NUL")] {
+        let e = c.start_exec(exec("bad", bad)).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{why}");
+    }
+    let mut relative = exec("bad2", "true");
+    relative.cwd = "tmp".into();
+    assert_eq!(c.start_exec(relative).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn timeout_kills_the_whole_process_group() {
+    let agent = Agent::start();
+    let mut c = agent.client().await;
+    let pidfile = agent.path("child.pid");
+    let mut req = exec("t1", &format!("sleep 60 & echo $! > {}; wait", pidfile.display()));
+    req.timeout_ms = 300;
+    let r = run(&mut c, req).await;
+    assert!(r.timed_out);
+    assert_eq!(r.return_code, 124);
+    let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    // The background sleep was in the command's process group: it is gone (or a zombie
+    // about to be reaped by its parent's exit).
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    assert!(state.is_empty() || state.contains(") Z"), "sleep survived the timeout: {state}");
+}
+
+#[tokio::test]
+async fn leftover_children_do_not_hold_the_request_open() {
+    let agent = Agent::start();
+    let mut c = agent.client().await;
+    // The grandchild keeps stdout open; the request still finishes when the shell exits.
+    let r = run(&mut c, exec("g1", "sleep 30 & echo started")).await;
+    assert_eq!(r.return_code, 0);
+    assert_eq!(r.stdout, b"started\n");
+}
+
+#[tokio::test]
+async fn background_returns_at_once_and_keeps_running() {
+    let agent = Agent::start();
+    let mut c = agent.client().await;
+    let marker = agent.path("marker");
+    let mut req = exec("b1", &format!("sleep 0.2; echo done > {}", marker.display()));
+    req.background = true;
+    let r = run(&mut c, req).await;
+    assert_eq!(r.return_code, 0);
+    // Meanwhile the background command runs on: wait for its marker (bounded).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !marker.exists() {
+        assert!(Instant::now() < deadline, "the background command never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn output_is_capped_and_counted() {
+    let agent = Agent::start();
+    let mut c = agent.client().await;
+    let r = run(&mut c, exec("o1", "head -c 20000000 /dev/zero; echo tail >&2")).await;
+    assert_eq!(r.stdout.len(), 16 << 20);
+    assert!(r.stdout_truncated && !r.stderr_truncated);
+    assert_eq!(r.stdout_bytes, 20_000_000);
+    assert_eq!(r.stderr, b"tail\n");
+}
+
+#[tokio::test]
+async fn streaming_delivers_output_then_the_result() {
+    let agent = Agent::start();
+    let mut c = agent.client().await;
+    c.start_exec(exec("s1", "echo one; sleep 0.1; echo two >&2; echo three")).await.unwrap();
+    let req = pb::WaitExecRequest { request_id: "s1".into(), ..Default::default() };
+    let mut events = c.stream_exec(req).await.unwrap().into_inner();
+    let (mut out, mut err, mut result) = (Vec::new(), Vec::new(), None);
+    while let Some(ev) = events.next().await {
+        match ev.unwrap().event.unwrap() {
+            pb::exec_event::Event::Stdout(b) => out.extend(b),
+            pb::exec_event::Event::Stderr(b) => err.extend(b),
+            pb::exec_event::Event::Result(r) => result = Some(r),
+        }
+    }
+    assert_eq!(out, b"one\nthree\n");
+    assert_eq!(err, b"two\n");
+    assert_eq!(result.unwrap().return_code, 0);
+    // Reattaching from offsets replays only what is past them.
+    let req = pb::WaitExecRequest { request_id: "s1".into(), stdout_offset: 4, stderr_offset: 4 };
+    let mut events = c.stream_exec(req).await.unwrap().into_inner();
+    let first = events.next().await.unwrap().unwrap().event.unwrap();
+    assert_eq!(first, pb::exec_event::Event::Stdout(b"three\n".to_vec()));
+}
+
+async fn write(c: &mut AgentClient<Channel>, path: &str, mode: u32, data: &[u8], announced: u64) -> Result<u64, tonic::Status> {
+    let mut msgs = vec![pb::WriteFileRequest {
+        header: Some(pb::WriteFileHeader { path: path.into(), mode, size: announced, make_parents: true }),
+        data: Vec::new(),
+    }];
+    for piece in data.chunks(1 << 20) {
+        msgs.push(pb::WriteFileRequest { header: None, data: piece.to_vec() });
+    }
+    c.write_file(tokio_stream::iter(msgs)).await.map(|r| r.into_inner().bytes_written)
+}
+
+async fn read(c: &mut AgentClient<Channel>, path: &str) -> Result<Vec<u8>, tonic::Status> {
+    let mut stream = c.read_file(pb::ReadFileRequest { path: path.into(), max_bytes: 0 }).await?.into_inner();
+    let mut out = Vec::new();
+    while let Some(m) = stream.next().await {
+        out.extend(m?.data);
+    }
+    Ok(out)
+}
+
+#[tokio::test]
+async fn files_stream_in_and_out() {
+    use std::os::unix::fs::PermissionsExt;
+    let agent = Agent::start();
+    let mut c = agent.client().await;
+    let data: Vec<u8> = (0..10 << 20).map(|i: u32| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
+    let path = agent.path("a/b/c.bin");
+    let p = path.to_str().unwrap();
+    assert_eq!(write(&mut c, p, 0o600, &data, data.len() as u64).await.unwrap(), data.len() as u64);
+    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(read(&mut c, p).await.unwrap(), data);
+    // An empty file works too.
+    let empty = agent.path("empty");
+    write(&mut c, empty.to_str().unwrap(), 0, b"", 0).await.unwrap();
+    assert_eq!(read(&mut c, empty.to_str().unwrap()).await.unwrap(), b"");
+
+    // A short upload fails and leaves the old file as it was.
+    let err = write(&mut c, p, 0o644, b"short", 100).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert_eq!(read(&mut c, p).await.unwrap(), data);
+    assert_eq!(std::fs::read_dir(path.parent().unwrap()).unwrap().count(), 1, "temp file left behind");
+
+    assert_eq!(write(&mut c, "relative", 0, b"x", 1).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    assert_eq!(read(&mut c, "/a/../b").await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    assert_eq!(read(&mut c, agent.path("missing").to_str().unwrap()).await.unwrap_err().code(), tonic::Code::NotFound);
+    let dir = agent.path("a");
+    assert_eq!(read(&mut c, dir.to_str().unwrap()).await.unwrap_err().code(), tonic::Code::FailedPrecondition);
+}
+
+async fn forward(sock: &Path, line: &str) -> tokio::net::UnixStream {
+    let mut s = tokio::net::UnixStream::connect(sock).await.unwrap();
+    s.write_all(line.as_bytes()).await.unwrap();
+    s
+}
+
+#[tokio::test]
+async fn forwards_ingress_and_probes_ports() {
+    let agent = Agent::start();
+    let mut c = agent.client().await;
+    let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = server.local_addr().unwrap().port();
+    let probe = |port: u16| pb::ProbePortRequest { port: port.into() };
+    tokio::spawn(async move {
+        let (mut s, _) = server.accept().await.unwrap();
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).await.unwrap();
+        s.write_all(b"pong").await.unwrap();
+    });
+    let mut s = forward(&agent.path("fwd.sock"), &format!("FORWARD {port}\nping")).await;
+    let mut reply = [0u8; 7];
+    s.read_exact(&mut reply).await.unwrap();
+    assert_eq!(&reply, b"OK\npong");
+    // (Probed after the forward: a probe is a connection the one-shot server would accept.)
+    let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let open = server.local_addr().unwrap().port();
+    assert!(c.probe_port(probe(open)).await.unwrap().into_inner().accepting);
+
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port();
+    assert!(!c.probe_port(probe(closed)).await.unwrap().into_inner().accepting);
+    let mut s = forward(&agent.path("fwd.sock"), &format!("FORWARD {closed}\n")).await;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).await.unwrap();
+    assert!(reply.starts_with("ERR"), "{reply}");
+    assert_eq!(c.probe_port(probe(0)).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+}

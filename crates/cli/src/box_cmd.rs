@@ -1,0 +1,465 @@
+//! `sail box ...` and `sail doctor`: sailboxes through vmm-host's gRPC API.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use proto::sailbox as pb;
+use proto::sailbox::sailbox_service_client::SailboxServiceClient;
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+
+/// A sailbox call failed with a contract error.
+#[derive(Debug, thiserror::Error)]
+#[error("{name}: {message}")]
+pub struct BoxError {
+    /// Contract error name.
+    pub name: String,
+    /// Message.
+    pub message: String,
+    /// gRPC code.
+    pub code: tonic::Code,
+}
+
+impl BoxError {
+    /// Whether the request (not the service) was at fault: exit code 2.
+    pub fn is_user_error(&self) -> bool {
+        use tonic::Code::*;
+        matches!(self.code, InvalidArgument | NotFound | AlreadyExists | FailedPrecondition)
+            || matches!(self.name.as_str(), "SailboxExecAlreadyRunningError" | "SailboxExecRequestNotFoundError" | "SailboxTerminatedError")
+    }
+}
+
+impl From<tonic::Status> for BoxError {
+    fn from(s: tonic::Status) -> Self {
+        use prost::Message;
+        let name = pb::ErrorDetail::decode(s.details()).ok().map(|d| d.name).filter(|n| !n.is_empty());
+        let name = name.unwrap_or_else(|| "SailError".into());
+        Self { name, message: s.message().to_owned(), code: s.code() }
+    }
+}
+
+#[derive(Subcommand)]
+pub enum BoxCmd {
+    /// Create a sailbox; returns once it runs (prints its id, or the sailbox with --json).
+    Create(CreateArgs),
+    /// List sailboxes (not terminated ones, unless --all).
+    Ls {
+        #[arg(long)]
+        app: Option<String>,
+        /// Include terminated and lost ones.
+        #[arg(long)]
+        all: bool,
+        /// Only sailboxes whose agent is at most this version.
+        #[arg(long)]
+        max_guest_schema_version: Option<u32>,
+    },
+    /// Show one sailbox.
+    Info { id: String },
+    /// Show a sailbox's listeners and whether they route; --wait waits until PORT routes.
+    Listeners {
+        id: String,
+        #[arg(long)]
+        port: Option<u32>,
+        /// Seconds to wait until --port routes.
+        #[arg(long)]
+        wait: Option<u64>,
+    },
+    /// Run a shell command; streams its output and exits with its exit code.
+    Exec(ExecArgs),
+    /// Wait for an exec request by id (after the client went away); prints its output.
+    Wait {
+        exec_id: String,
+        /// Give up after this many seconds.
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+    /// Write stdin to a file in the sailbox (parents are created).
+    Write {
+        id: String,
+        path: String,
+        /// Permission bits, octal.
+        #[arg(long, default_value = "644")]
+        mode: String,
+    },
+    /// Write a file of the sailbox to stdout.
+    Read { id: String, path: String },
+    /// Terminate a sailbox for good.
+    Terminate { id: String },
+}
+
+#[derive(Args, Clone)]
+pub struct CreateArgs {
+    #[arg(long, default_value = "default")]
+    app: String,
+    #[arg(long)]
+    name: Option<String>,
+    /// "debian" (the default, built once per host), "minimal" (busybox), or an image id.
+    #[arg(long, default_value = "debian")]
+    image: String,
+    #[arg(long, default_value_t = 1.0)]
+    cpu: f64,
+    #[arg(long, default_value_t = 1024)]
+    memory_mib: u32,
+    #[arg(long, default_value_t = 8)]
+    disk_gib: u32,
+    /// An ingress port (repeat for more).
+    #[arg(long = "port")]
+    ports: Vec<u32>,
+}
+
+#[derive(Args, Clone)]
+pub struct ExecArgs {
+    id: String,
+    #[arg(long)]
+    cwd: Option<String>,
+    /// Seconds the command may run.
+    #[arg(long)]
+    timeout: Option<u64>,
+    /// Launch detached (servers); returns once launched.
+    #[arg(long)]
+    background: bool,
+    /// Print only the exec id and return at once (wait later with `sail box wait`).
+    #[arg(long)]
+    detach: bool,
+    /// The command (several words are joined with spaces, like ssh).
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+async fn client(endpoint: &str) -> anyhow::Result<SailboxServiceClient<Channel>> {
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
+        .with_context(|| format!("bad endpoint {endpoint}"))?
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {endpoint} (is `sail up` running?)"))?;
+    Ok(SailboxServiceClient::new(channel).max_decoding_message_size(64 << 20))
+}
+
+fn state_name(v: i32) -> &'static str {
+    match pb::SailboxState::try_from(v).unwrap_or(pb::SailboxState::Unspecified) {
+        pb::SailboxState::Creating => "creating",
+        pb::SailboxState::Running => "running",
+        pb::SailboxState::Paused => "paused",
+        pb::SailboxState::Sleeping => "sleeping",
+        pb::SailboxState::Terminated => "terminated",
+        pb::SailboxState::Lost => "lost",
+        pb::SailboxState::Unspecified => "unknown",
+    }
+}
+
+/// The JSON form of a sailbox (`sailbox_id` first, as scripts expect).
+pub fn sailbox_json(s: &pb::Sailbox) -> serde_json::Value {
+    serde_json::json!({
+        "sailbox_id": s.sailbox_id, "app": s.app, "name": s.name, "image": s.image,
+        "state": state_name(s.state), "state_reason": s.state_reason, "cpu": s.cpu, "vcpus": s.vcpus,
+        "memory_mib": s.memory_mib, "disk_gib": s.disk_gib,
+        "listeners": s.listeners.iter().map(listener_json).collect::<Vec<_>>(),
+        "created_unix_ms": s.created_unix_ms, "guest_schema_version": s.guest_schema_version,
+        "agent_version": s.agent_version, "hypervisor": s.hypervisor, "accelerator": s.accelerator,
+        "host": s.host, "boot_ms": s.boot_ms,
+    })
+}
+
+fn listener_json(l: &pb::Listener) -> serde_json::Value {
+    serde_json::json!({"port": l.port, "url": l.url, "routed": l.routed})
+}
+
+fn print_sailbox(s: &pb::Sailbox, json: bool) {
+    if json {
+        println!("{}", sailbox_json(s));
+        return;
+    }
+    println!("{}  {}  app={} name={} image={}", s.sailbox_id, state_name(s.state), s.app, s.name, s.image);
+    println!(
+        "  {} vCPU, {} MiB, {} GiB disk; {} on {} ({}); agent {} (schema {}); booted in {} ms",
+        s.vcpus, s.memory_mib, s.disk_gib, s.hypervisor, s.host, s.accelerator, s.agent_version,
+        s.guest_schema_version, s.boot_ms
+    );
+    for l in &s.listeners {
+        println!("  port {:<5} -> {}", l.port, l.url);
+    }
+    if !s.state_reason.is_empty() {
+        println!("  reason: {}", s.state_reason);
+    }
+}
+
+/// Runs a `sail box` command; returns the process exit code.
+pub async fn run(endpoint: &str, json: bool, cmd: BoxCmd) -> anyhow::Result<u8> {
+    let mut c = client(endpoint).await?;
+    match cmd {
+        BoxCmd::Create(a) => {
+            ensure_image(&mut c, &a.image, json).await?;
+            let req = pb::CreateSailboxRequest {
+                app: a.app,
+                image: a.image,
+                name: a.name.unwrap_or_default(),
+                cpu: a.cpu,
+                memory_mib: a.memory_mib,
+                disk_gib: a.disk_gib,
+                ingress_ports: a.ports,
+                volumes: Default::default(),
+            };
+            let s = c.create_sailbox(req).await.map_err(BoxError::from)?.into_inner();
+            if json {
+                println!("{}", sailbox_json(&s));
+            } else {
+                println!("{}", s.sailbox_id);
+                eprintln!("sailbox {} running ({} in {} ms)", s.sailbox_id, s.accelerator, s.boot_ms);
+            }
+        }
+        BoxCmd::Ls { app, all, max_guest_schema_version } => {
+            let mut states = Vec::new();
+            if all {
+                states = [pb::SailboxState::Creating, pb::SailboxState::Running, pb::SailboxState::Paused,
+                    pb::SailboxState::Sleeping, pb::SailboxState::Terminated, pb::SailboxState::Lost]
+                    .iter()
+                    .map(|s| *s as i32)
+                    .collect();
+            }
+            let req = pb::ListSailboxesRequest {
+                app: app.unwrap_or_default(),
+                states,
+                max_guest_schema_version: max_guest_schema_version.unwrap_or(0),
+            };
+            let list = c.list_sailboxes(req).await.map_err(BoxError::from)?.into_inner().sailboxes;
+            if json {
+                println!("{}", serde_json::Value::Array(list.iter().map(sailbox_json).collect()));
+            } else {
+                for s in list {
+                    println!("{:<28} {:<10} {:<12} {:<16} {}", s.sailbox_id, state_name(s.state), s.app, s.name, s.image);
+                }
+            }
+        }
+        BoxCmd::Info { id } => {
+            let s = c.get_sailbox(pb::GetSailboxRequest { sailbox_id: id }).await.map_err(BoxError::from)?.into_inner();
+            print_sailbox(&s, json);
+        }
+        BoxCmd::Listeners { id, port, wait } => {
+            let req = pb::ListenersRequest {
+                sailbox_id: id,
+                port: port.unwrap_or(0),
+                wait_routed_ms: wait.map(|s| s * 1000).unwrap_or(0),
+            };
+            let ls = c.listeners(req).await.map_err(BoxError::from)?.into_inner().listeners;
+            if json {
+                println!("{}", serde_json::Value::Array(ls.iter().map(listener_json).collect()));
+            } else {
+                for l in &ls {
+                    println!("port {:<5} {}  {}", l.port, l.url, if l.routed { "routed" } else { "not routed yet" });
+                }
+            }
+            if port.is_some() && wait.is_some() && !ls.iter().all(|l| l.routed) {
+                return Ok(1);
+            }
+        }
+        BoxCmd::Exec(a) => {
+            let req = pb::ExecRequest {
+                sailbox_id: a.id,
+                command: a.command.join(" "),
+                cwd: a.cwd.unwrap_or_default(),
+                timeout_ms: a.timeout.map(|s| s * 1000).unwrap_or(0),
+                background: a.background,
+                env: Default::default(),
+            };
+            let handle = c.exec(req).await.map_err(BoxError::from)?.into_inner();
+            if a.detach {
+                println!("{}", if json { serde_json::json!({"exec_id": handle.exec_id}).to_string() } else { handle.exec_id });
+                return Ok(0);
+            }
+            return stream_output(&mut c, &handle.exec_id, json).await;
+        }
+        BoxCmd::Wait { exec_id, timeout } => {
+            if let Some(t) = timeout {
+                let req = pb::WaitExecRequest { exec_id: exec_id.clone(), timeout_ms: t * 1000 };
+                c.wait_exec(req).await.map_err(BoxError::from)?;
+            }
+            return stream_output(&mut c, &exec_id, json).await;
+        }
+        BoxCmd::Write { id, path, mode } => {
+            let mode = u32::from_str_radix(mode.trim_start_matches("0o"), 8)
+                .map_err(|_| crate::UserError(format!("mode {mode:?} is not octal")))?;
+            let written = write_stdin(&mut c, id, path, mode).await?;
+            if json {
+                println!("{}", serde_json::json!({"bytes_written": written}));
+            } else {
+                eprintln!("wrote {}", crate::human(written));
+            }
+        }
+        BoxCmd::Read { id, path } => {
+            let mut stream = c.read_file(pb::ReadFileRequest { sailbox_id: id, path }).await.map_err(BoxError::from)?.into_inner();
+            let mut out = std::io::stdout().lock();
+            while let Some(msg) = stream.next().await {
+                out.write_all(&msg.map_err(BoxError::from)?.data)?;
+            }
+            out.flush()?;
+        }
+        BoxCmd::Terminate { id } => {
+            let s = c.terminate(pb::TerminateRequest { sailbox_id: id }).await.map_err(BoxError::from)?.into_inner();
+            if json {
+                println!("{}", sailbox_json(&s));
+            } else {
+                eprintln!("{} {}", s.sailbox_id, state_name(s.state));
+            }
+        }
+    }
+    Ok(0)
+}
+
+/// Builds the image on the host if needed, showing its progress.
+async fn ensure_image(c: &mut SailboxServiceClient<Channel>, image: &str, json: bool) -> anyhow::Result<()> {
+    let mut stream = c.ensure_image(pb::EnsureImageRequest { image: image.to_owned() }).await.map_err(BoxError::from)?.into_inner();
+    let bar = (!json).then(|| {
+        let b = indicatif::ProgressBar::new_spinner();
+        b.enable_steady_tick(Duration::from_millis(120));
+        b
+    });
+    let mut saw_work = false;
+    while let Some(msg) = stream.next().await {
+        let msg = msg.map_err(BoxError::from)?;
+        if msg.image_id.is_empty() {
+            saw_work = true;
+        }
+        if let Some(b) = &bar {
+            b.set_message(msg.message.clone());
+        }
+    }
+    if let Some(b) = bar {
+        if saw_work {
+            b.finish_with_message("image ready");
+        } else {
+            b.finish_and_clear();
+        }
+    }
+    Ok(())
+}
+
+/// Prints an exec's output as it comes and returns its exit code.
+async fn stream_output(c: &mut SailboxServiceClient<Channel>, exec_id: &str, json: bool) -> anyhow::Result<u8> {
+    use pb::exec_output::Event;
+    let req = pb::WaitExecRequest { exec_id: exec_id.to_owned(), timeout_ms: 0 };
+    let mut stream = c.stream_exec(req).await.map_err(BoxError::from)?.into_inner();
+    let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+    while let Some(ev) = stream.next().await {
+        match ev.map_err(BoxError::from)?.event {
+            Some(Event::Stdout(b)) if !json => {
+                out.write_all(&b)?;
+                out.flush()?;
+            }
+            Some(Event::Stderr(b)) if !json => {
+                err.write_all(&b)?;
+                err.flush()?;
+            }
+            Some(Event::Result(r)) => {
+                if json {
+                    println!("{}", serde_json::json!({
+                        "exec_id": r.exec_id, "return_code": r.return_code,
+                        "stdout": String::from_utf8_lossy(&r.stdout), "stderr": String::from_utf8_lossy(&r.stderr),
+                        "stdout_truncated": r.stdout_truncated, "stderr_truncated": r.stderr_truncated,
+                        "timed_out": r.timed_out, "elapsed_ms": r.finished_unix_ms.saturating_sub(r.started_unix_ms),
+                    }));
+                } else {
+                    for (what, truncated, total) in [("stdout", r.stdout_truncated, r.stdout_bytes), ("stderr", r.stderr_truncated, r.stderr_bytes)] {
+                        if truncated {
+                            eprintln!("[sail: {what} truncated: {} produced, the first 16 MiB kept]", crate::human(total));
+                        }
+                    }
+                    if r.timed_out {
+                        eprintln!("[sail: timed out; the command was killed]");
+                    }
+                }
+                return Ok(u8::try_from(r.return_code.clamp(0, 255)).unwrap_or(1));
+            }
+            _ => {}
+        }
+    }
+    anyhow::bail!("the exec stream ended without a result")
+}
+
+/// Streams stdin to a file in the sailbox. The size must be known first: a regular file's
+/// length is used as is; a pipe is spooled to a temporary file (never held in memory).
+async fn write_stdin(c: &mut SailboxServiceClient<Channel>, id: String, path: String, mode: u32) -> anyhow::Result<u64> {
+    use std::os::fd::AsFd;
+    let stdin = std::io::stdin();
+    let fd = stdin.as_fd().try_clone_to_owned()?;
+    let mut file = std::fs::File::from(fd);
+    let meta = file.metadata()?;
+    let (mut source, size) = if meta.is_file() {
+        (file, meta.len())
+    } else {
+        let mut spool = tempfile::tempfile().context("creating a spool file")?;
+        let n = std::io::copy(&mut file, &mut spool)?;
+        use std::io::Seek;
+        spool.seek(std::io::SeekFrom::Start(0))?;
+        (spool, n)
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::WriteFileRequest>(4);
+    let reader = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let first = pb::WriteFileRequest { sailbox_id: id, path, mode, size, data: Vec::new() };
+        if tx.blocking_send(first).is_err() {
+            return Ok(());
+        }
+        loop {
+            let mut buf = vec![0u8; 1 << 20];
+            let n = source.read(&mut buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.truncate(n);
+            if tx.blocking_send(pb::WriteFileRequest { data: buf, ..Default::default() }).is_err() {
+                return Ok(());
+            }
+        }
+    });
+    let resp = c.write_file(tokio_stream::wrappers::ReceiverStream::new(rx)).await.map_err(BoxError::from);
+    reader.await??;
+    Ok(resp?.into_inner().bytes_written)
+}
+
+/// `sail doctor`: what this host can run, checked locally, plus the service's view.
+pub async fn doctor(endpoint: &str, json: bool) -> anyhow::Result<u8> {
+    let probe = vmm_host::accel::detect(std::env::var("SAIL_ACCEL").ok().and_then(|s| s.parse().ok()).unwrap_or_default());
+    let config = vmm_host::HostConfig::local("/nonexistent");
+    let kit = vmm_host::guest::GuestKit::load(&config.guest_dir);
+    let agent = vmm_host::guest::describe_agent(&config.agent_binary);
+    let qemu = std::process::Command::new(&config.qemu_binary).arg("--version").output();
+    let vsock = std::process::Command::new(&config.vsock_binary).arg("--version").output();
+    let service = match client(endpoint).await {
+        Ok(mut c) => c.get_host_info(pb::HostInfoRequest {}).await.ok().map(|r| r.into_inner()),
+        Err(_) => None,
+    };
+    let first_line = |o: &std::io::Result<std::process::Output>| match o {
+        Ok(o) if o.status.success() => Ok(String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_owned()),
+        Ok(o) => Err(format!("exit {}", o.status)),
+        Err(e) => Err(e.to_string()),
+    };
+    let rows: Vec<(&str, Result<String, String>)> = vec![
+        ("accelerator", Ok(format!("{} ({})", probe.accel.as_str(), probe.reason))),
+        ("qemu", first_line(&qemu).map_err(|e| format!("{}: {e}", config.qemu_binary.display()))),
+        ("vhost-device-vsock", first_line(&vsock).map_err(|e| format!("{}: {e}", config.vsock_binary.display()))),
+        ("guest kernel", kit.as_ref().map(|k| format!("{} ({})", k.vmlinux.display(), k.release)).map_err(|e| e.to_string())),
+        ("agent", agent.as_ref().map(|a| format!("{} schema {} ({})", a.agent_version, a.guest_schema_version, config.agent_binary.display())).map_err(|e| e.to_string())),
+        ("service", service.as_ref().map(|s| format!("{endpoint}: {} running, images {:?}", s.running, s.images)).ok_or_else(|| format!("{endpoint} not reachable"))),
+    ];
+    let ok = rows.iter().take(5).all(|(_, r)| r.is_ok());
+    if json {
+        let obj: serde_json::Map<String, serde_json::Value> = rows
+            .iter()
+            .map(|(k, r)| (k.to_string(), match r { Ok(v) => serde_json::json!({"ok": true, "detail": v}), Err(e) => serde_json::json!({"ok": false, "detail": e}) }))
+            .collect();
+        println!("{}", serde_json::Value::Object(obj));
+    } else {
+        for (k, r) in &rows {
+            match r {
+                Ok(v) => println!("ok    {k:<20} {v}"),
+                Err(e) => println!("FAIL  {k:<20} {e}"),
+            }
+        }
+        if !ok {
+            println!("\nrun `bash scripts/setup.sh vm` to install what sailboxes need");
+        }
+    }
+    Ok(if ok { 0 } else { 1 })
+}

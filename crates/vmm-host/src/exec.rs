@@ -1,0 +1,310 @@
+//! Durable exec requests. An exec is recorded (with its sailbox's active request) before the
+//! agent starts it; a watcher task waits for the agent's result and records it, and every
+//! wait reads the record, so a client that went away, or a vmm-host that restarted, can wait
+//! on the same id again. One request is active per sailbox at a time.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use proto::agent as apb;
+use proto::sailbox as pb;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::StreamExt;
+
+use crate::error::{Result, SailboxError};
+use crate::host::{Host, Live};
+use crate::model::{ExecRecord, ExecStatus, SailboxRecord};
+use crate::now_ms;
+
+/// Longest command line accepted.
+pub const MAX_COMMAND: usize = 64 << 10;
+
+/// Wakes waiters of an exec when its record changes.
+#[derive(Default)]
+pub struct ExecHub {
+    done: Mutex<HashMap<String, watch::Sender<bool>>>,
+}
+
+impl ExecHub {
+    fn channel(&self, id: &str) -> watch::Receiver<bool> {
+        let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
+        done.entry(id.to_owned()).or_insert_with(|| watch::channel(false).0).subscribe()
+    }
+
+    fn notify(&self, id: &str) {
+        if let Some(tx) = self.done.lock().unwrap_or_else(|p| p.into_inner()).remove(id) {
+            let _ = tx.send(true);
+        }
+    }
+
+    /// Records a final status for an exec (and clears its sailbox's active request if the
+    /// sailbox record is not being rewritten by the caller anyway).
+    pub(crate) fn set_status(&self, host: &Host, exec: &ExecRecord, status: ExecStatus) -> Result<()> {
+        let mut rec = exec.clone();
+        rec.status = status;
+        host.inner.state.commit(host.inner.state.changes().exec(&host.inner.state, &rec))?;
+        self.notify(&exec.id);
+        Ok(())
+    }
+
+    /// Fails the sailbox's active exec (it was lost or terminated).
+    pub(crate) fn fail_active(&self, host: &Host, sailbox: &SailboxRecord, status: ExecStatus) -> Result<()> {
+        let Some(id) = &sailbox.active_exec else { return Ok(()) };
+        if let Some(exec) = host.inner.state.exec(id)?
+            && exec.status == ExecStatus::Running
+        {
+            self.set_status(host, &exec, status)?;
+        }
+        Ok(())
+    }
+
+    /// Starts the task that waits for the agent's result of `id` and records it.
+    pub(crate) fn watch(&self, host: &Host, live: &Arc<Live>, id: String) {
+        let host = host.clone();
+        let live2 = live.clone();
+        let task = tokio::spawn(async move {
+            let live = live2;
+            let mut pause = Duration::from_millis(100);
+            loop {
+                let req = apb::WaitExecRequest { request_id: id.clone(), ..Default::default() };
+                match live.agent.raw().wait_exec(req).await {
+                    Ok(resp) => {
+                        if let Err(e) = host.record_result(&live, &id, resp.into_inner()).await {
+                            tracing::error!(exec = %id, error = %e, "recording an exec result failed");
+                        }
+                        return;
+                    }
+                    Err(status) if status.code() == tonic::Code::NotFound => {
+                        // The agent forgot it: the guest rebooted under the request.
+                        let reason = "the guest agent no longer knows this request (the guest restarted)".to_owned();
+                        if let Ok(Some(exec)) = host.inner.state.exec(&id) {
+                            let _ = host.finish_exec(&live, &exec, ExecStatus::Lost(reason)).await;
+                        }
+                        return;
+                    }
+                    Err(status) => {
+                        // The connection broke (VM busy or dying): retry; the VMM watcher
+                        // fails the request if the sailbox is lost.
+                        tracing::debug!(exec = %id, error = %status, "waiting for the agent failed; retrying");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(2));
+                    }
+                }
+            }
+        });
+        live.tasks.lock().unwrap_or_else(|p| p.into_inner()).push(task);
+    }
+}
+
+fn result_to_proto(exec: &ExecRecord, r: apb::ExecResult) -> pb::ExecResult {
+    pb::ExecResult {
+        exec_id: exec.id.clone(),
+        sailbox_id: exec.sailbox.clone(),
+        return_code: r.return_code,
+        stdout: r.stdout,
+        stderr: r.stderr,
+        stdout_truncated: r.stdout_truncated,
+        stderr_truncated: r.stderr_truncated,
+        stdout_bytes: r.stdout_bytes,
+        stderr_bytes: r.stderr_bytes,
+        timed_out: r.timed_out,
+        started_unix_ms: r.started_unix_ms,
+        finished_unix_ms: r.finished_unix_ms,
+        command: exec.command.clone(),
+    }
+}
+
+fn random_exec_id() -> String {
+    format!("ex-{:024x}", rand::random::<u128>() >> 32)
+}
+
+impl Host {
+    /// Starts a command; returns its durable exec id.
+    pub async fn exec(&self, req: pb::ExecRequest) -> Result<pb::ExecHandle> {
+        if req.command.trim().is_empty() || req.command.len() > MAX_COMMAND || req.command.contains('\0') {
+            return Err(SailboxError::invalid(format!("command must be 1..={MAX_COMMAND} bytes without NUL")));
+        }
+        if !req.cwd.is_empty() {
+            crate::model::check_guest_path(&req.cwd).map_err(SailboxError::InvalidArgument)?;
+        }
+        for (k, v) in &req.env {
+            if k.is_empty() || k.contains(['=', '\0']) || v.contains('\0') {
+                return Err(SailboxError::invalid(format!("bad environment variable {k:?}")));
+            }
+        }
+        let live = self.running(&req.sailbox_id)?;
+        let _op = live.op.lock().await;
+        let rec = live.snapshot();
+        if rec.state != crate::model::State::Running {
+            return Err(SailboxError::Execution(format!("sailbox {} is {:?}", rec.id, rec.state)));
+        }
+        if let Some(active) = &rec.active_exec {
+            return Err(SailboxError::ExecAlreadyRunning { sailbox: rec.id.clone(), active: active.clone() });
+        }
+        let exec = ExecRecord {
+            id: random_exec_id(),
+            sailbox: rec.id.clone(),
+            command: req.command.clone(),
+            cwd: req.cwd.clone(),
+            timeout_ms: req.timeout_ms,
+            background: req.background,
+            env: req.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<BTreeMap<_, _>>(),
+            started_unix_ms: now_ms(),
+            status: ExecStatus::Running,
+        };
+        // Durable first: the request exists (and blocks a second one) before it runs.
+        let rec = live.update(|r| r.active_exec = Some(exec.id.clone()));
+        let st = &self.inner.state;
+        st.commit(st.changes().exec(st, &exec).sailbox(st, &rec))?;
+        let _ = self.inner.execs.channel(&exec.id);
+        let start = apb::StartExecRequest {
+            request_id: exec.id.clone(),
+            command: exec.command.clone(),
+            cwd: exec.cwd.clone(),
+            env: exec.env.iter().map(|(k, v)| apb::EnvVar { name: k.clone(), value: v.clone() }).collect(),
+            timeout_ms: exec.timeout_ms,
+            background: exec.background,
+            stdin: Vec::new(),
+        };
+        tracing::info!(sailbox = %rec.id, exec = %exec.id, background = exec.background, "exec");
+        if let Err(status) = live.agent.raw().start_exec(start).await {
+            let why = format!("the agent could not start it: {}", status.message());
+            let mut failed = exec.clone();
+            failed.status = ExecStatus::Failed(why.clone());
+            let rec = live.update(|r| r.active_exec = None);
+            st.commit(st.changes().exec(st, &failed).sailbox(st, &rec))?;
+            self.inner.execs.notify(&exec.id);
+            return Err(if status.code() == tonic::Code::InvalidArgument {
+                SailboxError::InvalidArgument(status.message().to_owned())
+            } else {
+                SailboxError::Execution(why)
+            });
+        }
+        self.inner.execs.watch(self, &live, exec.id.clone());
+        Ok(pb::ExecHandle { exec_id: exec.id, sailbox_id: rec.id })
+    }
+
+    /// Stores an agent's result and frees the sailbox for the next exec.
+    pub(crate) async fn record_result(&self, live: &Arc<Live>, id: &str, result: apb::ExecResult) -> Result<()> {
+        let _op = live.op.lock().await;
+        let Some(mut exec) = self.inner.state.exec(id)? else { return Ok(()) };
+        if exec.status != ExecStatus::Running {
+            return Ok(());
+        }
+        exec.status = ExecStatus::Finished;
+        let result = result_to_proto(&exec, result);
+        let rec = live.update(|r| {
+            if r.active_exec.as_deref() == Some(id) {
+                r.active_exec = None;
+            }
+        });
+        let st = &self.inner.state;
+        st.commit(st.changes().exec_result(st, id, &result).exec(st, &exec).sailbox(st, &rec))?;
+        self.inner.execs.notify(id);
+        tracing::info!(sailbox = %rec.id, exec = %id, code = result.return_code, "exec finished");
+        Ok(())
+    }
+
+    pub(crate) async fn finish_exec(&self, live: &Arc<Live>, exec: &ExecRecord, status: ExecStatus) -> Result<()> {
+        let _op = live.op.lock().await;
+        let rec = live.update(|r| {
+            if r.active_exec.as_deref() == Some(exec.id.as_str()) {
+                r.active_exec = None;
+            }
+        });
+        let mut failed = exec.clone();
+        failed.status = status;
+        let st = &self.inner.state;
+        st.commit(st.changes().exec(st, &failed).sailbox(st, &rec))?;
+        self.inner.execs.notify(&exec.id);
+        Ok(())
+    }
+
+    /// The final result of an exec, or the error that ended it; waits while it runs (up to
+    /// `timeout`, if given).
+    pub async fn wait_exec(&self, id: &str, timeout: Option<Duration>) -> Result<pb::ExecResult> {
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        loop {
+            let mut rx = self.inner.execs.channel(id);
+            let exec = self.inner.state.exec(id)?.ok_or_else(|| SailboxError::ExecNotFound(id.to_owned()))?;
+            match exec.status {
+                ExecStatus::Finished => {
+                    return self.inner.state.exec_result(id)?.ok_or_else(|| {
+                        SailboxError::Storage(format!("exec {id} is finished but its result is missing"))
+                    });
+                }
+                ExecStatus::Failed(why) => return Err(SailboxError::Execution(why)),
+                ExecStatus::Lost(why) => return Err(SailboxError::WorkerLost { id: exec.sailbox, reason: why }),
+                ExecStatus::Terminated => return Err(SailboxError::Terminated(exec.sailbox)),
+                ExecStatus::Running => {}
+            }
+            let changed = rx.wait_for(|done| *done);
+            match deadline {
+                Some(d) => {
+                    if tokio::time::timeout_at(d, changed).await.is_err() {
+                        return Err(SailboxError::Timeout(format!("exec {id} still running")));
+                    }
+                }
+                None => {
+                    let _ = changed.await;
+                }
+            }
+        }
+    }
+
+    /// Output of an exec as it is produced (live from the agent while it runs, from the
+    /// record once finished), then its result.
+    pub async fn stream_exec(&self, id: &str) -> Result<mpsc::Receiver<Result<pb::ExecOutput, tonic::Status>>> {
+        use pb::exec_output::Event;
+        let exec = self.inner.state.exec(id)?.ok_or_else(|| SailboxError::ExecNotFound(id.to_owned()))?;
+        let (tx, rx) = mpsc::channel(16);
+        let host = self.clone();
+        let id = id.to_owned();
+        tokio::spawn(async move {
+            let (mut out_off, mut err_off) = (0u64, 0u64);
+            if exec.status == ExecStatus::Running
+                && let Some(live) = host.live(&exec.sailbox)
+            {
+                let req = apb::WaitExecRequest { request_id: id.clone(), stdout_offset: 0, stderr_offset: 0 };
+                if let Ok(resp) = live.agent.raw().stream_exec(req).await {
+                    let mut events = resp.into_inner();
+                    while let Some(Ok(ev)) = events.next().await {
+                        let event = match ev.event {
+                            Some(apb::exec_event::Event::Stdout(b)) => {
+                                out_off += b.len() as u64;
+                                Event::Stdout(b)
+                            }
+                            Some(apb::exec_event::Event::Stderr(b)) => {
+                                err_off += b.len() as u64;
+                                Event::Stderr(b)
+                            }
+                            // The watcher records the result; the final event comes from it.
+                            Some(apb::exec_event::Event::Result(_)) | None => break,
+                        };
+                        if tx.send(Ok(pb::ExecOutput { event: Some(event) })).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            match host.wait_exec(&id, None).await {
+                Ok(result) => {
+                    let rest_out = result.stdout.get(out_off as usize..).unwrap_or_default().to_vec();
+                    let rest_err = result.stderr.get(err_off as usize..).unwrap_or_default().to_vec();
+                    for event in [Event::Stdout(rest_out), Event::Stderr(rest_err)] {
+                        let empty = matches!(&event, Event::Stdout(b) | Event::Stderr(b) if b.is_empty());
+                        if !empty && tx.send(Ok(pb::ExecOutput { event: Some(event) })).await.is_err() {
+                            return;
+                        }
+                    }
+                    let _ = tx.send(Ok(pb::ExecOutput { event: Some(Event::Result(result)) })).await;
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e.into())).await;
+                }
+            }
+        });
+        Ok(rx)
+    }
+}

@@ -1,0 +1,88 @@
+//! The `Hypervisor` trait: what vmm-host needs from a VMM, sized for both backends.
+//!
+//! | need | QEMU (this crate) | Cloud Hypervisor |
+//! |---|---|---|
+//! | launch | command line + QMP socket | `--api-socket`, `vm.create` + `vm.boot` |
+//! | file-backed memory | `memory-backend-file,share=on` | `--memory file=,shared=on` |
+//! | guest channel | vhost-user vsock (vhost-device-vsock), hybrid vsock socket | built-in vsock, same hybrid socket |
+//! | pause / resume | QMP `stop` / `cont` | `vm.pause` / `vm.resume` |
+//! | device state | QMP `migrate` to a file with `x-ignore-shared` | `vm.snapshot` |
+//!
+//! Only the QEMU backend is implemented: our machines have no hardware KVM, and Cloud
+//! Hypervisor needs it. The trait keeps every VMM-specific detail behind it.
+
+pub mod qemu;
+pub mod qmp;
+
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+
+use crate::accel::Accelerator;
+use crate::error::Result;
+use crate::model::ProcRef;
+
+/// Everything needed to launch one VM. All paths are inside the sailbox's run directory
+/// except the kernel, initramfs and base image.
+#[derive(Clone, Debug)]
+pub struct VmSpec {
+    /// The sailbox id (names the VM in process lists).
+    pub id: String,
+    /// Run directory: sockets, logs, memory file, disk layer.
+    pub dir: PathBuf,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Guest memory, MiB.
+    pub memory_mib: u32,
+    /// The file that backs guest memory (shared mapping).
+    pub memory_file: PathBuf,
+    /// Uncompressed kernel (PVH entry).
+    pub kernel: PathBuf,
+    /// Initramfs archive.
+    pub initramfs: PathBuf,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Root disk image (the sailbox's copy-on-write layer).
+    pub disk: PathBuf,
+    /// Its format ("qcow2" or "raw").
+    pub disk_format: &'static str,
+    /// The hybrid-vsock Unix socket the host connects to.
+    pub vsock_socket: PathBuf,
+    /// Accelerator.
+    pub accel: Accelerator,
+}
+
+/// What a VM's process reports about it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmStatus {
+    /// vCPUs run.
+    Running,
+    /// vCPUs stopped (paused).
+    Paused,
+    /// Something else (migrating, shutting down, internal error).
+    Other,
+}
+
+/// A VMM backend.
+#[async_trait]
+pub trait Hypervisor: Send + Sync + 'static {
+    /// "qemu" or "cloud-hypervisor".
+    fn name(&self) -> &'static str;
+
+    /// The VMM's version string.
+    fn version(&self) -> String;
+
+    /// Starts the VM's processes (VMM and helpers) detached from vmm-host, returns them once
+    /// the VMM's control socket answers. On failure nothing is left running.
+    async fn launch(&self, spec: &VmSpec) -> Result<Vec<ProcRef>>;
+
+    /// Asks a running VM's control socket for its status (also how a restarted vmm-host
+    /// checks that a VM it re-attaches to is really the one it started).
+    async fn status(&self, spec: &VmSpec) -> Result<VmStatus>;
+
+    /// Stops the vCPUs.
+    async fn pause(&self, spec: &VmSpec) -> Result<()>;
+
+    /// Restarts the vCPUs.
+    async fn resume(&self, spec: &VmSpec) -> Result<()>;
+}

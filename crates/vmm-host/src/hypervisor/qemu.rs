@@ -1,0 +1,193 @@
+//! The QEMU backend: a `microvm` machine booting the PVH kernel directly, file-backed shared
+//! guest memory, the root disk as virtio-blk, and vsock through vhost-device-vsock (a
+//! userspace vhost-user daemon, so the host needs no vhost-vsock module) whose Unix socket
+//! speaks hybrid vsock like Cloud Hypervisor's.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use serde_json::json;
+
+use super::qmp::Qmp;
+use super::{Hypervisor, VmSpec, VmStatus};
+use crate::accel::Accelerator;
+use crate::error::{Result, SailboxError};
+use crate::model::ProcRef;
+use crate::procs;
+
+/// How long a VMM may take to open its control socket.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one QMP command may take.
+const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The QEMU backend.
+pub struct Qemu {
+    qemu: PathBuf,
+    vsock_daemon: PathBuf,
+    firmware: PathBuf,
+    version: String,
+}
+
+fn qmp_socket(spec: &VmSpec) -> PathBuf {
+    spec.dir.join("qmp.sock")
+}
+
+fn vhost_socket(spec: &VmSpec) -> PathBuf {
+    spec.dir.join("vhost-vsock.sock")
+}
+
+impl Qemu {
+    /// Finds `qemu-system-x86_64`, its qboot firmware and `vhost-device-vsock`.
+    pub fn new(qemu: PathBuf, vsock_daemon: PathBuf) -> Result<Self> {
+        let out = Command::new(&qemu).arg("--version").output().map_err(|e| {
+            SailboxError::Host(format!(
+                "{} not runnable ({e}): run `bash scripts/setup.sh vm` (installs qemu-system-x86)",
+                qemu.display()
+            ))
+        })?;
+        let version = String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or("").to_owned();
+        let firmware = PathBuf::from("/usr/share/qemu/qboot.rom");
+        if !firmware.is_file() {
+            return Err(SailboxError::Host(format!("{} missing (Debian's qemu-system-data)", firmware.display())));
+        }
+        if Command::new(&vsock_daemon).arg("--version").output().is_err() {
+            return Err(SailboxError::Host(format!(
+                "{} not runnable: run `bash scripts/setup.sh vm` (cargo install vhost-device-vsock)",
+                vsock_daemon.display()
+            )));
+        }
+        Ok(Self { qemu, vsock_daemon, firmware, version })
+    }
+
+    /// The command line for `spec` (public for docs and tests).
+    pub fn command(&self, spec: &VmSpec) -> Command {
+        let mut cmd = Command::new(&self.qemu);
+        let mem = format!("{}M", spec.memory_mib);
+        let (accel, cpu) = match spec.accel {
+            Accelerator::Kvm => ("kvm", "host"),
+            Accelerator::Tcg => ("tcg", "max"),
+        };
+        cmd.arg("-name").arg(format!("sail-{},debug-threads=on", spec.id));
+        cmd.args(["-machine", "microvm,memory-backend=mem,rtc=on", "-accel", accel, "-cpu", cpu]);
+        cmd.arg("-smp").arg(spec.vcpus.to_string()).arg("-m").arg(&mem);
+        cmd.arg("-object").arg(format!(
+            "memory-backend-file,id=mem,size={mem},mem-path={},share=on,prealloc=off",
+            spec.memory_file.display()
+        ));
+        cmd.arg("-bios").arg(&self.firmware);
+        cmd.arg("-kernel").arg(&spec.kernel).arg("-initrd").arg(&spec.initramfs).arg("-append").arg(&spec.cmdline);
+        cmd.args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
+        cmd.arg("-serial").arg(format!("file:{}", spec.dir.join("console.log").display()));
+        cmd.arg("-drive").arg(format!(
+            "id=root,file={},format={},if=none,discard=unmap,detect-zeroes=unmap",
+            spec.disk.display(),
+            spec.disk_format
+        ));
+        cmd.args(["-device", "virtio-blk-device,drive=root"]);
+        cmd.arg("-chardev").arg(format!("socket,id=vsock,path={}", vhost_socket(spec).display()));
+        cmd.args(["-device", "vhost-user-vsock-device,chardev=vsock"]);
+        cmd.args(["-device", "virtio-rng-device"]);
+        cmd.arg("-qmp").arg(format!("unix:{},server=on,wait=off", qmp_socket(spec).display()));
+        cmd
+    }
+
+    fn vsock_command(&self, spec: &VmSpec) -> Command {
+        let mut cmd = Command::new(&self.vsock_daemon);
+        cmd.args(["--guest-cid", "3", "--socket"]).arg(vhost_socket(spec)).arg("--uds-path").arg(&spec.vsock_socket);
+        cmd
+    }
+
+    async fn launch_inner(&self, spec: &VmSpec, procs: &mut Vec<ProcRef>) -> Result<()> {
+        let log = spec.dir.join("vmm.log");
+        let daemon = procs::spawn(self.vsock_command(spec), &spec.dir.join("vsock.log"))?;
+        procs.push(daemon.clone());
+        wait_for(&vhost_socket(spec), &daemon, "vhost-device-vsock socket").await?;
+        let vmm = procs::spawn(self.command(spec), &log)?;
+        procs.push(vmm.clone());
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if !procs::alive(&vmm) {
+                let tail = std::fs::read_to_string(&log).unwrap_or_default();
+                let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+                return Err(SailboxError::Creation(format!(
+                    "QEMU exited at start: {}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+                )));
+            }
+            if let Ok(mut qmp) = Qmp::connect(&qmp_socket(spec), QMP_TIMEOUT).await
+                && qmp.execute("query-status", json!({}), QMP_TIMEOUT).await.is_ok()
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(SailboxError::Creation("QEMU did not open its QMP socket in time".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn qmp(&self, spec: &VmSpec, command: &str) -> Result<serde_json::Value> {
+        let mut qmp = Qmp::connect(&qmp_socket(spec), QMP_TIMEOUT)
+            .await
+            .map_err(|e| SailboxError::host(format!("sailbox {}", spec.id), e))?;
+        qmp.execute(command, json!({}), QMP_TIMEOUT).await.map_err(|e| SailboxError::host(format!("sailbox {}", spec.id), e))
+    }
+}
+
+/// Waits until `path` exists, failing early if `proc` dies.
+async fn wait_for(path: &Path, proc: &ProcRef, what: &str) -> Result<()> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    while !path.exists() {
+        if !procs::alive(proc) {
+            return Err(SailboxError::Creation(format!("{what}: the daemon exited at start")));
+        }
+        if Instant::now() > deadline {
+            return Err(SailboxError::Creation(format!("{what} did not appear in time")));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Hypervisor for Qemu {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn version(&self) -> String {
+        self.version.clone()
+    }
+
+    async fn launch(&self, spec: &VmSpec) -> Result<Vec<ProcRef>> {
+        let mut procs = Vec::new();
+        match self.launch_inner(spec, &mut procs).await {
+            Ok(()) => Ok(procs),
+            Err(e) => {
+                for p in procs.iter().rev() {
+                    procs::kill(p).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn status(&self, spec: &VmSpec) -> Result<VmStatus> {
+        let v = self.qmp(spec, "query-status").await?;
+        Ok(match v.get("status").and_then(|s| s.as_str()) {
+            Some("running") => VmStatus::Running,
+            Some("paused") => VmStatus::Paused,
+            _ => VmStatus::Other,
+        })
+    }
+
+    async fn pause(&self, spec: &VmSpec) -> Result<()> {
+        self.qmp(spec, "stop").await.map(|_| ())
+    }
+
+    async fn resume(&self, spec: &VmSpec) -> Result<()> {
+        self.qmp(spec, "cont").await.map(|_| ())
+    }
+}

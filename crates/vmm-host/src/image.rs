@@ -1,0 +1,408 @@
+//! Base images: ext4 root file systems stored as chunks and assembled per host.
+//!
+//! An image is built once (the `minimal` busybox image in a second, the `debian` image with
+//! debootstrap in a few minutes), cut into 8 MiB chunks (all-zero chunks are elided), stored in
+//! the chunk backend, and described by a manifest (JSON in the state store, and itself stored
+//! as a chunk so other hosts can fetch it by id). Each host assembles a sparse raw file from
+//! the chunks once (`<data>/images/<id>.raw`, read-only); every sailbox's disk is a
+//! copy-on-write layer over it, so an image is never copied per sailbox.
+//!
+//! The image id is derived from the image's definition (builder version, packages, and the
+//! hash of every input file), so an unchanged definition is never rebuilt and any change
+//! gives a new image.
+
+use std::collections::HashMap;
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use chunkstore::{Backend, ChunkId};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, SailboxError};
+use crate::guest::GuestKit;
+use crate::store::StateStore;
+
+/// Chunk size of image files.
+pub const IMAGE_CHUNK: u64 = 8 << 20;
+/// Chunk transfers in flight while storing or assembling an image.
+const TRANSFERS: usize = 4;
+/// Bump to rebuild every image (changes every id).
+const BUILDER_VERSION: u32 = 1;
+
+/// The Debian suite of the `debian` image.
+pub const DEBIAN_SUITE: &str = "bookworm";
+/// Packages added to the minimal Debian base.
+pub const DEBIAN_PACKAGES: &[&str] = &["python3", "ca-certificates", "procps", "iproute2", "netbase", "less"];
+
+/// The description of a stored image.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ImageManifest {
+    /// `im-` + 24 hex digits of BLAKE3(definition).
+    pub id: String,
+    /// The name it was built under ("minimal", "debian").
+    pub name: String,
+    /// What it was built from (hashed into the id).
+    pub definition: String,
+    /// Size of the raw image, bytes.
+    pub size: u64,
+    /// Chunk size, bytes.
+    pub chunk_size: u64,
+    /// One entry per chunk: the chunk id (hex), or `None` for an all-zero chunk.
+    pub chunks: Vec<Option<String>>,
+    /// Build time, Unix ms.
+    pub created_unix_ms: u64,
+}
+
+/// An image ready to back disks on this host.
+#[derive(Clone, Debug)]
+pub struct LocalImage {
+    /// The image id.
+    pub id: String,
+    /// The assembled raw file.
+    pub raw: PathBuf,
+    /// Its size.
+    pub size: u64,
+}
+
+/// Progress of an image build or assembly, for the CLI.
+pub type Progress = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// Builds, stores and assembles images.
+#[derive(Clone)]
+pub struct ImageStore {
+    state: StateStore,
+    backend: Arc<dyn Backend>,
+    dir: PathBuf,
+    kit: Option<GuestKit>,
+    debian_mirror: String,
+    locks: Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+fn image_id(definition: &str) -> String {
+    format!("im-{}", &blake3::hash(definition.as_bytes()).to_hex()[..24])
+}
+
+fn file_hash(path: &Path) -> Result<String> {
+    let data = std::fs::read(path).map_err(|e| SailboxError::host(format!("reading {}", path.display()), e))?;
+    Ok(blake3::hash(&data).to_hex().to_string())
+}
+
+fn run(cmd: &mut Command, what: &str) -> Result<()> {
+    let out = cmd.output().map_err(|e| SailboxError::ImageBuild(format!("{what}: cannot run: {e}")))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = stderr.lines().rev().take(8).collect();
+        return Err(SailboxError::ImageBuild(format!(
+            "{what} failed ({}): {}",
+            out.status,
+            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        )));
+    }
+    Ok(())
+}
+
+impl ImageStore {
+    /// An image store keeping assembled images in `dir`.
+    pub fn new(state: StateStore, backend: Arc<dyn Backend>, dir: PathBuf, kit: Option<GuestKit>) -> Self {
+        let debian_mirror =
+            std::env::var("SAIL_DEBIAN_MIRROR").unwrap_or_else(|_| "http://deb.debian.org/debian".to_owned());
+        Self { state, backend, dir, kit, debian_mirror, locks: Arc::default() }
+    }
+
+    /// The definition of a named image, or `None` for an unknown name.
+    fn definition(&self, name: &str) -> Result<Option<String>> {
+        let kit = || {
+            self.kit.as_ref().ok_or_else(|| {
+                SailboxError::Host("the guest kit is missing: run `bash scripts/setup.sh vm`".into())
+            })
+        };
+        Ok(match name {
+            "minimal" => Some(format!("minimal v{BUILDER_VERSION} busybox={}", file_hash(&kit()?.busybox)?)),
+            "debian" => Some(format!(
+                "debian v{BUILDER_VERSION} suite={DEBIAN_SUITE} variant=minbase include={}",
+                DEBIAN_PACKAGES.join(",")
+            )),
+            _ => None,
+        })
+    }
+
+    /// Ids of every image stored.
+    pub fn list(&self) -> Result<Vec<String>> {
+        self.state.image_ids()
+    }
+
+    /// Resolves an image name ("minimal", "debian") or id to an assembled local image,
+    /// building and storing it first if it was never built.
+    pub async fn ensure(&self, name_or_id: &str, progress: Progress) -> Result<LocalImage> {
+        let (id, definition) = if name_or_id.starts_with("im-") {
+            (name_or_id.to_owned(), None)
+        } else {
+            match self.definition(name_or_id)? {
+                Some(def) => (image_id(&def), Some(def)),
+                None => {
+                    return Err(SailboxError::InvalidConfig(format!(
+                        "unknown image {name_or_id:?}: use \"debian\", \"minimal\" or an image id"
+                    )));
+                }
+            }
+        };
+        let lock = {
+            let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+            locks.entry(id.clone()).or_default().clone()
+        };
+        let _guard = lock.lock().await;
+        let raw = self.dir.join(format!("{id}.raw"));
+        if let Some(manifest) = self.manifest(&id)? {
+            if !raw.is_file() {
+                progress(&format!("assembling image {id} ({} MiB) from chunks", manifest.size >> 20));
+                self.assemble(&manifest, &raw).await?;
+            }
+            return Ok(LocalImage { id, raw, size: manifest.size });
+        }
+        let Some(definition) = definition else {
+            return Err(SailboxError::InvalidConfig(format!("image {id} is not known on this host")));
+        };
+        progress(&format!("building image {name_or_id} ({id}); this happens once per host"));
+        let manifest = self.build(name_or_id, &id, &definition, &raw, &progress).await?;
+        progress(&format!("image {id} ready: {} MiB, {} chunks", manifest.size >> 20, manifest.chunks.iter().flatten().count()));
+        Ok(LocalImage { id, raw, size: manifest.size })
+    }
+
+    /// The manifest of a stored image.
+    pub fn manifest(&self, id: &str) -> Result<Option<ImageManifest>> {
+        let Some(bytes) = self.state.image(id)? else { return Ok(None) };
+        serde_json::from_slice(&bytes).map(Some).map_err(|e| SailboxError::Storage(format!("corrupt manifest {id}: {e}")))
+    }
+
+    async fn build(&self, name: &str, id: &str, definition: &str, raw: &Path, progress: &Progress) -> Result<ImageManifest> {
+        let work = self.dir.join(format!(".build-{id}"));
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::create_dir_all(&work).map_err(|e| SailboxError::host("creating the build dir", e))?;
+        let result = self.build_in(name, id, definition, raw, &work, progress).await;
+        let _ = std::fs::remove_dir_all(&work);
+        result
+    }
+
+    async fn build_in(
+        &self,
+        name: &str,
+        id: &str,
+        definition: &str,
+        raw: &Path,
+        work: &Path,
+        progress: &Progress,
+    ) -> Result<ImageManifest> {
+        let root = work.join("root");
+        let image = work.join("image.raw");
+        let kit = self.kit.clone();
+        let mirror = self.debian_mirror.clone();
+        let name_owned = name.to_owned();
+        let (root2, image2, p2) = (root.clone(), image.clone(), progress.clone());
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            match name_owned.as_str() {
+                "minimal" => {
+                    let kit = kit.ok_or_else(|| SailboxError::ImageBuild("guest kit missing".into()))?;
+                    minimal_root(&root2, &kit.busybox)?
+                }
+                _ => {
+                    p2(&format!("debootstrap {DEBIAN_SUITE} from {mirror} (a few minutes)"));
+                    debian_root(&root2, &mirror)?
+                }
+            }
+            p2("making the ext4 file system");
+            make_ext4(&root2, &image2)
+        })
+        .await
+        .map_err(|e| SailboxError::ImageBuild(e.to_string()))??;
+        progress("storing the image as chunks");
+        let manifest = self.store_chunks(id, name, definition, &image).await?;
+        std::fs::create_dir_all(&self.dir).map_err(|e| SailboxError::host("creating the image dir", e))?;
+        std::fs::set_permissions(&image, std::fs::Permissions::from_mode(0o444))
+            .map_err(|e| SailboxError::host("chmod image", e))?;
+        std::fs::rename(&image, raw).map_err(|e| SailboxError::host("installing the image", e))?;
+        Ok(manifest)
+    }
+
+    /// Cuts a raw image into chunks, stores those the backend lacks, and records the manifest.
+    async fn store_chunks(&self, id: &str, name: &str, definition: &str, image: &Path) -> Result<ImageManifest> {
+        let file = Arc::new(std::fs::File::open(image).map_err(|e| SailboxError::host("opening the image", e))?);
+        let size = file.metadata().map_err(|e| SailboxError::host("stat image", e))?.len();
+        let count = size.div_ceil(IMAGE_CHUNK);
+        let backend = self.backend.clone();
+        let chunks: Vec<Result<Option<String>>> = futures::stream::iter(0..count)
+            .map(|i| {
+                let (file, backend) = (file.clone(), backend.clone());
+                async move {
+                    let len = IMAGE_CHUNK.min(size - i * IMAGE_CHUNK) as usize;
+                    let data = tokio::task::spawn_blocking(move || {
+                        let mut buf = vec![0u8; len];
+                        file.read_exact_at(&mut buf, i * IMAGE_CHUNK).map(|_| buf)
+                    })
+                    .await
+                    .map_err(|e| SailboxError::Host(e.to_string()))?
+                    .map_err(|e| SailboxError::host("reading the image", e))?;
+                    if data.iter().all(|&b| b == 0) {
+                        return Ok(None);
+                    }
+                    let data = Bytes::from(data);
+                    let cid = ChunkId::of(&data);
+                    if !backend.exists(cid).await? {
+                        backend.put(cid, data).await?;
+                    }
+                    Ok(Some(cid.to_hex()))
+                }
+            })
+            .buffered(TRANSFERS)
+            .collect()
+            .await;
+        let chunks = chunks.into_iter().collect::<Result<Vec<_>>>()?;
+        let manifest = ImageManifest {
+            id: id.to_owned(),
+            name: name.to_owned(),
+            definition: definition.to_owned(),
+            size,
+            chunk_size: IMAGE_CHUNK,
+            chunks,
+            created_unix_ms: crate::now_ms(),
+        };
+        let json = serde_json::to_vec(&manifest).map_err(|e| SailboxError::Storage(e.to_string()))?;
+        // The manifest itself is a chunk too: another host can fetch the image by its id.
+        let json = Bytes::from(json);
+        self.backend.put(ChunkId::of(&json), json.clone()).await?;
+        self.state.put_image(id, &json)?;
+        Ok(manifest)
+    }
+
+    /// Writes a sparse raw file from the manifest's chunks (each verified by the backend).
+    async fn assemble(&self, manifest: &ImageManifest, raw: &Path) -> Result<()> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| SailboxError::host("creating the image dir", e))?;
+        let tmp = self.dir.join(format!(".{}.assembling", manifest.id));
+        let file = std::fs::File::create(&tmp).map_err(|e| SailboxError::host("creating the image", e))?;
+        file.set_len(manifest.size).map_err(|e| SailboxError::host("sizing the image", e))?;
+        let file = Arc::new(file);
+        let present: Vec<(usize, String)> =
+            manifest.chunks.iter().enumerate().filter_map(|(i, c)| c.clone().map(|c| (i, c))).collect();
+        let results: Vec<Result<()>> = futures::stream::iter(present)
+            .map(|(i, hex)| {
+                let (file, backend) = (file.clone(), self.backend.clone());
+                async move {
+                    let cid = hex.parse::<ChunkId>().map_err(|e| SailboxError::Storage(format!("manifest: {e}")))?;
+                    let data = backend.get(cid).await?;
+                    tokio::task::spawn_blocking(move || file.write_all_at(&data, i as u64 * IMAGE_CHUNK))
+                        .await
+                        .map_err(|e| SailboxError::Host(e.to_string()))?
+                        .map_err(|e| SailboxError::host("writing the image", e))
+                }
+            })
+            .buffer_unordered(TRANSFERS)
+            .collect()
+            .await;
+        if let Some(Err(e)) = results.into_iter().find(|r| r.is_err()) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        file.sync_all().map_err(|e| SailboxError::host("syncing the image", e))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o444)).map_err(|e| SailboxError::host("chmod image", e))?;
+        std::fs::rename(&tmp, raw).map_err(|e| SailboxError::host("installing the image", e))
+    }
+}
+
+/// A busybox root: every applet linked, a root user, and the directories a shell expects.
+fn minimal_root(root: &Path, busybox: &Path) -> Result<()> {
+    let mk = |p: &str| std::fs::create_dir_all(root.join(p)).map_err(|e| SailboxError::host(format!("mkdir {p}"), e));
+    for d in ["bin", "sbin", "usr/bin", "usr/sbin", "etc", "root", "tmp", "run", "proc", "sys", "dev", "var/tmp", "home"] {
+        mk(d)?;
+    }
+    std::fs::copy(busybox, root.join("bin/busybox")).map_err(|e| SailboxError::host("copying busybox", e))?;
+    std::fs::set_permissions(root.join("bin/busybox"), std::fs::Permissions::from_mode(0o755))
+        .map_err(|e| SailboxError::host("chmod busybox", e))?;
+    let list = Command::new(busybox)
+        .arg("--list-full")
+        .output()
+        .map_err(|e| SailboxError::ImageBuild(format!("busybox --list-full: {e}")))?;
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        let applet = applet.trim();
+        if applet.is_empty() || applet == "bin/busybox" || applet.contains("..") {
+            continue;
+        }
+        let depth = applet.matches('/').count();
+        let target = format!("{}bin/busybox", "../".repeat(depth));
+        let _ = std::os::unix::fs::symlink(target, root.join(applet));
+    }
+    let files = [
+        ("etc/passwd", "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"),
+        ("etc/group", "root:x:0:\nnogroup:x:65534:\n"),
+        ("etc/hostname", "sailbox\n"),
+        ("etc/hosts", "127.0.0.1 localhost\n::1 localhost\n"),
+        ("etc/os-release", "NAME=\"sail minimal\"\nID=sail-minimal\nPRETTY_NAME=\"sail minimal (busybox)\"\n"),
+    ];
+    for (p, text) in files {
+        std::fs::write(root.join(p), text).map_err(|e| SailboxError::host(format!("writing {p}"), e))?;
+    }
+    for p in ["tmp", "var/tmp"] {
+        std::fs::set_permissions(root.join(p), std::fs::Permissions::from_mode(0o1777)).map_err(|e| SailboxError::host("chmod", e))?;
+    }
+    Ok(())
+}
+
+/// A Debian root from debootstrap (minbase + python3 and friends), with caches dropped.
+fn debian_root(root: &Path, mirror: &str) -> Result<()> {
+    run(
+        Command::new("debootstrap")
+            .arg("--variant=minbase")
+            .arg(format!("--include={}", DEBIAN_PACKAGES.join(",")))
+            .arg(DEBIAN_SUITE)
+            .arg(root)
+            .arg(mirror),
+        "debootstrap",
+    )?;
+    for dir in ["var/cache/apt/archives", "var/lib/apt/lists"] {
+        if let Ok(entries) = std::fs::read_dir(root.join(dir)) {
+            for e in entries.flatten() {
+                if e.path().is_file() {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+    std::fs::write(root.join("etc/hostname"), "sailbox\n").map_err(|e| SailboxError::host("hostname", e))?;
+    std::fs::write(root.join("etc/hosts"), "127.0.0.1 localhost\n::1 localhost\n").map_err(|e| SailboxError::host("hosts", e))?;
+    Ok(())
+}
+
+/// `mke2fs -d`: an ext4 image holding `root`, sized to its content plus room to grow (the
+/// guest grows it to the sailbox's disk at boot).
+fn make_ext4(root: &Path, image: &Path) -> Result<()> {
+    let used = dir_size(root);
+    let size_mib = ((used * 13 / 10) >> 20) + 256;
+    let size_mib = size_mib.div_ceil(64) * 64;
+    run(
+        Command::new("mke2fs")
+            .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-L", "sailroot", "-E", "root_owner=0:0", "-d"])
+            .arg(root)
+            .arg(image)
+            .arg(format!("{size_mib}M")),
+        "mke2fs",
+    )
+}
+
+fn dir_size(path: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&p) else { continue };
+        for e in entries.flatten() {
+            let Ok(meta) = e.path().symlink_metadata() else { continue };
+            if meta.is_dir() {
+                stack.push(e.path());
+            } else {
+                total += meta.len().div_ceil(4096) * 4096;
+            }
+        }
+    }
+    total
+}

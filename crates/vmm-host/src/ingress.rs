@@ -1,0 +1,123 @@
+//! Ingress: one host TCP listener per ingress port, forwarding each connection over vsock
+//! to the guest agent, which connects it to the port on the guest's loopback. A listener's
+//! route status is whether something in the guest accepts on the port.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::sailbox as pb;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::error::{Result, SailboxError};
+use crate::host::{Host, Live};
+use crate::model::ListenerRecord;
+use crate::vsock::{self, FORWARD_PORT};
+
+/// How long one route probe may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Binds a listener for each port (re-using the host ports in `previous` where possible,
+/// so URLs survive a vmm-host restart) and starts forwarding.
+pub(crate) async fn bind_all(
+    host: &Host,
+    live: &Arc<Live>,
+    ports: &[u32],
+    previous: &[ListenerRecord],
+) -> Result<Vec<ListenerRecord>> {
+    let addr = host.inner.config.ingress_addr;
+    let mut out = Vec::new();
+    for &port in ports {
+        let wanted = previous.iter().find(|l| l.port == port).map(|l| l.host_port).unwrap_or(0);
+        let listener = match TcpListener::bind(SocketAddr::new(addr, wanted)).await {
+            Ok(l) => l,
+            Err(_) if wanted != 0 => TcpListener::bind(SocketAddr::new(addr, 0))
+                .await
+                .map_err(|e| SailboxError::host(format!("binding a listener for port {port}"), e))?,
+            Err(e) => return Err(SailboxError::host(format!("binding a listener for port {port}"), e)),
+        };
+        let host_port = listener.local_addr().map_err(|e| SailboxError::host("listener address", e))?.port();
+        let weak = Arc::downgrade(live);
+        let task = tokio::spawn(async move {
+            loop {
+                let (conn, peer) = match listener.accept().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Out of descriptors, usually: back off instead of spinning.
+                        tracing::warn!(port, error = %e, "ingress accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let Some(live) = weak.upgrade() else { return };
+                tokio::spawn(async move {
+                    if let Err(e) = forward(&live, conn, port).await {
+                        tracing::debug!(sailbox = %live.spec.id, port, %peer, error = %e, "ingress connection failed");
+                    }
+                });
+            }
+        });
+        live.tasks.lock().unwrap_or_else(|p| p.into_inner()).push(task);
+        out.push(ListenerRecord { port, host_port });
+    }
+    Ok(out)
+}
+
+/// Forwards one connection to the guest's `port`.
+async fn forward(live: &Live, conn: TcpStream, port: u32) -> std::result::Result<(), String> {
+    let _ = conn.set_nodelay(true);
+    let mut guest = vsock::connect(&live.spec.vsock_socket, FORWARD_PORT, Duration::from_secs(5))
+        .await
+        .map_err(|e| e.to_string())?;
+    guest.write_all(format!("FORWARD {port}\n").as_bytes()).await.map_err(|e| e.to_string())?;
+    let mut reply = Vec::new();
+    loop {
+        let mut b = [0u8; 1];
+        match guest.read(&mut b).await {
+            Ok(1) if b[0] == b'\n' => break,
+            Ok(1) if reply.len() < 256 => reply.push(b[0]),
+            _ => return Err("the agent closed the forwarding stream".into()),
+        }
+    }
+    if reply != b"OK" {
+        return Err(String::from_utf8_lossy(&reply).into_owned());
+    }
+    proto::relay::relay(conn, guest).await.map(|_| ()).map_err(|e| e.to_string())
+}
+
+impl Host {
+    /// The sailbox's listeners with their route status; with a port and `wait`, waits until
+    /// that port routes (or the wait ends: then it is reported unrouted).
+    pub async fn listeners(&self, id: &str, port: u32, wait: Option<Duration>) -> Result<Vec<pb::Listener>> {
+        let live = self.running(id)?;
+        let rec = live.snapshot();
+        let mut listeners: Vec<pb::Listener> = self.to_proto(&rec).listeners;
+        if port != 0 {
+            listeners.retain(|l| l.port == port);
+            if listeners.is_empty() {
+                return Err(SailboxError::Execution(format!("sailbox {id} has no listener for port {port}")));
+            }
+        }
+        let deadline = wait.map(|w| tokio::time::Instant::now() + w);
+        for l in &mut listeners {
+            loop {
+                l.routed = probe(&live, l.port).await;
+                let waiting = port != 0 && deadline.is_some_and(|d| tokio::time::Instant::now() < d);
+                if l.routed || !waiting {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Ok(listeners)
+    }
+}
+
+async fn probe(live: &Live, port: u32) -> bool {
+    let req = proto::agent::ProbePortRequest { port };
+    matches!(
+        tokio::time::timeout(PROBE_TIMEOUT, live.agent.raw().probe_port(req)).await,
+        Ok(Ok(resp)) if resp.get_ref().accepting
+    )
+}

@@ -1,0 +1,425 @@
+//! The durable records of vmm-host (stored as JSON in RocksDB) and the validation of create
+//! requests against the contract (DESIGN 2.2).
+
+use std::collections::BTreeMap;
+
+use proto::sailbox as pb;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, SailboxError};
+
+/// Lowest and highest `memory_mib`.
+pub const MEMORY_MIB: std::ops::RangeInclusive<u32> = 1024..=65536;
+/// Lowest and highest `disk_gib`.
+pub const DISK_GIB: std::ops::RangeInclusive<u32> = 1..=64;
+/// Largest `cpu`.
+pub const MAX_CPU: f64 = 64.0;
+/// Ingress ports that are never allowed (SSH and the agent's own port).
+pub const RESERVED_PORTS: [u32; 2] = [22, 10000];
+/// Most ingress ports per sailbox.
+pub const MAX_PORTS: usize = 64;
+/// Longest app or sailbox name.
+pub const MAX_NAME: usize = 64;
+
+/// The lifecycle states (DESIGN 3.4), plus `Lost` for a sailbox whose VMM died with no
+/// checkpoint to restore it from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// The VM is being prepared and booted.
+    Creating,
+    /// The guest agent answers.
+    Running,
+    /// Checkpointed and powered down until an explicit resume.
+    Paused,
+    /// Checkpointed and powered down until ingress, an exec or a resume.
+    Sleeping,
+    /// Destroyed for good.
+    Terminated,
+    /// The VMM went away and could not be restored.
+    Lost,
+}
+
+impl State {
+    /// Whether the sailbox is gone for good.
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Terminated | Self::Lost)
+    }
+
+    /// The wire enum.
+    pub fn to_proto(self) -> pb::SailboxState {
+        match self {
+            Self::Creating => pb::SailboxState::Creating,
+            Self::Running => pb::SailboxState::Running,
+            Self::Paused => pb::SailboxState::Paused,
+            Self::Sleeping => pb::SailboxState::Sleeping,
+            Self::Terminated => pb::SailboxState::Terminated,
+            Self::Lost => pb::SailboxState::Lost,
+        }
+    }
+
+    /// From the wire enum (`None` for UNSPECIFIED or unknown values).
+    pub fn from_proto(v: i32) -> Option<Self> {
+        Some(match pb::SailboxState::try_from(v).ok()? {
+            pb::SailboxState::Creating => Self::Creating,
+            pb::SailboxState::Running => Self::Running,
+            pb::SailboxState::Paused => Self::Paused,
+            pb::SailboxState::Sleeping => Self::Sleeping,
+            pb::SailboxState::Terminated => Self::Terminated,
+            pb::SailboxState::Lost => Self::Lost,
+            pb::SailboxState::Unspecified => return None,
+        })
+    }
+}
+
+/// A process vmm-host started for a sailbox: pid plus its start time, so a recycled pid is
+/// never mistaken for it after a restart.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcRef {
+    /// Process id.
+    pub pid: u32,
+    /// Start time in clock ticks since boot (field 22 of /proc/PID/stat).
+    pub start_ticks: u64,
+}
+
+/// An ingress listener: the guest port and the host address that forwards to it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenerRecord {
+    /// Guest TCP port.
+    pub port: u32,
+    /// Host port (on the configured ingress address).
+    pub host_port: u16,
+}
+
+/// A volume mounted in the guest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    /// Org of the volume.
+    pub org: String,
+    /// Volume name.
+    pub volume: String,
+}
+
+/// Everything durable about one sailbox.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SailboxRecord {
+    /// `sb-` + 24 hex digits.
+    pub id: String,
+    /// App name.
+    pub app: String,
+    /// Optional name, unique among live sailboxes of the app.
+    pub name: String,
+    /// The image the disk was made from.
+    pub image: String,
+    /// Current state.
+    pub state: State,
+    /// Why it is in this state (set for lost and terminated ones, and on failures).
+    pub state_reason: String,
+    /// Requested CPU share; `vcpus = ceil(cpu)`.
+    pub cpu: f64,
+    /// vCPUs given to the VM.
+    pub vcpus: u32,
+    /// Guest memory.
+    pub memory_mib: u32,
+    /// Root disk size.
+    pub disk_gib: u32,
+    /// Ingress listeners.
+    pub listeners: Vec<ListenerRecord>,
+    /// Volumes by guest path.
+    pub volumes: BTreeMap<String, VolumeRecord>,
+    /// Creation time, Unix ms.
+    pub created_unix_ms: u64,
+    /// Agent behaviour version reported by the guest.
+    pub guest_schema_version: u32,
+    /// Agent crate version reported by the guest.
+    pub agent_version: String,
+    /// "qemu" or "cloud-hypervisor".
+    pub hypervisor: String,
+    /// "kvm" or "tcg".
+    pub accelerator: String,
+    /// VMM launch to the agent's first answer, ms.
+    pub boot_ms: u64,
+    /// The VMM process and its helpers (vhost-user daemons), while running.
+    pub procs: Vec<ProcRef>,
+    /// The exec request that is active, if any (one at a time per sailbox).
+    pub active_exec: Option<String>,
+}
+
+impl SailboxRecord {
+    /// The wire form; `ingress_host` is where listeners are bound.
+    pub fn to_proto(&self, host: &str, ingress_host: &str) -> pb::Sailbox {
+        pb::Sailbox {
+            sailbox_id: self.id.clone(),
+            app: self.app.clone(),
+            name: self.name.clone(),
+            image: self.image.clone(),
+            state: self.state.to_proto() as i32,
+            cpu: self.cpu,
+            vcpus: self.vcpus,
+            memory_mib: self.memory_mib,
+            disk_gib: self.disk_gib,
+            listeners: self
+                .listeners
+                .iter()
+                .map(|l| pb::Listener {
+                    port: l.port,
+                    url: format!("http://{ingress_host}:{}", l.host_port),
+                    host_addr: format!("{ingress_host}:{}", l.host_port),
+                    routed: false,
+                })
+                .collect(),
+            created_unix_ms: self.created_unix_ms,
+            guest_schema_version: self.guest_schema_version,
+            agent_version: self.agent_version.clone(),
+            hypervisor: self.hypervisor.clone(),
+            accelerator: self.accelerator.clone(),
+            host: host.to_owned(),
+            boot_ms: self.boot_ms,
+            state_reason: self.state_reason.clone(),
+            volumes: self
+                .volumes
+                .iter()
+                .map(|(p, v)| (p.clone(), pb::VolumeMount { volume: v.volume.clone(), org: v.org.clone() }))
+                .collect(),
+        }
+    }
+}
+
+/// An exec request's durable state (its result, once there, is stored beside it).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ExecRecord {
+    /// `ex-` + 24 hex digits.
+    pub id: String,
+    /// The sailbox it runs in.
+    pub sailbox: String,
+    /// The shell command.
+    pub command: String,
+    /// Working directory.
+    pub cwd: String,
+    /// Runtime limit, ms (0: none).
+    pub timeout_ms: u64,
+    /// Launched detached.
+    pub background: bool,
+    /// Added environment.
+    pub env: BTreeMap<String, String>,
+    /// Start, Unix ms.
+    pub started_unix_ms: u64,
+    /// Where it is.
+    pub status: ExecStatus,
+}
+
+/// Where an exec request is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "status", content = "reason")]
+pub enum ExecStatus {
+    /// The agent runs it.
+    Running,
+    /// Finished: the result is stored.
+    Finished,
+    /// The agent could not start or report it (the reason says why).
+    Failed(String),
+    /// The sailbox was lost while it ran.
+    Lost(String),
+    /// The sailbox was terminated while it ran.
+    Terminated,
+}
+
+/// A validated create request.
+#[derive(Clone, Debug)]
+pub struct CreateSpec {
+    /// App name ("default" when empty).
+    pub app: String,
+    /// Image name or id ("debian" when empty).
+    pub image: String,
+    /// Sailbox name (may be empty).
+    pub name: String,
+    /// CPU share.
+    pub cpu: f64,
+    /// ceil(cpu).
+    pub vcpus: u32,
+    /// Guest memory.
+    pub memory_mib: u32,
+    /// Disk size.
+    pub disk_gib: u32,
+    /// Ingress ports, in request order.
+    pub ports: Vec<u32>,
+    /// Volumes by absolute guest path.
+    pub volumes: BTreeMap<String, VolumeRecord>,
+}
+
+/// Default image of a sailbox created without one.
+pub const DEFAULT_IMAGE: &str = "debian";
+
+/// Checks a name: 1..=64 of `[A-Za-z0-9._-]`, starting with a letter or digit.
+pub fn check_name(what: &str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && name.as_bytes()[0].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err(SailboxError::InvalidConfig(format!(
+            "{what} {name:?} must be 1..={MAX_NAME} of [A-Za-z0-9._-], starting with a letter or digit"
+        )))
+    }
+}
+
+/// Checks an absolute guest path: starts with `/`, is not `/`, no `.`/`..`/empty components,
+/// no NUL, at most 4096 bytes.
+pub fn check_guest_path(path: &str) -> std::result::Result<(), String> {
+    if !path.starts_with('/') {
+        return Err(format!("path {path:?} must be absolute"));
+    }
+    if path == "/" {
+        return Err("path must not be /".into());
+    }
+    if path.len() > 4096 || path.contains('\0') {
+        return Err("path must be at most 4096 bytes without NUL".into());
+    }
+    let body = path.strip_suffix('/').unwrap_or(path);
+    if body[1..].split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+        return Err(format!("path {path:?} must not contain empty, . or .. components"));
+    }
+    Ok(())
+}
+
+/// Validates a create request (DESIGN 2.2) and fills in defaults. Nothing is created here.
+pub fn validate_create(req: &pb::CreateSailboxRequest, org: &str) -> Result<CreateSpec> {
+    let bad = |m: String| Err(SailboxError::InvalidConfig(m));
+    let app = if req.app.is_empty() { "default".to_owned() } else { req.app.clone() };
+    check_name("app", &app)?;
+    if !req.name.is_empty() {
+        check_name("name", &req.name)?;
+    }
+    let image = if req.image.is_empty() { DEFAULT_IMAGE.to_owned() } else { req.image.clone() };
+    check_name("image", &image)?;
+    let cpu = if req.cpu == 0.0 { 1.0 } else { req.cpu };
+    if !cpu.is_finite() || cpu <= 0.0 || cpu > MAX_CPU {
+        return bad(format!("cpu must be > 0 and <= {MAX_CPU}, got {}", req.cpu));
+    }
+    let memory_mib = if req.memory_mib == 0 { 1024 } else { req.memory_mib };
+    if !MEMORY_MIB.contains(&memory_mib) {
+        return bad(format!("memory_mib must be in {}..={}, got {memory_mib}", MEMORY_MIB.start(), MEMORY_MIB.end()));
+    }
+    let disk_gib = if req.disk_gib == 0 { 8 } else { req.disk_gib };
+    if !DISK_GIB.contains(&disk_gib) {
+        return bad(format!("disk_gib must be in {}..={}, got {disk_gib}", DISK_GIB.start(), DISK_GIB.end()));
+    }
+    if req.ingress_ports.len() > MAX_PORTS {
+        return bad(format!("at most {MAX_PORTS} ingress ports"));
+    }
+    let mut ports = Vec::new();
+    for &p in &req.ingress_ports {
+        if !(1..=65535).contains(&p) {
+            return bad(format!("ingress port {p} is not in 1..=65535"));
+        }
+        if RESERVED_PORTS.contains(&p) {
+            return bad(format!("ingress port {p} is reserved"));
+        }
+        if ports.contains(&p) {
+            return bad(format!("ingress port {p} is listed twice"));
+        }
+        ports.push(p);
+    }
+    let mut volumes = BTreeMap::new();
+    for (path, v) in &req.volumes {
+        if let Err(m) = check_guest_path(path) {
+            return bad(format!("volume mount {m}"));
+        }
+        let normalized = path.trim_end_matches('/').to_owned();
+        if volumes.contains_key(&normalized) {
+            return bad(format!("volume mount path {path:?} is listed twice"));
+        }
+        if v.volume.is_empty() {
+            return bad(format!("volume mount {path:?} names no volume"));
+        }
+        let org = if v.org.is_empty() { org.to_owned() } else { v.org.clone() };
+        volumes.insert(normalized, VolumeRecord { org, volume: v.volume.clone() });
+    }
+    let paths: Vec<&String> = volumes.keys().collect();
+    for a in &paths {
+        for b in &paths {
+            if a != b && b.starts_with(a.as_str()) && b.as_bytes().get(a.len()) == Some(&b'/') {
+                return bad(format!("volume mount {b:?} is inside mount {a:?}"));
+            }
+        }
+    }
+    Ok(CreateSpec {
+        app,
+        image,
+        name: req.name.clone(),
+        cpu,
+        vcpus: cpu.ceil() as u32,
+        memory_mib,
+        disk_gib,
+        ports,
+        volumes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req() -> pb::CreateSailboxRequest {
+        pb::CreateSailboxRequest { app: "a".into(), ..Default::default() }
+    }
+
+    fn err(r: pb::CreateSailboxRequest) -> String {
+        match validate_create(&r, "org") {
+            Err(e @ SailboxError::InvalidConfig(_)) => {
+                assert_eq!(e.name(), "SailboxCreationError");
+                e.to_string()
+            }
+            other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_follow_the_contract() {
+        let s = validate_create(&req(), "org").unwrap();
+        assert_eq!((s.cpu, s.vcpus, s.memory_mib, s.disk_gib), (1.0, 1, 1024, 8));
+        assert_eq!(s.image, "debian");
+        let s = validate_create(&pb::CreateSailboxRequest { cpu: 1.5, ..req() }, "org").unwrap();
+        assert_eq!(s.vcpus, 2);
+    }
+
+    #[test]
+    fn out_of_range_arguments_are_refused() {
+        assert!(err(pb::CreateSailboxRequest { cpu: -1.0, ..req() }).contains("cpu"));
+        assert!(err(pb::CreateSailboxRequest { cpu: f64::NAN, ..req() }).contains("cpu"));
+        assert!(err(pb::CreateSailboxRequest { cpu: 65.0, ..req() }).contains("cpu"));
+        assert!(err(pb::CreateSailboxRequest { memory_mib: 1023, ..req() }).contains("memory_mib"));
+        assert!(err(pb::CreateSailboxRequest { memory_mib: 65537, ..req() }).contains("memory_mib"));
+        assert!(err(pb::CreateSailboxRequest { disk_gib: 65, ..req() }).contains("disk_gib"));
+        for ports in [vec![22], vec![10000], vec![0], vec![65536], vec![80, 80]] {
+            assert!(err(pb::CreateSailboxRequest { ingress_ports: ports.clone(), ..req() }).contains("port"), "{ports:?}");
+        }
+        for path in ["/", "rel", "/a/../b", "/a//b", ""] {
+            let volumes = [(path.to_owned(), pb::VolumeMount { volume: "v".into(), org: String::new() })].into();
+            assert!(err(pb::CreateSailboxRequest { volumes, ..req() }).contains("volume mount"), "{path:?}");
+        }
+        let nested = [
+            ("/data".to_owned(), pb::VolumeMount { volume: "v".into(), org: String::new() }),
+            ("/data/x".to_owned(), pb::VolumeMount { volume: "w".into(), org: String::new() }),
+        ]
+        .into();
+        assert!(err(pb::CreateSailboxRequest { volumes: nested, ..req() }).contains("inside"));
+        assert!(err(pb::CreateSailboxRequest { name: "bad name".into(), ..req() }).contains("name"));
+        assert!(err(pb::CreateSailboxRequest { app: "-x".into(), ..req() }).contains("app"));
+    }
+
+    #[test]
+    fn edge_values_are_accepted() {
+        let r = pb::CreateSailboxRequest {
+            cpu: 0.25,
+            memory_mib: 65536,
+            disk_gib: 64,
+            ingress_ports: vec![1, 65535, 8080],
+            ..req()
+        };
+        let s = validate_create(&r, "org").unwrap();
+        assert_eq!((s.vcpus, s.ports.len()), (1, 3));
+    }
+}

@@ -1,0 +1,130 @@
+//! Processes vmm-host starts for sailboxes (VMMs, vhost-user daemons). They run in their own
+//! session so they outlive a vmm-host restart, are identified by pid plus start time (a
+//! recycled pid never matches), and are watched through pidfds, which also work for
+//! processes this vmm-host did not start itself (re-attached after a restart).
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::error::{Result, SailboxError};
+use crate::model::ProcRef;
+
+/// Starts `cmd` in a new session with stdout and stderr appended to `log`. The child is
+/// reaped by a background thread, so it never lingers as a zombie of vmm-host.
+pub fn spawn(mut cmd: Command, log: &Path) -> Result<ProcRef> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| SailboxError::host(format!("opening {}", log.display()), e))?;
+    let err = out.try_clone().map_err(|e| SailboxError::host("dup log", e))?;
+    cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+    // SAFETY: setsid is async-signal-safe and the closure touches nothing else.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let mut child = cmd.spawn().map_err(|e| SailboxError::host(format!("starting {program}"), e))?;
+    let pid = child.id();
+    std::thread::Builder::new()
+        .name(format!("reap-{pid}"))
+        .spawn(move || {
+            let _ = child.wait();
+        })
+        .map_err(|e| SailboxError::host("reaper thread", e))?;
+    let start_ticks = start_ticks(pid).unwrap_or(0);
+    Ok(ProcRef { pid, start_ticks })
+}
+
+/// Field 22 of /proc/PID/stat (start time in clock ticks since boot).
+pub fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and parentheses: split after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether the process still runs (and is the same process: start time matches).
+pub fn alive(p: &ProcRef) -> bool {
+    let Some(ticks) = start_ticks(p.pid) else { return false };
+    if ticks != p.start_ticks {
+        return false;
+    }
+    // A zombie has exited: state field 3 is 'Z'.
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", p.pid)).unwrap_or_default();
+    let state = stat.rfind(')').and_then(|i| stat[i + 2..].chars().next());
+    !matches!(state, Some('Z') | Some('X') | None)
+}
+
+/// A pidfd for the process, or `None` if it is gone (or not the same process).
+pub fn pidfd(p: &ProcRef) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, p.pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: the syscall returned a fresh fd that we now own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // Check identity after opening: if the pid was recycled before pidfd_open, the start
+    // time differs; after it, the pidfd pins the process we checked.
+    alive(p).then_some(fd)
+}
+
+/// Resolves when the process exits (immediately if it is already gone).
+pub async fn wait_exit(p: ProcRef) {
+    let Some(fd) = pidfd(&p) else { return };
+    // SAFETY: the AsyncFd owns the pidfd, so the descriptor stays valid while registered.
+    let registered = unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) };
+    let Ok(afd) = registered else {
+        // Cannot poll it: fall back to checking periodically.
+        while alive(&p) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        return;
+    };
+    let _ = afd.readable().await;
+}
+
+/// Sends SIGKILL to the process if it is still the one we started, and waits (up to 5 s)
+/// until it is gone.
+pub async fn kill(p: &ProcRef) {
+    let Some(fd) = pidfd(p) else { return };
+    // SAFETY: pidfd_send_signal on an fd we own; no siginfo.
+    let r = unsafe {
+        libc::syscall(libc::SYS_pidfd_send_signal, fd.as_raw_fd(), libc::SIGKILL, std::ptr::null::<libc::siginfo_t>(), 0)
+    };
+    if r != 0 {
+        tracing::warn!(pid = p.pid, error = %std::io::Error::last_os_error(), "kill failed");
+        return;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), wait_exit(p.clone())).await;
+}
+
+/// Processes whose command line mentions `needle` (a run directory): orphans of an earlier
+/// vmm-host are found this way.
+pub fn find_by_cmdline(needle: &str) -> Vec<ProcRef> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return out };
+    let me = std::process::id();
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        if pid == me {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        if cmdline.split(|&b| b == 0).any(|arg| String::from_utf8_lossy(arg).contains(needle))
+            && let Some(start_ticks) = start_ticks(pid)
+        {
+            out.push(ProcRef { pid, start_ticks });
+        }
+    }
+    out
+}

@@ -1,0 +1,126 @@
+//! The `sail.sailbox.v1.SailboxService` gRPC service over a [`Host`].
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use proto::sailbox as pb;
+use proto::sailbox::sailbox_service_server::{SailboxService, SailboxServiceServer};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use crate::host::Host;
+
+/// The gRPC face of a host.
+#[derive(Clone)]
+pub struct GrpcSailboxes {
+    host: Host,
+}
+
+type OutputStream = Pin<Box<dyn Stream<Item = Result<pb::ExecOutput, Status>> + Send>>;
+type DataStream = Pin<Box<dyn Stream<Item = Result<pb::FileData, Status>> + Send>>;
+
+impl GrpcSailboxes {
+    /// Wraps a host.
+    pub fn new(host: Host) -> Self {
+        Self { host }
+    }
+
+    /// The tonic server (add it to a router).
+    pub fn into_server(self) -> SailboxServiceServer<Self> {
+        SailboxServiceServer::new(self).max_decoding_message_size(8 << 20)
+    }
+}
+
+fn span(op: &'static str, sailbox: &str) -> tracing::Span {
+    tracing::info_span!("sailbox_op", op, sailbox = %sailbox)
+}
+
+#[tonic::async_trait]
+impl SailboxService for GrpcSailboxes {
+    async fn create_sailbox(&self, req: Request<pb::CreateSailboxRequest>) -> Result<Response<pb::Sailbox>, Status> {
+        let req = req.into_inner();
+        let span = tracing::info_span!("create", app = %req.app, image = %req.image);
+        Ok(Response::new(self.host.create(req).instrument(span).await?))
+    }
+
+    async fn get_sailbox(&self, req: Request<pb::GetSailboxRequest>) -> Result<Response<pb::Sailbox>, Status> {
+        let id = req.into_inner().sailbox_id;
+        Ok(Response::new(self.host.get(&id).instrument(span("get", &id)).await?))
+    }
+
+    async fn list_sailboxes(&self, req: Request<pb::ListSailboxesRequest>) -> Result<Response<pb::ListSailboxesResponse>, Status> {
+        let sailboxes = self.host.list(req.get_ref()).await?;
+        Ok(Response::new(pb::ListSailboxesResponse { sailboxes }))
+    }
+
+    async fn exec(&self, req: Request<pb::ExecRequest>) -> Result<Response<pb::ExecHandle>, Status> {
+        let req = req.into_inner();
+        let span = span("exec", &req.sailbox_id);
+        Ok(Response::new(self.host.exec(req).instrument(span).await?))
+    }
+
+    async fn wait_exec(&self, req: Request<pb::WaitExecRequest>) -> Result<Response<pb::ExecResult>, Status> {
+        let req = req.into_inner();
+        let timeout = (req.timeout_ms > 0).then(|| Duration::from_millis(req.timeout_ms));
+        let span = tracing::info_span!("wait_exec", exec = %req.exec_id);
+        Ok(Response::new(self.host.wait_exec(&req.exec_id, timeout).instrument(span).await?))
+    }
+
+    type StreamExecStream = OutputStream;
+
+    async fn stream_exec(&self, req: Request<pb::WaitExecRequest>) -> Result<Response<OutputStream>, Status> {
+        let rx = self.host.stream_exec(&req.into_inner().exec_id).await?;
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn write_file(&self, req: Request<Streaming<pb::WriteFileRequest>>) -> Result<Response<pb::WriteFileResponse>, Status> {
+        Ok(Response::new(self.host.write_file(req.into_inner()).await?))
+    }
+
+    type ReadFileStream = DataStream;
+
+    async fn read_file(&self, req: Request<pb::ReadFileRequest>) -> Result<Response<DataStream>, Status> {
+        let req = req.into_inner();
+        let span = span("read_file", &req.sailbox_id);
+        let rx = self.host.read_file(req).instrument(span).await?;
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn listeners(&self, req: Request<pb::ListenersRequest>) -> Result<Response<pb::ListenersResponse>, Status> {
+        let req = req.into_inner();
+        let wait = (req.wait_routed_ms > 0).then(|| Duration::from_millis(req.wait_routed_ms));
+        let listeners = self.host.listeners(&req.sailbox_id, req.port, wait).instrument(span("listeners", &req.sailbox_id)).await?;
+        Ok(Response::new(pb::ListenersResponse { listeners }))
+    }
+
+    async fn terminate(&self, req: Request<pb::TerminateRequest>) -> Result<Response<pb::Sailbox>, Status> {
+        let id = req.into_inner().sailbox_id;
+        Ok(Response::new(self.host.terminate(&id).instrument(span("terminate", &id)).await?))
+    }
+
+    type EnsureImageStream = Pin<Box<dyn Stream<Item = Result<pb::ImageProgress, Status>> + Send>>;
+
+    async fn ensure_image(&self, req: Request<pb::EnsureImageRequest>) -> Result<Response<Self::EnsureImageStream>, Status> {
+        let image = req.into_inner().image;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let host = self.host.clone();
+        tokio::spawn(async move {
+            let progress_tx = tx.clone();
+            let progress: crate::image::Progress = std::sync::Arc::new(move |m: &str| {
+                tracing::info!("{m}");
+                let _ = progress_tx.try_send(Ok(pb::ImageProgress { message: m.to_owned(), ..Default::default() }));
+            });
+            let last = match host.ensure_image(&image, progress).await {
+                Ok(img) => Ok(pb::ImageProgress { message: format!("image {} ready", img.id), image_id: img.id, size: img.size }),
+                Err(e) => Err(Status::from(e)),
+            };
+            let _ = tx.send(last).await;
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn get_host_info(&self, _req: Request<pb::HostInfoRequest>) -> Result<Response<pb::HostInfo>, Status> {
+        Ok(Response::new(self.host.host_info().await))
+    }
+}

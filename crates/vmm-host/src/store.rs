@@ -1,0 +1,198 @@
+//! `StateStore`: vmm-host's durable state in RocksDB.
+//!
+//! Column families (keys → values):
+//! - `sailboxes`: sailbox id → [`SailboxRecord`] (JSON)
+//! - `apps`: app name → creation time (Unix ms, decimal)
+//! - `execs`: exec id → [`ExecRecord`] (JSON)
+//! - `exec_results`: exec id → `sail.sailbox.v1.ExecResult` (protobuf)
+//! - `images`: image id → image manifest (JSON, see `image`)
+//!
+//! Durability: every mutation is one `WriteBatch` written with `sync = true`, so a state
+//! transition is on disk (WAL fsynced) before it is acknowledged, and the records that move
+//! together (an exec record and its sailbox's active request) move atomically.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use prost::Message;
+use proto::sailbox as pb;
+use rocksdb::{ColumnFamilyDescriptor, DB, IteratorMode, Options, WriteBatch, WriteOptions};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::{Result, SailboxError};
+use crate::model::{ExecRecord, SailboxRecord};
+
+const CF_SAILBOXES: &str = "sailboxes";
+const CF_APPS: &str = "apps";
+const CF_EXECS: &str = "execs";
+const CF_EXEC_RESULTS: &str = "exec_results";
+const CF_IMAGES: &str = "images";
+const ALL_CFS: [&str; 5] = [CF_SAILBOXES, CF_APPS, CF_EXECS, CF_EXEC_RESULTS, CF_IMAGES];
+
+/// The state database; cheap to clone.
+#[derive(Clone)]
+pub struct StateStore {
+    db: Arc<DB>,
+}
+
+/// A set of changes written atomically and durably by [`StateStore::commit`].
+#[derive(Default)]
+pub struct Changes {
+    batch: WriteBatch,
+    encode_error: Option<String>,
+}
+
+impl Changes {
+    fn put_json<T: Serialize>(&mut self, store: &StateStore, cf: &str, key: &str, value: &T) {
+        match (store.cf(cf), serde_json::to_vec(value)) {
+            (Ok(cf), Ok(bytes)) => self.batch.put_cf(cf, key.as_bytes(), bytes),
+            (Err(e), _) => self.encode_error = Some(e.to_string()),
+            (_, Err(e)) => self.encode_error = Some(e.to_string()),
+        }
+    }
+
+    /// Stores a sailbox record.
+    pub fn sailbox(mut self, store: &StateStore, rec: &SailboxRecord) -> Self {
+        self.put_json(store, CF_SAILBOXES, &rec.id, rec);
+        self
+    }
+
+    /// Stores an exec record.
+    pub fn exec(mut self, store: &StateStore, rec: &ExecRecord) -> Self {
+        self.put_json(store, CF_EXECS, &rec.id, rec);
+        self
+    }
+
+    /// Stores an exec result.
+    pub fn exec_result(mut self, store: &StateStore, id: &str, result: &pb::ExecResult) -> Self {
+        match store.cf(CF_EXEC_RESULTS) {
+            Ok(cf) => self.batch.put_cf(cf, id.as_bytes(), result.encode_to_vec()),
+            Err(e) => self.encode_error = Some(e.to_string()),
+        }
+        self
+    }
+}
+
+impl StateStore {
+    /// Opens (creating if needed) the database under `path`.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_max_background_jobs(2);
+        let cfs = ALL_CFS.iter().map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
+        let db = DB::open_cf_descriptors(&opts, path, cfs)?;
+        Ok(Self { db: Arc::new(db) })
+    }
+
+    fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily> {
+        self.db.cf_handle(name).ok_or_else(|| SailboxError::Storage(format!("column family {name} missing")))
+    }
+
+    /// Starts a set of changes.
+    pub fn changes(&self) -> Changes {
+        Changes::default()
+    }
+
+    /// Writes the changes atomically; returns once they are durable.
+    pub fn commit(&self, changes: Changes) -> Result<()> {
+        if let Some(e) = changes.encode_error {
+            return Err(SailboxError::Storage(e));
+        }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(changes.batch, &wo)?;
+        Ok(())
+    }
+
+    /// Durably stores one sailbox record.
+    pub fn put_sailbox(&self, rec: &SailboxRecord) -> Result<()> {
+        self.commit(self.changes().sailbox(self, rec))
+    }
+
+    fn get_json<T: DeserializeOwned>(&self, cf: &str, key: &str) -> Result<Option<T>> {
+        let Some(bytes) = self.db.get_cf(self.cf(cf)?, key.as_bytes())? else { return Ok(None) };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| SailboxError::Storage(format!("corrupt {cf} record {key}: {e}")))
+    }
+
+    fn all_json<T: DeserializeOwned>(&self, cf: &str) -> Result<Vec<T>> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(cf)?, IteratorMode::Start) {
+            let (key, value) = item?;
+            match serde_json::from_slice(&value) {
+                Ok(v) => out.push(v),
+                // One corrupt record must not hide every other sailbox: report and go on.
+                Err(e) => tracing::error!(cf, key = %String::from_utf8_lossy(&key), error = %e, "corrupt record skipped"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// One sailbox.
+    pub fn sailbox(&self, id: &str) -> Result<Option<SailboxRecord>> {
+        self.get_json(CF_SAILBOXES, id)
+    }
+
+    /// Every sailbox ever created on this host (terminated ones included).
+    pub fn sailboxes(&self) -> Result<Vec<SailboxRecord>> {
+        self.all_json(CF_SAILBOXES)
+    }
+
+    /// One exec request.
+    pub fn exec(&self, id: &str) -> Result<Option<ExecRecord>> {
+        self.get_json(CF_EXECS, id)
+    }
+
+    /// Every exec request that has not finished.
+    pub fn running_execs(&self) -> Result<Vec<ExecRecord>> {
+        let all: Vec<ExecRecord> = self.all_json(CF_EXECS)?;
+        Ok(all.into_iter().filter(|e| e.status == crate::model::ExecStatus::Running).collect())
+    }
+
+    /// The stored result of an exec request.
+    pub fn exec_result(&self, id: &str) -> Result<Option<pb::ExecResult>> {
+        let Some(bytes) = self.db.get_cf(self.cf(CF_EXEC_RESULTS)?, id.as_bytes())? else { return Ok(None) };
+        pb::ExecResult::decode(bytes.as_slice())
+            .map(Some)
+            .map_err(|e| SailboxError::Storage(format!("corrupt exec result {id}: {e}")))
+    }
+
+    /// Finds or mints an app by name; returns whether it was minted.
+    pub fn ensure_app(&self, name: &str) -> Result<bool> {
+        let cf = self.cf(CF_APPS)?;
+        if self.db.get_cf(cf, name.as_bytes())?.is_some() {
+            return Ok(false);
+        }
+        let mut batch = WriteBatch::default();
+        batch.put_cf(cf, name.as_bytes(), crate::now_ms().to_string());
+        let mut changes = self.changes();
+        changes.batch = batch;
+        self.commit(changes)?;
+        Ok(true)
+    }
+
+    /// Stores an image manifest (JSON bytes) under its id.
+    pub fn put_image(&self, id: &str, manifest: &[u8]) -> Result<()> {
+        let mut changes = self.changes();
+        changes.batch.put_cf(self.cf(CF_IMAGES)?, id.as_bytes(), manifest);
+        self.commit(changes)
+    }
+
+    /// An image manifest (JSON bytes).
+    pub fn image(&self, id: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get_cf(self.cf(CF_IMAGES)?, id.as_bytes())?)
+    }
+
+    /// Every image id stored.
+    pub fn image_ids(&self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_IMAGES)?, IteratorMode::Start) {
+            let (key, _) = item?;
+            out.push(String::from_utf8_lossy(&key).into_owned());
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,163 @@
+//! Test harness: a real vmm-host (QEMU, TCG here) serving gRPC on 127.0.0.1, with a client.
+//! Needs root, qemu-system-x86, vhost-device-vsock, the guest kit and the static agent
+//! (`bash scripts/setup.sh vm && bash scripts/build-agent.sh`); missing pieces fail the
+//! test with that instruction.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use proto::sailbox as pb;
+use proto::sailbox::sailbox_service_client::SailboxServiceClient;
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+use vmm_host::{GrpcSailboxes, Host, HostConfig};
+
+/// A served host.
+pub struct Served {
+    pub host: Host,
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Served {
+    /// Stops serving and shuts the host down (its VMs keep running, as after a crash of
+    /// vmm-host); the data directory can be opened again.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let _ = (&mut self.task).await;
+        self.host.shutdown().await;
+    }
+
+    pub async fn client(&self) -> SailboxServiceClient<Channel> {
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        SailboxServiceClient::new(ch).max_decoding_message_size(64 << 20)
+    }
+}
+
+/// Fails the test unless everything a VM needs is installed.
+pub fn require_vm_tools(config: &HostConfig) {
+    let fix = "run `bash scripts/setup.sh vm && bash scripts/build-agent.sh`";
+    assert!(config.guest_dir.join("vmlinux").is_file(), "no guest kernel in {}: {fix}", config.guest_dir.display());
+    assert!(config.agent_binary.is_file(), "no static agent at {}: {fix}", config.agent_binary.display());
+    assert!(std::process::Command::new(&config.qemu_binary).arg("--version").output().is_ok(), "no QEMU: {fix}");
+    assert!(std::process::Command::new(&config.vsock_binary).arg("--version").output().is_ok(), "no vhost-device-vsock: {fix}");
+}
+
+/// A short data directory (Unix socket paths are limited to 107 bytes) that kills every VM
+/// process started under it when dropped, so a failing test leaves nothing running.
+pub struct TestDir(tempfile::TempDir);
+
+impl TestDir {
+    pub fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        for p in vm_processes(self.0.path()) {
+            // SAFETY: signalling processes started under this test's own directory.
+            unsafe { libc::kill(p.pid as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+pub fn data_dir() -> TestDir {
+    TestDir(tempfile::Builder::new().prefix("sbx").tempdir_in("/tmp").unwrap())
+}
+
+pub fn config(dir: &Path) -> HostConfig {
+    let config = HostConfig::local(dir.join("vmm"));
+    require_vm_tools(&config);
+    config
+}
+
+/// Opens a host on `dir` and serves it.
+pub async fn serve(dir: &Path) -> Served {
+    let host = Host::open(config(dir)).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let svc = GrpcSailboxes::new(host.clone()).into_server();
+    let task = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+    });
+    Served { host, addr, stop: Some(tx), task }
+}
+
+/// The contract error name in a status.
+pub fn error_name(s: &tonic::Status) -> String {
+    use prost::Message;
+    pb::ErrorDetail::decode(s.details()).map(|d| d.name).unwrap_or_default()
+}
+
+/// Runs a command to completion.
+pub async fn run(c: &mut SailboxServiceClient<Channel>, id: &str, command: &str) -> pb::ExecResult {
+    let h = c
+        .exec(pb::ExecRequest { sailbox_id: id.into(), command: command.into(), ..Default::default() })
+        .await
+        .unwrap_or_else(|e| panic!("exec {command:?}: {e:?}"))
+        .into_inner();
+    c.wait_exec(pb::WaitExecRequest { exec_id: h.exec_id, timeout_ms: 0 }).await.unwrap().into_inner()
+}
+
+/// Writes `data` to `path` in the sailbox.
+pub async fn write(c: &mut SailboxServiceClient<Channel>, id: &str, path: &str, data: &[u8]) -> Result<u64, tonic::Status> {
+    let mut msgs = vec![pb::WriteFileRequest {
+        sailbox_id: id.into(),
+        path: path.into(),
+        mode: 0o644,
+        size: data.len() as u64,
+        data: Vec::new(),
+    }];
+    for piece in data.chunks(1 << 20) {
+        msgs.push(pb::WriteFileRequest { data: piece.to_vec(), ..Default::default() });
+    }
+    c.write_file(tokio_stream::iter(msgs)).await.map(|r| r.into_inner().bytes_written)
+}
+
+/// Reads `path` from the sailbox.
+pub async fn read(c: &mut SailboxServiceClient<Channel>, id: &str, path: &str) -> Result<Vec<u8>, tonic::Status> {
+    let mut s = c.read_file(pb::ReadFileRequest { sailbox_id: id.into(), path: path.into() }).await?.into_inner();
+    let mut out = Vec::new();
+    while let Some(m) = s.next().await {
+        out.extend(m?.data);
+    }
+    Ok(out)
+}
+
+/// Processes whose command line mentions the host's run directory.
+pub fn vm_processes(dir: &Path) -> Vec<vmm_host::model::ProcRef> {
+    vmm_host::procs::find_by_cmdline(&format!("{}/", dir.join("vmm/run").display()))
+}
+
+pub fn run_dir(dir: &Path) -> PathBuf {
+    dir.join("vmm/run")
+}
+
+/// A minimal-image create request.
+pub fn minimal(ports: Vec<u32>) -> pb::CreateSailboxRequest {
+    pb::CreateSailboxRequest {
+        app: "tests".into(),
+        image: "minimal".into(),
+        cpu: 1.0,
+        memory_mib: 1024,
+        disk_gib: 2,
+        ingress_ports: ports,
+        ..Default::default()
+    }
+}
