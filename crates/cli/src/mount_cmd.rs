@@ -33,6 +33,9 @@ pub struct MountArgs {
     /// FUSE worker threads.
     #[arg(long, default_value_t = 4)]
     pub threads: usize,
+    /// Serve every read through the helper: no FUSE passthrough for fully cached files.
+    #[arg(long)]
+    pub no_passthrough: bool,
 }
 
 /// Global settings a mount needs.
@@ -81,6 +84,7 @@ pub fn mount(g: &Globals, a: MountArgs) -> anyhow::Result<()> {
         control_socket: None,
         memory_cache_bytes: a.memory_cache_mib << 20,
         threads: a.threads,
+        passthrough: !a.no_passthrough,
     };
     if a.foreground {
         return guest_fuse::run(opts, |socket| eprintln!("mounted {} at {}; control socket {}", a.name, mountpoint.display(), socket.display()));
@@ -99,6 +103,7 @@ pub fn mount(g: &Globals, a: MountArgs) -> anyhow::Result<()> {
         .args(["--overlay-dir".as_ref(), opts.overlay_dir.as_os_str()])
         .args(["--memory-cache-mib", &a.memory_cache_mib.to_string(), "--threads", &a.threads.to_string()])
         .args(if a.create { &["--create"][..] } else { &[][..] })
+        .args(if a.no_passthrough { &["--no-passthrough"][..] } else { &[][..] })
         .arg(&a.name)
         .arg(&mountpoint)
         .stdin(Stdio::null())
@@ -210,6 +215,11 @@ pub fn status(g: &Globals, path: &Path) -> anyhow::Result<()> {
             s.memory_hits, s.memory_misses, s.prefetched, s.pieces_fetched
         );
         println!("  cache    {} hits, {} misses, {} of {} used", s.cache_hits, s.cache_misses, human(s.cache_bytes), human(s.cache_capacity));
+        println!(
+            "  passthrough {}: {} opens, {} served by the helper, {} fallbacks; {} files assembled ({}){}",
+            if s.passthrough { "on" } else { "off" }, s.passthrough_opens, s.passthrough_direct_opens, s.passthrough_fallbacks,
+            s.assembled_files, human(s.assembled_bytes), if s.assembling > 0 { ", assembling" } else { "" }
+        );
     }
     Ok(())
 }

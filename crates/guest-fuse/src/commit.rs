@@ -104,6 +104,29 @@ pub struct MountStatus {
     pub cache_bytes: u64,
     /// Its capacity.
     pub cache_capacity: u64,
+    /// New opens may use FUSE passthrough (on by default; off with `--no-passthrough`, or
+    /// when the kernel or the permissions do not allow it).
+    #[serde(default)]
+    pub passthrough: bool,
+    /// Opens whose reads the kernel served from an assembled local file (passthrough).
+    #[serde(default)]
+    pub passthrough_opens: u64,
+    /// Opens of a file in passthrough mode that this process served (`FOPEN_DIRECT_IO`:
+    /// writers, and readers of a file changed since its passthrough handles were opened).
+    #[serde(default)]
+    pub passthrough_direct_opens: u64,
+    /// Opens that fell back to the plain path because the kernel refused a backing file.
+    #[serde(default)]
+    pub passthrough_fallbacks: u64,
+    /// Files assembled from cached chunks for passthrough (now held).
+    #[serde(default)]
+    pub assembled_files: usize,
+    /// Their bytes (capped by the cache capacity).
+    #[serde(default)]
+    pub assembled_bytes: u64,
+    /// Files being assembled right now.
+    #[serde(default)]
+    pub assembling: usize,
     /// Helper process id.
     pub pid: u32,
 }
@@ -335,6 +358,8 @@ impl MountCore {
         let (dirty_files, dirty_bytes) = st.dirty_summary();
         let cache = self.remote.cache().map(|c| c.stats()).unwrap_or_default();
         let c = &self.remote.counters;
+        let p = &self.passthrough.counters;
+        let (assembled_files, assembled_bytes, assembling) = self.passthrough.assembled();
         let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
         MountStatus {
             mountpoint: self.mountpoint.display().to_string(),
@@ -354,6 +379,13 @@ impl MountCore {
             cache_misses: cache.misses,
             cache_bytes: cache.bytes_cached,
             cache_capacity: cache.capacity,
+            passthrough: self.passthrough.enabled(),
+            passthrough_opens: load(&p.opens),
+            passthrough_direct_opens: load(&p.direct_opens),
+            passthrough_fallbacks: load(&p.fallbacks),
+            assembled_files,
+            assembled_bytes,
+            assembling,
             pid: std::process::id(),
         }
     }

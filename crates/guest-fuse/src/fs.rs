@@ -1,6 +1,8 @@
 //! The fuser binding: turns kernel requests into [`MountCore`] calls and results into
 //! replies. Unsupported operations get a definite errno (hard links: EPERM; device nodes and
 //! FIFOs: EPERM; RENAME_EXCHANGE and RENAME_WHITEOUT: EINVAL; setting xattrs: ENOTSUP).
+//! Opens of fully cached, unmodified files may be answered with FUSE passthrough (see
+//! [`crate::passthrough`]).
 
 use std::ffi::OsStr;
 use std::path::Path;
@@ -15,6 +17,7 @@ use fuser::{
 
 use crate::mount::{CONTROL_XATTR, MountCore, TTL};
 use crate::ops::name_of;
+use crate::passthrough::OpenMode;
 use crate::tree::ROOT;
 
 /// The filesystem handed to fuser.
@@ -37,6 +40,14 @@ impl Filesystem for VolumeFs {
             InitFlags::FUSE_ATOMIC_O_TRUNC,
         ] {
             let _ = config.add_capabilities(flag);
+        }
+        // Passthrough: backing files on a local (unstacked) file system; depth 1 also lets
+        // this mount be a lower layer of overlayfs.
+        if self.0.passthrough.enabled() {
+            let granted = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok() && config.set_max_stack_depth(1).is_ok();
+            if !granted {
+                self.0.passthrough.disable("the kernel does not offer it");
+            }
         }
         Ok(())
     }
@@ -166,8 +177,11 @@ impl Filesystem for VolumeFs {
         }
         // Content only changes through this mount (the kernel sees those writes) or by a
         // reload (which gives every entry a new inode), so the page cache stays valid.
-        match self.0.open_handle(ino.0, None) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+        let register = |f: &std::fs::File| reply.open_backing(f);
+        match self.0.open_file(ino.0, flags.0, &register) {
+            Ok((fh, OpenMode::Plain)) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok((fh, OpenMode::Backing(id))) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id),
+            Ok((fh, OpenMode::Direct(id))) => reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO, &id),
             Err(e) => reply.error(e),
         }
     }

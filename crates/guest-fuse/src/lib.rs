@@ -5,6 +5,7 @@
 //! - [`pieced`]: large chunks read in verified 1 MiB pieces (range requests);
 //! - [`file_io`]: reading a file from its overlay and its committed chunks;
 //! - [`ops`]: changing operations; [`fs`]: the fuser binding;
+//! - [`passthrough`]: kernel passthrough reads of fully cached, unmodified files;
 //! - [`commit`]: commit, reload and status; [`control`]: the per-mount control socket;
 //! - [`runner`]: mounting and unmounting (the `sail-volume-fuse` binary and
 //!   `sail volume mount` both call [`runner::run`]).
@@ -20,6 +21,7 @@ pub mod fs;
 pub mod mount;
 pub mod ops;
 pub mod overlay;
+pub mod passthrough;
 pub mod pieced;
 pub mod ranges;
 pub mod remote;

@@ -36,6 +36,9 @@ struct Args {
     /// FUSE worker threads.
     #[arg(long, default_value_t = 4)]
     threads: usize,
+    /// Serve every read through this process: no FUSE passthrough for fully cached files.
+    #[arg(long)]
+    no_passthrough: bool,
     /// Volume name.
     volume: String,
     /// Mount point (an existing directory).
@@ -64,6 +67,7 @@ fn main() -> anyhow::Result<()> {
         control_socket: a.control_socket,
         memory_cache_bytes: a.memory_cache_mib << 20,
         threads: a.threads,
+        passthrough: !a.no_passthrough,
     };
     guest_fuse::run(opts, |socket| eprintln!("mounted; control socket {}", socket.display()))
 }

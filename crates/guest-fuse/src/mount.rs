@@ -1,5 +1,6 @@
 //! `MountCore`: the state one mount shares between its FUSE worker threads and its control
-//! socket: the inode table, the remote, the overlay directory and the open handles.
+//! socket: the inode table, the remote, the overlay directory, the open handles and the
+//! passthrough state.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -11,6 +12,7 @@ use fuser::{Errno, FileAttr, FileType, INodeNo, Notifier};
 
 use crate::error::FuseError;
 use crate::file_io::FileView;
+use crate::passthrough::{OpenMode, OpenRequest, PASSTHROUGH_MIN_BYTES, Passthrough};
 use crate::remote::Remote;
 use crate::tree::{Kind, Node, ROOT, State};
 
@@ -30,6 +32,8 @@ pub struct Handle {
     pub next_read: AtomicU64,
     /// Directory listing taken at opendir: (ino, type, name).
     pub listing: Option<Vec<(u64, FileType, String)>>,
+    /// Opened through passthrough (holds a reference on its inode's backing file).
+    pub passthrough: bool,
 }
 
 /// The shared core of one mount.
@@ -53,13 +57,23 @@ pub struct MountCore {
     pub sync_lock: Mutex<()>,
     /// Kernel cache invalidation (set once the session exists).
     pub notifier: OnceLock<Notifier>,
+    /// FUSE passthrough: assembled files and the inodes reading from them.
+    pub passthrough: Arc<Passthrough>,
     uid: u32,
     gid: u32,
 }
 
 impl MountCore {
     /// A core over `state`.
-    pub fn new(state: State, remote: Arc<Remote>, overlay_dir: PathBuf, control_socket: PathBuf, mountpoint: PathBuf, endpoint: String) -> Self {
+    pub fn new(
+        state: State,
+        remote: Arc<Remote>,
+        overlay_dir: PathBuf,
+        control_socket: PathBuf,
+        mountpoint: PathBuf,
+        endpoint: String,
+        passthrough: Passthrough,
+    ) -> Self {
         // SAFETY: getuid/getgid cannot fail and touch no memory.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         MountCore {
@@ -73,6 +87,7 @@ impl MountCore {
             next_fh: AtomicU64::new(1),
             sync_lock: Mutex::new(()),
             notifier: OnceLock::new(),
+            passthrough: Arc::new(passthrough),
             uid,
             gid,
         }
@@ -155,9 +170,39 @@ impl MountCore {
     pub fn open_handle(&self, ino: u64, listing: Option<Vec<(u64, FileType, String)>>) -> Result<u64, Errno> {
         self.lock().get_mut(ino)?.opens += 1;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        let h = Arc::new(Handle { ino, next_read: AtomicU64::new(0), listing });
+        let h = Arc::new(Handle { ino, next_read: AtomicU64::new(0), listing, passthrough: false });
         self.handles.lock().unwrap_or_else(|p| p.into_inner()).insert(fh, h);
         Ok(fh)
+    }
+
+    /// Opens regular file `ino` with open(2) `flags`: decides whether the kernel reads it
+    /// through passthrough (see [`crate::passthrough`]) and registers the handle. `register`
+    /// hands a backing file to the kernel. A plain read-only open of a clean, fully cached
+    /// file starts assembling it, so that later opens can use passthrough.
+    pub fn open_file(&self, ino: u64, flags: i32, register: &dyn Fn(&std::fs::File) -> std::io::Result<fuser::BackingId>) -> Result<(u64, OpenMode), Errno> {
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let read_only = !writable && flags & (libc::O_TRUNC | libc::O_DIRECT) == 0;
+        let (fh, mode, assemble) = {
+            let mut st = self.lock();
+            let node = st.get_mut(ino)?;
+            let clean = match &node.kind {
+                Kind::File(f) if f.overlay.is_none() && f.size >= PASSTHROUGH_MIN_BYTES => f.base.clone(),
+                _ => None,
+            };
+            let req = OpenRequest { ino, read_only, writable, clean: clean.as_ref(), open_handles: node.opens };
+            let mode = self.passthrough.choose(req, register);
+            node.opens += 1;
+            let passthrough = !matches!(mode, OpenMode::Plain);
+            let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+            let h = Arc::new(Handle { ino, next_read: AtomicU64::new(0), listing: None, passthrough });
+            self.handles.lock().unwrap_or_else(|p| p.into_inner()).insert(fh, h);
+            let assemble = if passthrough || !read_only { None } else { clean };
+            (fh, mode, assemble)
+        };
+        if let Some(data) = assemble {
+            self.passthrough.maybe_assemble(&self.remote, data);
+        }
+        Ok((fh, mode))
     }
 
     /// The handle `fh`.
@@ -165,15 +210,41 @@ impl MountCore {
         self.handles.lock().unwrap_or_else(|p| p.into_inner()).get(&fh).cloned().ok_or(Errno::EBADF)
     }
 
-    /// Closes `fh`.
+    /// Closes `fh`. The last passthrough handle of an inode releases its backing file; the
+    /// last plain handle of a clean file starts assembling it if all its chunks are cached.
     pub fn release(&self, fh: u64) {
         let h = self.handles.lock().unwrap_or_else(|p| p.into_inner()).remove(&fh);
-        if let Some(h) = h {
+        let Some(h) = h else { return };
+        let mut assemble = None;
+        let mut invalidate = false;
+        {
             let mut st = self.lock();
+            if h.passthrough {
+                invalidate = self.passthrough.release(h.ino);
+            }
             if let Some(n) = st.nodes.get_mut(&h.ino) {
                 n.opens = n.opens.saturating_sub(1);
+                if let Kind::File(f) = &n.kind
+                    && !h.passthrough
+                    && n.opens == 0
+                    && f.overlay.is_none()
+                    && f.size >= PASSTHROUGH_MIN_BYTES
+                {
+                    assemble = f.base.clone();
+                }
             }
             st.maybe_drop(h.ino);
+        }
+        if let Some(data) = assemble {
+            self.passthrough.maybe_assemble(&self.remote, data);
+        }
+        if invalidate && let Some(n) = self.notifier.get().cloned() {
+            // Pages a direct-I/O handle may have left behind (splice reads fill the page
+            // cache); dropped off this thread, which may be needed to serve a locked page.
+            let ino = h.ino;
+            self.remote.rt.spawn_blocking(move || {
+                let _ = n.inval_inode(INodeNo(ino), 0, 0);
+            });
         }
     }
 

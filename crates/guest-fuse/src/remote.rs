@@ -191,6 +191,21 @@ impl Remote {
         self.load(id)
     }
 
+    /// Whether chunk `id` is held locally (in memory or in the disk cache, not verified yet).
+    pub fn is_cached(&self, id: ChunkId) -> bool {
+        self.hot.lock().unwrap_or_else(|p| p.into_inner()).contains(id) || self.cache().is_some_and(|c| c.contains(id))
+    }
+
+    /// A chunk's verified bytes if held locally (memory, else the disk cache, verified as it
+    /// is read); never fetched, and not added to the in-memory cache.
+    pub fn cached_chunk(&self, id: ChunkId) -> Result<Option<Bytes>> {
+        if let Some(b) = self.hot.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
+            return Ok(Some(b));
+        }
+        let Some(cache) = self.cache() else { return Ok(None) };
+        self.rt.block_on(cache.get(id)).map_err(|e| FuseError::Protocol(e.to_string()))
+    }
+
     fn load(&self, id: ChunkId) -> Result<Bytes> {
         let slot = {
             let mut loading = self.loading.lock().unwrap_or_else(|p| p.into_inner());

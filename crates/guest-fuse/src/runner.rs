@@ -12,6 +12,7 @@ use volumed::client::VolumeClient;
 use crate::control;
 use crate::fs::VolumeFs;
 use crate::mount::MountCore;
+use crate::passthrough::Passthrough;
 use crate::remote::Remote;
 use crate::tree::State;
 
@@ -40,6 +41,9 @@ pub struct MountOptions {
     pub memory_cache_bytes: u64,
     /// FUSE worker threads.
     pub threads: usize,
+    /// Serve reads of fully cached, unmodified files through FUSE passthrough (assembled
+    /// copies in `overlay_dir`, at most `cache_max_bytes` of them; see `passthrough`).
+    pub passthrough: bool,
 }
 
 /// Where a mount's control socket goes by default: `/run/sail/mounts/<hash>.sock` as root
@@ -129,6 +133,7 @@ pub fn run(opts: MountOptions, ready: impl FnOnce(&Path)) -> anyhow::Result<()> 
         socket.clone(),
         mountpoint.clone(),
         opts.endpoint.clone(),
+        Passthrough::new(opts.passthrough, opts.overlay_dir.clone(), opts.cache_max_bytes),
     ));
     let mut config = Config::default();
     config.mount_options = vec![
