@@ -1,23 +1,52 @@
 #!/usr/bin/env bash
-# Installs what building (and, with `test`, testing) needs, skipping what is already there.
+# Installs what building, running VMs and testing need, skipping what is already there.
 # Debian 12, as root. Safe to run repeatedly.
 #   bash scripts/setup.sh        build dependencies (apt)
-#   bash scripts/setup.sh test   also the test tools (s3s-fs, cargo-fuzz)
+#   bash scripts/setup.sh vm     also what sailboxes need: QEMU (bookworm-backports), image
+#                                tools, the guest kernel kit
+#   bash scripts/setup.sh test   everything above plus the test tools (s3s-fs, cargo-fuzz, pytest)
 set -euo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:-build}
 
-need_apt=()
-for pkg in protobuf-compiler librocksdb-dev libclang-dev pkg-config fio fuse3 attr; do
-    dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
-done
-if ((${#need_apt[@]})); then
-    echo "setup: apt-get install ${need_apt[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
-fi
+apt_install() { # apt_install [-t SUITE] PKG...
+    local suite=()
+    if [ "$1" = -t ]; then suite=(-t "$2"); shift 2; fi
+    local need=()
+    for pkg in "$@"; do dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg"); done
+    ((${#need[@]})) || return 0
+    echo "setup: apt-get install ${suite[*]} ${need[*]}"
+    [ -n "${APT_UPDATED:-}" ] || { apt-get update -qq; APT_UPDATED=1; }
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${suite[@]}" "${need[@]}" >/dev/null
+}
 
+apt_install protobuf-compiler librocksdb-dev libclang-dev pkg-config fio fuse3 attr
 export PATH="$HOME/.cargo/bin:$PATH"
-[ "${1:-}" = test ] || exit 0
-# pytest runs the Python SDK's tests against a real mount.
+[ "$mode" = build ] && exit 0
+
+# Sailboxes: QEMU 10 from bookworm-backports (what docs/vmm-host.md was measured with).
+if ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    echo "setup: adding bookworm-backports to the apt sources"
+    cat >/etc/apt/sources.list.d/sail-backports.sources <<'EOF'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOF
+    APT_UPDATED=
+fi
+if ! dpkg-query -W -f '${Version}' qemu-system-x86 2>/dev/null | grep -q bpo12; then
+    echo "setup: apt-get install -t bookworm-backports qemu-system-x86 qemu-utils"
+    [ -n "${APT_UPDATED:-}" ] || { apt-get update -qq; APT_UPDATED=1; }
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends -t bookworm-backports \
+        qemu-system-x86 qemu-system-data qemu-utils >/dev/null
+fi
+apt_install debootstrap e2fsprogs zstd xz-utils kmod cpio file ca-certificates
+bash scripts/guest-kernel.sh
+[ "$mode" = vm ] && exit 0
+
+# Test tools. pytest runs the Python SDK's tests against a real mount.
 if ! python3 -m pytest --version >/dev/null 2>&1; then
     echo "setup: pip install pytest"
     python3 -m pip install --quiet pytest

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what it needs, builds once in release, runs every unit,
-# integration and doc test (FUSE tests need root and /dev/fuse), the Python SDK's tests, then
-# each fuzz target for a bounded time.
+# integration and doc test (FUSE tests need root and /dev/fuse; sailbox tests boot real VMs
+# under QEMU), the Python SDK's tests, then each fuzz target for a bounded time.
 #   FUZZ_SECONDS=N  seconds per fuzz target (default 30; 0 skips fuzzing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +10,9 @@ export PATH="$HOME/.cargo/bin:$PATH"
 
 # Release everywhere: one compile serves tests, benches and binaries.
 cargo build --release --workspace --all-targets
+# The guest agent, statically linked (guests boot it as PID 1); the VM tests find it here.
+bash scripts/build-agent.sh
+export SAIL_AGENT_BIN="${CARGO_TARGET_DIR:-$PWD/target}/x86_64-unknown-linux-gnu/release/sail-agent"
 results=$(mktemp)
 trap 'rm -f "$results"' EXIT
 cargo test --release --workspace --no-fail-fast 2>&1 | tee "$results"

@@ -1,15 +1,16 @@
 //! `sail-agent`: the agent inside every sailbox.
 //!
 //! It is the guest's PID 1 (the initramfs mounts the root disk and hands over to it) or runs
-//! under another init. It serves the `sail.agent.v1.Agent` gRPC service on vsock port 10000
-//! and ingress forwarding on vsock port 10001; `--listen unix:PATH` / `--forward unix:PATH`
-//! serve the same on Unix sockets instead (how its tests run it on a host).
+//! under another init. It serves the `sail.agent.v1.Agent` gRPC service (ingress included)
+//! on the `sail.agent` virtio-serial port (QEMU) and on vsock port 10000 (Cloud Hypervisor);
+//! `--listen unix:PATH` serves it on a Unix socket instead (how its tests run it on a host).
 //!
 //! Protocol and behaviour: docs/vmm-host.md ("Guest agent").
 
 mod exec;
 mod files;
 mod forward;
+mod link;
 mod reaper;
 mod service;
 mod system;
@@ -27,26 +28,27 @@ pub const GUEST_SCHEMA_VERSION: u32 = 1;
 
 /// Default vsock port of the gRPC service.
 pub const AGENT_PORT: u32 = 10000;
-/// Default vsock port of ingress forwarding.
-pub const FORWARD_PORT: u32 = 10001;
 
 #[derive(Parser)]
 #[command(name = "sail-agent", version, about = "The sailbox guest agent")]
 struct Args {
-    /// Where to serve the agent API: `vsock:PORT` or `unix:PATH`.
-    #[arg(long, default_value = "vsock:10000")]
-    listen: String,
-    /// Where to serve ingress forwarding: `vsock:PORT` or `unix:PATH`.
-    #[arg(long, default_value = "vsock:10001")]
-    forward: String,
+    /// Where to serve the agent API (repeatable): `serial:PATH` (a virtio-serial port),
+    /// `vsock:PORT`, or `unix:PATH`. Default: the `sail.agent` serial port and vsock port
+    /// 10000, whichever exist.
+    #[arg(long)]
+    listen: Vec<String>,
     /// Print the agent's versions as JSON and exit (vmm-host reads them when it builds the
     /// initramfs).
     #[arg(long)]
     describe: bool,
 }
 
+/// The name of the virtio-serial port QEMU gives the agent.
+const SERIAL_NAME: &str = "sail.agent";
+
 /// A listening address.
 enum Addr {
+    Serial(std::path::PathBuf),
     Vsock(u32),
     Unix(std::path::PathBuf),
 }
@@ -58,7 +60,33 @@ fn parse_addr(s: &str) -> anyhow::Result<Addr> {
     if let Some(path) = s.strip_prefix("unix:") {
         return Ok(Addr::Unix(path.into()));
     }
-    bail!("address {s:?} must be vsock:PORT or unix:PATH")
+    if let Some(path) = s.strip_prefix("serial:") {
+        return Ok(Addr::Serial(path.into()));
+    }
+    bail!("address {s:?} must be serial:PATH, vsock:PORT or unix:PATH")
+}
+
+/// The device node of the virtio-serial port named `name` (there is no udev to make the
+/// `/dev/virtio-ports/<name>` link, so sysfs is asked).
+fn serial_port(name: &str) -> Option<std::path::PathBuf> {
+    let ports = std::fs::read_dir("/sys/class/virtio-ports").ok()?;
+    ports.flatten().find_map(|p| {
+        let port_name = std::fs::read_to_string(p.path().join("name")).ok()?;
+        (port_name.trim() == name).then(|| std::path::Path::new("/dev").join(p.file_name()))
+    })
+}
+
+/// The links to serve when none are given: the `sail.agent` serial port and vsock port
+/// 10000, whichever this VM has.
+fn default_links() -> Vec<Addr> {
+    let mut links = Vec::new();
+    if let Some(port) = serial_port(SERIAL_NAME) {
+        links.push(Addr::Serial(port));
+    }
+    if std::path::Path::new("/dev/vsock").exists() {
+        links.push(Addr::Vsock(AGENT_PORT));
+    }
+    links
 }
 
 fn main() {
@@ -108,28 +136,64 @@ async fn run(args: Args, is_init: bool) -> anyhow::Result<()> {
     let reaper = reaper::Reaper::start().context("starting the reaper")?;
     let agent = service::AgentService { execs: exec::ExecTable::new(reaper), is_init };
     let api = proto::agent::agent_server::AgentServer::new(agent);
-    let listen = parse_addr(&args.listen)?;
-    let forward = parse_addr(&args.forward)?;
+    let mut links = args.listen.iter().map(|s| parse_addr(s)).collect::<anyhow::Result<Vec<_>>>()?;
+    if links.is_empty() {
+        // Devices appear just after boot. The serial port is the link on QEMU; vsock alone
+        // (Cloud Hypervisor) is taken once the serial port had a second to show up.
+        for i in 0..500 {
+            links = default_links();
+            let has_serial = links.iter().any(|l| matches!(l, Addr::Serial(_)));
+            if has_serial || (!links.is_empty() && i >= 50) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+    if links.is_empty() {
+        bail!("no host link: no virtio-serial port named {SERIAL_NAME} and no /dev/vsock");
+    }
+    let mut servers = tokio::task::JoinSet::new();
+    for link in links {
+        let api = api.clone();
+        servers.spawn(serve(link, api));
+    }
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), schema = GUEST_SCHEMA_VERSION, "sail-agent serving");
+    match servers.join_next().await {
+        Some(Ok(result)) => result,
+        Some(Err(e)) => Err(anyhow::anyhow!("a listener task failed: {e}")),
+        None => Ok(()),
+    }
+}
 
-    let forwarding = tokio::spawn(serve_forwarding(forward));
-    let router = tonic::transport::Server::builder().add_service(api);
-    tracing::info!(version = env!("CARGO_PKG_VERSION"), schema = GUEST_SCHEMA_VERSION, listen = %args.listen, "sail-agent serving");
-    let served = match listen {
+type Api = proto::agent::agent_server::AgentServer<service::AgentService>;
+
+/// Serves the API on one link until it fails.
+async fn serve(link: Addr, api: Api) -> anyhow::Result<()> {
+    // Ingress streams share one HTTP/2 connection: give them room.
+    let router = tonic::transport::Server::builder()
+        .initial_stream_window_size(Some(4 << 20))
+        .initial_connection_window_size(Some(16 << 20))
+        .add_service(api);
+    match link {
+        Addr::Serial(path) => {
+            tracing::info!(port = %path.display(), "serving on the virtio-serial port");
+            let incoming = link::incoming(path).filter_map(|c| keep_ok(c, "serial session"));
+            router.serve_with_incoming(incoming).await.context("serving on the serial port")
+        }
         Addr::Vsock(port) => {
             let listener = tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(tokio_vsock::VMADDR_CID_ANY, port))
                 .with_context(|| format!("binding vsock port {port}"))?;
+            tracing::info!(port, "serving on vsock");
             let incoming = listener.incoming().filter_map(|c| keep_ok(c, "vsock accept"));
-            router.serve_with_incoming(incoming).await
+            router.serve_with_incoming(incoming).await.context("serving on vsock")
         }
         Addr::Unix(path) => {
             let _ = std::fs::remove_file(&path);
             let listener = tokio::net::UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
             let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener).filter_map(|c| keep_ok(c, "unix accept"));
-            router.serve_with_incoming(incoming).await
+            router.serve_with_incoming(incoming).await.context("serving on the unix socket")
         }
-    };
-    forwarding.abort();
-    served.context("serving the agent API")
+    }
 }
 
 /// Drops failed accepts (logged) so one bad connection never stops the server.
@@ -139,35 +203,6 @@ fn keep_ok<T>(conn: std::io::Result<T>, what: &str) -> Option<std::io::Result<T>
         Err(e) => {
             tracing::warn!(error = %e, "{what} failed");
             None
-        }
-    }
-}
-
-async fn serve_forwarding(addr: Addr) -> anyhow::Result<()> {
-    match addr {
-        Addr::Vsock(port) => {
-            let listener = tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(tokio_vsock::VMADDR_CID_ANY, port))
-                .with_context(|| format!("binding vsock port {port}"))?;
-            loop {
-                match listener.accept().await {
-                    Ok((stream, _)) => {
-                        tokio::spawn(forward::serve(stream));
-                    }
-                    Err(e) => tracing::warn!(error = %e, "forward accept failed"),
-                }
-            }
-        }
-        Addr::Unix(path) => {
-            let _ = std::fs::remove_file(&path);
-            let listener = tokio::net::UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
-            loop {
-                match listener.accept().await {
-                    Ok((stream, _)) => {
-                        tokio::spawn(forward::serve(stream));
-                    }
-                    Err(e) => tracing::warn!(error = %e, "forward accept failed"),
-                }
-            }
         }
     }
 }

@@ -21,6 +21,7 @@ pub struct AgentService {
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::ExecEvent, Status>> + Send>>;
+type ForwardStream = Pin<Box<dyn Stream<Item = Result<pb::ForwardResponse, Status>> + Send>>;
 type DataStream = Pin<Box<dyn Stream<Item = Result<pb::FileData, Status>> + Send>>;
 
 impl From<ExecError> for Status {
@@ -161,6 +162,55 @@ impl Agent for AgentService {
             .filter(|p| *p > 0)
             .ok_or_else(|| Status::invalid_argument("port must be 1..=65535"))?;
         Ok(Response::new(pb::ProbePortResponse { accepting: forward::probe(port).await }))
+    }
+
+    type ForwardStream = ForwardStream;
+
+    async fn forward(&self, req: Request<Streaming<pb::ForwardRequest>>) -> Result<Response<ForwardStream>, Status> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut inbound = req.into_inner();
+        let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("empty forward stream"))?;
+        let port = u16::try_from(first.port)
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| Status::invalid_argument("the first message must name a port in 1..=65535"))?;
+        let tcp = forward::connect_local(port)
+            .await
+            .map_err(|e| Status::unavailable(format!("nothing accepts on port {port} in the guest: {e}")))?;
+        let _ = tcp.set_nodelay(true);
+        let (mut rd, mut wr) = tcp.into_split();
+        // Host -> guest server; the end of the request stream is the client's half-close.
+        tokio::spawn(async move {
+            if !first.data.is_empty() && wr.write_all(&first.data).await.is_err() {
+                return;
+            }
+            while let Some(Ok(msg)) = inbound.next().await {
+                if wr.write_all(&msg.data).await.is_err() {
+                    return;
+                }
+            }
+            let _ = wr.shutdown().await;
+        });
+        // Guest server -> host, until the server closes.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::ForwardResponse, Status>>(8);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                match rd.read(&mut buf).await {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        if tx.send(Ok(pb::ForwardResponse { data: buf[..n].to_vec() })).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::aborted(format!("port {port}: {e}")))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 
     async fn power_off(&self, req: Request<pb::PowerOffRequest>) -> Result<Response<pb::PowerOffResponse>, Status> {

@@ -1,7 +1,7 @@
 //! The agent binary on the host, serving on Unix sockets instead of vsock: the same code a
 //! guest runs, exercised without booting a VM.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
@@ -28,16 +28,13 @@ impl Agent {
     fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let api = dir.path().join("api.sock");
-        let fwd = dir.path().join("fwd.sock");
         let child = Command::new(env!("CARGO_BIN_EXE_sail-agent"))
             .arg("--listen")
             .arg(format!("unix:{}", api.display()))
-            .arg("--forward")
-            .arg(format!("unix:{}", fwd.display()))
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !(api.exists() && fwd.exists()) {
+        while !api.exists() {
             assert!(Instant::now() < deadline, "agent did not start");
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -243,10 +240,28 @@ async fn files_stream_in_and_out() {
     assert_eq!(read(&mut c, dir.to_str().unwrap()).await.unwrap_err().code(), tonic::Code::FailedPrecondition);
 }
 
-async fn forward(sock: &Path, line: &str) -> tokio::net::UnixStream {
-    let mut s = tokio::net::UnixStream::connect(sock).await.unwrap();
-    s.write_all(line.as_bytes()).await.unwrap();
-    s
+/// Opens a forwarded connection: sends `first` after the port, returns the reply stream.
+async fn forward(
+    c: &mut AgentClient<Channel>,
+    port: u16,
+    first: &[u8],
+    then_close: bool,
+) -> Result<tonic::Streaming<pb::ForwardResponse>, tonic::Status> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::ForwardRequest { port: port.into(), data: first.to_vec() }).await.unwrap();
+    if !then_close {
+        // Keep the request stream open for the test's lifetime.
+        std::mem::forget(tx);
+    }
+    Ok(c.forward(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner())
+}
+
+async fn collect(mut s: tonic::Streaming<pb::ForwardResponse>) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(m) = s.next().await {
+        out.extend(m.unwrap().data);
+    }
+    out
 }
 
 #[tokio::test]
@@ -255,27 +270,24 @@ async fn forwards_ingress_and_probes_ports() {
     let mut c = agent.client().await;
     let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = server.local_addr().unwrap().port();
-    let probe = |port: u16| pb::ProbePortRequest { port: port.into() };
     tokio::spawn(async move {
+        // A server that reads the request to EOF (the client's half-close), then answers.
         let (mut s, _) = server.accept().await.unwrap();
-        let mut buf = [0u8; 4];
-        s.read_exact(&mut buf).await.unwrap();
-        s.write_all(b"pong").await.unwrap();
+        let mut req = Vec::new();
+        s.read_to_end(&mut req).await.unwrap();
+        s.write_all(&req.to_ascii_uppercase()).await.unwrap();
     });
-    let mut s = forward(&agent.path("fwd.sock"), &format!("FORWARD {port}\nping")).await;
-    let mut reply = [0u8; 7];
-    s.read_exact(&mut reply).await.unwrap();
-    assert_eq!(&reply, b"OK\npong");
-    // (Probed after the forward: a probe is a connection the one-shot server would accept.)
+    let replies = forward(&mut c, port, b"ping", true).await.unwrap();
+    assert_eq!(collect(replies).await, b"PING", "half-close reached the server, its answer came back");
+
+    let probe = |port: u16| pb::ProbePortRequest { port: port.into() };
     let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let open = server.local_addr().unwrap().port();
     assert!(c.probe_port(probe(open)).await.unwrap().into_inner().accepting);
-
     let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port();
     assert!(!c.probe_port(probe(closed)).await.unwrap().into_inner().accepting);
-    let mut s = forward(&agent.path("fwd.sock"), &format!("FORWARD {closed}\n")).await;
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).await.unwrap();
-    assert!(reply.starts_with("ERR"), "{reply}");
+    let err = forward(&mut c, closed, b"", false).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    assert_eq!(forward(&mut c, 0, b"", false).await.unwrap_err().code(), tonic::Code::InvalidArgument);
     assert_eq!(c.probe_port(probe(0)).await.unwrap_err().code(), tonic::Code::InvalidArgument);
 }

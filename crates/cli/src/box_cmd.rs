@@ -425,7 +425,6 @@ pub async fn doctor(endpoint: &str, json: bool) -> anyhow::Result<u8> {
     let kit = vmm_host::guest::GuestKit::load(&config.guest_dir);
     let agent = vmm_host::guest::describe_agent(&config.agent_binary);
     let qemu = std::process::Command::new(&config.qemu_binary).arg("--version").output();
-    let vsock = std::process::Command::new(&config.vsock_binary).arg("--version").output();
     let service = match client(endpoint).await {
         Ok(mut c) => c.get_host_info(pb::HostInfoRequest {}).await.ok().map(|r| r.into_inner()),
         Err(_) => None,
@@ -438,12 +437,11 @@ pub async fn doctor(endpoint: &str, json: bool) -> anyhow::Result<u8> {
     let rows: Vec<(&str, Result<String, String>)> = vec![
         ("accelerator", Ok(format!("{} ({})", probe.accel.as_str(), probe.reason))),
         ("qemu", first_line(&qemu).map_err(|e| format!("{}: {e}", config.qemu_binary.display()))),
-        ("vhost-device-vsock", first_line(&vsock).map_err(|e| format!("{}: {e}", config.vsock_binary.display()))),
         ("guest kernel", kit.as_ref().map(|k| format!("{} ({})", k.vmlinux.display(), k.release)).map_err(|e| e.to_string())),
         ("agent", agent.as_ref().map(|a| format!("{} schema {} ({})", a.agent_version, a.guest_schema_version, config.agent_binary.display())).map_err(|e| e.to_string())),
         ("service", service.as_ref().map(|s| format!("{endpoint}: {} running, images {:?}", s.running, s.images)).ok_or_else(|| format!("{endpoint} not reachable"))),
     ];
-    let ok = rows.iter().take(5).all(|(_, r)| r.is_ok());
+    let ok = rows.iter().take(4).all(|(_, r)| r.is_ok());
     if json {
         let obj: serde_json::Map<String, serde_json::Value> = rows
             .iter()

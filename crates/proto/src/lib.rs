@@ -3,8 +3,6 @@
 //! The `.proto` files under `crates/proto/proto/` are the wire contract; everything here is
 //! generated from them at build time by `tonic-prost-build`.
 
-pub mod relay;
-
 /// The volume service API (`sail.volume.v1`).
 pub mod volume {
     #![allow(missing_docs, clippy::all)]

@@ -1,6 +1,8 @@
-//! A gRPC client of a guest's `sail-agent`, over the VMM's hybrid-vsock socket.
+//! A gRPC client of a guest's `sail-agent`, over its guest link (one HTTP/2 connection
+//! carrying every call and every ingress stream).
 
-use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hyper_util::rt::TokioIo;
@@ -8,27 +10,39 @@ use proto::agent as pb;
 use proto::agent::agent_client::AgentClient as RawClient;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::vsock::{self, AGENT_PORT};
+use crate::link::GuestLink;
 
-/// How long one vsock handshake may take.
+/// How long one link handshake may take (once the guest is up).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A client of one guest's agent; cheap to clone (one HTTP/2 connection, re-established on
 /// demand).
+///
+/// A serial link takes one host connection at a time, so a VM must have exactly one client:
+/// create it once and clone it.
 #[derive(Clone)]
 pub struct AgentClient {
     raw: RawClient<Channel>,
-    uds: PathBuf,
+    link: GuestLink,
+    handshake_ms: Arc<AtomicU64>,
 }
 
 impl AgentClient {
-    /// A lazily connecting client for the guest behind the hybrid-vsock socket `uds`.
-    pub fn new(uds: &Path) -> Self {
-        let path = uds.to_path_buf();
+    /// A lazily connecting client for the guest behind `link`.
+    pub fn new(link: &GuestLink) -> Self {
+        Self::with_handshake_timeout(link, HANDSHAKE_TIMEOUT)
+    }
+
+    fn with_handshake_timeout(link: &GuestLink, timeout: Duration) -> Self {
+        let l = link.clone();
+        let handshake_ms = Arc::new(AtomicU64::new(timeout.as_millis() as u64));
+        let limit = handshake_ms.clone();
         let connector = tower::service_fn(move |_: Uri| {
-            let path = path.clone();
+            let l = l.clone();
+            let timeout = Duration::from_millis(limit.load(Ordering::Relaxed));
             async move {
-                let stream = vsock::connect(&path, AGENT_PORT, HANDSHAKE_TIMEOUT)
+                let stream = l
+                    .connect(timeout)
                     .await
                     .map_err(|e| std::io::Error::new(std::io::ErrorKind::ConnectionRefused, e))?;
                 Ok::<_, std::io::Error>(TokioIo::new(stream))
@@ -36,14 +50,21 @@ impl AgentClient {
         });
         // The URI is a placeholder: the connector decides where bytes go.
         let channel = Endpoint::from_static("http://sail-agent")
-            .connect_timeout(HANDSHAKE_TIMEOUT)
+            .initial_stream_window_size(Some(4 << 20))
+            .initial_connection_window_size(Some(16 << 20))
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(20))
             .keep_alive_while_idle(true)
             .tcp_nodelay(true)
             .connect_with_connector_lazy(connector);
         let raw = RawClient::new(channel).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
-        Self { raw, uds: uds.to_path_buf() }
+        Self { raw, link: link.clone(), handshake_ms }
+    }
+
+    /// Sets how long later handshakes may take (short once the guest has booted, so a hung
+    /// guest fails calls instead of stalling them).
+    pub fn set_handshake_timeout(&self, timeout: Duration) {
+        self.handshake_ms.store(timeout.as_millis() as u64, Ordering::Relaxed);
     }
 
     /// The generated client (clone it per call).
@@ -51,32 +72,43 @@ impl AgentClient {
         self.raw.clone()
     }
 
-    /// The hybrid-vsock socket this client uses.
-    pub fn socket(&self) -> &Path {
-        &self.uds
+    /// The link this client uses.
+    pub fn link(&self) -> &GuestLink {
+        &self.link
     }
 
-    /// Says hello until the agent answers or `deadline` passes; `alive` is polled between
-    /// attempts and ends the wait early when it returns false (the VMM died).
+    /// Says hello until the agent answers or `deadline` passes; `alive` is polled while
+    /// waiting and ends the wait early when it returns false (the VMM died). The link has one
+    /// host connection at a time (a serial port), so this waits on the client's own channel.
     pub async fn wait_ready(
         &self,
         req: pb::HelloRequest,
         deadline: Instant,
         mut alive: impl FnMut() -> bool,
     ) -> Result<pb::HelloResponse, String> {
-        let mut last_error = String::from("no attempt made");
+        let mut last_error = String::from("no answer yet");
         let mut pause = Duration::from_millis(20);
         while Instant::now() < deadline {
-            if !alive() {
-                return Err(format!("the VM exited while booting (last error: {last_error})"));
-            }
-            // A fresh connection per attempt: a refused handshake poisons nothing.
-            let mut fresh = Self::new(&self.uds).raw();
-            let attempt = fresh.hello(req.clone());
-            match tokio::time::timeout(Duration::from_secs(10), attempt).await {
-                Ok(Ok(resp)) => return Ok(resp.into_inner()),
-                Ok(Err(status)) => last_error = status.message().to_owned(),
-                Err(_) => last_error = "hello timed out".into(),
+            let mut raw = self.raw.clone();
+            let attempt = raw.hello(req.clone());
+            tokio::pin!(attempt);
+            let outcome = loop {
+                tokio::select! {
+                    r = &mut attempt => break Some(r),
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                        if !alive() {
+                            return Err(format!("the VM exited while booting (last error: {last_error})"));
+                        }
+                        if Instant::now() >= deadline {
+                            break None;
+                        }
+                    }
+                }
+            };
+            match outcome {
+                Some(Ok(resp)) => return Ok(resp.into_inner()),
+                Some(Err(status)) => last_error = status.message().to_owned(),
+                None => break,
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(250));
@@ -84,4 +116,12 @@ impl AgentClient {
         Err(format!("the agent did not answer in time (last error: {last_error})"))
     }
 
+    /// A client whose handshakes may take until the guest has booted (`timeout`); lower it
+    /// with [`AgentClient::set_handshake_timeout`] once it answered.
+    pub fn for_boot(link: &GuestLink, timeout: Duration) -> Self {
+        Self::with_handshake_timeout(link, timeout)
+    }
+
+    /// The handshake timeout used after boot.
+    pub const RUNNING_HANDSHAKE: Duration = HANDSHAKE_TIMEOUT;
 }

@@ -17,6 +17,9 @@ use crate::host::{Host, Live};
 use crate::model::{ExecRecord, ExecStatus, SailboxRecord};
 use crate::now_ms;
 
+/// How long the agent may take to start a command.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Longest command line accepted.
 pub const MAX_COMMAND: usize = 64 << 10;
 
@@ -168,7 +171,11 @@ impl Host {
             stdin: Vec::new(),
         };
         tracing::info!(sailbox = %rec.id, exec = %exec.id, background = exec.background, "exec");
-        if let Err(status) = live.agent.raw().start_exec(start).await {
+        // Bounded: the op lock is held, and a hung guest must not block terminate forever.
+        let started = tokio::time::timeout(START_TIMEOUT, live.agent.raw().start_exec(start))
+            .await
+            .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("the agent did not answer in time")));
+        if let Err(status) = started {
             let why = format!("the agent could not start it: {}", status.message());
             let mut failed = exec.clone();
             failed.status = ExecStatus::Failed(why.clone());

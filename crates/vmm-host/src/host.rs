@@ -39,8 +39,6 @@ pub struct HostConfig {
     pub accel: AccelChoice,
     /// `qemu-system-x86_64`.
     pub qemu_binary: PathBuf,
-    /// `vhost-device-vsock`.
-    pub vsock_binary: PathBuf,
     /// This host's name, reported in sailbox info.
     pub host_name: String,
     /// Longest a boot may take (VMM launch to the agent's first answer).
@@ -51,11 +49,6 @@ impl HostConfig {
     /// Defaults for a data directory: guest kit and agent from their default places,
     /// ingress on 127.0.0.1, accelerator detected, binaries from PATH.
     pub fn local(data_dir: impl Into<PathBuf>) -> Self {
-        let cargo_bin = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin/vhost-device-vsock"));
-        let vsock_binary = std::env::var_os("SAIL_VSOCK_BIN")
-            .map(PathBuf::from)
-            .or_else(|| cargo_bin.filter(|p| p.is_file()))
-            .unwrap_or_else(|| PathBuf::from("vhost-device-vsock"));
         let accel = std::env::var("SAIL_ACCEL").ok().and_then(|s| s.parse().ok()).unwrap_or_default();
         Self {
             data_dir: data_dir.into(),
@@ -64,7 +57,6 @@ impl HostConfig {
             ingress_addr: IpAddr::from([127, 0, 0, 1]),
             accel,
             qemu_binary: PathBuf::from("qemu-system-x86_64"),
-            vsock_binary,
             host_name: crate::hostname(),
             boot_timeout: Duration::from_secs(180),
         }
@@ -143,7 +135,7 @@ impl Host {
         let kit = GuestKit::load(&config.guest_dir).map_err(|e| e.to_string());
         let images = ImageStore::new(state.clone(), backend, config.data_dir.join("images"), kit.clone().ok());
         let accel = crate::accel::detect(config.accel);
-        let hypervisor = Qemu::new(config.qemu_binary.clone(), config.vsock_binary.clone())
+        let hypervisor = Qemu::new(config.qemu_binary.clone())
             .map(|q| Arc::new(q) as Arc<dyn Hypervisor>)
             .map_err(|e| e.to_string());
         tracing::info!(accel = accel.accel.as_str(), reason = %accel.reason, hypervisor = ?hypervisor.as_ref().map(|h| h.version()), "vmm-host starting");
@@ -309,8 +301,17 @@ impl Host {
 
     fn vm_spec(&self, rec: &SailboxRecord, initramfs: &Path) -> Result<VmSpec> {
         let kit = self.inner.kit.clone().map_err(SailboxError::Creation)?;
+        let hypervisor = self.hypervisor()?;
         let dir = self.run_dir(&rec.id);
         let mut cmdline = String::from("console=ttyS0 quiet loglevel=4 panic=-1 random.trust_cpu=on sail.root=/dev/vda");
+        // The agent's log filter, for debugging guests (the kernel hands unknown
+        // `key=value` parameters to init as environment).
+        if let Ok(filter) = std::env::var("SAIL_GUEST_RUST_LOG")
+            && !filter.is_empty()
+            && filter.bytes().all(|b| b.is_ascii_alphanumeric() || b"=,_:-".contains(&b))
+        {
+            cmdline.push_str(&format!(" RUST_LOG={filter}"));
+        }
         if self.inner.accel.accel == crate::accel::Accelerator::Tcg {
             // Without it the kernel hangs calibrating the TSC under TCG's microvm.
             cmdline.push_str(" tsc_early_khz=2000000");
@@ -320,7 +321,7 @@ impl Host {
             memory_file: dir.join("memory"),
             disk: dir.join("disk.qcow2"),
             disk_format: "qcow2",
-            vsock_socket: dir.join("vsock"),
+            link: hypervisor.link(&dir),
             dir,
             vcpus: rec.vcpus,
             memory_mib: rec.memory_mib,
@@ -330,7 +331,7 @@ impl Host {
             accel: self.inner.accel.accel,
         };
         // Unix socket paths are limited to 107 bytes.
-        let longest = spec.dir.join("vhost-vsock.sock");
+        let longest = spec.dir.join("agent.sock.lock");
         if longest.as_os_str().len() > 100 {
             return Err(SailboxError::Creation(format!(
                 "data directory path too long for Unix sockets ({}); use a shorter --data-dir",
@@ -356,7 +357,7 @@ impl Host {
         let procs = hypervisor.launch(&spec).await?;
         rec.procs = procs.clone();
         self.inner.state.put_sailbox(&rec)?;
-        let agent = AgentClient::new(&spec.vsock_socket);
+        let agent = AgentClient::for_boot(&spec.link, self.inner.config.boot_timeout);
         let vmm = procs.last().cloned();
         let hello = pb_hello(&rec);
         let deadline = Instant::now() + self.inner.config.boot_timeout;
@@ -372,6 +373,8 @@ impl Host {
             }
         };
         rec.boot_ms = started.elapsed().as_millis() as u64;
+        // Booted: later handshakes must be quick (a hung guest fails calls, not stalls them).
+        agent.set_handshake_timeout(AgentClient::RUNNING_HANDSHAKE);
         rec.guest_schema_version = hello.guest_schema_version;
         rec.agent_version = hello.agent_version;
         let live = Arc::new(Live {
@@ -479,6 +482,15 @@ impl Host {
         }
     }
 
+    /// One `Hello` round trip to a running sailbox's agent (what benches use as the
+    /// transport's baseline).
+    pub async fn agent_hello(&self, id: &str) -> Result<proto::agent::HelloResponse> {
+        let live = self.running(id)?;
+        let req = proto::agent::HelloRequest::default();
+        let resp = live.agent.raw().hello(req).await.map_err(|s| SailboxError::Execution(s.message().to_owned()))?;
+        Ok(resp.into_inner())
+    }
+
     /// One sailbox (`connect`: it must run on this host).
     pub async fn get(&self, id: &str) -> Result<pb::Sailbox> {
         Ok(self.to_proto(&self.record(id)?))
@@ -526,7 +538,10 @@ impl Host {
                 Err(e) => format!("missing: {e}"),
             },
             images: self.inner.images.list().unwrap_or_default(),
-            vsock_backend: self.inner.config.vsock_binary.display().to_string(),
+            guest_link: match &self.inner.hypervisor {
+                Ok(h) => format!("{:?}", h.link(Path::new("<run dir>"))),
+                Err(_) => String::new(),
+            },
             running,
         }
     }
@@ -600,7 +615,7 @@ impl Host {
         let initramfs = dir.join("initramfs"); // only named in the spec; the VM already booted
         let spec = self.vm_spec(&rec, &initramfs)?;
         hypervisor.status(&spec).await?;
-        let agent = AgentClient::new(&spec.vsock_socket);
+        let agent = AgentClient::new(&spec.link);
         let hello = agent
             .wait_ready(pb_hello_keep(), Instant::now() + Duration::from_secs(20), || true)
             .await

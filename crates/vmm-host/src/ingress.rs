@@ -1,6 +1,7 @@
-//! Ingress: one host TCP listener per ingress port, forwarding each connection over vsock
-//! to the guest agent, which connects it to the port on the guest's loopback. A listener's
-//! route status is whether something in the guest accepts on the port.
+//! Ingress: one host TCP listener per ingress port; each connection becomes one `Forward`
+//! stream to the guest agent (over the sailbox's single agent connection), which connects it
+//! to the port on the guest's loopback. A listener's route status is whether something in
+//! the guest accepts on the port.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,12 +9,12 @@ use std::time::Duration;
 
 use proto::sailbox as pb;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_stream::StreamExt;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::error::{Result, SailboxError};
 use crate::host::{Host, Live};
 use crate::model::ListenerRecord;
-use crate::vsock::{self, FORWARD_PORT};
 
 /// How long one route probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -64,26 +65,44 @@ pub(crate) async fn bind_all(
     Ok(out)
 }
 
-/// Forwards one connection to the guest's `port`.
+/// Forwards one connection to the guest's `port`: client bytes as request messages (their
+/// end is the client's half-close), the guest server's bytes back until it closes.
 async fn forward(live: &Live, conn: TcpStream, port: u32) -> std::result::Result<(), String> {
     let _ = conn.set_nodelay(true);
-    let mut guest = vsock::connect(&live.spec.vsock_socket, FORWARD_PORT, Duration::from_secs(5))
-        .await
-        .map_err(|e| e.to_string())?;
-    guest.write_all(format!("FORWARD {port}\n").as_bytes()).await.map_err(|e| e.to_string())?;
-    let mut reply = Vec::new();
-    loop {
-        let mut b = [0u8; 1];
-        match guest.read(&mut b).await {
-            Ok(1) if b[0] == b'\n' => break,
-            Ok(1) if reply.len() < 256 => reply.push(b[0]),
-            _ => return Err("the agent closed the forwarding stream".into()),
+    let (mut rd, mut wr) = conn.into_split();
+    let (tx, rx) = tokio::sync::mpsc::channel::<proto::agent::ForwardRequest>(8);
+    tx.send(proto::agent::ForwardRequest { port, data: Vec::new() }).await.map_err(|e| e.to_string())?;
+    let upstream = tokio::spawn(async move {
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if tx.send(proto::agent::ForwardRequest { port: 0, data: buf[..n].to_vec() }).await.is_err() {
+                        return;
+                    }
+                }
+            }
         }
+    });
+    let result = async {
+        let mut replies = live
+            .agent
+            .raw()
+            .forward(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map_err(|s| s.message().to_owned())?
+            .into_inner();
+        while let Some(msg) = replies.next().await {
+            let msg = msg.map_err(|s| s.message().to_owned())?;
+            wr.write_all(&msg.data).await.map_err(|e| e.to_string())?;
+        }
+        let _ = wr.shutdown().await;
+        Ok(())
     }
-    if reply != b"OK" {
-        return Err(String::from_utf8_lossy(&reply).into_owned());
-    }
-    proto::relay::relay(conn, guest).await.map(|_| ()).map_err(|e| e.to_string())
+    .await;
+    upstream.abort();
+    result
 }
 
 impl Host {

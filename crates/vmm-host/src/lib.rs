@@ -3,7 +3,8 @@
 //! - [`host::Host`]: the sailboxes of one machine: create, exec, files, listeners,
 //!   terminate, and recovery after a restart; state in RocksDB ([`store`]).
 //! - [`hypervisor`]: the `Hypervisor` trait and its QEMU backend (KVM where it works, TCG
-//!   otherwise: [`accel`]); guests are reached over hybrid vsock ([`vsock`]).
+//!   otherwise: [`accel`]); guests are reached over a virtio-serial port or hybrid vsock
+//!   ([`link`]).
 //! - [`guest`]: the kernel kit and the initramfs that carries `sail-agent`; [`image`]: base
 //!   images stored as chunks; [`disk`]: copy-on-write disk layers.
 //! - [`service`]: the `sail.sailbox.v1` gRPC service.
@@ -25,8 +26,8 @@ mod ingress;
 pub mod model;
 pub mod procs;
 pub mod service;
+pub mod link;
 pub mod store;
-pub mod vsock;
 
 pub use error::{Result, SailboxError};
 pub use host::{Host, HostConfig};

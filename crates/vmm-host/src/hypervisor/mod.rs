@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | launch | command line + QMP socket | `--api-socket`, `vm.create` + `vm.boot` |
 //! | file-backed memory | `memory-backend-file,share=on` | `--memory file=,shared=on` |
-//! | guest channel | vhost-user vsock (vhost-device-vsock), hybrid vsock socket | built-in vsock, same hybrid socket |
+//! | guest link | virtio-serial port on a chardev socket (migratable) | built-in vsock, hybrid vsock socket |
 //! | pause / resume | QMP `stop` / `cont` | `vm.pause` / `vm.resume` |
 //! | device state | QMP `migrate` to a file with `x-ignore-shared` | `vm.snapshot` |
 //!
@@ -20,6 +20,7 @@ use async_trait::async_trait;
 
 use crate::accel::Accelerator;
 use crate::error::Result;
+use crate::link::GuestLink;
 use crate::model::ProcRef;
 
 /// Everything needed to launch one VM. All paths are inside the sailbox's run directory
@@ -46,8 +47,8 @@ pub struct VmSpec {
     pub disk: PathBuf,
     /// Its format ("qcow2" or "raw").
     pub disk_format: &'static str,
-    /// The hybrid-vsock Unix socket the host connects to.
-    pub vsock_socket: PathBuf,
+    /// How the host reaches the agent (the backend decides the kind; see [`Hypervisor::link`]).
+    pub link: GuestLink,
     /// Accelerator.
     pub accel: Accelerator,
 }
@@ -71,6 +72,9 @@ pub trait Hypervisor: Send + Sync + 'static {
 
     /// The VMM's version string.
     fn version(&self) -> String;
+
+    /// The guest link this backend gives a VM whose run directory is `dir`.
+    fn link(&self, dir: &std::path::Path) -> GuestLink;
 
     /// Starts the VM's processes (VMM and helpers) detached from vmm-host, returns them once
     /// the VMM's control socket answers. On failure nothing is left running.

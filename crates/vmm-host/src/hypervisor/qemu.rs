@@ -1,7 +1,8 @@
 //! The QEMU backend: a `microvm` machine booting the PVH kernel directly, file-backed shared
-//! guest memory, the root disk as virtio-blk, and vsock through vhost-device-vsock (a
-//! userspace vhost-user daemon, so the host needs no vhost-vsock module) whose Unix socket
-//! speaks hybrid vsock like Cloud Hypervisor's.
+//! guest memory, the root disk as virtio-blk, and the agent's link as a virtio-serial port
+//! on a chardev socket. Every device is migratable, so device state can be saved for
+//! snapshots (vhost-user-vsock, the other way to reach a guest without host vhost modules,
+//! blocks migration in QEMU).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -14,6 +15,7 @@ use super::qmp::Qmp;
 use super::{Hypervisor, VmSpec, VmStatus};
 use crate::accel::Accelerator;
 use crate::error::{Result, SailboxError};
+use crate::link::GuestLink;
 use crate::model::ProcRef;
 use crate::procs;
 
@@ -25,7 +27,6 @@ const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 /// The QEMU backend.
 pub struct Qemu {
     qemu: PathBuf,
-    vsock_daemon: PathBuf,
     firmware: PathBuf,
     version: String,
 }
@@ -34,13 +35,14 @@ fn qmp_socket(spec: &VmSpec) -> PathBuf {
     spec.dir.join("qmp.sock")
 }
 
-fn vhost_socket(spec: &VmSpec) -> PathBuf {
-    spec.dir.join("vhost-vsock.sock")
+/// The agent's chardev socket in a run directory.
+pub fn agent_socket(dir: &Path) -> PathBuf {
+    dir.join("agent.sock")
 }
 
 impl Qemu {
-    /// Finds `qemu-system-x86_64`, its qboot firmware and `vhost-device-vsock`.
-    pub fn new(qemu: PathBuf, vsock_daemon: PathBuf) -> Result<Self> {
+    /// Finds `qemu-system-x86_64` and its qboot firmware.
+    pub fn new(qemu: PathBuf) -> Result<Self> {
         let out = Command::new(&qemu).arg("--version").output().map_err(|e| {
             SailboxError::Host(format!(
                 "{} not runnable ({e}): run `bash scripts/setup.sh vm` (installs qemu-system-x86)",
@@ -52,13 +54,7 @@ impl Qemu {
         if !firmware.is_file() {
             return Err(SailboxError::Host(format!("{} missing (Debian's qemu-system-data)", firmware.display())));
         }
-        if Command::new(&vsock_daemon).arg("--version").output().is_err() {
-            return Err(SailboxError::Host(format!(
-                "{} not runnable: run `bash scripts/setup.sh vm` (cargo install vhost-device-vsock)",
-                vsock_daemon.display()
-            )));
-        }
-        Ok(Self { qemu, vsock_daemon, firmware, version })
+        Ok(Self { qemu, firmware, version })
     }
 
     /// The command line for `spec` (public for docs and tests).
@@ -86,24 +82,16 @@ impl Qemu {
             spec.disk_format
         ));
         cmd.args(["-device", "virtio-blk-device,drive=root"]);
-        cmd.arg("-chardev").arg(format!("socket,id=vsock,path={}", vhost_socket(spec).display()));
-        cmd.args(["-device", "vhost-user-vsock-device,chardev=vsock"]);
+        cmd.args(["-device", "virtio-serial-device,max_ports=2"]);
+        cmd.arg("-chardev").arg(format!("socket,id=agent,path={},server=on,wait=off", spec.link.socket().display()));
+        cmd.args(["-device", "virtserialport,chardev=agent,name=sail.agent"]);
         cmd.args(["-device", "virtio-rng-device"]);
         cmd.arg("-qmp").arg(format!("unix:{},server=on,wait=off", qmp_socket(spec).display()));
         cmd
     }
 
-    fn vsock_command(&self, spec: &VmSpec) -> Command {
-        let mut cmd = Command::new(&self.vsock_daemon);
-        cmd.args(["--guest-cid", "3", "--socket"]).arg(vhost_socket(spec)).arg("--uds-path").arg(&spec.vsock_socket);
-        cmd
-    }
-
     async fn launch_inner(&self, spec: &VmSpec, procs: &mut Vec<ProcRef>) -> Result<()> {
         let log = spec.dir.join("vmm.log");
-        let daemon = procs::spawn(self.vsock_command(spec), &spec.dir.join("vsock.log"))?;
-        procs.push(daemon.clone());
-        wait_for(&vhost_socket(spec), &daemon, "vhost-device-vsock socket").await?;
         let vmm = procs::spawn(self.command(spec), &log)?;
         procs.push(vmm.clone());
         let deadline = Instant::now() + START_TIMEOUT;
@@ -136,21 +124,6 @@ impl Qemu {
     }
 }
 
-/// Waits until `path` exists, failing early if `proc` dies.
-async fn wait_for(path: &Path, proc: &ProcRef, what: &str) -> Result<()> {
-    let deadline = Instant::now() + START_TIMEOUT;
-    while !path.exists() {
-        if !procs::alive(proc) {
-            return Err(SailboxError::Creation(format!("{what}: the daemon exited at start")));
-        }
-        if Instant::now() > deadline {
-            return Err(SailboxError::Creation(format!("{what} did not appear in time")));
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    Ok(())
-}
-
 #[async_trait]
 impl Hypervisor for Qemu {
     fn name(&self) -> &'static str {
@@ -159,6 +132,10 @@ impl Hypervisor for Qemu {
 
     fn version(&self) -> String {
         self.version.clone()
+    }
+
+    fn link(&self, dir: &Path) -> GuestLink {
+        GuestLink::Serial(agent_socket(dir))
     }
 
     async fn launch(&self, spec: &VmSpec) -> Result<Vec<ProcRef>> {

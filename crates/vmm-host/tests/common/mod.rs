@@ -1,5 +1,5 @@
 //! Test harness: a real vmm-host (QEMU, TCG here) serving gRPC on 127.0.0.1, with a client.
-//! Needs root, qemu-system-x86, vhost-device-vsock, the guest kit and the static agent
+//! Needs root, qemu-system-x86, the guest kit and the static agent
 //! (`bash scripts/setup.sh vm && bash scripts/build-agent.sh`); missing pieces fail the
 //! test with that instruction.
 #![allow(dead_code)]
@@ -48,7 +48,6 @@ pub fn require_vm_tools(config: &HostConfig) {
     assert!(config.guest_dir.join("vmlinux").is_file(), "no guest kernel in {}: {fix}", config.guest_dir.display());
     assert!(config.agent_binary.is_file(), "no static agent at {}: {fix}", config.agent_binary.display());
     assert!(std::process::Command::new(&config.qemu_binary).arg("--version").output().is_ok(), "no QEMU: {fix}");
-    assert!(std::process::Command::new(&config.vsock_binary).arg("--version").output().is_ok(), "no vhost-device-vsock: {fix}");
 }
 
 /// A short data directory (Unix socket paths are limited to 107 bytes) that kills every VM
@@ -82,6 +81,10 @@ pub fn config(dir: &Path) -> HostConfig {
 
 /// Opens a host on `dir` and serves it.
 pub async fn serve(dir: &Path) -> Served {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_test_writer()
+        .try_init();
     let host = Host::open(config(dir)).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -1,0 +1,208 @@
+//! Sailbox figures on a real VMM: create to first exec, exec round trip, and file transfer
+//! through the agent against the guest's own `dd` of the same size.
+//!
+//! Baselines in the same run: a host `sh -c true` (fork + exec, what an exec costs without a
+//! VM), the agent's `Hello` (the vsock + gRPC round trip alone), and the guest's `dd`.
+//!
+//! `cargo run --release -p sail-benches --bin sailbox [-- --boots 5 --execs 50 --mib 256]`
+//! (root; `bash scripts/setup.sh vm && bash scripts/build-agent.sh` first).
+
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use proto::sailbox as pb;
+use proto::sailbox::sailbox_service_client::SailboxServiceClient;
+use sail_benches::{mib_per_s, ms, percentile, print_table, random_bytes};
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+use vmm_host::{GrpcSailboxes, Host, HostConfig};
+
+#[derive(Parser)]
+struct Args {
+    /// Boots to time (create to first exec).
+    #[arg(long, default_value_t = 5)]
+    boots: usize,
+    /// Exec round trips to time.
+    #[arg(long, default_value_t = 50)]
+    execs: usize,
+    /// File size for the transfer rows, MiB.
+    #[arg(long, default_value_t = 256)]
+    mib: usize,
+    /// Transfers per direction (median reported).
+    #[arg(long, default_value_t = 5)]
+    transfers: usize,
+    /// Image to boot.
+    #[arg(long, default_value = "minimal")]
+    image: String,
+}
+
+type Client = SailboxServiceClient<Channel>;
+
+async fn exec(c: &mut Client, id: &str, command: &str) -> anyhow::Result<pb::ExecResult> {
+    let h = c.exec(pb::ExecRequest { sailbox_id: id.into(), command: command.into(), ..Default::default() }).await?.into_inner();
+    Ok(c.wait_exec(pb::WaitExecRequest { exec_id: h.exec_id, timeout_ms: 0 }).await?.into_inner())
+}
+
+fn create_req(image: &str, disk_gib: u32) -> pb::CreateSailboxRequest {
+    pb::CreateSailboxRequest { app: "bench".into(), image: image.into(), cpu: 1.0, memory_mib: 1024, disk_gib, ..Default::default() }
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    percentile(&mut v, 50.0)
+}
+
+/// Seconds from the guest's `dd` status line ("... copied, 1.234 s, ...").
+fn dd_seconds(stderr: &[u8]) -> Option<f64> {
+    let text = String::from_utf8_lossy(stderr);
+    let line = text.lines().rev().find(|l| l.contains("copied") || l.contains(" seconds"))?;
+    line.split(',').find_map(|part| {
+        let part = part.trim();
+        let num = part.split_whitespace().next()?;
+        (part.ends_with(" s") || part.ends_with("seconds")).then(|| num.parse().ok()).flatten()
+    })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let dir = tempfile::Builder::new().prefix("sbxb").tempdir_in("/tmp")?;
+    let host = Host::open(HostConfig::local(dir.path().join("vmm"))).await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let svc = GrpcSailboxes::new(host.clone()).into_server();
+    tokio::spawn(async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let _ = tonic::transport::Server::builder().add_service(svc).serve_with_incoming(incoming).await;
+    });
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.tcp_nodelay(true).connect().await?;
+    let mut c = SailboxServiceClient::new(ch).max_decoding_message_size(64 << 20);
+    let info = c.get_host_info(pb::HostInfoRequest {}).await?.into_inner();
+    eprintln!("bench: {} {} ({}), image {}", info.hypervisor, info.accelerator, info.accelerator_reason, args.image);
+    // Build / assemble the image outside the timed boots.
+    let mut progress = c.ensure_image(pb::EnsureImageRequest { image: args.image.clone() }).await?.into_inner();
+    while let Some(p) = progress.next().await {
+        eprintln!("bench: {}", p?.message);
+    }
+
+    // Create to first exec answered.
+    let mut boots = Vec::new();
+    let mut agent_boot = Vec::new();
+    for i in 0..args.boots {
+        let t = Instant::now();
+        let sb = c.create_sailbox(create_req(&args.image, 2)).await?.into_inner();
+        let r = exec(&mut c, &sb.sailbox_id, "true").await?;
+        anyhow::ensure!(r.return_code == 0, "first exec failed");
+        boots.push(t.elapsed());
+        agent_boot.push(Duration::from_millis(sb.boot_ms));
+        eprintln!("bench: boot {} of {}: {:.2} s", i + 1, args.boots, t.elapsed().as_secs_f64());
+        c.terminate(pb::TerminateRequest { sailbox_id: sb.sailbox_id }).await?;
+    }
+
+    // Exec round trips on one running sailbox; baselines: host fork+exec, agent Hello.
+    let sb = c.create_sailbox(create_req(&args.image, 4)).await?.into_inner();
+    let id = sb.sailbox_id.clone();
+    let mut rtt = Vec::new();
+    for _ in 0..args.execs {
+        let t = Instant::now();
+        exec(&mut c, &id, "true").await?;
+        rtt.push(t.elapsed());
+    }
+    let mut fork_exec = Vec::new();
+    for _ in 0..args.execs {
+        let t = Instant::now();
+        std::process::Command::new("/bin/sh").args(["-c", "true"]).status()?;
+        fork_exec.push(t.elapsed());
+    }
+    // The agent's own round trip, through the host's connection to it (GetSailbox with a
+    // probe-free listener call would add the state store; Hello is the link alone).
+    let mut hello = Vec::new();
+    for _ in 0..args.execs {
+        let t = Instant::now();
+        host.agent_hello(&id).await?;
+        hello.push(t.elapsed());
+    }
+    let rtt_p50 = percentile(&mut rtt, 50.0);
+    let rtt_p99 = percentile(&mut rtt, 99.0);
+    let fork_p50 = percentile(&mut fork_exec, 50.0);
+    let hello_p50 = percentile(&mut hello, 50.0);
+
+    // Files through the agent vs the guest's dd of the same size (write fsynced, read cold).
+    let bytes = (args.mib as u64) << 20;
+    let data = random_bytes(bytes as usize, 11);
+    let (mut up, mut down, mut dd_w, mut dd_r) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..args.transfers {
+        let t = Instant::now();
+        let mut msgs = vec![pb::WriteFileRequest { sailbox_id: id.clone(), path: "/bench/file".into(), mode: 0o644, size: bytes, data: Vec::new() }];
+        msgs.extend(data.chunks(1 << 20).map(|p| pb::WriteFileRequest { data: p.to_vec(), ..Default::default() }));
+        c.write_file(tokio_stream::iter(msgs)).await?;
+        up.push(t.elapsed());
+        exec(&mut c, &id, "sync; echo 3 > /proc/sys/vm/drop_caches").await?;
+        let t = Instant::now();
+        let mut s = c.read_file(pb::ReadFileRequest { sailbox_id: id.clone(), path: "/bench/file".into() }).await?.into_inner();
+        let mut n = 0u64;
+        while let Some(m) = s.next().await {
+            n += m?.data.len() as u64;
+        }
+        anyhow::ensure!(n == bytes, "short read");
+        down.push(t.elapsed());
+        let w = exec(&mut c, &id, &format!("dd if=/dev/zero of=/bench/dd bs=1M count={} conv=fsync 2>&1 >/dev/null", args.mib)).await?;
+        let secs = dd_seconds(&w.stdout).or_else(|| dd_seconds(&w.stderr));
+        dd_w.push(Duration::from_secs_f64(secs.ok_or_else(|| anyhow::anyhow!("no dd time in {:?}", String::from_utf8_lossy(&w.stdout)))?));
+        exec(&mut c, &id, "sync; echo 3 > /proc/sys/vm/drop_caches").await?;
+        let r = exec(&mut c, &id, "dd if=/bench/file of=/dev/null bs=1M 2>&1").await?;
+        let secs = dd_seconds(&r.stdout).ok_or_else(|| anyhow::anyhow!("no dd time in {:?}", String::from_utf8_lossy(&r.stdout)))?;
+        dd_r.push(Duration::from_secs_f64(secs));
+        exec(&mut c, &id, "rm -f /bench/dd").await?;
+    }
+    c.terminate(pb::TerminateRequest { sailbox_id: id }).await?;
+
+    let accel = info.accelerator.clone();
+    print_table(
+        &format!("Sailbox lifecycle ({} {}; medians)", info.hypervisor, accel),
+        &["measure", "ms", "baseline", "baseline ms", "ratio"],
+        &[
+            vec![
+                format!("create to first exec answered (n={})", args.boots),
+                ms(median(boots.clone())),
+                "agent first answer (boot_ms)".into(),
+                ms(median(agent_boot.clone())),
+                format!("{:.2}x", median(boots.clone()).as_secs_f64() / median(agent_boot.clone()).as_secs_f64().max(1e-9)),
+            ],
+            vec![
+                format!("exec `true` round trip p50 (n={})", args.execs),
+                ms(rtt_p50),
+                "host sh -c true".into(),
+                ms(fork_p50),
+                format!("{:.1}x", rtt_p50.as_secs_f64() / fork_p50.as_secs_f64()),
+            ],
+            vec![
+                "exec `true` round trip p99".into(),
+                ms(rtt_p99),
+                "agent Hello (vsock + gRPC)".into(),
+                ms(hello_p50),
+                format!("{:.1}x", rtt_p50.as_secs_f64() / hello_p50.as_secs_f64()),
+            ],
+        ],
+    );
+    let (up, down, dd_w, dd_r) = (median(up), median(down), median(dd_w), median(dd_r));
+    print_table(
+        &format!("File transfer through the agent, {} MiB (medians of {})", args.mib, args.transfers),
+        &["direction", "agent MiB/s", "guest dd MiB/s", "agent / dd"],
+        &[
+            vec![
+                "write (host -> guest file, fsynced)".into(),
+                format!("{:.1}", mib_per_s(bytes, up)),
+                format!("{:.1}", mib_per_s(bytes, dd_w)),
+                format!("{:.2}", dd_w.as_secs_f64() / up.as_secs_f64()),
+            ],
+            vec![
+                "read (guest file -> host, cold cache)".into(),
+                format!("{:.1}", mib_per_s(bytes, down)),
+                format!("{:.1}", mib_per_s(bytes, dd_r)),
+                format!("{:.2}", dd_r.as_secs_f64() / down.as_secs_f64()),
+            ],
+        ],
+    );
+    host.shutdown().await;
+    Ok(())
+}
