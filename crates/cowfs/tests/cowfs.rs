@@ -1,0 +1,160 @@
+//! The daemon on a real FUSE mount (root and /dev/fuse): files written through write(2) and
+//! through shared mappings (as QEMU writes guest memory), frozen and exported as chunks,
+//! rebuilt lazily from their manifests, and checkpoints that stay exact while the file keeps
+//! changing.
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use cowfs::CowClient;
+use serde_json::Value;
+
+struct Daemon {
+    child: Child,
+    dir: tempfile::TempDir,
+    client: CowClient,
+}
+
+impl Daemon {
+    fn mount(&self) -> PathBuf {
+        self.dir.path().join("mnt")
+    }
+    fn file(&self, name: &str) -> PathBuf {
+        self.mount().join(name)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        cowfs::daemon::clean_dead_mount(&self.mount());
+        let c = std::ffi::CString::new(self.mount().as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: detaching a mount this test made, if it is still there.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+async fn start(chunks: &Path) -> Daemon {
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("control.sock");
+    let child = Command::new(env!("CARGO_BIN_EXE_sail-cowfs"))
+        .arg("--mount")
+        .arg(dir.path().join("mnt"))
+        .arg("--control")
+        .arg(&control)
+        .arg("--store")
+        .arg(dir.path().join("store"))
+        .arg("--chunks")
+        .arg(chunks)
+        .spawn()
+        .unwrap();
+    let client = CowClient::new(&control);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !client.ping().await {
+        assert!(Instant::now() < deadline, "sail-cowfs did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Daemon { child, dir, client }
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+}
+
+/// Writes through a shared mapping and flushes it (msync), as guest memory is written.
+fn write_mapped(path: &Path, off: usize, data: &[u8]) {
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let len = f.metadata().unwrap().len() as usize;
+    // SAFETY: a fresh shared mapping of the whole file, written within bounds, then unmapped.
+    unsafe {
+        let p = libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, std::os::fd::AsRawFd::as_raw_fd(&f), 0);
+        assert_ne!(p, libc::MAP_FAILED);
+        std::ptr::copy_nonoverlapping(data.as_ptr(), (p as *mut u8).add(off), data.len());
+        assert_eq!(libc::msync(p, len, libc::MS_SYNC), 0);
+        libc::munmap(p, len);
+    }
+    f.sync_all().unwrap();
+}
+
+fn stat(v: &Value, k: &str) -> u64 {
+    v.get(k).and_then(Value::as_u64).unwrap_or(u64::MAX)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_round_trip_through_chunks() {
+    let chunks = tempfile::tempdir().unwrap();
+    let d = start(chunks.path()).await;
+    let size = 8 << 20;
+    d.client.create_zeros("vm.mem", size).await.unwrap();
+    let path = d.file("vm.mem");
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), size);
+
+    // Writes through a mapping (page-sized) and through pwrite (partial pages).
+    let a = pattern(300 << 10, 1);
+    write_mapped(&path, 1 << 20, &a);
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+    f.write_all_at(b"hello", 5_000_003).unwrap();
+    let st = d.client.stats("vm.mem").await.unwrap();
+    assert_eq!(stat(&st, "dirty_regions"), 3, "regions 4, 5 and 19 were written: {st}");
+
+    // Checkpoint 1.
+    assert_eq!(d.client.freeze("vm.mem").await.unwrap(), 3);
+    let first = d.client.export("vm.mem").await.unwrap();
+    assert_eq!((first.regions, first.chunks_uploaded, first.zero_regions), (3, 3, 0));
+
+    // Changes after a freeze do not leak into that checkpoint.
+    f.write_all_at(b"hello", 1_000_000).unwrap();
+    assert_eq!(d.client.freeze("vm.mem").await.unwrap(), 1);
+    f.write_all_at(b"LATER", 1_000_000).unwrap(); // after the freeze: must not be exported
+    let second = d.client.export("vm.mem").await.unwrap();
+    assert_eq!(second.regions, 1);
+    // Rewriting a region to its previous bytes uploads nothing new (region 3 changed after
+    // the last freeze, region 4 is rewritten with the bytes it had).
+    f.write_all_at(&a[..5], 1 << 20).unwrap();
+    d.client.freeze("vm.mem").await.unwrap();
+    let third = d.client.export("vm.mem").await.unwrap();
+    assert_eq!((third.regions, third.chunks_uploaded), (2, 1), "unchanged bytes are not uploaded again");
+
+    // A new daemon on the same chunk store rebuilds checkpoint 2 lazily.
+    drop(f);
+    let e = start(chunks.path()).await;
+    e.client.create_from("restored", &second.manifest).await.unwrap();
+    let r = std::fs::File::open(e.file("restored")).unwrap();
+    let mut buf = vec![0u8; 5];
+    r.read_exact_at(&mut buf, 1_000_000).unwrap();
+    assert_eq!(&buf, b"hello", "the checkpoint holds what was there at its freeze");
+    r.read_exact_at(&mut buf, 5_000_003).unwrap();
+    assert_eq!(&buf, b"hello");
+    let mut got = vec![0u8; a.len()];
+    r.read_exact_at(&mut got, 1 << 20).unwrap();
+    assert!(got == a, "mapped writes were captured");
+    let st = e.client.stats("restored").await.unwrap();
+    let fetched = st["chunks"]["fetched"].as_u64().unwrap();
+    // The manifest, plus the four regions read (3, 4, 5, 19); the file has 32.
+    assert!((2..=5).contains(&fetched), "only touched regions are fetched: {st}");
+    let mut zero = vec![1u8; 4096];
+    r.read_exact_at(&mut zero, 7 << 20).unwrap();
+    assert!(zero.iter().all(|&b| b == 0), "untouched regions read as zeros");
+    assert_eq!(e.client.stats("restored").await.unwrap()["chunks"]["fetched"].as_u64().unwrap(), fetched);
+
+    // Bad requests get errors, and the daemon goes on.
+    assert!(e.client.create_zeros("../escape", 10).await.is_err());
+    assert!(e.client.create_zeros("restored", 10).await.is_err(), "names are unique");
+    assert!(e.client.create_from("x", "00").await.is_err());
+    assert!(e.client.freeze("missing").await.is_err());
+    assert!(e.client.ping().await);
+    e.client.remove("restored").await.unwrap();
+    assert!(!e.file("restored").exists());
+}
