@@ -62,6 +62,14 @@ impl Agent for AgentService {
         if !req.hostname.is_empty() {
             system::set_hostname(&req.hostname).map_err(|e| Status::invalid_argument(e.to_string()))?;
         }
+        let reseeded = !req.entropy.is_empty()
+            && match system::reseed(&req.entropy) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not reseed the guest RNG");
+                    false
+                }
+            };
         Ok(Response::new(pb::HelloResponse {
             protocol_version: PROTOCOL_VERSION,
             guest_schema_version: GUEST_SCHEMA_VERSION,
@@ -71,6 +79,7 @@ impl Agent for AgentService {
             boot_id_hash: system::boot_id_hash(),
             uptime_ms: system::uptime_ms(),
             clock_adjusted,
+            reseeded,
         }))
     }
 

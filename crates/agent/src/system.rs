@@ -112,6 +112,36 @@ pub fn grow_root_fs() -> std::io::Result<()> {
     Ok(())
 }
 
+/// `_IOW('R', 0x03, int[2])`: add entropy to the pool, crediting it.
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+/// `_IO('R', 0x07)`: reseed the CRNG from the pool now.
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+/// Mixes `entropy` into the kernel's pool (credited) and reseeds the CRNG, so a restored or
+/// forked guest stops producing its parent's random numbers.
+pub fn reseed(entropy: &[u8]) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    if entropy.is_empty() || entropy.len() > 4096 {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "entropy must be 1..=4096 bytes"));
+    }
+    let dev = std::fs::OpenOptions::new().write(true).open("/dev/urandom")?;
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let mut info = Vec::with_capacity(8 + entropy.len());
+    info.extend_from_slice(&((entropy.len() * 8) as i32).to_ne_bytes());
+    info.extend_from_slice(&(entropy.len() as i32).to_ne_bytes());
+    info.extend_from_slice(entropy);
+    info.resize(8 + entropy.len().div_ceil(4) * 4, 0);
+    // SAFETY: the buffer holds a rand_pool_info with buf_size bytes after its header.
+    if unsafe { libc::ioctl(dev.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: an argument-less ioctl.
+    if unsafe { libc::ioctl(dev.as_raw_fd(), RNDRESEEDCRNG) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Milliseconds since the Unix epoch on the guest clock.
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)

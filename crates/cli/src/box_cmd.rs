@@ -55,8 +55,12 @@ pub enum BoxCmd {
         #[arg(long)]
         max_guest_schema_version: Option<u32>,
     },
-    /// Show one sailbox.
-    Info { id: String },
+    /// Show one sailbox (`--connect` resumes a paused or sleeping one first).
+    Info {
+        id: String,
+        #[arg(long)]
+        connect: bool,
+    },
     /// Show a sailbox's listeners and whether they route; --wait waits until PORT routes.
     Listeners {
         id: String,
@@ -87,6 +91,35 @@ pub enum BoxCmd {
     Read { id: String, path: String },
     /// Terminate a sailbox for good.
     Terminate { id: String },
+    /// Snapshot memory and disk while it keeps running (prints the checkpoint).
+    Checkpoint { id: String },
+    /// Checkpoint and power down until `resume` (exec fails, ingress does not wake it).
+    Pause { id: String },
+    /// Checkpoint and power down until ingress, an exec, `resume` or `--call` completing.
+    Sleep {
+        id: String,
+        /// Sleep while this external call is in flight (`complete-call` wakes it).
+        #[arg(long)]
+        call: Option<String>,
+    },
+    /// Start a paused or sleeping sailbox again.
+    Resume { id: String },
+    /// The external call a sleep waits on completed.
+    CompleteCall { id: String, call: String },
+    /// A new running sailbox from this one's state (prints the child like `create`).
+    Fork { id: String },
+    /// A new running sailbox from a checkpoint id (from any host sharing the chunk store).
+    Restore {
+        checkpoint: String,
+        #[arg(long, default_value = "")]
+        app: String,
+        #[arg(long, default_value = "")]
+        name: String,
+        #[arg(long = "port")]
+        ports: Vec<u32>,
+    },
+    /// Reboot onto the newest agent (recorded for the next wake if paused or sleeping).
+    Upgrade { id: String },
 }
 
 #[derive(Args, Clone)]
@@ -159,8 +192,26 @@ pub fn sailbox_json(s: &pb::Sailbox) -> serde_json::Value {
         "listeners": s.listeners.iter().map(listener_json).collect::<Vec<_>>(),
         "created_unix_ms": s.created_unix_ms, "guest_schema_version": s.guest_schema_version,
         "agent_version": s.agent_version, "hypervisor": s.hypervisor, "accelerator": s.accelerator,
-        "host": s.host, "boot_ms": s.boot_ms,
+        "host": s.host, "boot_ms": s.boot_ms, "last_checkpoint": s.last_checkpoint,
+        "pending_upgrade": s.pending_upgrade, "sleeping_on_call": s.sleeping_on_call, "forked_from": s.forked_from,
     })
+}
+
+fn checkpoint_json(c: &pb::Checkpoint) -> serde_json::Value {
+    serde_json::json!({
+        "checkpoint_id": c.checkpoint_id, "sailbox_id": c.sailbox_id, "pause_ms": c.pause_ms, "total_ms": c.total_ms,
+        "memory_bytes": c.memory_bytes, "memory_bytes_changed": c.memory_bytes_changed,
+        "memory_bytes_uploaded": c.memory_bytes_uploaded, "disk_bytes_changed": c.disk_bytes_changed,
+        "disk_bytes_uploaded": c.disk_bytes_uploaded, "parent_checkpoint": c.parent_checkpoint,
+    })
+}
+
+fn print_state(s: pb::Sailbox, json: bool) {
+    if json {
+        println!("{}", sailbox_json(&s));
+    } else {
+        eprintln!("{} {}", s.sailbox_id, state_name(s.state));
+    }
 }
 
 fn listener_json(l: &pb::Listener) -> serde_json::Value {
@@ -233,9 +284,66 @@ pub async fn run(endpoint: &str, json: bool, cmd: BoxCmd) -> anyhow::Result<u8> 
                 }
             }
         }
-        BoxCmd::Info { id } => {
-            let s = c.get_sailbox(pb::GetSailboxRequest { sailbox_id: id }).await.map_err(BoxError::from)?.into_inner();
+        BoxCmd::Info { id, connect } => {
+            let s = c.get_sailbox(pb::GetSailboxRequest { sailbox_id: id, connect }).await.map_err(BoxError::from)?.into_inner();
             print_sailbox(&s, json);
+        }
+        BoxCmd::Checkpoint { id } => {
+            let ck = c.checkpoint_sailbox(pb::SailboxIdRequest { sailbox_id: id }).await.map_err(BoxError::from)?.into_inner();
+            if json {
+                println!("{}", checkpoint_json(&ck));
+            } else {
+                println!("{}", ck.checkpoint_id);
+                eprintln!(
+                    "paused {} ms, durable after {} ms; memory: {} changed, {} uploaded of {}; disk: {} changed, {} uploaded",
+                    ck.pause_ms, ck.total_ms, crate::human(ck.memory_bytes_changed), crate::human(ck.memory_bytes_uploaded),
+                    crate::human(ck.memory_bytes), crate::human(ck.disk_bytes_changed), crate::human(ck.disk_bytes_uploaded)
+                );
+            }
+        }
+        BoxCmd::Pause { id } => print_state(c.pause(pb::SailboxIdRequest { sailbox_id: id }).await.map_err(BoxError::from)?.into_inner(), json),
+        BoxCmd::Sleep { id, call } => {
+            let req = pb::SleepRequest { sailbox_id: id, call: call.unwrap_or_default() };
+            print_state(c.sleep(req).await.map_err(BoxError::from)?.into_inner(), json)
+        }
+        BoxCmd::Resume { id } => print_state(c.resume(pb::SailboxIdRequest { sailbox_id: id }).await.map_err(BoxError::from)?.into_inner(), json),
+        BoxCmd::CompleteCall { id, call } => {
+            let req = pb::CompleteCallRequest { sailbox_id: id, call };
+            print_state(c.complete_call(req).await.map_err(BoxError::from)?.into_inner(), json)
+        }
+        BoxCmd::Fork { id } => {
+            let r = c.fork(pb::SailboxIdRequest { sailbox_id: id }).await.map_err(BoxError::from)?.into_inner();
+            let child = r.child.unwrap_or_default();
+            if json {
+                let mut v = sailbox_json(&child);
+                v["checkpoint"] = r.checkpoint.as_ref().map(checkpoint_json).unwrap_or_default();
+                println!("{v}");
+            } else {
+                println!("{}", child.sailbox_id);
+                eprintln!("forked from {} ({} ms to the child's agent)", child.forked_from, child.boot_ms);
+            }
+        }
+        BoxCmd::Restore { checkpoint, app, name, ports } => {
+            let req = pb::RestoreRequest { checkpoint_id: checkpoint, app, name, ingress_ports: ports };
+            let s = c.restore_sailbox(req).await.map_err(BoxError::from)?.into_inner();
+            if json {
+                println!("{}", sailbox_json(&s));
+            } else {
+                println!("{}", s.sailbox_id);
+            }
+        }
+        BoxCmd::Upgrade { id } => {
+            let r = c.upgrade(pb::SailboxIdRequest { sailbox_id: id }).await.map_err(BoxError::from)?.into_inner();
+            let s = r.sailbox.unwrap_or_default();
+            if json {
+                let mut v = sailbox_json(&s);
+                v["applied"] = serde_json::json!(r.applied);
+                println!("{v}");
+            } else if r.applied {
+                eprintln!("{} runs agent schema {}", s.sailbox_id, s.guest_schema_version);
+            } else {
+                eprintln!("{} is {}: the upgrade applies at its next wake", s.sailbox_id, state_name(s.state));
+            }
         }
         BoxCmd::Listeners { id, port, wait } => {
             let req = pb::ListenersRequest {

@@ -19,7 +19,10 @@ use crate::file::CowFile;
 use crate::manifest::Manifest;
 
 const ROOT: u64 = 1;
-const TTL: Duration = Duration::from_secs(1);
+/// Entries and attributes are not cached by the kernel: files are created and removed
+/// through the control socket, which the kernel does not see (a cached entry of a removed
+/// file would hide the new file of the same name).
+const TTL: Duration = Duration::ZERO;
 
 /// The files of a cowfs mount, by name and inode.
 pub struct Registry {

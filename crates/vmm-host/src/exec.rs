@@ -70,8 +70,14 @@ impl ExecHub {
             let live = live2;
             let mut pause = Duration::from_millis(100);
             loop {
+                // Paused or sleeping: the command is frozen in the checkpointed guest and goes
+                // on when it wakes; wait for a VM.
+                let Some(vm) = live.vm() else {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                };
                 let req = apb::WaitExecRequest { request_id: id.clone(), ..Default::default() };
-                match live.agent.raw().wait_exec(req).await {
+                match vm.agent.raw().wait_exec(req).await {
                     Ok(resp) => {
                         if let Err(e) = host.record_result(&live, &id, resp.into_inner()).await {
                             tracing::error!(exec = %id, error = %e, "recording an exec result failed");
@@ -79,8 +85,9 @@ impl ExecHub {
                         return;
                     }
                     Err(status) if status.code() == tonic::Code::NotFound => {
-                        // The agent forgot it: the guest rebooted under the request.
-                        let reason = "the guest agent no longer knows this request (the guest restarted)".to_owned();
+                        // The agent does not know it: the guest rebooted, or was restored from
+                        // a checkpoint taken before the command started (not replayed).
+                        let reason = "the guest no longer knows this request (it restarted or was restored from an earlier checkpoint)".to_owned();
                         if let Ok(Some(exec)) = host.inner.state.exec(&id) {
                             let _ = host.finish_exec(&live, &exec, ExecStatus::Lost(reason)).await;
                         }
@@ -96,7 +103,7 @@ impl ExecHub {
                 }
             }
         });
-        live.tasks.lock().unwrap_or_else(|p| p.into_inner()).push(task);
+        live.push_task(task);
     }
 }
 
@@ -136,12 +143,11 @@ impl Host {
                 return Err(SailboxError::invalid(format!("bad environment variable {k:?}")));
             }
         }
-        let live = self.running(&req.sailbox_id)?;
+        let (live, _) = self.awake(&req.sailbox_id).await?;
         let _op = live.op.lock().await;
+        // The state may have changed while waiting for the lock.
+        let (live, vm) = self.running(&req.sailbox_id)?;
         let rec = live.snapshot();
-        if rec.state != crate::model::State::Running {
-            return Err(SailboxError::Execution(format!("sailbox {} is {:?}", rec.id, rec.state)));
-        }
         if let Some(active) = &rec.active_exec {
             return Err(SailboxError::ExecAlreadyRunning { sailbox: rec.id.clone(), active: active.clone() });
         }
@@ -172,7 +178,7 @@ impl Host {
         };
         tracing::info!(sailbox = %rec.id, exec = %exec.id, background = exec.background, "exec");
         // Bounded: the op lock is held, and a hung guest must not block terminate forever.
-        let started = tokio::time::timeout(START_TIMEOUT, live.agent.raw().start_exec(start))
+        let started = tokio::time::timeout(START_TIMEOUT, vm.agent.raw().start_exec(start))
             .await
             .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("the agent did not answer in time")));
         if let Err(status) = started {
@@ -271,10 +277,10 @@ impl Host {
         tokio::spawn(async move {
             let (mut out_off, mut err_off) = (0u64, 0u64);
             if exec.status == ExecStatus::Running
-                && let Some(live) = host.live(&exec.sailbox)
+                && let Some(vm) = host.live(&exec.sailbox).and_then(|l| l.vm())
             {
                 let req = apb::WaitExecRequest { request_id: id.clone(), stdout_offset: 0, stderr_offset: 0 };
-                if let Ok(resp) = live.agent.raw().stream_exec(req).await {
+                if let Ok(resp) = vm.agent.raw().stream_exec(req).await {
                     let mut events = resp.into_inner();
                     while let Some(Ok(ev)) = events.next().await {
                         let event = match ev.event {

@@ -36,7 +36,7 @@ impl Host {
         if first.mode > 0o7777 {
             return Err(SailboxError::invalid(format!("mode {:o} has bits beyond 0o7777", first.mode)));
         }
-        let live = self.running(&first.sailbox_id)?;
+        let (live, vm) = self.awake(&first.sailbox_id).await?;
         let capacity = u64::from(live.snapshot().disk_gib) << 30;
         if first.size > capacity {
             return Err(SailboxError::invalid(format!(
@@ -66,7 +66,7 @@ impl Host {
             }
             Ok(())
         });
-        let result = live.agent.raw().write_file(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
+        let result = vm.agent.raw().write_file(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
         let pumped = pump.await.unwrap_or(Ok(()));
         match (result, pumped) {
             (_, Err(client)) => Err(SailboxError::invalid(format!("the upload failed: {client}"))),
@@ -78,9 +78,9 @@ impl Host {
     /// Streams a regular file out of the sailbox.
     pub async fn read_file(&self, req: pb::ReadFileRequest) -> Result<mpsc::Receiver<Result<pb::FileData, tonic::Status>>> {
         check_guest_path(&req.path).map_err(SailboxError::InvalidArgument)?;
-        let live = self.running(&req.sailbox_id)?;
+        let (_, vm) = self.awake(&req.sailbox_id).await?;
         let areq = apb::ReadFileRequest { path: req.path.clone(), max_bytes: 0 };
-        let mut stream = live.agent.raw().read_file(areq).await.map_err(|s| agent_error(&req.path, s))?.into_inner();
+        let mut stream = vm.agent.raw().read_file(areq).await.map_err(|s| agent_error(&req.path, s))?.into_inner();
         // The first message tells the size (and surfaces errors such as "not a file").
         let first = stream.message().await.map_err(|s| agent_error(&req.path, s))?;
         let (tx, rx) = mpsc::channel(PIPELINE);

@@ -1,17 +1,19 @@
 //! `Host`: the sailboxes of one machine. It owns the state store, the images, the VMM
-//! backend and the live VMs, and implements the lifecycle: create, get, list, terminate,
-//! and recovery when vmm-host restarts (re-attach to live VMMs, mark dead ones lost, kill
-//! orphans, remove leftovers).
+//! backend, the cowfs daemon holding guest memory and disks, and the live sailboxes.
+//!
+//! The lifecycle lives in [`crate::lifecycle`] (create, start, stop, terminate),
+//! [`crate::snapshot`] (checkpoint, pause, sleep, resume, fork, restore, upgrade) and
+//! [`crate::recover`] (what a restart of vmm-host does).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chunkstore::{Backend, LocalBackend};
 use proto::sailbox as pb;
-use tracing::Instrument;
 
 use crate::accel::{AccelChoice, AccelProbe};
 use crate::agent_client::AgentClient;
@@ -20,19 +22,24 @@ use crate::guest::{GuestKit, Initramfs};
 use crate::hypervisor::qemu::Qemu;
 use crate::hypervisor::{Hypervisor, VmSpec};
 use crate::image::{ImageStore, Progress};
-use crate::model::{self, ExecStatus, SailboxRecord, State};
+use crate::model::{self, ProcRef, SailboxRecord, State};
 use crate::store::StateStore;
-use crate::{now_ms, procs};
+use crate::vmfiles::VmFiles;
 
 /// Everything vmm-host needs to start.
 #[derive(Clone, Debug)]
 pub struct HostConfig {
-    /// State (`db/`), run directories (`run/`), images (`images/`), chunks (`chunks/`).
+    /// State (`db/`), run directories (`run/`), images (`images/`), cowfs (`cowfs/`).
     pub data_dir: PathBuf,
+    /// The chunk directory: images and checkpoints. Several hosts (or a fresh data
+    /// directory) pointed at the same one can restore each other's checkpoints.
+    pub chunks_dir: PathBuf,
     /// Kernel, modules and busybox (scripts/guest-kernel.sh).
     pub guest_dir: PathBuf,
     /// The static `sail-agent`.
     pub agent_binary: PathBuf,
+    /// The `sail-cowfs` daemon binary.
+    pub cowfs_binary: PathBuf,
     /// Address ingress listeners bind to.
     pub ingress_addr: IpAddr,
     /// Accelerator choice.
@@ -46,14 +53,17 @@ pub struct HostConfig {
 }
 
 impl HostConfig {
-    /// Defaults for a data directory: guest kit and agent from their default places,
-    /// ingress on 127.0.0.1, accelerator detected, binaries from PATH.
+    /// Defaults for a data directory: chunks under it, guest kit and binaries from their
+    /// default places, ingress on 127.0.0.1, accelerator detected.
     pub fn local(data_dir: impl Into<PathBuf>) -> Self {
+        let data_dir = data_dir.into();
         let accel = std::env::var("SAIL_ACCEL").ok().and_then(|s| s.parse().ok()).unwrap_or_default();
         Self {
-            data_dir: data_dir.into(),
+            chunks_dir: data_dir.join("chunks"),
+            data_dir,
             guest_dir: crate::guest::default_guest_dir(),
             agent_binary: crate::guest::default_agent_path(),
+            cowfs_binary: crate::vmfiles::default_binary(),
             ingress_addr: IpAddr::from([127, 0, 0, 1]),
             accel,
             qemu_binary: PathBuf::from("qemu-system-x86_64"),
@@ -63,19 +73,46 @@ impl HostConfig {
     }
 }
 
-/// A running sailbox: its record (mirrored to the store), VM spec and agent client.
+/// A running VM of a sailbox.
+pub(crate) struct Vm {
+    /// How it was launched.
+    pub(crate) spec: VmSpec,
+    /// Its agent.
+    pub(crate) agent: AgentClient,
+    /// Its processes (the VMM last).
+    pub(crate) procs: Vec<ProcRef>,
+    /// Set before vmm-host itself stops the VMM, so its exit is not taken for a loss.
+    pub(crate) stopping: AtomicBool,
+    /// The task watching the VMM process.
+    pub(crate) watcher: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Vm {
+    pub(crate) fn mark_stopping(&self) {
+        self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// A sailbox this host holds (running, paused or sleeping): its record (mirrored to the
+/// store), its VM while one runs, and its listeners.
 pub(crate) struct Live {
     pub(crate) record: Mutex<SailboxRecord>,
-    pub(crate) spec: VmSpec,
-    pub(crate) agent: AgentClient,
+    pub(crate) vm: Mutex<Option<Arc<Vm>>>,
     /// Serialises lifecycle operations and exec starts on this sailbox.
     pub(crate) op: tokio::sync::Mutex<()>,
-    /// Set before vmm-host itself stops the VMM, so its exit is not taken for a loss.
-    pub(crate) stopping: std::sync::atomic::AtomicBool,
+    /// Listeners and exec watchers.
     pub(crate) tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Live {
+    pub(crate) fn new(rec: SailboxRecord) -> Arc<Self> {
+        Arc::new(Self { record: Mutex::new(rec), vm: Mutex::new(None), op: tokio::sync::Mutex::new(()), tasks: Mutex::default() })
+    }
+
     pub(crate) fn snapshot(&self) -> SailboxRecord {
         self.record.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
@@ -86,9 +123,24 @@ impl Live {
         rec.clone()
     }
 
-    /// Aborts the sailbox's background tasks (the calling task excepted: the VMM watcher
-    /// calls this while it records a loss).
-    fn abort_tasks(&self) {
+    pub(crate) fn id(&self) -> String {
+        self.record.lock().unwrap_or_else(|p| p.into_inner()).id.clone()
+    }
+
+    pub(crate) fn vm(&self) -> Option<Arc<Vm>> {
+        self.vm.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub(crate) fn set_vm(&self, vm: Option<Arc<Vm>>) -> Option<Arc<Vm>> {
+        std::mem::replace(&mut *self.vm.lock().unwrap_or_else(|p| p.into_inner()), vm)
+    }
+
+    pub(crate) fn push_task(&self, t: tokio::task::JoinHandle<()>) {
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner()).push(t);
+    }
+
+    /// Aborts the sailbox's background tasks (the calling task excepted).
+    pub(crate) fn abort_tasks(&self) {
         let me = tokio::task::try_id();
         for t in self.tasks.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
             if Some(t.id()) != me {
@@ -102,6 +154,8 @@ pub(crate) struct Inner {
     pub(crate) config: HostConfig,
     pub(crate) state: StateStore,
     pub(crate) images: ImageStore,
+    pub(crate) backend: Arc<dyn Backend>,
+    pub(crate) files: VmFiles,
     pub(crate) accel: AccelProbe,
     pub(crate) hypervisor: std::result::Result<Arc<dyn Hypervisor>, String>,
     pub(crate) kit: std::result::Result<GuestKit, String>,
@@ -116,34 +170,37 @@ pub struct Host {
     pub(crate) inner: Arc<Inner>,
 }
 
-fn random_id(prefix: &str) -> String {
+/// A new random id with a prefix.
+pub(crate) fn random_id(prefix: &str) -> String {
     format!("{prefix}-{:024x}", rand::random::<u128>() >> 32)
 }
 
 impl Host {
-    /// Opens the state store and recovers every sailbox it records (see the module docs).
+    /// Opens the state store, starts (or finds) the cowfs daemon, and recovers every
+    /// sailbox the store records (see [`crate::recover`]).
     pub async fn open(config: HostConfig) -> Result<Self> {
         let io = |what: &str, e: std::io::Error| SailboxError::host(what, e);
-        for d in ["run", "images", "boot"] {
+        for d in ["run", "images", "boot", "cowfs"] {
             std::fs::create_dir_all(config.data_dir.join(d)).map_err(|e| io("creating the data dir", e))?;
         }
         let db = config.data_dir.join("db");
         let state = tokio::task::spawn_blocking(move || StateStore::open(db))
             .await
             .map_err(|e| SailboxError::Storage(e.to_string()))??;
-        let backend: Arc<dyn Backend> = Arc::new(LocalBackend::open(config.data_dir.join("chunks"))?);
+        let backend: Arc<dyn Backend> = Arc::new(LocalBackend::open(&config.chunks_dir)?);
+        let files = VmFiles::ensure(&config.data_dir.join("cowfs"), &config.chunks_dir, &config.cowfs_binary).await?;
         let kit = GuestKit::load(&config.guest_dir).map_err(|e| e.to_string());
-        let images = ImageStore::new(state.clone(), backend, config.data_dir.join("images"), kit.clone().ok());
+        let images = ImageStore::new(state.clone(), backend.clone(), config.data_dir.join("images"), kit.clone().ok());
         let accel = crate::accel::detect(config.accel);
-        let hypervisor = Qemu::new(config.qemu_binary.clone())
-            .map(|q| Arc::new(q) as Arc<dyn Hypervisor>)
-            .map_err(|e| e.to_string());
+        let hypervisor = Qemu::new(config.qemu_binary.clone()).map(|q| Arc::new(q) as Arc<dyn Hypervisor>).map_err(|e| e.to_string());
         tracing::info!(accel = accel.accel.as_str(), reason = %accel.reason, hypervisor = ?hypervisor.as_ref().map(|h| h.version()), "vmm-host starting");
         let host = Self {
             inner: Arc::new(Inner {
                 config,
                 state,
                 images,
+                backend,
+                files,
                 accel,
                 hypervisor,
                 kit,
@@ -160,11 +217,11 @@ impl Host {
         self.inner.hypervisor.clone().map_err(SailboxError::Creation)
     }
 
-    fn run_root(&self) -> PathBuf {
+    pub(crate) fn run_root(&self) -> PathBuf {
         self.inner.config.data_dir.join("run")
     }
 
-    fn run_dir(&self, id: &str) -> PathBuf {
+    pub(crate) fn run_dir(&self, id: &str) -> PathBuf {
         self.run_root().join(id)
     }
 
@@ -181,6 +238,14 @@ impl Host {
         self.inner.live.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
     }
 
+    pub(crate) fn add_live(&self, live: &Arc<Live>) {
+        self.inner.live.lock().unwrap_or_else(|p| p.into_inner()).insert(live.id(), live.clone());
+    }
+
+    pub(crate) fn drop_live(&self, id: &str) {
+        self.inner.live.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+    }
+
     /// The record of a sailbox, or a not-found error.
     pub(crate) fn record(&self, id: &str) -> Result<SailboxRecord> {
         if let Some(live) = self.live(id) {
@@ -189,21 +254,38 @@ impl Host {
         self.inner.state.sailbox(id)?.ok_or_else(|| SailboxError::NotFound(id.to_owned()))
     }
 
-    /// A running sailbox, or the error that says why it is not running.
-    pub(crate) fn running(&self, id: &str) -> Result<Arc<Live>> {
+    /// A sailbox this host holds (not final), or the error that says why it is not.
+    pub(crate) fn held(&self, id: &str) -> Result<Arc<Live>> {
         if let Some(live) = self.live(id) {
-            let state = live.snapshot().state;
-            if state == State::Running {
-                return Ok(live);
-            }
-            return Err(not_running(id, state, &live.snapshot().state_reason));
+            return Ok(live);
         }
         let rec = self.record(id)?;
         Err(not_running(id, rec.state, &rec.state_reason))
     }
 
+    /// A running sailbox and its VM, or the error that says why it is not running.
+    pub(crate) fn running(&self, id: &str) -> Result<(Arc<Live>, Arc<Vm>)> {
+        let live = self.held(id)?;
+        let rec = live.snapshot();
+        match (rec.state, live.vm()) {
+            (State::Running, Some(vm)) => Ok((live, vm)),
+            (state, _) => Err(not_running(id, state, &rec.state_reason)),
+        }
+    }
+
+    /// Like [`Host::running`], but a sleeping sailbox is woken first (exec and ingress wake
+    /// sleepers; a paused sailbox stays paused).
+    pub(crate) async fn awake(&self, id: &str) -> Result<(Arc<Live>, Arc<Vm>)> {
+        if let Some(live) = self.live(id)
+            && live.snapshot().state == State::Sleeping
+        {
+            self.wake(&live, "an exec or connection").await?;
+        }
+        self.running(id)
+    }
+
     /// Builds (or finds) the initramfs for the configured agent.
-    async fn initramfs(&self) -> Result<Initramfs> {
+    pub(crate) async fn initramfs(&self) -> Result<Initramfs> {
         let mut cached = self.inner.initramfs.lock().await;
         if let Some(i) = cached.as_ref() {
             return Ok(i.clone());
@@ -218,88 +300,15 @@ impl Host {
         Ok(built)
     }
 
-    /// Makes sure an image is built and assembled on this host.
+    /// Makes sure an image is built on this host (its chunks in the store).
     pub async fn ensure_image(&self, name: &str, progress: Progress) -> Result<crate::image::LocalImage> {
         let name = if name.is_empty() { model::DEFAULT_IMAGE } else { name };
         model::check_name("image", name)?;
         self.inner.images.ensure(name, progress).await
     }
 
-    /// Creates a sailbox and returns once its agent answers.
-    pub async fn create(&self, req: pb::CreateSailboxRequest) -> Result<pb::Sailbox> {
-        let spec = model::validate_create(&req, "default")?;
-        if !spec.volumes.is_empty() {
-            return Err(SailboxError::Creation(
-                "mounting volumes inside sailboxes is not supported by this vmm-host yet".into(),
-            ));
-        }
-        let hypervisor = self.hypervisor()?;
-        let initramfs = self.initramfs().await?;
-        let image = self.ensure_image(&spec.image, Arc::new(|m: &str| tracing::info!("{m}"))).await?;
-        if image.size > u64::from(spec.disk_gib) << 30 {
-            return Err(SailboxError::InvalidConfig(format!(
-                "image {} ({} MiB) does not fit a {} GiB disk",
-                image.id,
-                image.size >> 20,
-                spec.disk_gib
-            )));
-        }
-        if !spec.name.is_empty() {
-            let taken = self.inner.state.sailboxes()?.into_iter().any(|r| {
-                !r.state.is_final() && r.app == spec.app && r.name == spec.name
-            });
-            if taken {
-                return Err(SailboxError::InvalidConfig(format!("app {} already has a sailbox named {}", spec.app, spec.name)));
-            }
-        }
-        self.inner.state.ensure_app(&spec.app)?;
-        let id = random_id("sb");
-        let span = tracing::info_span!("sailbox", sailbox = %id, app = %spec.app);
-        async {
-            let rec = SailboxRecord {
-                id: id.clone(),
-                app: spec.app.clone(),
-                name: spec.name.clone(),
-                image: image.id.clone(),
-                state: State::Creating,
-                state_reason: String::new(),
-                cpu: spec.cpu,
-                vcpus: spec.vcpus,
-                memory_mib: spec.memory_mib,
-                disk_gib: spec.disk_gib,
-                listeners: Vec::new(),
-                volumes: spec.volumes.clone(),
-                created_unix_ms: now_ms(),
-                guest_schema_version: initramfs.agent.guest_schema_version,
-                agent_version: initramfs.agent.agent_version.clone(),
-                hypervisor: hypervisor.name().to_owned(),
-                accelerator: self.inner.accel.accel.as_str().to_owned(),
-                boot_ms: 0,
-                procs: Vec::new(),
-                active_exec: None,
-            };
-            self.inner.state.put_sailbox(&rec)?;
-            match self.boot(rec.clone(), &image.raw, &initramfs, &spec.ports, hypervisor).await {
-                Ok(live) => Ok(self.to_proto(&live.snapshot())),
-                Err(e) => {
-                    tracing::warn!(error = %e, "create failed; cleaning up");
-                    let mut failed = rec;
-                    failed.state = State::Terminated;
-                    failed.state_reason = format!("creation failed: {e}");
-                    self.inner.state.put_sailbox(&failed)?;
-                    let _ = std::fs::remove_dir_all(self.run_dir(&id));
-                    Err(match e {
-                        e @ (SailboxError::InvalidConfig(_) | SailboxError::Creation(_)) => e,
-                        other => SailboxError::Creation(other.to_string()),
-                    })
-                }
-            }
-        }
-        .instrument(span)
-        .await
-    }
-
-    fn vm_spec(&self, rec: &SailboxRecord, initramfs: &Path) -> Result<VmSpec> {
+    /// The VM spec for a sailbox's record (its files on the cowfs mount).
+    pub(crate) fn vm_spec(&self, rec: &SailboxRecord, initramfs: &Path, incoming: Option<PathBuf>) -> Result<VmSpec> {
         let kit = self.inner.kit.clone().map_err(SailboxError::Creation)?;
         let hypervisor = self.hypervisor()?;
         let dir = self.run_dir(&rec.id);
@@ -318,9 +327,10 @@ impl Host {
         }
         let spec = VmSpec {
             id: rec.id.clone(),
-            memory_file: dir.join("memory"),
-            disk: dir.join("disk.qcow2"),
-            disk_format: "qcow2",
+            memory_file: self.inner.files.memory_path(&rec.id),
+            disk: self.inner.files.disk_path(&rec.id),
+            disk_format: "raw",
+            incoming,
             link: hypervisor.link(&dir),
             dir,
             vcpus: rec.vcpus,
@@ -341,138 +351,17 @@ impl Host {
         Ok(spec)
     }
 
-    /// Prepares the run directory, launches the VM, waits for the agent, starts ingress.
-    async fn boot(
-        &self,
-        mut rec: SailboxRecord,
-        base: &Path,
-        initramfs: &Initramfs,
-        ports: &[u32],
-        hypervisor: Arc<dyn Hypervisor>,
-    ) -> Result<Arc<Live>> {
-        let spec = self.vm_spec(&rec, &initramfs.path)?;
-        std::fs::create_dir_all(&spec.dir).map_err(|e| SailboxError::host("creating the run dir", e))?;
-        crate::disk::create_layer(base, &spec.disk, rec.disk_gib).await?;
-        let started = Instant::now();
-        let procs = hypervisor.launch(&spec).await?;
-        rec.procs = procs.clone();
-        self.inner.state.put_sailbox(&rec)?;
-        let agent = AgentClient::for_boot(&spec.link, self.inner.config.boot_timeout);
-        let vmm = procs.last().cloned();
-        let hello = pb_hello(&rec);
-        let deadline = Instant::now() + self.inner.config.boot_timeout;
-        let ready = agent.wait_ready(hello, deadline, || vmm.as_ref().is_some_and(procs::alive)).await;
-        let hello = match ready {
-            Ok(h) => h,
-            Err(why) => {
-                for p in procs.iter().rev() {
-                    procs::kill(p).await;
-                }
-                let console = console_tail(&spec.dir);
-                return Err(SailboxError::Creation(format!("{why}; console: {console}")));
-            }
-        };
-        rec.boot_ms = started.elapsed().as_millis() as u64;
-        // Booted: later handshakes must be quick (a hung guest fails calls, not stalls them).
-        agent.set_handshake_timeout(AgentClient::RUNNING_HANDSHAKE);
-        rec.guest_schema_version = hello.guest_schema_version;
-        rec.agent_version = hello.agent_version;
-        let live = Arc::new(Live {
-            record: Mutex::new(rec.clone()),
-            spec,
-            agent,
-            op: tokio::sync::Mutex::new(()),
-            stopping: std::sync::atomic::AtomicBool::new(false),
-            tasks: Mutex::default(),
-        });
-        let listeners = match crate::ingress::bind_all(self, &live, ports, &[]).await {
-            Ok(l) => l,
-            Err(e) => {
-                for p in procs.iter().rev() {
-                    procs::kill(p).await;
-                }
-                return Err(e);
-            }
-        };
-        let rec = live.update(|r| {
-            r.listeners = listeners;
-            r.state = State::Running;
-        });
-        self.inner.state.put_sailbox(&rec)?;
-        self.inner.live.lock().unwrap_or_else(|p| p.into_inner()).insert(rec.id.clone(), live.clone());
-        self.watch_vmm(&live);
-        tracing::info!(boot_ms = rec.boot_ms, "sailbox running");
-        Ok(live)
-    }
-
-    /// Marks the sailbox lost when its VMM exits without vmm-host asking it to.
-    fn watch_vmm(&self, live: &Arc<Live>) {
-        let Some(vmm) = live.snapshot().procs.last().cloned() else { return };
-        let host = self.clone();
-        let weak = Arc::downgrade(live);
-        let task = tokio::spawn(async move {
-            procs::wait_exit(vmm).await;
-            let Some(live) = weak.upgrade() else { return };
-            if live.stopping.load(std::sync::atomic::Ordering::SeqCst) {
-                return;
-            }
-            let reason = format!("the VMM exited unexpectedly; console: {}", console_tail(&live.spec.dir));
-            tracing::warn!(sailbox = %live.spec.id, %reason, "sailbox lost");
-            let _op = live.op.lock().await;
-            if let Err(e) = host.finish(&live, State::Lost, &reason).await {
-                tracing::error!(error = %e, "recording a lost sailbox failed");
-            }
-        });
-        live.tasks.lock().unwrap_or_else(|p| p.into_inner()).push(task);
-    }
-
-    /// Records a final state durably, then tears the VM and its files down. The caller holds
-    /// the sailbox's op lock.
-    async fn finish(&self, live: &Arc<Live>, state: State, reason: &str) -> Result<SailboxRecord> {
-        live.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
-        let before = live.snapshot();
-        let rec = live.update(|r| {
-            r.state = state;
-            r.state_reason = reason.to_owned();
-            r.active_exec = None;
-        });
-        let exec_status = if state == State::Lost { ExecStatus::Lost(reason.to_owned()) } else { ExecStatus::Terminated };
-        self.inner.execs.fail_active(self, &before, exec_status)?;
-        self.inner.state.put_sailbox(&rec)?;
-        live.abort_tasks();
-        self.inner.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&rec.id);
-        for p in before.procs.iter().rev() {
-            procs::kill(p).await;
-        }
-        let _ = std::fs::remove_dir_all(&live.spec.dir);
-        let mut rec = rec;
-        rec.procs.clear();
-        self.inner.state.put_sailbox(&rec)?;
-        Ok(rec)
-    }
-
-    /// Terminates a sailbox for good (idempotent).
-    pub async fn terminate(&self, id: &str) -> Result<pb::Sailbox> {
-        let Some(live) = self.live(id) else {
-            return Ok(self.to_proto(&self.record(id)?));
-        };
-        let _op = live.op.lock().await;
-        if live.snapshot().state.is_final() {
-            return Ok(self.to_proto(&live.snapshot()));
-        }
-        let rec = self.finish(&live, State::Terminated, "terminated").await?;
-        tracing::info!(sailbox = %id, "terminated");
-        Ok(self.to_proto(&rec))
-    }
-
     /// Stops this vmm-host's background work (VMM watchers, exec watchers, ingress
     /// listeners) and lets go of the state store, leaving every VM running: what a restart
     /// of vmm-host does, minus the crash. Open the data directory again to re-attach.
     pub async fn shutdown(&self) {
         let lives: Vec<Arc<Live>> = self.inner.live.lock().unwrap_or_else(|p| p.into_inner()).drain().map(|(_, l)| l).collect();
         for live in lives {
-            live.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
-            let tasks: Vec<_> = live.tasks.lock().unwrap_or_else(|p| p.into_inner()).drain(..).collect();
+            let mut tasks: Vec<_> = live.tasks.lock().unwrap_or_else(|p| p.into_inner()).drain(..).collect();
+            if let Some(vm) = live.set_vm(None) {
+                vm.mark_stopping();
+                tasks.extend(vm.watcher.lock().unwrap_or_else(|p| p.into_inner()).take());
+            }
             for t in &tasks {
                 t.abort();
             }
@@ -485,14 +374,26 @@ impl Host {
     /// One `Hello` round trip to a running sailbox's agent (what benches use as the
     /// transport's baseline).
     pub async fn agent_hello(&self, id: &str) -> Result<proto::agent::HelloResponse> {
-        let live = self.running(id)?;
+        let (_, vm) = self.running(id)?;
         let req = proto::agent::HelloRequest::default();
-        let resp = live.agent.raw().hello(req).await.map_err(|s| SailboxError::Execution(s.message().to_owned()))?;
+        let resp = vm.agent.raw().hello(req).await.map_err(|s| SailboxError::Execution(s.message().to_owned()))?;
         Ok(resp.into_inner())
     }
 
-    /// One sailbox (`connect`: it must run on this host).
-    pub async fn get(&self, id: &str) -> Result<pb::Sailbox> {
+    /// Counters of a sailbox's memory and disk files (for tests and benches).
+    pub async fn file_stats(&self, id: &str) -> Result<(serde_json::Value, serde_json::Value)> {
+        let f = &self.inner.files;
+        Ok((f.stats(&VmFiles::memory_name(id)).await?, f.stats(&VmFiles::disk_name(id)).await?))
+    }
+
+    /// One sailbox; with `connect`, a paused or sleeping one is resumed first.
+    pub async fn get(&self, id: &str, connect: bool) -> Result<pb::Sailbox> {
+        if connect
+            && let Some(live) = self.live(id)
+            && matches!(live.snapshot().state, State::Paused | State::Sleeping)
+        {
+            self.resume(id).await?;
+        }
         Ok(self.to_proto(&self.record(id)?))
     }
 
@@ -524,7 +425,14 @@ impl Host {
             Err(e) => format!("missing: {e}"),
         };
         let agent = crate::guest::describe_agent(&self.inner.config.agent_binary);
-        let running = self.inner.live.lock().unwrap_or_else(|p| p.into_inner()).len() as u32;
+        let running = self
+            .inner
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|l| l.snapshot().state == State::Running)
+            .count() as u32;
         pb::HostInfo {
             host: self.inner.config.host_name.clone(),
             hypervisor: hv,
@@ -545,117 +453,9 @@ impl Host {
             running,
         }
     }
-
-    /// Recovery at start: re-attach live VMs, mark dead ones lost, finish interrupted
-    /// creates, kill orphaned processes and remove leftover run directories.
-    async fn recover(&self) -> Result<()> {
-        let mut keep = Vec::new();
-        for rec in self.inner.state.sailboxes()? {
-            if rec.state.is_final() {
-                continue;
-            }
-            let span = tracing::info_span!("sailbox", sailbox = %rec.id);
-            let kept = self.recover_one(rec).instrument(span).await?;
-            keep.extend(kept);
-        }
-        let root = self.run_root();
-        let needle = format!("{}/", root.display());
-        for p in procs::find_by_cmdline(&needle) {
-            if !keep.contains(&p) {
-                tracing::warn!(pid = p.pid, "killing an orphaned VMM process");
-                procs::kill(&p).await;
-            }
-        }
-        if let Ok(entries) = std::fs::read_dir(&root) {
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if self.live(&name).is_none() {
-                    let _ = std::fs::remove_dir_all(e.path());
-                }
-            }
-        }
-        // Exec requests of sailboxes that are gone can never finish.
-        for exec in self.inner.state.running_execs()? {
-            if self.live(&exec.sailbox).is_none() {
-                let why = ExecStatus::Lost("vmm-host restarted and the sailbox is gone".into());
-                self.inner.execs.set_status(self, &exec, why)?;
-            }
-        }
-        Ok(())
-    }
-
-    async fn recover_one(&self, mut rec: SailboxRecord) -> Result<Vec<crate::model::ProcRef>> {
-        let alive = !rec.procs.is_empty() && rec.procs.iter().all(procs::alive);
-        if rec.state == State::Running && alive {
-            match self.reattach(rec.clone()).await {
-                Ok(()) => return Ok(rec.procs),
-                Err(e) => tracing::warn!(error = %e, "re-attach failed"),
-            }
-        }
-        for p in rec.procs.iter().rev() {
-            procs::kill(p).await;
-        }
-        let (state, reason) = match rec.state {
-            State::Creating => (State::Terminated, "vmm-host restarted while the sailbox was being created".to_owned()),
-            _ => (State::Lost, "the VMM was gone when vmm-host restarted".to_owned()),
-        };
-        tracing::warn!(?state, %reason, "sailbox not recovered");
-        rec.state = state;
-        rec.state_reason = reason;
-        rec.procs.clear();
-        rec.active_exec = None;
-        self.inner.state.put_sailbox(&rec)?;
-        let _ = std::fs::remove_dir_all(self.run_dir(&rec.id));
-        Ok(Vec::new())
-    }
-
-    async fn reattach(&self, rec: SailboxRecord) -> Result<()> {
-        let hypervisor = self.hypervisor()?;
-        let dir = self.run_dir(&rec.id);
-        let initramfs = dir.join("initramfs"); // only named in the spec; the VM already booted
-        let spec = self.vm_spec(&rec, &initramfs)?;
-        hypervisor.status(&spec).await?;
-        let agent = AgentClient::new(&spec.link);
-        let hello = agent
-            .wait_ready(pb_hello_keep(), Instant::now() + Duration::from_secs(20), || true)
-            .await
-            .map_err(SailboxError::Host)?;
-        let live = Arc::new(Live {
-            record: Mutex::new(rec.clone()),
-            spec,
-            agent,
-            op: tokio::sync::Mutex::new(()),
-            stopping: std::sync::atomic::AtomicBool::new(false),
-            tasks: Mutex::default(),
-        });
-        let ports: Vec<u32> = rec.listeners.iter().map(|l| l.port).collect();
-        let listeners = crate::ingress::bind_all(self, &live, &ports, &rec.listeners).await?;
-        let rec = live.update(|r| {
-            r.listeners = listeners;
-            r.guest_schema_version = hello.guest_schema_version;
-            r.agent_version = hello.agent_version;
-        });
-        self.inner.state.put_sailbox(&rec)?;
-        self.inner.live.lock().unwrap_or_else(|p| p.into_inner()).insert(rec.id.clone(), live.clone());
-        self.watch_vmm(&live);
-        for exec in self.inner.state.running_execs()?.into_iter().filter(|e| e.sailbox == rec.id) {
-            self.inner.execs.watch(self, &live, exec.id.clone());
-        }
-        tracing::info!("re-attached to a running sailbox");
-        Ok(())
-    }
 }
 
-fn pb_hello(rec: &SailboxRecord) -> proto::agent::HelloRequest {
-    let hostname = if rec.name.is_empty() { rec.id.clone() } else { rec.name.replace(['.', '_'], "-") };
-    proto::agent::HelloRequest { host_unix_ms: now_ms(), hostname }
-}
-
-fn pb_hello_keep() -> proto::agent::HelloRequest {
-    proto::agent::HelloRequest { host_unix_ms: now_ms(), hostname: String::new() }
-}
-
-fn not_running(id: &str, state: State, reason: &str) -> SailboxError {
+pub(crate) fn not_running(id: &str, state: State, reason: &str) -> SailboxError {
     match state {
         State::Terminated => SailboxError::Terminated(id.to_owned()),
         State::Lost => SailboxError::WorkerLost { id: id.to_owned(), reason: reason.to_owned() },

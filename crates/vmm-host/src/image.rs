@@ -1,11 +1,11 @@
 //! Base images: ext4 root file systems stored as chunks and assembled per host.
 //!
 //! An image is built once (the `minimal` busybox image in a second, the `debian` image with
-//! debootstrap in a few minutes), cut into 8 MiB chunks (all-zero chunks are elided), stored in
-//! the chunk backend, and described by a manifest (JSON in the state store, and itself stored
-//! as a chunk so other hosts can fetch it by id). Each host assembles a sparse raw file from
-//! the chunks once (`<data>/images/<id>.raw`, read-only); every sailbox's disk is a
-//! copy-on-write layer over it, so an image is never copied per sailbox.
+//! debootstrap in about a minute), cut into 8 MiB chunks (all-zero chunks are elided), stored
+//! in the chunk backend, and described by a manifest (JSON in the state store, and itself
+//! stored as a chunk so other hosts can fetch it by id). A sailbox's disk is a cowfs file over
+//! the image's chunks ([`ImageStore::disk_manifest`]): nothing is copied, per sailbox or per
+//! host; regions load on first read.
 //!
 //! The image id is derived from the image's definition (builder version, packages, and the
 //! hash of every input file), so an unchanged definition is never rebuilt and any change
@@ -57,13 +57,13 @@ pub struct ImageManifest {
     pub created_unix_ms: u64,
 }
 
-/// An image ready to back disks on this host.
+/// An image ready to back disks.
 #[derive(Clone, Debug)]
 pub struct LocalImage {
     /// The image id.
     pub id: String,
-    /// The assembled raw file.
-    pub raw: PathBuf,
+    /// Its manifest.
+    pub manifest: ImageManifest,
     /// Its size.
     pub size: u64,
 }
@@ -155,21 +155,53 @@ impl ImageStore {
             locks.entry(id.clone()).or_default().clone()
         };
         let _guard = lock.lock().await;
-        let raw = self.dir.join(format!("{id}.raw"));
         if let Some(manifest) = self.manifest(&id)? {
-            if !raw.is_file() {
-                progress(&format!("assembling image {id} ({} MiB) from chunks", manifest.size >> 20));
-                self.assemble(&manifest, &raw).await?;
-            }
-            return Ok(LocalImage { id, raw, size: manifest.size });
+            let size = manifest.size;
+            return Ok(LocalImage { id, manifest, size });
         }
         let Some(definition) = definition else {
             return Err(SailboxError::InvalidConfig(format!("image {id} is not known on this host")));
         };
         progress(&format!("building image {name_or_id} ({id}); this happens once per host"));
-        let manifest = self.build(name_or_id, &id, &definition, &raw, &progress).await?;
+        let manifest = self.build(name_or_id, &id, &definition, &progress).await?;
         progress(&format!("image {id} ready: {} MiB, {} chunks", manifest.size >> 20, manifest.chunks.iter().flatten().count()));
-        Ok(LocalImage { id, raw, size: manifest.size })
+        let size = manifest.size;
+        Ok(LocalImage { id, manifest, size })
+    }
+
+    /// A cowfs manifest for a disk of `disk_bytes` over the image: its regions point into
+    /// the image's 8 MiB chunks; past the image, zeros. Stored as a chunk; returns its id.
+    pub async fn disk_manifest(&self, image: &ImageManifest, disk_bytes: u64) -> Result<String> {
+        if image.size > disk_bytes {
+            return Err(SailboxError::InvalidConfig(format!(
+                "image {} ({} MiB) does not fit a {} MiB disk",
+                image.id,
+                image.size >> 20,
+                disk_bytes >> 20
+            )));
+        }
+        let mut m = cowfs::Manifest::zeros(disk_bytes).map_err(|e| SailboxError::InvalidConfig(e.to_string()))?;
+        let region = m.region_size;
+        let per_chunk = image.chunk_size / region;
+        for (r, slot) in m.regions.iter_mut().enumerate() {
+            let start = r as u64 * region;
+            if start >= image.size || per_chunk == 0 {
+                break;
+            }
+            let idx = (r as u64 / per_chunk) as usize;
+            let Some(Some(hex)) = image.chunks.get(idx) else { continue };
+            let chunk = hex.parse::<ChunkId>().map_err(|e| SailboxError::Storage(format!("manifest: {e}")))?;
+            let offset = start - idx as u64 * image.chunk_size;
+            let chunk_len = image.chunk_size.min(image.size - idx as u64 * image.chunk_size);
+            let len = region.min(chunk_len.saturating_sub(offset));
+            if len > 0 {
+                *slot = Some(cowfs::RegionRef { chunk, offset: offset as u32, len: len as u32 });
+            }
+        }
+        let bytes = Bytes::from(m.encode());
+        let id = ChunkId::of(&bytes);
+        self.backend.put(id, bytes).await?;
+        Ok(id.to_hex())
     }
 
     /// The manifest of a stored image.
@@ -178,11 +210,11 @@ impl ImageStore {
         serde_json::from_slice(&bytes).map(Some).map_err(|e| SailboxError::Storage(format!("corrupt manifest {id}: {e}")))
     }
 
-    async fn build(&self, name: &str, id: &str, definition: &str, raw: &Path, progress: &Progress) -> Result<ImageManifest> {
+    async fn build(&self, name: &str, id: &str, definition: &str, progress: &Progress) -> Result<ImageManifest> {
         let work = self.dir.join(format!(".build-{id}"));
         let _ = std::fs::remove_dir_all(&work);
         std::fs::create_dir_all(&work).map_err(|e| SailboxError::host("creating the build dir", e))?;
-        let result = self.build_in(name, id, definition, raw, &work, progress).await;
+        let result = self.build_in(name, id, definition, &work, progress).await;
         let _ = std::fs::remove_dir_all(&work);
         result
     }
@@ -192,7 +224,6 @@ impl ImageStore {
         name: &str,
         id: &str,
         definition: &str,
-        raw: &Path,
         work: &Path,
         progress: &Progress,
     ) -> Result<ImageManifest> {
@@ -219,12 +250,7 @@ impl ImageStore {
         .await
         .map_err(|e| SailboxError::ImageBuild(e.to_string()))??;
         progress("storing the image as chunks");
-        let manifest = self.store_chunks(id, name, definition, &image).await?;
-        std::fs::create_dir_all(&self.dir).map_err(|e| SailboxError::host("creating the image dir", e))?;
-        std::fs::set_permissions(&image, std::fs::Permissions::from_mode(0o444))
-            .map_err(|e| SailboxError::host("chmod image", e))?;
-        std::fs::rename(&image, raw).map_err(|e| SailboxError::host("installing the image", e))?;
-        Ok(manifest)
+        self.store_chunks(id, name, definition, &image).await
     }
 
     /// Cuts a raw image into chunks, stores those the backend lacks, and records the manifest.
@@ -277,38 +303,6 @@ impl ImageStore {
         Ok(manifest)
     }
 
-    /// Writes a sparse raw file from the manifest's chunks (each verified by the backend).
-    async fn assemble(&self, manifest: &ImageManifest, raw: &Path) -> Result<()> {
-        std::fs::create_dir_all(&self.dir).map_err(|e| SailboxError::host("creating the image dir", e))?;
-        let tmp = self.dir.join(format!(".{}.assembling", manifest.id));
-        let file = std::fs::File::create(&tmp).map_err(|e| SailboxError::host("creating the image", e))?;
-        file.set_len(manifest.size).map_err(|e| SailboxError::host("sizing the image", e))?;
-        let file = Arc::new(file);
-        let present: Vec<(usize, String)> =
-            manifest.chunks.iter().enumerate().filter_map(|(i, c)| c.clone().map(|c| (i, c))).collect();
-        let results: Vec<Result<()>> = futures::stream::iter(present)
-            .map(|(i, hex)| {
-                let (file, backend) = (file.clone(), self.backend.clone());
-                async move {
-                    let cid = hex.parse::<ChunkId>().map_err(|e| SailboxError::Storage(format!("manifest: {e}")))?;
-                    let data = backend.get(cid).await?;
-                    tokio::task::spawn_blocking(move || file.write_all_at(&data, i as u64 * IMAGE_CHUNK))
-                        .await
-                        .map_err(|e| SailboxError::Host(e.to_string()))?
-                        .map_err(|e| SailboxError::host("writing the image", e))
-                }
-            })
-            .buffer_unordered(TRANSFERS)
-            .collect()
-            .await;
-        if let Some(Err(e)) = results.into_iter().find(|r| r.is_err()) {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-        file.sync_all().map_err(|e| SailboxError::host("syncing the image", e))?;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o444)).map_err(|e| SailboxError::host("chmod image", e))?;
-        std::fs::rename(&tmp, raw).map_err(|e| SailboxError::host("installing the image", e))
-    }
 }
 
 /// A busybox root: every applet linked, a root user, and the directories a shell expects.

@@ -13,8 +13,8 @@ use tokio_stream::StreamExt;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::error::{Result, SailboxError};
-use crate::host::{Host, Live};
-use crate::model::ListenerRecord;
+use crate::host::{Host, Live, Vm};
+use crate::model::{ListenerRecord, State};
 
 /// How long one route probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -40,6 +40,7 @@ pub(crate) async fn bind_all(
         };
         let host_port = listener.local_addr().map_err(|e| SailboxError::host("listener address", e))?.port();
         let weak = Arc::downgrade(live);
+        let host = host.clone();
         let task = tokio::spawn(async move {
             loop {
                 let (conn, peer) = match listener.accept().await {
@@ -52,22 +53,36 @@ pub(crate) async fn bind_all(
                     }
                 };
                 let Some(live) = weak.upgrade() else { return };
+                let host = host.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = forward(&live, conn, port).await {
-                        tracing::debug!(sailbox = %live.spec.id, port, %peer, error = %e, "ingress connection failed");
+                    if let Err(e) = serve_conn(&host, &live, conn, port).await {
+                        tracing::debug!(sailbox = %live.id(), port, %peer, error = %e, "ingress connection failed");
                     }
                 });
             }
         });
-        live.tasks.lock().unwrap_or_else(|p| p.into_inner()).push(task);
+        live.push_task(task);
         out.push(ListenerRecord { port, host_port });
     }
     Ok(out)
 }
 
+/// One ingress connection: to a running sailbox it is forwarded; a sleeping one is woken
+/// first (the connection waits, then is served); to a paused one it is closed.
+async fn serve_conn(host: &Host, live: &Arc<Live>, conn: TcpStream, port: u32) -> std::result::Result<(), String> {
+    let state = live.snapshot().state;
+    if state == State::Sleeping {
+        host.wake(live, "an ingress connection").await.map_err(|e| e.to_string())?;
+    }
+    match (live.snapshot().state, live.vm()) {
+        (State::Running, Some(vm)) => forward(&vm, conn, port).await,
+        (state, _) => Err(format!("sailbox is {state:?}: connection closed")),
+    }
+}
+
 /// Forwards one connection to the guest's `port`: client bytes as request messages (their
 /// end is the client's half-close), the guest server's bytes back until it closes.
-async fn forward(live: &Live, conn: TcpStream, port: u32) -> std::result::Result<(), String> {
+async fn forward(vm: &Vm, conn: TcpStream, port: u32) -> std::result::Result<(), String> {
     let _ = conn.set_nodelay(true);
     let (mut rd, mut wr) = conn.into_split();
     let (tx, rx) = tokio::sync::mpsc::channel::<proto::agent::ForwardRequest>(8);
@@ -86,7 +101,7 @@ async fn forward(live: &Live, conn: TcpStream, port: u32) -> std::result::Result
         }
     });
     let result = async {
-        let mut replies = live
+        let mut replies = vm
             .agent
             .raw()
             .forward(tokio_stream::wrappers::ReceiverStream::new(rx))
@@ -109,7 +124,7 @@ impl Host {
     /// The sailbox's listeners with their route status; with a port and `wait`, waits until
     /// that port routes (or the wait ends: then it is reported unrouted).
     pub async fn listeners(&self, id: &str, port: u32, wait: Option<Duration>) -> Result<Vec<pb::Listener>> {
-        let live = self.running(id)?;
+        let live = self.held(id)?;
         let rec = live.snapshot();
         let mut listeners: Vec<pb::Listener> = self.to_proto(&rec).listeners;
         if port != 0 {
@@ -121,7 +136,11 @@ impl Host {
         let deadline = wait.map(|w| tokio::time::Instant::now() + w);
         for l in &mut listeners {
             loop {
-                l.routed = probe(&live, l.port).await;
+                // Only a running guest can route; a paused or sleeping one reports false.
+                l.routed = match live.vm() {
+                    Some(vm) if live.snapshot().state == State::Running => probe(&vm, l.port).await,
+                    _ => false,
+                };
                 let waiting = port != 0 && deadline.is_some_and(|d| tokio::time::Instant::now() < d);
                 if l.routed || !waiting {
                     break;
@@ -133,10 +152,10 @@ impl Host {
     }
 }
 
-async fn probe(live: &Live, port: u32) -> bool {
+async fn probe(vm: &Vm, port: u32) -> bool {
     let req = proto::agent::ProbePortRequest { port };
     matches!(
-        tokio::time::timeout(PROBE_TIMEOUT, live.agent.raw().probe_port(req)).await,
+        tokio::time::timeout(PROBE_TIMEOUT, vm.agent.raw().probe_port(req)).await,
         Ok(Ok(resp)) if resp.get_ref().accepting
     )
 }

@@ -14,7 +14,6 @@
 
 pub mod accel;
 pub mod agent_client;
-pub mod disk;
 pub mod error;
 mod exec;
 mod files;
@@ -23,11 +22,15 @@ pub mod host;
 pub mod hypervisor;
 pub mod image;
 mod ingress;
+mod lifecycle;
 pub mod model;
 pub mod procs;
+mod recover;
+mod snapshot;
 pub mod service;
 pub mod link;
 pub mod store;
+pub mod vmfiles;
 
 pub use error::{Result, SailboxError};
 pub use host::{Host, HostConfig};

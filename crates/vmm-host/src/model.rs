@@ -143,6 +143,25 @@ pub struct SailboxRecord {
     pub procs: Vec<ProcRef>,
     /// The exec request that is active, if any (one at a time per sailbox).
     pub active_exec: Option<String>,
+    /// The newest completed checkpoint.
+    #[serde(default)]
+    pub last_checkpoint: Option<String>,
+    /// Set while the VM is down and its cowfs files hold exactly this checkpoint (a resume
+    /// can use them as they are instead of rebuilding them from the manifests).
+    #[serde(default)]
+    pub files_at: Option<String>,
+    /// An upgrade to apply at the next wake (recorded while paused or sleeping).
+    #[serde(default)]
+    pub pending_upgrade: bool,
+    /// The external call a sleep waits for.
+    #[serde(default)]
+    pub sleep_call: Option<String>,
+    /// The checkpoint a fork or restore started from.
+    #[serde(default)]
+    pub forked_from: Option<String>,
+    /// Ingress ports (kept so a restore or fork can rebind them).
+    #[serde(default)]
+    pub ports: Vec<u32>,
 }
 
 impl SailboxRecord {
@@ -181,6 +200,84 @@ impl SailboxRecord {
                 .iter()
                 .map(|(p, v)| (p.clone(), pb::VolumeMount { volume: v.volume.clone(), org: v.org.clone() }))
                 .collect(),
+            last_checkpoint: self.last_checkpoint.clone().unwrap_or_default(),
+            pending_upgrade: self.pending_upgrade,
+            sleeping_on_call: self.sleep_call.clone().unwrap_or_default(),
+            forked_from: self.forked_from.clone().unwrap_or_default(),
+        }
+    }
+}
+
+/// A completed checkpoint: everything needed to start the sailbox again on any host that
+/// shares the chunk store. Stored as a chunk (its id, `ck-` + hex, names it) and indexed in
+/// the state store.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CheckpointRecord {
+    /// The sailbox checkpointed.
+    pub sailbox: String,
+    /// Its app.
+    pub app: String,
+    /// Its name.
+    pub name: String,
+    /// The image its disk came from.
+    pub image: String,
+    /// CPU share.
+    pub cpu: f64,
+    /// vCPUs (the device state is for this many).
+    pub vcpus: u32,
+    /// Guest memory.
+    pub memory_mib: u32,
+    /// Disk size.
+    pub disk_gib: u32,
+    /// Ingress ports.
+    pub ports: Vec<u32>,
+    /// Memory manifest (cowfs), chunk id hex.
+    pub memory_manifest: String,
+    /// Disk manifest (cowfs), chunk id hex.
+    pub disk_manifest: String,
+    /// Device state (QEMU migration stream without RAM), chunk id hex.
+    pub device_state: String,
+    /// Hypervisor and accelerator the device state belongs to.
+    pub hypervisor: String,
+    /// "kvm" or "tcg".
+    pub accelerator: String,
+    /// Agent behaviour version in the checkpointed guest.
+    pub guest_schema_version: u32,
+    /// Agent version in the checkpointed guest.
+    pub agent_version: String,
+    /// The previous checkpoint of the same sailbox (or the one it was forked from).
+    pub parent: Option<String>,
+    /// When, Unix ms.
+    pub created_unix_ms: u64,
+    /// Guest stopped, ms.
+    pub pause_ms: u64,
+    /// Until durable, ms.
+    pub total_ms: u64,
+    /// Memory regions written since the parent, bytes.
+    pub memory_bytes_changed: u64,
+    /// Of those, uploaded.
+    pub memory_bytes_uploaded: u64,
+    /// Disk regions written since the parent, bytes.
+    pub disk_bytes_changed: u64,
+    /// Of those, uploaded.
+    pub disk_bytes_uploaded: u64,
+}
+
+impl CheckpointRecord {
+    /// The wire form.
+    pub fn to_proto(&self, id: &str) -> pb::Checkpoint {
+        pb::Checkpoint {
+            checkpoint_id: id.to_owned(),
+            sailbox_id: self.sailbox.clone(),
+            created_unix_ms: self.created_unix_ms,
+            pause_ms: self.pause_ms,
+            total_ms: self.total_ms,
+            memory_bytes: u64::from(self.memory_mib) << 20,
+            memory_bytes_changed: self.memory_bytes_changed,
+            memory_bytes_uploaded: self.memory_bytes_uploaded,
+            disk_bytes_changed: self.disk_bytes_changed,
+            disk_bytes_uploaded: self.disk_bytes_uploaded,
+            parent_checkpoint: self.parent.clone().unwrap_or_default(),
         }
     }
 }

@@ -45,8 +45,9 @@ impl SailboxService for GrpcSailboxes {
     }
 
     async fn get_sailbox(&self, req: Request<pb::GetSailboxRequest>) -> Result<Response<pb::Sailbox>, Status> {
-        let id = req.into_inner().sailbox_id;
-        Ok(Response::new(self.host.get(&id).instrument(span("get", &id)).await?))
+        let req = req.into_inner();
+        let id = req.sailbox_id;
+        Ok(Response::new(self.host.get(&id, req.connect).instrument(span("get", &id)).await?))
     }
 
     async fn list_sailboxes(&self, req: Request<pb::ListSailboxesRequest>) -> Result<Response<pb::ListSailboxesResponse>, Status> {
@@ -118,6 +119,50 @@ impl SailboxService for GrpcSailboxes {
             let _ = tx.send(last).await;
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn checkpoint_sailbox(&self, req: Request<pb::SailboxIdRequest>) -> Result<Response<pb::Checkpoint>, Status> {
+        let id = req.into_inner().sailbox_id;
+        Ok(Response::new(self.host.checkpoint(&id).instrument(span("checkpoint", &id)).await?))
+    }
+
+    async fn pause(&self, req: Request<pb::SailboxIdRequest>) -> Result<Response<pb::Sailbox>, Status> {
+        let id = req.into_inner().sailbox_id;
+        Ok(Response::new(self.host.pause(&id).instrument(span("pause", &id)).await?))
+    }
+
+    async fn sleep(&self, req: Request<pb::SleepRequest>) -> Result<Response<pb::Sailbox>, Status> {
+        let req = req.into_inner();
+        let call = (!req.call.is_empty()).then_some(req.call);
+        let span = span("sleep", &req.sailbox_id);
+        Ok(Response::new(self.host.sleep(&req.sailbox_id, call).instrument(span).await?))
+    }
+
+    async fn resume(&self, req: Request<pb::SailboxIdRequest>) -> Result<Response<pb::Sailbox>, Status> {
+        let id = req.into_inner().sailbox_id;
+        Ok(Response::new(self.host.resume(&id).instrument(span("resume", &id)).await?))
+    }
+
+    async fn complete_call(&self, req: Request<pb::CompleteCallRequest>) -> Result<Response<pb::Sailbox>, Status> {
+        let req = req.into_inner();
+        let span = span("complete_call", &req.sailbox_id);
+        Ok(Response::new(self.host.complete_call(&req.sailbox_id, &req.call).instrument(span).await?))
+    }
+
+    async fn fork(&self, req: Request<pb::SailboxIdRequest>) -> Result<Response<pb::ForkResponse>, Status> {
+        let id = req.into_inner().sailbox_id;
+        Ok(Response::new(self.host.fork(&id).instrument(span("fork", &id)).await?))
+    }
+
+    async fn restore_sailbox(&self, req: Request<pb::RestoreRequest>) -> Result<Response<pb::Sailbox>, Status> {
+        let req = req.into_inner();
+        let span = tracing::info_span!("restore", checkpoint = %req.checkpoint_id);
+        Ok(Response::new(self.host.restore(req).instrument(span).await?))
+    }
+
+    async fn upgrade(&self, req: Request<pb::SailboxIdRequest>) -> Result<Response<pb::UpgradeResponse>, Status> {
+        let id = req.into_inner().sailbox_id;
+        Ok(Response::new(self.host.upgrade(&id).instrument(span("upgrade", &id)).await?))
     }
 
     async fn get_host_info(&self, _req: Request<pb::HostInfoRequest>) -> Result<Response<pb::HostInfo>, Status> {

@@ -6,6 +6,7 @@
 //! - `execs`: exec id → [`ExecRecord`] (JSON)
 //! - `exec_results`: exec id → `sail.sailbox.v1.ExecResult` (protobuf)
 //! - `images`: image id → image manifest (JSON, see `image`)
+//! - `checkpoints`: checkpoint id → [`CheckpointRecord`] (JSON; also stored as a chunk)
 //!
 //! Durability: every mutation is one `WriteBatch` written with `sync = true`, so a state
 //! transition is on disk (WAL fsynced) before it is acknowledged, and the records that move
@@ -21,14 +22,15 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::{Result, SailboxError};
-use crate::model::{ExecRecord, SailboxRecord};
+use crate::model::{CheckpointRecord, ExecRecord, SailboxRecord};
 
 const CF_SAILBOXES: &str = "sailboxes";
 const CF_APPS: &str = "apps";
 const CF_EXECS: &str = "execs";
 const CF_EXEC_RESULTS: &str = "exec_results";
 const CF_IMAGES: &str = "images";
-const ALL_CFS: [&str; 5] = [CF_SAILBOXES, CF_APPS, CF_EXECS, CF_EXEC_RESULTS, CF_IMAGES];
+const CF_CHECKPOINTS: &str = "checkpoints";
+const ALL_CFS: [&str; 6] = [CF_SAILBOXES, CF_APPS, CF_EXECS, CF_EXEC_RESULTS, CF_IMAGES, CF_CHECKPOINTS];
 
 /// The state database; cheap to clone.
 #[derive(Clone)]
@@ -61,6 +63,12 @@ impl Changes {
     /// Stores an exec record.
     pub fn exec(mut self, store: &StateStore, rec: &ExecRecord) -> Self {
         self.put_json(store, CF_EXECS, &rec.id, rec);
+        self
+    }
+
+    /// Stores a checkpoint record.
+    pub fn checkpoint(mut self, store: &StateStore, id: &str, rec: &CheckpointRecord) -> Self {
+        self.put_json(store, CF_CHECKPOINTS, id, rec);
         self
     }
 
@@ -139,6 +147,11 @@ impl StateStore {
     /// Every sailbox ever created on this host (terminated ones included).
     pub fn sailboxes(&self) -> Result<Vec<SailboxRecord>> {
         self.all_json(CF_SAILBOXES)
+    }
+
+    /// One checkpoint.
+    pub fn checkpoint(&self, id: &str) -> Result<Option<CheckpointRecord>> {
+        self.get_json(CF_CHECKPOINTS, id)
     }
 
     /// One exec request.

@@ -45,7 +45,7 @@ async fn sailbox_end_to_end() {
     assert!(["tcg", "kvm"].contains(&sb.accelerator.as_str()));
     assert_eq!((sb.hypervisor.as_str(), sb.guest_schema_version), ("qemu", 1));
     assert_eq!(sb.listeners.len(), 1);
-    let got = c.get_sailbox(pb::GetSailboxRequest { sailbox_id: id.clone() }).await.unwrap().into_inner();
+    let got = c.get_sailbox(pb::GetSailboxRequest { sailbox_id: id.clone(), connect: false }).await.unwrap().into_inner();
     assert_eq!(got.sailbox_id, id);
 
     // Exec: output, exit codes, stderr.
@@ -133,7 +133,7 @@ async fn sailbox_end_to_end() {
     let mut c = served.client().await;
     let r = c.wait_exec(pb::WaitExecRequest { exec_id: pending.exec_id, timeout_ms: 0 }).await.unwrap().into_inner();
     assert_eq!(r.stdout, b"survived\n");
-    let sb = c.get_sailbox(pb::GetSailboxRequest { sailbox_id: id.clone() }).await.unwrap().into_inner();
+    let sb = c.get_sailbox(pb::GetSailboxRequest { sailbox_id: id.clone(), connect: false }).await.unwrap().into_inner();
     assert_eq!(sb.state, pb::SailboxState::Running as i32);
     let l = c.listeners(pb::ListenersRequest { sailbox_id: id.clone(), port: 8080, wait_routed_ms: 30_000 }).await.unwrap();
     let l = l.into_inner().listeners.remove(0);
@@ -168,7 +168,7 @@ async fn sailbox_end_to_end() {
     unsafe { libc::kill(qemu[0].pid as i32, libc::SIGKILL) };
     let e = c.wait_exec(pb::WaitExecRequest { exec_id: doomed.exec_id, timeout_ms: 60_000 }).await.unwrap_err();
     assert_eq!(error_name(&e), "SailboxWorkerLostError", "{e:?}");
-    let sb = c.get_sailbox(pb::GetSailboxRequest { sailbox_id: id2.clone() }).await.unwrap().into_inner();
+    let sb = c.get_sailbox(pb::GetSailboxRequest { sailbox_id: id2.clone(), connect: false }).await.unwrap().into_inner();
     assert_eq!(sb.state, pb::SailboxState::Lost as i32);
     let e = c.exec(pb::ExecRequest { sailbox_id: id2, command: "true".into(), ..Default::default() }).await.unwrap_err();
     assert_eq!(error_name(&e), "SailboxWorkerLostError");

@@ -9,7 +9,9 @@
 //! | device state | QMP `migrate` to a file with `x-ignore-shared` | `vm.snapshot` |
 //!
 //! Only the QEMU backend is implemented: our machines have no hardware KVM, and Cloud
-//! Hypervisor needs it. The trait keeps every VMM-specific detail behind it.
+//! Hypervisor needs it. The trait keeps every VMM-specific detail behind it. (On Cloud
+//! Hypervisor, `vm.snapshot` writes the memory file too; a backend would point its memory at
+//! the same cowfs file and keep only the device state.)
 
 pub mod qemu;
 pub mod qmp;
@@ -43,10 +45,12 @@ pub struct VmSpec {
     pub initramfs: PathBuf,
     /// Kernel command line.
     pub cmdline: String,
-    /// Root disk image (the sailbox's copy-on-write layer).
+    /// Root disk image (the sailbox's cowfs disk file).
     pub disk: PathBuf,
-    /// Its format ("qcow2" or "raw").
+    /// Its format ("raw" for cowfs files).
     pub disk_format: &'static str,
+    /// Device state to restore from (a checkpoint's); the VM starts stopped when set.
+    pub incoming: Option<PathBuf>,
     /// How the host reaches the agent (the backend decides the kind; see [`Hypervisor::link`]).
     pub link: GuestLink,
     /// Accelerator.
@@ -77,8 +81,13 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn link(&self, dir: &std::path::Path) -> GuestLink;
 
     /// Starts the VM's processes (VMM and helpers) detached from vmm-host, returns them once
-    /// the VMM's control socket answers. On failure nothing is left running.
+    /// the VMM's control socket answers. With `spec.incoming`, the device state is loaded and
+    /// the VM left stopped (call [`Hypervisor::resume`]). On failure nothing is left running.
     async fn launch(&self, spec: &VmSpec) -> Result<Vec<ProcRef>>;
+
+    /// Saves the device state (no RAM: memory is the file-backed memory itself) of a
+    /// stopped VM to `path`.
+    async fn save_device_state(&self, spec: &VmSpec, path: &std::path::Path) -> Result<()>;
 
     /// Asks a running VM's control socket for its status (also how a restarted vmm-host
     /// checks that a VM it re-attaches to is really the one it started).

@@ -23,6 +23,8 @@ use crate::procs;
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long one QMP command may take.
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long saving or loading device state may take.
+const MIGRATE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The QEMU backend.
 pub struct Qemu {
@@ -76,8 +78,10 @@ impl Qemu {
         cmd.arg("-kernel").arg(&spec.kernel).arg("-initrd").arg(&spec.initramfs).arg("-append").arg(&spec.cmdline);
         cmd.args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
         cmd.arg("-serial").arg(format!("file:{}", spec.dir.join("console.log").display()));
+        // Buffered I/O: every write reaches cowfs as it happens (FUSE writes through), reads
+        // use the host page cache; discards are not passed on (cowfs keeps fixed sizes).
         cmd.arg("-drive").arg(format!(
-            "id=root,file={},format={},if=none,discard=unmap,detect-zeroes=unmap",
+            "id=root,file={},format={},if=none,cache=writeback,aio=threads,discard=ignore",
             spec.disk.display(),
             spec.disk_format
         ));
@@ -87,7 +91,36 @@ impl Qemu {
         cmd.args(["-device", "virtserialport,chardev=agent,name=sail.agent"]);
         cmd.args(["-device", "virtio-rng-device"]);
         cmd.arg("-qmp").arg(format!("unix:{},server=on,wait=off", qmp_socket(spec).display()));
+        if spec.incoming.is_some() {
+            cmd.args(["-incoming", "defer"]);
+        }
         cmd
+    }
+
+    /// Runs a migration (`migrate` or `migrate-incoming` to/from `uri`) with x-ignore-shared
+    /// (RAM that is a shared file is skipped: it is the memory file) and waits for it.
+    async fn migrate(&self, spec: &VmSpec, command: &str, uri: String) -> Result<()> {
+        let err = |e: super::qmp::QmpError| SailboxError::host(format!("sailbox {}", spec.id), e);
+        let mut qmp = Qmp::connect(&qmp_socket(spec), QMP_TIMEOUT).await.map_err(err)?;
+        let caps = json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]});
+        qmp.execute("migrate-set-capabilities", caps, QMP_TIMEOUT).await.map_err(err)?;
+        qmp.execute(command, json!({"uri": uri}), QMP_TIMEOUT).await.map_err(err)?;
+        let deadline = Instant::now() + MIGRATE_TIMEOUT;
+        loop {
+            let st = qmp.execute("query-migrate", json!({}), QMP_TIMEOUT).await.map_err(err)?;
+            match st.get("status").and_then(|s| s.as_str()) {
+                Some("completed") => return Ok(()),
+                Some("failed") | Some("cancelled") => {
+                    let why = st.get("error-desc").and_then(|d| d.as_str()).unwrap_or("no reason given");
+                    return Err(SailboxError::Host(format!("{command} failed: {why}")));
+                }
+                _ => {}
+            }
+            if Instant::now() > deadline {
+                return Err(SailboxError::Host(format!("{command} did not finish in time")));
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
     }
 
     async fn launch_inner(&self, spec: &VmSpec, procs: &mut Vec<ProcRef>) -> Result<()> {
@@ -140,7 +173,13 @@ impl Hypervisor for Qemu {
 
     async fn launch(&self, spec: &VmSpec) -> Result<Vec<ProcRef>> {
         let mut procs = Vec::new();
-        match self.launch_inner(spec, &mut procs).await {
+        let mut started = self.launch_inner(spec, &mut procs).await;
+        if started.is_ok()
+            && let Some(state) = &spec.incoming
+        {
+            started = self.migrate(spec, "migrate-incoming", format!("file:{}", state.display())).await;
+        }
+        match started {
             Ok(()) => Ok(procs),
             Err(e) => {
                 for p in procs.iter().rev() {
@@ -149,6 +188,10 @@ impl Hypervisor for Qemu {
                 Err(e)
             }
         }
+    }
+
+    async fn save_device_state(&self, spec: &VmSpec, path: &Path) -> Result<()> {
+        self.migrate(spec, "migrate", format!("file:{}", path.display())).await
     }
 
     async fn status(&self, spec: &VmSpec) -> Result<VmStatus> {

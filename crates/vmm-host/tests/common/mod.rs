@@ -66,6 +66,15 @@ impl Drop for TestDir {
             // SAFETY: signalling processes started under this test's own directory.
             unsafe { libc::kill(p.pid as i32, libc::SIGKILL) };
         }
+        // The cowfs daemon: stop it and detach its mount.
+        let cow = self.0.path().join("vmm/cowfs");
+        for p in vmm_host::procs::find_by_cmdline(&cow.display().to_string()) {
+            // SAFETY: as above.
+            unsafe { libc::kill(p.pid as i32, libc::SIGKILL) };
+        }
+        let mnt = std::ffi::CString::new(cow.join("mnt").as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: detaching a mount this test made, if it is there.
+        unsafe { libc::umount2(mnt.as_ptr(), libc::MNT_DETACH) };
     }
 }
 
@@ -81,11 +90,18 @@ pub fn config(dir: &Path) -> HostConfig {
 
 /// Opens a host on `dir` and serves it.
 pub async fn serve(dir: &Path) -> Served {
+    serve_with(dir, |_| {}).await
+}
+
+/// Like [`serve`], with the configuration adjusted first.
+pub async fn serve_with(dir: &Path, adjust: impl FnOnce(&mut HostConfig)) -> Served {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_test_writer()
         .try_init();
-    let host = Host::open(config(dir)).await.unwrap();
+    let mut cfg = config(dir);
+    adjust(&mut cfg);
+    let host = Host::open(cfg).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();

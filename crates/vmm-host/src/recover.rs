@@ -1,0 +1,165 @@
+//! What vmm-host does when it starts on a data directory that records sailboxes:
+//!
+//! - running, VMM alive (same pid and start time, QMP and the agent answer): re-attach;
+//! - running, VMM gone (host failure): start it again from its last checkpoint (commands
+//!   after that checkpoint are not replayed), or record it lost when it has none;
+//! - paused or sleeping: keep it so, with its listeners bound (a sleeper wakes on ingress);
+//! - creating: the create was interrupted: terminated.
+//!
+//! Then orphans are removed: VMM processes under the run directory that no sailbox owns,
+//! run directories and cowfs files of sailboxes that are gone.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::Instrument;
+
+use crate::agent_client::AgentClient;
+use crate::error::{Result, SailboxError};
+use crate::host::{Host, Live, Vm};
+use crate::model::{ExecStatus, ProcRef, SailboxRecord, State};
+use crate::procs;
+
+impl Host {
+    /// Recovery at start (see the module docs).
+    pub(crate) async fn recover(&self) -> Result<()> {
+        let mut keep: Vec<ProcRef> = Vec::new();
+        for rec in self.inner.state.sailboxes()? {
+            if rec.state.is_final() {
+                continue;
+            }
+            let span = tracing::info_span!("sailbox", sailbox = %rec.id);
+            keep.extend(self.recover_one(rec).instrument(span).await?);
+        }
+        let needle = format!("{}/", self.run_root().display());
+        for p in procs::find_by_cmdline(&needle) {
+            if !keep.contains(&p) {
+                tracing::warn!(pid = p.pid, "killing an orphaned VMM process");
+                procs::kill(&p).await;
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir(self.run_root()) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if self.live(&name).is_none() {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        for name in self.inner.files.names().await.unwrap_or_default() {
+            let owner = name.rsplit_once('.').map(|(id, _)| id.to_owned()).unwrap_or_default();
+            if self.live(&owner).is_none() {
+                let _ = self.inner.files.remove_name(&name).await;
+            }
+        }
+        // Exec requests of sailboxes that are gone can never finish.
+        for exec in self.inner.state.running_execs()? {
+            if self.live(&exec.sailbox).is_none() {
+                let why = ExecStatus::Lost("vmm-host restarted and the sailbox is gone".into());
+                self.inner.execs.set_status(self, &exec, why)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn recover_one(&self, rec: SailboxRecord) -> Result<Vec<ProcRef>> {
+        let live = Live::new(rec.clone());
+        match rec.state {
+            State::Running => {
+                let alive = !rec.procs.is_empty() && rec.procs.iter().all(procs::alive);
+                if alive {
+                    match self.reattach(&live).await {
+                        Ok(()) => return Ok(rec.procs),
+                        Err(e) => tracing::warn!(error = %e, "re-attach failed"),
+                    }
+                }
+                for p in rec.procs.iter().rev() {
+                    procs::kill(p).await;
+                }
+                live.update(|r| r.procs.clear());
+                let ports = rec.ports.clone();
+                let listeners = crate::ingress::bind_all(self, &live, &ports, &rec.listeners).await?;
+                live.update(|r| r.listeners = listeners);
+                self.add_live(&live);
+                let _op = live.op.lock().await;
+                self.restart_or_lose(&live, "the VMM was gone when vmm-host restarted").await?;
+                self.watch_execs(&live)?;
+                Ok(live.vm().map(|vm| vm.procs.clone()).unwrap_or_default())
+            }
+            State::Paused | State::Sleeping => {
+                for p in rec.procs.iter().rev() {
+                    procs::kill(p).await;
+                }
+                let listeners = crate::ingress::bind_all(self, &live, &rec.ports, &rec.listeners).await?;
+                let rec = live.update(|r| {
+                    r.listeners = listeners;
+                    r.procs.clear();
+                });
+                self.inner.state.put_sailbox(&rec)?;
+                self.add_live(&live);
+                self.watch_execs(&live)?;
+                Ok(Vec::new())
+            }
+            State::Creating | State::Terminated | State::Lost => {
+                for p in rec.procs.iter().rev() {
+                    procs::kill(p).await;
+                }
+                let rec = live.update(|r| {
+                    if r.state == State::Creating {
+                        r.state = State::Terminated;
+                        r.state_reason = "vmm-host restarted while the sailbox was being created".into();
+                    }
+                    r.procs.clear();
+                    r.active_exec = None;
+                });
+                self.inner.state.put_sailbox(&rec)?;
+                let _ = self.inner.files.remove(&rec.id).await;
+                let _ = std::fs::remove_dir_all(self.run_dir(&rec.id));
+                Ok(Vec::new())
+            }
+        }
+    }
+
+    /// Resumes watching the exec requests a sailbox had running.
+    fn watch_execs(&self, live: &Arc<Live>) -> Result<()> {
+        let id = live.id();
+        for exec in self.inner.state.running_execs()?.into_iter().filter(|e| e.sailbox == id) {
+            self.inner.execs.watch(self, live, exec.id.clone());
+        }
+        Ok(())
+    }
+
+    async fn reattach(&self, live: &Arc<Live>) -> Result<()> {
+        let rec = live.snapshot();
+        let hypervisor = self.hypervisor()?;
+        if !self.inner.files.exist(&rec.id).await {
+            return Err(SailboxError::Host("its memory and disk files are gone (cowfs restarted)".into()));
+        }
+        let initramfs = self.run_dir(&rec.id).join("initramfs"); // only named: the VM already booted
+        let spec = self.vm_spec(&rec, &initramfs, None)?;
+        hypervisor.status(&spec).await?;
+        let agent = AgentClient::new(&spec.link);
+        let hello_req = proto::agent::HelloRequest { host_unix_ms: crate::now_ms(), ..Default::default() };
+        let hello = agent.wait_ready(hello_req, Instant::now() + Duration::from_secs(20), || true).await.map_err(SailboxError::Host)?;
+        let vm = Arc::new(Vm {
+            spec,
+            agent,
+            procs: rec.procs.clone(),
+            stopping: std::sync::atomic::AtomicBool::new(false),
+            watcher: std::sync::Mutex::new(None),
+        });
+        live.set_vm(Some(vm.clone()));
+        let listeners = crate::ingress::bind_all(self, live, &rec.ports, &rec.listeners).await?;
+        let rec = live.update(|r| {
+            r.listeners = listeners;
+            r.guest_schema_version = hello.guest_schema_version;
+            r.agent_version = hello.agent_version;
+        });
+        self.inner.state.put_sailbox(&rec)?;
+        self.add_live(live);
+        self.watch_vmm(live, &vm);
+        self.watch_execs(live)?;
+        tracing::info!("re-attached to a running sailbox");
+        Ok(())
+    }
+}

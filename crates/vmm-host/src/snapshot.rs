@@ -1,0 +1,386 @@
+//! Checkpoints and everything built on them: pause, sleep, resume, fork, restore, upgrade.
+//!
+//! A checkpoint: flush the guest's dirty memory pages to cowfs while it runs (so the pause
+//! has little left to flush), stop the vCPUs, flush again, save the device state (QEMU
+//! migration with x-ignore-shared: no RAM, the memory file is the RAM), freeze the memory
+//! and disk files (the regions written since the last checkpoint), and either resume the
+//! guest (checkpoint, fork) or kill the VMM (pause, sleep). Then, with the guest running
+//! again, export the frozen regions as chunks, store the device state and the record as
+//! chunks, and record the checkpoint durably. The pause covers only the flush of what changed
+//! and the device state.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use chunkstore::ChunkId;
+use proto::sailbox as pb;
+
+use crate::error::{Result, SailboxError};
+use crate::host::{Host, Live, Vm, random_id};
+use crate::lifecycle::{Greeting, Start, hostname_for};
+use crate::model::{CheckpointRecord, SailboxRecord, State};
+use crate::now_ms;
+
+/// Agents older than this are upgraded at their next wake instead of resumed.
+pub const MIN_RESUMABLE_SCHEMA: u32 = 1;
+
+/// What to do with the guest after the freeze.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum After {
+    /// Keep it running (checkpoint, fork).
+    Run,
+    /// Power it down (pause, sleep).
+    PowerDown,
+}
+
+fn ck_id(chunk: ChunkId) -> String {
+    format!("ck-{}", chunk.to_hex())
+}
+
+fn creation(e: SailboxError) -> SailboxError {
+    match e {
+        e @ (SailboxError::Creation(_) | SailboxError::InvalidArgument(_) | SailboxError::Terminated(_) | SailboxError::WorkerLost { .. }) => e,
+        other => SailboxError::Creation(format!("checkpoint failed: {other}")),
+    }
+}
+
+impl Host {
+    /// Loads a checkpoint record by id: from the state store, else from the chunk store (a
+    /// checkpoint made by another host sharing it).
+    pub(crate) async fn load_checkpoint(&self, id: &str) -> Result<CheckpointRecord> {
+        if let Some(rec) = self.inner.state.checkpoint(id)? {
+            return Ok(rec);
+        }
+        let hex = id.strip_prefix("ck-").ok_or_else(|| SailboxError::invalid(format!("{id:?} is not a checkpoint id")))?;
+        let chunk: ChunkId = hex.parse().map_err(|_| SailboxError::invalid(format!("{id:?} is not a checkpoint id")))?;
+        let bytes = match self.inner.backend.get(chunk).await {
+            Ok(b) => b,
+            Err(chunkstore::ChunkError::NotFound(_)) => return Err(SailboxError::NotFound(format!("checkpoint {id}"))),
+            Err(e) => return Err(e.into()),
+        };
+        let rec: CheckpointRecord =
+            serde_json::from_slice(&bytes).map_err(|e| SailboxError::Storage(format!("checkpoint {id} is not a checkpoint record: {e}")))?;
+        self.inner.state.commit(self.inner.state.changes().checkpoint(&self.inner.state, id, &rec))?;
+        Ok(rec)
+    }
+
+    /// Takes a checkpoint of a running sailbox. The caller holds the op lock.
+    async fn take_checkpoint(&self, live: &Arc<Live>, vm: &Arc<Vm>, after: After) -> Result<(String, CheckpointRecord)> {
+        let hypervisor = self.hypervisor()?;
+        let files = &self.inner.files;
+        let rec = live.snapshot();
+        let started = Instant::now();
+        files.flush(&rec.id).await?;
+        let paused_at = Instant::now();
+        hypervisor.pause(&vm.spec).await?;
+        let frozen = async {
+            files.flush(&rec.id).await?;
+            let state_path = vm.spec.dir.join("devstate.new");
+            hypervisor.save_device_state(&vm.spec, &state_path).await?;
+            files.freeze(&rec.id).await?;
+            std::fs::read(&state_path).map_err(|e| SailboxError::host("reading the device state", e))
+        }
+        .await;
+        let pause_ms;
+        match (&frozen, after) {
+            (Err(_), _) | (Ok(_), After::Run) => {
+                let resumed = hypervisor.resume(&vm.spec).await;
+                pause_ms = paused_at.elapsed().as_millis() as u64;
+                resumed?;
+            }
+            (Ok(_), After::PowerDown) => {
+                pause_ms = paused_at.elapsed().as_millis() as u64;
+                self.stop_vm(live).await;
+            }
+        }
+        let device_state = frozen?;
+        let exports = files.export(&rec.id).await?;
+        let state_bytes = Bytes::from(device_state);
+        let state_chunk = ChunkId::of(&state_bytes);
+        self.inner.backend.put(state_chunk, state_bytes).await?;
+        let ck = CheckpointRecord {
+            sailbox: rec.id.clone(),
+            app: rec.app.clone(),
+            name: rec.name.clone(),
+            image: rec.image.clone(),
+            cpu: rec.cpu,
+            vcpus: rec.vcpus,
+            memory_mib: rec.memory_mib,
+            disk_gib: rec.disk_gib,
+            ports: rec.ports.clone(),
+            memory_manifest: exports.memory.manifest.clone(),
+            disk_manifest: exports.disk.manifest.clone(),
+            device_state: state_chunk.to_hex(),
+            hypervisor: rec.hypervisor.clone(),
+            accelerator: rec.accelerator.clone(),
+            guest_schema_version: rec.guest_schema_version,
+            agent_version: rec.agent_version.clone(),
+            parent: rec.last_checkpoint.clone().or(rec.forked_from.clone()),
+            created_unix_ms: now_ms(),
+            pause_ms,
+            total_ms: started.elapsed().as_millis() as u64,
+            memory_bytes_changed: exports.memory.bytes_frozen,
+            memory_bytes_uploaded: exports.memory.bytes_uploaded,
+            disk_bytes_changed: exports.disk.bytes_frozen,
+            disk_bytes_uploaded: exports.disk.bytes_uploaded,
+        };
+        let json = Bytes::from(serde_json::to_vec(&ck).map_err(|e| SailboxError::Storage(e.to_string()))?);
+        let record_chunk = ChunkId::of(&json);
+        self.inner.backend.put(record_chunk, json).await?;
+        let id = ck_id(record_chunk);
+        let rec = live.update(|r| {
+            r.last_checkpoint = Some(id.clone());
+            if after == After::PowerDown {
+                r.files_at = Some(id.clone());
+            }
+        });
+        let st = &self.inner.state;
+        st.commit(st.changes().checkpoint(st, &id, &ck).sailbox(st, &rec))?;
+        tracing::info!(
+            sailbox = %rec.id, checkpoint = %id, pause_ms, total_ms = ck.total_ms,
+            memory_changed = ck.memory_bytes_changed, memory_uploaded = ck.memory_bytes_uploaded,
+            disk_changed = ck.disk_bytes_changed, "checkpoint"
+        );
+        Ok((id, ck))
+    }
+
+    /// Snapshots memory and writable disk while the sailbox keeps running.
+    pub async fn checkpoint(&self, id: &str) -> Result<pb::Checkpoint> {
+        let (live, _) = self.running(id)?;
+        let _op = live.op.lock().await;
+        let (live, vm) = self.running(id)?;
+        let (ck, rec) = self.take_checkpoint(&live, &vm, After::Run).await.map_err(creation)?;
+        Ok(rec.to_proto(&ck))
+    }
+
+    /// Checkpoints and powers down: until `resume` (paused) or until ingress, an exec,
+    /// `resume` or the named call completing (sleeping).
+    async fn power_down(&self, id: &str, state: State, call: Option<String>) -> Result<pb::Sailbox> {
+        let live = self.held(id)?;
+        let _op = live.op.lock().await;
+        let current = live.snapshot().state;
+        if current == state && (state != State::Sleeping || call.is_none()) {
+            return Ok(self.to_proto(&live.snapshot()));
+        }
+        if matches!(current, State::Paused | State::Sleeping) {
+            // Already down at its checkpoint: only the state changes.
+            let rec = live.update(|r| {
+                r.state = state;
+                r.sleep_call = call;
+            });
+            self.inner.state.put_sailbox(&rec)?;
+            return Ok(self.to_proto(&rec));
+        }
+        let (live, vm) = self.running(id)?;
+        self.take_checkpoint(&live, &vm, After::PowerDown).await.map_err(creation)?;
+        let rec = live.update(|r| {
+            r.state = state;
+            r.sleep_call = call;
+            r.state_reason = String::new();
+        });
+        self.inner.state.put_sailbox(&rec)?;
+        tracing::info!(sailbox = %id, ?state, "powered down");
+        Ok(self.to_proto(&rec))
+    }
+
+    /// Checkpoints and powers down until an explicit resume.
+    pub async fn pause(&self, id: &str) -> Result<pb::Sailbox> {
+        self.power_down(id, State::Paused, None).await
+    }
+
+    /// Checkpoints and powers down until ingress, an exec, a resume, or (with `call`) the
+    /// named external call completing.
+    pub async fn sleep(&self, id: &str, call: Option<String>) -> Result<pb::Sailbox> {
+        if let Some(c) = &call {
+            crate::model::check_name("call", c).map_err(|e| SailboxError::InvalidArgument(e.to_string()))?;
+        }
+        self.power_down(id, State::Sleeping, call).await
+    }
+
+    /// Starts a paused or sleeping sailbox again from its last checkpoint (or, with an
+    /// upgrade pending, boots it on that checkpoint's disk with the newest agent).
+    pub async fn resume(&self, id: &str) -> Result<pb::Sailbox> {
+        let live = self.held(id)?;
+        self.wake(&live, "resume").await?;
+        Ok(self.to_proto(&live.snapshot()))
+    }
+
+    /// Wakes a paused or sleeping sailbox (no-op when it runs).
+    pub(crate) async fn wake(&self, live: &Arc<Live>, why: &str) -> Result<()> {
+        let _op = live.op.lock().await;
+        let rec = live.snapshot();
+        if rec.state == State::Running && live.vm().is_some() {
+            return Ok(());
+        }
+        if !matches!(rec.state, State::Paused | State::Sleeping) {
+            return Err(crate::host::not_running(&rec.id, rec.state, &rec.state_reason));
+        }
+        let ck_id = rec.last_checkpoint.clone().ok_or_else(|| SailboxError::Creation("no checkpoint to resume from".into()))?;
+        let ck = self.load_checkpoint(&ck_id).await?;
+        let started = Instant::now();
+        let current = self.initramfs().await?.agent.guest_schema_version;
+        let upgrade = rec.pending_upgrade || (ck.guest_schema_version < MIN_RESUMABLE_SCHEMA && ck.guest_schema_version < current);
+        let start = if upgrade {
+            Start::CheckpointDisk { record: &ck }
+        } else {
+            Start::Checkpoint { id: &ck_id, record: &ck }
+        };
+        self.start_vm(live, start, Greeting::plain()).await.map_err(creation)?;
+        let rec = live.update(|r| {
+            r.state = State::Running;
+            r.sleep_call = None;
+            if upgrade {
+                r.pending_upgrade = false;
+            }
+        });
+        self.inner.state.put_sailbox(&rec)?;
+        tracing::info!(sailbox = %rec.id, why, upgrade, ms = started.elapsed().as_millis() as u64, "woken");
+        Ok(())
+    }
+
+    /// The external call a sleeping sailbox waits on completed: wake it.
+    pub async fn complete_call(&self, id: &str, call: &str) -> Result<pb::Sailbox> {
+        let live = self.held(id)?;
+        let rec = live.snapshot();
+        match (rec.state, rec.sleep_call.as_deref()) {
+            (State::Sleeping, Some(c)) if c == call => self.wake(&live, "call completed").await?,
+            (State::Running, _) => {}
+            _ => {
+                return Err(SailboxError::invalid(format!("sailbox {id} is not sleeping on a call named {call:?}")));
+            }
+        }
+        Ok(self.to_proto(&live.snapshot()))
+    }
+
+    /// A new running sailbox from this one's state: a running one is checkpointed first
+    /// (it keeps running); a paused or sleeping one's last checkpoint is used without
+    /// waking it.
+    pub async fn fork(&self, id: &str) -> Result<pb::ForkResponse> {
+        let live = self.held(id)?;
+        let (ck_id, ck) = {
+            let _op = live.op.lock().await;
+            let rec = live.snapshot();
+            match rec.state {
+                State::Running => {
+                    let (live, vm) = self.running(id)?;
+                    self.take_checkpoint(&live, &vm, After::Run).await.map_err(creation)?
+                }
+                State::Paused | State::Sleeping => {
+                    let ck_id = rec.last_checkpoint.clone().ok_or_else(|| SailboxError::Creation("no checkpoint to fork from".into()))?;
+                    let ck = self.load_checkpoint(&ck_id).await?;
+                    (ck_id, ck)
+                }
+                other => return Err(crate::host::not_running(id, other, &rec.state_reason)),
+            }
+        };
+        let child = self.start_from_checkpoint(&ck_id, &ck, String::new(), String::new(), None).await?;
+        Ok(pb::ForkResponse { child: Some(child), checkpoint: Some(ck.to_proto(&ck_id)) })
+    }
+
+    /// A new running sailbox from a checkpoint id, on this host (the checkpoint may come
+    /// from any host sharing the chunk store).
+    pub async fn restore(&self, req: pb::RestoreRequest) -> Result<pb::Sailbox> {
+        let ck = self.load_checkpoint(&req.checkpoint_id).await?;
+        if ck.accelerator != self.inner.accel.accel.as_str() {
+            return Err(SailboxError::Creation(format!(
+                "checkpoint {} was taken under {}; this host runs {}",
+                req.checkpoint_id,
+                ck.accelerator,
+                self.inner.accel.accel.as_str()
+            )));
+        }
+        let ports = if req.ingress_ports.is_empty() { None } else { Some(req.ingress_ports.clone()) };
+        self.start_from_checkpoint(&req.checkpoint_id, &ck, req.app, req.name, ports).await
+    }
+
+    async fn start_from_checkpoint(
+        &self,
+        ck_id: &str,
+        ck: &CheckpointRecord,
+        app: String,
+        name: String,
+        ports: Option<Vec<u32>>,
+    ) -> Result<pb::Sailbox> {
+        let app = if app.is_empty() { ck.app.clone() } else { app };
+        crate::model::check_name("app", &app)?;
+        if !name.is_empty() {
+            crate::model::check_name("name", &name)?;
+        }
+        self.check_name_free(&app, &name)?;
+        self.inner.state.ensure_app(&app)?;
+        let rec = SailboxRecord {
+            id: random_id("sb"),
+            app,
+            name,
+            image: ck.image.clone(),
+            state: State::Creating,
+            state_reason: String::new(),
+            cpu: ck.cpu,
+            vcpus: ck.vcpus,
+            memory_mib: ck.memory_mib,
+            disk_gib: ck.disk_gib,
+            listeners: Vec::new(),
+            volumes: Default::default(),
+            created_unix_ms: now_ms(),
+            guest_schema_version: ck.guest_schema_version,
+            agent_version: ck.agent_version.clone(),
+            hypervisor: ck.hypervisor.clone(),
+            accelerator: ck.accelerator.clone(),
+            boot_ms: 0,
+            procs: Vec::new(),
+            active_exec: None,
+            last_checkpoint: None,
+            files_at: None,
+            pending_upgrade: false,
+            sleep_call: None,
+            forked_from: Some(ck_id.to_owned()),
+            ports: ports.unwrap_or_else(|| ck.ports.clone()),
+        };
+        // A child is its own machine: own hostname, fresh randomness.
+        let greeting = Greeting { hostname: Some(hostname_for(&rec)), reseed: true };
+        self.bring_up(rec, Start::Checkpoint { id: ck_id, record: ck }, greeting).await
+    }
+
+    /// Reboots the sailbox on its same disk onto the newest agent. Returns whether it now
+    /// runs it (false: recorded for a paused or sleeping sailbox's next wake).
+    pub async fn upgrade(&self, id: &str) -> Result<pb::UpgradeResponse> {
+        let live = self.held(id)?;
+        let newest = self.initramfs().await?.agent.guest_schema_version;
+        let _op = live.op.lock().await;
+        let rec = live.snapshot();
+        match rec.state {
+            State::Paused | State::Sleeping => {
+                let rec = live.update(|r| r.pending_upgrade = true);
+                self.inner.state.put_sailbox(&rec)?;
+                Ok(pb::UpgradeResponse { sailbox: Some(self.to_proto(&rec)), applied: false })
+            }
+            State::Running => {
+                // The initramfs is rebuilt from the current agent binary: a newer agent
+                // has a newer schema version (or the same one: nothing to do).
+                *self.inner.initramfs.lock().await = None;
+                let newest = self.initramfs().await?.agent.guest_schema_version.max(newest);
+                if rec.guest_schema_version >= newest && !rec.pending_upgrade {
+                    return Ok(pb::UpgradeResponse { sailbox: Some(self.to_proto(&rec)), applied: true });
+                }
+                let (live, vm) = self.running(id)?;
+                // A clean power-off flushes the guest's file systems; then boot again.
+                vm.mark_stopping();
+                let _ = vm.agent.raw().power_off(proto::agent::PowerOffRequest { reboot: false }).await;
+                if let Some(vmm) = vm.procs.last().cloned() {
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(30), crate::procs::wait_exit(vmm)).await;
+                }
+                self.stop_vm(&live).await;
+                self.start_vm(&live, Start::Boot { disk_manifest: None }, Greeting::plain()).await.map_err(creation)?;
+                let rec = live.update(|r| {
+                    r.pending_upgrade = false;
+                    r.state = State::Running;
+                });
+                self.inner.state.put_sailbox(&rec)?;
+                tracing::info!(sailbox = %id, schema = rec.guest_schema_version, "upgraded");
+                Ok(pb::UpgradeResponse { sailbox: Some(self.to_proto(&rec)), applied: true })
+            }
+            other => Err(crate::host::not_running(id, other, &rec.state_reason)),
+        }
+    }
+}
