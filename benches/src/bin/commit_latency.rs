@@ -38,7 +38,11 @@ fn file_entry(id: ChunkId, len: u32) -> Entry {
     Entry {
         mode: 0o644,
         mtime_ns: 0,
-        kind: EntryKind::File(FileData { size: len as u64, policy: ChunkPolicy::Fixed { size: 8 << 20 }, chunks: vec![(id, len)] }),
+        kind: EntryKind::File(FileData {
+            size: len as u64,
+            policy: ChunkPolicy::Fixed { size: 8 << 20 },
+            chunks: vec![(id, len)],
+        }),
     }
 }
 
@@ -126,7 +130,17 @@ async fn main() -> anyhow::Result<()> {
     }
     print_table(
         "commit of one changed 4 KiB file (server-side) and head + root listing (gRPC, loopback)",
-        &["files", "fill s", "commit p50 ms", "commit p99 ms", "fsync'd write p50 ms", "p50 / fsync", "head+list p50 ms", "head+list p99 ms", "root entries"],
+        &[
+            "files",
+            "fill s",
+            "commit p50 ms",
+            "commit p99 ms",
+            "fsync'd write p50 ms",
+            "p50 / fsync",
+            "head+list p50 ms",
+            "head+list p99 ms",
+            "root entries",
+        ],
         &rows,
     );
     Ok(())

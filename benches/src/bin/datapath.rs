@@ -67,7 +67,11 @@ fn file_copy(dir: &std::path::Path, data: &HashMap<ChunkId, Bytes>, order: &[Chu
     Ok(start.elapsed())
 }
 
-async fn through_volumed(endpoint: &str, data: &HashMap<ChunkId, Bytes>, order: &[ChunkId]) -> anyhow::Result<(Duration, Duration)> {
+async fn through_volumed(
+    endpoint: &str,
+    data: &HashMap<ChunkId, Bytes>,
+    order: &[ChunkId],
+) -> anyhow::Result<(Duration, Duration)> {
     let mut c = VolumeClient::connect(endpoint).await?;
     c.get_volume("bench", "data", true).await?;
     let start = Instant::now();
@@ -88,7 +92,12 @@ async fn main() -> anyhow::Result<()> {
     let total = (order.len() as u64) << 23;
     let mut rows = Vec::new();
     let row = |name: &str, d: Duration, base: Duration| {
-        vec![name.to_owned(), format!("{:.2}", d.as_secs_f64()), format!("{:.0}", mib_per_s(total, d)), format!("{:.2}", base.as_secs_f64() / d.as_secs_f64())]
+        vec![
+            name.to_owned(),
+            format!("{:.2}", d.as_secs_f64()),
+            format!("{:.0}", mib_per_s(total, d)),
+            format!("{:.2}", base.as_secs_f64() / d.as_secs_f64()),
+        ]
     };
 
     // Local backend through volumed's HTTP endpoint.

@@ -44,7 +44,14 @@ async fn exec(c: &mut Client, id: &str, command: &str) -> anyhow::Result<pb::Exe
 }
 
 fn create_req(image: &str, disk_gib: u32) -> pb::CreateSailboxRequest {
-    pb::CreateSailboxRequest { app: "bench".into(), image: image.into(), cpu: 1.0, memory_mib: 1024, disk_gib, ..Default::default() }
+    pb::CreateSailboxRequest {
+        app: "bench".into(),
+        image: image.into(),
+        cpu: 1.0,
+        memory_mib: 1024,
+        disk_gib,
+        ..Default::default()
+    }
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -132,7 +139,13 @@ async fn main() -> anyhow::Result<()> {
     let (mut up, mut down, mut dd_w, mut dd_r) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..args.transfers {
         let t = Instant::now();
-        let mut msgs = vec![pb::WriteFileRequest { sailbox_id: id.clone(), path: "/bench/file".into(), mode: 0o644, size: bytes, data: Vec::new() }];
+        let mut msgs = vec![pb::WriteFileRequest {
+            sailbox_id: id.clone(),
+            path: "/bench/file".into(),
+            mode: 0o644,
+            size: bytes,
+            data: Vec::new(),
+        }];
         msgs.extend(data.chunks(1 << 20).map(|p| pb::WriteFileRequest { data: p.to_vec(), ..Default::default() }));
         c.write_file(tokio_stream::iter(msgs)).await?;
         up.push(t.elapsed());
@@ -145,12 +158,16 @@ async fn main() -> anyhow::Result<()> {
         }
         anyhow::ensure!(n == bytes, "short read");
         down.push(t.elapsed());
-        let w = exec(&mut c, &id, &format!("dd if=/dev/zero of=/bench/dd bs=1M count={} conv=fsync 2>&1 >/dev/null", args.mib)).await?;
+        let w = exec(&mut c, &id, &format!("dd if=/dev/zero of=/bench/dd bs=1M count={} conv=fsync 2>&1 >/dev/null", args.mib))
+            .await?;
         let secs = dd_seconds(&w.stdout).or_else(|| dd_seconds(&w.stderr));
-        dd_w.push(Duration::from_secs_f64(secs.ok_or_else(|| anyhow::anyhow!("no dd time in {:?}", String::from_utf8_lossy(&w.stdout)))?));
+        dd_w.push(Duration::from_secs_f64(
+            secs.ok_or_else(|| anyhow::anyhow!("no dd time in {:?}", String::from_utf8_lossy(&w.stdout)))?,
+        ));
         exec(&mut c, &id, "sync; echo 3 > /proc/sys/vm/drop_caches").await?;
         let r = exec(&mut c, &id, "dd if=/bench/file of=/dev/null bs=1M 2>&1").await?;
-        let secs = dd_seconds(&r.stdout).ok_or_else(|| anyhow::anyhow!("no dd time in {:?}", String::from_utf8_lossy(&r.stdout)))?;
+        let secs =
+            dd_seconds(&r.stdout).ok_or_else(|| anyhow::anyhow!("no dd time in {:?}", String::from_utf8_lossy(&r.stdout)))?;
         dd_r.push(Duration::from_secs_f64(secs));
         exec(&mut c, &id, "rm -f /bench/dd").await?;
     }

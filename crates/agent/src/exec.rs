@@ -317,11 +317,7 @@ fn validate(req: &pb::StartExecRequest) -> Result<(), ExecError> {
 }
 
 /// Waits for the exit, killing the process group when the timeout passes first.
-async fn wait_exit(
-    mut exited: tokio::sync::oneshot::Receiver<Exit>,
-    pid: u32,
-    timeout: Option<Duration>,
-) -> (Exit, bool) {
+async fn wait_exit(mut exited: tokio::sync::oneshot::Receiver<Exit>, pid: u32, timeout: Option<Duration>) -> (Exit, bool) {
     let mut timed_out = false;
     if let Some(limit) = timeout {
         match tokio::time::timeout(limit, &mut exited).await {

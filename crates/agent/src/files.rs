@@ -75,12 +75,7 @@ impl FileWriter {
         let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let tmp = parent.join(format!(".{name}.sail-{:08x}", rand_u32()));
         let mode = if mode == 0 { 0o644 } else { mode & 0o7777 };
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)
-            .map_err(|e| io(&tmp, e))?;
+        let file = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp).map_err(|e| io(&tmp, e))?;
         // The umask must not narrow the mode the caller asked for.
         file.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(|e| io(&tmp, e))?;
         Ok(Self { target, tmp, file, expected, written: 0, done: false })
@@ -89,10 +84,7 @@ impl FileWriter {
     /// Appends data.
     pub fn write(&mut self, data: &[u8]) -> Result<(), FileError> {
         if self.written + data.len() as u64 > self.expected {
-            return Err(FileError::Invalid(format!(
-                "more data than the announced {} bytes",
-                self.expected
-            )));
+            return Err(FileError::Invalid(format!("more data than the announced {} bytes", self.expected)));
         }
         self.file.write_all(data).map_err(|e| io(&self.tmp, e))?;
         self.written += data.len() as u64;
@@ -102,10 +94,7 @@ impl FileWriter {
     /// Checks the size, makes the bytes durable and renames the file into place.
     pub fn finish(mut self) -> Result<u64, FileError> {
         if self.written != self.expected {
-            return Err(FileError::Invalid(format!(
-                "got {} bytes, announced {}",
-                self.written, self.expected
-            )));
+            return Err(FileError::Invalid(format!("got {} bytes, announced {}", self.written, self.expected)));
         }
         self.file.sync_all().map_err(|e| io(&self.tmp, e))?;
         std::fs::rename(&self.tmp, &self.target).map_err(|e| io(&self.target, e))?;

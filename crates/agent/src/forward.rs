@@ -30,4 +30,3 @@ pub async fn connect_local(port: u16) -> std::io::Result<TcpStream> {
 pub async fn probe(port: u16) -> bool {
     connect_local(port).await.is_ok()
 }
-

@@ -39,11 +39,7 @@ impl tonic::transport::server::Connected for SerialConn {
 fn open_port(path: &Path) -> io::Result<OwnedFd> {
     use std::os::unix::fs::OpenOptionsExt;
     // Blocking for the handshake; switched to non-blocking for the session.
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_CLOEXEC | libc::O_NOCTTY)
-        .open(path)?;
+    let f = std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_CLOEXEC | libc::O_NOCTTY).open(path)?;
     Ok(f.into())
 }
 
@@ -164,9 +160,8 @@ async fn next_session(path: &Path, sessions: &std::sync::Arc<tokio::sync::Semaph
             }
             Err(e) => return Err(e),
         };
-        let shaken = tokio::task::spawn_blocking(move || handshake(&fd).map(|pending| (fd, pending)))
-            .await
-            .map_err(io::Error::other)?;
+        let shaken =
+            tokio::task::spawn_blocking(move || handshake(&fd).map(|pending| (fd, pending))).await.map_err(io::Error::other)?;
         match shaken {
             Ok((fd, pending)) => {
                 set_nonblocking(&fd)?;

@@ -90,11 +90,8 @@ fn reap_loop(inner: &(Mutex<Inner>, Condvar)) {
             let _ = cvar.wait_timeout_while(guard, std::time::Duration::from_secs(1), |i| i.spawns == seen);
             continue;
         }
-        let exit = if libc::WIFSIGNALED(status) {
-            Exit::Signal(libc::WTERMSIG(status))
-        } else {
-            Exit::Code(libc::WEXITSTATUS(status))
-        };
+        let exit =
+            if libc::WIFSIGNALED(status) { Exit::Signal(libc::WTERMSIG(status)) } else { Exit::Code(libc::WEXITSTATUS(status)) };
         // Detached children and adopted orphans have no waiter: their status is dropped.
         let tx = lock.lock().unwrap_or_else(|p| p.into_inner()).waiters.remove(&(pid as u32));
         if let Some(tx) = tx {

@@ -173,9 +173,7 @@ impl ChunkCache {
             for entry in fs::read_dir(shard.path())? {
                 let entry = entry?;
                 match entry.metadata() {
-                    Ok(m) if m.is_file() => {
-                        out.push((entry.path(), m.len(), m.modified().unwrap_or(SystemTime::UNIX_EPOCH)))
-                    }
+                    Ok(m) if m.is_file() => out.push((entry.path(), m.len(), m.modified().unwrap_or(SystemTime::UNIX_EPOCH))),
                     _ => {} // removed by another process meanwhile, or not a file
                 }
             }
@@ -245,11 +243,7 @@ impl ChunkCache {
             return Ok(());
         }
         self.with_size(|total| self.make_room(total, len))?;
-        let tmp = self.inner.dir.join("tmp").join(format!(
-            "{}-{:016x}",
-            std::process::id(),
-            rand::random::<u64>()
-        ));
+        let tmp = self.inner.dir.join("tmp").join(format!("{}-{:016x}", std::process::id(), rand::random::<u64>()));
         let written = (|| -> std::io::Result<()> {
             let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
             f.write_all(data)?;

@@ -47,9 +47,7 @@ impl Chunking {
     /// ```
     pub fn policy_for(self, file_size: u64) -> ChunkPolicy {
         match self {
-            Chunking::Fixed if file_size >= LARGE_FILE_THRESHOLD => {
-                ChunkPolicy::Fixed { size: LARGE_CHUNK_SIZE }
-            }
+            Chunking::Fixed if file_size >= LARGE_FILE_THRESHOLD => ChunkPolicy::Fixed { size: LARGE_CHUNK_SIZE },
             Chunking::Fixed => ChunkPolicy::Fixed { size: SMALL_CHUNK_SIZE },
             Chunking::FastCdc => ChunkPolicy::FastCdc { min: CDC_MIN, avg: CDC_AVG, max: CDC_MAX },
         }
@@ -90,9 +88,7 @@ impl ChunkPolicy {
     /// Whether the policy's parameters are in the range every reader and backend supports.
     pub fn is_valid(&self) -> bool {
         match *self {
-            ChunkPolicy::Fixed { size } => {
-                (4096..=crate::backend::MAX_CHUNK_SIZE).contains(&size) && size % 4096 == 0
-            }
+            ChunkPolicy::Fixed { size } => (4096..=crate::backend::MAX_CHUNK_SIZE).contains(&size) && size % 4096 == 0,
             ChunkPolicy::FastCdc { min, avg, max } => {
                 (fastcdc::v2020::MINIMUM_MIN..=fastcdc::v2020::MINIMUM_MAX).contains(&min)
                     && (fastcdc::v2020::AVERAGE_MIN..=fastcdc::v2020::AVERAGE_MAX).contains(&avg)
@@ -125,34 +121,23 @@ impl ChunkPolicy {
         match *self {
             ChunkPolicy::Fixed { size } => {
                 let size = size as usize;
-                (0..data.len())
-                    .step_by(size.max(1))
-                    .map(|off| (off, size.min(data.len() - off)))
-                    .collect()
+                (0..data.len()).step_by(size.max(1)).map(|off| (off, size.min(data.len() - off))).collect()
             }
             ChunkPolicy::FastCdc { min, avg, max } => {
-                fastcdc::v2020::FastCDC::new(data, min, avg, max)
-                    .map(|c| (c.offset, c.length))
-                    .collect()
+                fastcdc::v2020::FastCDC::new(data, min, avg, max).map(|c| (c.offset, c.length)).collect()
             }
         }
     }
 
     /// Cuts and hashes `data` on the calling thread.
     pub fn chunk(&self, data: &[u8]) -> Vec<ChunkSpan> {
-        self.boundaries(data)
-            .into_iter()
-            .map(|(off, len)| span(off, len, &data[off..off + len]))
-            .collect()
+        self.boundaries(data).into_iter().map(|(off, len)| span(off, len, &data[off..off + len])).collect()
     }
 
     /// Cuts `data` and hashes the chunks on all cores (rayon's global pool). Same result as
     /// [`ChunkPolicy::chunk`].
     pub fn chunk_parallel(&self, data: &[u8]) -> Vec<ChunkSpan> {
-        self.boundaries(data)
-            .into_par_iter()
-            .map(|(off, len)| span(off, len, &data[off..off + len]))
-            .collect()
+        self.boundaries(data).into_par_iter().map(|(off, len)| span(off, len, &data[off..off + len])).collect()
     }
 
     /// Cuts a stream without holding more than one chunk in memory (two for FastCDC's
@@ -185,11 +170,7 @@ impl ChunkPolicy {
                         fastcdc::v2020::Error::IoError(io) => E::from(io),
                         other => E::from(std::io::Error::other(other.to_string())),
                     })?;
-                    let span = ChunkSpan {
-                        offset: chunk.offset,
-                        len: chunk.length as u64,
-                        id: ChunkId::of(&chunk.data),
-                    };
+                    let span = ChunkSpan { offset: chunk.offset, len: chunk.length as u64, id: ChunkId::of(&chunk.data) };
                     sink(span, &chunk.data)?;
                 }
                 Ok(())
@@ -239,8 +220,7 @@ mod tests {
         let before = policy.chunk(&data);
         data[64 * 1024 * 2 + 7] ^= 0xff;
         let after = policy.chunk(&data);
-        let changed: Vec<usize> =
-            (0..before.len()).filter(|&i| before[i].id != after[i].id).collect();
+        let changed: Vec<usize> = (0..before.len()).filter(|&i| before[i].id != after[i].id).collect();
         assert_eq!(changed, vec![2]);
     }
 
@@ -259,10 +239,9 @@ mod tests {
     #[test]
     fn parallel_and_stream_match_single_thread() {
         let data = pseudo_random(3 * 1024 * 1024 + 17, 4);
-        for policy in [
-            ChunkPolicy::Fixed { size: 256 * 1024 },
-            ChunkPolicy::FastCdc { min: 64 * 1024, avg: 256 * 1024, max: 1024 * 1024 },
-        ] {
+        for policy in
+            [ChunkPolicy::Fixed { size: 256 * 1024 }, ChunkPolicy::FastCdc { min: 64 * 1024, avg: 256 * 1024, max: 1024 * 1024 }]
+        {
             let single = policy.chunk(&data);
             assert_eq!(policy.chunk_parallel(&data), single);
             let mut streamed = Vec::new();

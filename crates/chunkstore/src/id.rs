@@ -34,9 +34,8 @@ impl ChunkId {
 
     /// Parses a 32-byte slice (as carried in protobuf `bytes` fields).
     pub fn from_slice(bytes: &[u8]) -> Result<Self, ChunkError> {
-        let arr: [u8; 32] = bytes
-            .try_into()
-            .map_err(|_| ChunkError::InvalidId(format!("expected 32 bytes, got {}", bytes.len())))?;
+        let arr: [u8; 32] =
+            bytes.try_into().map_err(|_| ChunkError::InvalidId(format!("expected 32 bytes, got {}", bytes.len())))?;
         Ok(Self(arr))
     }
 
@@ -53,11 +52,7 @@ impl ChunkId {
     /// Checks that `data` hashes to this id; a mismatch is [`ChunkError::Integrity`].
     pub fn verify(&self, data: &[u8]) -> Result<(), ChunkError> {
         let actual = ChunkId::of(data);
-        if actual == *self {
-            Ok(())
-        } else {
-            Err(ChunkError::Integrity { expected: *self, actual })
-        }
+        if actual == *self { Ok(()) } else { Err(ChunkError::Integrity { expected: *self, actual }) }
     }
 }
 

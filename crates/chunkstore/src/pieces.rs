@@ -43,8 +43,7 @@ fn piece_cv(idx: usize, bytes: &[u8]) -> ChainingValue {
 
 /// The CVs of every piece of `data`, concatenated (in parallel across pieces).
 pub fn piece_cvs(data: &[u8]) -> Vec<u8> {
-    let cvs: Vec<ChainingValue> =
-        data.par_chunks(PIECE_SIZE as usize).enumerate().map(|(i, p)| piece_cv(i, p)).collect();
+    let cvs: Vec<ChainingValue> = data.par_chunks(PIECE_SIZE as usize).enumerate().map(|(i, p)| piece_cv(i, p)).collect();
     cvs.concat()
 }
 

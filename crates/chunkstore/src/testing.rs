@@ -33,11 +33,7 @@ mod tempfile_dir {
 
     impl TempDir {
         pub fn new() -> std::io::Result<Self> {
-            let path = std::env::temp_dir().join(format!(
-                "sail-s3s-{}-{:016x}",
-                std::process::id(),
-                rand::random::<u64>()
-            ));
+            let path = std::env::temp_dir().join(format!("sail-s3s-{}-{:016x}", std::process::id(), rand::random::<u64>()));
             std::fs::create_dir_all(&path)?;
             Ok(Self(path))
         }
@@ -57,9 +53,8 @@ fn find_binary() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("SAIL_S3S_FS") {
         return Some(PathBuf::from(p));
     }
-    let on_path = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths).map(|d| d.join("s3s-fs")).find(|p| p.is_file())
-    });
+    let on_path =
+        std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).map(|d| d.join("s3s-fs")).find(|p| p.is_file()));
     on_path.or_else(|| {
         let home = std::env::var_os("HOME")?;
         let p = PathBuf::from(home).join(".cargo/bin/s3s-fs");

@@ -150,6 +150,9 @@ fn environment_credentials_are_read_and_required() {
     assert_eq!(creds.access_key_id(), "AK");
     assert_eq!(creds.secret_access_key(), "SK");
     assert!(matches!(S3Credentials::Environment.resolve_with(|_| None), Err(ChunkError::Config(_))));
-    let debug = format!("{:?}", S3Credentials::Static { access_key_id: "AK".into(), secret_access_key: "SECRET".into(), session_token: None });
+    let debug = format!(
+        "{:?}",
+        S3Credentials::Static { access_key_id: "AK".into(), secret_access_key: "SECRET".into(), session_token: None }
+    );
     assert!(!debug.contains("SECRET"), "secrets are redacted: {debug}");
 }

@@ -27,7 +27,10 @@ impl BoxError {
     pub fn is_user_error(&self) -> bool {
         use tonic::Code::*;
         matches!(self.code, InvalidArgument | NotFound | AlreadyExists | FailedPrecondition)
-            || matches!(self.name.as_str(), "SailboxExecAlreadyRunningError" | "SailboxExecRequestNotFoundError" | "SailboxTerminatedError")
+            || matches!(
+                self.name.as_str(),
+                "SailboxExecAlreadyRunningError" | "SailboxExecRequestNotFoundError" | "SailboxTerminatedError"
+            )
     }
 }
 
@@ -226,8 +229,15 @@ fn print_sailbox(s: &pb::Sailbox, json: bool) {
     println!("{}  {}  app={} name={} image={}", s.sailbox_id, state_name(s.state), s.app, s.name, s.image);
     println!(
         "  {} vCPU, {} MiB, {} GiB disk; {} on {} ({}); agent {} (schema {}); booted in {} ms",
-        s.vcpus, s.memory_mib, s.disk_gib, s.hypervisor, s.host, s.accelerator, s.agent_version,
-        s.guest_schema_version, s.boot_ms
+        s.vcpus,
+        s.memory_mib,
+        s.disk_gib,
+        s.hypervisor,
+        s.host,
+        s.accelerator,
+        s.agent_version,
+        s.guest_schema_version,
+        s.boot_ms
     );
     for l in &s.listeners {
         println!("  port {:<5} -> {}", l.port, l.url);
@@ -264,11 +274,17 @@ pub async fn run(endpoint: &str, json: bool, cmd: BoxCmd) -> anyhow::Result<u8> 
         BoxCmd::Ls { app, all, max_guest_schema_version } => {
             let mut states = Vec::new();
             if all {
-                states = [pb::SailboxState::Creating, pb::SailboxState::Running, pb::SailboxState::Paused,
-                    pb::SailboxState::Sleeping, pb::SailboxState::Terminated, pb::SailboxState::Lost]
-                    .iter()
-                    .map(|s| *s as i32)
-                    .collect();
+                states = [
+                    pb::SailboxState::Creating,
+                    pb::SailboxState::Running,
+                    pb::SailboxState::Paused,
+                    pb::SailboxState::Sleeping,
+                    pb::SailboxState::Terminated,
+                    pb::SailboxState::Lost,
+                ]
+                .iter()
+                .map(|s| *s as i32)
+                .collect();
             }
             let req = pb::ListSailboxesRequest {
                 app: app.unwrap_or_default(),
@@ -296,17 +312,26 @@ pub async fn run(endpoint: &str, json: bool, cmd: BoxCmd) -> anyhow::Result<u8> 
                 println!("{}", ck.checkpoint_id);
                 eprintln!(
                     "paused {} ms, durable after {} ms; memory: {} changed, {} uploaded of {}; disk: {} changed, {} uploaded",
-                    ck.pause_ms, ck.total_ms, crate::human(ck.memory_bytes_changed), crate::human(ck.memory_bytes_uploaded),
-                    crate::human(ck.memory_bytes), crate::human(ck.disk_bytes_changed), crate::human(ck.disk_bytes_uploaded)
+                    ck.pause_ms,
+                    ck.total_ms,
+                    crate::human(ck.memory_bytes_changed),
+                    crate::human(ck.memory_bytes_uploaded),
+                    crate::human(ck.memory_bytes),
+                    crate::human(ck.disk_bytes_changed),
+                    crate::human(ck.disk_bytes_uploaded)
                 );
             }
         }
-        BoxCmd::Pause { id } => print_state(c.pause(pb::SailboxIdRequest { sailbox_id: id }).await.map_err(BoxError::from)?.into_inner(), json),
+        BoxCmd::Pause { id } => {
+            print_state(c.pause(pb::SailboxIdRequest { sailbox_id: id }).await.map_err(BoxError::from)?.into_inner(), json)
+        }
         BoxCmd::Sleep { id, call } => {
             let req = pb::SleepRequest { sailbox_id: id, call: call.unwrap_or_default() };
             print_state(c.sleep(req).await.map_err(BoxError::from)?.into_inner(), json)
         }
-        BoxCmd::Resume { id } => print_state(c.resume(pb::SailboxIdRequest { sailbox_id: id }).await.map_err(BoxError::from)?.into_inner(), json),
+        BoxCmd::Resume { id } => {
+            print_state(c.resume(pb::SailboxIdRequest { sailbox_id: id }).await.map_err(BoxError::from)?.into_inner(), json)
+        }
         BoxCmd::CompleteCall { id, call } => {
             let req = pb::CompleteCallRequest { sailbox_id: id, call };
             print_state(c.complete_call(req).await.map_err(BoxError::from)?.into_inner(), json)
@@ -397,7 +422,8 @@ pub async fn run(endpoint: &str, json: bool, cmd: BoxCmd) -> anyhow::Result<u8> 
             }
         }
         BoxCmd::Read { id, path } => {
-            let mut stream = c.read_file(pb::ReadFileRequest { sailbox_id: id, path }).await.map_err(BoxError::from)?.into_inner();
+            let mut stream =
+                c.read_file(pb::ReadFileRequest { sailbox_id: id, path }).await.map_err(BoxError::from)?.into_inner();
             let mut out = std::io::stdout().lock();
             while let Some(msg) = stream.next().await {
                 out.write_all(&msg.map_err(BoxError::from)?.data)?;
@@ -418,7 +444,8 @@ pub async fn run(endpoint: &str, json: bool, cmd: BoxCmd) -> anyhow::Result<u8> 
 
 /// Builds the image on the host if needed, showing its progress.
 async fn ensure_image(c: &mut SailboxServiceClient<Channel>, image: &str, json: bool) -> anyhow::Result<()> {
-    let mut stream = c.ensure_image(pb::EnsureImageRequest { image: image.to_owned() }).await.map_err(BoxError::from)?.into_inner();
+    let mut stream =
+        c.ensure_image(pb::EnsureImageRequest { image: image.to_owned() }).await.map_err(BoxError::from)?.into_inner();
     let bar = (!json).then(|| {
         let b = indicatif::ProgressBar::new_spinner();
         b.enable_steady_tick(Duration::from_millis(120));
@@ -462,14 +489,19 @@ async fn stream_output(c: &mut SailboxServiceClient<Channel>, exec_id: &str, jso
             }
             Some(Event::Result(r)) => {
                 if json {
-                    println!("{}", serde_json::json!({
-                        "exec_id": r.exec_id, "return_code": r.return_code,
-                        "stdout": String::from_utf8_lossy(&r.stdout), "stderr": String::from_utf8_lossy(&r.stderr),
-                        "stdout_truncated": r.stdout_truncated, "stderr_truncated": r.stderr_truncated,
-                        "timed_out": r.timed_out, "elapsed_ms": r.finished_unix_ms.saturating_sub(r.started_unix_ms),
-                    }));
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "exec_id": r.exec_id, "return_code": r.return_code,
+                            "stdout": String::from_utf8_lossy(&r.stdout), "stderr": String::from_utf8_lossy(&r.stderr),
+                            "stdout_truncated": r.stdout_truncated, "stderr_truncated": r.stderr_truncated,
+                            "timed_out": r.timed_out, "elapsed_ms": r.finished_unix_ms.saturating_sub(r.started_unix_ms),
+                        })
+                    );
                 } else {
-                    for (what, truncated, total) in [("stdout", r.stdout_truncated, r.stdout_bytes), ("stderr", r.stderr_truncated, r.stderr_bytes)] {
+                    for (what, truncated, total) in
+                        [("stdout", r.stdout_truncated, r.stdout_bytes), ("stderr", r.stderr_truncated, r.stderr_bytes)]
+                    {
                         if truncated {
                             eprintln!("[sail: {what} truncated: {} produced, the first 16 MiB kept]", crate::human(total));
                         }
@@ -546,14 +578,34 @@ pub async fn doctor(endpoint: &str, json: bool) -> anyhow::Result<u8> {
         ("accelerator", Ok(format!("{} ({})", probe.accel.as_str(), probe.reason))),
         ("qemu", first_line(&qemu).map_err(|e| format!("{}: {e}", config.qemu_binary.display()))),
         ("guest kernel", kit.as_ref().map(|k| format!("{} ({})", k.vmlinux.display(), k.release)).map_err(|e| e.to_string())),
-        ("agent", agent.as_ref().map(|a| format!("{} schema {} ({})", a.agent_version, a.guest_schema_version, config.agent_binary.display())).map_err(|e| e.to_string())),
-        ("service", service.as_ref().map(|s| format!("{endpoint}: {} running, images {:?}", s.running, s.images)).ok_or_else(|| format!("{endpoint} not reachable"))),
+        (
+            "agent",
+            agent
+                .as_ref()
+                .map(|a| format!("{} schema {} ({})", a.agent_version, a.guest_schema_version, config.agent_binary.display()))
+                .map_err(|e| e.to_string()),
+        ),
+        (
+            "service",
+            service
+                .as_ref()
+                .map(|s| format!("{endpoint}: {} running, images {:?}", s.running, s.images))
+                .ok_or_else(|| format!("{endpoint} not reachable")),
+        ),
     ];
     let ok = rows.iter().take(4).all(|(_, r)| r.is_ok());
     if json {
         let obj: serde_json::Map<String, serde_json::Value> = rows
             .iter()
-            .map(|(k, r)| (k.to_string(), match r { Ok(v) => serde_json::json!({"ok": true, "detail": v}), Err(e) => serde_json::json!({"ok": false, "detail": e}) }))
+            .map(|(k, r)| {
+                (
+                    k.to_string(),
+                    match r {
+                        Ok(v) => serde_json::json!({"ok": true, "detail": v}),
+                        Err(e) => serde_json::json!({"ok": false, "detail": e}),
+                    },
+                )
+            })
             .collect();
         println!("{}", serde_json::Value::Object(obj));
     } else {

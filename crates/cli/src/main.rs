@@ -9,8 +9,8 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use proto::volume as pb;
 use guest_fuse::ControlError;
+use proto::volume as pb;
 use volumed::client::{ClientError, FileUpload, VolumeClient};
 use volumed::server::{Server, ServerConfig};
 
@@ -124,9 +124,11 @@ fn main() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            let name = e.downcast_ref::<ControlError>().map(|c| c.name.clone()).or_else(|| {
-                e.downcast_ref::<ClientError>().map(|c| c.name().unwrap_or("SailError").to_owned())
-            }).or_else(|| e.downcast_ref::<box_cmd::BoxError>().map(|b| b.name.clone()));
+            let name = e
+                .downcast_ref::<ControlError>()
+                .map(|c| c.name.clone())
+                .or_else(|| e.downcast_ref::<ClientError>().map(|c| c.name().unwrap_or("SailError").to_owned()))
+                .or_else(|| e.downcast_ref::<box_cmd::BoxError>().map(|b| b.name.clone()));
             if json {
                 let name = name.clone().unwrap_or_else(|| "SailError".into());
                 eprintln!("{}", serde_json::json!({"error": {"name": name, "message": format!("{e:#}")}}));
@@ -134,11 +136,13 @@ fn main() -> ExitCode {
                 eprintln!("error: {e:#}");
             }
             let user_error = name.as_deref().is_some_and(|n| USER_ERRORS.contains(&n)) || e.downcast_ref::<UserError>().is_some();
-            let user_error = user_error || e.downcast_ref::<ClientError>().is_some_and(|c| {
-                matches!(c, ClientError::Server { code, .. } if matches!(code,
+            let user_error = user_error
+                || e.downcast_ref::<ClientError>().is_some_and(|c| {
+                    matches!(c, ClientError::Server { code, .. } if matches!(code,
                     tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::AlreadyExists
                     | tonic::Code::FailedPrecondition | tonic::Code::Aborted))
-            }) || e.downcast_ref::<UserError>().is_some()
+                })
+                || e.downcast_ref::<UserError>().is_some()
                 || e.downcast_ref::<box_cmd::BoxError>().is_some_and(|b| b.is_user_error());
             ExitCode::from(if user_error { 2 } else { 1 })
         }
@@ -147,8 +151,12 @@ fn main() -> ExitCode {
 
 /// Contract errors caused by the request rather than by the service (exit code 2).
 const USER_ERRORS: &[&str] = &[
-    "VolumeNotFoundError", "VolumeInvalidArgumentError", "VolumeCommitConflictError", "VolumePathNotFoundError",
-    "VolumeCommitNotFoundError", "VolumeFuseUnavailableError",
+    "VolumeNotFoundError",
+    "VolumeInvalidArgumentError",
+    "VolumeCommitConflictError",
+    "VolumePathNotFoundError",
+    "VolumeCommitNotFoundError",
+    "VolumeFuseUnavailableError",
 ];
 
 /// An error in what the user asked for (exit code 2).
@@ -199,11 +207,26 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             };
             // Mount commands block on FUSE or a socket: run them off the async runtime.
             let local = match cmd {
-                VolumeCmd::Mount(ref a) => { let a = a.clone(); Some(Box::new(move || mount_cmd::mount(&g, a)) as Box<dyn FnOnce() -> anyhow::Result<()> + Send>) }
-                VolumeCmd::Commit { ref path } => { let p = path.clone(); Some(Box::new(move || mount_cmd::commit(&g, &p)) as _) }
-                VolumeCmd::Reload { ref path } => { let p = path.clone(); Some(Box::new(move || mount_cmd::reload(&g, &p)) as _) }
-                VolumeCmd::Status { ref path } => { let p = path.clone(); Some(Box::new(move || mount_cmd::status(&g, &p)) as _) }
-                VolumeCmd::Unmount { ref path } => { let p = path.clone(); Some(Box::new(move || mount_cmd::unmount(&g, &p)) as _) }
+                VolumeCmd::Mount(ref a) => {
+                    let a = a.clone();
+                    Some(Box::new(move || mount_cmd::mount(&g, a)) as Box<dyn FnOnce() -> anyhow::Result<()> + Send>)
+                }
+                VolumeCmd::Commit { ref path } => {
+                    let p = path.clone();
+                    Some(Box::new(move || mount_cmd::commit(&g, &p)) as _)
+                }
+                VolumeCmd::Reload { ref path } => {
+                    let p = path.clone();
+                    Some(Box::new(move || mount_cmd::reload(&g, &p)) as _)
+                }
+                VolumeCmd::Status { ref path } => {
+                    let p = path.clone();
+                    Some(Box::new(move || mount_cmd::status(&g, &p)) as _)
+                }
+                VolumeCmd::Unmount { ref path } => {
+                    let p = path.clone();
+                    Some(Box::new(move || mount_cmd::unmount(&g, &p)) as _)
+                }
                 _ => None,
             };
             if let Some(f) = local {
@@ -282,14 +305,23 @@ async fn volume(mut c: VolumeClient, org: String, json: bool, cmd: VolumeCmd) ->
             let r = c.commit_files(&org, &name, &head, files, &[]).await?;
             let up = c.last_upload;
             if json {
-                println!("{}", serde_json::json!({"commit": r.commit, "seq": r.seq, "merged": r.merged, "files": count,
+                println!(
+                    "{}",
+                    serde_json::json!({"commit": r.commit, "seq": r.seq, "merged": r.merged, "files": count,
                     "bytes": bytes, "chunks_uploaded": up.chunks_uploaded, "bytes_uploaded": up.bytes_uploaded,
-                    "chunks_skipped": up.chunks_skipped, "seconds": started.elapsed().as_secs_f64()}));
+                    "chunks_skipped": up.chunks_skipped, "seconds": started.elapsed().as_secs_f64()})
+                );
             } else {
                 println!(
                     "committed {count} files ({}) as #{} {} in {:.0?}: uploaded {} chunks ({}), {} already stored{}",
-                    human(bytes), r.seq, short(&r.commit), started.elapsed(), up.chunks_uploaded,
-                    human(up.bytes_uploaded), up.chunks_skipped, if r.merged { ", merged onto a newer head" } else { "" }
+                    human(bytes),
+                    r.seq,
+                    short(&r.commit),
+                    started.elapsed(),
+                    up.chunks_uploaded,
+                    human(up.bytes_uploaded),
+                    up.chunks_skipped,
+                    if r.merged { ", merged onto a newer head" } else { "" }
                 );
             }
         }
@@ -298,7 +330,11 @@ async fn volume(mut c: VolumeClient, org: String, json: bool, cmd: VolumeCmd) ->
             use std::io::Write;
             std::io::stdout().write_all(&data)?;
         }
-        VolumeCmd::Mount(_) | VolumeCmd::Commit { .. } | VolumeCmd::Reload { .. } | VolumeCmd::Status { .. } | VolumeCmd::Unmount { .. } => {
+        VolumeCmd::Mount(_)
+        | VolumeCmd::Commit { .. }
+        | VolumeCmd::Reload { .. }
+        | VolumeCmd::Status { .. }
+        | VolumeCmd::Unmount { .. } => {
             bail!("internal error: mount commands are handled before connecting")
         }
         VolumeCmd::List { name, path } => {

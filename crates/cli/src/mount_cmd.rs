@@ -66,8 +66,7 @@ fn path_hash(p: &Path) -> String {
 
 /// `sail volume mount`.
 pub fn mount(g: &Globals, a: MountArgs) -> anyhow::Result<()> {
-    let mountpoint = std::fs::canonicalize(&a.path)
-        .map_err(|e| UserError(format!("mount point {}: {e}", a.path.display())))?;
+    let mountpoint = std::fs::canonicalize(&a.path).map_err(|e| UserError(format!("mount point {}: {e}", a.path.display())))?;
     if !mountpoint.is_dir() {
         bail!(UserError(format!("mount point {} is not a directory", mountpoint.display())));
     }
@@ -87,7 +86,9 @@ pub fn mount(g: &Globals, a: MountArgs) -> anyhow::Result<()> {
         passthrough: !a.no_passthrough,
     };
     if a.foreground {
-        return guest_fuse::run(opts, |socket| eprintln!("mounted {} at {}; control socket {}", a.name, mountpoint.display(), socket.display()));
+        return guest_fuse::run(opts, |socket| {
+            eprintln!("mounted {} at {}; control socket {}", a.name, mountpoint.display(), socket.display())
+        });
     }
     // Detach: re-run this binary in the foreground in its own session, logging to a file.
     let log_path = guest_fuse::default_socket_path(&mountpoint).with_extension("log");
@@ -130,12 +131,21 @@ pub fn mount(g: &Globals, a: MountArgs) -> anyhow::Result<()> {
             && st.pid == child.id()
         {
             if g.json {
-                println!("{}", serde_json::json!({"mountpoint": mountpoint, "volume": a.name, "head": st.head,
-                    "pid": st.pid, "log": log_path, "ms": started.elapsed().as_secs_f64() * 1e3}));
+                println!(
+                    "{}",
+                    serde_json::json!({"mountpoint": mountpoint, "volume": a.name, "head": st.head,
+                    "pid": st.pid, "log": log_path, "ms": started.elapsed().as_secs_f64() * 1e3})
+                );
             } else {
                 println!(
                     "mounted {}/{} at {} (head {}) in {:.0?}; helper pid {}, log {}",
-                    g.org, a.name, mountpoint.display(), short(&st.head), started.elapsed(), st.pid, log_path.display()
+                    g.org,
+                    a.name,
+                    mountpoint.display(),
+                    short(&st.head),
+                    started.elapsed(),
+                    st.pid,
+                    log_path.display()
                 );
             }
             return Ok(());
@@ -176,8 +186,15 @@ pub fn commit(g: &Globals, path: &Path) -> anyhow::Result<()> {
     } else {
         println!(
             "committed #{} {}{}: {} upserts, {} deletes, {} chunks hashed, {} uploaded ({}) in {:.1} ms",
-            o.seq, short(&o.commit), if o.merged { " (merged onto a newer head)" } else { "" }, o.upserts, o.deletes,
-            o.chunks_hashed, o.chunks_uploaded, human(o.bytes_uploaded), o.elapsed_ms
+            o.seq,
+            short(&o.commit),
+            if o.merged { " (merged onto a newer head)" } else { "" },
+            o.upserts,
+            o.deletes,
+            o.chunks_hashed,
+            o.chunks_uploaded,
+            human(o.bytes_uploaded),
+            o.elapsed_ms
         );
     }
     Ok(())
@@ -189,7 +206,13 @@ pub fn reload(g: &Globals, path: &Path) -> anyhow::Result<()> {
     if g.json {
         println!("{}", serde_json::to_string(&o)?);
     } else {
-        println!("reloaded to {} (was {}); {} local changes discarded; {:.1} ms", short(&o.commit), short(&o.previous), o.discarded, o.elapsed_ms);
+        println!(
+            "reloaded to {} (was {}); {} local changes discarded; {:.1} ms",
+            short(&o.commit),
+            short(&o.previous),
+            o.discarded,
+            o.elapsed_ms
+        );
     }
     Ok(())
 }
@@ -209,16 +232,33 @@ pub fn status(g: &Globals, path: &Path) -> anyhow::Result<()> {
     } else {
         println!("{}/{} at {} (helper pid {})", s.org, s.volume, s.mountpoint, s.pid);
         println!("  head     {}", s.head);
-        println!("  dirty    {} entries ({} files, {} changed), {} deletes pending", s.dirty_entries, s.dirty_files, human(s.dirty_bytes), s.pending_deletes);
+        println!(
+            "  dirty    {} entries ({} files, {} changed), {} deletes pending",
+            s.dirty_entries,
+            s.dirty_files,
+            human(s.dirty_bytes),
+            s.pending_deletes
+        );
         println!(
             "  reads    {} from memory, {} from disk cache or network ({} prefetched, {} verified 1 MiB pieces)",
             s.memory_hits, s.memory_misses, s.prefetched, s.pieces_fetched
         );
-        println!("  cache    {} hits, {} misses, {} of {} used", s.cache_hits, s.cache_misses, human(s.cache_bytes), human(s.cache_capacity));
+        println!(
+            "  cache    {} hits, {} misses, {} of {} used",
+            s.cache_hits,
+            s.cache_misses,
+            human(s.cache_bytes),
+            human(s.cache_capacity)
+        );
         println!(
             "  passthrough {}: {} opens, {} served by the helper, {} fallbacks; {} files assembled ({}){}",
-            if s.passthrough { "on" } else { "off" }, s.passthrough_opens, s.passthrough_direct_opens, s.passthrough_fallbacks,
-            s.assembled_files, human(s.assembled_bytes), if s.assembling > 0 { ", assembling" } else { "" }
+            if s.passthrough { "on" } else { "off" },
+            s.passthrough_opens,
+            s.passthrough_direct_opens,
+            s.passthrough_fallbacks,
+            s.assembled_files,
+            human(s.assembled_bytes),
+            if s.assembling > 0 { ", assembling" } else { "" }
         );
     }
     Ok(())

@@ -100,6 +100,9 @@ impl CowClient {
     /// Every file's name.
     pub async fn list(&self) -> Result<Vec<String>> {
         let v = self.call(json!({"op": "list"})).await?;
-        Ok(v.get("names").and_then(Value::as_array).map(|a| a.iter().filter_map(|n| n.as_str().map(str::to_owned)).collect()).unwrap_or_default())
+        Ok(v.get("names")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(|n| n.as_str().map(str::to_owned)).collect())
+            .unwrap_or_default())
     }
 }

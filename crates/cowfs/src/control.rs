@@ -52,7 +52,10 @@ fn handle(reg: &Registry, req: &Value) -> Result<Value> {
             let base = match req.get("base").and_then(Value::as_str) {
                 Some(id) => load_manifest(reg, id)?,
                 None => {
-                    let size = req.get("size").and_then(Value::as_u64).ok_or_else(|| CowError::Invalid("create needs base or size".into()))?;
+                    let size = req
+                        .get("size")
+                        .and_then(Value::as_u64)
+                        .ok_or_else(|| CowError::Invalid("create needs base or size".into()))?;
                     Manifest::zeros(size)?
                 }
             };

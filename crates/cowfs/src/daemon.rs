@@ -49,10 +49,15 @@ pub fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     let chunks = Arc::new(Chunks::new(backend, rt.handle().clone()));
     let registry = Arc::new(Registry::new(opts.store.clone(), chunks));
     let _ = std::fs::remove_file(&opts.control);
-    let listener = std::os::unix::net::UnixListener::bind(&opts.control)
-        .with_context(|| format!("binding {}", opts.control.display()))?;
+    let listener =
+        std::os::unix::net::UnixListener::bind(&opts.control).with_context(|| format!("binding {}", opts.control.display()))?;
     let mut config = Config::default();
-    config.mount_options = vec![MountOption::FSName("sail-cowfs".into()), MountOption::Subtype("sail-cowfs".into()), MountOption::NoDev, MountOption::NoSuid];
+    config.mount_options = vec![
+        MountOption::FSName("sail-cowfs".into()),
+        MountOption::Subtype("sail-cowfs".into()),
+        MountOption::NoDev,
+        MountOption::NoSuid,
+    ];
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
     let mut session = Session::new(CowFs(registry.clone()), &opts.mountpoint, &config)

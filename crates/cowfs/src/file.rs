@@ -150,9 +150,9 @@ impl CowFile {
         let data = self.chunks.get(chunk)?;
         let start = offset as u64 + off_in_region;
         let avail = (len as u64 - off_in_region).min(out.len() as u64) as usize;
-        let src = data.get(start as usize..start as usize + avail).ok_or_else(|| {
-            CowError::Corrupt(format!("chunk {chunk} is shorter than the manifest says"))
-        })?;
+        let src = data
+            .get(start as usize..start as usize + avail)
+            .ok_or_else(|| CowError::Corrupt(format!("chunk {chunk} is shorter than the manifest says")))?;
         out[..avail].copy_from_slice(src);
         Ok(())
     }

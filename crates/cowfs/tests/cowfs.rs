@@ -79,7 +79,14 @@ fn write_mapped(path: &Path, off: usize, data: &[u8]) {
     let len = f.metadata().unwrap().len() as usize;
     // SAFETY: a fresh shared mapping of the whole file, written within bounds, then unmapped.
     unsafe {
-        let p = libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, std::os::fd::AsRawFd::as_raw_fd(&f), 0);
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            0,
+        );
         assert_ne!(p, libc::MAP_FAILED);
         std::ptr::copy_nonoverlapping(data.as_ptr(), (p as *mut u8).add(off), data.len());
         assert_eq!(libc::msync(p, len, libc::MS_SYNC), 0);

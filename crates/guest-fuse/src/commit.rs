@@ -240,10 +240,8 @@ impl MountCore {
         for (path, tree) in remote_dirs {
             self.expand_remote(&path, tree, items)?;
         }
-        let mut changes: Vec<pb::Change> = deletes
-            .iter()
-            .map(|p| pb::Change { path: p.clone(), op: Some(pb::change::Op::Delete(true)) })
-            .collect();
+        let mut changes: Vec<pb::Change> =
+            deletes.iter().map(|p| pb::Change { path: p.clone(), op: Some(pb::change::Op::Delete(true)) }).collect();
         let mut up = Uploader {
             remote: &self.remote,
             pending: HashMap::new(),
@@ -265,7 +263,8 @@ impl MountCore {
                     let kind = match body {
                         Body::File { view, changed } => {
                             let data = Arc::new(file_data(&self.remote, view, changed, chunking, &mut up)?);
-                            let kind = entry_to_proto(&Entry { mode: 0, mtime_ns: 0, kind: EntryKind::File((*data).clone()) }).kind;
+                            let kind =
+                                entry_to_proto(&Entry { mode: 0, mtime_ns: 0, kind: EntryKind::File((*data).clone()) }).kind;
                             new_data.insert(*ino, data);
                             kind
                         }
@@ -407,7 +406,14 @@ fn plan(st: &State) -> (BTreeMap<String, Item>, Vec<(String, TreeId)>) {
 
 /// Adds `ino`'s upsert; for a renamed directory (`in_moved`: or one inside a renamed
 /// directory) every entry below it too, since none of them exists at its new path yet.
-fn add_node(st: &State, ino: u64, path: String, in_moved: bool, items: &mut BTreeMap<String, Item>, remote_dirs: &mut Vec<(String, TreeId)>) {
+fn add_node(
+    st: &State,
+    ino: u64,
+    path: String,
+    in_moved: bool,
+    items: &mut BTreeMap<String, Item>,
+    remote_dirs: &mut Vec<(String, TreeId)>,
+) {
     let Some(n) = st.nodes.get(&ino) else { return };
     let body = match &n.kind {
         Kind::File(f) => Body::File { view: FileView::of(f), changed: f.changed.clone() },
@@ -431,7 +437,13 @@ fn add_node(st: &State, ino: u64, path: String, in_moved: bool, items: &mut BTre
 }
 
 /// The new content description of a dirty file; see the module docs.
-fn file_data(remote: &Arc<Remote>, view: &FileView, changed: &RangeSet, chunking: Chunking, up: &mut Uploader) -> Result<FileData> {
+fn file_data(
+    remote: &Arc<Remote>,
+    view: &FileView,
+    changed: &RangeSet,
+    chunking: Chunking,
+    up: &mut Uploader,
+) -> Result<FileData> {
     let size = view.size;
     let policy = chunking.policy_for(size);
     let mut chunks = Vec::new();

@@ -159,7 +159,8 @@ impl ControlClient {
         if line.is_empty() {
             return Err(ControlError::unavailable("FUSE helper unavailable: it closed the connection (did it die?)"));
         }
-        let v: Value = serde_json::from_str(&line).map_err(|e| ControlError { name: "SailError".into(), message: e.to_string() })?;
+        let v: Value =
+            serde_json::from_str(&line).map_err(|e| ControlError { name: "SailError".into(), message: e.to_string() })?;
         if v["ok"].as_bool() == Some(true) {
             Ok(v["result"].clone())
         } else {

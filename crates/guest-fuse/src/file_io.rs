@@ -106,9 +106,7 @@ impl FileView {
             let (id, len) = base.chunks[idx];
             let len = len as u64;
             let in_chunk = from.max(start) - start;
-            let in_overlay = self.local.as_ref().is_some_and(|(_, r)| {
-                r.containing(start).is_some_and(|(_, e)| e >= start + len)
-            });
+            let in_overlay = self.local.as_ref().is_some_and(|(_, r)| r.containing(start).is_some_and(|(_, e)| e >= start + len));
             if !in_overlay && !remote.prefetch_pieces(id, len, in_chunk, READAHEAD_BYTES - covered.min(READAHEAD_BYTES)) {
                 ids.push(id);
             }
@@ -119,7 +117,6 @@ impl FileView {
         remote.prefetch(ids);
     }
 }
-
 
 /// A `Read` over a file view, for the streaming chunker at commit.
 pub struct ViewReader<'a> {

@@ -179,7 +179,12 @@ impl MountCore {
     /// through passthrough (see [`crate::passthrough`]) and registers the handle. `register`
     /// hands a backing file to the kernel. A plain read-only open of a clean, fully cached
     /// file starts assembling it, so that later opens can use passthrough.
-    pub fn open_file(&self, ino: u64, flags: i32, register: &dyn Fn(&std::fs::File) -> std::io::Result<fuser::BackingId>) -> Result<(u64, OpenMode), Errno> {
+    pub fn open_file(
+        &self,
+        ino: u64,
+        flags: i32,
+        register: &dyn Fn(&std::fs::File) -> std::io::Result<fuser::BackingId>,
+    ) -> Result<(u64, OpenMode), Errno> {
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         let read_only = !writable && flags & (libc::O_TRUNC | libc::O_DIRECT) == 0;
         let (fh, mode, assemble) = {

@@ -252,7 +252,10 @@ impl Passthrough {
                 tracing::warn!(error = %e, "registering a passthrough backing file failed; plain read path");
                 // No capability, no kernel support, or a backing file system that cannot be
                 // stacked under FUSE: every later attempt would fail the same way.
-                if matches!(e.raw_os_error(), Some(libc::EPERM | libc::ENOTTY | libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL | libc::ELOOP)) {
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EPERM | libc::ENOTTY | libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL | libc::ELOOP)
+                ) {
                     self.disable(&format!("the kernel refused backing files ({e})"));
                 }
                 OpenMode::Plain
@@ -328,7 +331,8 @@ impl Passthrough {
         file.set_len(data.size).map_err(|e| AssembleError::Io(e.to_string()))?;
         let mut pos = 0u64;
         for &(id, want) in &data.chunks {
-            let bytes = remote.cached_chunk(id).map_err(|e| AssembleError::Io(e.to_string()))?.ok_or(AssembleError::NotCached(id))?;
+            let bytes =
+                remote.cached_chunk(id).map_err(|e| AssembleError::Io(e.to_string()))?.ok_or(AssembleError::NotCached(id))?;
             if bytes.len() != want as usize {
                 return Err(AssembleError::Length { id, got: bytes.len(), want });
             }

@@ -76,11 +76,7 @@ pub fn clean_dead_mount(path: &Path) -> bool {
 pub fn lazy_unmount(path: &Path) -> std::io::Result<()> {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
     // SAFETY: c is NUL-terminated.
-    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
 /// Large files keep an overlay file open while dirty: allow as many descriptors as the
@@ -100,11 +96,7 @@ fn raise_fd_limit() {
 /// socket accepts requests (with the socket's path).
 pub fn run(opts: MountOptions, ready: impl FnOnce(&Path)) -> anyhow::Result<()> {
     raise_fd_limit();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .thread_name("sail-fuse-io")
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().thread_name("sail-fuse-io").build()?;
     let cache = ChunkCache::open(&opts.cache_dir, opts.cache_max_bytes)
         .with_context(|| format!("opening chunk cache {}", opts.cache_dir.display()))?;
     let mut client = rt.block_on(VolumeClient::connect(&opts.endpoint))?.with_cache(cache);
@@ -165,9 +157,7 @@ pub fn run(opts: MountOptions, ready: impl FnOnce(&Path)) -> anyhow::Result<()> 
     };
     {
         let (core, unmount) = (core.clone(), unmount.clone());
-        std::thread::Builder::new()
-            .name("sail-control".into())
-            .spawn(move || control::serve(listener, core, unmount))?;
+        std::thread::Builder::new().name("sail-control".into()).spawn(move || control::serve(listener, core, unmount))?;
     }
     {
         let unmount = unmount.clone();

@@ -157,10 +157,7 @@ pub fn empty_dir() -> Kind {
 
 /// Nanoseconds since the Unix epoch.
 pub fn now_ns() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
 }
 
 /// Returns an in-memory overlay's bytes to the budget when its node goes away.
@@ -194,10 +191,19 @@ impl State {
     /// A view of commit `base` whose root tree is `root`.
     pub fn new(base: String, root: TreeId, root_mode: u32) -> Self {
         let mut nodes = HashMap::new();
-        let mut node = Node::from_entry(ROOT, String::new(), Entry { mode: root_mode, mtime_ns: now_ns(), kind: EntryKind::Dir(root) });
+        let mut node =
+            Node::from_entry(ROOT, String::new(), Entry { mode: root_mode, mtime_ns: now_ns(), kind: EntryKind::Dir(root) });
         node.lookups = 1;
         nodes.insert(ROOT, node);
-        State { base, nodes, next_ino: ROOT + 1, dirty: HashSet::new(), deleted: BTreeSet::new(), behind: false, mem: Arc::default() }
+        State {
+            base,
+            nodes,
+            next_ino: ROOT + 1,
+            dirty: HashSet::new(),
+            deleted: BTreeSet::new(),
+            behind: false,
+            mem: Arc::default(),
+        }
     }
 
     /// The node, or ENOENT.

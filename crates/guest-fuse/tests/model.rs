@@ -71,7 +71,9 @@ fn apply(root: &Path, op: &Op) -> i32 {
     let p = |s: &str| root.join(s);
     match op {
         Op::Write(path, data) => code(fs::write(p(path), data)),
-        Op::WriteAt(path, off, data) => code(fs::OpenOptions::new().write(true).open(p(path)).and_then(|f| f.write_all_at(data, *off))),
+        Op::WriteAt(path, off, data) => {
+            code(fs::OpenOptions::new().write(true).open(p(path)).and_then(|f| f.write_all_at(data, *off)))
+        }
         Op::Truncate(path, len) => code(fs::OpenOptions::new().write(true).open(p(path)).and_then(|f| f.set_len(*len))),
         Op::Rename(a, b) => code(fs::rename(p(a), p(b))),
         Op::Unlink(path) => code(fs::remove_file(p(path))),

@@ -75,11 +75,8 @@ pub fn detect(choice: AccelChoice) -> AccelProbe {
 }
 
 fn kvm_usable() -> Result<(), String> {
-    let dev = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .map_err(|e| format!("/dev/kvm unusable ({e})"))?;
+    let dev =
+        std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").map_err(|e| format!("/dev/kvm unusable ({e})"))?;
     // SAFETY: an argument-less ioctl on a file we own.
     let version = unsafe { libc::ioctl(dev.as_raw_fd(), KVM_GET_API_VERSION, 0) };
     if version != 12 {
@@ -89,10 +86,7 @@ fn kvm_usable() -> Result<(), String> {
         return Err("/dev/kvm is KVM-PVM: stock guest kernels cannot run under it".into());
     }
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let hw = cpuinfo
-        .lines()
-        .filter(|l| l.starts_with("flags"))
-        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    let hw = cpuinfo.lines().filter(|l| l.starts_with("flags")).any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
     if !hw {
         return Err("the CPU advertises neither VT-x (vmx) nor AMD-V (svm)".into());
     }

@@ -41,10 +41,8 @@ impl AgentClient {
             let l = l.clone();
             let timeout = Duration::from_millis(limit.load(Ordering::Relaxed));
             async move {
-                let stream = l
-                    .connect(timeout)
-                    .await
-                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::ConnectionRefused, e))?;
+                let stream =
+                    l.connect(timeout).await.map_err(|e| std::io::Error::new(std::io::ErrorKind::ConnectionRefused, e))?;
                 Ok::<_, std::io::Error>(TokioIo::new(stream))
             }
         });

@@ -88,9 +88,7 @@ impl SailboxError {
             Self::Terminated(_) | Self::Execution(_) => Code::FailedPrecondition,
             Self::WorkerLost { .. } => Code::Unavailable,
             Self::Timeout(_) => Code::DeadlineExceeded,
-            Self::Creation(_) | Self::ImageBuild(_) | Self::Storage(_) | Self::Chunks(_) | Self::Host(_) => {
-                Code::Internal
-            }
+            Self::Creation(_) | Self::ImageBuild(_) | Self::Storage(_) | Self::Chunks(_) | Self::Host(_) => Code::Internal,
         }
     }
 

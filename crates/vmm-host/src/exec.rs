@@ -87,7 +87,9 @@ impl ExecHub {
                     Err(status) if status.code() == tonic::Code::NotFound => {
                         // The agent does not know it: the guest rebooted, or was restored from
                         // a checkpoint taken before the command started (not replayed).
-                        let reason = "the guest no longer knows this request (it restarted or was restored from an earlier checkpoint)".to_owned();
+                        let reason =
+                            "the guest no longer knows this request (it restarted or was restored from an earlier checkpoint)"
+                                .to_owned();
                         if let Ok(Some(exec)) = host.inner.state.exec(&id) {
                             let _ = host.finish_exec(&live, &exec, ExecStatus::Lost(reason)).await;
                         }
@@ -243,9 +245,11 @@ impl Host {
             let exec = self.inner.state.exec(id)?.ok_or_else(|| SailboxError::ExecNotFound(id.to_owned()))?;
             match exec.status {
                 ExecStatus::Finished => {
-                    return self.inner.state.exec_result(id)?.ok_or_else(|| {
-                        SailboxError::Storage(format!("exec {id} is finished but its result is missing"))
-                    });
+                    return self
+                        .inner
+                        .state
+                        .exec_result(id)?
+                        .ok_or_else(|| SailboxError::Storage(format!("exec {id} is finished but its result is missing")));
                 }
                 ExecStatus::Failed(why) => return Err(SailboxError::Execution(why)),
                 ExecStatus::Lost(why) => return Err(SailboxError::WorkerLost { id: exec.sailbox, reason: why }),

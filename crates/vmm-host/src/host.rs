@@ -192,7 +192,8 @@ impl Host {
         let kit = GuestKit::load(&config.guest_dir).map_err(|e| e.to_string());
         let images = ImageStore::new(state.clone(), backend.clone(), config.data_dir.join("images"), kit.clone().ok());
         let accel = crate::accel::detect(config.accel);
-        let hypervisor = Qemu::new(config.qemu_binary.clone()).map(|q| Arc::new(q) as Arc<dyn Hypervisor>).map_err(|e| e.to_string());
+        let hypervisor =
+            Qemu::new(config.qemu_binary.clone()).map(|q| Arc::new(q) as Arc<dyn Hypervisor>).map_err(|e| e.to_string());
         tracing::info!(accel = accel.accel.as_str(), reason = %accel.reason, hypervisor = ?hypervisor.as_ref().map(|h| h.version()), "vmm-host starting");
         let host = Self {
             inner: Arc::new(Inner {

@@ -108,17 +108,14 @@ fn run(cmd: &mut Command, what: &str) -> Result<()> {
 impl ImageStore {
     /// An image store keeping assembled images in `dir`.
     pub fn new(state: StateStore, backend: Arc<dyn Backend>, dir: PathBuf, kit: Option<GuestKit>) -> Self {
-        let debian_mirror =
-            std::env::var("SAIL_DEBIAN_MIRROR").unwrap_or_else(|_| "http://deb.debian.org/debian".to_owned());
+        let debian_mirror = std::env::var("SAIL_DEBIAN_MIRROR").unwrap_or_else(|_| "http://deb.debian.org/debian".to_owned());
         Self { state, backend, dir, kit, debian_mirror, locks: Arc::default() }
     }
 
     /// The definition of a named image, or `None` for an unknown name.
     fn definition(&self, name: &str) -> Result<Option<String>> {
         let kit = || {
-            self.kit.as_ref().ok_or_else(|| {
-                SailboxError::Host("the guest kit is missing: run `bash scripts/setup.sh vm`".into())
-            })
+            self.kit.as_ref().ok_or_else(|| SailboxError::Host("the guest kit is missing: run `bash scripts/setup.sh vm`".into()))
         };
         Ok(match name {
             "minimal" => Some(format!("minimal v{BUILDER_VERSION} busybox={}", file_hash(&kit()?.busybox)?)),
@@ -219,14 +216,7 @@ impl ImageStore {
         result
     }
 
-    async fn build_in(
-        &self,
-        name: &str,
-        id: &str,
-        definition: &str,
-        work: &Path,
-        progress: &Progress,
-    ) -> Result<ImageManifest> {
+    async fn build_in(&self, name: &str, id: &str, definition: &str, work: &Path, progress: &Progress) -> Result<ImageManifest> {
         let root = work.join("root");
         let image = work.join("image.raw");
         let kit = self.kit.clone();
@@ -302,7 +292,6 @@ impl ImageStore {
         self.state.put_image(id, &json)?;
         Ok(manifest)
     }
-
 }
 
 /// A busybox root: every applet linked, a root user, and the directories a shell expects.
@@ -338,7 +327,8 @@ fn minimal_root(root: &Path, busybox: &Path) -> Result<()> {
         std::fs::write(root.join(p), text).map_err(|e| SailboxError::host(format!("writing {p}"), e))?;
     }
     for p in ["tmp", "var/tmp"] {
-        std::fs::set_permissions(root.join(p), std::fs::Permissions::from_mode(0o1777)).map_err(|e| SailboxError::host("chmod", e))?;
+        std::fs::set_permissions(root.join(p), std::fs::Permissions::from_mode(0o1777))
+            .map_err(|e| SailboxError::host("chmod", e))?;
     }
     Ok(())
 }

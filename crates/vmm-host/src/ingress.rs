@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use proto::sailbox as pb;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_stream::StreamExt;
 use tokio::net::{TcpListener, TcpStream};
+use tokio_stream::StreamExt;
 
 use crate::error::{Result, SailboxError};
 use crate::host::{Host, Live, Vm};

@@ -23,12 +23,12 @@ pub mod hypervisor;
 pub mod image;
 mod ingress;
 mod lifecycle;
+pub mod link;
 pub mod model;
 pub mod procs;
 mod recover;
-mod snapshot;
 pub mod service;
-pub mod link;
+mod snapshot;
 pub mod store;
 pub mod vmfiles;
 

@@ -173,7 +173,9 @@ impl Host {
                 None
             }
             Start::CheckpointDisk { record, .. } => {
-                files.create_from(&rec.id, &zero_manifest(self, u64::from(rec.memory_mib) << 20).await?, &record.disk_manifest).await?;
+                files
+                    .create_from(&rec.id, &zero_manifest(self, u64::from(rec.memory_mib) << 20).await?, &record.disk_manifest)
+                    .await?;
                 None
             }
             Start::Checkpoint { id, record } => {
@@ -182,7 +184,10 @@ impl Host {
                     files.create_from(&rec.id, &record.memory_manifest, &record.disk_manifest).await?;
                 }
                 let state = dir.join("devstate");
-                let chunk = record.device_state.parse::<chunkstore::ChunkId>().map_err(|e| SailboxError::Storage(format!("checkpoint: {e}")))?;
+                let chunk = record
+                    .device_state
+                    .parse::<chunkstore::ChunkId>()
+                    .map_err(|e| SailboxError::Storage(format!("checkpoint: {e}")))?;
                 let bytes = self.inner.backend.get(chunk).await?;
                 std::fs::write(&state, &bytes).map_err(|e| SailboxError::host("writing the device state", e))?;
                 Some(state)

@@ -442,17 +442,7 @@ pub fn validate_create(req: &pb::CreateSailboxRequest, org: &str) -> Result<Crea
             }
         }
     }
-    Ok(CreateSpec {
-        app,
-        image,
-        name: req.name.clone(),
-        cpu,
-        vcpus: cpu.ceil() as u32,
-        memory_mib,
-        disk_gib,
-        ports,
-        volumes,
-    })
+    Ok(CreateSpec { app, image, name: req.name.clone(), cpu, vcpus: cpu.ceil() as u32, memory_mib, disk_gib, ports, volumes })
 }
 
 #[cfg(test)]
@@ -509,13 +499,8 @@ mod tests {
 
     #[test]
     fn edge_values_are_accepted() {
-        let r = pb::CreateSailboxRequest {
-            cpu: 0.25,
-            memory_mib: 65536,
-            disk_gib: 64,
-            ingress_ports: vec![1, 65535, 8080],
-            ..req()
-        };
+        let r =
+            pb::CreateSailboxRequest { cpu: 0.25, memory_mib: 65536, disk_gib: 64, ingress_ports: vec![1, 65535, 8080], ..req() };
         let s = validate_create(&r, "org").unwrap();
         assert_eq!((s.vcpus, s.ports.len()), (1, 3));
     }

@@ -140,7 +140,8 @@ impl Host {
         hypervisor.status(&spec).await?;
         let agent = AgentClient::new(&spec.link);
         let hello_req = proto::agent::HelloRequest { host_unix_ms: crate::now_ms(), ..Default::default() };
-        let hello = agent.wait_ready(hello_req, Instant::now() + Duration::from_secs(20), || true).await.map_err(SailboxError::Host)?;
+        let hello =
+            agent.wait_ready(hello_req, Instant::now() + Duration::from_secs(20), || true).await.map_err(SailboxError::Host)?;
         let vm = Arc::new(Vm {
             spec,
             agent,

@@ -50,7 +50,10 @@ impl SailboxService for GrpcSailboxes {
         Ok(Response::new(self.host.get(&id, req.connect).instrument(span("get", &id)).await?))
     }
 
-    async fn list_sailboxes(&self, req: Request<pb::ListSailboxesRequest>) -> Result<Response<pb::ListSailboxesResponse>, Status> {
+    async fn list_sailboxes(
+        &self,
+        req: Request<pb::ListSailboxesRequest>,
+    ) -> Result<Response<pb::ListSailboxesResponse>, Status> {
         let sailboxes = self.host.list(req.get_ref()).await?;
         Ok(Response::new(pb::ListSailboxesResponse { sailboxes }))
     }
@@ -91,7 +94,8 @@ impl SailboxService for GrpcSailboxes {
     async fn listeners(&self, req: Request<pb::ListenersRequest>) -> Result<Response<pb::ListenersResponse>, Status> {
         let req = req.into_inner();
         let wait = (req.wait_routed_ms > 0).then(|| Duration::from_millis(req.wait_routed_ms));
-        let listeners = self.host.listeners(&req.sailbox_id, req.port, wait).instrument(span("listeners", &req.sailbox_id)).await?;
+        let listeners =
+            self.host.listeners(&req.sailbox_id, req.port, wait).instrument(span("listeners", &req.sailbox_id)).await?;
         Ok(Response::new(pb::ListenersResponse { listeners }))
     }
 

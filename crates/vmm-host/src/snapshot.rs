@@ -40,7 +40,10 @@ fn ck_id(chunk: ChunkId) -> String {
 
 fn creation(e: SailboxError) -> SailboxError {
     match e {
-        e @ (SailboxError::Creation(_) | SailboxError::InvalidArgument(_) | SailboxError::Terminated(_) | SailboxError::WorkerLost { .. }) => e,
+        e @ (SailboxError::Creation(_)
+        | SailboxError::InvalidArgument(_)
+        | SailboxError::Terminated(_)
+        | SailboxError::WorkerLost { .. }) => e,
         other => SailboxError::Creation(format!("checkpoint failed: {other}")),
     }
 }
@@ -59,8 +62,8 @@ impl Host {
             Err(chunkstore::ChunkError::NotFound(_)) => return Err(SailboxError::NotFound(format!("checkpoint {id}"))),
             Err(e) => return Err(e.into()),
         };
-        let rec: CheckpointRecord =
-            serde_json::from_slice(&bytes).map_err(|e| SailboxError::Storage(format!("checkpoint {id} is not a checkpoint record: {e}")))?;
+        let rec: CheckpointRecord = serde_json::from_slice(&bytes)
+            .map_err(|e| SailboxError::Storage(format!("checkpoint {id} is not a checkpoint record: {e}")))?;
         self.inner.state.commit(self.inner.state.changes().checkpoint(&self.inner.state, id, &rec))?;
         Ok(rec)
     }
@@ -220,12 +223,9 @@ impl Host {
         let ck = self.load_checkpoint(&ck_id).await?;
         let started = Instant::now();
         let current = self.initramfs().await?.agent.guest_schema_version;
-        let upgrade = rec.pending_upgrade || (ck.guest_schema_version < MIN_RESUMABLE_SCHEMA && ck.guest_schema_version < current);
-        let start = if upgrade {
-            Start::CheckpointDisk { record: &ck }
-        } else {
-            Start::Checkpoint { id: &ck_id, record: &ck }
-        };
+        let upgrade =
+            rec.pending_upgrade || (ck.guest_schema_version < MIN_RESUMABLE_SCHEMA && ck.guest_schema_version < current);
+        let start = if upgrade { Start::CheckpointDisk { record: &ck } } else { Start::Checkpoint { id: &ck_id, record: &ck } };
         self.start_vm(live, start, Greeting::plain()).await.map_err(creation)?;
         let rec = live.update(|r| {
             r.state = State::Running;
@@ -267,7 +267,8 @@ impl Host {
                     self.take_checkpoint(&live, &vm, After::Run).await.map_err(creation)?
                 }
                 State::Paused | State::Sleeping => {
-                    let ck_id = rec.last_checkpoint.clone().ok_or_else(|| SailboxError::Creation("no checkpoint to fork from".into()))?;
+                    let ck_id =
+                        rec.last_checkpoint.clone().ok_or_else(|| SailboxError::Creation("no checkpoint to fork from".into()))?;
                     let ck = self.load_checkpoint(&ck_id).await?;
                     (ck_id, ck)
                 }

@@ -121,9 +121,7 @@ impl StateStore {
 
     fn get_json<T: DeserializeOwned>(&self, cf: &str, key: &str) -> Result<Option<T>> {
         let Some(bytes) = self.db.get_cf(self.cf(cf)?, key.as_bytes())? else { return Ok(None) };
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| SailboxError::Storage(format!("corrupt {cf} record {key}: {e}")))
+        serde_json::from_slice(&bytes).map(Some).map_err(|e| SailboxError::Storage(format!("corrupt {cf} record {key}: {e}")))
     }
 
     fn all_json<T: DeserializeOwned>(&self, cf: &str) -> Result<Vec<T>> {

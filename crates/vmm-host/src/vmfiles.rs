@@ -63,8 +63,9 @@ impl VmFiles {
         let mut cmd = Command::new(binary);
         cmd.arg("--mount").arg(&mount).arg("--control").arg(&control).arg("--store").arg(dir.join("store"));
         cmd.arg("--chunks").arg(chunks);
-        let proc = procs::spawn(cmd, &dir.join("cowfs.log"))
-            .map_err(|e| SailboxError::Host(format!("starting {} ({e}); build it with cargo build --release", binary.display())))?;
+        let proc = procs::spawn(cmd, &dir.join("cowfs.log")).map_err(|e| {
+            SailboxError::Host(format!("starting {} ({e}); build it with cargo build --release", binary.display()))
+        })?;
         let deadline = Instant::now() + Duration::from_secs(20);
         while !client.ping().await {
             if !procs::alive(&proc) {

@@ -8,7 +8,9 @@ use common::{error_name, run, serve, write};
 use proto::sailbox as pb;
 use tokio_stream::StreamExt;
 
-async fn ensure(c: &mut proto::sailbox::sailbox_service_client::SailboxServiceClient<tonic::transport::Channel>) -> (String, Vec<String>) {
+async fn ensure(
+    c: &mut proto::sailbox::sailbox_service_client::SailboxServiceClient<tonic::transport::Channel>,
+) -> (String, Vec<String>) {
     let mut s = c.ensure_image(pb::EnsureImageRequest { image: String::new() }).await.unwrap().into_inner();
     let (mut id, mut messages) = (String::new(), Vec::new());
     while let Some(p) = s.next().await {
@@ -41,7 +43,12 @@ async fn default_debian_image_runs_python() {
     assert_eq!(error_name(&e), "SailboxCreationError", "names are unique among live sailboxes of an app");
 
     write(&mut c, &sb.sailbox_id, "/root/data.txt", b"21\n").await.unwrap();
-    let r = run(&mut c, &sb.sailbox_id, "python3 -c 'import socket; print(int(open(\"/root/data.txt\").read()) * 2, socket.gethostname())'").await;
+    let r = run(
+        &mut c,
+        &sb.sailbox_id,
+        "python3 -c 'import socket; print(int(open(\"/root/data.txt\").read()) * 2, socket.gethostname())'",
+    )
+    .await;
     assert_eq!(String::from_utf8_lossy(&r.stdout), "42 py-box\n", "{r:?}");
     let r = run(&mut c, &sb.sailbox_id, ". /etc/os-release; echo $VERSION_CODENAME").await;
     assert_eq!(r.stdout, b"bookworm\n");

@@ -69,7 +69,12 @@ async fn sailbox_end_to_end() {
 
     // Ingress: a background web server, reached from the host through its listener.
     write(&mut c, &id, "/www/index.html", b"hello from the guest\n").await.unwrap();
-    let bg = pb::ExecRequest { sailbox_id: id.clone(), command: "httpd -f -p 8080 -h /www".into(), background: true, ..Default::default() };
+    let bg = pb::ExecRequest {
+        sailbox_id: id.clone(),
+        command: "httpd -f -p 8080 -h /www".into(),
+        background: true,
+        ..Default::default()
+    };
     let h = c.exec(bg).await.unwrap().into_inner();
     let r = c.wait_exec(pb::WaitExecRequest { exec_id: h.exec_id, timeout_ms: 0 }).await.unwrap().into_inner();
     assert_eq!(r.return_code, 0, "the launcher returns at once");
@@ -103,18 +108,31 @@ async fn sailbox_end_to_end() {
     assert_eq!((e.code(), error_name(&e).as_str()), (tonic::Code::InvalidArgument, "SailboxError"));
     let e = write(&mut c, &id, "/a/../b", b"x").await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
-    let oversized = vec![pb::WriteFileRequest { sailbox_id: id.clone(), path: "/big".into(), size: 3 << 30, ..Default::default() }];
+    let oversized =
+        vec![pb::WriteFileRequest { sailbox_id: id.clone(), path: "/big".into(), size: 3 << 30, ..Default::default() }];
     let e = c.write_file(tokio_stream::iter(oversized)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "a write larger than the disk: {e:?}");
     let e = read(&mut c, &id, "/no/such/file").await.unwrap_err();
     assert_eq!((e.code(), error_name(&e).as_str()), (tonic::Code::NotFound, "SailboxError"));
     let e = read(&mut c, &id, "/www").await.unwrap_err();
     assert_eq!(error_name(&e), "SailboxExecutionError", "reading a directory");
-    let e = c.exec(pb::ExecRequest { sailbox_id: id.clone(), command: "true".into(), cwd: "tmp".into(), ..Default::default() }).await.unwrap_err();
+    let e = c
+        .exec(pb::ExecRequest { sailbox_id: id.clone(), command: "true".into(), cwd: "tmp".into(), ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!(error_name(&e), "SailboxError");
-    let e = c.exec(pb::ExecRequest { sailbox_id: id.clone(), command: "true".into(), cwd: "/nonexistent".into(), ..Default::default() }).await.unwrap_err();
+    let e = c
+        .exec(pb::ExecRequest {
+            sailbox_id: id.clone(),
+            command: "true".into(),
+            cwd: "/nonexistent".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
-    let e = c.exec(pb::ExecRequest { sailbox_id: "sb-nope".into(), command: "true".into(), ..Default::default() }).await.unwrap_err();
+    let e =
+        c.exec(pb::ExecRequest { sailbox_id: "sb-nope".into(), command: "true".into(), ..Default::default() }).await.unwrap_err();
     assert_eq!((e.code(), error_name(&e).as_str()), (tonic::Code::NotFound, "SailboxError"));
     let e = c.wait_exec(pb::WaitExecRequest { exec_id: "ex-nope".into(), timeout_ms: 0 }).await.unwrap_err();
     assert_eq!(error_name(&e), "SailboxExecRequestNotFoundError");

@@ -91,7 +91,10 @@ async fn checkpoint_fork_sleep_pause_restore() {
     let at_checkpoint = count_after(&mut c, &a, before).await;
     let ck2 = c.checkpoint_sailbox(sid(&a)).await.unwrap().into_inner();
     assert_eq!(ck2.parent_checkpoint, ck.checkpoint_id);
-    assert!(ck2.memory_bytes_changed < ck.memory_bytes_changed, "the second checkpoint stores only what changed since the first: {ck2:?} vs {ck:?}");
+    assert!(
+        ck2.memory_bytes_changed < ck.memory_bytes_changed,
+        "the second checkpoint stores only what changed since the first: {ck2:?} vs {ck:?}"
+    );
 
     // Fork a running sailbox: two independent machines from one state.
     let fork = c.fork(sid(&a)).await.unwrap().into_inner();
@@ -132,7 +135,10 @@ async fn checkpoint_fork_sleep_pause_restore() {
     c.terminate(pb::TerminateRequest { sailbox_id: (&b).to_string() }).await.unwrap();
 
     // Sleep, then an HTTP request to the listener wakes it and gets its answer.
-    let url = c.get_sailbox(pb::GetSailboxRequest { sailbox_id: a.clone(), connect: false }).await.unwrap().into_inner().listeners[0].url.clone();
+    let url =
+        c.get_sailbox(pb::GetSailboxRequest { sailbox_id: a.clone(), connect: false }).await.unwrap().into_inner().listeners[0]
+            .url
+            .clone();
     c.sleep(pb::SleepRequest { sailbox_id: a.clone(), call: "llm-call-1".into() }).await.unwrap();
     assert_eq!(state(&mut c, &a).await, pb::SailboxState::Sleeping as i32);
     let page = http_get(&url).await.unwrap();
@@ -142,7 +148,8 @@ async fn checkpoint_fork_sleep_pause_restore() {
     c.sleep(pb::SleepRequest { sailbox_id: a.clone(), call: "llm-call-2".into() }).await.unwrap();
     let e = c.complete_call(pb::CompleteCallRequest { sailbox_id: a.clone(), call: "other".into() }).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
-    let sb = c.complete_call(pb::CompleteCallRequest { sailbox_id: a.clone(), call: "llm-call-2".into() }).await.unwrap().into_inner();
+    let sb =
+        c.complete_call(pb::CompleteCallRequest { sailbox_id: a.clone(), call: "llm-call-2".into() }).await.unwrap().into_inner();
     assert_eq!(sb.state, pb::SailboxState::Running as i32);
 
     // Pause: exec fails with the execution error, ingress does not wake it.

@@ -110,10 +110,8 @@ pub struct FileUpload {
 impl FileUpload {
     /// A file with the current time as mtime.
     pub fn from_bytes(path: impl Into<String>, data: impl Into<Bytes>, mode: u32) -> Self {
-        let mtime_ns = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as i64)
-            .unwrap_or(0);
+        let mtime_ns =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0);
         Self { path: path.into(), data: data.into(), mode, mtime_ns }
     }
 }
@@ -153,9 +151,7 @@ impl VolumeClient {
             .connect()
             .await
             .map_err(|e| err(format!("{e:?}")))?;
-        let grpc = VolumeServiceClient::new(channel)
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(64 << 20);
+        let grpc = VolumeServiceClient::new(channel).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
         // Presigned S3 URLs may be https: make sure a TLS provider is installed.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()
@@ -229,10 +225,8 @@ impl VolumeClient {
         let mut jobs = Vec::with_capacity(uploads.len());
         for u in uploads {
             let id = ChunkId::from_slice(&u.id).map_err(|e| ClientError::Protocol(e.to_string()))?;
-            let data = chunks
-                .get(&id)
-                .cloned()
-                .ok_or_else(|| ClientError::Protocol(format!("server asked for unknown chunk {id}")))?;
+            let data =
+                chunks.get(&id).cloned().ok_or_else(|| ClientError::Protocol(format!("server asked for unknown chunk {id}")))?;
             jobs.push((u, data));
         }
         let stats = TransferStats {
@@ -272,10 +266,8 @@ impl VolumeClient {
         }
         let mut urls = Vec::with_capacity(wanted.len());
         for batch in wanted.chunks(crate::service::convert::MAX_CHUNKS_PER_REQUEST) {
-            let req = pb::ChunkUrlsRequest {
-                volume: vref(org, name),
-                ids: batch.iter().map(|i| i.as_bytes().to_vec()).collect(),
-            };
+            let req =
+                pb::ChunkUrlsRequest { volume: vref(org, name), ids: batch.iter().map(|i| i.as_bytes().to_vec()).collect() };
             urls.extend(self.grpc.chunk_urls(req).await?.into_inner().downloads);
         }
         let http = self.http.clone();
@@ -309,10 +301,8 @@ impl VolumeClient {
     pub async fn chunk_urls(&mut self, org: &str, name: &str, ids: &[ChunkId]) -> Result<Vec<pb::SignedUrl>> {
         let mut urls = Vec::with_capacity(ids.len());
         for batch in ids.chunks(crate::service::convert::MAX_CHUNKS_PER_REQUEST) {
-            let req = pb::ChunkUrlsRequest {
-                volume: vref(org, name),
-                ids: batch.iter().map(|i| i.as_bytes().to_vec()).collect(),
-            };
+            let req =
+                pb::ChunkUrlsRequest { volume: vref(org, name), ids: batch.iter().map(|i| i.as_bytes().to_vec()).collect() };
             urls.extend(self.grpc.chunk_urls(req).await?.into_inner().downloads);
         }
         if urls.len() != ids.len() {
@@ -413,7 +403,9 @@ impl VolumeClient {
 
 fn cache_error(e: chunkstore::ChunkError) -> ClientError {
     match e {
-        chunkstore::ChunkError::Integrity { .. } | chunkstore::ChunkError::PieceIntegrity { .. } => ClientError::Integrity(e.to_string()),
+        chunkstore::ChunkError::Integrity { .. } | chunkstore::ChunkError::PieceIntegrity { .. } => {
+            ClientError::Integrity(e.to_string())
+        }
         other => ClientError::Transfer(other.to_string()),
     }
 }

@@ -68,9 +68,11 @@ async fn malformed_commits_are_rejected_and_change_nothing() {
     expect_err(&mut c, commit(vec![upsert("a", file_entry(100, vec![(vec![1, 2, 3], 100)]))]), inval).await;
     expect_err(&mut c, commit(vec![upsert("a", file_entry(0, vec![(good_id.clone(), 0)]))]), inval).await;
     // A fixed-size file whose non-final chunk is short.
-    expect_err(&mut c, commit(vec![upsert("a", file_entry(200, vec![(good_id.clone(), 100), (good_id.clone(), 100)]))]), inval).await;
+    expect_err(&mut c, commit(vec![upsert("a", file_entry(200, vec![(good_id.clone(), 100), (good_id.clone(), 100)]))]), inval)
+        .await;
     // Symlink without a target.
-    let bad_link = pb::Entry { mode: 0o777, mtime_ns: 0, kind: Some(pb::entry::Kind::Symlink(pb::SymlinkEntry { target: String::new() })) };
+    let bad_link =
+        pb::Entry { mode: 0o777, mtime_ns: 0, kind: Some(pb::entry::Kind::Symlink(pb::SymlinkEntry { target: String::new() })) };
     expect_err(&mut c, commit(vec![upsert("l", bad_link)]), inval).await;
     // Bad names and unknown or malformed base commits.
     let mut req = commit(vec![upsert("a", good.clone())]);
@@ -95,11 +97,22 @@ async fn malformed_commits_are_rejected_and_change_nothing() {
     assert_eq!(c.read_file(ORG, "v", "ok").await.unwrap(), data);
 
     // Other RPCs validate too.
-    let err = c.grpc().list_dir(pb::ListDirRequest { volume: vref("v"), commit: String::new(), path: "../..".into() }).await.unwrap_err();
+    let err = c
+        .grpc()
+        .list_dir(pb::ListDirRequest { volume: vref("v"), commit: String::new(), path: "../..".into() })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     let err = c.grpc().get_tree(pb::GetTreeRequest { volume: vref("v"), tree: vec![0; 5] }).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    let err = c.grpc().missing_chunks(pb::MissingChunksRequest { volume: vref("v"), chunks: vec![pb::ChunkSpec { id: vec![1; 32], len: 1 << 40, piece_cvs: vec![] }] }).await.unwrap_err();
+    let err = c
+        .grpc()
+        .missing_chunks(pb::MissingChunksRequest {
+            volume: vref("v"),
+            chunks: vec![pb::ChunkSpec { id: vec![1; 32], len: 1 << 40, piece_cvs: vec![] }],
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     let err = c.grpc().chunk_urls(pb::ChunkUrlsRequest { volume: vref("v"), ids: vec![vec![0; 31]] }).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
@@ -142,7 +155,10 @@ async fn forged_expired_and_misused_urls_are_rejected() {
     let id = ChunkId::of(&data);
     let other = bytes_for(10, 4096);
     let ask = |c: &mut VolumeClient, id: ChunkId, len: u64| {
-        let req = pb::MissingChunksRequest { volume: vref("u"), chunks: vec![pb::ChunkSpec { id: id.as_bytes().to_vec(), len, piece_cvs: vec![] }] };
+        let req = pb::MissingChunksRequest {
+            volume: vref("u"),
+            chunks: vec![pb::ChunkSpec { id: id.as_bytes().to_vec(), len, piece_cvs: vec![] }],
+        };
         let mut g = c.grpc().clone();
         async move { g.missing_chunks(req).await.unwrap().into_inner().uploads }
     };
@@ -172,7 +188,10 @@ async fn forged_expired_and_misused_urls_are_rejected() {
     let short = volumed::server::Server::bind(cfg).await.unwrap().spawn();
     let mut c2 = VolumeClient::connect(&short.endpoint()).await.unwrap();
     c2.get_volume(ORG, "u", true).await.unwrap();
-    let req = pb::MissingChunksRequest { volume: vref("u"), chunks: vec![pb::ChunkSpec { id: id.as_bytes().to_vec(), len: 4096, piece_cvs: vec![] }] };
+    let req = pb::MissingChunksRequest {
+        volume: vref("u"),
+        chunks: vec![pb::ChunkSpec { id: id.as_bytes().to_vec(), len: 4096, piece_cvs: vec![] }],
+    };
     let dead = c2.grpc().missing_chunks(req).await.unwrap().into_inner().uploads.remove(0).url;
     // Expiry has millisecond resolution: let the clock pass it (a millisecond or two).
     let exp: u64 = dead.split("exp=").nth(1).unwrap().split('&').next().unwrap().parse().unwrap();

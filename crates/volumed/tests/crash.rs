@@ -94,9 +94,10 @@ async fn verify_head(
                     if download(&path) {
                         // Each chunk is verified against its id, and the ids are the expected
                         // bytes' ids: the downloaded file is byte-for-byte the expected one.
-                        let parts = c.download_chunks(ORG, VOL, &ids).await.unwrap_or_else(|e| {
-                            panic!("head references {path} whose chunks are unreadable: {e}")
-                        });
+                        let parts = c
+                            .download_chunks(ORG, VOL, &ids)
+                            .await
+                            .unwrap_or_else(|e| panic!("head references {path} whose chunks are unreadable: {e}"));
                         assert_eq!(parts.iter().map(|p| p.len() as u64).sum::<u64>(), f.size, "{path} size");
                     }
                     files.insert(path, f.size as usize);
@@ -111,9 +112,10 @@ async fn verify_head(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_commits_loses_no_acknowledged_commit() {
     let rounds: u64 = std::env::var("SAIL_CRASH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(50);
-    let seed: u64 = std::env::var("SAIL_CRASH_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
-    });
+    let seed: u64 = std::env::var("SAIL_CRASH_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64);
     eprintln!("crash test: {rounds} rounds, SAIL_CRASH_SEED={seed}");
     let mut rng = Rng(seed | 1);
     let dir = tempfile::tempdir().unwrap();

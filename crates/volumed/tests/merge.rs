@@ -129,12 +129,8 @@ async fn same_path_last_writer_wins_and_deletes_merge_the_same_way() {
     let seqs: Vec<u64> = log.commits.iter().map(|c| c.seq).collect();
     assert_eq!(seqs, (0..=seqs[0]).rev().collect::<Vec<_>>());
     let before = log.commits[1].id.clone();
-    let diff = a
-        .grpc()
-        .diff(pb::DiffRequest { volume: vref("lww"), from: before, to: String::new() })
-        .await
-        .unwrap()
-        .into_inner();
+    let diff =
+        a.grpc().diff(pb::DiffRequest { volume: vref("lww"), from: before, to: String::new() }).await.unwrap().into_inner();
     assert_eq!(diff.changes.len(), 1);
     assert_eq!(diff.changes[0].path, "x");
 }

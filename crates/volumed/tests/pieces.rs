@@ -42,9 +42,6 @@ async fn large_chunks_are_readable_in_verified_pieces() {
     // A tampered CV list is caught before any byte is trusted.
     let mut forged = url.clone();
     forged.piece_cvs[40] ^= 1;
-    assert!(matches!(
-        c.fetch_piece(&forged, id, data.len() as u64, 1).await,
-        Err(volumed::client::ClientError::Integrity(_))
-    ));
+    assert!(matches!(c.fetch_piece(&forged, id, data.len() as u64, 1).await, Err(volumed::client::ClientError::Integrity(_))));
     server.stop().await.unwrap();
 }

@@ -39,9 +39,7 @@ struct Inner {
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ChunkError::Backend(format!("I/O task failed: {e}")))?
+    tokio::task::spawn_blocking(f).await.map_err(|e| ChunkError::Backend(format!("I/O task failed: {e}")))?
 }
 
 fn fsync_dir(dir: &Path) -> std::io::Result<()> {

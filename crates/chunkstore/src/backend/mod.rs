@@ -70,8 +70,6 @@ pub trait Backend: Send + Sync + 'static {
 /// Milliseconds since the Unix epoch, `ttl` from now.
 #[cfg_attr(not(feature = "s3"), allow(dead_code))]
 pub(crate) fn expiry_ms(ttl: Duration) -> u64 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     (now + ttl).as_millis() as u64
 }

@@ -68,13 +68,9 @@ impl S3Credentials {
     /// Like [`S3Credentials::resolve`] with an explicit variable lookup (for tests).
     pub fn resolve_with(&self, var: impl Fn(&str) -> Option<String>) -> Result<Credentials> {
         match self {
-            S3Credentials::Static { access_key_id, secret_access_key, session_token } => Ok(Credentials::new(
-                access_key_id,
-                secret_access_key,
-                session_token.clone(),
-                None,
-                "sail-static",
-            )),
+            S3Credentials::Static { access_key_id, secret_access_key, session_token } => {
+                Ok(Credentials::new(access_key_id, secret_access_key, session_token.clone(), None, "sail-static"))
+            }
             S3Credentials::Environment => {
                 let key = var("AWS_ACCESS_KEY_ID").filter(|v| !v.is_empty());
                 let secret = var("AWS_SECRET_ACCESS_KEY").filter(|v| !v.is_empty());
@@ -169,9 +165,7 @@ impl S3Backend {
             return Err(ChunkError::Config("S3 bucket name is empty".into()));
         }
         if config.part_size < 5 << 20 || config.part_concurrency == 0 || config.max_attempts == 0 {
-            return Err(ChunkError::Config(
-                "part_size must be >= 5 MiB, part_concurrency and max_attempts >= 1".into(),
-            ));
+            return Err(ChunkError::Config("part_size must be >= 5 MiB, part_concurrency and max_attempts >= 1".into()));
         }
         let credentials = config.credentials.resolve()?;
         let http = aws_smithy_http_client::Builder::new()
@@ -186,9 +180,7 @@ impl S3Backend {
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
             .retry_config(
-                RetryConfig::standard()
-                    .with_max_attempts(config.max_attempts)
-                    .with_initial_backoff(Duration::from_millis(50)),
+                RetryConfig::standard().with_max_attempts(config.max_attempts).with_initial_backoff(Duration::from_millis(50)),
             )
             .timeout_config(
                 TimeoutConfig::builder()
@@ -367,15 +359,10 @@ impl Backend for S3Backend {
         if len == 0 {
             return Ok(Bytes::new());
         }
-        let end = offset
-            .checked_add(len - 1)
-            .ok_or_else(|| ChunkError::Backend(format!("range {offset}+{len} overflows")))?;
+        let end = offset.checked_add(len - 1).ok_or_else(|| ChunkError::Backend(format!("range {offset}+{len} overflows")))?;
         let data = self.fetch(id, Some(format!("bytes={offset}-{end}"))).await?;
         if data.len() as u64 != len {
-            return Err(ChunkError::Backend(format!(
-                "S3 range {offset}+{len} of {id} returned {} bytes",
-                data.len()
-            )));
+            return Err(ChunkError::Backend(format!("S3 range {offset}+{len} of {id} returned {} bytes", data.len())));
         }
         Ok(data)
     }

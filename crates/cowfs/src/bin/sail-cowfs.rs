@@ -30,7 +30,13 @@ fn main() -> std::process::ExitCode {
         .with_ansi(false)
         .init();
     let a = Args::parse();
-    let opts = cowfs::daemon::DaemonOptions { mountpoint: a.mount, control: a.control, store: a.store, chunks: a.chunks, threads: a.threads };
+    let opts = cowfs::daemon::DaemonOptions {
+        mountpoint: a.mount,
+        control: a.control,
+        store: a.store,
+        chunks: a.chunks,
+        threads: a.threads,
+    };
     match cowfs::daemon::run(opts) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -89,7 +89,11 @@ impl Env {
             .stderr(log)
             .spawn()
             .expect("helper starts");
-        let mut m = Mount { path: std::fs::canonicalize(root.join(format!("mnt{n}"))).unwrap(), child, log: root.join(format!("helper{n}.log")) };
+        let mut m = Mount {
+            path: std::fs::canonicalize(root.join(format!("mnt{n}"))).unwrap(),
+            child,
+            log: root.join(format!("helper{n}.log")),
+        };
         m.wait_ready();
         m
     }

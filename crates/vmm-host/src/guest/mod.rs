@@ -53,10 +53,7 @@ pub struct Initramfs {
 }
 
 fn missing(what: &str, path: &Path) -> SailboxError {
-    SailboxError::Host(format!(
-        "{what} not found at {}: run `bash scripts/setup.sh vm` (or set SAIL_GUEST_DIR)",
-        path.display()
-    ))
+    SailboxError::Host(format!("{what} not found at {}: run `bash scripts/setup.sh vm` (or set SAIL_GUEST_DIR)", path.display()))
 }
 
 impl GuestKit {
@@ -169,9 +166,11 @@ pub fn default_agent_path() -> PathBuf {
         candidates.push(dir.join("sail-agent-static"));
         candidates.push(dir.join("x86_64-unknown-linux-gnu/release/sail-agent"));
     }
-    candidates.iter().find(|p| p.is_file()).cloned().unwrap_or_else(|| {
-        candidates.into_iter().nth(1).unwrap_or_else(|| PathBuf::from("sail-agent"))
-    })
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .unwrap_or_else(|| candidates.into_iter().nth(1).unwrap_or_else(|| PathBuf::from("sail-agent")))
 }
 
 /// The guest directory: `$SAIL_GUEST_DIR`, else `$XDG_CACHE_HOME/sail/guest`, else

@@ -70,10 +70,8 @@ impl Qemu {
         cmd.arg("-name").arg(format!("sail-{},debug-threads=on", spec.id));
         cmd.args(["-machine", "microvm,memory-backend=mem,rtc=on", "-accel", accel, "-cpu", cpu]);
         cmd.arg("-smp").arg(spec.vcpus.to_string()).arg("-m").arg(&mem);
-        cmd.arg("-object").arg(format!(
-            "memory-backend-file,id=mem,size={mem},mem-path={},share=on,prealloc=off",
-            spec.memory_file.display()
-        ));
+        cmd.arg("-object")
+            .arg(format!("memory-backend-file,id=mem,size={mem},mem-path={},share=on,prealloc=off", spec.memory_file.display()));
         cmd.arg("-bios").arg(&self.firmware);
         cmd.arg("-kernel").arg(&spec.kernel).arg("-initrd").arg(&spec.initramfs).arg("-append").arg(&spec.cmdline);
         cmd.args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);

@@ -59,9 +59,8 @@ impl Qmp {
             .map_err(io)?;
         let (r, w) = stream.into_split();
         let mut qmp = Self { reader: BufReader::new(r), writer: w, path: p.clone() };
-        let greeting = tokio::time::timeout(timeout, qmp.read_message())
-            .await
-            .map_err(|_| QmpError::Timeout("greeting".into()))??;
+        let greeting =
+            tokio::time::timeout(timeout, qmp.read_message()).await.map_err(|_| QmpError::Timeout("greeting".into()))??;
         if greeting.get("QMP").is_none() {
             return Err(QmpError::Protocol(format!("expected a greeting, got {greeting}")));
         }
@@ -93,10 +92,7 @@ impl Qmp {
         }
         let mut bytes = serde_json::to_vec(&msg).map_err(|e| QmpError::Protocol(e.to_string()))?;
         bytes.push(b'\n');
-        self.writer
-            .write_all(&bytes)
-            .await
-            .map_err(|source| QmpError::Io { path: self.path.clone(), source })?;
+        self.writer.write_all(&bytes).await.map_err(|source| QmpError::Io { path: self.path.clone(), source })?;
         let reply = async {
             loop {
                 let m = self.read_message().await?;

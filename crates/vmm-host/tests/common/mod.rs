@@ -33,11 +33,7 @@ impl Served {
     }
 
     pub async fn client(&self) -> SailboxServiceClient<Channel> {
-        let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr)).unwrap().connect().await.unwrap();
         SailboxServiceClient::new(ch).max_decoding_message_size(64 << 20)
     }
 }

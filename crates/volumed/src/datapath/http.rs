@@ -45,9 +45,7 @@ struct Params {
 
 /// The axum routes of the data path.
 pub fn routes(state: ChunkHttpState) -> Router {
-    Router::new()
-        .route("/v1/chunks/{id}", get(download).put(upload))
-        .with_state(Arc::new(state))
+    Router::new().route("/v1/chunks/{id}", get(download).put(upload)).with_state(Arc::new(state))
 }
 
 fn reject(status: StatusCode, err: impl std::fmt::Display) -> Response {

@@ -65,10 +65,9 @@ impl DataPath {
                     expires_unix_ms: exp,
                 })
             }
-            DataPath::S3 { backend } => backend
-                .presign_put(id, len, ttl)
-                .await?
-                .ok_or_else(|| VolumeError::Backend("S3 backend did not presign".into())),
+            DataPath::S3 { backend } => {
+                backend.presign_put(id, len, ttl).await?.ok_or_else(|| VolumeError::Backend("S3 backend did not presign".into()))
+            }
         }
     }
 
@@ -84,10 +83,9 @@ impl DataPath {
                     expires_unix_ms: exp,
                 })
             }
-            DataPath::S3 { backend } => backend
-                .presign_get(id, ttl)
-                .await?
-                .ok_or_else(|| VolumeError::Backend("S3 backend did not presign".into())),
+            DataPath::S3 { backend } => {
+                backend.presign_get(id, ttl).await?.ok_or_else(|| VolumeError::Backend("S3 backend did not presign".into()))
+            }
         }
     }
 }

@@ -45,9 +45,10 @@ impl UrlSigner {
         use std::os::unix::fs::OpenOptionsExt;
         match std::fs::read(path) {
             Ok(bytes) => {
-                let key: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
-                    VolumeError::Storage(format!("{} is not a 32-byte key", path.display()))
-                })?;
+                let key: [u8; 32] = bytes
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| VolumeError::Storage(format!("{} is not a 32-byte key", path.display())))?;
                 return Ok(Self::new(key));
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -56,13 +57,7 @@ impl UrlSigner {
         let key: [u8; 32] = rand::random();
         let tmp = path.with_extension("tmp");
         let io = |e: std::io::Error| VolumeError::Storage(format!("writing {}: {e}", path.display()));
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io)?;
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io)?;
         f.write_all(&key).map_err(io)?;
         f.sync_all().map_err(io)?;
         std::fs::rename(&tmp, path).map_err(io)?;
@@ -84,8 +79,7 @@ impl UrlSigner {
 
     /// Checks a request's signature (constant time) and expiry.
     pub fn verify(&self, method: &str, id_hex: &str, params: &SignedParams) -> Result<()> {
-        let sig = hex::decode(&params.sig)
-            .map_err(|_| VolumeError::BadSignature("signature is not hex".into()))?;
+        let sig = hex::decode(&params.sig).map_err(|_| VolumeError::BadSignature("signature is not hex".into()))?;
         self.mac(method, id_hex, params.len, params.exp)
             .verify_slice(&sig)
             .map_err(|_| VolumeError::BadSignature("signature does not match".into()))?;
@@ -102,9 +96,7 @@ mod tests {
 
     fn params(url: &str) -> SignedParams {
         let q = url.split_once('?').unwrap().1;
-        let get = |k: &str| {
-            q.split('&').find_map(|kv| kv.strip_prefix(&format!("{k}="))).unwrap().to_owned()
-        };
+        let get = |k: &str| q.split('&').find_map(|kv| kv.strip_prefix(&format!("{k}="))).unwrap().to_owned();
         SignedParams { exp: get("exp").parse().unwrap(), len: get("len").parse().unwrap(), sig: get("sig") }
     }
 

@@ -44,8 +44,7 @@ pub const IMPLICIT_DIR_MODE: u32 = 0o755;
 /// `now_ns` stamps implicitly created directories.
 pub fn apply_changes(src: &impl TreeSource, root: TreeId, changes: &[Change], now_ns: i64) -> Result<Applied> {
     let mut new_nodes = Vec::new();
-    let ops: Vec<(&[String], &ChangeOp)> =
-        changes.iter().map(|c| (c.path.components(), &c.op)).collect();
+    let ops: Vec<(&[String], &ChangeOp)> = changes.iter().map(|c| (c.path.components(), &c.op)).collect();
     let node = src.load(&root)?;
     let node = apply_dir(src, node, &ops, now_ns, &mut new_nodes, "")?;
     let (root, bytes) = node.encode_with_id();
@@ -92,20 +91,15 @@ fn apply_dir<'a>(
                     (EntryKind::Dir(_), Slot::Dir { base, pending, .. }) => {
                         Slot::Dir { mode: e.mode, mtime_ns: e.mtime_ns, base, pending }
                     }
-                    (EntryKind::Dir(_), _) => {
-                        Slot::Dir { mode: e.mode, mtime_ns: e.mtime_ns, base: None, pending: Vec::new() }
-                    }
+                    (EntryKind::Dir(_), _) => Slot::Dir { mode: e.mode, mtime_ns: e.mtime_ns, base: None, pending: Vec::new() },
                     (_, _) => Slot::Leaf(e.clone()),
                 },
                 // Deleting below a path that is gone (or is a file) deletes nothing, and must
                 // not create the parents an upsert would.
                 (false, ChangeOp::Delete, slot @ (Slot::Absent | Slot::Leaf(_))) => slot,
-                (false, _, Slot::Absent) => Slot::Dir {
-                    mode: IMPLICIT_DIR_MODE,
-                    mtime_ns: now_ns,
-                    base: None,
-                    pending: vec![(rest, op)],
-                },
+                (false, _, Slot::Absent) => {
+                    Slot::Dir { mode: IMPLICIT_DIR_MODE, mtime_ns: now_ns, base: None, pending: vec![(rest, op)] }
+                }
                 (false, _, Slot::Dir { mode, mtime_ns, base, mut pending }) => {
                     pending.push((rest, op));
                     Slot::Dir { mode, mtime_ns, base, pending }
@@ -226,9 +220,7 @@ mod tests {
         let (again, _) = m.apply(root, &[ch("a/b", ChangeOp::Delete), ch("zzz", ChangeOp::Delete)]).unwrap();
         assert_eq!(again, root);
         // Even below a deleted or missing path, or below a file: no parents appear.
-        let (again, _) = m
-            .apply(root, &[ch("a/d.txt/x", ChangeOp::Delete), ch("gone/x/y", ChangeOp::Delete)])
-            .unwrap();
+        let (again, _) = m.apply(root, &[ch("a/d.txt/x", ChangeOp::Delete), ch("gone/x/y", ChangeOp::Delete)]).unwrap();
         assert_eq!(again, root);
         let (after, _) = m.apply(root, &[ch("a", ChangeOp::Delete), ch("a/d.txt", ChangeOp::Delete)]).unwrap();
         assert!(resolve(&m, after, &VolPath::parse("a").unwrap()).is_err(), "a stays deleted");

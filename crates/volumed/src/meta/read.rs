@@ -12,10 +12,7 @@ pub fn resolve(src: &impl TreeSource, root: TreeId, path: &VolPath) -> Result<En
             return Err(VolumeError::PathNotFound(path.components()[..=i].join("/")));
         };
         let mut node = src.load(&tree)?;
-        entry = node
-            .entries
-            .remove(name)
-            .ok_or_else(|| VolumeError::PathNotFound(path.components()[..=i].join("/")))?;
+        entry = node.entries.remove(name).ok_or_else(|| VolumeError::PathNotFound(path.components()[..=i].join("/")))?;
     }
     Ok(entry)
 }
@@ -37,13 +34,7 @@ pub fn diff(src: &impl TreeSource, from: TreeId, to: TreeId) -> Result<Vec<Chang
     Ok(out)
 }
 
-fn diff_dir(
-    src: &impl TreeSource,
-    from: Option<TreeId>,
-    to: TreeId,
-    at: &VolPath,
-    out: &mut Vec<Change>,
-) -> Result<()> {
+fn diff_dir(src: &impl TreeSource, from: Option<TreeId>, to: TreeId, at: &VolPath, out: &mut Vec<Change>) -> Result<()> {
     if from == Some(to) {
         return Ok(());
     }

@@ -44,10 +44,7 @@ pub struct MetaStore {
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 impl MetaStore {
@@ -72,9 +69,7 @@ impl MetaStore {
     }
 
     fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily> {
-        self.db
-            .cf_handle(name)
-            .ok_or_else(|| VolumeError::Storage(format!("column family {name} missing")))
+        self.db.cf_handle(name).ok_or_else(|| VolumeError::Storage(format!("column family {name} missing")))
     }
 
     fn sync_write(&self, batch: WriteBatch) -> Result<()> {
@@ -97,10 +92,8 @@ impl MetaStore {
         let Some(id) = self.db.get_cf(self.cf(CF_NAMES)?, Self::name_key(org, name))? else {
             return Ok(None);
         };
-        let id: [u8; 16] = id
-            .as_slice()
-            .try_into()
-            .map_err(|_| VolumeError::Integrity("volume name index entry is malformed".into()))?;
+        let id: [u8; 16] =
+            id.as_slice().try_into().map_err(|_| VolumeError::Integrity("volume name index entry is malformed".into()))?;
         self.volume_by_id(VolumeId(id))
     }
 
@@ -129,15 +122,7 @@ impl MetaStore {
             message: "volume created".into(),
         };
         let (commit_id, commit_bytes) = commit.encode_with_id();
-        let rec = VolumeRecord {
-            id,
-            org: org.to_owned(),
-            name: name.to_owned(),
-            chunking,
-            created_ms,
-            head: commit_id,
-            seq: 0,
-        };
+        let rec = VolumeRecord { id, org: org.to_owned(), name: name.to_owned(), chunking, created_ms, head: commit_id, seq: 0 };
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(CF_TREES)?, empty_id.as_bytes(), &empty_bytes);
         batch.put_cf(self.cf(CF_COMMITS)?, commit_id.as_bytes(), &commit_bytes);
@@ -153,18 +138,14 @@ impl MetaStore {
         let mut prefix = org.as_bytes().to_vec();
         prefix.push(0);
         let mut out = Vec::new();
-        let iter = self
-            .db
-            .iterator_cf(self.cf(CF_NAMES)?, IteratorMode::From(&prefix, Direction::Forward));
+        let iter = self.db.iterator_cf(self.cf(CF_NAMES)?, IteratorMode::From(&prefix, Direction::Forward));
         for item in iter {
             let (key, id) = item?;
             if !key.starts_with(&prefix) {
                 break;
             }
-            let id: [u8; 16] = id
-                .as_ref()
-                .try_into()
-                .map_err(|_| VolumeError::Integrity("volume name index entry is malformed".into()))?;
+            let id: [u8; 16] =
+                id.as_ref().try_into().map_err(|_| VolumeError::Integrity("volume name index entry is malformed".into()))?;
             if let Some(rec) = self.volume_by_id(VolumeId(id))? {
                 out.push(rec);
             }
@@ -186,10 +167,7 @@ impl MetaStore {
 
     /// A commit by id, checked to belong to `volume`.
     pub fn commit(&self, volume: VolumeId, id: &CommitId) -> Result<Commit> {
-        let raw = self
-            .db
-            .get_cf(self.cf(CF_COMMITS)?, id.as_bytes())?
-            .ok_or_else(|| VolumeError::CommitNotFound(id.to_hex()))?;
+        let raw = self.db.get_cf(self.cf(CF_COMMITS)?, id.as_bytes())?.ok_or_else(|| VolumeError::CommitNotFound(id.to_hex()))?;
         if CommitId::of(&raw) != *id {
             return Err(VolumeError::Integrity(format!("commit {id} does not match its id")));
         }
@@ -220,16 +198,13 @@ impl MetaStore {
         if before_seq == Some(0) {
             return Ok(out);
         }
-        let iter = self
-            .db
-            .iterator_cf(self.cf(CF_LOG)?, IteratorMode::From(&start, Direction::Reverse));
+        let iter = self.db.iterator_cf(self.cf(CF_LOG)?, IteratorMode::From(&start, Direction::Reverse));
         for item in iter {
             let (key, val) = item?;
             if !key.starts_with(&volume.0) || out.len() >= limit {
                 break;
             }
-            let id = CommitId::from_slice(&val)
-                .map_err(|_| VolumeError::Integrity("commit log entry is malformed".into()))?;
+            let id = CommitId::from_slice(&val).map_err(|_| VolumeError::Integrity("commit log entry is malformed".into()))?;
             out.push((id, self.commit(volume, &id)?));
         }
         Ok(out)

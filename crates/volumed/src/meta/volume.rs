@@ -83,12 +83,7 @@ impl VolumeRecord {
 /// ```
 pub fn check_volume_name(what: &str, name: &str) -> Result<()> {
     let ok_chars = name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if name.is_empty()
-        || name.len() > MAX_VOLUME_NAME
-        || !ok_chars
-        || name.starts_with('.')
-        || name.starts_with('-')
-    {
+    if name.is_empty() || name.len() > MAX_VOLUME_NAME || !ok_chars || name.starts_with('.') || name.starts_with('-') {
         return Err(VolumeError::invalid(format!(
             "{what} {name:?} must be 1-{MAX_VOLUME_NAME} characters of [A-Za-z0-9._-], \
              not starting with '.' or '-'"

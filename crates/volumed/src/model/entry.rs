@@ -58,9 +58,7 @@ impl Entry {
             EntryKind::Dir(_) => Ok(()),
             EntryKind::Symlink(target) => {
                 if target.is_empty() || target.len() > MAX_SYMLINK_BYTES || target.contains('\0') {
-                    Err(VolumeError::invalid(format!(
-                        "symlink target must be 1..={MAX_SYMLINK_BYTES} bytes without NUL"
-                    )))
+                    Err(VolumeError::invalid(format!("symlink target must be 1..={MAX_SYMLINK_BYTES} bytes without NUL")))
                 } else {
                     Ok(())
                 }
@@ -80,10 +78,7 @@ impl FileData {
     /// chunks are all full except the last.
     pub fn validate(&self) -> Result<(), VolumeError> {
         if self.size > MAX_FILE_SIZE {
-            return Err(VolumeError::invalid(format!(
-                "file size {} exceeds {MAX_FILE_SIZE}",
-                self.size
-            )));
+            return Err(VolumeError::invalid(format!("file size {} exceeds {MAX_FILE_SIZE}", self.size)));
         }
         if !self.policy.is_valid() {
             return Err(VolumeError::invalid(format!("invalid chunk policy {:?}", self.policy)));
@@ -102,17 +97,12 @@ impl FileData {
                 && i + 1 < self.chunks.len()
                 && len != size
             {
-                return Err(VolumeError::invalid(format!(
-                    "fixed-size chunk {i} is {len} bytes, expected {size}"
-                )));
+                return Err(VolumeError::invalid(format!("fixed-size chunk {i} is {len} bytes, expected {size}")));
             }
             total += len;
         }
         if total != self.size {
-            return Err(VolumeError::invalid(format!(
-                "chunk lengths add up to {total}, file size is {}",
-                self.size
-            )));
+            return Err(VolumeError::invalid(format!("chunk lengths add up to {total}, file size is {}", self.size)));
         }
         Ok(())
     }

@@ -176,14 +176,8 @@ mod tests {
                 }),
             },
         );
-        n.entries.insert(
-            "dir".into(),
-            Entry { mode: 0o755, mtime_ns: 1, kind: EntryKind::Dir(TreeId::of(b"x")) },
-        );
-        n.entries.insert(
-            "link".into(),
-            Entry { mode: 0o777, mtime_ns: 2, kind: EntryKind::Symlink("../a".into()) },
-        );
+        n.entries.insert("dir".into(), Entry { mode: 0o755, mtime_ns: 1, kind: EntryKind::Dir(TreeId::of(b"x")) });
+        n.entries.insert("link".into(), Entry { mode: 0o777, mtime_ns: 2, kind: EntryKind::Symlink("../a".into()) });
         n
     }
 

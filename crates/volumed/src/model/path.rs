@@ -35,10 +35,7 @@ impl VolPath {
     /// [`VolumeError::InvalidArgument`].
     pub fn parse(raw: &str) -> Result<Self, VolumeError> {
         if raw.len() > MAX_PATH_BYTES {
-            return Err(VolumeError::invalid(format!(
-                "path is {} bytes, the limit is {MAX_PATH_BYTES}",
-                raw.len()
-            )));
+            return Err(VolumeError::invalid(format!("path is {} bytes, the limit is {MAX_PATH_BYTES}", raw.len())));
         }
         if raw.contains('\0') {
             return Err(VolumeError::invalid("path contains a NUL byte"));
@@ -55,10 +52,7 @@ impl VolPath {
             }
         }
         if parts.len() > MAX_DEPTH {
-            return Err(VolumeError::invalid(format!(
-                "path has {} components, the limit is {MAX_DEPTH}",
-                parts.len()
-            )));
+            return Err(VolumeError::invalid(format!("path has {} components, the limit is {MAX_DEPTH}", parts.len())));
         }
         Ok(Self(parts))
     }
@@ -80,11 +74,7 @@ impl VolPath {
 
     /// The parent path, `None` for the root.
     pub fn parent(&self) -> Option<VolPath> {
-        if self.0.is_empty() {
-            None
-        } else {
-            Some(Self(self.0[..self.0.len() - 1].to_vec()))
-        }
+        if self.0.is_empty() { None } else { Some(Self(self.0[..self.0.len() - 1].to_vec())) }
     }
 
     /// This path with `name` appended (`name` must be a valid component).
@@ -107,10 +97,7 @@ pub fn check_name(name: &str) -> Result<(), VolumeError> {
         return Err(VolumeError::invalid(format!("invalid name {name:?}")));
     }
     if name.len() > MAX_NAME_BYTES {
-        return Err(VolumeError::invalid(format!(
-            "name is {} bytes, the limit is {MAX_NAME_BYTES}",
-            name.len()
-        )));
+        return Err(VolumeError::invalid(format!("name is {} bytes, the limit is {MAX_NAME_BYTES}", name.len())));
     }
     if name.contains('/') || name.contains('\0') {
         return Err(VolumeError::invalid(format!("name {name:?} contains '/' or NUL")));

@@ -128,11 +128,7 @@ pub fn entry_from_proto(e: &pb::Entry, upsert: bool) -> Result<Entry> {
             if f.chunks.len() > crate::model::entry::MAX_CHUNKS_PER_FILE {
                 return Err(VolumeError::invalid("too many chunks in one file"));
             }
-            let chunks = f
-                .chunks
-                .iter()
-                .map(|c| Ok((ChunkId::from_slice(&c.id)?, c.len)))
-                .collect::<Result<Vec<_>>>()?;
+            let chunks = f.chunks.iter().map(|c| Ok((ChunkId::from_slice(&c.id)?, c.len))).collect::<Result<Vec<_>>>()?;
             EntryKind::File(FileData { size: f.size, policy, chunks })
         }
         Some(pb::entry::Kind::Dir(d)) => {
@@ -156,11 +152,7 @@ pub fn entry_to_proto(e: &Entry) -> pb::Entry {
         EntryKind::File(f) => pb::entry::Kind::File(pb::FileEntry {
             size: f.size,
             policy: Some(policy_to_proto(&f.policy)),
-            chunks: f
-                .chunks
-                .iter()
-                .map(|(id, len)| pb::ChunkRef { id: id.as_bytes().to_vec(), len: *len })
-                .collect(),
+            chunks: f.chunks.iter().map(|(id, len)| pb::ChunkRef { id: id.as_bytes().to_vec(), len: *len }).collect(),
         }),
         EntryKind::Dir(t) => pb::entry::Kind::Dir(pb::DirEntry { tree: t.as_bytes().to_vec() }),
         EntryKind::Symlink(t) => pb::entry::Kind::Symlink(pb::SymlinkEntry { target: t.clone() }),

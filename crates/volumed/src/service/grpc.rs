@@ -37,9 +37,7 @@ impl GrpcVolumes {
 /// Maps an error to a status whose details carry [`pb::ErrorDetail`] with the contract name.
 pub fn to_status(e: VolumeError) -> Status {
     let code = match &e {
-        VolumeError::NotFound { .. } | VolumeError::CommitNotFound(_) | VolumeError::PathNotFound(_) => {
-            Code::NotFound
-        }
+        VolumeError::NotFound { .. } | VolumeError::CommitNotFound(_) | VolumeError::PathNotFound(_) => Code::NotFound,
         VolumeError::InvalidArgument(_) => Code::InvalidArgument,
         VolumeError::CommitConflict(_) => Code::Aborted,
         VolumeError::MissingChunks { .. } => Code::FailedPrecondition,
@@ -54,10 +52,7 @@ pub fn to_status(e: VolumeError) -> Status {
 pub use crate::client::error_name;
 
 fn entries(node: TreeNode) -> Vec<pb::NamedEntry> {
-    node.entries
-        .into_iter()
-        .map(|(name, e)| pb::NamedEntry { name, entry: Some(convert::entry_to_proto(&e)) })
-        .collect()
+    node.entries.into_iter().map(|(name, e)| pb::NamedEntry { name, entry: Some(convert::entry_to_proto(&e)) }).collect()
 }
 
 type R<T> = Result<Response<T>, Status>;
@@ -95,11 +90,7 @@ impl VolumeService for GrpcVolumes {
         let commit = optional_commit_id(&req.commit).map_err(to_status)?;
         let path = VolPath::parse(&req.path).map_err(to_status)?;
         let (commit, tree, node) = self.inner.list_dir(v, commit, path).await.map_err(to_status)?;
-        Ok(Response::new(pb::ListDirResponse {
-            commit: commit.to_hex(),
-            tree: tree.as_bytes().to_vec(),
-            entries: entries(node),
-        }))
+        Ok(Response::new(pb::ListDirResponse { commit: commit.to_hex(), tree: tree.as_bytes().to_vec(), entries: entries(node) }))
     }
 
     async fn get_tree(&self, req: Request<pb::GetTreeRequest>) -> R<pb::GetTreeResponse> {

@@ -48,21 +48,13 @@ pub struct Volumes {
 
 /// Runs metadata work on a blocking thread.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| VolumeError::Storage(format!("metadata task failed: {e}")))?
+    tokio::task::spawn_blocking(f).await.map_err(|e| VolumeError::Storage(format!("metadata task failed: {e}")))?
 }
 
 impl Volumes {
     /// Builds the service over a metadata store and a data path.
     pub fn new(store: MetaStore, data: DataPath, url_ttl: Duration) -> Self {
-        Self {
-            store,
-            data,
-            url_ttl,
-            commit_locks: Arc::default(),
-            create_lock: Arc::default(),
-        }
+        Self { store, data, url_ttl, commit_locks: Arc::default(), create_lock: Arc::default() }
     }
 
     /// The metadata store.
@@ -159,9 +151,7 @@ impl Volumes {
         let store = self.store.clone();
         blocking(move || {
             store.tree(&tree).map_err(|e| match e {
-                VolumeError::Integrity(m) if m.contains("missing") => {
-                    VolumeError::invalid(format!("unknown tree {tree}"))
-                }
+                VolumeError::Integrity(m) if m.contains("missing") => VolumeError::invalid(format!("unknown tree {tree}")),
                 other => other,
             })
         })
@@ -316,10 +306,7 @@ impl Volumes {
     }
 
     fn commit_lock(&self, id: VolumeId) -> Result<Arc<Mutex<()>>> {
-        let mut locks = self
-            .commit_locks
-            .lock()
-            .map_err(|_| VolumeError::Storage("lock table poisoned".into()))?;
+        let mut locks = self.commit_locks.lock().map_err(|_| VolumeError::Storage("lock table poisoned".into()))?;
         Ok(locks.entry(id).or_default().clone())
     }
 }
