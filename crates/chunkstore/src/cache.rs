@@ -231,9 +231,22 @@ impl ChunkCache {
         blocking(move || this.store_verified(id, &data)).await
     }
 
+    /// [`ChunkCache::insert_verified`] for a chunk held in parts (for example the verified
+    /// pieces of a large chunk, see [`crate::pieces`]): written one after the other, never
+    /// joined in memory. The parts, in order, must be the chunk's bytes, verified.
+    pub async fn insert_verified_parts(&self, id: ChunkId, parts: Vec<Bytes>) -> Result<()> {
+        let this = self.clone();
+        blocking(move || this.store_verified_parts(id, &parts)).await
+    }
+
     /// Stores bytes already verified against `id` (blocking).
     fn store_verified(&self, id: ChunkId, data: &[u8]) -> Result<()> {
-        let len = data.len() as u64;
+        self.store_verified_parts(id, &[data])
+    }
+
+    /// Stores a verified chunk given in parts (blocking).
+    fn store_verified_parts<B: AsRef<[u8]>>(&self, id: ChunkId, parts: &[B]) -> Result<()> {
+        let len: u64 = parts.iter().map(|p| p.as_ref().len() as u64).sum();
         if len > self.inner.capacity {
             self.count(|s| s.fills_skipped += 1);
             return Ok(());
@@ -246,7 +259,9 @@ impl ChunkCache {
         let tmp = self.inner.dir.join("tmp").join(format!("{}-{:016x}", std::process::id(), rand::random::<u64>()));
         let written = (|| -> std::io::Result<()> {
             let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-            f.write_all(data)?;
+            for part in parts {
+                f.write_all(part.as_ref())?;
+            }
             drop(f);
             if let Some(shard) = dest.parent() {
                 fs::create_dir_all(shard)?;

@@ -149,17 +149,19 @@ impl ChunkPolicy {
     ) -> Result<(), E> {
         match *self {
             ChunkPolicy::Fixed { size } => {
-                let mut buf = vec![0u8; size as usize];
+                // The buffer grows with what is read (a small file never costs a chunk-sized
+                // allocation) and is reused from one chunk to the next.
+                let mut buf = Vec::with_capacity(size.min(256 << 10) as usize);
                 let mut offset = 0u64;
                 loop {
-                    let n = read_full(&mut reader, &mut buf)?;
+                    buf.clear();
+                    let n = (&mut reader).take(size).read_to_end(&mut buf)?;
                     if n == 0 {
                         return Ok(());
                     }
-                    let data = &buf[..n];
-                    sink(ChunkSpan { offset, len: n as u64, id: ChunkId::of(data) }, data)?;
+                    sink(ChunkSpan { offset, len: n as u64, id: ChunkId::of(&buf) }, &buf)?;
                     offset += n as u64;
-                    if n < buf.len() {
+                    if (n as u64) < size {
                         return Ok(());
                     }
                 }
@@ -181,20 +183,6 @@ impl ChunkPolicy {
 
 fn span(off: usize, len: usize, bytes: &[u8]) -> ChunkSpan {
     ChunkSpan { offset: off as u64, len: len as u64, id: ChunkId::of(bytes) }
-}
-
-/// Reads until `buf` is full or the stream ends; returns the bytes read.
-fn read_full<R: Read>(reader: &mut R, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match reader.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(filled)
 }
 
 #[cfg(test)]

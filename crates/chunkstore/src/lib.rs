@@ -30,6 +30,8 @@ pub mod pieces;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use backend::batch::ChunkBatch;
+pub use backend::durable::SyncPolicy;
 pub use backend::local::LocalBackend;
 #[cfg(feature = "s3")]
 pub use backend::s3::{S3Backend, S3Config, S3Credentials};

@@ -95,3 +95,59 @@ async fn stale_temp_files_are_removed_at_open() {
     LocalBackend::open(dir.path()).unwrap();
     assert_eq!(tmp_files(dir.path()), 0);
 }
+
+#[tokio::test]
+async fn a_batch_stores_its_chunks_only_on_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = LocalBackend::open(dir.path()).unwrap();
+    let chunks: Vec<Bytes> = (0..300).map(|i| data(100 + i, i as u8)).collect();
+    b.put(ChunkId::of(&chunks[0]), chunks[0].clone()).await.unwrap();
+    let mut batch = b.begin_batch().unwrap();
+    for c in &chunks {
+        batch.add(ChunkId::of(c), c).unwrap();
+    }
+    batch.add(ChunkId::of(&chunks[5]), &chunks[5]).unwrap(); // twice: stored once
+    assert_eq!((batch.len(), batch.already_present()), (300, 1));
+    assert_eq!(tmp_files(dir.path()), 1, "one staging directory");
+    assert!(!b.exists(ChunkId::of(&chunks[1])).await.unwrap(), "invisible before commit");
+    let stored = batch.commit().unwrap();
+    assert_eq!(stored.len(), 300);
+    assert_eq!(tmp_files(dir.path()), 0);
+    for c in &chunks {
+        assert_eq!(b.get(ChunkId::of(c)).await.unwrap(), *c);
+    }
+    assert_eq!(b.list().unwrap().len(), 300);
+    // Both durability passes store the same way.
+    for (k, policy) in [chunkstore::SyncPolicy::PerFile, chunkstore::SyncPolicy::Syncfs].into_iter().enumerate() {
+        let more: Vec<Bytes> = (0..70).map(|i| data(50 + i, 100 + k as u8 * 70 + i as u8)).collect();
+        let mut batch = b.begin_batch().unwrap();
+        for c in &more {
+            batch.add(ChunkId::of(c), c).unwrap();
+        }
+        assert_eq!(batch.commit_with(policy).unwrap().len(), 70);
+        for c in &more {
+            assert_eq!(b.get(ChunkId::of(c)).await.unwrap(), *c);
+        }
+    }
+    assert_eq!(tmp_files(dir.path()), 0);
+}
+
+#[tokio::test]
+async fn a_failed_or_dropped_batch_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = LocalBackend::open(dir.path()).unwrap();
+    let (x, y) = (data(1000, 1), data(1000, 2));
+    let mut batch = b.begin_batch().unwrap();
+    batch.add(ChunkId::of(&x), &x).unwrap();
+    assert!(matches!(batch.add(ChunkId::of(&x), &y), Err(ChunkError::Integrity { .. })));
+    assert!(matches!(batch.add(ChunkId::of(&y), &x), Err(ChunkError::Integrity { .. })));
+    drop(batch);
+    assert_eq!(tmp_files(dir.path()), 0);
+    assert!(b.list().unwrap().is_empty());
+    // What a crash mid-batch leaves (a staging directory with files) is removed at open.
+    let stale = dir.path().join("tmp/1-2-3.batch");
+    std::fs::create_dir(&stale).unwrap();
+    std::fs::write(stale.join("0"), b"partial").unwrap();
+    LocalBackend::open(dir.path()).unwrap();
+    assert_eq!(tmp_files(dir.path()), 0);
+}

@@ -50,6 +50,21 @@ pub struct CommitOutcome {
     pub chunks_uploaded: usize,
     /// Bytes uploaded.
     pub bytes_uploaded: u64,
+    /// Chunks of those sent in batch uploads (many small chunks per signed request).
+    #[serde(default)]
+    pub chunks_batched: usize,
+    /// Batch upload requests sent.
+    #[serde(default)]
+    pub batches: usize,
+    /// Milliseconds spent collecting changes, reading and hashing changed chunks.
+    #[serde(default)]
+    pub hash_ms: f64,
+    /// Milliseconds spent asking which chunks are missing and uploading them.
+    #[serde(default)]
+    pub upload_ms: f64,
+    /// Milliseconds of the Commit call (volumed's merge and synced publish).
+    #[serde(default)]
+    pub publish_ms: f64,
     /// Wall time in milliseconds.
     pub elapsed_ms: f64,
 }
@@ -183,9 +198,13 @@ impl Uploader<'_> {
 
     fn flush(&mut self) -> Result<()> {
         if !self.pending.is_empty() {
+            let started = Instant::now();
             let stats = self.remote.upload(&self.pending, &self.pieces)?;
+            self.out.upload_ms += started.elapsed().as_secs_f64() * 1e3;
             self.out.chunks_uploaded += stats.chunks_uploaded;
             self.out.bytes_uploaded += stats.bytes_uploaded;
+            self.out.chunks_batched += stats.chunks_batched;
+            self.out.batches += stats.batches;
             self.pending.clear();
             self.pieces.clear();
             self.pending_bytes = 0;
@@ -218,7 +237,11 @@ impl MountCore {
                     out.commit = st.base.clone();
                 }
                 out.elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
-                tracing::info!(commit = %out.commit, upserts = out.upserts, deletes = out.deletes, bytes = out.bytes_uploaded, "committed");
+                tracing::info!(
+                    commit = %out.commit, upserts = out.upserts, deletes = out.deletes, bytes = out.bytes_uploaded,
+                    chunks = out.chunks_uploaded, batched = out.chunks_batched, hash_ms = out.hash_ms,
+                    upload_ms = out.upload_ms, publish_ms = out.publish_ms, "committed"
+                );
                 Ok(out)
             }
             Err(e) => {
@@ -237,6 +260,7 @@ impl MountCore {
         remote_dirs: Vec<(String, TreeId)>,
         deletes: &BTreeSet<String>,
     ) -> Result<(Option<pb::CommitResponse>, CommitOutcome, HashMap<u64, Arc<FileData>>)> {
+        let started = Instant::now();
         for (path, tree) in remote_dirs {
             self.expand_remote(&path, tree, items)?;
         }
@@ -282,10 +306,13 @@ impl MountCore {
             let op = if matches!(c.op, Some(pb::change::Op::Delete(_))) { "delete" } else { "upsert" };
             tracing::debug!(path = %c.path, op, "change");
         }
+        up.out.hash_ms = started.elapsed().as_secs_f64() * 1e3 - up.out.upload_ms;
         if changes.is_empty() {
             return Ok((None, up.out, new_data));
         }
+        let publish = Instant::now();
         let resp = self.remote.commit(base, changes)?;
+        up.out.publish_ms = publish.elapsed().as_secs_f64() * 1e3;
         Ok((Some(resp), up.out, new_data))
     }
 
@@ -447,14 +474,17 @@ fn file_data(
     let size = view.size;
     let policy = chunking.policy_for(size);
     let mut chunks = Vec::new();
-    match (policy, &view.base) {
-        (ChunkPolicy::Fixed { size: cs }, Some(base)) if base.policy == policy => {
+    match policy {
+        // Fixed chunks are read one at a time, each exactly as long as it is (a small file
+        // costs its own size, not a chunk-sized buffer), and reused when untouched.
+        ChunkPolicy::Fixed { size: cs } => {
+            let base = view.base.as_ref().filter(|b| b.policy == policy);
             let mut start = 0;
             let mut idx = 0usize;
             while start < size {
                 let end = (start + cs).min(size);
                 let len = end - start;
-                match base.chunks.get(idx) {
+                match base.and_then(|b| b.chunks.get(idx)) {
                     Some(&(id, l)) if l as u64 == len && !changed.intersects(start, end) => chunks.push((id, l)),
                     _ => {
                         let data = view.read(remote, start, len as usize, false)?;
@@ -466,7 +496,7 @@ fn file_data(
                 idx += 1;
             }
         }
-        _ => {
+        ChunkPolicy::FastCdc { .. } => {
             policy.chunk_reader(ViewReader::new(view, remote), |span, data| -> Result<()> {
                 chunks.push((span.id, span.len as u32));
                 if span.len >= chunkstore::pieces::PIECED_MIN {
@@ -485,8 +515,12 @@ fn file_data(
 fn finish(st: &mut State, items: &BTreeMap<String, Item>, mut new_data: HashMap<u64, Arc<FileData>>, commit: &str) {
     st.base = commit.to_owned();
     for item in items.values() {
-        let Item::Node { ino, version, .. } = item else { continue };
-        let Some(n) = st.nodes.get_mut(ino) else { continue };
+        let Item::Node { ino, version, .. } = item else {
+            continue;
+        };
+        let Some(n) = st.nodes.get_mut(ino) else {
+            continue;
+        };
         let unchanged = n.version == *version;
         match &mut n.kind {
             Kind::File(f) => {

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use chunkstore::ChunkId;
 use volumed::model::FileData;
 
@@ -70,6 +71,29 @@ impl FileView {
         Ok(out)
     }
 
+    /// [`FileView::read`] for replies: a range inside one committed chunk, with no local bytes,
+    /// is returned as a slice of the chunk (or 1 MiB piece) in memory, without a copy.
+    pub fn read_bytes(&self, remote: &Arc<Remote>, offset: u64, len: usize, sequential: bool) -> Result<Bytes> {
+        let end = self.size.min(offset.saturating_add(len as u64));
+        if offset >= end {
+            return Ok(Bytes::new());
+        }
+        let local = self.local.as_ref().is_some_and(|(_, r)| r.intersects(offset, end));
+        if !local
+            && let Some(base) = &self.base
+            && let Some((idx, start)) = base.locate(offset)
+            && let Some(&(id, clen)) = base.chunks.get(idx)
+            && end <= start + clen as u64
+        {
+            let bytes = remote.read_range(id, clen as u64, offset - start, (end - offset) as usize)?;
+            if sequential {
+                self.read_ahead(remote, end);
+            }
+            return Ok(bytes);
+        }
+        self.read(remote, offset, len, sequential).map(Bytes::from)
+    }
+
     /// Fills `buf` from the committed chunks starting at `pos` (zeros past their end).
     fn read_base(&self, remote: &Remote, mut pos: u64, buf: &mut [u8]) -> Result<()> {
         let Some(base) = &self.base else {
@@ -99,7 +123,9 @@ impl FileView {
     /// large chunks read piece by piece, whole chunks otherwise.
     fn read_ahead(&self, remote: &Arc<Remote>, from: u64) {
         let Some(base) = &self.base else { return };
-        let Some((mut idx, mut start)) = base.locate(from) else { return };
+        let Some((mut idx, mut start)) = base.locate(from) else {
+            return;
+        };
         let mut ids: Vec<ChunkId> = Vec::new();
         let mut covered = 0u64;
         while idx < base.chunks.len() && (covered < READAHEAD_BYTES || ids.is_empty()) {

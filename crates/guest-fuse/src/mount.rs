@@ -273,8 +273,8 @@ impl MountCore {
         Ok(out)
     }
 
-    /// Reads from an open file.
-    pub fn read(&self, fh: u64, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+    /// Reads from an open file (without copying when the range lies in one chunk in memory).
+    pub fn read(&self, fh: u64, ino: u64, offset: u64, size: u32) -> Result<bytes::Bytes, Errno> {
         let view = {
             let st = self.lock();
             match &st.get(ino)?.kind {
@@ -290,7 +290,7 @@ impl MountCore {
             }
             Err(_) => false,
         };
-        view.read(&self.remote, offset, size as usize, sequential).map_err(|e| log_err("read", e))
+        view.read_bytes(&self.remote, offset, size as usize, sequential).map_err(|e| log_err("read", e))
     }
 
     /// The symlink target of `ino`.

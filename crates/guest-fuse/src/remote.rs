@@ -57,14 +57,6 @@ impl<K: Copy + PartialEq> Lru<K> {
         self.order.iter().any(|(i, _)| *i == id)
     }
 
-    pub(crate) fn remove(&mut self, id: K) {
-        if let Some(pos) = self.order.iter().position(|(i, _)| *i == id)
-            && let Some((_, b)) = self.order.remove(pos)
-        {
-            self.used -= b.len() as u64;
-        }
-    }
-
     pub(crate) fn get(&mut self, id: K) -> Option<Bytes> {
         let pos = self.order.iter().position(|(i, _)| *i == id)?;
         let item = self.order.remove(pos)?;
@@ -202,7 +194,9 @@ impl Remote {
         if let Some(b) = self.hot.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
             return Ok(Some(b));
         }
-        let Some(cache) = self.cache() else { return Ok(None) };
+        let Some(cache) = self.cache() else {
+            return Ok(None);
+        };
         self.rt.block_on(cache.get(id)).map_err(|e| FuseError::Protocol(e.to_string()))
     }
 
@@ -248,10 +242,27 @@ impl Remote {
     /// Stores verified chunk bytes in the disk cache in the background (bounded: when fills
     /// back up, chunks are served without being cached).
     pub(crate) fn fill_cache(&self, id: ChunkId, bytes: Bytes) {
-        let Some(cache) = self.client.cache().cloned() else { return };
+        let Some(cache) = self.client.cache().cloned() else {
+            return;
+        };
         if let Ok(permit) = self.fills.clone().try_acquire_owned() {
             self.rt.spawn(async move {
                 if let Err(e) = cache.insert_verified(id, bytes).await {
+                    tracing::debug!(chunk = %id, error = %e, "cache fill skipped");
+                }
+                drop(permit);
+            });
+        }
+    }
+
+    /// [`Remote::fill_cache`] for a verified chunk held in parts (pieces).
+    pub(crate) fn fill_cache_parts(&self, id: ChunkId, parts: Vec<Bytes>) {
+        let Some(cache) = self.client.cache().cloned() else {
+            return;
+        };
+        if let Ok(permit) = self.fills.clone().try_acquire_owned() {
+            self.rt.spawn(async move {
+                if let Err(e) = cache.insert_verified_parts(id, parts).await {
                     tracing::debug!(chunk = %id, error = %e, "cache fill skipped");
                 }
                 drop(permit);
@@ -265,7 +276,9 @@ impl Remote {
             if self.hot.lock().unwrap_or_else(|p| p.into_inner()).contains(id) {
                 continue;
             }
-            let Ok(permit) = self.prefetch.clone().try_acquire_owned() else { return };
+            let Ok(permit) = self.prefetch.clone().try_acquire_owned() else {
+                return;
+            };
             let this = self.clone();
             self.rt.spawn_blocking(move || {
                 if this.load(id).is_ok() {

@@ -79,6 +79,42 @@ pub fn lazy_unmount(path: &Path) -> std::io::Result<()> {
     if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
+/// Kernel readahead for the mount, in KiB, unless `SAIL_FUSE_READAHEAD_KIB` says otherwise.
+/// The kernel starts a FUSE mount at 128 KiB, which leaves a cold sequential reader waiting
+/// on one small request at a time; a deeper window keeps several 1 MiB reads in flight, so
+/// the helper's own readahead (pieces fetched ahead) is reached early.
+pub const DEFAULT_READAHEAD_KIB: u64 = 8192;
+
+/// The `major:minor` device of the mount at `mountpoint`, from /proc/self/mountinfo (read
+/// instead of stat, which would ask this very mount before it serves).
+fn mount_device(mountpoint: &Path) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = mountpoint.as_os_str().as_encoded_bytes();
+    info.lines()
+        .filter_map(|l| {
+            let mut f = l.split(' ');
+            let dev = f.nth(2)?;
+            let point = f.nth(1)?;
+            (point.as_bytes() == want).then(|| dev.to_owned())
+        })
+        .last()
+}
+
+/// Sets the mount's kernel readahead (`/sys/class/bdi/<dev>/read_ahead_kb`); best effort, as
+/// only root may, and logged.
+fn tune_readahead(mountpoint: &Path) {
+    let kib = std::env::var("SAIL_FUSE_READAHEAD_KIB").ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or(DEFAULT_READAHEAD_KIB);
+    let Some(dev) = mount_device(mountpoint) else {
+        tracing::debug!("mount device not found; readahead left as is");
+        return;
+    };
+    let path = format!("/sys/class/bdi/{dev}/read_ahead_kb");
+    match std::fs::write(&path, kib.to_string()) {
+        Ok(()) => tracing::debug!(%path, kib, "readahead set"),
+        Err(e) => tracing::debug!(%path, error = %e, "readahead left as is"),
+    }
+}
+
 /// Large files keep an overlay file open while dirty: allow as many descriptors as the
 /// hard limit permits.
 fn raise_fd_limit() {
@@ -143,6 +179,8 @@ pub fn run(opts: MountOptions, ready: impl FnOnce(&Path)) -> anyhow::Result<()> 
     config.clone_fd = true;
     let mut session = Session::new(VolumeFs(core.clone()), &mountpoint, &config)
         .with_context(|| format!("mounting {}", mountpoint.display()))?;
+    // The INIT handshake is done: the kernel's readahead setting is final and can be raised.
+    tune_readahead(&mountpoint);
     let _ = core.notifier.set(session.notifier());
     let unmounter = Arc::new(Mutex::new(session.unmount_callable()));
     let unmount: Arc<dyn Fn() + Send + Sync> = {

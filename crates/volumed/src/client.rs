@@ -35,9 +35,14 @@ pub fn error_name(status: &tonic::Status) -> Option<String> {
 /// Chunk transfers in flight at once.
 pub const TRANSFER_CONCURRENCY: usize = 4;
 
-/// Uploads in flight at once when the chunks are small (under 1 MiB on average): each costs
-/// the store a durable write (two fsyncs on the local backend), which overlap well.
-pub const SMALL_TRANSFER_CONCURRENCY: usize = 32;
+/// Uploads in flight at once when the chunks are small (under 1 MiB on average) and each has
+/// its own URL (S3, or a server without batches): each costs the store a durable write, and
+/// they are latency-bound, so many overlap well.
+pub const SMALL_TRANSFER_CONCURRENCY: usize = 64;
+
+/// Batch uploads (many small chunks in one signed request, volumed's local backend) in flight
+/// at once: each is one durable pass on the server, and a few keep both sides busy.
+pub const BATCH_CONCURRENCY: usize = 4;
 
 /// What a client call can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +130,10 @@ pub struct TransferStats {
     pub bytes_uploaded: u64,
     /// Chunks the store already had.
     pub chunks_skipped: usize,
+    /// Batch requests sent (each carrying many small chunks).
+    pub batches: usize,
+    /// Chunks sent in those batches (counted in `chunks_uploaded` too).
+    pub chunks_batched: usize,
 }
 
 /// A connection to volumed.
@@ -133,6 +142,7 @@ pub struct VolumeClient {
     grpc: VolumeServiceClient<Channel>,
     http: reqwest::Client,
     cache: Option<ChunkCache>,
+    batches: bool,
     /// Counters of the last upload.
     pub last_upload: TransferStats,
 }
@@ -158,13 +168,20 @@ impl VolumeClient {
             .pool_max_idle_per_host(SMALL_TRANSFER_CONCURRENCY)
             .build()
             .map_err(|e| err(e.to_string()))?;
-        Ok(Self { grpc, http, cache: None, last_upload: TransferStats::default() })
+        Ok(Self { grpc, http, cache: None, batches: true, last_upload: TransferStats::default() })
     }
 
     /// Reads chunks through `cache`: cached chunks are served locally (verified), missing ones
     /// are fetched once per host however many readers want them, then cached.
     pub fn with_cache(mut self, cache: ChunkCache) -> Self {
         self.cache = Some(cache);
+        self
+    }
+
+    /// Whether uploads offer batches (on by default): small chunks then travel many per
+    /// signed request where the server takes them. Off, every chunk gets its own URL.
+    pub fn with_batch_uploads(mut self, on: bool) -> Self {
+        self.batches = on;
         self
     }
 
@@ -218,30 +235,57 @@ impl VolumeClient {
             })
             .collect();
         let mut uploads = Vec::new();
-        for batch in specs.chunks(crate::service::convert::MAX_CHUNKS_PER_REQUEST) {
-            let req = pb::MissingChunksRequest { volume: vref(org, name), chunks: batch.to_vec() };
-            uploads.extend(self.grpc.missing_chunks(req).await?.into_inner().uploads);
+        let mut batches = Vec::new();
+        for part in specs.chunks(crate::service::convert::MAX_CHUNKS_PER_REQUEST) {
+            let req = pb::MissingChunksRequest { volume: vref(org, name), chunks: part.to_vec(), accept_batches: self.batches };
+            let resp = self.grpc.missing_chunks(req).await?.into_inner();
+            uploads.extend(resp.uploads);
+            batches.extend(resp.batches);
         }
-        let mut jobs = Vec::with_capacity(uploads.len());
-        for u in uploads {
-            let id = ChunkId::from_slice(&u.id).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let lookup = |raw: &[u8]| -> Result<(ChunkId, Bytes)> {
+            let id = ChunkId::from_slice(raw).map_err(|e| ClientError::Protocol(e.to_string()))?;
             let data =
                 chunks.get(&id).cloned().ok_or_else(|| ClientError::Protocol(format!("server asked for unknown chunk {id}")))?;
+            Ok((id, data))
+        };
+        let mut jobs = Vec::with_capacity(uploads.len());
+        for u in uploads {
+            let (_, data) = lookup(&u.id)?;
             jobs.push((u, data));
         }
-        let stats = TransferStats {
-            chunks_uploaded: jobs.len(),
-            bytes_uploaded: jobs.iter().map(|(_, d)| d.len() as u64).sum(),
-            chunks_skipped: chunks.len() - jobs.len(),
-        };
+        let mut batch_jobs = Vec::with_capacity(batches.len());
+        let mut stats = TransferStats::default();
+        for b in batches {
+            let mut parts = Vec::with_capacity(b.ids.len());
+            for raw in &b.ids {
+                parts.push(lookup(raw)?);
+            }
+            let body = batch_body(&parts)?;
+            if body.len() as u64 != b.body_len {
+                return Err(ClientError::Protocol(format!("batch body is {} bytes, server expects {}", body.len(), b.body_len)));
+            }
+            stats.batches += 1;
+            stats.chunks_batched += parts.len();
+            stats.bytes_uploaded += parts.iter().map(|(_, d)| d.len() as u64).sum::<u64>();
+            batch_jobs.push((b, body));
+        }
+        stats.chunks_uploaded = jobs.len() + stats.chunks_batched;
+        stats.bytes_uploaded += jobs.iter().map(|(_, d)| d.len() as u64).sum::<u64>();
+        stats.chunks_skipped = chunks.len().saturating_sub(stats.chunks_uploaded);
         let http = self.http.clone();
-        let small = stats.chunks_uploaded > 0 && stats.bytes_uploaded / (stats.chunks_uploaded as u64) < 1 << 20;
+        let singles = jobs.len();
+        let single_bytes: u64 = jobs.iter().map(|(_, d)| d.len() as u64).sum();
+        let small = singles > 0 && single_bytes / (singles as u64) < 1 << 20;
         let concurrency = if small { SMALL_TRANSFER_CONCURRENCY } else { TRANSFER_CONCURRENCY };
-        futures::stream::iter(jobs)
+        let singles = futures::stream::iter(jobs)
             .map(|(u, data)| put_chunk(&http, u, data))
             .buffer_unordered(concurrency)
-            .try_collect::<Vec<()>>()
-            .await?;
+            .try_collect::<Vec<()>>();
+        let batches = futures::stream::iter(batch_jobs)
+            .map(|(b, body)| put_batch(&http, b, body))
+            .buffer_unordered(BATCH_CONCURRENCY)
+            .try_collect::<Vec<()>>();
+        futures::try_join!(singles, batches)?;
         self.last_upload = stats;
         Ok(stats)
     }
@@ -420,6 +464,33 @@ async fn send_signed(req: reqwest::RequestBuilder, u: &pb::SignedUrl, what: Stri
         return Err(ClientError::Transfer(format!("{what} returned {status}: {}", body.trim())));
     }
     Ok(resp)
+}
+
+/// The body of a batch upload: one frame per chunk, in the server's order (see [`crate::batch`]).
+fn batch_body(parts: &[(ChunkId, Bytes)]) -> Result<Vec<u8>> {
+    let len = crate::batch::body_len(parts.iter().map(|(_, d)| d.len() as u64));
+    let mut body = Vec::with_capacity(len as usize);
+    for (id, data) in parts {
+        let n = u32::try_from(data.len())
+            .ok()
+            .filter(|&n| n as u64 <= crate::batch::BATCH_CHUNK_MAX)
+            .ok_or_else(|| ClientError::Protocol(format!("server batched chunk {id} of {} bytes", data.len())))?;
+        body.extend_from_slice(&crate::batch::frame_header(id, n));
+        body.extend_from_slice(data);
+    }
+    Ok(body)
+}
+
+async fn put_batch(http: &reqwest::Client, b: pb::BatchUpload, body: Vec<u8>) -> Result<()> {
+    let what = format!("PUT batch of {} chunks", b.ids.len());
+    let req = b.headers.iter().fold(http.put(&b.url).body(body), |req, (k, v)| req.header(k, v));
+    let resp = req.send().await.map_err(|e| ClientError::Transfer(format!("{what}: {e}")))?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        return Err(ClientError::Transfer(format!("{what} returned {status}: {}", text.trim())));
+    }
+    Ok(())
 }
 
 async fn put_chunk(http: &reqwest::Client, u: pb::SignedUrl, data: Bytes) -> Result<()> {

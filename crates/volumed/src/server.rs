@@ -9,9 +9,9 @@ use std::time::Duration;
 use chunkstore::{LocalBackend, S3Backend, S3Config};
 use tokio::net::TcpListener;
 
-use crate::datapath::DataPath;
 use crate::datapath::http::{ChunkHttpState, routes};
 use crate::datapath::sign::UrlSigner;
+use crate::datapath::{DataPath, DataPathStats};
 use crate::error::{Result, VolumeError};
 use crate::meta::MetaStore;
 use crate::service::{GrpcVolumes, Volumes};
@@ -60,6 +60,8 @@ pub struct Server {
     pub addr: SocketAddr,
     /// The service (for in-process use by tests and benches).
     pub volumes: Volumes,
+    /// Upload counters of the local data path (all zero with S3).
+    pub data_stats: Arc<DataPathStats>,
     listener: TcpListener,
     grpc: tonic::service::Routes,
     chunk_routes: Option<axum::Router>,
@@ -77,11 +79,17 @@ impl Server {
             .await
             .map_err(|e| VolumeError::Storage(e.to_string()))??;
         let base_url = config.public_url.clone().unwrap_or_else(|| format!("http://{addr}"));
+        let data_stats = Arc::new(DataPathStats::default());
         let (data, chunk_routes) = match &config.backend {
             BackendConfig::Local => {
                 let backend = LocalBackend::open(config.data_dir.join("chunks"))?;
                 let signer = UrlSigner::load_or_create(&config.data_dir.join("url-signing.key"))?;
-                let state = ChunkHttpState { backend: backend.clone(), signer: signer.clone(), store: store.clone() };
+                let state = ChunkHttpState {
+                    backend: backend.clone(),
+                    signer: signer.clone(),
+                    store: store.clone(),
+                    stats: data_stats.clone(),
+                };
                 (DataPath::Local { backend, signer, base_url }, Some(routes(state)))
             }
             BackendConfig::S3(s3) => {
@@ -93,7 +101,7 @@ impl Server {
         let grpc = GrpcVolumes::new(volumes.clone()).into_server();
         let grpc = tonic::service::Routes::new(grpc);
         tracing::info!(%addr, data_dir = %config.data_dir.display(), backend = ?config.backend, "volumed bound");
-        Ok(Self { addr, volumes, listener, grpc, chunk_routes })
+        Ok(Self { addr, volumes, data_stats, listener, grpc, chunk_routes })
     }
 
     /// Adds gRPC services (vmm-host's) to the ones served on this listener:
@@ -129,11 +137,12 @@ impl Server {
     pub fn spawn(self) -> RunningServer {
         let addr = self.addr;
         let volumes = self.volumes.clone();
+        let data_stats = self.data_stats.clone();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(self.serve(async {
             let _ = rx.await;
         }));
-        RunningServer { addr, volumes, stop: Some(tx), task }
+        RunningServer { addr, volumes, data_stats, stop: Some(tx), task }
     }
 }
 
@@ -168,6 +177,8 @@ pub struct RunningServer {
     pub addr: SocketAddr,
     /// The service.
     pub volumes: Volumes,
+    /// Upload counters of the local data path.
+    pub data_stats: Arc<DataPathStats>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<()>>,
 }

@@ -110,6 +110,7 @@ async fn malformed_commits_are_rejected_and_change_nothing() {
         .missing_chunks(pb::MissingChunksRequest {
             volume: vref("v"),
             chunks: vec![pb::ChunkSpec { id: vec![1; 32], len: 1 << 40, piece_cvs: vec![] }],
+            accept_batches: true,
         })
         .await
         .unwrap_err();
@@ -158,6 +159,7 @@ async fn forged_expired_and_misused_urls_are_rejected() {
         let req = pb::MissingChunksRequest {
             volume: vref("u"),
             chunks: vec![pb::ChunkSpec { id: id.as_bytes().to_vec(), len, piece_cvs: vec![] }],
+            accept_batches: false,
         };
         let mut g = c.grpc().clone();
         async move { g.missing_chunks(req).await.unwrap().into_inner().uploads }
@@ -191,6 +193,7 @@ async fn forged_expired_and_misused_urls_are_rejected() {
     let req = pb::MissingChunksRequest {
         volume: vref("u"),
         chunks: vec![pb::ChunkSpec { id: id.as_bytes().to_vec(), len: 4096, piece_cvs: vec![] }],
+        accept_batches: false,
     };
     let dead = c2.grpc().missing_chunks(req).await.unwrap().into_inner().uploads.remove(0).url;
     // Expiry has millisecond resolution: let the clock pass it (a millisecond or two).

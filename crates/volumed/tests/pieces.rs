@@ -25,6 +25,7 @@ async fn large_chunks_are_readable_in_verified_pieces() {
     let req = pb::MissingChunksRequest {
         volume: Some(pb::VolumeRef { org: "acme".into(), name: "v".into() }),
         chunks: vec![pb::ChunkSpec { id: id.as_bytes().to_vec(), len: data.len() as u64, piece_cvs: bad }],
+        accept_batches: false,
     };
     let err = c.grpc().missing_chunks(req).await.unwrap_err();
     assert_eq!(volumed::client::error_name(&err).as_deref(), Some("VolumeInvalidArgumentError"));

@@ -1,6 +1,7 @@
 //! `LocalBackend`: chunks as files in a local directory (the embedded default).
 //!
-//! Layout: `<root>/chunks/<first 2 hex>/<64 hex>`; temp files in `<root>/tmp/`.
+//! Layout: `<root>/chunks/<first 2 hex>/<64 hex>`; temp files in `<root>/tmp/` (those of a
+//! [`crate::ChunkBatch`] in a directory of their own there).
 //!
 //! Durability and atomicity of a put: the bytes go to a unique temp file, which is fsynced,
 //! then renamed into its shard directory (rename is atomic: readers see the whole chunk or
@@ -10,8 +11,7 @@
 //! [`ChunkError::Integrity`] error, never returned data.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::FileExt;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,7 +42,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
     tokio::task::spawn_blocking(f).await.map_err(|e| ChunkError::Backend(format!("I/O task failed: {e}")))?
 }
 
-fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+pub(crate) fn fsync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
@@ -55,8 +55,11 @@ impl LocalBackend {
         fs::create_dir_all(&chunks)?;
         fs::create_dir_all(&tmp)?;
         for entry in fs::read_dir(&tmp)? {
-            let path = entry?.path();
-            if let Err(e) = fs::remove_file(&path) {
+            let entry = entry?;
+            let path = entry.path();
+            // Batches stage their chunks in directories of their own (see `ChunkBatch`).
+            let removed = if entry.file_type()?.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
+            if let Err(e) = removed {
                 tracing::warn!(path = %path.display(), error = %e, "could not remove stale temp file");
             }
         }
@@ -74,7 +77,12 @@ impl LocalBackend {
         self.inner.chunks.join(&hex[..2]).join(hex)
     }
 
-    fn temp_path(&self) -> PathBuf {
+    /// The `chunks/` directory holding the shard directories.
+    pub(crate) fn chunks_dir(&self) -> &Path {
+        &self.inner.chunks
+    }
+
+    pub(crate) fn temp_path(&self) -> PathBuf {
         let n = self.inner.counter.fetch_add(1, Ordering::Relaxed);
         self.inner.tmp.join(format!("{}-{n}-{:016x}", std::process::id(), rand::random::<u64>()))
     }
@@ -225,7 +233,9 @@ impl Backend for LocalBackend {
         blocking(move || {
             let data = match fs::read(&path) {
                 Ok(d) => d,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(ChunkError::NotFound(id)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(ChunkError::NotFound(id));
+                }
                 Err(e) => return Err(e.into()),
             };
             id.verify(&data)?;
@@ -239,7 +249,9 @@ impl Backend for LocalBackend {
         blocking(move || {
             let file = match File::open(&path) {
                 Ok(f) => f,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(ChunkError::NotFound(id)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(ChunkError::NotFound(id));
+                }
                 Err(e) => return Err(e.into()),
             };
             let size = file.metadata()?.len();
@@ -249,8 +261,17 @@ impl Backend for LocalBackend {
                     format!("range {offset}+{len} outside chunk {id} of {size} bytes"),
                 ))
             })?;
-            let mut buf = vec![0u8; (end - offset) as usize];
-            file.read_exact_at(&mut buf, offset)?;
+            // Read into spare capacity: no zeroing pass over a buffer about to be overwritten.
+            let want = (end - offset) as usize;
+            let mut buf = Vec::with_capacity(want);
+            (&file).seek(SeekFrom::Start(offset))?;
+            (&file).take(want as u64).read_to_end(&mut buf)?;
+            if buf.len() != want {
+                return Err(ChunkError::Io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("chunk {id} shrank while read"),
+                )));
+            }
             Ok(Bytes::from(buf))
         })
         .await

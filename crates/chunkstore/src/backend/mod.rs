@@ -8,6 +8,8 @@ use bytes::Bytes;
 use crate::error::Result;
 use crate::id::ChunkId;
 
+pub mod batch;
+pub mod durable;
 pub mod local;
 #[cfg(feature = "s3")]
 pub mod s3;

@@ -6,9 +6,11 @@
 //! signed length; anything else is rejected and leaves nothing behind. A download is read
 //! and verified against its id before the first byte is sent. A download with
 //! `Range: bytes=A-B` returns just those bytes (206), unverified here: the client checks them
-//! against the chunk's piece chaining values (chunkstore::pieces).
+//! against the chunk's piece chaining values (chunkstore::pieces). `PUT /v1/batches/{digest}`
+//! stores many small chunks in one request (see [`super::batch`]).
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::body::Body;
@@ -20,6 +22,7 @@ use chunkstore::{Backend, ChunkError, ChunkId, LocalBackend, MAX_CHUNK_SIZE};
 use futures::StreamExt;
 use serde::Deserialize;
 
+use crate::datapath::DataPathStats;
 use crate::datapath::sign::{SignedParams, UrlSigner};
 use crate::error::VolumeError;
 use crate::meta::MetaStore;
@@ -33,6 +36,8 @@ pub struct ChunkHttpState {
     pub signer: UrlSigner,
     /// Records verified uploads as present.
     pub store: MetaStore,
+    /// Upload counters.
+    pub stats: Arc<DataPathStats>,
 }
 
 #[derive(Deserialize)]
@@ -45,7 +50,10 @@ struct Params {
 
 /// The axum routes of the data path.
 pub fn routes(state: ChunkHttpState) -> Router {
-    Router::new().route("/v1/chunks/{id}", get(download).put(upload)).with_state(Arc::new(state))
+    Router::new()
+        .route("/v1/chunks/{id}", get(download).put(upload))
+        .route("/v1/batches/{digest}", axum::routing::put(super::batch::upload_batch))
+        .with_state(Arc::new(state))
 }
 
 fn reject(status: StatusCode, err: impl std::fmt::Display) -> Response {
@@ -97,7 +105,9 @@ async fn download(
                 Err(e) => reject(StatusCode::RANGE_NOT_SATISFIABLE, e),
             };
         }
-        Some(Err(())) => return reject(StatusCode::RANGE_NOT_SATISFIABLE, "unsupported Range header"),
+        Some(Err(())) => {
+            return reject(StatusCode::RANGE_NOT_SATISFIABLE, "unsupported Range header");
+        }
         None => {}
     }
     match state.backend.get(chunk).await {
@@ -118,7 +128,14 @@ async fn upload(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let (chunk, len) = match check(&state, "PUT", &id, p) {
+    let response = store_one(&state, id, p, headers, body).await;
+    let counter = if response.status().is_success() { &state.stats.chunk_uploads } else { &state.stats.rejected_uploads };
+    counter.fetch_add(1, Ordering::Relaxed);
+    response
+}
+
+async fn store_one(state: &ChunkHttpState, id: String, p: Params, headers: HeaderMap, body: Body) -> Response {
+    let (chunk, len) = match check(state, "PUT", &id, p) {
         Ok(v) => v,
         Err(r) => return r.into_response(),
     };
@@ -133,7 +150,7 @@ async fn upload(
     if matches!(state.store.chunk_known(&chunk), Ok(true)) {
         return StatusCode::OK.into_response();
     }
-    match receive(&state, chunk, len, body).await {
+    match receive(state, chunk, len, body).await {
         // A RocksDB write (and the upload's fsyncs before it): keep them off the async workers.
         Ok(()) => {
             let store = state.store.clone();

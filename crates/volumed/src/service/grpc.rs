@@ -137,8 +137,20 @@ impl VolumeService for GrpcVolumes {
         }
         let chunks = ids.into_iter().zip(req.chunks.iter().map(|c| c.len)).collect();
         self.inner.record_pieces(&v, pieces).await.map_err(to_status)?;
-        let missing = self.inner.missing_chunks(v, chunks).await.map_err(to_status)?;
-        Ok(Response::new(pb::MissingChunksResponse { uploads: missing.into_iter().map(signed).collect() }))
+        let missing = self.inner.missing_chunks(v, chunks, req.accept_batches).await.map_err(to_status)?;
+        let batches = missing
+            .batches
+            .into_iter()
+            .map(|b| pb::BatchUpload {
+                url: b.url.url,
+                method: b.url.method.to_owned(),
+                expires_unix_ms: b.url.expires_unix_ms,
+                headers: b.url.headers.into_iter().collect(),
+                ids: b.chunks.iter().map(|(id, _)| id.as_bytes().to_vec()).collect(),
+                body_len: b.body_len,
+            })
+            .collect();
+        Ok(Response::new(pb::MissingChunksResponse { uploads: missing.single.into_iter().map(signed).collect(), batches }))
     }
 
     async fn chunk_urls(&self, req: Request<pb::ChunkUrlsRequest>) -> R<pb::ChunkUrlsResponse> {

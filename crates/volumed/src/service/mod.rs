@@ -11,4 +11,4 @@ pub use convert::{ValidCommit, validate_commit};
 #[cfg(feature = "server")]
 pub use grpc::{GrpcVolumes, error_name, to_status};
 #[cfg(feature = "server")]
-pub use volumes::{CommitOutcome, DEFAULT_URL_TTL, Volumes};
+pub use volumes::{CommitOutcome, DEFAULT_URL_TTL, MissingUploads, Volumes};
