@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 if [ "${SKIP_SAILBOX:-0}" = 1 ]; then bash scripts/setup.sh; else bash scripts/setup.sh vm; fi
 echo "== building sail (release; the first build takes a while)"
-cargo build --release -q -p sail-cli
+cargo build --release -q -p sail-cli -p cowfs
 [ "${SKIP_SAILBOX:-0}" = 1 ] || bash scripts/build-agent.sh
 bin_dir="${CARGO_TARGET_DIR:-target}/release"
 sail() { "$bin_dir/sail" "$@"; }
@@ -19,8 +19,9 @@ sail() { "$bin_dir/sail" "$@"; }
 work=$(mktemp -d)
 server_pid=""
 box=""
+child=""
 cleanup() {
-    [ -n "$box" ] && "$bin_dir/sail" box terminate "$box" >/dev/null 2>&1
+    for b in $child $box; do "$bin_dir/sail" box terminate "$b" >/dev/null 2>&1; done
     for m in "$work/a" "$work/b"; do
         mountpoint -q "$m" 2>/dev/null && { "$bin_dir/sail" volume unmount "$m" >/dev/null 2>&1 || umount -l "$m"; }
     done
@@ -128,6 +129,19 @@ if [ "${SKIP_SAILBOX:-0}" != 1 ]; then
     sail box listeners "$box" --port 8080 --wait 30
     url=$(sail --json box listeners "$box" | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["url"])')
     echo "   curl $url/ -> $(python3 -c 'import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1]).read().decode().strip())' "$url/")"
+
+    step "snapshots: checkpoint while it runs, fork it, sleep it and wake it with a request"
+    sail box exec --background "$box" -- 'i=0; while true; do i=$((i+1)); echo $i > /run/count; sleep 0.2; done'
+    sail box checkpoint "$box"
+    child=$(sail box fork "$box")
+    echo "   fork $child: its counter carries on from the parent's memory: $(sail box exec "$child" -- cat /run/count)"
+    sail box exec "$child" -- 'echo "I am the child" > /www/index.html'
+    echo "   parent serves: $(python3 -c 'import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1]).read().decode().strip())' "$url/")"
+    sail box terminate "$child"
+    child=""
+    sail box sleep "$box"
+    t=$(date +%s%N)
+    echo "   asleep; a request wakes it: $(python3 -c 'import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=120).read().decode().strip())' "$url/") ($(ms_since $t) ms)"
 
     step "terminate"
     sail box terminate "$box"

@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
 export PATH="$HOME/.cargo/bin:$PATH"
 
+# Style first: it fails fast and costs nothing (rustfmt.toml holds the settings).
+cargo fmt --all --check
 # Release everywhere: one compile serves tests, benches and binaries.
 cargo build --release --workspace --all-targets
 # The guest agent, statically linked (guests boot it as PID 1); the VM tests find it here.
@@ -27,7 +29,7 @@ if [ "$fuzz_seconds" -gt 0 ]; then
     # Sanitizer-flag builds get their own target dir so they never invalidate the main one.
     export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}/fuzz"
     (cd fuzz && cargo fuzz build --release --sanitizer none)
-    for target in tree_node_decode commit_validate path_normalize; do
+    for target in tree_node_decode commit_validate path_normalize batch_frames; do
         echo "fuzz: $target for ${fuzz_seconds}s"
         mkdir -p "fuzz/corpus/$target"
         (cd fuzz && cargo fuzz run --release --sanitizer none "$target" "corpus/$target" -- \

@@ -72,3 +72,50 @@ pub fn print_table(title: &str, header: &[&str], rows: &[Vec<String>]) {
         line(row.clone());
     }
 }
+
+/// Kills every process whose command line mentions a directory (VMMs and the cowfs daemon a
+/// bench started) and detaches mounts under it, when dropped: a failing bench leaves no VM
+/// behind.
+pub struct KillUnder(pub std::path::PathBuf);
+
+impl Drop for KillUnder {
+    fn drop(&mut self) {
+        let needle = self.0.display().to_string();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        let me = std::process::id().to_string();
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name == me || !name.bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&needle) {
+                let _ = std::process::Command::new("kill").args(["-9", &name]).status();
+            }
+        }
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+        for m in mounts.lines().filter_map(|l| l.split_whitespace().nth(1)).filter(|m| m.starts_with(&needle)) {
+            let _ = std::process::Command::new("umount").args(["-l", m]).status();
+        }
+    }
+}
+
+/// Opens a vmm-host on `data_dir`, serves it on a loopback port, and returns it with a
+/// connected client (what the sailbox benches drive).
+pub async fn serve_host(
+    data_dir: &std::path::Path,
+) -> anyhow::Result<(vmm_host::Host, proto::sailbox::sailbox_service_client::SailboxServiceClient<tonic::transport::Channel>)> {
+    let host = vmm_host::Host::open(vmm_host::HostConfig::local(data_dir)).await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let svc = vmm_host::GrpcSailboxes::new(host.clone()).into_server();
+    tokio::spawn(async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let _ = tonic::transport::Server::builder().add_service(svc).serve_with_incoming(incoming).await;
+    });
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.tcp_nodelay(true).connect().await?;
+    let client = proto::sailbox::sailbox_service_client::SailboxServiceClient::new(ch).max_decoding_message_size(64 << 20);
+    Ok((host, client))
+}

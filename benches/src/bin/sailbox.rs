@@ -15,7 +15,6 @@ use proto::sailbox::sailbox_service_client::SailboxServiceClient;
 use sail_benches::{mib_per_s, ms, percentile, print_table, random_bytes};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
-use vmm_host::{GrpcSailboxes, Host, HostConfig};
 
 #[derive(Parser)]
 struct Args {
@@ -58,31 +57,24 @@ fn median(mut v: Vec<Duration>) -> Duration {
     percentile(&mut v, 50.0)
 }
 
-/// Seconds from the guest's `dd` status line ("... copied, 1.234 s, ...").
-fn dd_seconds(stderr: &[u8]) -> Option<f64> {
-    let text = String::from_utf8_lossy(stderr);
-    let line = text.lines().rev().find(|l| l.contains("copied") || l.contains(" seconds"))?;
-    line.split(',').find_map(|part| {
-        let part = part.trim();
-        let num = part.split_whitespace().next()?;
-        (part.ends_with(" s") || part.ends_with("seconds")).then(|| num.parse().ok()).flatten()
-    })
+/// Runs `cmd` in the guest and returns how long it took by the guest's own clock
+/// (/proc/uptime, 10 ms resolution; busybox dd prints no timing).
+fn timed(cmd: &str) -> String {
+    format!(
+        "a=$(cut -d' ' -f1 /proc/uptime); {cmd} >/dev/null 2>&1; b=$(cut -d' ' -f1 /proc/uptime); echo \"$a $b\" | awk '{{print $2 - $1}}'"
+    )
+}
+
+fn seconds(out: &[u8]) -> anyhow::Result<f64> {
+    String::from_utf8_lossy(out).trim().parse().map_err(|_| anyhow::anyhow!("no time in {:?}", String::from_utf8_lossy(out)))
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let dir = tempfile::Builder::new().prefix("sbxb").tempdir_in("/tmp")?;
-    let host = Host::open(HostConfig::local(dir.path().join("vmm"))).await?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let svc = GrpcSailboxes::new(host.clone()).into_server();
-    tokio::spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-        let _ = tonic::transport::Server::builder().add_service(svc).serve_with_incoming(incoming).await;
-    });
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.tcp_nodelay(true).connect().await?;
-    let mut c = SailboxServiceClient::new(ch).max_decoding_message_size(64 << 20);
+    let _cleanup = sail_benches::KillUnder(dir.path().to_path_buf());
+    let (host, mut c) = sail_benches::serve_host(&dir.path().join("vmm")).await?;
     let info = c.get_host_info(pb::HostInfoRequest {}).await?.into_inner();
     eprintln!("bench: {} {} ({}), image {}", info.hypervisor, info.accelerator, info.accelerator_reason, args.image);
     // Build / assemble the image outside the timed boots.
@@ -158,17 +150,11 @@ async fn main() -> anyhow::Result<()> {
         }
         anyhow::ensure!(n == bytes, "short read");
         down.push(t.elapsed());
-        let w = exec(&mut c, &id, &format!("dd if=/dev/zero of=/bench/dd bs=1M count={} conv=fsync 2>&1 >/dev/null", args.mib))
-            .await?;
-        let secs = dd_seconds(&w.stdout).or_else(|| dd_seconds(&w.stderr));
-        dd_w.push(Duration::from_secs_f64(
-            secs.ok_or_else(|| anyhow::anyhow!("no dd time in {:?}", String::from_utf8_lossy(&w.stdout)))?,
-        ));
+        let w = exec(&mut c, &id, &timed(&format!("dd if=/dev/zero of=/bench/dd bs=1M count={} conv=fsync", args.mib))).await?;
+        dd_w.push(Duration::from_secs_f64(seconds(&w.stdout)?));
         exec(&mut c, &id, "sync; echo 3 > /proc/sys/vm/drop_caches").await?;
-        let r = exec(&mut c, &id, "dd if=/bench/file of=/dev/null bs=1M 2>&1").await?;
-        let secs =
-            dd_seconds(&r.stdout).ok_or_else(|| anyhow::anyhow!("no dd time in {:?}", String::from_utf8_lossy(&r.stdout)))?;
-        dd_r.push(Duration::from_secs_f64(secs));
+        let r = exec(&mut c, &id, &timed("dd if=/bench/file of=/dev/null bs=1M")).await?;
+        dd_r.push(Duration::from_secs_f64(seconds(&r.stdout)?));
         exec(&mut c, &id, "rm -f /bench/dd").await?;
     }
     c.terminate(pb::TerminateRequest { sailbox_id: id }).await?;
@@ -195,7 +181,7 @@ async fn main() -> anyhow::Result<()> {
             vec![
                 "exec `true` round trip p99".into(),
                 ms(rtt_p99),
-                "agent Hello (vsock + gRPC)".into(),
+                "agent Hello (serial link + gRPC)".into(),
                 ms(hello_p50),
                 format!("{:.1}x", rtt_p50.as_secs_f64() / hello_p50.as_secs_f64()),
             ],

@@ -182,7 +182,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             let host = vmm_host::Host::open(vmm_host::HostConfig::local(data_dir.join("vmm")))
                 .await
                 .with_context(|| format!("starting vmm-host (data in {})", data_dir.join("vmm").display()))?;
-            let server = server.with_grpc(|r| r.add_service(vmm_host::GrpcSailboxes::new(host).into_server()));
+            let server = server.with_grpc(|r| r.add_service(vmm_host::GrpcSailboxes::new(host.clone()).into_server()));
             println!("sail up: volumed and vmm-host listening on http://{} (data in {})", server.addr, data_dir.display());
             server
                 .serve(async {
@@ -193,6 +193,9 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                     }
                 })
                 .await?;
+            // Running and sleeping sailboxes keep running (the next `sail up` re-attaches
+            // them); with none left, the cowfs mount under the data directory goes too.
+            host.shutdown().await;
             Ok(0)
         }
         Command::Sailbox(cmd) => box_cmd::run(&cli.endpoint, cli.json, cmd).await,

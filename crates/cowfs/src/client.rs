@@ -62,6 +62,12 @@ impl CowClient {
         self.call(json!({"op": "ping"})).await.is_ok()
     }
 
+    /// Asks the daemon to unmount and exit if it holds no files; returns whether it will.
+    pub async fn stop_if_unused(&self) -> Result<bool> {
+        let v = self.call(json!({"op": "stop"})).await?;
+        Ok(v.get("stopping").and_then(Value::as_bool).unwrap_or(false))
+    }
+
     /// Creates an all-zero file.
     pub async fn create_zeros(&self, name: &str, size: u64) -> Result<()> {
         self.call(json!({"op": "create", "name": name, "size": size})).await.map(|_| ())

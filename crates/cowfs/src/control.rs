@@ -82,6 +82,17 @@ fn handle(reg: &Registry, req: &Value) -> Result<Value> {
             v["chunks"] = serde_json::to_value(reg.chunks.stats()).map_err(|e| CowError::Invalid(e.to_string()))?;
             v
         }
+        // Unmount and exit, but only when no file is left: a running or sleeping sailbox's
+        // memory and disk live here, and the daemon outlives vmm-host restarts for them.
+        "stop" => {
+            let files = reg.names().len();
+            if files == 0 {
+                tracing::info!("stop requested with no files; unmounting");
+                // SAFETY: sends a signal to this process; the SIGTERM task unmounts the session.
+                unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+            }
+            json!({"stopping": files == 0, "files": files})
+        }
         other => return Err(CowError::Invalid(format!("unknown op {other:?}"))),
     })
 }

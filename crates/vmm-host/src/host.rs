@@ -354,7 +354,8 @@ impl Host {
 
     /// Stops this vmm-host's background work (VMM watchers, exec watchers, ingress
     /// listeners) and lets go of the state store, leaving every VM running: what a restart
-    /// of vmm-host does, minus the crash. Open the data directory again to re-attach.
+    /// of vmm-host does, minus the crash. Open the data directory again to re-attach. When no
+    /// sailbox has files left on the cowfs mount, the cowfs daemon is stopped and unmounted.
     pub async fn shutdown(&self) {
         let lives: Vec<Arc<Live>> = self.inner.live.lock().unwrap_or_else(|p| p.into_inner()).drain().map(|(_, l)| l).collect();
         for live in lives {
@@ -369,6 +370,9 @@ impl Host {
             for t in tasks {
                 let _ = t.await;
             }
+        }
+        if let Err(e) = self.inner.files.stop_if_unused().await {
+            tracing::warn!(error = %e, "could not stop sail-cowfs");
         }
     }
 

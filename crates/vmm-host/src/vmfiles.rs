@@ -82,6 +82,21 @@ impl VmFiles {
         Ok(Self { client, mount })
     }
 
+    /// Stops the daemon and waits for its mount to go, if no sailbox has files on it (the
+    /// end of a `sail up` that ran none, or whose sailboxes were all terminated). Returns
+    /// whether it stopped; with files left it keeps serving them (vmm-host re-attaches).
+    pub async fn stop_if_unused(&self) -> Result<bool> {
+        if !self.client.stop_if_unused().await.map_err(cow)? {
+            return Ok(false);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.client.ping().await && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracing::info!(mount = %self.mount.display(), "sail-cowfs stopped (no files left)");
+        Ok(true)
+    }
+
     /// The memory file's name.
     pub fn memory_name(id: &str) -> String {
         format!("{id}.mem")

@@ -1,0 +1,386 @@
+//! Snapshot figures on a real VMM: checkpoint pause and total time with 1%, 10% and ~90% of
+//! a 1 GiB guest's memory dirtied since the last checkpoint, bytes uploaded vs dirtied,
+//! resume from sleep and fork to the first exec answered at two guest sizes (the time must
+//! not grow with memory), host memory of 4 forks vs 4 independent sailboxes, and the cowfs
+//! disk file against a plain local file.
+//!
+//! `cargo run --release -p sail-benches --bin snapshot [-- --reps 3 --big-mib 4096]`
+//! (root; `bash scripts/setup.sh vm && bash scripts/build-agent.sh` first).
+
+use std::io::{Read, Write};
+
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use proto::sailbox as pb;
+use proto::sailbox::sailbox_service_client::SailboxServiceClient;
+use sail_benches::{mib_per_s, ms, percentile, print_table};
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+
+#[derive(Parser)]
+struct Args {
+    /// Repetitions per row (medians reported).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// The larger guest for the memory-independence rows, MiB.
+    #[arg(long, default_value_t = 4096)]
+    big_mib: u32,
+    /// Sailboxes for the host-memory rows.
+    #[arg(long, default_value_t = 4)]
+    forks: usize,
+    /// Working set each of them touches, MiB.
+    #[arg(long, default_value_t = 200)]
+    working_set_mib: u64,
+    /// Sections to run: checkpoint, disk, wake, memory.
+    #[arg(long, value_delimiter = ',', default_value = "checkpoint,disk,wake,memory")]
+    only: Vec<String>,
+}
+
+type Client = SailboxServiceClient<Channel>;
+
+async fn exec(c: &mut Client, id: &str, command: &str) -> anyhow::Result<pb::ExecResult> {
+    let h = c.exec(pb::ExecRequest { sailbox_id: id.into(), command: command.into(), ..Default::default() }).await?.into_inner();
+    let r = c.wait_exec(pb::WaitExecRequest { exec_id: h.exec_id, timeout_ms: 0 }).await?.into_inner();
+    anyhow::ensure!(r.return_code == 0, "{command:?} failed: {}", String::from_utf8_lossy(&r.stderr));
+    Ok(r)
+}
+
+async fn create(c: &mut Client, memory_mib: u32) -> anyhow::Result<String> {
+    let req = pb::CreateSailboxRequest {
+        app: "bench".into(),
+        image: "minimal".into(),
+        cpu: 1.0,
+        memory_mib,
+        disk_gib: 2,
+        ..Default::default()
+    };
+    Ok(c.create_sailbox(req).await?.into_inner().sailbox_id)
+}
+
+fn sid(id: &str) -> pb::SailboxIdRequest {
+    pb::SailboxIdRequest { sailbox_id: id.into() }
+}
+
+async fn terminate(c: &mut Client, id: &str) -> anyhow::Result<()> {
+    c.terminate(pb::TerminateRequest { sailbox_id: id.into() }).await?;
+    Ok(())
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    percentile(&mut v, 50.0)
+}
+
+fn median_u64(mut v: Vec<u64>) -> u64 {
+    v.sort();
+    v.get(v.len() / 2).copied().unwrap_or(0)
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1}", b as f64 / (1 << 20) as f64)
+}
+
+/// Rss and Pss (bytes) summed over the processes whose command line mentions `needle`
+/// (the VMMs under a data directory, and its cowfs daemon). Pss splits a shared page among
+/// the processes that map it, so it is what sharing would save.
+fn memory_of(needle: &str) -> (u64, u64) {
+    let (mut rss, mut pss) = (0, 0);
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return (0, 0);
+    };
+    let me = std::process::id().to_string();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name == me || !name.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let cmdline = String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).unwrap_or_default()).into_owned();
+        if !cmdline.contains(needle) {
+            continue;
+        }
+        let rollup = std::fs::read_to_string(e.path().join("smaps_rollup")).unwrap_or_default();
+        for line in rollup.lines() {
+            let kb = |l: &str| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) << 10;
+            if line.starts_with("Rss:") {
+                rss += kb(line);
+            } else if line.starts_with("Pss:") {
+                pss += kb(line);
+            }
+        }
+    }
+    (rss, pss)
+}
+
+/// Drops clean page cache so memory deltas are comparable.
+fn drop_caches() {
+    // SAFETY: sync takes no arguments.
+    unsafe { libc::sync() };
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let dir = tempfile::Builder::new().prefix("sbxs").tempdir_in("/tmp")?;
+    let _cleanup = sail_benches::KillUnder(dir.path().to_path_buf());
+    let (host, mut c) = sail_benches::serve_host(&dir.path().join("vmm")).await?;
+    let info = c.get_host_info(pb::HostInfoRequest {}).await?.into_inner();
+    let accel = format!("{} {}", info.hypervisor, info.accelerator);
+    eprintln!("bench: {accel} ({})", info.accelerator_reason);
+    let mut progress = c.ensure_image(pb::EnsureImageRequest { image: "minimal".into() }).await?.into_inner();
+    while progress.next().await.is_some() {}
+
+    let want = |name: &str| args.only.iter().any(|s| s == name);
+    // 1. Checkpoints of a 1 GiB guest after dirtying a share of its memory.
+    let mut disk = Vec::new();
+    if want("checkpoint") || want("disk") {
+        let id = create(&mut c, 1024).await?;
+        exec(&mut c, &id, "mkdir -p /mnt/fill && mount -t tmpfs -o size=950m tmpfs /mnt/fill").await?;
+        let guest_bytes = 1024u64 << 20;
+        let mut rows = Vec::new();
+        for (label, mib_dirty) in [("1%", 10u64), ("10%", 102), ("~80% (what a 1 GiB guest can spare)", 800)] {
+            if !want("checkpoint") {
+                break;
+            }
+            // The region the dd writes is allocated once; each repetition rewrites it with new
+            // random bytes, so exactly `mib_dirty` MiB of guest memory changes per checkpoint.
+            exec(&mut c, &id, &format!("dd if=/dev/urandom of=/mnt/fill/d bs=1M count={mib_dirty} 2>/dev/null")).await?;
+            c.checkpoint_sailbox(sid(&id)).await?;
+            let (mut pause, mut total, mut changed, mut uploaded) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..args.reps {
+                exec(&mut c, &id, &format!("dd if=/dev/urandom of=/mnt/fill/d bs=1M count={mib_dirty} conv=notrunc 2>/dev/null"))
+                    .await?;
+                let ck = c.checkpoint_sailbox(sid(&id)).await?.into_inner();
+                pause.push(Duration::from_millis(ck.pause_ms));
+                total.push(Duration::from_millis(ck.total_ms));
+                changed.push(ck.memory_bytes_changed);
+                uploaded.push(ck.memory_bytes_uploaded);
+            }
+            let dirtied = mib_dirty << 20;
+            let up = median_u64(uploaded);
+            rows.push(vec![
+                label.to_owned(),
+                mib(dirtied),
+                ms(median(pause)),
+                ms(median(total)),
+                mib(median_u64(changed)),
+                mib(up),
+                format!("{:.2}", up as f64 / dirtied as f64),
+                format!("{:.3}", up as f64 / guest_bytes as f64),
+            ]);
+            eprintln!("bench: checkpoint rows for {label} done");
+        }
+        if want("checkpoint") {
+            print_table(
+                &format!("Checkpoint of a running 1 GiB guest ({accel}; medians of {})", args.reps),
+                &[
+                    "dirtied since last",
+                    "dirtied MiB",
+                    "pause ms",
+                    "total ms",
+                    "changed MiB (256 KiB regions)",
+                    "uploaded MiB",
+                    "uploaded / dirtied",
+                    "uploaded / guest memory",
+                ],
+                &rows,
+            );
+        }
+
+        // Disk through cowfs: the guest's dd, and the cowfs file against a local file on the host.
+        let timed = |cmd: &str| {
+            format!(
+                "a=$(cut -d' ' -f1 /proc/uptime); {cmd} >/dev/null 2>&1; b=$(cut -d' ' -f1 /proc/uptime); echo \"$a $b\" | awk '{{print 256 / ($2 - $1)}}'"
+            )
+        };
+        let w = exec(&mut c, &id, &timed("dd if=/dev/zero of=/ddtest bs=1M count=256 conv=fsync")).await?;
+        exec(&mut c, &id, "sync; echo 3 > /proc/sys/vm/drop_caches").await?;
+        let r = exec(&mut c, &id, &timed("dd if=/ddtest of=/dev/null bs=1M")).await?;
+        let guest_dd =
+            (String::from_utf8_lossy(&w.stdout).trim().to_owned(), String::from_utf8_lossy(&r.stdout).trim().to_owned());
+        terminate(&mut c, &id).await?;
+        if want("disk") {
+            disk = host_side_disk(
+                &dir.path().join("vmm/cowfs/control.sock"),
+                &dir.path().join("vmm/cowfs/mnt"),
+                &dir.path().join("plain.raw"),
+            )?;
+            disk.push(vec!["guest dd write 256 MiB (fsync), on the cowfs disk".into(), guest_dd.0, String::new(), String::new()]);
+            disk.push(vec!["guest dd read 256 MiB (cold), on the cowfs disk".into(), guest_dd.1, String::new(), String::new()]);
+        }
+    }
+
+    // 2. Resume from sleep and fork, to the first exec answered, at two guest sizes.
+    let mut life = Vec::new();
+    for memory in [1024u32, args.big_mib] {
+        if !want("wake") {
+            break;
+        }
+        let id = create(&mut c, memory).await?;
+        exec(&mut c, &id, "head -c 100000000 /dev/urandom > /run/blob").await?;
+        let (mut resume, mut fork) = (Vec::new(), Vec::new());
+        for _ in 0..args.reps {
+            c.sleep(pb::SleepRequest { sailbox_id: id.clone(), call: String::new() }).await?;
+            let t = Instant::now();
+            exec(&mut c, &id, "true").await?; // wakes it
+            resume.push(t.elapsed());
+            let t = Instant::now();
+            let child = c.fork(sid(&id)).await?.into_inner().child.unwrap_or_default().sailbox_id;
+            exec(&mut c, &child, "true").await?;
+            fork.push(t.elapsed());
+            terminate(&mut c, &child).await?;
+        }
+        // Fork of a sleeping sailbox: no checkpoint to take, only the child to start.
+        c.sleep(pb::SleepRequest { sailbox_id: id.clone(), call: String::new() }).await?;
+        let mut fork_sleeping = Vec::new();
+        for _ in 0..args.reps {
+            let t = Instant::now();
+            let child = c.fork(sid(&id)).await?.into_inner().child.unwrap_or_default().sailbox_id;
+            exec(&mut c, &child, "true").await?;
+            fork_sleeping.push(t.elapsed());
+            terminate(&mut c, &child).await?;
+        }
+        terminate(&mut c, &id).await?;
+        life.push(vec![format!("{memory} MiB"), ms(median(resume)), ms(median(fork)), ms(median(fork_sleeping))]);
+        eprintln!("bench: lifecycle rows for {memory} MiB done");
+    }
+    if want("wake") {
+        print_table(
+            &format!(
+                "Wake and fork to the first exec answered ({accel}; medians of {}; guests hold 100 MB of random data in memory)",
+                args.reps
+            ),
+            &["guest memory", "resume from sleep ms", "fork of a running sailbox ms", "fork of a sleeping sailbox ms"],
+            &life,
+        );
+    }
+
+    // 3. Host memory: forks of one checkpoint vs independent sailboxes, each touching the
+    //    same working set in guest memory.
+    if want("memory") {
+        let ws = args.working_set_mib;
+        let touch = format!("dd if=/dev/urandom of=/run/ws bs=1M count={ws} 2>/dev/null && cat /run/ws > /dev/null");
+        let needle = dir.path().display().to_string();
+        let parent = create(&mut c, 1024).await?;
+        exec(&mut c, &parent, &touch).await?;
+        c.sleep(pb::SleepRequest { sailbox_id: parent.clone(), call: String::new() }).await?;
+        drop_caches();
+        let mut children = Vec::new();
+        for _ in 0..args.forks {
+            let child = c.fork(sid(&parent)).await?.into_inner().child.unwrap_or_default().sailbox_id;
+            exec(&mut c, &child, "cat /run/ws > /dev/null").await?;
+            children.push(child);
+        }
+        let forks = memory_of(&needle);
+        for child in &children {
+            terminate(&mut c, child).await?;
+        }
+        terminate(&mut c, &parent).await?;
+        drop_caches();
+        let mut independent = Vec::new();
+        for _ in 0..args.forks {
+            let id = create(&mut c, 1024).await?;
+            exec(&mut c, &id, &touch).await?;
+            independent.push(id);
+        }
+        let alone = memory_of(&needle);
+        for id in &independent {
+            terminate(&mut c, id).await?;
+        }
+        let n = args.forks as u64;
+        print_table(
+            &format!(
+                "Host memory of {} sailboxes each holding {ws} MiB of data in guest memory (VMMs + cowfs daemon)",
+                args.forks
+            ),
+            &["sailboxes", "Rss MiB", "Pss MiB", "Pss per sailbox MiB", "Pss x independent"],
+            &[
+                vec![
+                    format!("{} forks of one checkpoint", args.forks),
+                    mib(forks.0),
+                    mib(forks.1),
+                    mib(forks.1 / n),
+                    format!("{:.2}", forks.1 as f64 / alone.1.max(1) as f64),
+                ],
+                vec![
+                    format!("{} independent sailboxes", args.forks),
+                    mib(alone.0),
+                    mib(alone.1),
+                    mib(alone.1 / n),
+                    "1.00".into(),
+                ],
+            ],
+        );
+    }
+    if want("disk") {
+        print_table(
+            "Disk: a cowfs file vs a plain local file (host side), and the guest's own dd",
+            &["case", "MiB/s", "local file MiB/s", "cowfs / local"],
+            &disk,
+        );
+    }
+    host.shutdown().await;
+    Ok(())
+}
+
+/// Sequential write (then fsync) and cold read of 256 MiB: a cowfs file vs a local file.
+fn host_side_disk(
+    control: &std::path::Path,
+    mount: &std::path::Path,
+    plain: &std::path::Path,
+) -> anyhow::Result<Vec<Vec<String>>> {
+    let size: u64 = 256 << 20;
+    {
+        let mut s = std::os::unix::net::UnixStream::connect(control)?;
+        writeln!(s, "{}", serde_json::json!({"op": "create", "name": "bench.disk", "size": size}))?;
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(s), &mut line)?;
+        anyhow::ensure!(line.contains("\"ok\":true"), "cowfs create: {line}");
+    }
+    let cow = mount.join("bench.disk");
+    std::fs::File::create(plain)?.set_len(size)?;
+    let data = sail_benches::random_bytes(1 << 20, 5);
+    let write = |path: &std::path::Path| -> anyhow::Result<Duration> {
+        let mut f = std::fs::OpenOptions::new().write(true).open(path)?;
+        let t = Instant::now();
+        for _ in 0..(size >> 20) {
+            f.write_all(&data)?;
+        }
+        f.sync_all()?;
+        Ok(t.elapsed())
+    };
+    let read = |path: &std::path::Path| -> anyhow::Result<Duration> {
+        drop_caches();
+        let mut f = std::fs::File::open(path)?;
+        let mut buf = vec![0u8; 1 << 20];
+        let t = Instant::now();
+        while f.read(&mut buf)? > 0 {}
+        Ok(t.elapsed())
+    };
+    let (cw, pw) = (write(&cow)?, write(plain)?);
+    let (cr, pr) = (read(&cow)?, read(plain)?);
+    // cowfs's fsync is a no-op (a file's durability is its checkpoint): compare writes
+    // without fsync too.
+    let nosync = |path: &std::path::Path| -> anyhow::Result<Duration> {
+        let mut f = std::fs::OpenOptions::new().write(true).open(path)?;
+        let t = Instant::now();
+        for _ in 0..(size >> 20) {
+            f.write_all(&data)?;
+        }
+        Ok(t.elapsed())
+    };
+    let (cn, pn) = (nosync(&cow)?, nosync(plain)?);
+    let row = |name: &str, cowd: Duration, plaind: Duration| {
+        vec![
+            name.to_owned(),
+            format!("{:.0}", mib_per_s(size, cowd)),
+            format!("{:.0}", mib_per_s(size, plaind)),
+            format!("{:.2}", plaind.as_secs_f64() / cowd.as_secs_f64()),
+        ]
+    };
+    Ok(vec![
+        row("host write 256 MiB + fsync (a no-op on cowfs)", cw, pw),
+        row("host write 256 MiB, no fsync", cn, pn),
+        row("host read 256 MiB, cold page cache", cr, pr),
+    ])
+}
