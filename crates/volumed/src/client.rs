@@ -168,7 +168,10 @@ impl VolumeClient {
             .pool_max_idle_per_host(SMALL_TRANSFER_CONCURRENCY)
             .build()
             .map_err(|e| err(e.to_string()))?;
-        Ok(Self { grpc, http, cache: None, batches: true, last_upload: TransferStats::default() })
+        // SAIL_BATCH_UPLOADS=0 turns batches off for every client of the process (the FUSE
+        // helper included): for comparing both paths, or for a server that misbehaves.
+        let batches = std::env::var("SAIL_BATCH_UPLOADS").map_or(true, |v| v != "0");
+        Ok(Self { grpc, http, cache: None, batches, last_upload: TransferStats::default() })
     }
 
     /// Reads chunks through `cache`: cached chunks are served locally (verified), missing ones
@@ -178,8 +181,9 @@ impl VolumeClient {
         self
     }
 
-    /// Whether uploads offer batches (on by default): small chunks then travel many per
-    /// signed request where the server takes them. Off, every chunk gets its own URL.
+    /// Whether uploads offer batches (on by default, unless `SAIL_BATCH_UPLOADS=0`): small
+    /// chunks then travel many per signed request where the server takes them. Off, every
+    /// chunk gets its own URL.
     pub fn with_batch_uploads(mut self, on: bool) -> Self {
         self.batches = on;
         self
