@@ -165,3 +165,65 @@ async fn checkpoints_round_trip_through_chunks() {
     e.client.remove("restored").await.unwrap();
     assert!(!e.file("restored").exists());
 }
+
+/// Bytes in every file below `dir` (what the daemon has written there).
+fn bytes_under(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => bytes_under(&e.path()),
+            _ => e.metadata().map(|m| m.len()).unwrap_or(0),
+        })
+        .sum()
+}
+
+/// What a sailbox create (a file over its image's manifest) and a fork (a file over the
+/// parent's checkpoint) write to the host disk does not depend on the image's size: no base
+/// byte is copied, only what the guest writes later lands locally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_and_fork_copy_nothing_of_the_base() {
+    let chunks = tempfile::tempdir().unwrap();
+    let d = start(chunks.path()).await;
+    let on_disk = || bytes_under(&d.dir.path().join("store")) + bytes_under(chunks.path());
+    let mut written = Vec::new();
+    for (i, mib) in [16u64, 256].into_iter().enumerate() {
+        // An "image" full of data, stored as chunks.
+        let image = format!("image{i}");
+        d.client.create_zeros(&image, mib << 20).await.unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(d.file(&image)).unwrap();
+        for off in (0..mib << 20).step_by(4 << 20) {
+            f.write_all_at(&pattern(4 << 20, (off >> 20) as u8 ^ i as u8), off).unwrap();
+        }
+        drop(f);
+        d.client.freeze(&image).await.unwrap();
+        let img = d.client.export(&image).await.unwrap();
+        d.client.remove(&image).await.unwrap();
+
+        // Create: a file over the image.
+        let before = on_disk();
+        let child = format!("child{i}");
+        d.client.create_from(&child, &img.manifest).await.unwrap();
+        let created = on_disk() - before;
+        // The guest writes 5 bytes; its checkpoint is taken (that does write: the region
+        // and the manifest, which shows the measure sees writes); a fork starts from it.
+        let before_guest = on_disk();
+        std::fs::OpenOptions::new().write(true).open(d.file(&child)).unwrap().write_all_at(b"guest", 12345).unwrap();
+        d.client.freeze(&child).await.unwrap();
+        let ck = d.client.export(&child).await.unwrap();
+        let before = on_disk();
+        assert!(before - before_guest >= 4096, "the checkpoint's region was stored: {} B", before - before_guest);
+        d.client.create_from(&format!("fork{i}"), &ck.manifest).await.unwrap();
+        let forked = on_disk() - before;
+        let mut buf = [0u8; 5];
+        std::fs::File::open(d.file(&format!("fork{i}"))).unwrap().read_exact_at(&mut buf, 12345).unwrap();
+        assert_eq!(&buf, b"guest", "the fork sees its parent's checkpoint");
+        written.push((mib, created, forked));
+    }
+    eprintln!("bytes written to the host disk (base MiB, create, fork): {written:?}");
+    for &(mib, created, forked) in &written {
+        assert!(created < 64 << 10 && forked < 64 << 10, "{mib} MiB base: create wrote {created} B, fork {forked} B");
+    }
+    assert_eq!(written[0].1, written[1].1, "create writes the same for a 16x larger base: {written:?}");
+    assert_eq!(written[0].2, written[1].2, "fork writes the same for a 16x larger base: {written:?}");
+}
