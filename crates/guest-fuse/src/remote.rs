@@ -242,17 +242,7 @@ impl Remote {
     /// Stores verified chunk bytes in the disk cache in the background (bounded: when fills
     /// back up, chunks are served without being cached).
     pub(crate) fn fill_cache(&self, id: ChunkId, bytes: Bytes) {
-        let Some(cache) = self.client.cache().cloned() else {
-            return;
-        };
-        if let Ok(permit) = self.fills.clone().try_acquire_owned() {
-            self.rt.spawn(async move {
-                if let Err(e) = cache.insert_verified(id, bytes).await {
-                    tracing::debug!(chunk = %id, error = %e, "cache fill skipped");
-                }
-                drop(permit);
-            });
-        }
+        self.fill_cache_parts(id, vec![bytes]);
     }
 
     /// [`Remote::fill_cache`] for a verified chunk held in parts (pieces).
