@@ -273,13 +273,12 @@ impl VolumeClient {
             stats.bytes_uploaded += parts.iter().map(|(_, d)| d.len() as u64).sum::<u64>();
             batch_jobs.push((b, body));
         }
+        let single_bytes: u64 = jobs.iter().map(|(_, d)| d.len() as u64).sum();
         stats.chunks_uploaded = jobs.len() + stats.chunks_batched;
-        stats.bytes_uploaded += jobs.iter().map(|(_, d)| d.len() as u64).sum::<u64>();
+        stats.bytes_uploaded += single_bytes;
         stats.chunks_skipped = chunks.len().saturating_sub(stats.chunks_uploaded);
         let http = self.http.clone();
-        let singles = jobs.len();
-        let single_bytes: u64 = jobs.iter().map(|(_, d)| d.len() as u64).sum();
-        let small = singles > 0 && single_bytes / (singles as u64) < 1 << 20;
+        let small = !jobs.is_empty() && single_bytes / (jobs.len() as u64) < 1 << 20;
         let concurrency = if small { SMALL_TRANSFER_CONCURRENCY } else { TRANSFER_CONCURRENCY };
         let singles = futures::stream::iter(jobs)
             .map(|(u, data)| put_chunk(&http, u, data))
@@ -371,7 +370,7 @@ impl VolumeClient {
             return Err(ClientError::Protocol(format!("chunk {id} has no piece {idx}")));
         }
         let req = self.http.get(&url.url).header("range", format!("bytes={start}-{}", start + n - 1));
-        let resp = send_signed(req, url, format!("GET {id} piece {idx}")).await?;
+        let resp = send_signed(req, &url.headers, format!("GET {id} piece {idx}")).await?;
         let bytes = resp.bytes().await.map_err(|e| ClientError::Transfer(e.to_string()))?;
         verify_piece(id, len, &url.piece_cvs, idx, &bytes).map_err(|e| ClientError::Integrity(e.to_string()))?;
         Ok(bytes)
@@ -459,8 +458,8 @@ fn cache_error(e: chunkstore::ChunkError) -> ClientError {
 }
 
 /// Sends a signed-URL request with the headers the URL requires; non-2xx is an error.
-async fn send_signed(req: reqwest::RequestBuilder, u: &pb::SignedUrl, what: String) -> Result<reqwest::Response> {
-    let req = u.headers.iter().fold(req, |req, (k, v)| req.header(k, v));
+async fn send_signed(req: reqwest::RequestBuilder, headers: &HashMap<String, String>, what: String) -> Result<reqwest::Response> {
+    let req = headers.iter().fold(req, |req, (k, v)| req.header(k, v));
     let resp = req.send().await.map_err(|e| ClientError::Transfer(format!("{what}: {e}")))?;
     if !resp.status().is_success() {
         let status = resp.status();
@@ -486,24 +485,17 @@ fn batch_body(parts: &[(ChunkId, Bytes)]) -> Result<Vec<u8>> {
 }
 
 async fn put_batch(http: &reqwest::Client, b: pb::BatchUpload, body: Vec<u8>) -> Result<()> {
-    let what = format!("PUT batch of {} chunks", b.ids.len());
-    let req = b.headers.iter().fold(http.put(&b.url).body(body), |req, (k, v)| req.header(k, v));
-    let resp = req.send().await.map_err(|e| ClientError::Transfer(format!("{what}: {e}")))?;
-    if !resp.status().is_success() {
-        let status = resp.status();
-        let text = resp.text().await.unwrap_or_default();
-        return Err(ClientError::Transfer(format!("{what} returned {status}: {}", text.trim())));
-    }
+    send_signed(http.put(&b.url).body(body), &b.headers, format!("PUT batch of {} chunks", b.ids.len())).await?;
     Ok(())
 }
 
 async fn put_chunk(http: &reqwest::Client, u: pb::SignedUrl, data: Bytes) -> Result<()> {
-    send_signed(http.put(&u.url).body(data), &u, "PUT chunk".into()).await?;
+    send_signed(http.put(&u.url).body(data), &u.headers, "PUT chunk".into()).await?;
     Ok(())
 }
 
 async fn get_chunk(http: &reqwest::Client, u: pb::SignedUrl, id: ChunkId) -> Result<Bytes> {
-    let resp = send_signed(http.get(&u.url), &u, format!("GET {id}")).await?;
+    let resp = send_signed(http.get(&u.url), &u.headers, format!("GET {id}")).await?;
     let bytes = resp.bytes().await.map_err(|e| ClientError::Transfer(e.to_string()))?;
     id.verify(&bytes).map_err(|e| ClientError::Integrity(e.to_string()))?;
     Ok(bytes)
