@@ -7,7 +7,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use guest_fuse::{ControlClient, ControlError, MountOptions};
+use guest_fuse::{ControlClient, ControlError, MountOptions, is_mounted};
 
 use crate::{UserError, human, short};
 
@@ -262,13 +262,6 @@ pub fn status(g: &Globals, path: &Path) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-fn is_mounted(path: &Path) -> bool {
-    let want = path.as_os_str().as_encoded_bytes();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|m| m.lines().any(|l| l.split(' ').nth(4).is_some_and(|p| p.as_bytes() == want)))
-        .unwrap_or(false)
 }
 
 /// `sail volume unmount PATH`: asks the helper to unmount; a mount whose helper died is

@@ -30,4 +30,4 @@ pub mod tree;
 
 pub use commit::{CommitOutcome, MountStatus, ReloadOutcome};
 pub use control::{ControlClient, ControlError, FUSE_UNAVAILABLE};
-pub use runner::{MountOptions, clean_dead_mount, default_socket_path, lazy_unmount, run};
+pub use runner::{MountOptions, clean_dead_mount, default_socket_path, is_mounted, lazy_unmount, run};

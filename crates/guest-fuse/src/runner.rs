@@ -85,9 +85,9 @@ pub fn lazy_unmount(path: &Path) -> std::io::Result<()> {
 /// the helper's own readahead (pieces fetched ahead) is reached early.
 pub const DEFAULT_READAHEAD_KIB: u64 = 8192;
 
-/// The `major:minor` device of the mount at `mountpoint`, from /proc/self/mountinfo (read
-/// instead of stat, which would ask this very mount before it serves).
-fn mount_device(mountpoint: &Path) -> Option<String> {
+/// The `major:minor` device of the newest mount at `mountpoint`, from /proc/self/mountinfo
+/// (read instead of stat, which would ask this very mount, perhaps dead or not serving yet).
+pub fn mount_device(mountpoint: &Path) -> Option<String> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     let want = mountpoint.as_os_str().as_encoded_bytes();
     info.lines()
@@ -98,6 +98,11 @@ fn mount_device(mountpoint: &Path) -> Option<String> {
             (point.as_bytes() == want).then(|| dev.to_owned())
         })
         .last()
+}
+
+/// Whether something is mounted at `path` (per /proc/self/mountinfo; no stat of the mount).
+pub fn is_mounted(path: &Path) -> bool {
+    mount_device(path).is_some()
 }
 
 /// Sets the mount's kernel readahead (`/sys/class/bdi/<dev>/read_ahead_kb`); best effort, as

@@ -170,12 +170,7 @@ impl Mount {
     }
 }
 
-pub fn is_mounted(path: &Path) -> bool {
-    let want = path.as_os_str().as_encoded_bytes();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|m| m.lines().any(|l| l.split(' ').nth(4).is_some_and(|p| p.as_bytes() == want)))
-        .unwrap_or(false)
-}
+pub use guest_fuse::is_mounted;
 
 impl Drop for Mount {
     fn drop(&mut self) {
