@@ -20,7 +20,7 @@ use crate::agent_client::AgentClient;
 use crate::error::{Result, SailboxError};
 use crate::guest::{GuestKit, Initramfs};
 use crate::hypervisor::qemu::Qemu;
-use crate::hypervisor::{Hypervisor, VmSpec};
+use crate::hypervisor::{Hypervisor, Incoming, VmSpec};
 use crate::image::{ImageStore, Progress};
 use crate::model::{self, ProcRef, SailboxRecord, State};
 use crate::store::StateStore;
@@ -161,6 +161,8 @@ pub(crate) struct Inner {
     pub(crate) kit: std::result::Result<GuestKit, String>,
     pub(crate) initramfs: tokio::sync::Mutex<Option<Initramfs>>,
     pub(crate) live: Mutex<HashMap<String, Arc<Live>>>,
+    /// Held while a checkpoint's memory view is created or removed (see `forkmem`).
+    pub(crate) views: tokio::sync::Mutex<()>,
     pub(crate) execs: crate::exec::ExecHub,
 }
 
@@ -207,6 +209,7 @@ impl Host {
                 kit,
                 initramfs: tokio::sync::Mutex::new(None),
                 live: Mutex::default(),
+                views: tokio::sync::Mutex::new(()),
                 execs: crate::exec::ExecHub::default(),
             }),
         };
@@ -309,7 +312,7 @@ impl Host {
     }
 
     /// The VM spec for a sailbox's record (its files on the cowfs mount).
-    pub(crate) fn vm_spec(&self, rec: &SailboxRecord, initramfs: &Path, incoming: Option<PathBuf>) -> Result<VmSpec> {
+    pub(crate) fn vm_spec(&self, rec: &SailboxRecord, initramfs: &Path, incoming: Option<Incoming>) -> Result<VmSpec> {
         let kit = self.inner.kit.clone().map_err(SailboxError::Creation)?;
         let hypervisor = self.hypervisor()?;
         let dir = self.run_dir(&rec.id);
@@ -328,7 +331,11 @@ impl Host {
         }
         let spec = VmSpec {
             id: rec.id.clone(),
-            memory_file: self.inner.files.memory_path(&rec.id),
+            memory_file: match &rec.memory_base {
+                Some(ck) => self.inner.files.path(&VmFiles::view_name(ck)),
+                None => self.inner.files.memory_path(&rec.id),
+            },
+            memory_private: rec.memory_base.is_some(),
             disk: self.inner.files.disk_path(&rec.id),
             disk_format: "raw",
             incoming,

@@ -6,7 +6,8 @@
 //!   otherwise: [`accel`]); guests are reached over a virtio-serial port or hybrid vsock
 //!   ([`link`]).
 //! - [`guest`]: the kernel kit and the initramfs that carries `sail-agent`; [`image`]: base
-//!   images stored as chunks; [`disk`]: copy-on-write disk layers.
+//!   images stored as chunks; [`vmfiles`]: memory and disk as cowfs files (forks map their
+//!   checkpoint's memory privately, shared with the other forks of it).
 //! - [`service`]: the `sail.sailbox.v1` gRPC service.
 //!
 //! See docs/vmm-host.md for the layout on disk, the guest protocol and the tests.
@@ -17,6 +18,7 @@ pub mod agent_client;
 pub mod error;
 mod exec;
 mod files;
+mod forkmem;
 pub mod guest;
 pub mod host;
 pub mod hypervisor;

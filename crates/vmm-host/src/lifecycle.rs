@@ -9,6 +9,7 @@ use tracing::Instrument;
 use crate::agent_client::AgentClient;
 use crate::error::{Result, SailboxError};
 use crate::host::{Host, Live, Vm, console_tail, random_id};
+use crate::hypervisor::{Incoming, StateFormat, mapped_ram};
 use crate::model::{self, CheckpointRecord, ExecStatus, SailboxRecord, State};
 use crate::{now_ms, procs};
 
@@ -17,8 +18,12 @@ pub(crate) enum Start<'a> {
     /// A fresh boot: zeroed memory; the disk is the image (`Some(manifest)`) or the files'
     /// current disk (`None`: an upgrade reboots on the same disk).
     Boot { disk_manifest: Option<String> },
-    /// A checkpoint's memory, disk and device state.
+    /// A checkpoint's memory, disk and device state, the memory in a file of its own (a
+    /// sailbox woken or restarted from its own checkpoint).
     Checkpoint { id: &'a str, record: &'a CheckpointRecord },
+    /// A checkpoint's disk and device state with its memory mapped privately from the
+    /// checkpoint's shared view (a new sailbox: fork or restore; see `forkmem`).
+    Fork { id: &'a str, record: &'a CheckpointRecord },
     /// A checkpoint's disk with fresh memory (an upgrade applied at wake).
     CheckpointDisk { record: &'a CheckpointRecord },
 }
@@ -87,6 +92,7 @@ impl Host {
             sleep_call: None,
             forked_from: None,
             ports: spec.ports.clone(),
+            memory_base: None,
         };
         let greeting = Greeting { hostname: Some(hostname_for(&rec)), reseed: false };
         self.bring_up(rec, Start::Boot { disk_manifest: Some(disk_manifest) }, greeting).await
@@ -178,19 +184,17 @@ impl Host {
                     .await?;
                 None
             }
-            Start::Checkpoint { id, record } => {
-                let reuse = rec.files_at.as_deref() == Some(*id) && files.exist(&rec.id).await;
-                if !reuse {
-                    files.create_from(&rec.id, &record.memory_manifest, &record.disk_manifest).await?;
+            Start::Checkpoint { id, record } | Start::Fork { id, record } => {
+                if matches!(start, Start::Fork { .. }) {
+                    files.create_disk(&rec.id, &record.disk_manifest).await?;
+                    self.map_view(live, id, &record.memory_manifest).await?;
+                } else {
+                    let reuse = rec.files_at.as_deref() == Some(*id) && files.exist(&rec.id, None).await;
+                    if !reuse {
+                        files.create_from(&rec.id, &record.memory_manifest, &record.disk_manifest).await?;
+                    }
                 }
-                let state = dir.join("devstate");
-                let chunk = record
-                    .device_state
-                    .parse::<chunkstore::ChunkId>()
-                    .map_err(|e| SailboxError::Storage(format!("checkpoint: {e}")))?;
-                let bytes = self.inner.backend.get(chunk).await?;
-                std::fs::write(&state, &bytes).map_err(|e| SailboxError::host("writing the device state", e))?;
-                Some(state)
+                Some(self.device_state_file(&dir, record).await?)
             }
         };
         // From here the files diverge from any checkpoint.
@@ -252,6 +256,23 @@ impl Host {
         }
         let rec = live.update(|r| r.procs.clear());
         let _ = self.inner.state.put_sailbox(&rec);
+        self.unmap_view(live).await;
+    }
+
+    /// Writes a checkpoint's device state to the run directory `dir` as the VMM loads it.
+    async fn device_state_file(&self, dir: &std::path::Path, record: &CheckpointRecord) -> Result<Incoming> {
+        let path = dir.join("devstate");
+        let chunk =
+            record.device_state.parse::<chunkstore::ChunkId>().map_err(|e| SailboxError::Storage(format!("checkpoint: {e}")))?;
+        let bytes = self.inner.backend.get(chunk).await?;
+        match record.device_state_format {
+            StateFormat::IgnoreShared => {
+                std::fs::write(&path, &bytes).map_err(|e| SailboxError::host("writing the device state", e))?
+            }
+            StateFormat::MappedRam => mapped_ram::write_sparse(&bytes, &path)
+                .map_err(|e| SailboxError::Storage(format!("checkpoint device state: {e}")))?,
+        }
+        Ok(Incoming { path, format: record.device_state_format })
     }
 
     /// Watches the VMM process: an exit vmm-host did not ask for restarts the sailbox from

@@ -162,6 +162,11 @@ pub struct SailboxRecord {
     /// Ingress ports (kept so a restore or fork can rebind them).
     #[serde(default)]
     pub ports: Vec<u32>,
+    /// While its VM runs on a private copy-on-write mapping of a checkpoint's memory (a
+    /// fork or restore, sharing unmodified pages with the other VMs started from it): that
+    /// checkpoint. `None`: the VM has its own memory file.
+    #[serde(default)]
+    pub memory_base: Option<String>,
 }
 
 impl SailboxRecord {
@@ -237,6 +242,9 @@ pub struct CheckpointRecord {
     pub disk_manifest: String,
     /// Device state (QEMU migration stream without RAM), chunk id hex.
     pub device_state: String,
+    /// How the device state was saved (older records: without RAM, `x-ignore-shared`).
+    #[serde(default)]
+    pub device_state_format: crate::hypervisor::StateFormat,
     /// Hypervisor and accelerator the device state belongs to.
     pub hypervisor: String,
     /// "kvm" or "tcg".

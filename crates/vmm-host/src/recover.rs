@@ -28,6 +28,7 @@ impl Host {
             if rec.state.is_final() {
                 continue;
             }
+            crate::forkmem::remove_stale_ram_save(&rec.id);
             let span = tracing::info_span!("sailbox", sailbox = %rec.id);
             keep.extend(self.recover_one(rec).instrument(span).await?);
         }
@@ -47,8 +48,9 @@ impl Host {
             }
         }
         for name in self.inner.files.names().await.unwrap_or_default() {
+            // `<sailbox>.mem|.disk`, or `<checkpoint>.mem`: a view some sailbox's VM maps.
             let owner = name.rsplit_once('.').map(|(id, _)| id.to_owned()).unwrap_or_default();
-            if self.live(&owner).is_none() {
+            if self.live(&owner).is_none() && !self.view_in_use(&owner) {
                 let _ = self.inner.files.remove_name(&name).await;
             }
         }
@@ -76,7 +78,10 @@ impl Host {
                 for p in rec.procs.iter().rev() {
                     procs::kill(p).await;
                 }
-                live.update(|r| r.procs.clear());
+                live.update(|r| {
+                    r.procs.clear();
+                    r.memory_base = None;
+                });
                 let ports = rec.ports.clone();
                 let listeners = crate::ingress::bind_all(self, &live, &ports, &rec.listeners).await?;
                 live.update(|r| r.listeners = listeners);
@@ -94,6 +99,7 @@ impl Host {
                 let rec = live.update(|r| {
                     r.listeners = listeners;
                     r.procs.clear();
+                    r.memory_base = None;
                 });
                 self.inner.state.put_sailbox(&rec)?;
                 self.add_live(&live);
@@ -110,6 +116,7 @@ impl Host {
                         r.state_reason = "vmm-host restarted while the sailbox was being created".into();
                     }
                     r.procs.clear();
+                    r.memory_base = None;
                     r.active_exec = None;
                 });
                 self.inner.state.put_sailbox(&rec)?;
@@ -132,7 +139,7 @@ impl Host {
     async fn reattach(&self, live: &Arc<Live>) -> Result<()> {
         let rec = live.snapshot();
         let hypervisor = self.hypervisor()?;
-        if !self.inner.files.exist(&rec.id).await {
+        if !self.inner.files.exist(&rec.id, rec.memory_base.as_deref()).await {
             return Err(SailboxError::Host("its memory and disk files are gone (cowfs restarted)".into()));
         }
         let initramfs = self.run_dir(&rec.id).join("initramfs"); // only named: the VM already booted

@@ -8,6 +8,11 @@
 //! again, export the frozen regions as chunks, store the device state and the record as
 //! chunks, and record the checkpoint durably. The pause covers only the flush of what changed
 //! and the device state.
+//!
+//! A fork runs on a private mapping of its checkpoint's memory (shared with the other forks,
+//! see `forkmem`), which no cowfs file tracks: its checkpoints save all of memory live with
+//! QEMU's mapped-ram (the guest stops only for the last pass) and upload the regions the
+//! store lacks. Woken from its own checkpoint, it has its own memory file again.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,8 +21,12 @@ use bytes::Bytes;
 use chunkstore::ChunkId;
 use proto::sailbox as pb;
 
+use cowfs::Exported;
+
 use crate::error::{Result, SailboxError};
 use crate::host::{Host, Live, Vm, random_id};
+use crate::hypervisor::StateFormat;
+use crate::hypervisor::mapped_ram::{self, RamLayout};
 use crate::lifecycle::{Greeting, Start, hostname_for};
 use crate::model::{CheckpointRecord, SailboxRecord, State};
 use crate::now_ms;
@@ -32,6 +41,20 @@ enum After {
     Run,
     /// Power it down (pause, sleep).
     PowerDown,
+}
+
+/// What a capture of a VM produced.
+struct Captured {
+    /// Guest stopped, ms.
+    pause_ms: u64,
+    /// The device state as the VMM loads it.
+    device_state: Vec<u8>,
+    /// Its format.
+    format: StateFormat,
+    /// The memory export.
+    memory: Exported,
+    /// The disk export.
+    disk: Exported,
 }
 
 fn ck_id(chunk: ChunkId) -> String {
@@ -70,35 +93,14 @@ impl Host {
 
     /// Takes a checkpoint of a running sailbox. The caller holds the op lock.
     async fn take_checkpoint(&self, live: &Arc<Live>, vm: &Arc<Vm>, after: After) -> Result<(String, CheckpointRecord)> {
-        let hypervisor = self.hypervisor()?;
-        let files = &self.inner.files;
         let rec = live.snapshot();
         let started = Instant::now();
-        files.flush(&rec.id).await?;
-        let paused_at = Instant::now();
-        hypervisor.pause(&vm.spec).await?;
-        let frozen = async {
-            files.flush(&rec.id).await?;
-            let state_path = vm.spec.dir.join("devstate.new");
-            hypervisor.save_device_state(&vm.spec, &state_path).await?;
-            files.freeze(&rec.id).await?;
-            std::fs::read(&state_path).map_err(|e| SailboxError::host("reading the device state", e))
-        }
-        .await;
-        let pause_ms;
-        match (&frozen, after) {
-            (Err(_), _) | (Ok(_), After::Run) => {
-                let resumed = hypervisor.resume(&vm.spec).await;
-                pause_ms = paused_at.elapsed().as_millis() as u64;
-                resumed?;
-            }
-            (Ok(_), After::PowerDown) => {
-                pause_ms = paused_at.elapsed().as_millis() as u64;
-                self.stop_vm(live).await;
-            }
-        }
-        let device_state = frozen?;
-        let exports = files.export(&rec.id).await?;
+        let captured = if vm.spec.memory_private {
+            self.capture_private(live, vm, after).await?
+        } else {
+            self.capture_shared(live, vm, after).await?
+        };
+        let Captured { pause_ms, device_state, format, memory, disk } = captured;
         let state_bytes = Bytes::from(device_state);
         let state_chunk = ChunkId::of(&state_bytes);
         self.inner.backend.put(state_chunk, state_bytes).await?;
@@ -112,9 +114,10 @@ impl Host {
             memory_mib: rec.memory_mib,
             disk_gib: rec.disk_gib,
             ports: rec.ports.clone(),
-            memory_manifest: exports.memory.manifest.clone(),
-            disk_manifest: exports.disk.manifest.clone(),
+            memory_manifest: memory.manifest.clone(),
+            disk_manifest: disk.manifest.clone(),
             device_state: state_chunk.to_hex(),
+            device_state_format: format,
             hypervisor: rec.hypervisor.clone(),
             accelerator: rec.accelerator.clone(),
             guest_schema_version: rec.guest_schema_version,
@@ -123,10 +126,10 @@ impl Host {
             created_unix_ms: now_ms(),
             pause_ms,
             total_ms: started.elapsed().as_millis() as u64,
-            memory_bytes_changed: exports.memory.bytes_frozen,
-            memory_bytes_uploaded: exports.memory.bytes_uploaded,
-            disk_bytes_changed: exports.disk.bytes_frozen,
-            disk_bytes_uploaded: exports.disk.bytes_uploaded,
+            memory_bytes_changed: memory.bytes_frozen,
+            memory_bytes_uploaded: memory.bytes_uploaded,
+            disk_bytes_changed: disk.bytes_frozen,
+            disk_bytes_uploaded: disk.bytes_uploaded,
         };
         let json = Bytes::from(serde_json::to_vec(&ck).map_err(|e| SailboxError::Storage(e.to_string()))?);
         let record_chunk = ChunkId::of(&json);
@@ -146,6 +149,105 @@ impl Host {
             disk_changed = ck.disk_bytes_changed, "checkpoint"
         );
         Ok((id, ck))
+    }
+
+    /// Captures a VM with its own memory file: flush memory and disk to cowfs while the
+    /// guest runs, stop it, flush the rest, save the device state without RAM, freeze both
+    /// files, resume (or power down); then export the frozen regions.
+    async fn capture_shared(&self, live: &Arc<Live>, vm: &Arc<Vm>, after: After) -> Result<Captured> {
+        let hypervisor = self.hypervisor()?;
+        let files = &self.inner.files;
+        let id = live.id();
+        files.flush(&id, true).await?;
+        let paused_at = Instant::now();
+        hypervisor.pause(&vm.spec).await?;
+        let frozen = async {
+            files.flush(&id, true).await?;
+            let state_path = vm.spec.dir.join("devstate.new");
+            hypervisor.save_device_state(&vm.spec, &state_path).await?;
+            files.freeze(&id, true).await?;
+            std::fs::read(&state_path).map_err(|e| SailboxError::host("reading the device state", e))
+        }
+        .await;
+        let pause_ms = self.release_guest(live, vm, after, frozen.is_ok(), paused_at).await?;
+        let device_state = frozen?;
+        let exports = files.export(&id).await?;
+        Ok(Captured { pause_ms, device_state, format: StateFormat::IgnoreShared, memory: exports.memory, disk: exports.disk })
+    }
+
+    /// Captures a VM on a private mapping of a checkpoint's memory view: a live mapped-ram
+    /// save of device state and all of memory (the guest runs until the last pass), then
+    /// with the VM stopped the disk is flushed and frozen, and the guest resumed (or powered
+    /// down). The RAM image is then split from the device state and stored as chunks.
+    async fn capture_private(&self, live: &Arc<Live>, vm: &Arc<Vm>, after: After) -> Result<Captured> {
+        let hypervisor = self.hypervisor()?;
+        let files = &self.inner.files;
+        let rec = live.snapshot();
+        files.flush(&rec.id, false).await?;
+        let ram = crate::forkmem::ram_save_path(&rec.id, &vm.spec.dir, u64::from(rec.memory_mib) << 20);
+        let saved = hypervisor.save_with_memory(&vm.spec, &ram).await;
+        // The pause counts from the VMM's own stop (the last pass), not from when its end was seen.
+        let stopped_at = saved.as_ref().map_or_else(
+            |_| Instant::now(),
+            |s| {
+                let ago = std::time::SystemTime::now().duration_since(s.stopped_at).unwrap_or_default();
+                Instant::now().checked_sub(ago).unwrap_or_else(Instant::now)
+            },
+        );
+        let frozen = async {
+            let saved = saved?;
+            files.flush(&rec.id, false).await?;
+            files.freeze(&rec.id, false).await?;
+            Ok::<_, SailboxError>(saved)
+        }
+        .await;
+        let released = self.release_guest(live, vm, after, frozen.is_ok(), stopped_at).await;
+        let result = async {
+            // Counted from the VMM's stop event, so it includes the VMM's own downtime.
+            let (pause_ms, downtime_ms) = (released?, frozen?.downtime_ms);
+            tracing::debug!(sailbox = %rec.id, pause_ms, downtime_ms, path = %ram.display(), "live save of private memory");
+            let size = u64::from(rec.memory_mib) << 20;
+            let path = ram.clone();
+            let (layout, device_state) = tokio::task::spawn_blocking(move || {
+                let layout = RamLayout::locate(&path, mapped_ram::MEMORY_BLOCK, size)?;
+                layout.clean(&path)?;
+                Ok::<_, mapped_ram::MappedRamError>((layout, mapped_ram::device_state(&path, &layout)?))
+            })
+            .await
+            .map_err(|e| SailboxError::Host(e.to_string()))?
+            .map_err(|e| SailboxError::Host(format!("splitting the memory save: {e}")))?;
+            let base = match &rec.memory_base {
+                Some(ck) => {
+                    let manifest: ChunkId = self
+                        .load_checkpoint(ck)
+                        .await?
+                        .memory_manifest
+                        .parse()
+                        .map_err(|e| SailboxError::Storage(format!("checkpoint {ck}: bad memory manifest id: {e}")))?;
+                    cowfs::Manifest::decode(&self.inner.backend.get(manifest).await?)
+                        .map_err(|e| SailboxError::Storage(format!("checkpoint {ck}: {e}")))?
+                }
+                None => cowfs::Manifest::zeros(size).map_err(|e| SailboxError::Host(e.to_string()))?,
+            };
+            let (memory, disk) = tokio::join!(self.import_memory(&ram, layout, &base), files.export_disk(&rec.id));
+            Ok(Captured { pause_ms, device_state, format: StateFormat::MappedRam, memory: memory?, disk: disk? })
+        }
+        .await;
+        let _ = std::fs::remove_file(&ram);
+        result
+    }
+
+    /// After the capture of a stopped guest: resume it (`After::Run`, or when the capture
+    /// failed) or power it down. Returns how long it was stopped since `stopped_at`, ms.
+    async fn release_guest(&self, live: &Arc<Live>, vm: &Arc<Vm>, after: After, ok: bool, stopped_at: Instant) -> Result<u64> {
+        if !ok || after == After::Run {
+            let resumed = self.hypervisor()?.resume(&vm.spec).await;
+            let ms = stopped_at.elapsed().as_millis() as u64;
+            return resumed.map(|_| ms);
+        }
+        let ms = stopped_at.elapsed().as_millis() as u64;
+        self.stop_vm(live).await;
+        Ok(ms)
     }
 
     /// Snapshots memory and writable disk while the sailbox keeps running.
@@ -337,10 +439,11 @@ impl Host {
             sleep_call: None,
             forked_from: Some(ck_id.to_owned()),
             ports: ports.unwrap_or_else(|| ck.ports.clone()),
+            memory_base: None,
         };
         // A child is its own machine: own hostname, fresh randomness.
         let greeting = Greeting { hostname: Some(hostname_for(&rec)), reseed: true };
-        self.bring_up(rec, Start::Checkpoint { id: ck_id, record: ck }, greeting).await
+        self.bring_up(rec, Start::Fork { id: ck_id, record: ck }, greeting).await
     }
 
     /// Reboots the sailbox on its same disk onto the newest agent. Returns whether it now

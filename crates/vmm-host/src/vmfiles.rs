@@ -2,7 +2,9 @@
 //! per host, in its own session so it outlives vmm-host restarts). QEMU maps `<id>.mem` as
 //! shared guest memory and opens `<id>.disk` as a raw disk; both are copy-on-write over chunk
 //! manifests (an image, or a checkpoint) and track the regions written since the last
-//! checkpoint. See the `cowfs` crate.
+//! checkpoint. A fork has no memory file of its own: it maps `<checkpoint>.mem`, the view
+//! of its checkpoint's memory that all forks of it share, privately (see `forkmem`). See
+//! the `cowfs` crate.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -107,6 +109,20 @@ impl VmFiles {
         format!("{id}.disk")
     }
 
+    /// The shared memory view of a checkpoint (`ck-…`).
+    pub fn view_name(checkpoint: &str) -> String {
+        format!("{checkpoint}.mem")
+    }
+
+    /// The names of a sailbox's files: its disk, and its memory unless it maps a view.
+    fn names_of(id: &str, with_memory: bool) -> Vec<String> {
+        let mut names = vec![Self::disk_name(id)];
+        if with_memory {
+            names.push(Self::memory_name(id));
+        }
+        names
+    }
+
     /// Path of a file on the mount.
     pub fn path(&self, name: &str) -> PathBuf {
         self.mount.join(name)
@@ -141,10 +157,29 @@ impl VmFiles {
         self.client.create_from(&Self::disk_name(id), disk_manifest).await.map_err(cow)
     }
 
-    /// Whether both files exist.
-    pub async fn exist(&self, id: &str) -> bool {
+    /// A disk over a checkpoint's disk manifest, and no memory file (a fork maps a view).
+    pub async fn create_disk(&self, id: &str, disk_manifest: &str) -> Result<()> {
+        self.remove(id).await?;
+        self.client.create_from(&Self::disk_name(id), disk_manifest).await.map_err(cow)
+    }
+
+    /// Makes sure a checkpoint's memory view exists (over its memory manifest).
+    pub async fn ensure_view(&self, checkpoint: &str, memory_manifest: &str) -> Result<()> {
+        match self.client.create_from(&Self::view_name(checkpoint), memory_manifest).await {
+            Ok(()) | Err(cowfs::CowError::Exists(_)) => Ok(()),
+            Err(e) => Err(cow(e)),
+        }
+    }
+
+    /// Whether a sailbox's files exist: its disk, and its memory file or (`memory_base`) the
+    /// view it maps.
+    pub async fn exist(&self, id: &str, memory_base: Option<&str>) -> bool {
         let names = self.client.list().await.unwrap_or_default();
-        names.contains(&Self::memory_name(id)) && names.contains(&Self::disk_name(id))
+        let memory = match memory_base {
+            Some(ck) => Self::view_name(ck),
+            None => Self::memory_name(id),
+        };
+        names.contains(&memory) && names.contains(&Self::disk_name(id))
     }
 
     /// Removes both files (missing ones are fine).
@@ -165,8 +200,9 @@ impl VmFiles {
 
     /// Writes back every page of memory dirty in the host page cache (and the disk's), so
     /// the daemon holds the guest's bytes. Before a pause it shrinks what the pause flushes.
-    pub async fn flush(&self, id: &str) -> Result<()> {
-        let paths = [self.memory_path(id), self.disk_path(id)];
+    /// Without `with_memory` (a VM mapping a view privately), the disk only.
+    pub async fn flush(&self, id: &str, with_memory: bool) -> Result<()> {
+        let paths: Vec<PathBuf> = Self::names_of(id, with_memory).iter().map(|n| self.path(n)).collect();
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             for p in paths {
                 std::fs::OpenOptions::new().read(true).write(true).open(&p)?.sync_all()?;
@@ -178,10 +214,11 @@ impl VmFiles {
         .map_err(|e| SailboxError::host("flushing guest memory and disk", e))
     }
 
-    /// Freezes both files (the VM must be stopped and flushed).
-    pub async fn freeze(&self, id: &str) -> Result<()> {
-        self.client.freeze(&Self::memory_name(id)).await.map_err(cow)?;
-        self.client.freeze(&Self::disk_name(id)).await.map_err(cow)?;
+    /// Freezes the files (the VM must be stopped and flushed); see [`VmFiles::flush`].
+    pub async fn freeze(&self, id: &str, with_memory: bool) -> Result<()> {
+        for name in Self::names_of(id, with_memory) {
+            self.client.freeze(&name).await.map_err(cow)?;
+        }
         Ok(())
     }
 
@@ -190,6 +227,11 @@ impl VmFiles {
         let (mem, disk) = (Self::memory_name(id), Self::disk_name(id));
         let (m, d) = tokio::join!(self.client.export(&mem), self.client.export(&disk));
         Ok(Exports { memory: m.map_err(cow)?, disk: d.map_err(cow)? })
+    }
+
+    /// Stores the disk's frozen regions; returns its new manifest.
+    pub async fn export_disk(&self, id: &str) -> Result<Exported> {
+        self.client.export(&Self::disk_name(id)).await.map_err(cow)
     }
 
     /// A file's counters (for tests and benches).

@@ -100,6 +100,11 @@ async fn checkpoint_fork_sleep_pause_restore() {
     let fork = c.fork(sid(&a)).await.unwrap().into_inner();
     let b = fork.child.unwrap().sailbox_id;
     assert_ne!(a, b);
+    // The child maps the checkpoint's shared memory view privately: no memory file of its own.
+    let mnt = dir.path().join("vmm/cowfs/mnt");
+    let view = mnt.join(format!("{}.mem", fork.checkpoint.as_ref().unwrap().checkpoint_id));
+    assert!(view.exists(), "the fork maps the checkpoint's view");
+    assert!(!mnt.join(format!("{b}.mem")).exists() && mnt.join(format!("{b}.disk")).exists());
     let in_b = count(&mut c, &b).await;
     assert!(in_b >= at_checkpoint, "the child's counter carries on from the parent's memory ({in_b} < {at_checkpoint})");
     assert_eq!(text(&mut c, &b, "/data/note.txt").await, "written before the checkpoint\n");
@@ -114,10 +119,28 @@ async fn checkpoint_fork_sleep_pause_restore() {
     let rand_b = run(&mut c, &b, "head -c 16 /dev/urandom | od -An -tx1").await.stdout;
     assert_ne!(rand_a, rand_b);
 
-    // Fork a sleeping sailbox: the child runs, the parent stays asleep.
+    // A vmm-host restart re-attaches to the fork on its view (and keeps the view).
+    drop(c);
+    served.stop().await;
+    let served = serve(dir.path()).await;
+    let mut c = served.client().await;
+    assert!(view.exists(), "a restart keeps the view a running fork maps");
+    let in_b = count_after(&mut c, &b, in_b).await;
+
+    // Fork a sleeping sailbox: the child runs, the parent stays asleep. The child's sleep
+    // saves all of its (private) memory; its counter goes on in the grandchild.
+    let b_before_sleep = count_after(&mut c, &b, in_b).await;
     c.sleep(pb::SleepRequest { sailbox_id: b.clone(), call: String::new() }).await.unwrap();
     assert_eq!(state(&mut c, &b).await, pb::SailboxState::Sleeping as i32);
-    let grandchild = c.fork(sid(&b)).await.unwrap().into_inner().child.unwrap().sailbox_id;
+    assert!(!view.exists(), "the view goes with the last VM mapping it");
+    let fork_b = c.fork(sid(&b)).await.unwrap().into_inner();
+    let ck_b = fork_b.checkpoint.unwrap();
+    assert!(
+        ck_b.memory_bytes_uploaded <= ck_b.memory_bytes_changed && ck_b.memory_bytes_changed < ck.memory_bytes_changed,
+        "a fork's checkpoint stores what the fork changed, not all its memory: {ck_b:?} vs the first {ck:?}"
+    );
+    let grandchild = fork_b.child.unwrap().sailbox_id;
+    count_after(&mut c, &grandchild, b_before_sleep).await;
     assert_eq!(text(&mut c, &grandchild, "/data/who").await, "b");
     assert_eq!(state(&mut c, &b).await, pb::SailboxState::Sleeping as i32, "forking a sleeper must not wake it");
     c.terminate(pb::TerminateRequest { sailbox_id: (&grandchild).to_string() }).await.unwrap();

@@ -1,18 +1,18 @@
-//! The QEMU backend: a `microvm` machine booting the PVH kernel directly, file-backed shared
-//! guest memory, the root disk as virtio-blk, and the agent's link as a virtio-serial port
+//! The QEMU backend: a `microvm` machine booting the PVH kernel directly, file-backed guest
+//! memory (shared, or for a fork a private mapping of its checkpoint's view), the root disk as virtio-blk, and the agent's link as a virtio-serial port
 //! on a chardev socket. Every device is migratable, so device state can be saved for
 //! snapshots (vhost-user-vsock, the other way to reach a guest without host vhost modules,
 //! blocks migration in QEMU).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use serde_json::json;
 
 use super::qmp::Qmp;
-use super::{Hypervisor, VmSpec, VmStatus};
+use super::{Hypervisor, LiveSave, StateFormat, VmSpec, VmStatus};
 use crate::accel::Accelerator;
 use crate::error::{Result, SailboxError};
 use crate::link::GuestLink;
@@ -25,6 +25,10 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long saving or loading device state may take.
 const MIGRATE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a live save of all memory may take (it copies the whole of guest RAM).
+const LIVE_SAVE_TIMEOUT: Duration = Duration::from_secs(600);
+/// The longest the guest may be stopped for the last pass of a live save, ms.
+const LIVE_SAVE_DOWNTIME_MS: u64 = 50;
 
 /// The QEMU backend.
 pub struct Qemu {
@@ -70,8 +74,15 @@ impl Qemu {
         cmd.arg("-name").arg(format!("sail-{},debug-threads=on", spec.id));
         cmd.args(["-machine", "microvm,memory-backend=mem,rtc=on", "-accel", accel, "-cpu", cpu]);
         cmd.arg("-smp").arg(spec.vcpus.to_string()).arg("-m").arg(&mem);
-        cmd.arg("-object")
-            .arg(format!("memory-backend-file,id=mem,size={mem},mem-path={},share=on,prealloc=off", spec.memory_file.display()));
+        // Shared: the file is the sailbox's own memory. Private: the file is a checkpoint's
+        // memory, shared read-only by every fork of it; pages the guest writes are
+        // copied on write into this process (QEMU opens the file read-only).
+        let sharing = if spec.memory_private { "share=off,readonly=on,rom=off" } else { "share=on" };
+        cmd.arg("-object").arg(format!(
+            "memory-backend-file,id={},size={mem},mem-path={},{sharing},prealloc=off",
+            super::mapped_ram::MEMORY_BLOCK,
+            spec.memory_file.display()
+        ));
         cmd.arg("-bios").arg(&self.firmware);
         cmd.arg("-kernel").arg(&spec.kernel).arg("-initrd").arg(&spec.initramfs).arg("-append").arg(&spec.cmdline);
         cmd.args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
@@ -95,26 +106,49 @@ impl Qemu {
         cmd
     }
 
-    /// Runs a migration (`migrate` or `migrate-incoming` to/from `uri`) with x-ignore-shared
-    /// (RAM that is a shared file is skipped: it is the memory file) and waits for it.
-    async fn migrate(&self, spec: &VmSpec, command: &str, uri: String) -> Result<()> {
+    /// Runs a migration (`migrate` or `migrate-incoming` to/from `uri`) in `format` and
+    /// waits for it; returns QEMU's final status and when the vCPUs stopped (QEMU's `STOP`
+    /// event; else the last moment the migration was seen unfinished). `IgnoreShared` skips RAM that is a shared
+    /// file (the memory file is the RAM); `MappedRam` writes pages at fixed file offsets.
+    async fn migrate(
+        &self,
+        spec: &VmSpec,
+        command: &str,
+        uri: String,
+        format: StateFormat,
+        timeout: Duration,
+    ) -> Result<(serde_json::Value, SystemTime)> {
         let err = |e: super::qmp::QmpError| SailboxError::host(format!("sailbox {}", spec.id), e);
         let mut qmp = Qmp::connect(&qmp_socket(spec), QMP_TIMEOUT).await.map_err(err)?;
-        let caps = json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]});
+        let mapped = format == StateFormat::MappedRam;
+        let caps = json!({"capabilities": [
+            {"capability": "x-ignore-shared", "state": !mapped},
+            {"capability": "mapped-ram", "state": mapped},
+        ]});
         qmp.execute("migrate-set-capabilities", caps, QMP_TIMEOUT).await.map_err(err)?;
+        if mapped && command == "migrate" {
+            // A local file: no bandwidth cap (QEMU's default is 128 MiB/s), a short last pass.
+            let params = json!({"max-bandwidth": 1u64 << 40, "downtime-limit": LIVE_SAVE_DOWNTIME_MS});
+            qmp.execute("migrate-set-parameters", params, QMP_TIMEOUT).await.map_err(err)?;
+        }
         qmp.execute(command, json!({"uri": uri}), QMP_TIMEOUT).await.map_err(err)?;
-        let deadline = Instant::now() + MIGRATE_TIMEOUT;
+        let deadline = Instant::now() + timeout;
+        let mut unfinished_at = SystemTime::now();
         loop {
             let st = qmp.execute("query-migrate", json!({}), QMP_TIMEOUT).await.map_err(err)?;
             match st.get("status").and_then(|s| s.as_str()) {
-                Some("completed") => return Ok(()),
+                Some("completed") => {
+                    let stopped = qmp.take_events().iter().rev().find_map(stop_time).unwrap_or(unfinished_at);
+                    return Ok((st, stopped));
+                }
                 Some("failed") | Some("cancelled") => {
                     let why = st.get("error-desc").and_then(|d| d.as_str()).unwrap_or("no reason given");
                     return Err(SailboxError::Host(format!("{command} failed: {why}")));
                 }
-                _ => {}
+                _ => unfinished_at = SystemTime::now(),
             }
             if Instant::now() > deadline {
+                let _ = qmp.execute("migrate_cancel", json!({}), QMP_TIMEOUT).await;
                 return Err(SailboxError::Host(format!("{command} did not finish in time")));
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
@@ -155,6 +189,16 @@ impl Qemu {
     }
 }
 
+/// When a QMP `STOP` event happened (its wall-clock timestamp).
+fn stop_time(event: &serde_json::Value) -> Option<SystemTime> {
+    if event.get("event").and_then(|e| e.as_str()) != Some("STOP") {
+        return None;
+    }
+    let ts = event.get("timestamp")?;
+    let (s, us) = (ts.get("seconds")?.as_u64()?, ts.get("microseconds")?.as_u64()?);
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(s) + Duration::from_micros(us))
+}
+
 #[async_trait]
 impl Hypervisor for Qemu {
     fn name(&self) -> &'static str {
@@ -175,7 +219,8 @@ impl Hypervisor for Qemu {
         if started.is_ok()
             && let Some(state) = &spec.incoming
         {
-            started = self.migrate(spec, "migrate-incoming", format!("file:{}", state.display())).await;
+            let uri = format!("file:{}", state.path.display());
+            started = self.migrate(spec, "migrate-incoming", uri, state.format, MIGRATE_TIMEOUT).await.map(|_| ());
         }
         match started {
             Ok(()) => Ok(procs),
@@ -189,7 +234,15 @@ impl Hypervisor for Qemu {
     }
 
     async fn save_device_state(&self, spec: &VmSpec, path: &Path) -> Result<()> {
-        self.migrate(spec, "migrate", format!("file:{}", path.display())).await
+        let uri = format!("file:{}", path.display());
+        self.migrate(spec, "migrate", uri, StateFormat::IgnoreShared, MIGRATE_TIMEOUT).await.map(|_| ())
+    }
+
+    async fn save_with_memory(&self, spec: &VmSpec, path: &Path) -> Result<LiveSave> {
+        let _ = std::fs::remove_file(path);
+        let uri = format!("file:{}", path.display());
+        let (st, stopped_at) = self.migrate(spec, "migrate", uri, StateFormat::MappedRam, LIVE_SAVE_TIMEOUT).await?;
+        Ok(LiveSave { downtime_ms: st.get("downtime").and_then(|d| d.as_u64()).unwrap_or(0), stopped_at })
     }
 
     async fn status(&self, spec: &VmSpec) -> Result<VmStatus> {

@@ -1,5 +1,5 @@
 //! A minimal client of QEMU's QMP (JSON lines over a Unix socket): connect, negotiate
-//! capabilities, execute commands, skip asynchronous events.
+//! capabilities, execute commands, keep asynchronous events for the caller.
 
 use std::path::Path;
 use std::time::Duration;
@@ -46,7 +46,12 @@ pub struct Qmp {
     reader: BufReader<OwnedReadHalf>,
     writer: OwnedWriteHalf,
     path: String,
+    /// Asynchronous events seen while waiting for replies (kept, oldest first, bounded).
+    events: Vec<Value>,
 }
+
+/// Most events kept between [`Qmp::take_events`] calls.
+const MAX_EVENTS: usize = 256;
 
 impl Qmp {
     /// Connects and negotiates capabilities.
@@ -58,7 +63,7 @@ impl Qmp {
             .map_err(|_| QmpError::Timeout("connect".into()))?
             .map_err(io)?;
         let (r, w) = stream.into_split();
-        let mut qmp = Self { reader: BufReader::new(r), writer: w, path: p.clone() };
+        let mut qmp = Self { reader: BufReader::new(r), writer: w, path: p.clone(), events: Vec::new() };
         let greeting =
             tokio::time::timeout(timeout, qmp.read_message()).await.map_err(|_| QmpError::Timeout("greeting".into()))??;
         if greeting.get("QMP").is_none() {
@@ -84,6 +89,11 @@ impl Qmp {
         serde_json::from_slice(&line).map_err(|e| QmpError::Protocol(format!("bad JSON from QEMU: {e}")))
     }
 
+    /// The events seen so far on this session (`{"event", "data", "timestamp"}`), emptied.
+    pub fn take_events(&mut self) -> Vec<Value> {
+        std::mem::take(&mut self.events)
+    }
+
     /// Runs a command and returns its `return` value.
     pub async fn execute(&mut self, command: &str, arguments: Value, timeout: Duration) -> Result<Value, QmpError> {
         let mut msg = json!({ "execute": command });
@@ -97,6 +107,9 @@ impl Qmp {
             loop {
                 let m = self.read_message().await?;
                 if m.get("event").is_some() {
+                    if self.events.len() < MAX_EVENTS {
+                        self.events.push(m);
+                    }
                     continue;
                 }
                 if let Some(ret) = m.get("return") {

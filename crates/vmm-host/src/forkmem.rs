@@ -1,0 +1,191 @@
+//! Forks' memory. Every VM started from a checkpoint on this host (forks, restores by
+//! checkpoint id) maps one read-only cowfs view of that checkpoint's memory privately
+//! (copy-on-write): pages no fork has written are one copy in the host page cache, shared
+//! by all of them, and each fork holds only the pages it wrote. The view is removed when
+//! the last VM mapping it stops.
+//!
+//! A VM on a private mapping has no cowfs file tracking its writes, so its checkpoint is a
+//! live `mapped-ram` save of all of memory (see [`crate::hypervisor::mapped_ram`]);
+//! [`Host::import_memory`] turns that RAM image into a memory manifest, uploading only the
+//! regions the store lacks (those the guest changed since the base checkpoint). Once such a
+//! sailbox is woken from its own checkpoint it has its own memory file again.
+
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use chunkstore::ChunkId;
+use cowfs::{Exported, Manifest, REGION_SIZE, RegionRef};
+use futures::StreamExt;
+
+use crate::error::{Result, SailboxError};
+use crate::host::{Host, Live};
+use crate::hypervisor::mapped_ram::RamLayout;
+use crate::vmfiles::VmFiles;
+
+/// Where RAM saves go when it is a tmpfs with room (see [`ram_save_path`]).
+const SHM: &str = "/dev/shm";
+/// `statfs` magic of tmpfs.
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+
+/// Where a live save of a private VM's memory (`size` bytes of RAM) is written: `/dev/shm`
+/// when it is a tmpfs with room for it, else the run directory `run_dir`. QEMU syncs a
+/// mapped-ram file to disk before it completes the save, with the guest stopped; on tmpfs
+/// that sync is free, so the pause stays the last pass (measured: ~400 ms for 900 MiB of
+/// data on this machine's disk, a few ms on tmpfs). The file lives only until its RAM image
+/// is stored (host memory of up to the guest's used memory, for that long).
+pub(crate) fn ram_save_path(id: &str, run_dir: &Path, size: u64) -> PathBuf {
+    let shm = Path::new(SHM);
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let c = std::ffi::CString::new(SHM).unwrap_or_default();
+    // SAFETY: statfs with a NUL-terminated path and a zeroed out-struct.
+    let ok = unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0;
+    let free = (st.f_bavail as u64).saturating_mul(st.f_bsize as u64);
+    if ok && st.f_type as i64 == TMPFS_MAGIC && free > size.saturating_add(256 << 20) {
+        shm.join(ram_save_name(id))
+    } else {
+        run_dir.join("ram.mig")
+    }
+}
+
+/// The file name of a sailbox's RAM save under `/dev/shm`.
+fn ram_save_name(id: &str) -> String {
+    format!("sail-{id}.ram.mig")
+}
+
+/// Removes a RAM save of sailbox `id` left under `/dev/shm` by a crash mid-checkpoint
+/// (recovery calls it for every sailbox it knows: none is checkpointing then).
+pub(crate) fn remove_stale_ram_save(id: &str) {
+    let _ = std::fs::remove_file(Path::new(SHM).join(ram_save_name(id)));
+}
+
+/// Regions read and hashed per blocking task (8 MiB).
+const REGIONS_PER_TASK: u64 = 32;
+/// Tasks in flight (reading, hashing, uploading).
+const TASKS_IN_FLIGHT: usize = 4;
+
+impl Host {
+    /// Makes sure checkpoint `ck_id`'s memory view exists and records, under the views lock,
+    /// that the sailbox maps it (so no concurrent stop removes it in between).
+    pub(crate) async fn map_view(&self, live: &Arc<Live>, ck_id: &str, memory_manifest: &str) -> Result<()> {
+        let _views = self.inner.views.lock().await;
+        self.inner.files.ensure_view(ck_id, memory_manifest).await?;
+        let rec = live.update(|r| r.memory_base = Some(ck_id.to_owned()));
+        self.inner.state.put_sailbox(&rec)
+    }
+
+    /// Records that the sailbox's VM no longer maps a view (its VM is gone), and removes the
+    /// view if no other sailbox's VM maps it.
+    pub(crate) async fn unmap_view(&self, live: &Arc<Live>) {
+        let Some(ck_id) = live.snapshot().memory_base else { return };
+        let _views = self.inner.views.lock().await;
+        let rec = live.update(|r| r.memory_base = None);
+        let _ = self.inner.state.put_sailbox(&rec);
+        if !self.view_in_use(&ck_id) {
+            if let Err(e) = self.inner.files.remove_name(&VmFiles::view_name(&ck_id)).await {
+                tracing::warn!(checkpoint = %ck_id, error = %e, "removing a memory view failed");
+            } else {
+                tracing::debug!(checkpoint = %ck_id, "memory view removed (no VM maps it)");
+            }
+        }
+    }
+
+    /// Whether any live sailbox's VM maps checkpoint `ck_id`'s view.
+    pub(crate) fn view_in_use(&self, ck_id: &str) -> bool {
+        let live = self.inner.live.lock().unwrap_or_else(|p| p.into_inner());
+        live.values().any(|l| l.snapshot().memory_base.as_deref() == Some(ck_id))
+    }
+
+    /// Stores the RAM image in the pages region of the cleaned mapped-ram file at `path` as a
+    /// memory manifest. Regions equal to `base`'s (the checkpoint the VM started from) are
+    /// not counted as changed; chunks the store has are not uploaded.
+    pub(crate) async fn import_memory(&self, path: &Path, layout: RamLayout, base: &Manifest) -> Result<Exported> {
+        let regions = layout.size.div_ceil(REGION_SIZE);
+        let tasks = regions.div_ceil(REGIONS_PER_TASK);
+        let path: Arc<PathBuf> = Arc::new(path.to_path_buf());
+        let file = Arc::new(std::fs::File::open(&*path).map_err(|e| SailboxError::host("opening the RAM image", e))?);
+        let backend = self.inner.backend.clone();
+        let mut results = futures::stream::iter(0..tasks)
+            .map(|t| {
+                let (file, backend) = (file.clone(), backend.clone());
+                async move {
+                    let first = t * REGIONS_PER_TASK;
+                    let last = (first + REGIONS_PER_TASK).min(regions);
+                    let read = tokio::task::spawn_blocking(move || read_regions(&file, layout, first..last))
+                        .await
+                        .map_err(|e| SailboxError::Host(e.to_string()))??;
+                    let mut out = Vec::with_capacity(read.len());
+                    for (r, data) in read {
+                        let Some(data) = data else {
+                            out.push((r, None, false));
+                            continue;
+                        };
+                        let id = ChunkId::of(&data);
+                        let len = data.len() as u32;
+                        let uploaded = !backend.exists(id).await?;
+                        if uploaded {
+                            backend.put(id, data).await?;
+                        }
+                        out.push((r, Some(RegionRef { chunk: id, offset: 0, len }), uploaded));
+                    }
+                    Ok::<_, SailboxError>(out)
+                }
+            })
+            .buffered(TASKS_IN_FLIGHT);
+        let mut manifest = Manifest::zeros(layout.size).map_err(|e| SailboxError::Host(e.to_string()))?;
+        let mut stats = Exported {
+            manifest: String::new(),
+            regions: 0,
+            zero_regions: 0,
+            chunks_uploaded: 0,
+            bytes_uploaded: 0,
+            bytes_frozen: 0,
+        };
+        while let Some(batch) = results.next().await {
+            for (r, entry, uploaded) in batch? {
+                let was = base.regions.get(r as usize).copied().flatten();
+                if was != entry {
+                    stats.regions += 1;
+                    stats.bytes_frozen += REGION_SIZE.min(layout.size - r * REGION_SIZE);
+                    stats.zero_regions += u64::from(entry.is_none());
+                }
+                if uploaded {
+                    stats.chunks_uploaded += 1;
+                    stats.bytes_uploaded += entry.map_or(0, |e| u64::from(e.len));
+                }
+                if let Some(slot) = manifest.regions.get_mut(r as usize) {
+                    *slot = entry;
+                }
+            }
+        }
+        let bytes = Bytes::from(manifest.encode());
+        let id = ChunkId::of(&bytes);
+        self.inner.backend.put(id, bytes).await?;
+        stats.manifest = id.to_hex();
+        Ok(stats)
+    }
+}
+
+/// Reads regions of the RAM image: `None` for all-zero ones (holes are not read).
+fn read_regions(file: &std::fs::File, layout: RamLayout, regions: std::ops::Range<u64>) -> Result<Vec<(u64, Option<Bytes>)>> {
+    let io = |e: std::io::Error| SailboxError::host("reading the RAM image", e);
+    let mut out = Vec::with_capacity((regions.end - regions.start) as usize);
+    for r in regions {
+        let start = r * REGION_SIZE;
+        let len = REGION_SIZE.min(layout.size - start);
+        let at = layout.pages_offset + start;
+        // SAFETY: lseek on an open descriptor (pread below does not use the file offset).
+        let data_at = unsafe { libc::lseek(file.as_raw_fd(), at as i64, libc::SEEK_DATA) };
+        if data_at < 0 || data_at as u64 >= at + len {
+            out.push((r, None));
+            continue;
+        }
+        let mut buf = vec![0u8; len as usize];
+        file.read_exact_at(&mut buf, at).map_err(io)?;
+        let zero = buf.iter().all(|&b| b == 0);
+        out.push((r, if zero { None } else { Some(Bytes::from(buf)) }));
+    }
+    Ok(out)
+}
