@@ -170,6 +170,41 @@ pub struct SailboxRecord {
 }
 
 impl SailboxRecord {
+    /// A record in state `Creating` that has run nothing yet (no processes, listeners,
+    /// checkpoints), created now; create, fork and restore fill in the rest with struct
+    /// update syntax (`SailboxRecord { id, app, .., ..SailboxRecord::creating() }`).
+    pub fn creating() -> Self {
+        Self {
+            id: String::new(),
+            app: String::new(),
+            name: String::new(),
+            image: String::new(),
+            state: State::Creating,
+            state_reason: String::new(),
+            cpu: 0.0,
+            vcpus: 0,
+            memory_mib: 0,
+            disk_gib: 0,
+            listeners: Vec::new(),
+            volumes: BTreeMap::new(),
+            created_unix_ms: crate::now_ms(),
+            guest_schema_version: 0,
+            agent_version: String::new(),
+            hypervisor: String::new(),
+            accelerator: String::new(),
+            boot_ms: 0,
+            procs: Vec::new(),
+            active_exec: None,
+            last_checkpoint: None,
+            files_at: None,
+            pending_upgrade: false,
+            sleep_call: None,
+            forked_from: None,
+            ports: Vec::new(),
+            memory_base: None,
+        }
+    }
+
     /// The wire form; `ingress_host` is where listeners are bound.
     pub fn to_proto(&self, host: &str, ingress_host: &str) -> pb::Sailbox {
         pb::Sailbox {
