@@ -68,22 +68,33 @@ const TASKS_IN_FLIGHT: usize = 4;
 
 impl Host {
     /// Makes sure checkpoint `ck_id`'s memory view exists and records, under the views lock,
-    /// that the sailbox maps it (so no concurrent stop removes it in between).
+    /// that the sailbox's VM maps it (so no concurrent stop of another VM removes it).
     pub(crate) async fn map_view(&self, live: &Arc<Live>, ck_id: &str, memory_manifest: &str) -> Result<()> {
-        let _views = self.inner.views.lock().await;
+        let mut views = self.inner.views.lock().await;
         self.inner.files.ensure_view(ck_id, memory_manifest).await?;
         let rec = live.update(|r| r.memory_base = Some(ck_id.to_owned()));
+        views.entry(ck_id.to_owned()).or_default().insert(rec.id.clone());
         self.inner.state.put_sailbox(&rec)
     }
 
-    /// Records that the sailbox's VM no longer maps a view (its VM is gone), and removes the
-    /// view if no other sailbox's VM maps it.
+    /// Counts a VM that already maps a view (one vmm-host re-attached to after a restart).
+    pub(crate) async fn adopt_view(&self, rec: &crate::model::SailboxRecord) {
+        if let Some(ck_id) = &rec.memory_base {
+            self.inner.views.lock().await.entry(ck_id.clone()).or_default().insert(rec.id.clone());
+        }
+    }
+
+    /// Records that the sailbox's VM no longer maps a view (its VM is gone, or never
+    /// started), and removes the view if no other VM maps it.
     pub(crate) async fn unmap_view(&self, live: &Arc<Live>) {
         let Some(ck_id) = live.snapshot().memory_base else { return };
-        let _views = self.inner.views.lock().await;
+        let mut views = self.inner.views.lock().await;
         let rec = live.update(|r| r.memory_base = None);
         let _ = self.inner.state.put_sailbox(&rec);
-        if !self.view_in_use(&ck_id) {
+        let users = views.entry(ck_id.clone()).or_default();
+        users.remove(&rec.id);
+        if users.is_empty() {
+            views.remove(&ck_id);
             if let Err(e) = self.inner.files.remove_name(&VmFiles::view_name(&ck_id)).await {
                 tracing::warn!(checkpoint = %ck_id, error = %e, "removing a memory view failed");
             } else {
@@ -92,10 +103,9 @@ impl Host {
         }
     }
 
-    /// Whether any live sailbox's VM maps checkpoint `ck_id`'s view.
-    pub(crate) fn view_in_use(&self, ck_id: &str) -> bool {
-        let live = self.inner.live.lock().unwrap_or_else(|p| p.into_inner());
-        live.values().any(|l| l.snapshot().memory_base.as_deref() == Some(ck_id))
+    /// Whether any VM maps checkpoint `ck_id`'s view.
+    pub(crate) async fn view_in_use(&self, ck_id: &str) -> bool {
+        self.inner.views.lock().await.get(ck_id).is_some_and(|u| !u.is_empty())
     }
 
     /// Stores the RAM image in the pages region of the cleaned mapped-ram file at `path` as a

@@ -161,8 +161,9 @@ pub(crate) struct Inner {
     pub(crate) kit: std::result::Result<GuestKit, String>,
     pub(crate) initramfs: tokio::sync::Mutex<Option<Initramfs>>,
     pub(crate) live: Mutex<HashMap<String, Arc<Live>>>,
-    /// Held while a checkpoint's memory view is created or removed (see `forkmem`).
-    pub(crate) views: tokio::sync::Mutex<()>,
+    /// Which sailboxes' VMs map each checkpoint's memory view (see `forkmem`); held while
+    /// a view is created or removed.
+    pub(crate) views: tokio::sync::Mutex<HashMap<String, std::collections::BTreeSet<String>>>,
     pub(crate) execs: crate::exec::ExecHub,
 }
 
@@ -209,7 +210,7 @@ impl Host {
                 kit,
                 initramfs: tokio::sync::Mutex::new(None),
                 live: Mutex::default(),
-                views: tokio::sync::Mutex::new(()),
+                views: tokio::sync::Mutex::default(),
                 execs: crate::exec::ExecHub::default(),
             }),
         };

@@ -234,16 +234,18 @@ impl Host {
 
     /// Kills the sailbox's VM (if any) and waits until it is gone. Its files stay.
     pub(crate) async fn stop_vm(&self, live: &Arc<Live>) {
-        let Some(vm) = live.set_vm(None) else { return };
-        vm.mark_stopping();
-        if let Some(w) = vm.watcher.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            w.abort();
+        if let Some(vm) = live.set_vm(None) {
+            vm.mark_stopping();
+            if let Some(w) = vm.watcher.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                w.abort();
+            }
+            for p in vm.procs.iter().rev() {
+                procs::kill(p).await;
+            }
+            let rec = live.update(|r| r.procs.clear());
+            let _ = self.inner.state.put_sailbox(&rec);
         }
-        for p in vm.procs.iter().rev() {
-            procs::kill(p).await;
-        }
-        let rec = live.update(|r| r.procs.clear());
-        let _ = self.inner.state.put_sailbox(&rec);
+        // Also when the VM never started (a fork whose launch failed maps no view any more).
         self.unmap_view(live).await;
     }
 

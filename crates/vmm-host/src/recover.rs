@@ -50,7 +50,7 @@ impl Host {
         for name in self.inner.files.names().await.unwrap_or_default() {
             // `<sailbox>.mem|.disk`, or `<checkpoint>.mem`: a view some sailbox's VM maps.
             let owner = name.rsplit_once('.').map(|(id, _)| id.to_owned()).unwrap_or_default();
-            if self.live(&owner).is_none() && !self.view_in_use(&owner) {
+            if self.live(&owner).is_none() && !self.view_in_use(&owner).await {
                 let _ = self.inner.files.remove_name(&name).await;
             }
         }
@@ -165,6 +165,7 @@ impl Host {
         });
         self.inner.state.put_sailbox(&rec)?;
         self.add_live(live);
+        self.adopt_view(&rec).await;
         self.watch_vmm(live, &vm);
         self.watch_execs(live)?;
         tracing::info!("re-attached to a running sailbox");
