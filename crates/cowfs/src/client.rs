@@ -78,6 +78,12 @@ impl CowClient {
         self.call(json!({"op": "create", "name": name, "base": manifest})).await.map(|_| ())
     }
 
+    /// Creates a read-only file over a stored manifest (writes and opens for writing fail
+    /// with `EROFS`).
+    pub async fn create_readonly(&self, name: &str, manifest: &str) -> Result<()> {
+        self.call(json!({"op": "create", "name": name, "base": manifest, "readonly": true})).await.map(|_| ())
+    }
+
     /// Removes a file (missing is fine).
     pub async fn remove(&self, name: &str) -> Result<()> {
         match self.call(json!({"op": "remove", "name": name})).await {

@@ -5,6 +5,7 @@
 //! | `{"op":"ping"}` | `{"files": N, "pid": P}` |
 //! | `{"op":"create","name":N,"size":S}` | `{}` (an all-zero file) |
 //! | `{"op":"create","name":N,"base":ID}` | `{"size": S}` (over the manifest stored as chunk ID) |
+//! | `{"op":"create","name":N,"base":ID,"readonly":true}` | `{"size": S}` (and refusing writes) |
 //! | `{"op":"remove","name":N}` | `{}` |
 //! | `{"op":"freeze","name":N}` | `{"regions": R}` (dirty regions now frozen) |
 //! | `{"op":"export","name":N}` | `{"manifest": ID, "regions", "zero_regions", "chunks_uploaded", "bytes_uploaded", "bytes_frozen"}` |
@@ -60,7 +61,8 @@ fn handle(reg: &Registry, req: &Value) -> Result<Value> {
                 }
             };
             let size = base.size;
-            reg.create(name, base)?;
+            let readonly = req.get("readonly").and_then(Value::as_bool).unwrap_or(false);
+            reg.create_with(name, base, readonly)?;
             json!({"size": size})
         }
         "remove" => {

@@ -18,6 +18,9 @@ pub enum CowError {
     /// The chunk store failed.
     #[error("chunk store: {0}")]
     Chunks(#[from] chunkstore::ChunkError),
+    /// A write to a read-only file (a checkpoint's memory view).
+    #[error("{0} is read-only")]
+    ReadOnly(String),
     /// Local I/O failed (the layer files).
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -30,6 +33,7 @@ impl CowError {
             Self::Invalid(_) => libc::EINVAL,
             Self::NotFound(_) => libc::ENOENT,
             Self::Exists(_) => libc::EEXIST,
+            Self::ReadOnly(_) => libc::EROFS,
             Self::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
             Self::Corrupt(_) | Self::Chunks(_) => libc::EIO,
         }

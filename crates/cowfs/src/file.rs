@@ -84,6 +84,9 @@ pub struct CowFile {
     layer: std::fs::File,
     chunks: Arc<Chunks>,
     state: RwLock<State>,
+    /// Refuses writes: its bytes are its base, for good (a checkpoint's memory view, which
+    /// VMs map privately: a write would change what every one of them reads).
+    readonly: bool,
 }
 
 fn bitmap_words(size: u64) -> usize {
@@ -93,6 +96,11 @@ fn bitmap_words(size: u64) -> usize {
 impl CowFile {
     /// A file over `base`, with its (new, empty) layer at `layer_path`.
     pub fn create(layer_path: &Path, base: Manifest, chunks: Arc<Chunks>) -> Result<Self> {
+        Self::create_with(layer_path, base, chunks, false)
+    }
+
+    /// Like [`CowFile::create`]; a `readonly` file refuses every write.
+    pub fn create_with(layer_path: &Path, base: Manifest, chunks: Arc<Chunks>, readonly: bool) -> Result<Self> {
         let layer = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(layer_path)?;
         layer.set_len(base.size)?;
         let size = base.size;
@@ -109,7 +117,13 @@ impl CowFile {
                 base_read_bytes: 0,
                 written_bytes: 0,
             }),
+            readonly,
         })
+    }
+
+    /// Whether the file refuses writes.
+    pub fn is_readonly(&self) -> bool {
+        self.readonly
     }
 
     fn read_lock(&self) -> std::sync::RwLockReadGuard<'_, State> {
@@ -219,6 +233,9 @@ impl CowFile {
 
     /// Writes `data` at `off` (the file does not grow: a write past the end is refused).
     pub fn write(&self, off: u64, data: &[u8]) -> Result<usize> {
+        if self.readonly {
+            return Err(CowError::ReadOnly("the file".into()));
+        }
         let mut st = self.write_lock();
         let end = off.checked_add(data.len() as u64).ok_or_else(|| CowError::Invalid("offset overflow".into()))?;
         if end > st.size {

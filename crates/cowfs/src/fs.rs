@@ -61,6 +61,11 @@ impl Registry {
 
     /// Creates a file over `base`.
     pub fn create(&self, name: &str, base: Manifest) -> Result<Arc<CowFile>> {
+        self.create_with(name, base, false)
+    }
+
+    /// Creates a file over `base`; a `readonly` one refuses writes (and opens for writing).
+    pub fn create_with(&self, name: &str, base: Manifest, readonly: bool) -> Result<Arc<CowFile>> {
         check_name(name)?;
         let mut files = self.files.write().unwrap_or_else(|p| p.into_inner());
         if files.by_name.contains_key(name) {
@@ -68,7 +73,7 @@ impl Registry {
         }
         let layer = self.store.join(format!("{name}.layer"));
         let _ = std::fs::remove_file(&layer);
-        let file = Arc::new(CowFile::create(&layer, base, self.chunks.clone())?);
+        let file = Arc::new(CowFile::create_with(&layer, base, self.chunks.clone(), readonly)?);
         // The layer is only reached through the open descriptor: unlink it now, so nothing
         // is left on disk when the daemon goes away.
         let _ = std::fs::remove_file(&layer);
@@ -139,7 +144,7 @@ impl CowFs {
         if ino == ROOT {
             return Some(attr(ROOT, FileType::Directory, 0, 0o755));
         }
-        self.0.by_ino(ino).map(|f| attr(ino, FileType::RegularFile, f.size(), 0o600))
+        self.0.by_ino(ino).map(|f| attr(ino, FileType::RegularFile, f.size(), if f.is_readonly() { 0o400 } else { 0o600 }))
     }
 }
 
@@ -200,9 +205,10 @@ impl Filesystem for CowFs {
         reply.attr(&TTL, &a);
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        if self.0.by_ino(ino.0).is_none() {
-            return reply.error(Errno::ENOENT);
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let Some(f) = self.0.by_ino(ino.0) else { return reply.error(Errno::ENOENT) };
+        if f.is_readonly() && flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
+            return reply.error(Errno::EROFS);
         }
         // The page cache stays valid: every change goes through this mount.
         reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);

@@ -227,3 +227,52 @@ async fn create_and_fork_copy_nothing_of_the_base() {
     assert_eq!(written[0].1, written[1].1, "create writes the same for a 16x larger base: {written:?}");
     assert_eq!(written[0].2, written[1].2, "fork writes the same for a 16x larger base: {written:?}");
 }
+
+/// A read-only file (what a checkpoint's memory view is): writes and opens for writing fail
+/// with EROFS, reads serve the base, and a private mapping written by one process changes
+/// neither the file nor what another private mapping of it reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readonly_files_serve_private_mappings_and_refuse_writes() {
+    let chunks = tempfile::tempdir().unwrap();
+    let d = start(chunks.path()).await;
+    let size = 4usize << 20;
+    d.client.create_zeros("src", size as u64).await.unwrap();
+    std::fs::OpenOptions::new().write(true).open(d.file("src")).unwrap().write_all_at(&pattern(size, 7), 0).unwrap();
+    d.client.freeze("src").await.unwrap();
+    let m = d.client.export("src").await.unwrap();
+    d.client.create_readonly("view", &m.manifest).await.unwrap();
+
+    let e = std::fs::OpenOptions::new().write(true).open(d.file("view")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+    let e = std::fs::OpenOptions::new().read(true).write(true).open(d.file("view")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+    assert_eq!(std::fs::read(d.file("view")).unwrap(), pattern(size, 7));
+
+    let map = |f: &std::fs::File| {
+        // SAFETY: a private, writable mapping of a read-only descriptor (copy-on-write).
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE,
+                std::os::fd::AsRawFd::as_raw_fd(f),
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        p as *mut u8
+    };
+    let (fa, fb) = (std::fs::File::open(d.file("view")).unwrap(), std::fs::File::open(d.file("view")).unwrap());
+    let (a, b) = (map(&fa), map(&fb));
+    // SAFETY: both mappings are `size` bytes long; offsets are within them.
+    unsafe {
+        std::ptr::write_bytes(a.add(4096), 0xee, 4096);
+        assert_eq!(*a.add(4096), 0xee, "the writer sees its own copy");
+        assert_eq!(*b.add(4096), pattern(size, 7)[4096], "another mapping still reads the file");
+        libc::munmap(a as *mut libc::c_void, size);
+        libc::munmap(b as *mut libc::c_void, size);
+    }
+    assert_eq!(std::fs::read(d.file("view")).unwrap(), pattern(size, 7), "the file did not change");
+    assert_eq!(stat(&d.client.stats("view").await.unwrap(), "dirty_regions"), 0);
+}

@@ -163,9 +163,9 @@ impl VmFiles {
         self.client.create_from(&Self::disk_name(id), disk_manifest).await.map_err(cow)
     }
 
-    /// Makes sure a checkpoint's memory view exists (over its memory manifest).
+    /// Makes sure a checkpoint's memory view exists (over its memory manifest, read-only).
     pub async fn ensure_view(&self, checkpoint: &str, memory_manifest: &str) -> Result<()> {
-        match self.client.create_from(&Self::view_name(checkpoint), memory_manifest).await {
+        match self.client.create_readonly(&Self::view_name(checkpoint), memory_manifest).await {
             Ok(()) | Err(cowfs::CowError::Exists(_)) => Ok(()),
             Err(e) => Err(cow(e)),
         }
