@@ -278,23 +278,38 @@ impl CowFile {
     }
 
     /// Starts a checkpoint: the regions written since the last one become the frozen set.
-    /// Call while nothing writes (the VM is paused and its writes flushed). Fails if the
-    /// previous checkpoint was not exported.
+    /// Call while nothing writes (the VM is paused and its writes flushed). A previous
+    /// checkpoint that was frozen but never exported (its caller failed in between) is
+    /// abandoned: its regions join this one, with their current bytes.
     pub fn freeze(&self) -> Result<u64> {
         let mut st = self.write_lock();
-        if !st.frozen.is_empty() {
-            return Err(CowError::Invalid("the previous checkpoint is not exported yet".into()));
-        }
-        st.frozen = std::mem::take(&mut st.dirty);
+        let mut frozen = std::mem::take(&mut st.dirty);
+        frozen.append(&mut st.frozen);
+        st.frozen = frozen;
+        // Saved frozen bytes belonged to the abandoned checkpoint; the file is still now.
+        st.frozen_copies.clear();
         Ok(st.frozen.len() as u64)
     }
 
     /// Finishes a checkpoint: stores each frozen region as a chunk (all-zero regions as
     /// nothing), and returns the new manifest. The file keeps serving meanwhile. Regions are
     /// read in batches and stored concurrently, so memory use stays bounded.
+    /// If storing fails, the checkpoint is abandoned and every frozen region is marked
+    /// written again, so the next checkpoint stores it (nothing is lost).
     pub fn export(&self) -> Result<(Manifest, ExportStats)> {
-        let mut stats = ExportStats::default();
         let regions: Vec<u32> = self.read_lock().frozen.iter().copied().collect();
+        let exported = self.export_regions(&regions);
+        if exported.is_err() {
+            let mut st = self.write_lock();
+            st.dirty.extend(regions);
+            st.frozen.clear();
+            st.frozen_copies.clear();
+        }
+        exported
+    }
+
+    fn export_regions(&self, regions: &[u32]) -> Result<(Manifest, ExportStats)> {
+        let mut stats = ExportStats::default();
         let mut updates = Vec::with_capacity(regions.len());
         for batch in regions.chunks(EXPORT_BATCH) {
             let mut pending = Vec::with_capacity(batch.len());

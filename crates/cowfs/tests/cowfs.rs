@@ -276,3 +276,36 @@ async fn readonly_files_serve_private_mappings_and_refuse_writes() {
     assert_eq!(std::fs::read(d.file("view")).unwrap(), pattern(size, 7), "the file did not change");
     assert_eq!(stat(&d.client.stats("view").await.unwrap(), "dirty_regions"), 0);
 }
+
+/// A checkpoint whose export fails (the chunk directory refuses new chunks, even to root)
+/// is abandoned without losing its regions: the next checkpoint stores them, and so does a
+/// checkpoint after one that was frozen and never exported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_or_abandoned_checkpoints_lose_nothing() {
+    let chunks = tempfile::tempdir().unwrap();
+    let d = start(chunks.path()).await;
+    let size = 4usize << 20;
+    d.client.create_zeros("f", size as u64).await.unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(d.file("f")).unwrap();
+    f.write_all_at(&pattern(4096, 1), 0).unwrap();
+    d.client.freeze("f").await.unwrap();
+    let chattr = |flag: &str| {
+        let st = Command::new("chattr").arg("-R").arg(flag).arg(chunks.path()).status().expect("chattr (e2fsprogs)");
+        assert!(st.success());
+    };
+    chattr("+i");
+    let failed = d.client.export("f").await;
+    chattr("-i");
+    assert!(failed.is_err(), "the export cannot store its chunk");
+    // Written again after the failure, then frozen (and abandoned, never exported).
+    f.write_all_at(&pattern(4096, 2), 1 << 20).unwrap();
+    d.client.freeze("f").await.unwrap();
+    f.write_all_at(&pattern(4096, 3), 2 << 20).unwrap();
+    assert_eq!(d.client.freeze("f").await.unwrap(), 3, "all three written regions are in the checkpoint");
+    let m = d.client.export("f").await.unwrap();
+    d.client.create_from("g", &m.manifest).await.unwrap();
+    let g = std::fs::read(d.file("g")).unwrap();
+    assert_eq!(&g[..4096], &pattern(4096, 1)[..]);
+    assert_eq!(&g[1 << 20..(1 << 20) + 4096], &pattern(4096, 2)[..]);
+    assert_eq!(&g[2 << 20..(2 << 20) + 4096], &pattern(4096, 3)[..]);
+}

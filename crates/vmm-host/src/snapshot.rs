@@ -153,7 +153,7 @@ impl Host {
 
     /// Captures a VM with its own memory file: flush memory and disk to cowfs while the
     /// guest runs, stop it, flush the rest, save the device state without RAM, freeze both
-    /// files, resume (or power down); then export the frozen regions.
+    /// files; then export the frozen regions (see [`Host::release_guest`] for the order).
     async fn capture_shared(&self, live: &Arc<Live>, vm: &Arc<Vm>, after: After) -> Result<Captured> {
         let hypervisor = self.hypervisor()?;
         let files = &self.inner.files;
@@ -169,24 +169,24 @@ impl Host {
             std::fs::read(&state_path).map_err(|e| SailboxError::host("reading the device state", e))
         }
         .await;
-        let pause_ms = self.release_guest(live, vm, after, frozen.is_ok(), paused_at).await?;
-        let device_state = frozen?;
-        let exports = files.export(&id).await?;
+        let (pause_ms, device_state, exports) = self.release_guest(live, vm, after, paused_at, frozen, files.export(&id)).await?;
         Ok(Captured { pause_ms, device_state, format: StateFormat::IgnoreShared, memory: exports.memory, disk: exports.disk })
     }
 
     /// Captures a VM on a private mapping of a checkpoint's memory view: a live mapped-ram
     /// save of device state and all of memory (the guest runs until the last pass), then
-    /// with the VM stopped the disk is flushed and frozen, and the guest resumed (or powered
-    /// down). The RAM image is then split from the device state and stored as chunks.
+    /// with the VM stopped the disk is flushed and frozen. The RAM image is split from the
+    /// device state and stored as chunks (see [`Host::release_guest`] for the order).
     async fn capture_private(&self, live: &Arc<Live>, vm: &Arc<Vm>, after: After) -> Result<Captured> {
         let hypervisor = self.hypervisor()?;
         let files = &self.inner.files;
         let rec = live.snapshot();
+        let size = u64::from(rec.memory_mib) << 20;
         files.flush(&rec.id, false).await?;
-        let ram = crate::forkmem::ram_save_path(&rec.id, &vm.spec.dir, u64::from(rec.memory_mib) << 20);
+        let ram = crate::forkmem::ram_save_path(&rec.id, &vm.spec.dir, size);
         let saved = hypervisor.save_with_memory(&vm.spec, &ram).await;
-        // The pause counts from the VMM's own stop (the last pass), not from when its end was seen.
+        // The pause counts from the VMM's own stop (the last pass), not from when its end was
+        // seen, so it includes the VMM's downtime.
         let stopped_at = saved.as_ref().map_or_else(
             |_| Instant::now(),
             |s| {
@@ -201,12 +201,7 @@ impl Host {
             Ok::<_, SailboxError>(saved)
         }
         .await;
-        let released = self.release_guest(live, vm, after, frozen.is_ok(), stopped_at).await;
-        let result = async {
-            // Counted from the VMM's stop event, so it includes the VMM's own downtime.
-            let (pause_ms, downtime_ms) = (released?, frozen?.downtime_ms);
-            tracing::debug!(sailbox = %rec.id, pause_ms, downtime_ms, path = %ram.display(), "live save of private memory");
-            let size = u64::from(rec.memory_mib) << 20;
+        let store = async {
             let path = ram.clone();
             let (layout, device_state) = tokio::task::spawn_blocking(move || {
                 let layout = RamLayout::locate(&path, mapped_ram::MEMORY_BLOCK, size)?;
@@ -230,24 +225,57 @@ impl Host {
                 None => cowfs::Manifest::zeros(size).map_err(|e| SailboxError::Host(e.to_string()))?,
             };
             let (memory, disk) = tokio::join!(self.import_memory(&ram, layout, &base), files.export_disk(&rec.id));
-            Ok(Captured { pause_ms, device_state, format: StateFormat::MappedRam, memory: memory?, disk: disk? })
-        }
-        .await;
+            Ok((device_state, memory?, disk?))
+        };
+        let released = self.release_guest(live, vm, after, stopped_at, frozen, store).await;
         let _ = std::fs::remove_file(&ram);
-        result
+        let (pause_ms, saved, (device_state, memory, disk)) = released?;
+        tracing::debug!(sailbox = %rec.id, pause_ms, downtime_ms = saved.downtime_ms, path = %ram.display(), "live save of private memory");
+        Ok(Captured { pause_ms, device_state, format: StateFormat::MappedRam, memory, disk })
     }
 
-    /// After the capture of a stopped guest: resume it (`After::Run`, or when the capture
-    /// failed) or power it down. Returns how long it was stopped since `stopped_at`, ms.
-    async fn release_guest(&self, live: &Arc<Live>, vm: &Arc<Vm>, after: After, ok: bool, stopped_at: Instant) -> Result<u64> {
-        if !ok || after == After::Run {
-            let resumed = self.hypervisor()?.resume(&vm.spec).await;
-            let ms = stopped_at.elapsed().as_millis() as u64;
-            return resumed.map(|_| ms);
+    /// Ends a capture whose guest has been stopped since `stopped_at`: `captured` is what
+    /// was taken while stopped, `store` stores the rest (the frozen regions, the RAM image).
+    /// `After::Run` resumes the guest first, so it does not wait for the store.
+    /// `After::PowerDown` stores first and powers the guest down only once that succeeded;
+    /// if anything fails the guest is resumed, so a failed sleep or pause loses nothing.
+    /// Returns the pause (ms), what was captured and what the store returned.
+    async fn release_guest<C, T>(
+        &self,
+        live: &Arc<Live>,
+        vm: &Arc<Vm>,
+        after: After,
+        stopped_at: Instant,
+        captured: Result<C>,
+        store: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<(u64, C, T)> {
+        let hypervisor = self.hypervisor()?;
+        let captured = match captured {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = hypervisor.resume(&vm.spec).await;
+                return Err(e);
+            }
+        };
+        match after {
+            After::Run => {
+                let resumed = hypervisor.resume(&vm.spec).await;
+                let pause_ms = stopped_at.elapsed().as_millis() as u64;
+                resumed?;
+                Ok((pause_ms, captured, store.await?))
+            }
+            After::PowerDown => match store.await {
+                Ok(stored) => {
+                    let pause_ms = stopped_at.elapsed().as_millis() as u64;
+                    self.stop_vm(live).await;
+                    Ok((pause_ms, captured, stored))
+                }
+                Err(e) => {
+                    let _ = hypervisor.resume(&vm.spec).await;
+                    Err(e)
+                }
+            },
         }
-        let ms = stopped_at.elapsed().as_millis() as u64;
-        self.stop_vm(live).await;
-        Ok(ms)
     }
 
     /// Snapshots memory and writable disk while the sailbox keeps running.

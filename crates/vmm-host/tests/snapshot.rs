@@ -67,6 +67,13 @@ async fn http_get(url: &str) -> std::io::Result<String> {
     Ok(out)
 }
 
+/// `chattr -R +i` / `-i`: makes the chunk directory refuse new chunks (even to root).
+fn set_immutable(dir: &std::path::Path, on: bool) {
+    let flag = if on { "+i" } else { "-i" };
+    let st = std::process::Command::new("chattr").arg("-R").arg(flag).arg(dir).status().expect("chattr (e2fsprogs)");
+    assert!(st.success(), "chattr {flag} {}", dir.display());
+}
+
 fn sid(id: &str) -> pb::SailboxIdRequest {
     pb::SailboxIdRequest { sailbox_id: id.into() }
 }
@@ -142,6 +149,17 @@ async fn checkpoint_fork_sleep_pause_restore() {
     let grandchild = fork_b.child.unwrap().sailbox_id;
     count_after(&mut c, &grandchild, b_before_sleep).await;
     assert_eq!(text(&mut c, &grandchild, "/data/who").await, "b");
+    // A sleep whose chunks cannot be stored fails and loses nothing: the guest runs on.
+    // (The grandchild is a fork: its memory goes through the mapped-ram path.)
+    let chunks = dir.path().join("vmm/chunks");
+    let at = count(&mut c, &grandchild).await;
+    set_immutable(&chunks, true);
+    let failed = c.sleep(pb::SleepRequest { sailbox_id: grandchild.clone(), call: String::new() }).await;
+    set_immutable(&chunks, false);
+    let e = failed.expect_err("a sleep that cannot store its checkpoint must fail");
+    assert_eq!(error_name(&e), "SailboxCreationError", "{e:?}");
+    assert_eq!(state(&mut c, &grandchild).await, pb::SailboxState::Running as i32);
+    count_after(&mut c, &grandchild, at).await;
     assert_eq!(state(&mut c, &b).await, pb::SailboxState::Sleeping as i32, "forking a sleeper must not wake it");
     c.terminate(pb::TerminateRequest { sailbox_id: (&grandchild).to_string() }).await.unwrap();
     // An exec wakes a sleeper; upgrade of a current agent needs no reboot.
@@ -184,6 +202,15 @@ async fn checkpoint_fork_sleep_pause_restore() {
     let resumed = c.get_sailbox(pb::GetSailboxRequest { sailbox_id: a.clone(), connect: true }).await.unwrap().into_inner();
     assert_eq!(resumed.state, pb::SailboxState::Running as i32, "connect resumes");
     count_after(&mut c, &a, at_checkpoint).await;
+
+    // The same for a sailbox with its own memory file (exported by cowfs).
+    let at = count(&mut c, &a).await;
+    set_immutable(&chunks, true);
+    let failed = c.pause(sid(&a)).await;
+    set_immutable(&chunks, false);
+    assert_eq!(error_name(&failed.expect_err("a pause that cannot store its checkpoint must fail")), "SailboxCreationError");
+    assert_eq!(state(&mut c, &a).await, pb::SailboxState::Running as i32);
+    count_after(&mut c, &a, at).await;
 
     // Checkpoint, terminate, restore on a fresh data directory sharing the chunk store.
     let last = c.checkpoint_sailbox(sid(&a)).await.unwrap().into_inner();
