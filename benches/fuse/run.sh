@@ -152,7 +152,7 @@ t0=$(now); tar -C "$W/local/src" -xf "$W/tree.tar"; sync -f "$W/local/src"; l=$(
 mkdir -p "$W/m1/src"
 t0=$(now); tar -C "$W/m1/src" -xf "$W/tree.tar"; t1=$(now); "$SAIL" --json volume commit "$W/m1" >"$W/commit.json"; s=$(ms_since "$t0")
 echo "bench: of which tar $(python3 -c "import sys; print(f'{(float(sys.argv[2]) - float(sys.argv[1])) * 1000:.0f}')" "$t0" "$t1") ms, then commit:" \
-    "$(python3 -c 'import json,sys; c=json.load(open(sys.argv[1])); print(", ".join(f"{k} {c[k]:.0f}" for k in ("elapsed_ms","hash_ms","upload_ms","publish_ms")), f"({c[\"batches\"]} batches)")' "$W/commit.json")" >&2
+    "$(python3 -c 'import json,sys; c=json.load(open(sys.argv[1])); print(", ".join(f"{k} {c[k]:.0f}" for k in ("elapsed_ms","hash_ms","upload_ms","publish_ms")), "(%d batches)" % c["batches"])' "$W/commit.json")" >&2
 row "unpack $SMALL_FILES files (+ commit) (ms)" "$l" "$s" "" "<= 3x local"
 t0=$(now); find "$W/local/src" | wc -l >/dev/null; l=$(ms_since "$t0")
 t0=$(now); "$SAIL" volume reload "$W/m2" >/dev/null; find "$W/m2/src" | wc -l >/dev/null; s=$(ms_since "$t0")

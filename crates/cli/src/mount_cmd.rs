@@ -30,8 +30,8 @@ pub struct MountArgs {
     /// In-memory chunk cache, MiB.
     #[arg(long, default_value_t = 256)]
     pub memory_cache_mib: u64,
-    /// FUSE worker threads.
-    #[arg(long, default_value_t = 4)]
+    /// FUSE worker threads (default: one per CPU, 2 to 8).
+    #[arg(long, default_value_t = guest_fuse::runner::default_threads())]
     pub threads: usize,
     /// Serve every read through the helper: no FUSE passthrough for fully cached files.
     #[arg(long)]

@@ -33,8 +33,8 @@ struct Args {
     /// In-memory chunk cache in MiB.
     #[arg(long, default_value_t = 256)]
     memory_cache_mib: u64,
-    /// FUSE worker threads.
-    #[arg(long, default_value_t = 4)]
+    /// FUSE worker threads (default: one per CPU, 2 to 8).
+    #[arg(long, default_value_t = guest_fuse::runner::default_threads())]
     threads: usize,
     /// Serve every read through this process: no FUSE passthrough for fully cached files.
     #[arg(long)]

@@ -79,6 +79,14 @@ pub fn lazy_unmount(path: &Path) -> std::io::Result<()> {
     if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
+/// FUSE worker threads when not given: one per CPU, 2 to 8. More threads than cores only
+/// add wake-ups and lock contention on the FUSE device (measured on 2 cores: unpacking
+/// 10,000 files took 1.3 s with 2 threads, 2.2 s with 4, 1.8-2.0 s with 8; 1 thread is far
+/// slower, 5-6 s, so 2 is the floor).
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 8)
+}
+
 /// Kernel readahead for the mount, in KiB, unless `SAIL_FUSE_READAHEAD_KIB` says otherwise.
 /// The kernel starts a FUSE mount at 128 KiB, which leaves a cold sequential reader waiting
 /// on one small request at a time; a deeper window keeps several 1 MiB reads in flight, so
