@@ -187,13 +187,7 @@ impl Host {
         let saved = hypervisor.save_with_memory(&vm.spec, &ram).await;
         // The pause counts from the VMM's own stop (the last pass), not from when its end was
         // seen, so it includes the VMM's downtime.
-        let stopped_at = saved.as_ref().map_or_else(
-            |_| Instant::now(),
-            |s| {
-                let ago = std::time::SystemTime::now().duration_since(s.stopped_at).unwrap_or_default();
-                Instant::now().checked_sub(ago).unwrap_or_else(Instant::now)
-            },
-        );
+        let stopped_at = saved.as_ref().map_or_else(|_| Instant::now(), |s| s.stopped_at);
         let frozen = async {
             let saved = saved?;
             files.flush(&rec.id, false).await?;

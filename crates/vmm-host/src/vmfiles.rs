@@ -152,12 +152,12 @@ impl VmFiles {
 
     /// Files over a checkpoint's manifests (nothing is copied: regions load on first use).
     pub async fn create_from(&self, id: &str, memory_manifest: &str, disk_manifest: &str) -> Result<()> {
-        self.remove(id).await?;
-        self.client.create_from(&Self::memory_name(id), memory_manifest).await.map_err(cow)?;
-        self.client.create_from(&Self::disk_name(id), disk_manifest).await.map_err(cow)
+        self.create_disk(id, disk_manifest).await?;
+        self.client.create_from(&Self::memory_name(id), memory_manifest).await.map_err(cow)
     }
 
-    /// A disk over a checkpoint's disk manifest, and no memory file (a fork maps a view).
+    /// Replaces the sailbox's files with a disk over `disk_manifest` alone (a fork maps a view
+    /// for memory; `create_from` adds a memory file).
     pub async fn create_disk(&self, id: &str, disk_manifest: &str) -> Result<()> {
         self.remove(id).await?;
         self.client.create_from(&Self::disk_name(id), disk_manifest).await.map_err(cow)

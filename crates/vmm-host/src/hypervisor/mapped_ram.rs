@@ -238,7 +238,7 @@ pub fn write_sparse(blob: &[u8], path: &Path) -> Result<()> {
     if take(&mut at, 8)? != SPARSE_MAGIC {
         return Err(bad("bad magic"));
     }
-    let size = be_le64(take(&mut at, 8)?);
+    let size = le64(take(&mut at, 8)?);
     if size > MAX_SPARSE_SIZE {
         return Err(bad("file too large"));
     }
@@ -248,8 +248,8 @@ pub fn write_sparse(blob: &[u8], path: &Path) -> Result<()> {
     f.set_len(size)?;
     let mut last_end = 0;
     for _ in 0..count {
-        let off = be_le64(take(&mut at, 8)?);
-        let len = be_le64(take(&mut at, 8)?);
+        let off = le64(take(&mut at, 8)?);
+        let len = le64(take(&mut at, 8)?);
         let end = off.checked_add(len).ok_or_else(|| bad("extent overflows"))?;
         if off < last_end || end > size {
             return Err(bad("extents out of order or past the end"));
@@ -265,7 +265,7 @@ pub fn write_sparse(blob: &[u8], path: &Path) -> Result<()> {
     Ok(())
 }
 
-fn be_le64(b: &[u8]) -> u64 {
+fn le64(b: &[u8]) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[..8]);
     u64::from_le_bytes(a)

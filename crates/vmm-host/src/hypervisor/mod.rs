@@ -89,9 +89,9 @@ pub enum StateFormat {
 pub struct LiveSave {
     /// How long the VMM had the vCPUs stopped until the save completed, ms (its own figure).
     pub downtime_ms: u64,
-    /// When the VMM stopped the vCPUs (wall clock, from its stop event; if it sent none,
-    /// the last moment the save was seen still running, so a pause is never under-reported).
-    pub stopped_at: std::time::SystemTime,
+    /// When the VMM stopped the vCPUs (from its stop event; if it sent none, the last moment
+    /// the save was seen still running, so a pause is never under-reported).
+    pub stopped_at: std::time::Instant,
 }
 
 /// What a VM's process reports about it.

@@ -1,6 +1,6 @@
 //! The QEMU backend: a `microvm` machine booting the PVH kernel directly, file-backed guest
-//! memory (shared, or for a fork a private mapping of its checkpoint's view), the root disk as virtio-blk, and the agent's link as a virtio-serial port
-//! on a chardev socket. Every device is migratable, so device state can be saved for
+//! memory (shared, or for a fork a private mapping of its checkpoint's view), the root disk
+//! as virtio-blk, and the agent's link as a virtio-serial port on a chardev socket. Every device is migratable, so device state can be saved for
 //! snapshots (vhost-user-vsock, the other way to reach a guest without host vhost modules,
 //! blocks migration in QEMU).
 
@@ -108,8 +108,9 @@ impl Qemu {
 
     /// Runs a migration (`migrate` or `migrate-incoming` to/from `uri`) in `format` and
     /// waits for it; returns QEMU's final status and when the vCPUs stopped (QEMU's `STOP`
-    /// event; else the last moment the migration was seen unfinished). `IgnoreShared` skips RAM that is a shared
-    /// file (the memory file is the RAM); `MappedRam` writes pages at fixed file offsets.
+    /// event; else the last moment the migration was seen unfinished). `IgnoreShared` skips
+    /// RAM that is a shared file (the memory file is the RAM); `MappedRam` writes pages at
+    /// fixed file offsets.
     async fn migrate(
         &self,
         spec: &VmSpec,
@@ -117,7 +118,7 @@ impl Qemu {
         uri: String,
         format: StateFormat,
         timeout: Duration,
-    ) -> Result<(serde_json::Value, SystemTime)> {
+    ) -> Result<(serde_json::Value, Instant)> {
         let err = |e: super::qmp::QmpError| SailboxError::host(format!("sailbox {}", spec.id), e);
         let mut qmp = Qmp::connect(&qmp_socket(spec), QMP_TIMEOUT).await.map_err(err)?;
         let mapped = format == StateFormat::MappedRam;
@@ -133,7 +134,7 @@ impl Qemu {
         }
         qmp.execute(command, json!({"uri": uri}), QMP_TIMEOUT).await.map_err(err)?;
         let deadline = Instant::now() + timeout;
-        let mut unfinished_at = SystemTime::now();
+        let mut unfinished_at = Instant::now();
         loop {
             let st = qmp.execute("query-migrate", json!({}), QMP_TIMEOUT).await.map_err(err)?;
             match st.get("status").and_then(|s| s.as_str()) {
@@ -145,7 +146,7 @@ impl Qemu {
                     let why = st.get("error-desc").and_then(|d| d.as_str()).unwrap_or("no reason given");
                     return Err(SailboxError::Host(format!("{command} failed: {why}")));
                 }
-                _ => unfinished_at = SystemTime::now(),
+                _ => unfinished_at = Instant::now(),
             }
             if Instant::now() > deadline {
                 let _ = qmp.execute("migrate_cancel", json!({}), QMP_TIMEOUT).await;
@@ -189,14 +190,16 @@ impl Qemu {
     }
 }
 
-/// When a QMP `STOP` event happened (its wall-clock timestamp).
-fn stop_time(event: &serde_json::Value) -> Option<SystemTime> {
+/// When a QMP `STOP` event happened, on the monotonic clock (QEMU stamps events with the
+/// wall clock; the time since then is taken off now).
+fn stop_time(event: &serde_json::Value) -> Option<Instant> {
     if event.get("event").and_then(|e| e.as_str()) != Some("STOP") {
         return None;
     }
     let ts = event.get("timestamp")?;
     let (s, us) = (ts.get("seconds")?.as_u64()?, ts.get("microseconds")?.as_u64()?);
-    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(s) + Duration::from_micros(us))
+    let at = SystemTime::UNIX_EPOCH + Duration::from_secs(s) + Duration::from_micros(us);
+    Instant::now().checked_sub(SystemTime::now().duration_since(at).unwrap_or_default())
 }
 
 #[async_trait]
