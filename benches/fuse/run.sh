@@ -38,10 +38,10 @@ for _ in $(seq 300); do grep -q "listening on" "$W/up.log" && break; sleep 0.02;
 export SAIL_ENDPOINT=$(grep -o 'http://[0-9.:]*' "$W/up.log" | head -1)
 "$SAIL" volume create bench >/dev/null
 
-mount_vol() { # mount_vol DIR CACHE_DIR [MOUNT FLAGS...]
+mount_vol() { # [PIN=CPU] mount_vol DIR CACHE_DIR [MOUNT FLAGS...]; PIN pins the helper to CPU
     mkdir -p "$1"
     MOUNTS+=("$1")
-    "$SAIL" --cache-dir "$2" volume mount "${@:3}" bench "$1" >/dev/null
+    ${PIN:+taskset -c "$PIN"} "$SAIL" --cache-dir "$2" volume mount "${@:3}" bench "$1" >/dev/null
 }
 status_field() { # status_field MOUNT FIELD
     "$SAIL" --json volume status "$1" | python3 -c 'import json,sys; print(json.load(sys.stdin)[sys.argv[1]])' "$2"
@@ -161,9 +161,8 @@ row "  of which tar -x alone (ms)" "$l_tar" "$s_tar" "" ""
 # Diagnostic: the same unpack with tar and a fresh helper both on CPU 0. Every FUSE request
 # wakes the helper and every reply wakes tar; on different CPUs each wake-up is an IPI,
 # which on this kind of VM costs more than the request itself (docs/benchmarks.md).
-mkdir -p "$W/local/src-cpu0" "$W/m4"
-MOUNTS+=("$W/m4")
-taskset -c 0 "$SAIL" --cache-dir "$W/cache4" volume mount bench "$W/m4" >/dev/null
+mkdir -p "$W/local/src-cpu0"
+PIN=0 mount_vol "$W/m4" "$W/cache4"
 mkdir -p "$W/m4/src-cpu0"
 drop_caches
 t0=$(now); taskset -c 0 tar -C "$W/local/src-cpu0" -xf "$W/tree.tar"; l=$(ms_since "$t0")
