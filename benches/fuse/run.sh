@@ -12,7 +12,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/sail/target}
-(cd "$ROOT" && cargo build --release --quiet -p sail-cli -p cowfs)
+(cd "$ROOT" && cargo build --release --quiet -p sail-cli -p cowfs -p sail-benches --bin sail --bin sail-cowfs --bin wakeup)
 SAIL=$CARGO_TARGET_DIR/release/sail
 QUICK=${QUICK:-0}
 SIZE_MIB=$([ "$QUICK" = 1 ] && echo 256 || echo 1024)
@@ -47,6 +47,13 @@ status_field() { # status_field MOUNT FIELD
     "$SAIL" --json volume status "$1" | python3 -c 'import json,sys; print(json.load(sys.stdin)[sys.argv[1]])' "$2"
 }
 drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+wait_cache_filled() { # wait_cache_filled MOUNT: until its background cache fills stop
+    local prev=-1 cur
+    for _ in $(seq 100); do cur=$(status_field "$1" cache_bytes); [ "$cur" = "$prev" ] && break; prev=$cur; sleep 0.3; done
+}
+# Busy CPU-seconds of the whole machine so far (user, nice, system, irq, softirq; guest time
+# is inside user, steal is not ours): read around a run, it is the CPU that run cost.
+cpu_busy_s() { awk '/^cpu /{ printf "%.2f\n", ($2 + $3 + $4 + $7 + $8) / 100 }' /proc/stat; }
 fio_bw() { # fio_bw JOBFILE FILE JOBS -> MiB/s
     FILE=$2 JOBS=$3 RUNTIME=$RUNTIME fio --output-format=json "$HERE/jobs/$1" | python3 "$HERE/fio_result.py"
 }
@@ -79,10 +86,18 @@ cp "$W/local/big.bin" "$W/m1/big.bin"
 # Cold sequential read: empty cache, chunks in the local backend, page cache dropped.
 mount_vol "$W/cold" "$W/cache-cold"
 drop_caches
-cold_local=$(fio_bw seqread.fio "$W/local/big.bin" 1)
+c0=$(cpu_busy_s); cold_local=$(fio_bw seqread.fio "$W/local/big.bin" 1); c1=$(cpu_busy_s)
 drop_caches
-cold_sail=$(fio_bw seqread.fio "$W/cold/big.bin" 1)
+c2=$(cpu_busy_s); cold_sail=$(fio_bw seqread.fio "$W/cold/big.bin" 1)
+wait_cache_filled "$W/cold"; sync; c3=$(cpu_busy_s)
 row "seq read cold, 256k, 1 job (MiB/s)" "$cold_local" "$cold_sail" "" ">= 60%"
+# What the cold read costs in CPU (fio, the helper, volumed and the kernel for them), and
+# the throughput that cost allows when every CPU of the machine does nothing else.
+per_gib() { python3 -c 'import sys; print(f"{(float(sys.argv[2]) - float(sys.argv[1])) * 1024e3 / float(sys.argv[3]):.0f}")' "$1" "$2" "$SIZE_MIB"; }
+cpu_local=$(per_gib "$c0" "$c1"); cpu_sail=$(per_gib "$c2" "$c3")
+row "  CPU time per GiB read, whole machine (ms)" "$cpu_local" "$cpu_sail" "" ""
+ceiling=$(python3 -c 'import os, sys; print(f"{os.cpu_count() * 1024e3 / max(float(sys.argv[1]), 0.001):.0f}")' "$cpu_sail")
+row "  CPU-bound ceiling of the mount at $(nproc) CPUs (MiB/s)" "$cold_local" "$ceiling" "" ""
 
 # Time to first byte, cold (fresh mount and cache each time).
 t_local=(); t_sail=()
@@ -100,8 +115,7 @@ mount_vol "$W/m3" "$W/cache3" --no-passthrough
 warm() { # warm MOUNT
     "$SAIL" volume reload "$1" >/dev/null
     cat "$1/big.bin" >/dev/null
-    local prev=-1 cur
-    for _ in $(seq 100); do cur=$(status_field "$1" cache_bytes); [ "$cur" = "$prev" ] && break; prev=$cur; sleep 0.3; done
+    wait_cache_filled "$1"
 }
 warm "$W/m2"
 warm "$W/m3"
@@ -168,6 +182,12 @@ drop_caches
 t0=$(now); taskset -c 0 tar -C "$W/local/src-cpu0" -xf "$W/tree.tar"; l=$(ms_since "$t0")
 t0=$(now); taskset -c 0 tar -C "$W/m4/src-cpu0" -xf "$W/tree.tar"; s=$(ms_since "$t0")
 row "  tar -x alone, tar and helper on CPU 0 (ms, diagnostic)" "$l" "$s" "" ""
+# The floor under those requests: one synchronous round trip, as a thread ping-pong (no
+# FUSE) and as a getxattr the helper answers from memory, on m1 (helper placed by the
+# scheduler) and on m4 (helper pinned to CPU 0).
+echo "bench: round trips on $W/m1 (helper unpinned), then on $W/m4 (helper on CPU 0)" >&2
+"$CARGO_TARGET_DIR/release/wakeup" --rounds 5000 --mount "$W/m1"
+"$CARGO_TARGET_DIR/release/wakeup" --rounds 5000 --mount "$W/m4"
 t0=$(now); find "$W/local/src" | wc -l >/dev/null; l=$(ms_since "$t0")
 t0=$(now); "$SAIL" volume reload "$W/m2" >/dev/null; find "$W/m2/src" | wc -l >/dev/null; s=$(ms_since "$t0")
 row "reload + find over them on another mount (ms)" "$l" "$s" "" ""

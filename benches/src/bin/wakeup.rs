@@ -1,0 +1,148 @@
+//! The floor under every synchronous FUSE request on this machine: what one round trip
+//! between two threads costs when both sit on one CPU and when each wake-up has to cross to
+//! the other CPU. A FUSE request is such a round trip (the caller blocks in the kernel, a
+//! helper thread wakes, replies, and wakes the caller), so `requests per operation x round
+//! trip` bounds how fast small-file work through any FUSE file system can go here.
+//!
+//! Rows:
+//! - pipe ping-pong between two threads (the machine's baseline, no FUSE): pinned to one CPU,
+//!   pinned to two CPUs, and placed by the scheduler;
+//! - with `--mount PATH` (a sail mount): `getxattr(PATH, "user.sail.control")`, which the
+//!   helper answers from memory, so it is a FUSE round trip and nothing else; from this
+//!   process pinned to CPU 0, to CPU 1, and placed by the scheduler. Pin the helper itself
+//!   with `taskset` to compare placements (benches/fuse/run.sh pins one to CPU 0, so its
+//!   CPU 1 row is a request and a reply that each cross CPUs).
+//!
+//! `cargo run --release -p sail-benches --bin wakeup [-- --mount /mnt/ws --rounds 20000]`
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use sail_benches::print_table;
+
+#[derive(Parser)]
+struct Args {
+    /// Round trips per row.
+    #[arg(long, default_value_t = 20_000)]
+    rounds: usize,
+    /// A sail mount whose root answers getxattr (adds the FUSE rows).
+    #[arg(long)]
+    mount: Option<PathBuf>,
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin(cpu: usize) -> anyhow::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes inside it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: set is a valid cpu_set_t of the size passed; 0 means the calling thread.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    anyhow::ensure!(rc == 0, "sched_setaffinity({cpu}): {}", std::io::Error::last_os_error());
+    Ok(())
+}
+
+/// Median and p99 of `rounds` ping-pongs over a socket pair, the two ends on threads pinned
+/// to `cpus` (None: the scheduler places them).
+fn ping_pong(rounds: usize, cpus: Option<(usize, usize)>) -> anyhow::Result<(Duration, Duration)> {
+    let (mut a, mut b) = UnixStream::pair()?;
+    let echo = std::thread::spawn(move || -> anyhow::Result<()> {
+        if let Some((_, cpu)) = cpus {
+            pin(cpu)?;
+        }
+        let mut byte = [0u8; 1];
+        while b.read(&mut byte)? == 1 {
+            b.write_all(&byte)?;
+        }
+        Ok(())
+    });
+    if let Some((cpu, _)) = cpus {
+        pin(cpu)?;
+    }
+    let times = timed(rounds, || {
+        a.write_all(&[1])?;
+        let mut byte = [0u8; 1];
+        a.read_exact(&mut byte)?;
+        Ok(())
+    })?;
+    drop(a);
+    echo.join().map_err(|_| anyhow::anyhow!("echo thread panicked"))??;
+    unpin()?;
+    Ok(times)
+}
+
+/// Median and p99 of `rounds` getxattr calls on `mount` (a FUSE round trip each).
+fn fuse_getxattr(rounds: usize, mount: &std::path::Path, cpu: Option<usize>) -> anyhow::Result<(Duration, Duration)> {
+    let path = std::ffi::CString::new(mount.as_os_str().as_encoded_bytes())?;
+    let name = c"user.sail.control";
+    if let Some(cpu) = cpu {
+        pin(cpu)?;
+    }
+    let mut buf = [0u8; 4096];
+    let times = timed(rounds, || {
+        // SAFETY: path and name are NUL-terminated; buf is writable for its length.
+        let n = unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        anyhow::ensure!(n > 0, "getxattr {}: {}", mount.display(), std::io::Error::last_os_error());
+        Ok(())
+    })?;
+    unpin()?;
+    Ok(times)
+}
+
+/// Lets the calling thread run on every CPU again.
+fn unpin() -> anyhow::Result<()> {
+    // SAFETY: as in `pin`; every CPU the machine has is set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for cpu in 0..std::thread::available_parallelism().map_or(1, |n| n.get()) {
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    anyhow::ensure!(rc == 0, "sched_setaffinity: {}", std::io::Error::last_os_error());
+    Ok(())
+}
+
+/// Runs `f` `rounds` times (after a tenth as warm-up) and returns the median and p99.
+fn timed(rounds: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<(Duration, Duration)> {
+    for _ in 0..rounds / 10 {
+        f()?;
+    }
+    let mut samples = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let t = Instant::now();
+        f()?;
+        samples.push(t.elapsed());
+    }
+    let p99 = sail_benches::percentile(&mut samples, 99.0);
+    Ok((sail_benches::percentile(&mut samples, 50.0), p99))
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut rows = Vec::new();
+    let us = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1e6);
+    let (same, same99) = ping_pong(args.rounds, Some((0, 0)))?;
+    rows.push(vec!["pipe ping-pong, both threads on CPU 0 (baseline)".into(), us(same), us(same99), "1.00".into()]);
+    let mut push = |name: String, (p50, p99): (Duration, Duration)| {
+        let ratio = format!("{:.2}", p50.as_secs_f64() / same.as_secs_f64().max(1e-9));
+        rows.push(vec![name, us(p50), us(p99), ratio]);
+    };
+    if cpus > 1 {
+        push("pipe ping-pong, threads on CPUs 0 and 1".into(), ping_pong(args.rounds, Some((0, 1)))?);
+    }
+    push("pipe ping-pong, placed by the scheduler".into(), ping_pong(args.rounds, None)?);
+    if let Some(mount) = &args.mount {
+        for cpu in 0..cpus.min(2) {
+            push(format!("FUSE getxattr round trip, caller on CPU {cpu}"), fuse_getxattr(args.rounds, mount, Some(cpu))?);
+        }
+        push("FUSE getxattr round trip, caller placed by the scheduler".into(), fuse_getxattr(args.rounds, mount, None)?);
+    }
+    print_table(
+        &format!("Synchronous round trips ({} each, {cpus} CPUs)", args.rounds),
+        &["case", "p50 us", "p99 us", "x same-CPU ping-pong"],
+        &rows,
+    );
+    Ok(())
+}
