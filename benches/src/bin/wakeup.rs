@@ -5,8 +5,8 @@
 //! trip` bounds how fast small-file work through any FUSE file system can go here.
 //!
 //! Rows:
-//! - pipe ping-pong between two threads (the machine's baseline, no FUSE): pinned to one CPU,
-//!   pinned to two CPUs, and placed by the scheduler;
+//! - ping-pong of one byte between two threads over a Unix socket pair (the machine's
+//!   baseline, no FUSE): pinned to one CPU, pinned to two CPUs, placed by the scheduler;
 //! - with `--mount PATH` (a sail mount): `getxattr(PATH, "user.sail.control")`, which the
 //!   helper answers from memory, so it is a FUSE round trip and nothing else; from this
 //!   process pinned to CPU 0, to CPU 1, and placed by the scheduler. Pin the helper itself
@@ -33,15 +33,28 @@ struct Args {
     mount: Option<PathBuf>,
 }
 
-/// Pins the calling thread to `cpu`.
-fn pin(cpu: usize) -> anyhow::Result<()> {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes inside it.
+/// Lets the calling thread run only on `cpus`.
+fn set_affinity(cpus: impl IntoIterator<Item = usize>) -> anyhow::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes inside it (the CPU
+    // numbers passed here are the machine's, below CPU_SETSIZE).
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    unsafe { libc::CPU_SET(cpu, &mut set) };
+    for cpu in cpus {
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
     // SAFETY: set is a valid cpu_set_t of the size passed; 0 means the calling thread.
     let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
-    anyhow::ensure!(rc == 0, "sched_setaffinity({cpu}): {}", std::io::Error::last_os_error());
+    anyhow::ensure!(rc == 0, "sched_setaffinity: {}", std::io::Error::last_os_error());
     Ok(())
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin(cpu: usize) -> anyhow::Result<()> {
+    set_affinity([cpu])
+}
+
+/// Lets the calling thread run on every CPU again.
+fn unpin() -> anyhow::Result<()> {
+    set_affinity(0..std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// Median and p99 of `rounds` ping-pongs over a socket pair, the two ends on threads pinned
@@ -91,18 +104,6 @@ fn fuse_getxattr(rounds: usize, mount: &std::path::Path, cpu: Option<usize>) -> 
     Ok(times)
 }
 
-/// Lets the calling thread run on every CPU again.
-fn unpin() -> anyhow::Result<()> {
-    // SAFETY: as in `pin`; every CPU the machine has is set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    for cpu in 0..std::thread::available_parallelism().map_or(1, |n| n.get()) {
-        unsafe { libc::CPU_SET(cpu, &mut set) };
-    }
-    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
-    anyhow::ensure!(rc == 0, "sched_setaffinity: {}", std::io::Error::last_os_error());
-    Ok(())
-}
-
 /// Runs `f` `rounds` times (after a tenth as warm-up) and returns the median and p99.
 fn timed(rounds: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<(Duration, Duration)> {
     for _ in 0..rounds / 10 {
@@ -124,15 +125,15 @@ fn main() -> anyhow::Result<()> {
     let mut rows = Vec::new();
     let us = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1e6);
     let (same, same99) = ping_pong(args.rounds, Some((0, 0)))?;
-    rows.push(vec!["pipe ping-pong, both threads on CPU 0 (baseline)".into(), us(same), us(same99), "1.00".into()]);
+    rows.push(vec!["socket ping-pong, both threads on CPU 0 (baseline)".into(), us(same), us(same99), "1.00".into()]);
     let mut push = |name: String, (p50, p99): (Duration, Duration)| {
         let ratio = format!("{:.2}", p50.as_secs_f64() / same.as_secs_f64().max(1e-9));
         rows.push(vec![name, us(p50), us(p99), ratio]);
     };
     if cpus > 1 {
-        push("pipe ping-pong, threads on CPUs 0 and 1".into(), ping_pong(args.rounds, Some((0, 1)))?);
+        push("socket ping-pong, threads on CPUs 0 and 1".into(), ping_pong(args.rounds, Some((0, 1)))?);
     }
-    push("pipe ping-pong, placed by the scheduler".into(), ping_pong(args.rounds, None)?);
+    push("socket ping-pong, placed by the scheduler".into(), ping_pong(args.rounds, None)?);
     if let Some(mount) = &args.mount {
         for cpu in 0..cpus.min(2) {
             push(format!("FUSE getxattr round trip, caller on CPU {cpu}"), fuse_getxattr(args.rounds, mount, Some(cpu))?);
