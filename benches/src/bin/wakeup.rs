@@ -6,7 +6,9 @@
 //!
 //! Rows:
 //! - ping-pong of one byte between two threads over a Unix socket pair (the machine's
-//!   baseline, no FUSE): pinned to one CPU, pinned to two CPUs, placed by the scheduler;
+//!   baseline, no FUSE): pinned to one CPU, pinned to two CPUs, placed by the scheduler
+//!   (which may leave the pair on one CPU or on two: that row moves between the two costs
+//!   from run to run);
 //! - with `--mount PATH` (a sail mount): `getxattr(PATH, "user.sail.control")`, which the
 //!   helper answers from memory, so it is a FUSE round trip and nothing else; from this
 //!   process pinned to CPU 0, to CPU 1, and placed by the scheduler. Pin the helper itself
@@ -33,75 +35,75 @@ struct Args {
     mount: Option<PathBuf>,
 }
 
-/// Lets the calling thread run only on `cpus`.
-fn set_affinity(cpus: impl IntoIterator<Item = usize>) -> anyhow::Result<()> {
+/// Runs `f` on a new thread, pinned to `cpu` when given (None: placed by the scheduler).
+/// Pinning a thread of its own leaves the caller's placement as it was.
+fn on_thread<T: Send>(cpu: Option<usize>, f: impl FnOnce() -> anyhow::Result<T> + Send) -> anyhow::Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            if let Some(cpu) = cpu {
+                pin(cpu)?;
+            }
+            f()
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("bench thread panicked"))?
+    })
+}
+
+/// Lets the calling thread run only on `cpu`.
+fn pin(cpu: usize) -> anyhow::Result<()> {
     // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes inside it (the CPU
-    // numbers passed here are the machine's, below CPU_SETSIZE).
+    // numbers passed here are 0 and 1, below CPU_SETSIZE).
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    for cpu in cpus {
-        unsafe { libc::CPU_SET(cpu, &mut set) };
-    }
+    unsafe { libc::CPU_SET(cpu, &mut set) };
     // SAFETY: set is a valid cpu_set_t of the size passed; 0 means the calling thread.
     let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
-    anyhow::ensure!(rc == 0, "sched_setaffinity: {}", std::io::Error::last_os_error());
+    anyhow::ensure!(rc == 0, "sched_setaffinity(CPU {cpu}): {}", std::io::Error::last_os_error());
     Ok(())
-}
-
-/// Pins the calling thread to `cpu`.
-fn pin(cpu: usize) -> anyhow::Result<()> {
-    set_affinity([cpu])
-}
-
-/// Lets the calling thread run on every CPU again.
-fn unpin() -> anyhow::Result<()> {
-    set_affinity(0..std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// Median and p99 of `rounds` ping-pongs over a socket pair, the two ends on threads pinned
 /// to `cpus` (None: the scheduler places them).
 fn ping_pong(rounds: usize, cpus: Option<(usize, usize)>) -> anyhow::Result<(Duration, Duration)> {
     let (mut a, mut b) = UnixStream::pair()?;
-    let echo = std::thread::spawn(move || -> anyhow::Result<()> {
-        if let Some((_, cpu)) = cpus {
-            pin(cpu)?;
-        }
-        let mut byte = [0u8; 1];
-        while b.read(&mut byte)? == 1 {
-            b.write_all(&byte)?;
-        }
-        Ok(())
-    });
-    if let Some((cpu, _)) = cpus {
-        pin(cpu)?;
-    }
-    let times = timed(rounds, || {
-        a.write_all(&[1])?;
-        let mut byte = [0u8; 1];
-        a.read_exact(&mut byte)?;
-        Ok(())
-    })?;
-    drop(a);
-    echo.join().map_err(|_| anyhow::anyhow!("echo thread panicked"))??;
-    unpin()?;
-    Ok(times)
+    std::thread::scope(|s| {
+        let echo = s.spawn(move || {
+            on_thread(cpus.map(|c| c.1), move || {
+                let mut byte = [0u8; 1];
+                while b.read(&mut byte)? == 1 {
+                    b.write_all(&byte)?;
+                }
+                Ok(())
+            })
+        });
+        let times = on_thread(cpus.map(|c| c.0), move || {
+            timed(rounds, || {
+                a.write_all(&[1])?;
+                let mut byte = [0u8; 1];
+                a.read_exact(&mut byte)?;
+                Ok(())
+            })
+            // `a` is dropped here, which ends the echo loop.
+        });
+        echo.join().map_err(|_| anyhow::anyhow!("echo thread panicked"))??;
+        times
+    })
 }
 
-/// Median and p99 of `rounds` getxattr calls on `mount` (a FUSE round trip each).
+/// Median and p99 of `rounds` getxattr calls on `mount` (a FUSE round trip each), made from
+/// a thread on `cpu` (None: placed by the scheduler).
 fn fuse_getxattr(rounds: usize, mount: &std::path::Path, cpu: Option<usize>) -> anyhow::Result<(Duration, Duration)> {
     let path = std::ffi::CString::new(mount.as_os_str().as_encoded_bytes())?;
     let name = c"user.sail.control";
-    if let Some(cpu) = cpu {
-        pin(cpu)?;
-    }
-    let mut buf = [0u8; 4096];
-    let times = timed(rounds, || {
-        // SAFETY: path and name are NUL-terminated; buf is writable for its length.
-        let n = unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-        anyhow::ensure!(n > 0, "getxattr {}: {}", mount.display(), std::io::Error::last_os_error());
-        Ok(())
-    })?;
-    unpin()?;
-    Ok(times)
+    on_thread(cpu, || {
+        let mut buf = [0u8; 4096];
+        timed(rounds, || {
+            // SAFETY: path and name are NUL-terminated; buf is writable for its length.
+            let n = unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+            anyhow::ensure!(n > 0, "getxattr {}: {}", mount.display(), std::io::Error::last_os_error());
+            Ok(())
+        })
+    })
 }
 
 /// Runs `f` `rounds` times (after a tenth as warm-up) and returns the median and p99.
