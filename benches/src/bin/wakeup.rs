@@ -23,6 +23,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use guest_fuse::mount::CONTROL_XATTR;
 use sail_benches::print_table;
 
 #[derive(Parser)]
@@ -67,14 +68,15 @@ fn pin(cpu: usize) -> anyhow::Result<()> {
 fn ping_pong(rounds: usize, cpus: Option<(usize, usize)>) -> anyhow::Result<(Duration, Duration)> {
     let (mut a, mut b) = UnixStream::pair()?;
     std::thread::scope(|s| {
-        let echo = s.spawn(move || {
-            on_thread(cpus.map(|c| c.1), move || {
-                let mut byte = [0u8; 1];
-                while b.read(&mut byte)? == 1 {
-                    b.write_all(&byte)?;
-                }
-                Ok(())
-            })
+        let echo = s.spawn(move || -> anyhow::Result<()> {
+            if let Some((_, cpu)) = cpus {
+                pin(cpu)?;
+            }
+            let mut byte = [0u8; 1];
+            while b.read(&mut byte)? == 1 {
+                b.write_all(&byte)?;
+            }
+            Ok(())
         });
         let times = on_thread(cpus.map(|c| c.0), move || {
             timed(rounds, || {
@@ -94,7 +96,7 @@ fn ping_pong(rounds: usize, cpus: Option<(usize, usize)>) -> anyhow::Result<(Dur
 /// a thread on `cpu` (None: placed by the scheduler).
 fn fuse_getxattr(rounds: usize, mount: &std::path::Path, cpu: Option<usize>) -> anyhow::Result<(Duration, Duration)> {
     let path = std::ffi::CString::new(mount.as_os_str().as_encoded_bytes())?;
-    let name = c"user.sail.control";
+    let name = std::ffi::CString::new(CONTROL_XATTR)?;
     on_thread(cpu, || {
         let mut buf = [0u8; 4096];
         timed(rounds, || {
