@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" \
-    cargo build --release --quiet --target x86_64-unknown-linux-gnu -p sail-agent "$@"
+    cargo build --release --quiet --target x86_64-unknown-linux-gnu -p agent "$@"
 out="${CARGO_TARGET_DIR:-target}/x86_64-unknown-linux-gnu/release/sail-agent"
 file "$out" 2>/dev/null | grep -q 'statically linked\|static-pie linked' || {
     echo "build-agent: $out is not statically linked" >&2

@@ -5,7 +5,7 @@
 
 use chunkstore::{ChunkPolicy, Chunking};
 use clap::Parser;
-use sail_benches::{median_of, mib_per_s, print_table, random_bytes};
+use benches::{median_of, mib_per_s, print_table, random_bytes};
 
 #[derive(Parser)]
 struct Args {

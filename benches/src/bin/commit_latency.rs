@@ -15,7 +15,7 @@ use bytes::Bytes;
 use chunkstore::{Backend, ChunkId, ChunkPolicy, LocalBackend};
 use clap::Parser;
 use proto::volume as pb;
-use sail_benches::{ms, percentile, print_table, random_bytes};
+use benches::{ms, percentile, print_table, random_bytes};
 use volumed::model::{Change, ChangeOp, Entry, EntryKind, FileData, VolPath};
 use volumed::server::{Server, ServerConfig};
 use volumed::service::ValidCommit;

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use chunkstore::{Backend, ChunkId, S3Backend};
 use clap::Parser;
 use futures::{StreamExt, TryStreamExt};
-use sail_benches::{mib_per_s, print_table, random_bytes};
+use benches::{mib_per_s, print_table, random_bytes};
 use volumed::client::{TRANSFER_CONCURRENCY, VolumeClient};
 use volumed::server::{BackendConfig, Server, ServerConfig};
 

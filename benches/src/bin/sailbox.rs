@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use proto::sailbox as pb;
 use proto::sailbox::sailbox_service_client::SailboxServiceClient;
-use sail_benches::{mib_per_s, ms, percentile, print_table, random_bytes};
+use benches::{mib_per_s, ms, percentile, print_table, random_bytes};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
@@ -73,8 +73,8 @@ fn seconds(out: &[u8]) -> anyhow::Result<f64> {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let dir = tempfile::Builder::new().prefix("sbxb").tempdir_in("/tmp")?;
-    let _cleanup = sail_benches::KillUnder(dir.path().to_path_buf());
-    let (host, mut c) = sail_benches::serve_host(&dir.path().join("vmm")).await?;
+    let _cleanup = benches::KillUnder(dir.path().to_path_buf());
+    let (host, mut c) = benches::serve_host(&dir.path().join("vmm")).await?;
     let info = c.get_host_info(pb::HostInfoRequest {}).await?.into_inner();
     eprintln!("bench: {} {} ({}), image {}", info.hypervisor, info.accelerator, info.accelerator_reason, args.image);
     // Build / assemble the image outside the timed boots.

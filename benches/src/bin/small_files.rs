@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use rand::{Rng, SeedableRng};
-use sail_benches::{ms, print_table, random_bytes};
+use benches::{ms, print_table, random_bytes};
 use volumed::client::{FileUpload, VolumeClient};
 use volumed::server::{Server, ServerConfig};
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use proto::sailbox as pb;
 use proto::sailbox::sailbox_service_client::SailboxServiceClient;
-use sail_benches::{mib_per_s, ms, percentile, print_table};
+use benches::{mib_per_s, ms, percentile, print_table};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
@@ -163,8 +163,8 @@ fn drop_caches() {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let dir = tempfile::Builder::new().prefix("sbxs").tempdir_in("/tmp")?;
-    let _cleanup = sail_benches::KillUnder(dir.path().to_path_buf());
-    let (host, mut c) = sail_benches::serve_host(&dir.path().join("vmm")).await?;
+    let _cleanup = benches::KillUnder(dir.path().to_path_buf());
+    let (host, mut c) = benches::serve_host(&dir.path().join("vmm")).await?;
     let info = c.get_host_info(pb::HostInfoRequest {}).await?.into_inner();
     let accel = format!("{} {}", info.hypervisor, info.accelerator);
     eprintln!("bench: {accel} ({})", info.accelerator_reason);
@@ -367,7 +367,7 @@ fn host_side_disk(
     }
     let cow = mount.join("bench.disk");
     std::fs::File::create(plain)?.set_len(size)?;
-    let data = sail_benches::random_bytes(1 << 20, 5);
+    let data = benches::random_bytes(1 << 20, 5);
     let write = |path: &std::path::Path| -> anyhow::Result<Duration> {
         let mut f = std::fs::OpenOptions::new().write(true).open(path)?;
         let t = Instant::now();

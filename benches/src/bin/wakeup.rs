@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use guest_fuse::mount::CONTROL_XATTR;
-use sail_benches::print_table;
+use benches::print_table;
 
 #[derive(Parser)]
 struct Args {
@@ -119,8 +119,8 @@ fn timed(rounds: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Re
         f()?;
         samples.push(t.elapsed());
     }
-    let p99 = sail_benches::percentile(&mut samples, 99.0);
-    Ok((sail_benches::percentile(&mut samples, 50.0), p99))
+    let p99 = benches::percentile(&mut samples, 99.0);
+    Ok((benches::percentile(&mut samples, 50.0), p99))
 }
 
 fn main() -> anyhow::Result<()> {

@@ -1,6 +1,6 @@
 //! Generated protocol buffer types and gRPC stubs.
 //!
-//! The `.proto` files under `crates/proto/proto/` are the wire contract; everything here is
+//! The `.proto` files under `proto/proto/` are the wire contract; everything here is
 //! generated from them at build time by `tonic-prost-build`.
 
 /// The volume service API (`sail.volume.v1`).

@@ -19,7 +19,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use tokio_stream::StreamExt;
 
-/// Version of the agent protocol (crates/proto/proto/agent.proto).
+/// Version of the agent protocol (proto/proto/agent.proto).
 pub const PROTOCOL_VERSION: u32 = 1;
 
 /// The agent's behaviour version, reported as a sailbox's `guest_schema_version`. Bump it
