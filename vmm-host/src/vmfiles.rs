@@ -60,7 +60,7 @@ impl VmFiles {
         if client.ping().await {
             return Ok(Self { client, mount });
         }
-        cowfs::daemon::clean_dead_mount(&mount);
+        cowfs::clean_dead_mount(&mount);
         std::fs::create_dir_all(dir).map_err(|e| SailboxError::host("creating the cowfs dir", e))?;
         let mut cmd = Command::new(binary);
         cmd.arg("--mount").arg(&mount).arg("--control").arg(&control).arg("--store").arg(dir.join("store"));

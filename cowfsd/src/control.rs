@@ -21,9 +21,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde_json::{Value, json};
 
-use crate::error::{CowError, Result};
 use crate::fs::Registry;
-use crate::manifest::Manifest;
+use cowfs::error::{CowError, Result};
+use cowfs::manifest::Manifest;
 
 /// Longest request line accepted.
 const MAX_LINE: u64 = 64 << 10;

@@ -14,9 +14,9 @@ use fuser::{
 };
 
 use crate::chunks::Chunks;
-use crate::error::{CowError, Result};
 use crate::file::CowFile;
-use crate::manifest::Manifest;
+use cowfs::error::{CowError, Result};
+use cowfs::manifest::Manifest;
 
 const ROOT: u64 = 1;
 /// Entries and attributes are not cached by the kernel: files are created and removed

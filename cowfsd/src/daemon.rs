@@ -2,7 +2,7 @@
 //! signalled. One daemon serves every sailbox of a host; it runs in its own session, so
 //! vmm-host can restart without taking guest memory and disks away.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -26,21 +26,9 @@ pub struct DaemonOptions {
     pub threads: usize,
 }
 
-/// Detaches a mount whose daemon died (ENOTCONN); returns whether it did.
-pub fn clean_dead_mount(path: &Path) -> bool {
-    match std::fs::metadata(path) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-            let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
-            // SAFETY: c is NUL-terminated.
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) == 0 }
-        }
-        _ => false,
-    }
-}
-
 /// Runs until unmounted (`umount`, SIGTERM/SIGINT).
 pub fn run(opts: DaemonOptions) -> anyhow::Result<()> {
-    clean_dead_mount(&opts.mountpoint);
+    cowfs::clean_dead_mount(&opts.mountpoint);
     for d in [&opts.mountpoint, &opts.store, &opts.chunks] {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }

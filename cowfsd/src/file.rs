@@ -17,8 +17,8 @@ use std::sync::{Arc, RwLock};
 use bytes::Bytes;
 
 use crate::chunks::Chunks;
-use crate::error::{CowError, Result};
-use crate::manifest::{Manifest, RegionRef};
+use cowfs::error::{CowError, Result};
+use cowfs::manifest::{Manifest, RegionRef};
 
 /// Page size of the layer bitmap.
 pub const PAGE: u64 = 4096;
