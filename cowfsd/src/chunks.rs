@@ -8,7 +8,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use bytes::Bytes;
 use chunkstore::{Backend, ChunkId};
 
-use cowfs::error::Result;
+use crate::error::Result;
 
 /// Chunks held in memory (bytes), most recent first out last.
 const DEFAULT_CACHE_BYTES: usize = 256 << 20;
@@ -110,7 +110,7 @@ impl Chunks {
     /// Stores a chunk unless the backend has it; returns its id and whether it was uploaded.
     pub fn put(&self, data: Bytes) -> Result<(ChunkId, bool)> {
         let mut out = self.put_many(vec![data])?;
-        out.pop().ok_or_else(|| cowfs::CowError::Invalid("nothing stored".into()))
+        out.pop().ok_or_else(|| crate::error::CowError::Invalid("nothing stored".into()))
     }
 
     /// Stores chunks the backend lacks, `PUT_CONCURRENCY` at a time (each put is durable on

@@ -1,41 +1,24 @@
-//! The control socket: JSON lines, one request and one reply per line.
-//!
-//! | request | reply `result` |
-//! |---|---|
-//! | `{"op":"ping"}` | `{"files": N, "pid": P}` |
-//! | `{"op":"create","name":N,"size":S}` | `{}` (an all-zero file) |
-//! | `{"op":"create","name":N,"base":ID}` | `{"size": S}` (over the manifest stored as chunk ID) |
-//! | `{"op":"create","name":N,"base":ID,"readonly":true}` | `{"size": S}` (and refusing writes) |
-//! | `{"op":"remove","name":N}` | `{}` |
-//! | `{"op":"freeze","name":N}` | `{"regions": R}` (dirty regions now frozen) |
-//! | `{"op":"export","name":N}` | `{"manifest": ID, "regions", "zero_regions", "chunks_uploaded", "bytes_uploaded", "bytes_frozen"}` |
-//! | `{"op":"stats","name":N}` | file counters plus the daemon's chunk counters |
-//! | `{"op":"list"}` | `{"names": [...]}` |
-//!
-//! Replies: `{"ok":true,"result":{...}}` or `{"ok":false,"error":"..."}`.
+//! The control socket's server: one thread per connection, one JSON line in, one out (the
+//! wire is `cowfs::control`). A failed request is answered with its error's kind
+//! ([`CowError::kind`]) and message, and the connection goes on.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use serde_json::{Value, json};
-
-use crate::fs::Registry;
-use cowfs::error::{CowError, Result};
+use cowfs::control::{Created, Exported, Frozen, MAX_LINE, Names, Pong, Reply, Request, Stopping};
 use cowfs::manifest::Manifest;
+use serde::Serialize;
+use serde_json::Value;
 
-/// Longest request line accepted.
-const MAX_LINE: u64 = 64 << 10;
-
-fn field<'a>(req: &'a Value, name: &str) -> Result<&'a str> {
-    req.get(name).and_then(Value::as_str).ok_or_else(|| CowError::Invalid(format!("missing string field {name:?}")))
-}
+use crate::error::{CowError, Result};
+use crate::fs::Registry;
 
 /// Fetches and decodes a manifest stored as a chunk.
 pub fn load_manifest(reg: &Registry, id: &str) -> Result<Manifest> {
-    let id: chunkstore::ChunkId = id.parse().map_err(|e| CowError::Invalid(format!("bad manifest id: {e}")))?;
-    Manifest::decode(&reg.chunks.get(id)?)
+    let id: chunkstore::ChunkId = id.parse().map_err(CowError::BadManifestId)?;
+    Ok(Manifest::decode(&reg.chunks.get(id)?)?)
 }
 
 /// Stores a manifest as a chunk; returns its id.
@@ -43,64 +26,81 @@ pub fn store_manifest(reg: &Registry, m: &Manifest) -> Result<chunkstore::ChunkI
     Ok(reg.chunks.put(Bytes::from(m.encode()))?.0)
 }
 
-fn handle(reg: &Registry, req: &Value) -> Result<Value> {
-    let op = field(req, "op")?;
-    Ok(match op {
-        "ping" => json!({"files": reg.names().len(), "pid": std::process::id()}),
-        "list" => json!({"names": reg.names()}),
-        "create" => {
-            let name = field(req, "name")?;
-            let base = match req.get("base").and_then(Value::as_str) {
-                Some(id) => load_manifest(reg, id)?,
-                None => {
-                    let size = req
-                        .get("size")
-                        .and_then(Value::as_u64)
-                        .ok_or_else(|| CowError::Invalid("create needs base or size".into()))?;
-                    Manifest::zeros(size)?
-                }
-            };
-            let size = base.size;
-            let readonly = req.get("readonly").and_then(Value::as_bool).unwrap_or(false);
-            reg.create_with(name, base, readonly)?;
-            json!({"size": size})
-        }
-        "remove" => {
-            reg.remove(field(req, "name")?)?;
-            json!({})
-        }
-        "freeze" => json!({"regions": reg.get(field(req, "name")?)?.freeze()?}),
-        "export" => {
-            let file = reg.get(field(req, "name")?)?;
-            let (manifest, stats) = file.export()?;
-            let id = store_manifest(reg, &manifest)?;
-            let mut v = serde_json::to_value(stats).map_err(|e| CowError::Invalid(e.to_string()))?;
-            v["manifest"] = json!(id.to_hex());
-            v
-        }
-        "stats" => {
-            let file = reg.get(field(req, "name")?)?;
-            let mut v = serde_json::to_value(file.stats()).map_err(|e| CowError::Invalid(e.to_string()))?;
-            v["chunks"] = serde_json::to_value(reg.chunks.stats()).map_err(|e| CowError::Invalid(e.to_string()))?;
-            v
-        }
-        // Unmount and exit, but only when no file is left: a running or sleeping sailbox's
-        // memory and disk live here, and the daemon outlives vmm-host restarts for them.
-        "stop" => {
-            let files = reg.names().len();
-            if files == 0 {
-                tracing::info!("stop requested with no files; unmounting");
-                // SAFETY: sends a signal to this process; the SIGTERM task unmounts the session.
-                unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
-            }
-            json!({"stopping": files == 0, "files": files})
-        }
-        other => return Err(CowError::Invalid(format!("unknown op {other:?}"))),
+/// A reply's result as JSON.
+fn result(v: impl Serialize) -> Result<Value> {
+    serde_json::to_value(v).map_err(CowError::BadRequest)
+}
+
+fn create(reg: &Registry, name: &str, size: Option<u64>, base: Option<&str>, readonly: bool) -> Result<Value> {
+    let base = match (base, size) {
+        (Some(id), _) => load_manifest(reg, id)?,
+        (None, Some(size)) => Manifest::zeros(size)?,
+        (None, None) => return Err(CowError::Invalid("create needs base or size".into())),
+    };
+    let size = base.size;
+    reg.create_with(name, base, readonly)?;
+    result(Created { size })
+}
+
+fn export(reg: &Registry, name: &str) -> Result<Value> {
+    let file = reg.get(name)?;
+    let (manifest, stats) = file.export()?;
+    let id = store_manifest(reg, &manifest)?;
+    result(Exported {
+        manifest: id.to_hex(),
+        regions: stats.regions,
+        zero_regions: stats.zero_regions,
+        chunks_uploaded: stats.chunks_uploaded,
+        bytes_uploaded: stats.bytes_uploaded,
+        bytes_frozen: stats.bytes_frozen,
     })
 }
 
+fn stats(reg: &Registry, name: &str) -> Result<Value> {
+    let file = reg.get(name)?;
+    let mut v = result(file.stats())?;
+    v["chunks"] = result(reg.chunks.stats())?;
+    Ok(v)
+}
+
+/// Unmounts and exits, but only when no file is left: a running or sleeping sailbox's
+/// memory and disk live here, and the daemon outlives vmm-host restarts for them.
+fn stop(reg: &Registry) -> Result<Value> {
+    let files = reg.names().len() as u64;
+    if files == 0 {
+        tracing::info!("stop requested with no files; unmounting");
+        // SAFETY: sends a signal to this process; the SIGTERM task unmounts the session.
+        unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+    }
+    result(Stopping { stopping: files == 0, files })
+}
+
+fn handle(reg: &Registry, req: Request) -> Result<Value> {
+    match req {
+        Request::Ping => result(Pong { files: reg.names().len() as u64, pid: std::process::id() }),
+        Request::List => result(Names { names: reg.names() }),
+        Request::Create { name, size, base, readonly } => create(reg, &name, size, base.as_deref(), readonly),
+        Request::Remove { name } => {
+            reg.remove(&name)?;
+            Ok(serde_json::json!({}))
+        }
+        Request::Freeze { name } => result(Frozen { regions: reg.get(&name)?.freeze()? }),
+        Request::Export { name } => export(reg, &name),
+        Request::Stats { name } => stats(reg, &name),
+        Request::Stop => stop(reg),
+    }
+}
+
+/// The reply to one request line.
+fn reply(reg: &Registry, line: &str) -> Reply {
+    let answered = serde_json::from_str::<Request>(line).map_err(CowError::BadRequest).and_then(|req| handle(reg, req));
+    match answered {
+        Ok(result) => Reply::success(result),
+        Err(e) => Reply::failure(e.kind(), e.to_string()),
+    }
+}
+
 fn serve_conn(reg: &Registry, stream: UnixStream) -> std::io::Result<()> {
-    use std::io::Read;
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
     loop {
@@ -109,14 +109,9 @@ fn serve_conn(reg: &Registry, stream: UnixStream) -> std::io::Result<()> {
         if n == 0 {
             return Ok(());
         }
-        let reply = match serde_json::from_str::<Value>(&line) {
-            Ok(req) => match handle(reg, &req) {
-                Ok(result) => json!({"ok": true, "result": result}),
-                Err(e) => json!({"ok": false, "error": e.to_string()}),
-            },
-            Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
-        };
-        writer.write_all(format!("{reply}\n").as_bytes())?;
+        let mut out = serde_json::to_vec(&reply(reg, &line)).map_err(std::io::Error::other)?;
+        out.push(b'\n');
+        writer.write_all(&out)?;
     }
 }
 

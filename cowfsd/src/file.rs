@@ -17,7 +17,7 @@ use std::sync::{Arc, RwLock};
 use bytes::Bytes;
 
 use crate::chunks::Chunks;
-use cowfs::error::{CowError, Result};
+use crate::error::{CowError, Result};
 use cowfs::manifest::{Manifest, RegionRef};
 
 /// Page size of the layer bitmap.

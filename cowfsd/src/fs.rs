@@ -14,8 +14,8 @@ use fuser::{
 };
 
 use crate::chunks::Chunks;
+use crate::error::{CowError, Result};
 use crate::file::CowFile;
-use cowfs::error::{CowError, Result};
 use cowfs::manifest::Manifest;
 
 const ROOT: u64 = 1;

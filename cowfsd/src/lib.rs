@@ -5,11 +5,12 @@
 //! - [`file::CowFile`]: one file (base manifest + local layer, dirty tracking, freeze and
 //!   export); [`chunks`]: verified chunk access with an in-memory cache;
 //!   [`fs`]: the FUSE binding and the registry of files; [`control`]: the control socket's
-//!   server; [`daemon`]: the process.
+//!   server; [`daemon`]: the process; [`error`]: its errors and their wire kinds.
 #![warn(missing_docs)]
 
 pub mod chunks;
 pub mod control;
 pub mod daemon;
+pub mod error;
 pub mod file;
 pub mod fs;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use cowfs::CowClient;
+use cowfs::{ClientError, CowClient, ErrorKind};
 use serde_json::Value;
 
 struct Daemon {
@@ -156,11 +156,21 @@ async fn checkpoints_round_trip_through_chunks() {
     assert!(zero.iter().all(|&b| b == 0), "untouched regions read as zeros");
     assert_eq!(e.client.stats("restored").await.unwrap()["chunks"]["fetched"].as_u64().unwrap(), fetched);
 
-    // Bad requests get errors, and the daemon goes on.
+    // Bad requests get errors of their kind, and the daemon goes on.
+    let kind = |r: Result<(), ClientError>| r.err().and_then(|e| e.kind());
     assert!(e.client.create_zeros("../escape", 10).await.is_err());
+    assert_eq!(kind(e.client.create_zeros("../escape", 10).await), Some(ErrorKind::Invalid));
     assert!(e.client.create_zeros("restored", 10).await.is_err(), "names are unique");
+    assert_eq!(kind(e.client.create_zeros("restored", 10).await), Some(ErrorKind::Exists));
     assert!(e.client.create_from("x", "00").await.is_err());
+    assert_eq!(kind(e.client.create_from("x", "00").await), Some(ErrorKind::Invalid), "not a chunk id");
+    assert_eq!(kind(e.client.create_zeros("huge", u64::MAX).await), Some(ErrorKind::Invalid), "over the size limit");
     assert!(e.client.freeze("missing").await.is_err());
+    assert_eq!(e.client.freeze("missing").await.err().and_then(|e| e.kind()), Some(ErrorKind::NotFound));
+    e.client.remove("missing").await.expect("removing a missing file is fine");
+    // A manifest id that names no stored chunk is the chunk store's failure.
+    let absent = chunkstore::ChunkId::of(b"never stored").to_hex();
+    assert_eq!(kind(e.client.create_from("y", &absent).await), Some(ErrorKind::Chunks));
     assert!(e.client.ping().await);
     e.client.remove("restored").await.unwrap();
     assert!(!e.file("restored").exists());
@@ -297,6 +307,7 @@ async fn failed_or_abandoned_checkpoints_lose_nothing() {
     let failed = d.client.export("f").await;
     chattr("-i");
     assert!(failed.is_err(), "the export cannot store its chunk");
+    assert_eq!(failed.err().and_then(|e| e.kind()), Some(ErrorKind::Chunks), "a chunk store failure");
     // Written again after the failure, then frozen (and abandoned, never exported).
     f.write_all_at(&pattern(4096, 2), 1 << 20).unwrap();
     d.client.freeze("f").await.unwrap();
