@@ -7,9 +7,10 @@ use std::collections::{HashMap, VecDeque};
 use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use parking_lot::Mutex;
 use proto::agent as pb;
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
@@ -80,7 +81,7 @@ struct Request {
 
 impl Request {
     fn update(&self, f: impl FnOnce(&mut Output)) {
-        f(&mut self.output.lock().unwrap_or_else(|p| p.into_inner()));
+        f(&mut self.output.lock());
         self.changed.send_modify(|v| *v += 1);
     }
 }
@@ -111,7 +112,7 @@ impl ExecTable {
     /// Starts a request (or returns the running one with the same id).
     pub fn start(&self, req: pb::StartExecRequest) -> Result<pb::StartExecResponse, ExecError> {
         validate(&req)?;
-        let mut table = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut table = self.inner.lock();
         if let Some(existing) = table.requests.get(&req.request_id) {
             return Ok(pb::StartExecResponse { request_id: req.request_id, already_started: true, pid: existing.pid });
         }
@@ -204,12 +205,12 @@ impl ExecTable {
     }
 
     fn get(&self, id: &str) -> Result<Arc<Request>, ExecError> {
-        let table = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let table = self.inner.lock();
         table.requests.get(id).cloned().ok_or_else(|| ExecError::NotFound(id.to_owned()))
     }
 
     fn mark_finished(&self, id: &str) {
-        let mut table = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut table = self.inner.lock();
         table.finished.push_back(id.to_owned());
         trim(&mut table);
     }
@@ -219,7 +220,7 @@ impl ExecTable {
         let request = self.get(id)?;
         let mut rx = request.changed.subscribe();
         loop {
-            if let Some(r) = request.output.lock().unwrap_or_else(|p| p.into_inner()).result.clone() {
+            if let Some(r) = request.output.lock().result.clone() {
                 return Ok(r);
             }
             if rx.changed().await.is_err() {
@@ -242,7 +243,7 @@ impl ExecTable {
             let mut changes = request.changed.subscribe();
             loop {
                 let (events, done) = {
-                    let o = request.output.lock().unwrap_or_else(|p| p.into_inner());
+                    let o = request.output.lock();
                     let mut events = Vec::new();
                     let out_new = o.stdout.get(out_off as usize..).unwrap_or_default();
                     if !out_new.is_empty() {

@@ -50,7 +50,7 @@ pub fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     config.clone_fd = true;
     let mut session = Session::new(CowFs(registry.clone()), &opts.mountpoint, &config)
         .with_context(|| format!("mounting {}", opts.mountpoint.display()))?;
-    let unmounter = Arc::new(std::sync::Mutex::new(session.unmount_callable()));
+    let unmounter = Arc::new(parking_lot::Mutex::new(session.unmount_callable()));
     {
         let registry = registry.clone();
         std::thread::Builder::new().name("cowfs-accept".into()).spawn(move || crate::control::serve(listener, registry))?;
@@ -64,7 +64,7 @@ pub fn run(opts: DaemonOptions) -> anyhow::Result<()> {
             };
             tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
             tracing::info!("signal received; unmounting");
-            let _ = tokio::task::spawn_blocking(move || unmounter.lock().unwrap_or_else(|p| p.into_inner()).unmount()).await;
+            let _ = tokio::task::spawn_blocking(move || unmounter.lock().unmount()).await;
         });
     }
     tracing::info!(mount = %opts.mountpoint.display(), control = %opts.control.display(), "sail-cowfs serving");
