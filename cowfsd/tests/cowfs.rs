@@ -99,6 +99,24 @@ fn stat(v: &Value, k: &str) -> u64 {
     v.get(k).and_then(Value::as_u64).unwrap_or(u64::MAX)
 }
 
+/// Bad requests on a daemon holding the file `restored`: each is refused with its kind.
+async fn refuses_bad_requests(client: &CowClient) {
+    let kind = |r: Result<(), ClientError>| r.err().and_then(|e| e.kind());
+    assert!(client.create_zeros("../escape", 10).await.is_err());
+    assert_eq!(kind(client.create_zeros("../escape", 10).await), Some(ErrorKind::Invalid));
+    assert!(client.create_zeros("restored", 10).await.is_err(), "names are unique");
+    assert_eq!(kind(client.create_zeros("restored", 10).await), Some(ErrorKind::Exists));
+    assert!(client.create_from("x", "00").await.is_err());
+    assert_eq!(kind(client.create_from("x", "00").await), Some(ErrorKind::Invalid), "not a chunk id");
+    assert_eq!(kind(client.create_zeros("huge", u64::MAX).await), Some(ErrorKind::Invalid), "over the size limit");
+    assert!(client.freeze("missing").await.is_err());
+    assert_eq!(client.freeze("missing").await.err().and_then(|e| e.kind()), Some(ErrorKind::NotFound));
+    client.remove("missing").await.expect("removing a missing file is fine");
+    // A manifest id that names no stored chunk is the chunk store's failure.
+    let absent = chunkstore::ChunkId::of(b"never stored").to_hex();
+    assert_eq!(kind(client.create_from("y", &absent).await), Some(ErrorKind::Chunks));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkpoints_round_trip_through_chunks() {
     let chunks = tempfile::tempdir().unwrap();
@@ -157,20 +175,7 @@ async fn checkpoints_round_trip_through_chunks() {
     assert_eq!(e.client.stats("restored").await.unwrap()["chunks"]["fetched"].as_u64().unwrap(), fetched);
 
     // Bad requests get errors of their kind, and the daemon goes on.
-    let kind = |r: Result<(), ClientError>| r.err().and_then(|e| e.kind());
-    assert!(e.client.create_zeros("../escape", 10).await.is_err());
-    assert_eq!(kind(e.client.create_zeros("../escape", 10).await), Some(ErrorKind::Invalid));
-    assert!(e.client.create_zeros("restored", 10).await.is_err(), "names are unique");
-    assert_eq!(kind(e.client.create_zeros("restored", 10).await), Some(ErrorKind::Exists));
-    assert!(e.client.create_from("x", "00").await.is_err());
-    assert_eq!(kind(e.client.create_from("x", "00").await), Some(ErrorKind::Invalid), "not a chunk id");
-    assert_eq!(kind(e.client.create_zeros("huge", u64::MAX).await), Some(ErrorKind::Invalid), "over the size limit");
-    assert!(e.client.freeze("missing").await.is_err());
-    assert_eq!(e.client.freeze("missing").await.err().and_then(|e| e.kind()), Some(ErrorKind::NotFound));
-    e.client.remove("missing").await.expect("removing a missing file is fine");
-    // A manifest id that names no stored chunk is the chunk store's failure.
-    let absent = chunkstore::ChunkId::of(b"never stored").to_hex();
-    assert_eq!(kind(e.client.create_from("y", &absent).await), Some(ErrorKind::Chunks));
+    refuses_bad_requests(&e.client).await;
     assert!(e.client.ping().await);
     e.client.remove("restored").await.unwrap();
     assert!(!e.file("restored").exists());
