@@ -15,7 +15,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 if [ "${SKIP_SAILBOX:-0}" = 1 ]; then bash scripts/setup.sh; else bash scripts/setup.sh vm; fi
 if [ -z "${SAIL_BIN_DIR:-}" ]; then
     echo "== building sail (release; the first build takes a while)"
-    cargo build --release -q -p cli -p cowfs
+    cargo build --release -q -p cli -p cowfsd
 fi
 [ "${SKIP_SAILBOX:-0}" = 1 ] || bash scripts/build-agent.sh
 bin_dir="${SAIL_BIN_DIR:-${CARGO_TARGET_DIR:-target}/release}"

@@ -12,6 +12,8 @@ export PATH="$HOME/.cargo/bin:$PATH"
 cargo fmt --all --check
 # Release everywhere: one compile serves tests, benches and binaries.
 cargo build --release --workspace --all-targets
+# vmm-host links the cowfs library only; the FUSE daemon (cowfsd, fuser) stays out of it.
+vmm_tree=$(cargo tree -p vmm-host -e normal); if grep -q fuser <<<"$vmm_tree"; then echo "error: vmm-host links fuser (it must use the cowfs library, not the cowfsd daemon)" >&2; exit 1; fi
 # The guest agent, statically linked (guests boot it as PID 1); the VM tests find it here.
 bash scripts/build-agent.sh
 export SAIL_AGENT_BIN="${CARGO_TARGET_DIR:-$PWD/target}/x86_64-unknown-linux-gnu/release/sail-agent"

@@ -7,9 +7,10 @@ use std::collections::{HashMap, VecDeque};
 use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use parking_lot::{Mutex, MutexGuard};
 use proto::agent as pb;
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
@@ -80,7 +81,7 @@ struct Request {
 
 impl Request {
     fn update(&self, f: impl FnOnce(&mut Output)) {
-        f(&mut self.output.lock().unwrap_or_else(|p| p.into_inner()));
+        f(&mut self.output.lock());
         self.changed.send_modify(|v| *v += 1);
     }
 }
@@ -111,105 +112,125 @@ impl ExecTable {
     /// Starts a request (or returns the running one with the same id).
     pub fn start(&self, req: pb::StartExecRequest) -> Result<pb::StartExecResponse, ExecError> {
         validate(&req)?;
-        let mut table = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let table = self.inner.lock();
         if let Some(existing) = table.requests.get(&req.request_id) {
             return Ok(pb::StartExecResponse { request_id: req.request_id, already_started: true, pid: existing.pid });
         }
         let started = now_ms();
-        let mut cmd = Command::new("/bin/sh");
-        cmd.arg("-c").arg(&req.command).env_clear();
-        cmd.current_dir(if req.cwd.is_empty() { "/" } else { &req.cwd });
-        for (k, v) in BASE_ENV {
-            cmd.env(k, v);
-        }
-        for e in &req.env {
-            cmd.env(&e.name, &e.value);
-        }
-        // Its own session and process group: a timeout kills everything it started, and a
-        // background launch outlives nothing of ours.
-        // SAFETY: setsid is async-signal-safe; nothing else runs between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::setsid() < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let (tx, _) = watch::channel(0);
+        let cmd = shell_command(&req);
         if req.background {
-            cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
-            let pid = self.reaper.spawn_detached(&mut cmd).map_err(ExecError::Spawn)?;
-            let request = Arc::new(Request { output: Mutex::default(), changed: tx, pid });
-            request.update(|o| {
-                o.result = Some(pb::ExecResult {
-                    request_id: req.request_id.clone(),
-                    started_unix_ms: started,
-                    finished_unix_ms: now_ms(),
-                    ..Default::default()
-                })
-            });
-            insert(&mut table, &req.request_id, request, true);
-            return Ok(pb::StartExecResponse { request_id: req.request_id, already_started: false, pid });
+            self.start_background(table, cmd, req, started)
+        } else {
+            self.start_foreground(table, cmd, req, started)
         }
+    }
+
+    /// A detached launch: no output is kept, and the request is finished as soon as the
+    /// shell is started.
+    fn start_background(
+        &self,
+        mut table: MutexGuard<'_, Table>,
+        mut cmd: Command,
+        req: pb::StartExecRequest,
+        started: u64,
+    ) -> Result<pb::StartExecResponse, ExecError> {
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        let pid = self.reaper.spawn_detached(&mut cmd).map_err(ExecError::Spawn)?;
+        let (tx, _) = watch::channel(0);
+        let request = Arc::new(Request { output: Mutex::default(), changed: tx, pid });
+        request.update(|o| {
+            o.result = Some(pb::ExecResult {
+                request_id: req.request_id.clone(),
+                started_unix_ms: started,
+                finished_unix_ms: now_ms(),
+                ..Default::default()
+            })
+        });
+        insert(&mut table, &req.request_id, request, true);
+        Ok(pb::StartExecResponse { request_id: req.request_id, already_started: false, pid })
+    }
+
+    /// A command whose output is captured; a task feeds its stdin, reads its pipes, waits
+    /// for its exit (or timeout) and records the result.
+    fn start_foreground(
+        &self,
+        mut table: MutexGuard<'_, Table>,
+        mut cmd: Command,
+        req: pb::StartExecRequest,
+        started: u64,
+    ) -> Result<pb::StartExecResponse, ExecError> {
         cmd.stdin(if req.stdin.is_empty() { Stdio::null() } else { Stdio::piped() });
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let (mut child, exited) = self.reaper.spawn(&mut cmd).map_err(ExecError::Spawn)?;
         let pid = child.id();
+        let (tx, _) = watch::channel(0);
         let request = Arc::new(Request { output: Mutex::default(), changed: tx, pid });
         insert(&mut table, &req.request_id, request.clone(), false);
         drop(table);
 
-        let stdin = child.stdin.take().map(OwnedFd::from);
-        let stdout = child.stdout.take().map(OwnedFd::from);
-        let stderr = child.stderr.take().map(OwnedFd::from);
-        let table = self.clone();
+        let pipes = Pipes {
+            stdin: child.stdin.take().map(OwnedFd::from),
+            stdout: child.stdout.take().map(OwnedFd::from),
+            stderr: child.stderr.take().map(OwnedFd::from),
+        };
         let request_id = req.request_id.clone();
-        let timeout = (req.timeout_ms > 0).then(|| Duration::from_millis(req.timeout_ms));
-        tokio::spawn(async move {
-            if let Some(fd) = stdin {
-                tokio::spawn(feed_stdin(fd, req.stdin));
-            }
-            let out = stdout.map(|fd| tokio::spawn(pump(fd, request.clone(), false)));
-            let err = stderr.map(|fd| tokio::spawn(pump(fd, request.clone(), true)));
-            let (exit, timed_out) = wait_exit(exited, pid, timeout).await;
-            for pump in [out, err].into_iter().flatten() {
-                if tokio::time::timeout(DRAIN_GRACE, pump).await.is_err() {
-                    tracing::debug!(pid, "output pipe still open after exit; stopped reading");
-                }
-            }
-            let code = if timed_out { TIMEOUT_CODE } else { exit.shell_code() };
-            request.update(|o| {
-                o.result = Some(pb::ExecResult {
-                    request_id: req.request_id.clone(),
-                    return_code: code,
-                    stdout: o.stdout.clone(),
-                    stderr: o.stderr.clone(),
-                    stdout_truncated: o.stdout_bytes > o.stdout.len() as u64,
-                    stderr_truncated: o.stderr_bytes > o.stderr.len() as u64,
-                    stdout_bytes: o.stdout_bytes,
-                    stderr_bytes: o.stderr_bytes,
-                    timed_out,
-                    started_unix_ms: started,
-                    finished_unix_ms: now_ms(),
-                    signal: match exit {
-                        Exit::Signal(s) => s,
-                        Exit::Code(_) => 0,
-                    },
-                })
-            });
-            table.mark_finished(&req.request_id);
-        });
+        tokio::spawn(self.clone().supervise(request, req, pipes, exited, started));
         Ok(pb::StartExecResponse { request_id, already_started: false, pid })
     }
 
+    /// Runs a foreground request to its end: stdin fed, output pumped until the exit (and a
+    /// short grace for pipes a leftover grandchild holds), then the result recorded.
+    async fn supervise(
+        self,
+        request: Arc<Request>,
+        req: pb::StartExecRequest,
+        pipes: Pipes,
+        exited: tokio::sync::oneshot::Receiver<Exit>,
+        started: u64,
+    ) {
+        let pid = request.pid;
+        let timeout = (req.timeout_ms > 0).then(|| Duration::from_millis(req.timeout_ms));
+        if let Some(fd) = pipes.stdin {
+            tokio::spawn(feed_stdin(fd, req.stdin));
+        }
+        let out = pipes.stdout.map(|fd| tokio::spawn(pump(fd, request.clone(), false)));
+        let err = pipes.stderr.map(|fd| tokio::spawn(pump(fd, request.clone(), true)));
+        let (exit, timed_out) = wait_exit(exited, pid, timeout).await;
+        for pump in [out, err].into_iter().flatten() {
+            if tokio::time::timeout(DRAIN_GRACE, pump).await.is_err() {
+                tracing::debug!(pid, "output pipe still open after exit; stopped reading");
+            }
+        }
+        let code = if timed_out { TIMEOUT_CODE } else { exit.shell_code() };
+        request.update(|o| {
+            o.result = Some(pb::ExecResult {
+                request_id: req.request_id.clone(),
+                return_code: code,
+                stdout: o.stdout.clone(),
+                stderr: o.stderr.clone(),
+                stdout_truncated: o.stdout_bytes > o.stdout.len() as u64,
+                stderr_truncated: o.stderr_bytes > o.stderr.len() as u64,
+                stdout_bytes: o.stdout_bytes,
+                stderr_bytes: o.stderr_bytes,
+                timed_out,
+                started_unix_ms: started,
+                finished_unix_ms: now_ms(),
+                signal: match exit {
+                    Exit::Signal(s) => s,
+                    Exit::Code(_) => 0,
+                },
+            })
+        });
+        self.mark_finished(&req.request_id);
+    }
+
     fn get(&self, id: &str) -> Result<Arc<Request>, ExecError> {
-        let table = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let table = self.inner.lock();
         table.requests.get(id).cloned().ok_or_else(|| ExecError::NotFound(id.to_owned()))
     }
 
     fn mark_finished(&self, id: &str) {
-        let mut table = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut table = self.inner.lock();
         table.finished.push_back(id.to_owned());
         trim(&mut table);
     }
@@ -219,7 +240,7 @@ impl ExecTable {
         let request = self.get(id)?;
         let mut rx = request.changed.subscribe();
         loop {
-            if let Some(r) = request.output.lock().unwrap_or_else(|p| p.into_inner()).result.clone() {
+            if let Some(r) = request.output.lock().result.clone() {
                 return Ok(r);
             }
             if rx.changed().await.is_err() {
@@ -242,7 +263,7 @@ impl ExecTable {
             let mut changes = request.changed.subscribe();
             loop {
                 let (events, done) = {
-                    let o = request.output.lock().unwrap_or_else(|p| p.into_inner());
+                    let o = request.output.lock();
                     let mut events = Vec::new();
                     let out_new = o.stdout.get(out_off as usize..).unwrap_or_default();
                     if !out_new.is_empty() {
@@ -271,6 +292,38 @@ impl ExecTable {
         });
         Ok(rx)
     }
+}
+
+/// The child's ends of a foreground request's pipes.
+struct Pipes {
+    stdin: Option<OwnedFd>,
+    stdout: Option<OwnedFd>,
+    stderr: Option<OwnedFd>,
+}
+
+/// `/bin/sh -c COMMAND` in the request's directory and environment, in a session of its own.
+fn shell_command(req: &pb::StartExecRequest) -> Command {
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c").arg(&req.command).env_clear();
+    cmd.current_dir(if req.cwd.is_empty() { "/" } else { &req.cwd });
+    for (k, v) in BASE_ENV {
+        cmd.env(k, v);
+    }
+    for e in &req.env {
+        cmd.env(&e.name, &e.value);
+    }
+    // Its own session and process group: a timeout kills everything it started, and a
+    // background launch outlives nothing of ours.
+    // SAFETY: setsid is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
 }
 
 fn insert(table: &mut Table, id: &str, request: Arc<Request>, finished: bool) {

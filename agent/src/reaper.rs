@@ -4,8 +4,9 @@
 
 use std::collections::HashMap;
 use std::process::{Child, Command};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 
+use parking_lot::{Condvar, Mutex};
 use tokio::sync::oneshot;
 
 /// How a reaped process ended.
@@ -53,7 +54,7 @@ impl Reaper {
     /// under the reaper's lock, so the child cannot be reaped before its waiter exists.
     pub fn spawn(&self, cmd: &mut Command) -> std::io::Result<(Child, oneshot::Receiver<Exit>)> {
         let (lock, cvar) = &*self.inner;
-        let mut inner = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut inner = lock.lock();
         let child = cmd.spawn()?;
         let (tx, rx) = oneshot::channel();
         inner.waiters.insert(child.id(), tx);
@@ -65,7 +66,7 @@ impl Reaper {
     /// Spawns `cmd` without waiting for it (its status is reaped and dropped).
     pub fn spawn_detached(&self, cmd: &mut Command) -> std::io::Result<u32> {
         let (lock, cvar) = &*self.inner;
-        let mut inner = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut inner = lock.lock();
         let child = cmd.spawn()?;
         inner.spawns += 1;
         cvar.notify_all();
@@ -76,7 +77,7 @@ impl Reaper {
 fn reap_loop(inner: &(Mutex<Inner>, Condvar)) {
     let (lock, cvar) = inner;
     loop {
-        let seen = lock.lock().unwrap_or_else(|p| p.into_inner()).spawns;
+        let seen = lock.lock().spawns;
         let mut status = 0;
         // SAFETY: plain syscall with a valid out-pointer.
         let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
@@ -86,14 +87,14 @@ fn reap_loop(inner: &(Mutex<Inner>, Condvar)) {
             }
             // ECHILD: no children. Sleep until the next spawn; orphans that the kernel hands
             // to PID 1 meanwhile are picked up within a second.
-            let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
-            let _ = cvar.wait_timeout_while(guard, std::time::Duration::from_secs(1), |i| i.spawns == seen);
+            let mut guard = lock.lock();
+            let _ = cvar.wait_while_for(&mut guard, |i| i.spawns == seen, std::time::Duration::from_secs(1));
             continue;
         }
         let exit =
             if libc::WIFSIGNALED(status) { Exit::Signal(libc::WTERMSIG(status)) } else { Exit::Code(libc::WEXITSTATUS(status)) };
         // Detached children and adopted orphans have no waiter: their status is dropped.
-        let tx = lock.lock().unwrap_or_else(|p| p.into_inner()).waiters.remove(&(pid as u32));
+        let tx = lock.lock().waiters.remove(&(pid as u32));
         if let Some(tx) = tx {
             let _ = tx.send(exit);
         }

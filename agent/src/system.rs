@@ -88,7 +88,7 @@ pub fn grow_root_fs() -> std::io::Result<()> {
         })
         .filter(|(_, mnt, fstype)| *mnt == "/" && *fstype == "ext4")
         .map(|(dev, _, _)| dev.to_owned())
-        .last()
+        .next_back()
     else {
         return Ok(()); // not ext4 (or no root line): nothing to grow
     };

@@ -12,7 +12,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/sail/target}
-(cd "$ROOT" && cargo build --release --quiet -p cli -p cowfs -p benches --bin sail --bin sail-cowfs --bin wakeup)
+(cd "$ROOT" && cargo build --release --quiet -p cli -p cowfsd -p benches --bin sail --bin sail-cowfs --bin wakeup)
 SAIL=$CARGO_TARGET_DIR/release/sail
 QUICK=${QUICK:-0}
 SIZE_MIB=$([ "$QUICK" = 1 ] && echo 256 || echo 1024)

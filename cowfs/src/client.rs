@@ -1,29 +1,64 @@
-//! A client of a cowfs daemon's control socket (what vmm-host uses).
+//! A client of a cowfs daemon's control socket (what vmm-host uses). One connection per
+//! request; errors are typed ([`ClientError`]), and a refusal carries the daemon's
+//! [`ErrorKind`], which is what callers decide on.
 
 use std::path::{Path, PathBuf};
 
-use serde_json::{Value, json};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
-use crate::error::{CowError, Result};
+use crate::control::{Created, ErrorKind, Exported, Frozen, Names, Reply, Request, Stopping};
 
-/// What an export stored.
-#[derive(Clone, Debug, serde::Deserialize)]
-pub struct Exported {
-    /// The new manifest's chunk id (hex).
-    pub manifest: String,
-    /// Regions written since the previous checkpoint.
-    pub regions: u64,
-    /// Of those, all-zero.
-    pub zero_regions: u64,
-    /// Chunks uploaded.
-    pub chunks_uploaded: u64,
-    /// Bytes uploaded.
-    pub bytes_uploaded: u64,
-    /// Bytes of the regions written since the previous checkpoint.
-    pub bytes_frozen: u64,
+/// What a request to the daemon can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The socket could not be reached, or the exchange broke off.
+    #[error("cowfs control socket {}: {source}", path.display())]
+    Io {
+        /// The socket.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The request could not be encoded.
+    #[error("encoding a cowfs request: {source}")]
+    Encode {
+        /// What failed to encode.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The daemon's reply (or its result) could not be decoded.
+    #[error("bad reply from cowfs: {source}")]
+    BadReply {
+        /// What failed to decode.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The daemon refused the request.
+    #[error("cowfs: {message}")]
+    Refused {
+        /// Why, to decide on.
+        kind: ErrorKind,
+        /// Why, for people.
+        message: String,
+    },
 }
+
+impl ClientError {
+    /// The daemon's error kind, when it refused the request.
+    pub fn kind(&self) -> Option<ErrorKind> {
+        match self {
+            Self::Refused { kind, .. } => Some(*kind),
+            Self::Io { .. } | Self::Encode { .. } | Self::BadReply { .. } => None,
+        }
+    }
+}
+
+/// Result alias of the client.
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;
 
 /// The control socket of one daemon.
 #[derive(Clone, Debug)]
@@ -37,84 +72,84 @@ impl CowClient {
         Self { socket: socket.to_path_buf() }
     }
 
-    /// One request, one reply.
-    pub async fn call(&self, req: Value) -> Result<Value> {
-        let mut s = UnixStream::connect(&self.socket).await?;
-        s.write_all(format!("{req}\n").as_bytes()).await?;
-        let mut line = String::new();
-        BufReader::new(s).read_line(&mut line).await?;
-        let reply: Value = serde_json::from_str(&line).map_err(|e| CowError::Corrupt(format!("bad reply from cowfs: {e}")))?;
-        if reply.get("ok").and_then(Value::as_bool) == Some(true) {
-            return Ok(reply.get("result").cloned().unwrap_or(Value::Null));
+    /// One request, one reply: the reply's result, or the daemon's typed refusal.
+    pub async fn call(&self, req: &Request) -> Result<Value> {
+        let io = |source| ClientError::Io { path: self.socket.clone(), source };
+        let mut line = serde_json::to_string(req).map_err(|source| ClientError::Encode { source })?;
+        line.push('\n');
+        let mut s = UnixStream::connect(&self.socket).await.map_err(io)?;
+        s.write_all(line.as_bytes()).await.map_err(io)?;
+        let mut reply = String::new();
+        BufReader::new(s).read_line(&mut reply).await.map_err(io)?;
+        let reply: Reply = serde_json::from_str(&reply).map_err(|source| ClientError::BadReply { source })?;
+        match (reply.ok, reply.error) {
+            (true, _) => Ok(reply.result.unwrap_or(Value::Null)),
+            (false, Some(e)) => Err(ClientError::Refused { kind: e.kind, message: e.message }),
+            (false, None) => Err(ClientError::Refused { kind: ErrorKind::Invalid, message: "refused without a reason".into() }),
         }
-        let msg = reply.get("error").and_then(Value::as_str).unwrap_or("unknown error").to_owned();
-        Err(if msg.starts_with("no file named") {
-            CowError::NotFound(msg)
-        } else if msg.contains("already exists") {
-            CowError::Exists(msg)
-        } else {
-            CowError::Invalid(msg)
-        })
+    }
+
+    /// A request whose result decodes as `T`.
+    async fn call_as<T: DeserializeOwned>(&self, req: &Request) -> Result<T> {
+        serde_json::from_value(self.call(req).await?).map_err(|source| ClientError::BadReply { source })
     }
 
     /// Whether the daemon answers.
     pub async fn ping(&self) -> bool {
-        self.call(json!({"op": "ping"})).await.is_ok()
+        self.call(&Request::Ping).await.is_ok()
     }
 
     /// Asks the daemon to unmount and exit if it holds no files; returns whether it will.
     pub async fn stop_if_unused(&self) -> Result<bool> {
-        let v = self.call(json!({"op": "stop"})).await?;
-        Ok(v.get("stopping").and_then(Value::as_bool).unwrap_or(false))
+        Ok(self.call_as::<Stopping>(&Request::Stop).await?.stopping)
+    }
+
+    fn create(name: &str, size: Option<u64>, base: Option<&str>, readonly: bool) -> Request {
+        Request::Create { name: name.to_owned(), size, base: base.map(str::to_owned), readonly }
     }
 
     /// Creates an all-zero file.
     pub async fn create_zeros(&self, name: &str, size: u64) -> Result<()> {
-        self.call(json!({"op": "create", "name": name, "size": size})).await.map(|_| ())
+        self.call_as::<Created>(&Self::create(name, Some(size), None, false)).await.map(|_| ())
     }
 
     /// Creates a file over a stored manifest.
     pub async fn create_from(&self, name: &str, manifest: &str) -> Result<()> {
-        self.call(json!({"op": "create", "name": name, "base": manifest})).await.map(|_| ())
+        self.call_as::<Created>(&Self::create(name, None, Some(manifest), false)).await.map(|_| ())
     }
 
     /// Creates a read-only file over a stored manifest (writes and opens for writing fail
     /// with `EROFS`).
     pub async fn create_readonly(&self, name: &str, manifest: &str) -> Result<()> {
-        self.call(json!({"op": "create", "name": name, "base": manifest, "readonly": true})).await.map(|_| ())
+        self.call_as::<Created>(&Self::create(name, None, Some(manifest), true)).await.map(|_| ())
     }
 
     /// Removes a file (missing is fine).
     pub async fn remove(&self, name: &str) -> Result<()> {
-        match self.call(json!({"op": "remove", "name": name})).await {
-            Ok(_) | Err(CowError::NotFound(_)) => Ok(()),
+        match self.call(&Request::Remove { name: name.to_owned() }).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == Some(ErrorKind::NotFound) => Ok(()),
             Err(e) => Err(e),
         }
     }
 
     /// Freezes the regions written since the last checkpoint; returns how many.
     pub async fn freeze(&self, name: &str) -> Result<u64> {
-        let v = self.call(json!({"op": "freeze", "name": name})).await?;
-        Ok(v.get("regions").and_then(Value::as_u64).unwrap_or(0))
+        Ok(self.call_as::<Frozen>(&Request::Freeze { name: name.to_owned() }).await?.regions)
     }
 
     /// Stores the frozen regions and the new manifest.
     pub async fn export(&self, name: &str) -> Result<Exported> {
-        let v = self.call(json!({"op": "export", "name": name})).await?;
-        serde_json::from_value(v).map_err(|e| CowError::Corrupt(format!("bad export reply: {e}")))
+        self.call_as(&Request::Export { name: name.to_owned() }).await
     }
 
-    /// A file's counters.
+    /// A file's counters, and the daemon's chunk counters under `chunks`.
     pub async fn stats(&self, name: &str) -> Result<Value> {
-        self.call(json!({"op": "stats", "name": name})).await
+        self.call(&Request::Stats { name: name.to_owned() }).await
     }
 
     /// Every file's name.
     pub async fn list(&self) -> Result<Vec<String>> {
-        let v = self.call(json!({"op": "list"})).await?;
-        Ok(v.get("names")
-            .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(|n| n.as_str().map(str::to_owned)).collect())
-            .unwrap_or_default())
+        Ok(self.call_as::<Names>(&Request::List).await?.names)
     }
 }

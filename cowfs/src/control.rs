@@ -1,138 +1,216 @@
-//! The control socket: JSON lines, one request and one reply per line.
+//! The control wire: JSON lines over the daemon's Unix socket, one request and one reply per
+//! line. The daemon (`cowfsd`) serves it; [`crate::client::CowClient`] speaks it.
 //!
 //! | request | reply `result` |
 //! |---|---|
 //! | `{"op":"ping"}` | `{"files": N, "pid": P}` |
-//! | `{"op":"create","name":N,"size":S}` | `{}` (an all-zero file) |
+//! | `{"op":"create","name":N,"size":S}` | `{"size": S}` (an all-zero file) |
 //! | `{"op":"create","name":N,"base":ID}` | `{"size": S}` (over the manifest stored as chunk ID) |
 //! | `{"op":"create","name":N,"base":ID,"readonly":true}` | `{"size": S}` (and refusing writes) |
 //! | `{"op":"remove","name":N}` | `{}` |
 //! | `{"op":"freeze","name":N}` | `{"regions": R}` (dirty regions now frozen) |
 //! | `{"op":"export","name":N}` | `{"manifest": ID, "regions", "zero_regions", "chunks_uploaded", "bytes_uploaded", "bytes_frozen"}` |
-//! | `{"op":"stats","name":N}` | file counters plus the daemon's chunk counters |
+//! | `{"op":"stats","name":N}` | file counters plus the daemon's chunk counters under `chunks` |
 //! | `{"op":"list"}` | `{"names": [...]}` |
+//! | `{"op":"stop"}` | `{"stopping": B, "files": N}` (unmounts and exits only with no file left) |
 //!
-//! Replies: `{"ok":true,"result":{...}}` or `{"ok":false,"error":"..."}`.
+//! Replies: `{"ok":true,"result":{...}}` or
+//! `{"ok":false,"error":{"kind":"not_found","message":"no file named x"}}`. The kind
+//! ([`ErrorKind`]) is what callers decide on; the message is for people.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::Arc;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
-use bytes::Bytes;
-use serde_json::{Value, json};
+/// Longest request line the daemon accepts.
+pub const MAX_LINE: u64 = 64 << 10;
 
-use crate::error::{CowError, Result};
-use crate::fs::Registry;
-use crate::manifest::Manifest;
-
-/// Longest request line accepted.
-const MAX_LINE: u64 = 64 << 10;
-
-fn field<'a>(req: &'a Value, name: &str) -> Result<&'a str> {
-    req.get(name).and_then(Value::as_str).ok_or_else(|| CowError::Invalid(format!("missing string field {name:?}")))
+/// A request line.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Whether the daemon answers; its file count and pid.
+    Ping,
+    /// Every file's name.
+    List,
+    /// A new file: all zeros of `size` bytes, or over the manifest stored as chunk `base`.
+    Create {
+        /// The file's name: 1..=128 of `[A-Za-z0-9._-]`, not starting with a dot.
+        name: String,
+        /// Size of an all-zero file (ignored with `base`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        size: Option<u64>,
+        /// Chunk id (hex) of the manifest the file starts from.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        base: Option<String>,
+        /// Refuse writes and opens for writing (`EROFS`).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        readonly: bool,
+    },
+    /// Removes a file (open descriptors keep working until closed).
+    Remove {
+        /// The file.
+        name: String,
+    },
+    /// Freezes the regions written since the last checkpoint.
+    Freeze {
+        /// The file.
+        name: String,
+    },
+    /// Stores the frozen regions as chunks and the new manifest.
+    Export {
+        /// The file.
+        name: String,
+    },
+    /// A file's counters and the daemon's chunk counters.
+    Stats {
+        /// The file.
+        name: String,
+    },
+    /// Unmounts and exits, if no file is left.
+    Stop,
 }
 
-/// Fetches and decodes a manifest stored as a chunk.
-pub fn load_manifest(reg: &Registry, id: &str) -> Result<Manifest> {
-    let id: chunkstore::ChunkId = id.parse().map_err(|e| CowError::Invalid(format!("bad manifest id: {e}")))?;
-    Manifest::decode(&reg.chunks.get(id)?)
+/// What a failed request failed with. Serialized in snake case (`"not_found"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// A bad request: an unreadable line, an unknown op, a bad name, size or manifest id.
+    Invalid,
+    /// No file of that name.
+    NotFound,
+    /// A file of that name exists already.
+    Exists,
+    /// Stored bytes or a manifest failed verification.
+    Corrupt,
+    /// A write to a read-only file.
+    ReadOnly,
+    /// The chunk store failed (reading a manifest, storing an export's chunks).
+    Chunks,
+    /// Local I/O failed on the daemon's side.
+    Io,
 }
 
-/// Stores a manifest as a chunk; returns its id.
-pub fn store_manifest(reg: &Registry, m: &Manifest) -> Result<chunkstore::ChunkId> {
-    Ok(reg.chunks.put(Bytes::from(m.encode()))?.0)
+/// The `error` of a failed reply.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireError {
+    /// What to decide on.
+    pub kind: ErrorKind,
+    /// What happened, for people.
+    pub message: String,
 }
 
-fn handle(reg: &Registry, req: &Value) -> Result<Value> {
-    let op = field(req, "op")?;
-    Ok(match op {
-        "ping" => json!({"files": reg.names().len(), "pid": std::process::id()}),
-        "list" => json!({"names": reg.names()}),
-        "create" => {
-            let name = field(req, "name")?;
-            let base = match req.get("base").and_then(Value::as_str) {
-                Some(id) => load_manifest(reg, id)?,
-                None => {
-                    let size = req
-                        .get("size")
-                        .and_then(Value::as_u64)
-                        .ok_or_else(|| CowError::Invalid("create needs base or size".into()))?;
-                    Manifest::zeros(size)?
-                }
-            };
-            let size = base.size;
-            let readonly = req.get("readonly").and_then(Value::as_bool).unwrap_or(false);
-            reg.create_with(name, base, readonly)?;
-            json!({"size": size})
-        }
-        "remove" => {
-            reg.remove(field(req, "name")?)?;
-            json!({})
-        }
-        "freeze" => json!({"regions": reg.get(field(req, "name")?)?.freeze()?}),
-        "export" => {
-            let file = reg.get(field(req, "name")?)?;
-            let (manifest, stats) = file.export()?;
-            let id = store_manifest(reg, &manifest)?;
-            let mut v = serde_json::to_value(stats).map_err(|e| CowError::Invalid(e.to_string()))?;
-            v["manifest"] = json!(id.to_hex());
-            v
-        }
-        "stats" => {
-            let file = reg.get(field(req, "name")?)?;
-            let mut v = serde_json::to_value(file.stats()).map_err(|e| CowError::Invalid(e.to_string()))?;
-            v["chunks"] = serde_json::to_value(reg.chunks.stats()).map_err(|e| CowError::Invalid(e.to_string()))?;
-            v
-        }
-        // Unmount and exit, but only when no file is left: a running or sleeping sailbox's
-        // memory and disk live here, and the daemon outlives vmm-host restarts for them.
-        "stop" => {
-            let files = reg.names().len();
-            if files == 0 {
-                tracing::info!("stop requested with no files; unmounting");
-                // SAFETY: sends a signal to this process; the SIGTERM task unmounts the session.
-                unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
-            }
-            json!({"stopping": files == 0, "files": files})
-        }
-        other => return Err(CowError::Invalid(format!("unknown op {other:?}"))),
-    })
+/// A reply line.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    /// Whether the request succeeded.
+    pub ok: bool,
+    /// The result of a request that succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    /// The error of one that failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<WireError>,
 }
 
-fn serve_conn(reg: &Registry, stream: UnixStream) -> std::io::Result<()> {
-    use std::io::Read;
-    let mut writer = stream.try_clone()?;
-    let mut reader = BufReader::new(stream);
-    loop {
-        let mut line = String::new();
-        let n = (&mut reader).take(MAX_LINE).read_line(&mut line)?;
-        if n == 0 {
-            return Ok(());
-        }
-        let reply = match serde_json::from_str::<Value>(&line) {
-            Ok(req) => match handle(reg, &req) {
-                Ok(result) => json!({"ok": true, "result": result}),
-                Err(e) => json!({"ok": false, "error": e.to_string()}),
-            },
-            Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
-        };
-        writer.write_all(format!("{reply}\n").as_bytes())?;
+impl Reply {
+    /// A success carrying `result`.
+    pub fn success(result: Value) -> Self {
+        Self { ok: true, result: Some(result), error: None }
+    }
+
+    /// A failure of `kind`.
+    pub fn failure(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self { ok: false, result: None, error: Some(WireError { kind, message: message.into() }) }
     }
 }
 
-/// Serves the control socket until the listener fails.
-pub fn serve(listener: UnixListener, reg: Arc<Registry>) {
-    for conn in listener.incoming() {
-        match conn {
-            Ok(stream) => {
-                let reg = reg.clone();
-                let _ = std::thread::Builder::new().name("cowfs-control".into()).spawn(move || {
-                    if let Err(e) = serve_conn(&reg, stream) {
-                        tracing::debug!(error = %e, "control connection ended");
-                    }
-                });
-            }
-            Err(e) => tracing::warn!(error = %e, "control accept failed"),
+/// The result of `ping`.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct Pong {
+    /// Files the daemon holds.
+    pub files: u64,
+    /// The daemon's process id.
+    pub pid: u32,
+}
+
+/// The result of `create`.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct Created {
+    /// The new file's size.
+    pub size: u64,
+}
+
+/// The result of `freeze`.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct Frozen {
+    /// Regions frozen (written since the last checkpoint).
+    pub regions: u64,
+}
+
+/// The result of `list`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Names {
+    /// Every file's name, sorted.
+    pub names: Vec<String>,
+}
+
+/// The result of `stop`.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct Stopping {
+    /// Whether the daemon unmounts and exits (it had no file).
+    pub stopping: bool,
+    /// Files it holds.
+    pub files: u64,
+}
+
+/// The result of `export`: what a checkpoint of one file stored.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Exported {
+    /// The new manifest's chunk id (hex).
+    pub manifest: String,
+    /// Regions written since the previous checkpoint.
+    pub regions: u64,
+    /// Of those, all-zero.
+    pub zero_regions: u64,
+    /// Chunks uploaded.
+    pub chunks_uploaded: u64,
+    /// Bytes uploaded.
+    pub bytes_uploaded: u64,
+    /// Bytes of the regions written since the previous checkpoint.
+    pub bytes_frozen: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn lines_have_the_documented_shape() {
+        let req = Request::Create { name: "a".into(), size: Some(4096), base: None, readonly: false };
+        assert_eq!(serde_json::to_value(&req).unwrap(), json!({"op": "create", "name": "a", "size": 4096}));
+        let req: Request = serde_json::from_value(json!({"op": "create", "name": "v", "base": "ab", "readonly": true})).unwrap();
+        assert_eq!(req, Request::Create { name: "v".into(), size: None, base: Some("ab".into()), readonly: true });
+        assert_eq!(serde_json::to_value(Request::Ping).unwrap(), json!({"op": "ping"}));
+        assert!(serde_json::from_value::<Request>(json!({"op": "format"})).is_err(), "unknown ops are refused");
+
+        let reply = Reply::failure(ErrorKind::NotFound, "no file named x");
+        assert_eq!(
+            serde_json::to_value(&reply).unwrap(),
+            json!({"ok": false, "error": {"kind": "not_found", "message": "no file named x"}})
+        );
+        assert_eq!(serde_json::to_value(Reply::success(json!({}))).unwrap(), json!({"ok": true, "result": {}}));
+        let kinds = [
+            (ErrorKind::Invalid, "invalid"),
+            (ErrorKind::NotFound, "not_found"),
+            (ErrorKind::Exists, "exists"),
+            (ErrorKind::Corrupt, "corrupt"),
+            (ErrorKind::ReadOnly, "read_only"),
+            (ErrorKind::Chunks, "chunks"),
+            (ErrorKind::Io, "io"),
+        ];
+        for (kind, name) in kinds {
+            assert_eq!(serde_json::to_value(kind).unwrap(), json!(name));
         }
     }
 }

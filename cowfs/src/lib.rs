@@ -1,26 +1,26 @@
-//! cowfs: copy-on-write files over chunks, served through FUSE, with dirty tracking.
+//! cowfs: copy-on-write files over chunks (sailbox memory and disks), the library half.
 //!
-//! Sailbox memory and disks are files of a cowfs mount: QEMU maps guest memory from one
-//! (shared) and opens the disk image from another (raw). Each file's bytes are a base
-//! manifest of chunks (an image, or a checkpoint), fetched lazily and verified, overlaid with
-//! a local layer of written pages. A checkpoint freezes the regions written since the last
-//! one (while the VM is paused) and exports them as chunks (after it runs again), giving a
-//! new manifest: the file of any checkpoint can be rebuilt on any host from the chunk store.
+//! Sailbox memory and disks are files of a cowfs mount, served by the `sail-cowfs` daemon
+//! (package `cowfsd`): QEMU maps guest memory from one (shared) and opens the disk image from
+//! another (raw). Each file's bytes are a base manifest of chunks (an image, or a
+//! checkpoint), fetched lazily and verified, overlaid with a local layer of written pages. A
+//! checkpoint freezes the regions written since the last one (while the VM is paused) and
+//! exports them as chunks (after it runs again), giving a new manifest: the file of any
+//! checkpoint can be rebuilt on any host from the chunk store.
 //!
-//! - [`manifest`]: the region table and its encoding; [`file::CowFile`]: one file;
-//!   [`fs`]: the FUSE binding and the registry; [`control`] / [`client`]: the control socket;
-//!   [`daemon`]: the `sail-cowfs` process.
+//! This crate is what the daemon's users link (vmm-host): no FUSE, no command line.
+//! - [`manifest`]: the region table and its encoding;
+//! - [`control`]: the control wire (requests, replies, error kinds);
+//! - [`client`]: the control socket's client, with typed errors;
+//! - [`mount`]: detaching a mount whose daemon died.
 #![warn(missing_docs)]
 
-pub mod chunks;
 pub mod client;
 pub mod control;
-pub mod daemon;
-pub mod error;
-pub mod file;
-pub mod fs;
 pub mod manifest;
+pub mod mount;
 
-pub use client::{CowClient, Exported};
-pub use error::{CowError, Result};
-pub use manifest::{Manifest, REGION_SIZE, RegionRef};
+pub use client::{ClientError, CowClient};
+pub use control::{ErrorKind, Exported};
+pub use manifest::{Manifest, ManifestError, REGION_SIZE, RegionRef};
+pub use mount::clean_dead_mount;

@@ -9,7 +9,23 @@
 
 use chunkstore::ChunkId;
 
-use crate::error::{CowError, Result};
+/// Why a manifest cannot be made or decoded.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestError {
+    /// A file larger than a manifest may describe.
+    #[error("size {size} is over the limit of {max}")]
+    TooLarge {
+        /// The size asked for.
+        size: u64,
+        /// [`MAX_SIZE`].
+        max: u64,
+    },
+    /// Encoded bytes that are not a valid manifest (what is wrong with them).
+    #[error("manifest: {0}")]
+    Malformed(&'static str),
+}
+
+type Result<T, E = ManifestError> = std::result::Result<T, E>;
 
 /// Bytes per region of the files this crate makes.
 pub const REGION_SIZE: u64 = 256 << 10;
@@ -45,7 +61,7 @@ impl Manifest {
     /// An all-zero file of `size` bytes.
     pub fn zeros(size: u64) -> Result<Self> {
         if size > MAX_SIZE {
-            return Err(CowError::Invalid(format!("size {size} is over the limit of {MAX_SIZE}")));
+            return Err(ManifestError::TooLarge { size, max: MAX_SIZE });
         }
         Ok(Self { size, region_size: REGION_SIZE, regions: vec![None; size.div_ceil(REGION_SIZE) as usize] })
     }
@@ -74,7 +90,7 @@ impl Manifest {
 
     /// Decodes and checks a manifest (sizes, region count, bounds).
     pub fn decode(data: &[u8]) -> Result<Self> {
-        let bad = |m: &str| CowError::Corrupt(format!("manifest: {m}"));
+        let bad = ManifestError::Malformed;
         let mut r = Reader { data, at: 0 };
         if r.take(4).ok_or_else(|| bad("truncated"))? != MAGIC {
             return Err(bad("bad magic"));
@@ -96,8 +112,7 @@ impl Manifest {
             match r.take(1).ok_or_else(|| bad("truncated"))?[0] {
                 0 => regions.push(None),
                 1 => {
-                    let id = r.take(32).ok_or_else(|| bad("truncated"))?;
-                    let chunk = ChunkId::from_slice(id).map_err(|e| bad(&e.to_string()))?;
+                    let chunk = ChunkId::from_bytes(r.array().ok_or_else(|| bad("truncated"))?);
                     let offset = r.u32().ok_or_else(|| bad("truncated"))?;
                     let len = r.u32().ok_or_else(|| bad("truncated"))?;
                     if len as u64 > region_size {
@@ -132,11 +147,14 @@ impl Reader<'_> {
         self.at = end;
         Some(out)
     }
+    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
+        self.take(N).and_then(|b| b.try_into().ok())
+    }
     fn u32(&mut self) -> Option<u32> {
-        self.take(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        self.array().map(u32::from_le_bytes)
     }
     fn u64(&mut self) -> Option<u64> {
-        self.take(8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes)
+        self.array().map(u64::from_le_bytes)
     }
 }
 

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cowfs::{CowClient, Exported};
+use cowfs::{ClientError, CowClient, ErrorKind, Exported};
 
 use crate::error::{Result, SailboxError};
 use crate::procs;
@@ -31,8 +31,8 @@ pub struct Exports {
     pub disk: Exported,
 }
 
-fn cow(e: cowfs::CowError) -> SailboxError {
-    SailboxError::Host(format!("cowfs: {e}"))
+fn cow(e: ClientError) -> SailboxError {
+    SailboxError::Host(e.to_string())
 }
 
 /// Where `sail-cowfs` is looked for: `$SAIL_COWFS_BIN`, then beside (or above) the running
@@ -60,7 +60,7 @@ impl VmFiles {
         if client.ping().await {
             return Ok(Self { client, mount });
         }
-        cowfs::daemon::clean_dead_mount(&mount);
+        cowfs::clean_dead_mount(&mount);
         std::fs::create_dir_all(dir).map_err(|e| SailboxError::host("creating the cowfs dir", e))?;
         let mut cmd = Command::new(binary);
         cmd.arg("--mount").arg(&mount).arg("--control").arg(&control).arg("--store").arg(dir.join("store"));
@@ -166,7 +166,8 @@ impl VmFiles {
     /// Makes sure a checkpoint's memory view exists (over its memory manifest, read-only).
     pub async fn ensure_view(&self, checkpoint: &str, memory_manifest: &str) -> Result<()> {
         match self.client.create_readonly(&Self::view_name(checkpoint), memory_manifest).await {
-            Ok(()) | Err(cowfs::CowError::Exists(_)) => Ok(()),
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == Some(ErrorKind::Exists) => Ok(()),
             Err(e) => Err(cow(e)),
         }
     }

@@ -30,14 +30,14 @@ fn main() -> std::process::ExitCode {
         .with_ansi(false)
         .init();
     let a = Args::parse();
-    let opts = cowfs::daemon::DaemonOptions {
+    let opts = cowfsd::daemon::DaemonOptions {
         mountpoint: a.mount,
         control: a.control,
         store: a.store,
         chunks: a.chunks,
         threads: a.threads,
     };
-    match cowfs::daemon::run(opts) {
+    match cowfsd::daemon::run(opts) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("sail-cowfs: {e:#}");

@@ -1,26 +1,34 @@
 //! Chunk access for FUSE threads: a verified read from the backend (every `get` checks the
-//! bytes against the id), a small in-memory LRU in front, single-flight per chunk, and
-//! blocking calls into the async backend on the daemon's runtime.
+//! bytes against the id), a bounded in-memory cache in front (quick_cache, weighed in bytes,
+//! which also makes loads single-flight per chunk), and blocking calls into the async
+//! backend on the daemon's runtime.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use chunkstore::{Backend, ChunkId};
+use parking_lot::Mutex;
+use quick_cache::Weighter;
+use quick_cache::sync::Cache;
 
 use crate::error::Result;
 
-/// Chunks held in memory (bytes), most recent first out last.
-const DEFAULT_CACHE_BYTES: usize = 256 << 20;
+/// Bytes of chunks held in memory.
+const DEFAULT_CACHE_BYTES: u64 = 256 << 20;
+/// How many chunks that is, about (checkpoint regions are 256 KiB; image chunks larger).
+const ESTIMATED_CACHED_CHUNKS: usize = 1024;
 /// Chunk uploads in flight at once.
 const PUT_CONCURRENCY: usize = 16;
 
-#[derive(Default)]
-struct Lru {
-    map: HashMap<ChunkId, Bytes>,
-    order: VecDeque<ChunkId>,
-    bytes: usize,
-    loading: HashMap<ChunkId, ()>,
+/// Weighs a cached chunk by its length (an empty chunk weighs 1: quick_cache never evicts
+/// weightless entries).
+#[derive(Clone, Copy, Debug, Default)]
+struct ByLength;
+
+impl Weighter<ChunkId, Bytes> for ByLength {
+    fn weight(&self, _id: &ChunkId, bytes: &Bytes) -> u64 {
+        (bytes.len() as u64).max(1)
+    }
 }
 
 /// Counters, for status and tests.
@@ -42,9 +50,7 @@ pub struct ChunkStats {
 pub struct Chunks {
     backend: Arc<dyn Backend>,
     rt: tokio::runtime::Handle,
-    lru: Mutex<Lru>,
-    loaded: Condvar,
-    capacity: usize,
+    cache: Cache<ChunkId, Bytes, ByLength>,
     stats: Mutex<ChunkStats>,
 }
 
@@ -54,57 +60,27 @@ impl Chunks {
         Self {
             backend,
             rt,
-            lru: Mutex::default(),
-            loaded: Condvar::new(),
-            capacity: DEFAULT_CACHE_BYTES,
+            cache: Cache::with_weighter(ESTIMATED_CACHED_CHUNKS, DEFAULT_CACHE_BYTES, ByLength),
             stats: Mutex::default(),
         }
     }
 
     /// Counters so far.
     pub fn stats(&self) -> ChunkStats {
-        *self.stats.lock().unwrap_or_else(|p| p.into_inner())
+        *self.stats.lock()
     }
 
-    /// A chunk's verified bytes (blocking; call from a plain thread, not the runtime).
+    /// A chunk's verified bytes (blocking; call from a plain thread, not the runtime). One
+    /// fetch per chunk at a time: concurrent readers of the same chunk wait for it, and
+    /// retry the fetch themselves if it failed.
     pub fn get(&self, id: ChunkId) -> Result<Bytes> {
-        let mut lru = self.lru.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            if let Some(b) = lru.map.get(&id) {
-                let b = b.clone();
-                if let Some(pos) = lru.order.iter().position(|x| *x == id) {
-                    lru.order.remove(pos);
-                }
-                lru.order.push_back(id);
-                return Ok(b);
-            }
-            if !lru.loading.contains_key(&id) {
-                break;
-            }
-            lru = self.loaded.wait(lru).unwrap_or_else(|p| p.into_inner());
-        }
-        lru.loading.insert(id, ());
-        drop(lru);
-        let fetched = self.rt.block_on(self.backend.get(id));
-        let mut lru = self.lru.lock().unwrap_or_else(|p| p.into_inner());
-        lru.loading.remove(&id);
-        self.loaded.notify_all();
-        let bytes = fetched?;
-        {
-            let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        self.cache.get_or_insert_with(&id, || {
+            let bytes = self.rt.block_on(self.backend.get(id))?;
+            let mut s = self.stats.lock();
             s.fetched += 1;
             s.fetched_bytes += bytes.len() as u64;
-        }
-        lru.bytes += bytes.len();
-        lru.map.insert(id, bytes.clone());
-        lru.order.push_back(id);
-        while lru.bytes > self.capacity {
-            let Some(old) = lru.order.pop_front() else { break };
-            if let Some(b) = lru.map.remove(&old) {
-                lru.bytes -= b.len();
-            }
-        }
-        Ok(bytes)
+            Ok(bytes)
+        })
     }
 
     /// Stores a chunk unless the backend has it; returns its id and whether it was uploaded.
@@ -137,7 +113,7 @@ impl Chunks {
                 .collect(),
         );
         let mut out = Vec::with_capacity(results.len());
-        let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = self.stats.lock();
         for r in results {
             let (id, uploaded, len) = r?;
             if uploaded {

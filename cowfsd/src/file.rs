@@ -12,13 +12,14 @@
 use std::collections::{BTreeSet, HashMap};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use bytes::Bytes;
+use parking_lot::RwLock;
 
 use crate::chunks::Chunks;
 use crate::error::{CowError, Result};
-use crate::manifest::{Manifest, RegionRef};
+use cowfs::manifest::{Manifest, RegionRef};
 
 /// Page size of the layer bitmap.
 pub const PAGE: u64 = 4096;
@@ -126,12 +127,12 @@ impl CowFile {
         self.readonly
     }
 
-    fn read_lock(&self) -> std::sync::RwLockReadGuard<'_, State> {
-        self.state.read().unwrap_or_else(|p| p.into_inner())
+    fn read_lock(&self) -> parking_lot::RwLockReadGuard<'_, State> {
+        self.state.read()
     }
 
-    fn write_lock(&self) -> std::sync::RwLockWriteGuard<'_, State> {
-        self.state.write().unwrap_or_else(|p| p.into_inner())
+    fn write_lock(&self) -> parking_lot::RwLockWriteGuard<'_, State> {
+        self.state.write()
     }
 
     /// The file's size.

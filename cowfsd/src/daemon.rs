@@ -2,7 +2,7 @@
 //! signalled. One daemon serves every sailbox of a host; it runs in its own session, so
 //! vmm-host can restart without taking guest memory and disks away.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -26,21 +26,9 @@ pub struct DaemonOptions {
     pub threads: usize,
 }
 
-/// Detaches a mount whose daemon died (ENOTCONN); returns whether it did.
-pub fn clean_dead_mount(path: &Path) -> bool {
-    match std::fs::metadata(path) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-            let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
-            // SAFETY: c is NUL-terminated.
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) == 0 }
-        }
-        _ => false,
-    }
-}
-
 /// Runs until unmounted (`umount`, SIGTERM/SIGINT).
 pub fn run(opts: DaemonOptions) -> anyhow::Result<()> {
-    clean_dead_mount(&opts.mountpoint);
+    cowfs::clean_dead_mount(&opts.mountpoint);
     for d in [&opts.mountpoint, &opts.store, &opts.chunks] {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
@@ -62,7 +50,7 @@ pub fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     config.clone_fd = true;
     let mut session = Session::new(CowFs(registry.clone()), &opts.mountpoint, &config)
         .with_context(|| format!("mounting {}", opts.mountpoint.display()))?;
-    let unmounter = Arc::new(std::sync::Mutex::new(session.unmount_callable()));
+    let unmounter = Arc::new(parking_lot::Mutex::new(session.unmount_callable()));
     {
         let registry = registry.clone();
         std::thread::Builder::new().name("cowfs-accept".into()).spawn(move || crate::control::serve(listener, registry))?;
@@ -76,7 +64,7 @@ pub fn run(opts: DaemonOptions) -> anyhow::Result<()> {
             };
             tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
             tracing::info!("signal received; unmounting");
-            let _ = tokio::task::spawn_blocking(move || unmounter.lock().unwrap_or_else(|p| p.into_inner()).unmount()).await;
+            let _ = tokio::task::spawn_blocking(move || unmounter.lock().unmount()).await;
         });
     }
     tracing::info!(mount = %opts.mountpoint.display(), control = %opts.control.display(), "sail-cowfs serving");

@@ -5,18 +5,19 @@
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner, OpenFlags,
     ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, WriteFlags,
 };
+use parking_lot::RwLock;
 
 use crate::chunks::Chunks;
 use crate::error::{CowError, Result};
 use crate::file::CowFile;
-use crate::manifest::Manifest;
+use cowfs::manifest::Manifest;
 
 const ROOT: u64 = 1;
 /// Entries and attributes are not cached by the kernel: files are created and removed
@@ -55,8 +56,8 @@ impl Registry {
         Self { store, chunks, files: RwLock::new(Files { next_ino: ROOT + 1, ..Default::default() }) }
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, Files> {
-        self.files.read().unwrap_or_else(|p| p.into_inner())
+    fn read(&self) -> parking_lot::RwLockReadGuard<'_, Files> {
+        self.files.read()
     }
 
     /// Creates a file over `base`.
@@ -67,7 +68,7 @@ impl Registry {
     /// Creates a file over `base`; a `readonly` one refuses writes (and opens for writing).
     pub fn create_with(&self, name: &str, base: Manifest, readonly: bool) -> Result<Arc<CowFile>> {
         check_name(name)?;
-        let mut files = self.files.write().unwrap_or_else(|p| p.into_inner());
+        let mut files = self.files.write();
         if files.by_name.contains_key(name) {
             return Err(CowError::Exists(name.to_owned()));
         }
@@ -86,7 +87,7 @@ impl Registry {
 
     /// Removes a file (open descriptors keep working until closed).
     pub fn remove(&self, name: &str) -> Result<()> {
-        let mut files = self.files.write().unwrap_or_else(|p| p.into_inner());
+        let mut files = self.files.write();
         let ino = files.by_name.remove(name).ok_or_else(|| CowError::NotFound(name.to_owned()))?;
         files.by_ino.remove(&ino);
         Ok(())

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use cowfs::CowClient;
+use cowfs::{ClientError, CowClient, ErrorKind};
 use serde_json::Value;
 
 struct Daemon {
@@ -39,7 +39,7 @@ impl Drop for Daemon {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        cowfs::daemon::clean_dead_mount(&self.mount());
+        cowfs::clean_dead_mount(&self.mount());
         let c = std::ffi::CString::new(self.mount().as_os_str().as_encoded_bytes()).unwrap();
         // SAFETY: detaching a mount this test made, if it is still there.
         unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
@@ -99,6 +99,24 @@ fn stat(v: &Value, k: &str) -> u64 {
     v.get(k).and_then(Value::as_u64).unwrap_or(u64::MAX)
 }
 
+/// Bad requests on a daemon holding the file `restored`: each is refused with its kind.
+async fn refuses_bad_requests(client: &CowClient) {
+    let kind = |r: Result<(), ClientError>| r.err().and_then(|e| e.kind());
+    assert!(client.create_zeros("../escape", 10).await.is_err());
+    assert_eq!(kind(client.create_zeros("../escape", 10).await), Some(ErrorKind::Invalid));
+    assert!(client.create_zeros("restored", 10).await.is_err(), "names are unique");
+    assert_eq!(kind(client.create_zeros("restored", 10).await), Some(ErrorKind::Exists));
+    assert!(client.create_from("x", "00").await.is_err());
+    assert_eq!(kind(client.create_from("x", "00").await), Some(ErrorKind::Invalid), "not a chunk id");
+    assert_eq!(kind(client.create_zeros("huge", u64::MAX).await), Some(ErrorKind::Invalid), "over the size limit");
+    assert!(client.freeze("missing").await.is_err());
+    assert_eq!(client.freeze("missing").await.err().and_then(|e| e.kind()), Some(ErrorKind::NotFound));
+    client.remove("missing").await.expect("removing a missing file is fine");
+    // A manifest id that names no stored chunk is the chunk store's failure.
+    let absent = chunkstore::ChunkId::of(b"never stored").to_hex();
+    assert_eq!(kind(client.create_from("y", &absent).await), Some(ErrorKind::Chunks));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkpoints_round_trip_through_chunks() {
     let chunks = tempfile::tempdir().unwrap();
@@ -156,11 +174,8 @@ async fn checkpoints_round_trip_through_chunks() {
     assert!(zero.iter().all(|&b| b == 0), "untouched regions read as zeros");
     assert_eq!(e.client.stats("restored").await.unwrap()["chunks"]["fetched"].as_u64().unwrap(), fetched);
 
-    // Bad requests get errors, and the daemon goes on.
-    assert!(e.client.create_zeros("../escape", 10).await.is_err());
-    assert!(e.client.create_zeros("restored", 10).await.is_err(), "names are unique");
-    assert!(e.client.create_from("x", "00").await.is_err());
-    assert!(e.client.freeze("missing").await.is_err());
+    // Bad requests get errors of their kind, and the daemon goes on.
+    refuses_bad_requests(&e.client).await;
     assert!(e.client.ping().await);
     e.client.remove("restored").await.unwrap();
     assert!(!e.file("restored").exists());
@@ -297,6 +312,7 @@ async fn failed_or_abandoned_checkpoints_lose_nothing() {
     let failed = d.client.export("f").await;
     chattr("-i");
     assert!(failed.is_err(), "the export cannot store its chunk");
+    assert_eq!(failed.err().and_then(|e| e.kind()), Some(ErrorKind::Chunks), "a chunk store failure");
     // Written again after the failure, then frozen (and abandoned, never exported).
     f.write_all_at(&pattern(4096, 2), 1 << 20).unwrap();
     d.client.freeze("f").await.unwrap();
