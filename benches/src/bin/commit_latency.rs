@@ -11,11 +11,11 @@
 
 use std::time::{Duration, Instant};
 
+use benches::{ms, percentile, print_table, random_bytes};
 use bytes::Bytes;
 use chunkstore::{Backend, ChunkId, ChunkPolicy, LocalBackend};
 use clap::Parser;
 use proto::volume as pb;
-use benches::{ms, percentile, print_table, random_bytes};
 use volumed::model::{Change, ChangeOp, Entry, EntryKind, FileData, VolPath};
 use volumed::server::{Server, ServerConfig};
 use volumed::service::ValidCommit;
