@@ -5,8 +5,8 @@
 //! the last VM mapping it stops.
 //!
 //! A VM on a private mapping has no cowfs file tracking its writes, so its checkpoint is a
-//! live `mapped-ram` save of all of memory (see [`crate::hypervisor::mapped_ram`]);
-//! [`Host::import_memory`] turns that RAM image into a memory manifest, uploading only the
+//! live save of all of memory (see [`crate::hypervisor::VmHandle::save_with_memory`]);
+//! [`Host::import_memory`] turns the RAM image in it into a memory manifest, uploading only the
 //! regions the store lacks (those the guest changed since the base checkpoint). Once such a
 //! sailbox is woken from its own checkpoint it has its own memory file again.
 
@@ -22,7 +22,7 @@ use futures::StreamExt;
 
 use crate::error::{Result, SailboxError};
 use crate::host::{Host, Live};
-use crate::hypervisor::mapped_ram::RamLayout;
+use crate::hypervisor::RamImage;
 use crate::vmfiles::VmFiles;
 
 /// Where RAM saves go when it is a tmpfs with room (see [`ram_save_path`]).
@@ -107,14 +107,13 @@ impl Host {
         self.inner.views.lock().await.get(ck_id).is_some_and(|u| !u.is_empty())
     }
 
-    /// Stores the RAM image in the pages region of the cleaned mapped-ram file at `path` as a
-    /// memory manifest. Regions equal to `base`'s (the checkpoint the VM started from) are
+    /// Stores the RAM image of a live save as a memory manifest. Regions equal to `base`'s (the checkpoint the VM started from) are
     /// not counted as changed; chunks the store has are not uploaded.
-    pub(crate) async fn import_memory(&self, path: &Path, layout: RamLayout, base: &Manifest) -> Result<Exported> {
-        let regions = layout.size.div_ceil(REGION_SIZE);
+    pub(crate) async fn import_memory(&self, image: &RamImage, base: &Manifest) -> Result<Exported> {
+        let layout = (image.offset, image.size);
+        let regions = image.size.div_ceil(REGION_SIZE);
         let tasks = regions.div_ceil(REGIONS_PER_TASK);
-        let path: Arc<PathBuf> = Arc::new(path.to_path_buf());
-        let file = Arc::new(std::fs::File::open(&*path).map_err(|e| SailboxError::host("opening the RAM image", e))?);
+        let file = Arc::new(std::fs::File::open(&image.path).map_err(|e| SailboxError::host("opening the RAM image", e))?);
         let backend = self.inner.backend.clone();
         let mut results = futures::stream::iter(0..tasks)
             .map(|t| {
@@ -143,7 +142,7 @@ impl Host {
                 }
             })
             .buffered(TASKS_IN_FLIGHT);
-        let mut manifest = Manifest::zeros(layout.size).map_err(|e| SailboxError::Host(e.to_string()))?;
+        let mut manifest = Manifest::zeros(image.size).map_err(|e| SailboxError::Host(e.to_string()))?;
         let mut stats = Exported {
             manifest: String::new(),
             regions: 0,
@@ -157,7 +156,7 @@ impl Host {
                 let was = base.regions.get(r as usize).copied().flatten();
                 if was != entry {
                     stats.regions += 1;
-                    stats.bytes_frozen += REGION_SIZE.min(layout.size - r * REGION_SIZE);
+                    stats.bytes_frozen += REGION_SIZE.min(image.size - r * REGION_SIZE);
                     stats.zero_regions += u64::from(entry.is_none());
                 }
                 if uploaded {
@@ -178,13 +177,15 @@ impl Host {
 }
 
 /// Reads regions of the RAM image: `None` for all-zero ones (holes are not read).
-fn read_regions(file: &std::fs::File, layout: RamLayout, regions: std::ops::Range<u64>) -> Result<Vec<(u64, Option<Bytes>)>> {
+/// `layout` is where guest memory starts in the file and its size.
+fn read_regions(file: &std::fs::File, layout: (u64, u64), regions: std::ops::Range<u64>) -> Result<Vec<(u64, Option<Bytes>)>> {
+    let (offset, size) = layout;
     let io = |e: std::io::Error| SailboxError::host("reading the RAM image", e);
     let mut out = Vec::with_capacity((regions.end - regions.start) as usize);
     for r in regions {
         let start = r * REGION_SIZE;
-        let len = REGION_SIZE.min(layout.size - start);
-        let at = layout.pages_offset + start;
+        let len = REGION_SIZE.min(size - start);
+        let at = offset + start;
         // SAFETY: lseek on an open descriptor (pread below does not use the file offset).
         let data_at = unsafe { libc::lseek(file.as_raw_fd(), at as i64, libc::SEEK_DATA) };
         if data_at < 0 || data_at as u64 >= at + len {

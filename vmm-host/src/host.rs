@@ -20,9 +20,9 @@ use crate::agent_client::AgentClient;
 use crate::error::{Result, SailboxError};
 use crate::guest::{GuestKit, Initramfs};
 use crate::hypervisor::qemu::Qemu;
-use crate::hypervisor::{Hypervisor, Incoming, VmSpec};
+use crate::hypervisor::{Hypervisor, Incoming, VmHandle, VmSpec};
 use crate::image::{ImageStore, Progress};
-use crate::model::{self, ProcRef, SailboxRecord, State};
+use crate::model::{self, SailboxRecord, State};
 use crate::store::StateStore;
 use crate::vmfiles::VmFiles;
 
@@ -75,12 +75,10 @@ impl HostConfig {
 
 /// A running VM of a sailbox.
 pub(crate) struct Vm {
-    /// How it was launched.
-    pub(crate) spec: VmSpec,
+    /// The backend's handle: spec, processes, control.
+    pub(crate) handle: Box<dyn VmHandle>,
     /// Its agent.
     pub(crate) agent: AgentClient,
-    /// Its processes (the VMM last).
-    pub(crate) procs: Vec<ProcRef>,
     /// Set before vmm-host itself stops the VMM, so its exit is not taken for a loss.
     pub(crate) stopping: AtomicBool,
     /// The task watching the VMM process.
@@ -88,6 +86,15 @@ pub(crate) struct Vm {
 }
 
 impl Vm {
+    pub(crate) fn new(handle: Box<dyn VmHandle>, agent: AgentClient) -> Self {
+        Self { handle, agent, stopping: AtomicBool::new(false), watcher: Mutex::new(None) }
+    }
+
+    /// How it was launched.
+    pub(crate) fn spec(&self) -> &VmSpec {
+        self.handle.spec()
+    }
+
     pub(crate) fn mark_stopping(&self) {
         self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
     }

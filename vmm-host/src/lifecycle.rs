@@ -9,9 +9,9 @@ use tracing::Instrument;
 use crate::agent_client::AgentClient;
 use crate::error::{Result, SailboxError};
 use crate::host::{Host, Live, Vm, console_tail, random_id};
-use crate::hypervisor::{Incoming, StateFormat, mapped_ram};
+use crate::hypervisor::{DeviceState, Incoming};
 use crate::model::{self, CheckpointRecord, ExecStatus, SailboxRecord, State};
-use crate::{now_ms, procs};
+use crate::now_ms;
 
 /// What a VM starts from.
 pub(crate) enum Start<'a> {
@@ -190,28 +190,21 @@ impl Host {
         self.inner.state.put_sailbox(&rec)?;
         let spec = self.vm_spec(&rec, &initramfs.path, incoming)?;
         let started = Instant::now();
-        let procs = hypervisor.launch(&spec).await?;
-        let rec = live.update(|r| r.procs = procs.clone());
-        self.inner.state.put_sailbox(&rec)?;
         let agent = AgentClient::for_boot(&spec.link, self.inner.config.boot_timeout);
-        let vm = Arc::new(Vm {
-            spec,
-            agent,
-            procs: procs.clone(),
-            stopping: std::sync::atomic::AtomicBool::new(false),
-            watcher: std::sync::Mutex::new(None),
-        });
+        let handle = hypervisor.launch(spec).await?;
+        let rec = live.update(|r| r.procs = handle.procs().to_vec());
+        self.inner.state.put_sailbox(&rec)?;
+        let vm = Arc::new(Vm::new(handle, agent));
         live.set_vm(Some(vm.clone()));
         let outcome = async {
-            if vm.spec.incoming.is_some() {
-                hypervisor.resume(&vm.spec).await?;
+            if vm.spec().incoming.is_some() {
+                vm.handle.resume().await?;
             }
-            let vmm = procs.last().cloned();
             let deadline = Instant::now() + self.inner.config.boot_timeout;
             vm.agent
-                .wait_ready(greeting.request(), deadline, || vmm.as_ref().is_some_and(procs::alive))
+                .wait_ready(greeting.request(), deadline, || vm.handle.alive())
                 .await
-                .map_err(|why| SailboxError::Creation(format!("{why}; console: {}", console_tail(&vm.spec.dir))))
+                .map_err(|why| SailboxError::Creation(format!("{why}; console: {}", console_tail(&vm.spec().dir))))
         }
         .await;
         let hello = match outcome {
@@ -239,9 +232,7 @@ impl Host {
             if let Some(w) = vm.watcher.lock().unwrap_or_else(|p| p.into_inner()).take() {
                 w.abort();
             }
-            for p in vm.procs.iter().rev() {
-                procs::kill(p).await;
-            }
+            vm.handle.kill().await;
             let rec = live.update(|r| r.procs.clear());
             let _ = self.inner.state.put_sailbox(&rec);
         }
@@ -251,28 +242,21 @@ impl Host {
 
     /// Writes a checkpoint's device state to the run directory `dir` as the VMM loads it.
     async fn device_state_file(&self, dir: &std::path::Path, record: &CheckpointRecord) -> Result<Incoming> {
-        let path = dir.join("devstate");
         let chunk =
             record.device_state.parse::<chunkstore::ChunkId>().map_err(|e| SailboxError::Storage(format!("checkpoint: {e}")))?;
         let bytes = self.inner.backend.get(chunk).await?;
-        match record.device_state_format {
-            StateFormat::IgnoreShared => {
-                std::fs::write(&path, &bytes).map_err(|e| SailboxError::host("writing the device state", e))?
-            }
-            StateFormat::MappedRam => mapped_ram::write_sparse(&bytes, &path)
-                .map_err(|e| SailboxError::Storage(format!("checkpoint device state: {e}")))?,
-        }
-        Ok(Incoming { path, format: record.device_state_format })
+        let state = DeviceState { bytes: bytes.to_vec(), format: record.device_state_format };
+        self.hypervisor()?.stage_device_state(&state, &dir.join("devstate"))
     }
 
     /// Watches the VMM process: an exit vmm-host did not ask for restarts the sailbox from
     /// its last checkpoint (commands after it are not replayed), or marks it lost.
     pub(crate) fn watch_vmm(&self, live: &Arc<Live>, vm: &Arc<Vm>) {
-        let Some(vmm) = vm.procs.last().cloned() else { return };
         let host = self.clone();
+        let exited = vm.handle.exited();
         let (weak_live, weak_vm) = (Arc::downgrade(live), Arc::downgrade(vm));
         let task = tokio::spawn(async move {
-            procs::wait_exit(vmm).await;
+            exited.await;
             let (Some(live), Some(vm)) = (weak_live.upgrade(), weak_vm.upgrade()) else { return };
             if vm.is_stopping() {
                 return;
@@ -281,7 +265,7 @@ impl Host {
             if vm.is_stopping() {
                 return;
             }
-            let reason = format!("the VMM exited unexpectedly; console: {}", console_tail(&vm.spec.dir));
+            let reason = format!("the VMM exited unexpectedly; console: {}", console_tail(&vm.spec().dir));
             tracing::warn!(sailbox = %live.id(), %reason, "VMM gone");
             host.stop_vm(&live).await;
             if let Err(e) = host.restart_or_lose(&live, &reason).await {

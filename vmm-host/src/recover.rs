@@ -89,7 +89,7 @@ impl Host {
                 let _op = live.op.lock().await;
                 self.restart_or_lose(&live, "the VMM was gone when vmm-host restarted").await?;
                 self.watch_execs(&live)?;
-                Ok(live.vm().map(|vm| vm.procs.clone()).unwrap_or_default())
+                Ok(live.vm().map(|vm| vm.handle.procs().to_vec()).unwrap_or_default())
             }
             State::Paused | State::Sleeping => {
                 for p in rec.procs.iter().rev() {
@@ -144,18 +144,12 @@ impl Host {
         }
         let initramfs = self.run_dir(&rec.id).join("initramfs"); // only named: the VM already booted
         let spec = self.vm_spec(&rec, &initramfs, None)?;
-        hypervisor.status(&spec).await?;
         let agent = AgentClient::new(&spec.link);
+        let handle = hypervisor.attach(spec, rec.procs.clone()).await?;
         let hello_req = proto::agent::HelloRequest { host_unix_ms: crate::now_ms(), ..Default::default() };
         let hello =
             agent.wait_ready(hello_req, Instant::now() + Duration::from_secs(20), || true).await.map_err(SailboxError::Host)?;
-        let vm = Arc::new(Vm {
-            spec,
-            agent,
-            procs: rec.procs.clone(),
-            stopping: std::sync::atomic::AtomicBool::new(false),
-            watcher: std::sync::Mutex::new(None),
-        });
+        let vm = Arc::new(Vm::new(handle, agent));
         live.set_vm(Some(vm.clone()));
         let listeners = crate::ingress::bind_all(self, live, &rec.ports, &rec.listeners).await?;
         let rec = live.update(|r| {

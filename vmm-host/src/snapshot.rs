@@ -25,8 +25,7 @@ use cowfs::Exported;
 
 use crate::error::{Result, SailboxError};
 use crate::host::{Host, Live, Vm, random_id};
-use crate::hypervisor::StateFormat;
-use crate::hypervisor::mapped_ram::{self, RamLayout};
+use crate::hypervisor::DeviceState;
 use crate::lifecycle::{Greeting, Start, hostname_for};
 use crate::model::{CheckpointRecord, SailboxRecord, State};
 use crate::now_ms;
@@ -48,9 +47,7 @@ struct Captured {
     /// Guest stopped, ms.
     pause_ms: u64,
     /// The device state as the VMM loads it.
-    device_state: Vec<u8>,
-    /// Its format.
-    format: StateFormat,
+    device_state: DeviceState,
     /// The memory export.
     memory: Exported,
     /// The disk export.
@@ -95,13 +92,14 @@ impl Host {
     async fn take_checkpoint(&self, live: &Arc<Live>, vm: &Arc<Vm>, after: After) -> Result<(String, CheckpointRecord)> {
         let rec = live.snapshot();
         let started = Instant::now();
-        let captured = if vm.spec.memory_private {
+        let captured = if vm.spec().memory_private {
             self.capture_private(live, vm, after).await?
         } else {
             self.capture_shared(live, vm, after).await?
         };
-        let Captured { pause_ms, device_state, format, memory, disk } = captured;
-        let state_bytes = Bytes::from(device_state);
+        let Captured { pause_ms, device_state, memory, disk } = captured;
+        let format = device_state.format;
+        let state_bytes = Bytes::from(device_state.bytes);
         let state_chunk = ChunkId::of(&state_bytes);
         self.inner.backend.put(state_chunk, state_bytes).await?;
         let ck = CheckpointRecord {
@@ -155,22 +153,20 @@ impl Host {
     /// guest runs, stop it, flush the rest, save the device state without RAM, freeze both
     /// files; then export the frozen regions (see [`Host::release_guest`] for the order).
     async fn capture_shared(&self, live: &Arc<Live>, vm: &Arc<Vm>, after: After) -> Result<Captured> {
-        let hypervisor = self.hypervisor()?;
         let files = &self.inner.files;
         let id = live.id();
         files.flush(&id, true).await?;
         let paused_at = Instant::now();
-        hypervisor.pause(&vm.spec).await?;
+        vm.handle.pause().await?;
         let frozen = async {
             files.flush(&id, true).await?;
-            let state_path = vm.spec.dir.join("devstate.new");
-            hypervisor.save_device_state(&vm.spec, &state_path).await?;
+            let state = vm.handle.save_device_state(&vm.spec().dir.join("devstate.new")).await?;
             files.freeze(&id, true).await?;
-            std::fs::read(&state_path).map_err(|e| SailboxError::host("reading the device state", e))
+            Ok(state)
         }
         .await;
         let (pause_ms, device_state, exports) = self.release_guest(live, vm, after, paused_at, frozen, files.export(&id)).await?;
-        Ok(Captured { pause_ms, device_state, format: StateFormat::IgnoreShared, memory: exports.memory, disk: exports.disk })
+        Ok(Captured { pause_ms, device_state, memory: exports.memory, disk: exports.disk })
     }
 
     /// Captures a VM on a private mapping of a checkpoint's memory view: a live mapped-ram
@@ -178,13 +174,12 @@ impl Host {
     /// with the VM stopped the disk is flushed and frozen. The RAM image is split from the
     /// device state and stored as chunks (see [`Host::release_guest`] for the order).
     async fn capture_private(&self, live: &Arc<Live>, vm: &Arc<Vm>, after: After) -> Result<Captured> {
-        let hypervisor = self.hypervisor()?;
         let files = &self.inner.files;
         let rec = live.snapshot();
         let size = u64::from(rec.memory_mib) << 20;
         files.flush(&rec.id, false).await?;
-        let ram = crate::forkmem::ram_save_path(&rec.id, &vm.spec.dir, size);
-        let saved = hypervisor.save_with_memory(&vm.spec, &ram).await;
+        let ram = crate::forkmem::ram_save_path(&rec.id, &vm.spec().dir, size);
+        let saved = vm.handle.save_with_memory(&ram).await;
         // The pause counts from the VMM's own stop (the last pass), not from when its end was
         // seen, so it includes the VMM's downtime.
         let stopped_at = saved.as_ref().map_or_else(|_| Instant::now(), |s| s.stopped_at);
@@ -196,15 +191,7 @@ impl Host {
         }
         .await;
         let store = async {
-            let path = ram.clone();
-            let (layout, device_state) = tokio::task::spawn_blocking(move || {
-                let layout = RamLayout::locate(&path, mapped_ram::MEMORY_BLOCK, size)?;
-                layout.clean(&path)?;
-                Ok::<_, mapped_ram::MappedRamError>((layout, mapped_ram::device_state(&path, &layout)?))
-            })
-            .await
-            .map_err(|e| SailboxError::Host(e.to_string()))?
-            .map_err(|e| SailboxError::Host(format!("splitting the memory save: {e}")))?;
+            let (image, device_state) = vm.handle.split_memory_save(&ram).await?;
             let base = match &rec.memory_base {
                 Some(ck) => {
                     let manifest: ChunkId = self
@@ -218,14 +205,14 @@ impl Host {
                 }
                 None => cowfs::Manifest::zeros(size).map_err(|e| SailboxError::Host(e.to_string()))?,
             };
-            let (memory, disk) = tokio::join!(self.import_memory(&ram, layout, &base), files.export_disk(&rec.id));
+            let (memory, disk) = tokio::join!(self.import_memory(&image, &base), files.export_disk(&rec.id));
             Ok((device_state, memory?, disk?))
         };
         let released = self.release_guest(live, vm, after, stopped_at, frozen, store).await;
         let _ = std::fs::remove_file(&ram);
         let (pause_ms, saved, (device_state, memory, disk)) = released?;
         tracing::debug!(sailbox = %rec.id, pause_ms, downtime_ms = saved.downtime_ms, path = %ram.display(), "live save of private memory");
-        Ok(Captured { pause_ms, device_state, format: StateFormat::MappedRam, memory, disk })
+        Ok(Captured { pause_ms, device_state, memory, disk })
     }
 
     /// Ends a capture whose guest has been stopped since `stopped_at`: `captured` is what
@@ -243,17 +230,16 @@ impl Host {
         captured: Result<C>,
         store: impl std::future::Future<Output = Result<T>>,
     ) -> Result<(u64, C, T)> {
-        let hypervisor = self.hypervisor()?;
         let captured = match captured {
             Ok(c) => c,
             Err(e) => {
-                let _ = hypervisor.resume(&vm.spec).await;
+                let _ = vm.handle.resume().await;
                 return Err(e);
             }
         };
         match after {
             After::Run => {
-                let resumed = hypervisor.resume(&vm.spec).await;
+                let resumed = vm.handle.resume().await;
                 let pause_ms = stopped_at.elapsed().as_millis() as u64;
                 resumed?;
                 Ok((pause_ms, captured, store.await?))
@@ -265,7 +251,7 @@ impl Host {
                     Ok((pause_ms, captured, stored))
                 }
                 Err(e) => {
-                    let _ = hypervisor.resume(&vm.spec).await;
+                    let _ = vm.handle.resume().await;
                     Err(e)
                 }
             },
@@ -481,9 +467,7 @@ impl Host {
                 // A clean power-off flushes the guest's file systems; then boot again.
                 vm.mark_stopping();
                 let _ = vm.agent.raw().power_off(proto::agent::PowerOffRequest { reboot: false }).await;
-                if let Some(vmm) = vm.procs.last().cloned() {
-                    let _ = tokio::time::timeout(std::time::Duration::from_secs(30), crate::procs::wait_exit(vmm)).await;
-                }
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(30), vm.handle.exited()).await;
                 self.stop_vm(&live).await;
                 self.start_vm(&live, Start::Boot { disk_manifest: None }, Greeting::plain()).await.map_err(creation)?;
                 let rec = live.update(|r| {

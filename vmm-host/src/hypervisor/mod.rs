@@ -13,14 +13,22 @@
 //! Hypervisor needs it. The trait keeps every VMM-specific detail behind it. (On Cloud
 //! Hypervisor, `vm.snapshot` writes the memory file too; a backend would point its memory at
 //! the same cowfs file and keep only the device state.)
+//!
+//! The shape follows cloud-hypervisor's and rust-vmm's: a backend ([`Hypervisor`]) launches
+//! or re-attaches to a VM and hands back a per-VM handle ([`VmHandle`]) that carries what the
+//! backend needs for that VM (its spec, its processes, its control socket) and has the per-VM
+//! operations as methods, so no caller passes a spec back in. Saved state crosses the
+//! boundary in VMM-neutral shapes: [`DeviceState`] (opaque bytes and a format tag the same
+//! backend loads them with, see [`Hypervisor::stage_device_state`]) and [`RamImage`] (where
+//! guest memory's bytes are in a live save). QEMU's `mapped-ram` file format is known only
+//! to [`qemu`].
 
-pub mod mapped_ram;
 pub mod qemu;
-pub mod qmp;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
+use futures::future::BoxFuture;
 
 use crate::accel::Accelerator;
 use crate::error::Result;
@@ -80,7 +88,7 @@ pub enum StateFormat {
     #[default]
     IgnoreShared,
     /// A `mapped-ram` migration file with the memory pages cut out and the page bitmap
-    /// cleared (see [`mapped_ram`]). What VMs with private memory (forks) save.
+    /// cleared (see [`qemu::mapped_ram`]). What VMs with private memory (forks) save.
     MappedRam,
 }
 
@@ -105,7 +113,30 @@ pub enum VmStatus {
     Other,
 }
 
-/// A VMM backend.
+/// A VM's device state as its backend saved it: stored as one opaque blob (a checkpoint's
+/// `device_state` chunk) and loaded by the same backend.
+#[derive(Clone, Debug)]
+pub struct DeviceState {
+    /// The bytes.
+    pub bytes: Vec<u8>,
+    /// How the backend loads them.
+    pub format: StateFormat,
+}
+
+/// Guest memory inside a live save (see [`VmHandle::save_with_memory`]): byte `i` of guest
+/// memory is at offset `offset + i` of the file at `path`; pages the guest never wrote are
+/// holes (they read as zeros, and `SEEK_DATA` skips them).
+#[derive(Clone, Debug)]
+pub struct RamImage {
+    /// The save file.
+    pub path: PathBuf,
+    /// Where guest memory starts in it.
+    pub offset: u64,
+    /// Guest memory, bytes.
+    pub size: u64,
+}
+
+/// A VMM backend: launches VMs, or re-attaches to the ones a previous vmm-host launched.
 #[async_trait]
 pub trait Hypervisor: Send + Sync + 'static {
     /// "qemu" or "cloud-hypervisor".
@@ -115,29 +146,61 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn version(&self) -> String;
 
     /// The guest link this backend gives a VM whose run directory is `dir`.
-    fn link(&self, dir: &std::path::Path) -> GuestLink;
+    fn link(&self, dir: &Path) -> GuestLink;
 
-    /// Starts the VM's processes (VMM and helpers) detached from vmm-host, returns them once
-    /// the VMM's control socket answers. With `spec.incoming`, the device state is loaded and
-    /// the VM left stopped (call [`Hypervisor::resume`]). On failure nothing is left running.
-    async fn launch(&self, spec: &VmSpec) -> Result<Vec<ProcRef>>;
+    /// Starts the VM's processes (VMM and helpers) detached from vmm-host, returns its
+    /// handle once the VMM's control socket answers. With `spec.incoming`, the device state
+    /// is loaded and the VM left stopped (call [`VmHandle::resume`]). On failure nothing is
+    /// left running.
+    async fn launch(&self, spec: VmSpec) -> Result<Box<dyn VmHandle>>;
 
-    /// Saves the device state (no RAM: memory is the file-backed memory itself) of a
-    /// stopped VM to `path`.
-    async fn save_device_state(&self, spec: &VmSpec, path: &std::path::Path) -> Result<()>;
+    /// The handle of a VM launched earlier (by a vmm-host before a restart) whose processes
+    /// are `procs`, once its control socket answers (so it is really the VM that was started).
+    async fn attach(&self, spec: VmSpec, procs: Vec<ProcRef>) -> Result<Box<dyn VmHandle>>;
 
-    /// Saves device state and all of guest memory of a running VM whose memory is private
-    /// (`spec.memory_private`) to a `mapped-ram` file at `path`, live: the guest runs while
-    /// memory is copied and is stopped for the last pass. When it returns the VM is stopped.
-    async fn save_with_memory(&self, spec: &VmSpec, path: &std::path::Path) -> Result<LiveSave>;
+    /// Writes saved device state to `path` as this backend loads it at launch.
+    fn stage_device_state(&self, state: &DeviceState, path: &Path) -> Result<Incoming>;
+}
 
-    /// Asks a running VM's control socket for its status (also how a restarted vmm-host
-    /// checks that a VM it re-attaches to is really the one it started).
-    async fn status(&self, spec: &VmSpec) -> Result<VmStatus>;
+/// One VM of a backend: its spec, its processes, and what can be done to it.
+#[async_trait]
+pub trait VmHandle: Send + Sync + 'static {
+    /// How it was launched.
+    fn spec(&self) -> &VmSpec;
+
+    /// Its processes (the VMM last).
+    fn procs(&self) -> &[ProcRef];
+
+    /// Whether the VMM process still runs.
+    fn alive(&self) -> bool;
+
+    /// Asks the VMM for the VM's status.
+    async fn status(&self) -> Result<VmStatus>;
 
     /// Stops the vCPUs.
-    async fn pause(&self, spec: &VmSpec) -> Result<()>;
+    async fn pause(&self) -> Result<()>;
 
     /// Restarts the vCPUs.
-    async fn resume(&self, spec: &VmSpec) -> Result<()>;
+    async fn resume(&self) -> Result<()>;
+
+    /// Saves the device state (no RAM: memory is the shared memory file itself) of a
+    /// stopped VM, through the file `path` (left behind).
+    async fn save_device_state(&self, path: &Path) -> Result<DeviceState>;
+
+    /// Saves device state and all of guest memory of a running VM whose memory is private
+    /// (`spec.memory_private`) to the file `path`, live: the guest runs while memory is
+    /// copied and is stopped for the last pass. When it returns the VM is stopped. Split the
+    /// file with [`VmHandle::split_memory_save`].
+    async fn save_with_memory(&self, path: &Path) -> Result<LiveSave>;
+
+    /// Splits a save of [`VmHandle::save_with_memory`] into guest memory (left in the file,
+    /// which must live while the image is read) and the device state without it.
+    async fn split_memory_save(&self, path: &Path) -> Result<(RamImage, DeviceState)>;
+
+    /// A future that resolves when the VMM process exits (at once if it is gone); it does
+    /// not borrow the handle, so a watcher can wait without keeping the VM alive.
+    fn exited(&self) -> BoxFuture<'static, ()>;
+
+    /// Kills the VM's processes and waits until they are gone.
+    async fn kill(&self);
 }

@@ -3,16 +3,28 @@
 //! as virtio-blk, and the agent's link as a virtio-serial port on a chardev socket. Every device is migratable, so device state can be saved for
 //! snapshots (vhost-user-vsock, the other way to reach a guest without host vhost modules,
 //! blocks migration in QEMU).
+//!
+//! [`Qemu`] launches a VM and returns a [`QemuVm`], its handle: the spec, the processes and
+//! the QMP socket. The handle opens a QMP session per operation rather than holding one: a
+//! QMP socket serves one client at a time, and a session left open would lock out a vmm-host
+//! re-attaching after a restart (and an operator's `socat`). Forks' live saves are
+//! `mapped-ram` migration files ([`mapped_ram`]), split here into the RAM image and the
+//! device state, so the format stays inside this backend.
+
+pub mod mapped_ram;
+pub mod qmp;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
+use futures::future::BoxFuture;
 use serde_json::json;
 
-use super::qmp::Qmp;
-use super::{Hypervisor, LiveSave, StateFormat, VmSpec, VmStatus};
+use self::mapped_ram::RamLayout;
+use self::qmp::Qmp;
+use super::{DeviceState, Hypervisor, Incoming, LiveSave, RamImage, StateFormat, VmHandle, VmSpec, VmStatus};
 use crate::accel::Accelerator;
 use crate::error::{Result, SailboxError};
 use crate::link::GuestLink;
@@ -39,6 +51,13 @@ pub struct Qemu {
 
 fn qmp_socket(spec: &VmSpec) -> PathBuf {
     spec.dir.join("qmp.sock")
+}
+
+/// A VM QEMU runs: its spec, its processes (the VMM last) and its QMP socket.
+pub struct QemuVm {
+    spec: VmSpec,
+    procs: Vec<ProcRef>,
+    qmp: PathBuf,
 }
 
 /// The agent's chardev socket in a run directory.
@@ -80,7 +99,7 @@ impl Qemu {
         let sharing = if spec.memory_private { "share=off,readonly=on,rom=off" } else { "share=on" };
         cmd.arg("-object").arg(format!(
             "memory-backend-file,id={},size={mem},mem-path={},{sharing},prealloc=off",
-            super::mapped_ram::MEMORY_BLOCK,
+            mapped_ram::MEMORY_BLOCK,
             spec.memory_file.display()
         ));
         cmd.arg("-bios").arg(&self.firmware);
@@ -106,6 +125,34 @@ impl Qemu {
         cmd
     }
 
+    async fn launch_inner(&self, spec: &VmSpec, procs: &mut Vec<ProcRef>) -> Result<()> {
+        let log = spec.dir.join("vmm.log");
+        let vmm = procs::spawn(self.command(spec), &log)?;
+        procs.push(vmm.clone());
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if !procs::alive(&vmm) {
+                let tail = std::fs::read_to_string(&log).unwrap_or_default();
+                let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+                return Err(SailboxError::Creation(format!(
+                    "QEMU exited at start: {}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+                )));
+            }
+            if let Ok(mut qmp) = Qmp::connect(&qmp_socket(spec), QMP_TIMEOUT).await
+                && qmp.execute("query-status", json!({}), QMP_TIMEOUT).await.is_ok()
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(SailboxError::Creation("QEMU did not open its QMP socket in time".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl QemuVm {
     /// Runs a migration (`migrate` or `migrate-incoming` to/from `uri`) in `format` and
     /// waits for it; returns QEMU's final status and when the vCPUs stopped (QEMU's `STOP`
     /// event; else the last moment the migration was seen unfinished). `IgnoreShared` skips
@@ -113,14 +160,13 @@ impl Qemu {
     /// fixed file offsets.
     async fn migrate(
         &self,
-        spec: &VmSpec,
         command: &str,
         uri: String,
         format: StateFormat,
         timeout: Duration,
     ) -> Result<(serde_json::Value, Instant)> {
-        let err = |e: super::qmp::QmpError| SailboxError::host(format!("sailbox {}", spec.id), e);
-        let mut qmp = Qmp::connect(&qmp_socket(spec), QMP_TIMEOUT).await.map_err(err)?;
+        let err = |e: qmp::QmpError| SailboxError::host(format!("sailbox {}", self.spec.id), e);
+        let mut qmp = Qmp::connect(&self.qmp, QMP_TIMEOUT).await.map_err(err)?;
         let mapped = format == StateFormat::MappedRam;
         let caps = json!({"capabilities": [
             {"capability": "x-ignore-shared", "state": !mapped},
@@ -156,37 +202,10 @@ impl Qemu {
         }
     }
 
-    async fn launch_inner(&self, spec: &VmSpec, procs: &mut Vec<ProcRef>) -> Result<()> {
-        let log = spec.dir.join("vmm.log");
-        let vmm = procs::spawn(self.command(spec), &log)?;
-        procs.push(vmm.clone());
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if !procs::alive(&vmm) {
-                let tail = std::fs::read_to_string(&log).unwrap_or_default();
-                let tail: Vec<&str> = tail.lines().rev().take(5).collect();
-                return Err(SailboxError::Creation(format!(
-                    "QEMU exited at start: {}",
-                    tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
-                )));
-            }
-            if let Ok(mut qmp) = Qmp::connect(&qmp_socket(spec), QMP_TIMEOUT).await
-                && qmp.execute("query-status", json!({}), QMP_TIMEOUT).await.is_ok()
-            {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(SailboxError::Creation("QEMU did not open its QMP socket in time".into()));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    async fn qmp(&self, spec: &VmSpec, command: &str) -> Result<serde_json::Value> {
-        let mut qmp = Qmp::connect(&qmp_socket(spec), QMP_TIMEOUT)
-            .await
-            .map_err(|e| SailboxError::host(format!("sailbox {}", spec.id), e))?;
-        qmp.execute(command, json!({}), QMP_TIMEOUT).await.map_err(|e| SailboxError::host(format!("sailbox {}", spec.id), e))
+    async fn qmp(&self, command: &str) -> Result<serde_json::Value> {
+        let err = |e| SailboxError::host(format!("sailbox {}", self.spec.id), e);
+        let mut qmp = Qmp::connect(&self.qmp, QMP_TIMEOUT).await.map_err(err)?;
+        qmp.execute(command, json!({}), QMP_TIMEOUT).await.map_err(err)
     }
 }
 
@@ -216,40 +235,60 @@ impl Hypervisor for Qemu {
         GuestLink::Serial(agent_socket(dir))
     }
 
-    async fn launch(&self, spec: &VmSpec) -> Result<Vec<ProcRef>> {
+    async fn launch(&self, spec: VmSpec) -> Result<Box<dyn VmHandle>> {
         let mut procs = Vec::new();
-        let mut started = self.launch_inner(spec, &mut procs).await;
+        let started = self.launch_inner(&spec, &mut procs).await;
+        let vm = QemuVm { qmp: qmp_socket(&spec), spec, procs };
+        let mut started = started;
         if started.is_ok()
-            && let Some(state) = &spec.incoming
+            && let Some(state) = &vm.spec.incoming
         {
             let uri = format!("file:{}", state.path.display());
-            started = self.migrate(spec, "migrate-incoming", uri, state.format, MIGRATE_TIMEOUT).await.map(|_| ());
+            started = vm.migrate("migrate-incoming", uri, state.format, MIGRATE_TIMEOUT).await.map(|_| ());
         }
         match started {
-            Ok(()) => Ok(procs),
+            Ok(()) => Ok(Box::new(vm)),
             Err(e) => {
-                for p in procs.iter().rev() {
-                    procs::kill(p).await;
-                }
+                vm.kill().await;
                 Err(e)
             }
         }
     }
 
-    async fn save_device_state(&self, spec: &VmSpec, path: &Path) -> Result<()> {
-        let uri = format!("file:{}", path.display());
-        self.migrate(spec, "migrate", uri, StateFormat::IgnoreShared, MIGRATE_TIMEOUT).await.map(|_| ())
+    async fn attach(&self, spec: VmSpec, procs: Vec<ProcRef>) -> Result<Box<dyn VmHandle>> {
+        let vm = QemuVm { qmp: qmp_socket(&spec), spec, procs };
+        vm.status().await?;
+        Ok(Box::new(vm))
     }
 
-    async fn save_with_memory(&self, spec: &VmSpec, path: &Path) -> Result<LiveSave> {
-        let _ = std::fs::remove_file(path);
-        let uri = format!("file:{}", path.display());
-        let (st, stopped_at) = self.migrate(spec, "migrate", uri, StateFormat::MappedRam, LIVE_SAVE_TIMEOUT).await?;
-        Ok(LiveSave { downtime_ms: st.get("downtime").and_then(|d| d.as_u64()).unwrap_or(0), stopped_at })
+    fn stage_device_state(&self, state: &DeviceState, path: &Path) -> Result<Incoming> {
+        match state.format {
+            StateFormat::IgnoreShared => {
+                std::fs::write(path, &state.bytes).map_err(|e| SailboxError::host("writing the device state", e))?
+            }
+            StateFormat::MappedRam => mapped_ram::write_sparse(&state.bytes, path)
+                .map_err(|e| SailboxError::Storage(format!("checkpoint device state: {e}")))?,
+        }
+        Ok(Incoming { path: path.to_path_buf(), format: state.format })
+    }
+}
+
+#[async_trait]
+impl VmHandle for QemuVm {
+    fn spec(&self) -> &VmSpec {
+        &self.spec
     }
 
-    async fn status(&self, spec: &VmSpec) -> Result<VmStatus> {
-        let v = self.qmp(spec, "query-status").await?;
+    fn procs(&self) -> &[ProcRef] {
+        &self.procs
+    }
+
+    fn alive(&self) -> bool {
+        self.procs.last().is_some_and(procs::alive)
+    }
+
+    async fn status(&self) -> Result<VmStatus> {
+        let v = self.qmp("query-status").await?;
         Ok(match v.get("status").and_then(|s| s.as_str()) {
             Some("running") => VmStatus::Running,
             Some("paused") => VmStatus::Paused,
@@ -257,11 +296,56 @@ impl Hypervisor for Qemu {
         })
     }
 
-    async fn pause(&self, spec: &VmSpec) -> Result<()> {
-        self.qmp(spec, "stop").await.map(|_| ())
+    async fn pause(&self) -> Result<()> {
+        self.qmp("stop").await.map(|_| ())
     }
 
-    async fn resume(&self, spec: &VmSpec) -> Result<()> {
-        self.qmp(spec, "cont").await.map(|_| ())
+    async fn resume(&self) -> Result<()> {
+        self.qmp("cont").await.map(|_| ())
+    }
+
+    async fn save_device_state(&self, path: &Path) -> Result<DeviceState> {
+        let uri = format!("file:{}", path.display());
+        self.migrate("migrate", uri, StateFormat::IgnoreShared, MIGRATE_TIMEOUT).await?;
+        let bytes = std::fs::read(path).map_err(|e| SailboxError::host("reading the device state", e))?;
+        Ok(DeviceState { bytes, format: StateFormat::IgnoreShared })
+    }
+
+    async fn save_with_memory(&self, path: &Path) -> Result<LiveSave> {
+        let _ = std::fs::remove_file(path);
+        let uri = format!("file:{}", path.display());
+        let (st, stopped_at) = self.migrate("migrate", uri, StateFormat::MappedRam, LIVE_SAVE_TIMEOUT).await?;
+        Ok(LiveSave { downtime_ms: st.get("downtime").and_then(|d| d.as_u64()).unwrap_or(0), stopped_at })
+    }
+
+    async fn split_memory_save(&self, path: &Path) -> Result<(RamImage, DeviceState)> {
+        let size = u64::from(self.spec.memory_mib) << 20;
+        let path = path.to_path_buf();
+        let (layout, bytes) = tokio::task::spawn_blocking({
+            let path = path.clone();
+            move || {
+                let layout = RamLayout::locate(&path, mapped_ram::MEMORY_BLOCK, size)?;
+                layout.clean(&path)?;
+                Ok::<_, mapped_ram::MappedRamError>((layout, mapped_ram::device_state(&path, &layout)?))
+            }
+        })
+        .await
+        .map_err(|e| SailboxError::Host(e.to_string()))?
+        .map_err(|e| SailboxError::Host(format!("splitting the memory save: {e}")))?;
+        let image = RamImage { path, offset: layout.pages_offset, size: layout.size };
+        Ok((image, DeviceState { bytes, format: StateFormat::MappedRam }))
+    }
+
+    fn exited(&self) -> BoxFuture<'static, ()> {
+        match self.procs.last().cloned() {
+            Some(vmm) => Box::pin(procs::wait_exit(vmm)),
+            None => Box::pin(std::future::ready(())),
+        }
+    }
+
+    async fn kill(&self) {
+        for p in self.procs.iter().rev() {
+            procs::kill(p).await;
+        }
     }
 }
