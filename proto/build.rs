@@ -4,6 +4,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
-        .compile_protos(&["proto/volume.proto", "proto/agent.proto", "proto/sailbox.proto"], &["proto"])?;
+        .compile_protos(&["proto/error.proto", "proto/volume.proto", "proto/agent.proto", "proto/sailbox.proto"], &["proto"])?;
     Ok(())
 }

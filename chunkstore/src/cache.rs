@@ -28,11 +28,12 @@ use std::future::Future;
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use bytes::Bytes;
+use parking_lot::Mutex;
 use tokio::sync::OnceCell;
 
 use crate::error::{ChunkError, Result};
@@ -77,31 +78,39 @@ struct Inner {
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| ChunkError::Backend(format!("cache I/O task failed: {e}")))?
+    tokio::task::spawn_blocking(f).await.map_err(ChunkError::Task)?
 }
 
-/// Re-creates an error for a second waiter of a shared fetch (errors are not `Clone`).
-fn share_error(e: &ChunkError) -> ChunkError {
-    match e {
+/// The error of a shared fetch for one of its waiters (errors are not `Clone`): the plain
+/// variants are re-created, so waiters match on them as the fetching caller would; the ones
+/// holding a cause get [`ChunkError::Shared`], which displays as, and has the source of,
+/// the original (see [`ChunkError::root`]).
+fn share_error(e: &Arc<ChunkError>) -> ChunkError {
+    match &**e {
         ChunkError::Integrity { expected, actual } => ChunkError::Integrity { expected: *expected, actual: *actual },
         ChunkError::PieceIntegrity { chunk, piece } => ChunkError::PieceIntegrity { chunk: *chunk, piece: *piece },
         ChunkError::NotFound(id) => ChunkError::NotFound(*id),
         ChunkError::TooLarge { size, limit } => ChunkError::TooLarge { size: *size, limit: *limit },
         ChunkError::InvalidId(m) => ChunkError::InvalidId(m.clone()),
         ChunkError::Config(m) => ChunkError::Config(m.clone()),
-        ChunkError::Backend(m) => ChunkError::Backend(m.clone()),
-        ChunkError::Io(io) => ChunkError::Io(std::io::Error::new(io.kind(), io.to_string())),
+        _ => ChunkError::Shared(e.clone()),
     }
+}
+
+/// Maps an I/O error on `path` to [`ChunkError::Io`].
+fn io_at<'a>(op: &'static str, path: &'a Path) -> impl Fn(std::io::Error) -> ChunkError + 'a {
+    move |e| ChunkError::io(op, path, e)
 }
 
 impl ChunkCache {
     /// Opens (creating if needed) a cache directory holding at most `capacity` bytes.
     pub fn open(dir: impl AsRef<Path>, capacity: u64) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
-        fs::create_dir_all(dir.join("tmp"))?;
-        fs::create_dir_all(dir.join("locks"))?;
-        for entry in fs::read_dir(dir.join("tmp"))? {
-            let _ = fs::remove_file(entry?.path());
+        let (tmp, locks) = (dir.join("tmp"), dir.join("locks"));
+        fs::create_dir_all(&tmp).map_err(io_at("creating", &tmp))?;
+        fs::create_dir_all(&locks).map_err(io_at("creating", &locks))?;
+        for entry in fs::read_dir(&tmp).map_err(io_at("listing", &tmp))? {
+            let _ = fs::remove_file(entry.map_err(io_at("listing", &tmp))?.path());
         }
         let cache = Self {
             inner: Arc::new(Inner {
@@ -133,22 +142,29 @@ impl ChunkCache {
 
     /// Counters and sizes.
     pub fn stats(&self) -> CacheStats {
-        let mut s = *self.inner.stats.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = *self.inner.stats.lock();
         s.bytes_cached = self.inner.bytes.load(Ordering::Relaxed);
         s
     }
 
     fn count(&self, f: impl FnOnce(&mut CacheStats)) {
-        f(&mut self.inner.stats.lock().unwrap_or_else(|p| p.into_inner()));
+        f(&mut self.inner.stats.lock());
     }
 
     /// Runs `f` on the shared byte total while holding the directory's size lock.
     fn with_size<T>(&self, f: impl FnOnce(&mut u64) -> Result<T>) -> Result<T> {
         use std::os::unix::fs::FileExt;
-        let file = OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&self.inner.size_file)?;
+        let size_file = &self.inner.size_file;
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(size_file)
+            .map_err(io_at("opening", size_file))?;
         // SAFETY: flock on a valid, open descriptor; released when `file` is closed.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(std::io::Error::last_os_error().into());
+            return Err(ChunkError::io("locking", size_file, std::io::Error::last_os_error()));
         }
         let mut raw = [0u8; 8];
         let mut total = match file.read_exact_at(&mut raw, 0) {
@@ -156,7 +172,7 @@ impl ChunkCache {
             Err(_) => 0, // new or torn: recounted at the next open
         };
         let out = f(&mut total)?;
-        file.write_all_at(&total.to_le_bytes(), 0)?;
+        file.write_all_at(&total.to_le_bytes(), 0).map_err(io_at("writing", size_file))?;
         self.inner.bytes.store(total, Ordering::Relaxed);
         Ok(out)
     }
@@ -164,14 +180,15 @@ impl ChunkCache {
     /// Every cached file: (path, size, mtime).
     fn scan(&self) -> Result<Vec<(PathBuf, u64, SystemTime)>> {
         let mut out = Vec::new();
-        for shard in fs::read_dir(&self.inner.dir)? {
-            let shard = shard?;
-            let name = shard.file_name();
-            if name.len() != 2 || !shard.file_type()?.is_dir() {
+        let dir = &self.inner.dir;
+        for shard in fs::read_dir(dir).map_err(io_at("listing", dir))? {
+            let shard = shard.map_err(io_at("listing", dir))?;
+            let (name, path) = (shard.file_name(), shard.path());
+            if name.len() != 2 || !shard.file_type().map_err(io_at("reading the type of", &path))?.is_dir() {
                 continue;
             }
-            for entry in fs::read_dir(shard.path())? {
-                let entry = entry?;
+            for entry in fs::read_dir(&path).map_err(io_at("listing", &path))? {
+                let entry = entry.map_err(io_at("listing", &path))?;
                 match entry.metadata() {
                     Ok(m) if m.is_file() => out.push((entry.path(), m.len(), m.modified().unwrap_or(SystemTime::UNIX_EPOCH))),
                     _ => {} // removed by another process meanwhile, or not a file
@@ -187,7 +204,7 @@ impl ChunkCache {
         let data = match fs::read(&path) {
             Ok(d) => d,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(ChunkError::io("reading", path, e)),
         };
         if id.verify(&data).is_err() {
             tracing::warn!(chunk = %id, path = %path.display(), "cached chunk failed verification; dropping it");
@@ -316,13 +333,13 @@ impl ChunkCache {
             return Ok(bytes);
         }
         let flight: Flight = {
-            let mut map = self.inner.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            let mut map = self.inner.inflight.lock();
             map.entry(id).or_default().clone()
         };
         let result = flight
             .get_or_init(|| async {
                 let r = self.fill(id, fetch).await.map_err(Arc::new);
-                self.inner.inflight.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                self.inner.inflight.lock().remove(&id);
                 r
             })
             .await;
@@ -340,10 +357,15 @@ impl ChunkCache {
         // Cross-process: hold an advisory lock on the chunk while filling it.
         let lock_path = self.inner.dir.join("locks").join(format!("{}.lock", id.to_hex()));
         let lock = blocking(move || {
-            let f = OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path)?;
+            let f = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&lock_path)
+                .map_err(io_at("opening", &lock_path))?;
             // SAFETY: flock on a valid, open descriptor; blocks until the lock is free.
             if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-                return Err(std::io::Error::last_os_error().into());
+                return Err(ChunkError::io("locking", lock_path, std::io::Error::last_os_error()));
             }
             Ok(f)
         })

@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use backon::{ConstantBuilder, Retryable};
+
 use crate::backend::s3::{S3Config, S3Credentials};
-use crate::error::{ChunkError, Result};
 
 /// Access key the test server accepts.
 pub const TEST_ACCESS_KEY: &str = "sail-test-access";
@@ -62,51 +63,98 @@ fn find_binary() -> Option<PathBuf> {
     })
 }
 
+/// Why [`LocalS3Server::start`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// No `s3s-fs` binary was found.
+    #[error("s3s-fs not found (set SAIL_S3S_FS, or run `bash scripts/setup.sh test`, which installs it)")]
+    NotInstalled,
+    /// Creating the server's directory, reserving a port or starting or watching the process
+    /// failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The server exited before it accepted connections (typically: the port it was given
+    /// was taken meanwhile); [`LocalS3Server::start`] tries another port.
+    #[error("s3s-fs exited at start on port {port} ({status})")]
+    Exited {
+        /// The port it was given.
+        port: u16,
+        /// How it exited.
+        status: std::process::ExitStatus,
+    },
+    /// The server did not accept connections in time.
+    #[error("s3s-fs did not accept connections within {} s", READY_TIMEOUT.as_secs())]
+    NotReady,
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StartError {
+    move |source| StartError::Io { what: what.into(), source }
+}
+
+/// How long a started server has to accept connections.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Ports tried when the server exits at start (the reserved port was taken meanwhile).
+const PORT_ATTEMPTS: usize = 5;
+
+/// One attempt of [`LocalS3Server::start`]: a free port, the server on it (storing in
+/// `root`), and the wait until it accepts connections.
+async fn start_on_free_port(bin: &Path, root: &Path) -> Result<(Child, SocketAddr), StartError> {
+    let reserve = || TcpListener::bind("127.0.0.1:0")?.local_addr();
+    let port = reserve().map_err(io_err("reserving a port"))?.port();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut child = Command::new(bin)
+        .arg("--host")
+        .arg("127.0.0.1")
+        .arg("--port")
+        .arg(port.to_string())
+        .arg("--access-key")
+        .arg(TEST_ACCESS_KEY)
+        .arg("--secret-key")
+        .arg(TEST_SECRET_KEY)
+        .arg(root)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(io_err(format!("starting {}", bin.display())))?;
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok((child, addr));
+        }
+        if let Some(status) = child.try_wait().map_err(io_err("watching s3s-fs"))? {
+            return Err(StartError::Exited { port, status });
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(StartError::NotReady);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 impl LocalS3Server {
     /// Starts the server and waits (at most 20 s) until it accepts connections.
-    pub async fn start() -> Result<Self> {
-        let bin = find_binary().ok_or_else(|| {
-            ChunkError::Config(
-                "s3s-fs not found (set SAIL_S3S_FS, or run `bash scripts/setup.sh test`, which installs it)".into(),
-            )
-        })?;
-        let root = tempfile_dir::TempDir::new()?;
-        // Reserve a free port, then hand it to the server (tiny race, retried below).
-        for _ in 0..5 {
-            let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-            let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-            let mut child = Command::new(&bin)
-                .arg("--host")
-                .arg("127.0.0.1")
-                .arg("--port")
-                .arg(port.to_string())
-                .arg("--access-key")
-                .arg(TEST_ACCESS_KEY)
-                .arg("--secret-key")
-                .arg(TEST_SECRET_KEY)
-                .arg(root.path())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .map_err(|e| ChunkError::Config(format!("starting {}: {e}", bin.display())))?;
-            let deadline = Instant::now() + Duration::from_secs(20);
-            loop {
-                if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                    return Ok(Self { child, addr, root });
-                }
-                if let Some(status) = child.try_wait()? {
-                    tracing::warn!(%status, port, "s3s-fs exited at start; retrying on another port");
-                    break;
-                }
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(ChunkError::Config("s3s-fs did not accept connections within 20 s".into()));
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-        Err(ChunkError::Config("s3s-fs failed to start on 5 ports".into()))
+    pub async fn start() -> Result<Self, StartError> {
+        let bin = find_binary().ok_or(StartError::NotInstalled)?;
+        let root = tempfile_dir::TempDir::new().map_err(io_err("creating the server's directory"))?;
+        // Reserve a free port, then hand it to the server: the port can be taken in between
+        // (a tiny race), and then the server exits and another port is tried.
+        let attempt = || start_on_free_port(&bin, root.path());
+        let (child, addr) = attempt
+            .retry(ConstantBuilder::default().with_delay(Duration::ZERO).with_max_times(PORT_ATTEMPTS - 1))
+            .sleep(tokio::time::sleep)
+            .when(|e| matches!(e, StartError::Exited { .. }))
+            .notify(|e, _| tracing::warn!(error = %e, "retrying on another port"))
+            .await?;
+        Ok(Self { child, addr, root })
     }
 
     /// `http://127.0.0.1:PORT`.

@@ -141,3 +141,34 @@ fn walk(dir: &std::path::Path) -> u64 {
     }
     total
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_shared_fetch_fails_every_waiter_with_its_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = ChunkCache::open(dir.path(), 1 << 20).unwrap();
+    let (id, _) = chunk(50, 1000);
+    let gate = Arc::new(tokio::sync::Barrier::new(8));
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (cache, gate) = (cache.clone(), gate.clone());
+        tasks.push(tokio::spawn(async move {
+            gate.wait().await;
+            cache
+                .get_or_fetch(id, || async move {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "no route");
+                    Err(ChunkError::Fetch { chunk: id, source: Box::new(refused) })
+                })
+                .await
+        }));
+    }
+    for t in tasks {
+        let err = t.await.unwrap().unwrap_err();
+        assert!(matches!(err.root(), ChunkError::Fetch { chunk, .. } if *chunk == id), "{err:?}");
+        assert_eq!(err.to_string(), format!("fetching chunk {id}: no route"));
+        let source = std::error::Error::source(err.root()).expect("the fetch's error is the source");
+        assert_eq!(source.to_string(), "no route");
+        assert!(!err.is_transient() && !err.is_integrity());
+    }
+    assert!(!cache.contains(id));
+}

@@ -25,6 +25,14 @@ async fn put_get_range_exists_delete() {
     assert_eq!(b.size(id).await.unwrap(), Some(100_000));
     assert_eq!(b.get_range(id, 10, 5).await.unwrap(), d.slice(10..15));
     assert!(b.get_range(id, 99_999, 2).await.is_err(), "range past the end");
+    assert!(
+        matches!(
+            b.get_range(id, 99_999, 2).await,
+            Err(ChunkError::InvalidRange { offset: 99_999, len: 2, size: Some(100_000), .. })
+        ),
+        "range past the end"
+    );
+    assert!(matches!(b.get_range(id, u64::MAX, 2).await, Err(ChunkError::InvalidRange { .. })), "overflowing range");
     assert_eq!(b.list().unwrap(), vec![id]);
     assert!(b.presign_get(id, std::time::Duration::from_secs(1)).await.unwrap().is_none());
     b.delete(id).await.unwrap();

@@ -6,6 +6,7 @@
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use chunkstore::error::S3Failure;
 use chunkstore::testing::LocalS3Server;
 use chunkstore::{Backend, ChunkError, ChunkId, S3Backend, S3Config, S3Credentials};
 
@@ -134,8 +135,15 @@ async fn wrong_credentials_fail_cleanly() {
     let bad = S3Backend::new(cfg).await.unwrap();
     let d = data(100, 6);
     match bad.put(ChunkId::of(&d), d).await {
-        Err(ChunkError::Backend(msg)) => assert!(msg.contains("PutObject"), "{msg}"),
-        other => panic!("expected a backend error, got {other:?}"),
+        Err(e @ ChunkError::S3 { op, failure, .. }) => {
+            assert_eq!(op, "PutObject", "{e}");
+            assert_eq!(failure, S3Failure::Status(403), "a wrong secret is refused, not a transient failure: {e}");
+            assert!(!e.is_transient(), "{e}");
+            let msg = e.to_string();
+            assert!(msg.contains("PutObject"), "{msg}");
+            assert!(std::error::Error::source(&e).is_some(), "the SDK error is kept as the source");
+        }
+        other => panic!("expected an S3 error, got {other:?}"),
     }
 }
 

@@ -36,9 +36,7 @@ impl BoxError {
 
 impl From<tonic::Status> for BoxError {
     fn from(s: tonic::Status) -> Self {
-        use prost::Message;
-        let name = pb::ErrorDetail::decode(s.details()).ok().map(|d| d.name).filter(|n| !n.is_empty());
-        let name = name.unwrap_or_else(|| "SailError".into());
+        let name = proto::error_name(&s).unwrap_or_else(|| "SailError".into());
         Self { name, message: s.message().to_owned(), code: s.code() }
     }
 }
@@ -164,7 +162,7 @@ pub struct ExecArgs {
     command: Vec<String>,
 }
 
-async fn client(endpoint: &str) -> anyhow::Result<SailboxServiceClient<Channel>> {
+async fn client(endpoint: &str) -> anyhow::Result<Client> {
     let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
         .with_context(|| format!("bad endpoint {endpoint}"))?
         .tcp_nodelay(true)
@@ -247,81 +245,20 @@ fn print_sailbox(s: &pb::Sailbox, json: bool) {
     }
 }
 
+/// The gRPC client of vmm-host's sailbox service.
+type Client = SailboxServiceClient<Channel>;
+
 /// Runs a `sail box` command; returns the process exit code.
 pub async fn run(endpoint: &str, json: bool, cmd: BoxCmd) -> anyhow::Result<u8> {
     let mut c = client(endpoint).await?;
     match cmd {
-        BoxCmd::Create(a) => {
-            ensure_image(&mut c, &a.image, json).await?;
-            let req = pb::CreateSailboxRequest {
-                app: a.app,
-                image: a.image,
-                name: a.name.unwrap_or_default(),
-                cpu: a.cpu,
-                memory_mib: a.memory_mib,
-                disk_gib: a.disk_gib,
-                ingress_ports: a.ports,
-                volumes: Default::default(),
-            };
-            let s = c.create_sailbox(req).await.map_err(BoxError::from)?.into_inner();
-            if json {
-                println!("{}", sailbox_json(&s));
-            } else {
-                println!("{}", s.sailbox_id);
-                eprintln!("sailbox {} running ({} in {} ms)", s.sailbox_id, s.accelerator, s.boot_ms);
-            }
-        }
-        BoxCmd::Ls { app, all, max_guest_schema_version } => {
-            let mut states = Vec::new();
-            if all {
-                states = [
-                    pb::SailboxState::Creating,
-                    pb::SailboxState::Running,
-                    pb::SailboxState::Paused,
-                    pb::SailboxState::Sleeping,
-                    pb::SailboxState::Terminated,
-                    pb::SailboxState::Lost,
-                ]
-                .iter()
-                .map(|s| *s as i32)
-                .collect();
-            }
-            let req = pb::ListSailboxesRequest {
-                app: app.unwrap_or_default(),
-                states,
-                max_guest_schema_version: max_guest_schema_version.unwrap_or(0),
-            };
-            let list = c.list_sailboxes(req).await.map_err(BoxError::from)?.into_inner().sailboxes;
-            if json {
-                println!("{}", serde_json::Value::Array(list.iter().map(sailbox_json).collect()));
-            } else {
-                for s in list {
-                    println!("{:<28} {:<10} {:<12} {:<16} {}", s.sailbox_id, state_name(s.state), s.app, s.name, s.image);
-                }
-            }
-        }
+        BoxCmd::Create(a) => create(&mut c, a, json).await?,
+        BoxCmd::Ls { app, all, max_guest_schema_version } => ls(&mut c, app, all, max_guest_schema_version, json).await?,
         BoxCmd::Info { id, connect } => {
             let s = c.get_sailbox(pb::GetSailboxRequest { sailbox_id: id, connect }).await.map_err(BoxError::from)?.into_inner();
             print_sailbox(&s, json);
         }
-        BoxCmd::Checkpoint { id } => {
-            let ck = c.checkpoint_sailbox(pb::SailboxIdRequest { sailbox_id: id }).await.map_err(BoxError::from)?.into_inner();
-            if json {
-                println!("{}", checkpoint_json(&ck));
-            } else {
-                println!("{}", ck.checkpoint_id);
-                eprintln!(
-                    "paused {} ms, durable after {} ms; memory: {} changed, {} uploaded of {}; disk: {} changed, {} uploaded",
-                    ck.pause_ms,
-                    ck.total_ms,
-                    crate::human(ck.memory_bytes_changed),
-                    crate::human(ck.memory_bytes_uploaded),
-                    crate::human(ck.memory_bytes),
-                    crate::human(ck.disk_bytes_changed),
-                    crate::human(ck.disk_bytes_uploaded)
-                );
-            }
-        }
+        BoxCmd::Checkpoint { id } => checkpoint(&mut c, id, json).await?,
         BoxCmd::Pause { id } => {
             print_state(c.pause(pb::SailboxIdRequest { sailbox_id: id }).await.map_err(BoxError::from)?.into_inner(), json)
         }
@@ -336,18 +273,7 @@ pub async fn run(endpoint: &str, json: bool, cmd: BoxCmd) -> anyhow::Result<u8> 
             let req = pb::CompleteCallRequest { sailbox_id: id, call };
             print_state(c.complete_call(req).await.map_err(BoxError::from)?.into_inner(), json)
         }
-        BoxCmd::Fork { id } => {
-            let r = c.fork(pb::SailboxIdRequest { sailbox_id: id }).await.map_err(BoxError::from)?.into_inner();
-            let child = r.child.unwrap_or_default();
-            if json {
-                let mut v = sailbox_json(&child);
-                v["checkpoint"] = r.checkpoint.as_ref().map(checkpoint_json).unwrap_or_default();
-                println!("{v}");
-            } else {
-                println!("{}", child.sailbox_id);
-                eprintln!("forked from {} ({} ms to the child's agent)", child.forked_from, child.boot_ms);
-            }
-        }
+        BoxCmd::Fork { id } => fork(&mut c, id, json).await?,
         BoxCmd::Restore { checkpoint, app, name, ports } => {
             let req = pb::RestoreRequest { checkpoint_id: checkpoint, app, name, ingress_ports: ports };
             let s = c.restore_sailbox(req).await.map_err(BoxError::from)?.into_inner();
@@ -357,53 +283,9 @@ pub async fn run(endpoint: &str, json: bool, cmd: BoxCmd) -> anyhow::Result<u8> 
                 println!("{}", s.sailbox_id);
             }
         }
-        BoxCmd::Upgrade { id } => {
-            let r = c.upgrade(pb::SailboxIdRequest { sailbox_id: id }).await.map_err(BoxError::from)?.into_inner();
-            let s = r.sailbox.unwrap_or_default();
-            if json {
-                let mut v = sailbox_json(&s);
-                v["applied"] = serde_json::json!(r.applied);
-                println!("{v}");
-            } else if r.applied {
-                eprintln!("{} runs agent schema {}", s.sailbox_id, s.guest_schema_version);
-            } else {
-                eprintln!("{} is {}: the upgrade applies at its next wake", s.sailbox_id, state_name(s.state));
-            }
-        }
-        BoxCmd::Listeners { id, port, wait } => {
-            let req = pb::ListenersRequest {
-                sailbox_id: id,
-                port: port.unwrap_or(0),
-                wait_routed_ms: wait.map(|s| s * 1000).unwrap_or(0),
-            };
-            let ls = c.listeners(req).await.map_err(BoxError::from)?.into_inner().listeners;
-            if json {
-                println!("{}", serde_json::Value::Array(ls.iter().map(listener_json).collect()));
-            } else {
-                for l in &ls {
-                    println!("port {:<5} {}  {}", l.port, l.url, if l.routed { "routed" } else { "not routed yet" });
-                }
-            }
-            if port.is_some() && wait.is_some() && !ls.iter().all(|l| l.routed) {
-                return Ok(1);
-            }
-        }
-        BoxCmd::Exec(a) => {
-            let req = pb::ExecRequest {
-                sailbox_id: a.id,
-                command: a.command.join(" "),
-                cwd: a.cwd.unwrap_or_default(),
-                timeout_ms: a.timeout.map(|s| s * 1000).unwrap_or(0),
-                background: a.background,
-                env: Default::default(),
-            };
-            let handle = c.exec(req).await.map_err(BoxError::from)?.into_inner();
-            if a.detach {
-                println!("{}", if json { serde_json::json!({"exec_id": handle.exec_id}).to_string() } else { handle.exec_id });
-                return Ok(0);
-            }
-            return stream_output(&mut c, &handle.exec_id, json).await;
-        }
+        BoxCmd::Upgrade { id } => upgrade(&mut c, id, json).await?,
+        BoxCmd::Listeners { id, port, wait } => return listeners(&mut c, id, port, wait, json).await,
+        BoxCmd::Exec(a) => return exec(&mut c, a, json).await,
         BoxCmd::Wait { exec_id, timeout } => {
             if let Some(t) = timeout {
                 let req = pb::WaitExecRequest { exec_id: exec_id.clone(), timeout_ms: t * 1000 };
@@ -411,25 +293,8 @@ pub async fn run(endpoint: &str, json: bool, cmd: BoxCmd) -> anyhow::Result<u8> 
             }
             return stream_output(&mut c, &exec_id, json).await;
         }
-        BoxCmd::Write { id, path, mode } => {
-            let mode = u32::from_str_radix(mode.trim_start_matches("0o"), 8)
-                .map_err(|_| crate::UserError(format!("mode {mode:?} is not octal")))?;
-            let written = write_stdin(&mut c, id, path, mode).await?;
-            if json {
-                println!("{}", serde_json::json!({"bytes_written": written}));
-            } else {
-                eprintln!("wrote {}", crate::human(written));
-            }
-        }
-        BoxCmd::Read { id, path } => {
-            let mut stream =
-                c.read_file(pb::ReadFileRequest { sailbox_id: id, path }).await.map_err(BoxError::from)?.into_inner();
-            let mut out = std::io::stdout().lock();
-            while let Some(msg) = stream.next().await {
-                out.write_all(&msg.map_err(BoxError::from)?.data)?;
-            }
-            out.flush()?;
-        }
+        BoxCmd::Write { id, path, mode } => write(&mut c, id, path, mode, json).await?,
+        BoxCmd::Read { id, path } => read(&mut c, id, path).await?,
         BoxCmd::Terminate { id } => {
             let s = c.terminate(pb::TerminateRequest { sailbox_id: id }).await.map_err(BoxError::from)?.into_inner();
             if json {
@@ -442,8 +307,173 @@ pub async fn run(endpoint: &str, json: bool, cmd: BoxCmd) -> anyhow::Result<u8> 
     Ok(0)
 }
 
+/// `sail box create`: builds the image if needed, then creates the sailbox.
+async fn create(c: &mut Client, a: CreateArgs, json: bool) -> anyhow::Result<()> {
+    ensure_image(c, &a.image, json).await?;
+    let req = pb::CreateSailboxRequest {
+        app: a.app,
+        image: a.image,
+        name: a.name.unwrap_or_default(),
+        cpu: a.cpu,
+        memory_mib: a.memory_mib,
+        disk_gib: a.disk_gib,
+        ingress_ports: a.ports,
+        volumes: Default::default(),
+    };
+    let s = c.create_sailbox(req).await.map_err(BoxError::from)?.into_inner();
+    if json {
+        println!("{}", sailbox_json(&s));
+    } else {
+        println!("{}", s.sailbox_id);
+        eprintln!("sailbox {} running ({} in {} ms)", s.sailbox_id, s.accelerator, s.boot_ms);
+    }
+    Ok(())
+}
+
+/// `sail box ls`.
+async fn ls(c: &mut Client, app: Option<String>, all: bool, max_schema: Option<u32>, json: bool) -> anyhow::Result<()> {
+    let mut states = Vec::new();
+    if all {
+        states = [
+            pb::SailboxState::Creating,
+            pb::SailboxState::Running,
+            pb::SailboxState::Paused,
+            pb::SailboxState::Sleeping,
+            pb::SailboxState::Terminated,
+            pb::SailboxState::Lost,
+        ]
+        .iter()
+        .map(|s| *s as i32)
+        .collect();
+    }
+    let req =
+        pb::ListSailboxesRequest { app: app.unwrap_or_default(), states, max_guest_schema_version: max_schema.unwrap_or(0) };
+    let list = c.list_sailboxes(req).await.map_err(BoxError::from)?.into_inner().sailboxes;
+    if json {
+        println!("{}", serde_json::Value::Array(list.iter().map(sailbox_json).collect()));
+    } else {
+        for s in list {
+            println!("{:<28} {:<10} {:<12} {:<16} {}", s.sailbox_id, state_name(s.state), s.app, s.name, s.image);
+        }
+    }
+    Ok(())
+}
+
+/// `sail box checkpoint`.
+async fn checkpoint(c: &mut Client, id: String, json: bool) -> anyhow::Result<()> {
+    let ck = c.checkpoint_sailbox(pb::SailboxIdRequest { sailbox_id: id }).await.map_err(BoxError::from)?.into_inner();
+    if json {
+        println!("{}", checkpoint_json(&ck));
+    } else {
+        println!("{}", ck.checkpoint_id);
+        eprintln!(
+            "paused {} ms, durable after {} ms; memory: {} changed, {} uploaded of {}; disk: {} changed, {} uploaded",
+            ck.pause_ms,
+            ck.total_ms,
+            crate::human(ck.memory_bytes_changed),
+            crate::human(ck.memory_bytes_uploaded),
+            crate::human(ck.memory_bytes),
+            crate::human(ck.disk_bytes_changed),
+            crate::human(ck.disk_bytes_uploaded)
+        );
+    }
+    Ok(())
+}
+
+/// `sail box fork`.
+async fn fork(c: &mut Client, id: String, json: bool) -> anyhow::Result<()> {
+    let r = c.fork(pb::SailboxIdRequest { sailbox_id: id }).await.map_err(BoxError::from)?.into_inner();
+    let child = r.child.unwrap_or_default();
+    if json {
+        let mut v = sailbox_json(&child);
+        v["checkpoint"] = r.checkpoint.as_ref().map(checkpoint_json).unwrap_or_default();
+        println!("{v}");
+    } else {
+        println!("{}", child.sailbox_id);
+        eprintln!("forked from {} ({} ms to the child's agent)", child.forked_from, child.boot_ms);
+    }
+    Ok(())
+}
+
+/// `sail box upgrade`.
+async fn upgrade(c: &mut Client, id: String, json: bool) -> anyhow::Result<()> {
+    let r = c.upgrade(pb::SailboxIdRequest { sailbox_id: id }).await.map_err(BoxError::from)?.into_inner();
+    let s = r.sailbox.unwrap_or_default();
+    if json {
+        let mut v = sailbox_json(&s);
+        v["applied"] = serde_json::json!(r.applied);
+        println!("{v}");
+    } else if r.applied {
+        eprintln!("{} runs agent schema {}", s.sailbox_id, s.guest_schema_version);
+    } else {
+        eprintln!("{} is {}: the upgrade applies at its next wake", s.sailbox_id, state_name(s.state));
+    }
+    Ok(())
+}
+
+/// `sail box listeners`; exit code 1 when `--port` with `--wait` did not route in time.
+async fn listeners(c: &mut Client, id: String, port: Option<u32>, wait: Option<u64>, json: bool) -> anyhow::Result<u8> {
+    let req =
+        pb::ListenersRequest { sailbox_id: id, port: port.unwrap_or(0), wait_routed_ms: wait.map(|s| s * 1000).unwrap_or(0) };
+    let ls = c.listeners(req).await.map_err(BoxError::from)?.into_inner().listeners;
+    if json {
+        println!("{}", serde_json::Value::Array(ls.iter().map(listener_json).collect()));
+    } else {
+        for l in &ls {
+            println!("port {:<5} {}  {}", l.port, l.url, if l.routed { "routed" } else { "not routed yet" });
+        }
+    }
+    if port.is_some() && wait.is_some() && !ls.iter().all(|l| l.routed) {
+        return Ok(1);
+    }
+    Ok(0)
+}
+
+/// `sail box exec`: starts the command, then streams its output (or prints its id with
+/// `--detach`); returns the command's exit code.
+async fn exec(c: &mut Client, a: ExecArgs, json: bool) -> anyhow::Result<u8> {
+    let req = pb::ExecRequest {
+        sailbox_id: a.id,
+        command: a.command.join(" "),
+        cwd: a.cwd.unwrap_or_default(),
+        timeout_ms: a.timeout.map(|s| s * 1000).unwrap_or(0),
+        background: a.background,
+        env: Default::default(),
+    };
+    let handle = c.exec(req).await.map_err(BoxError::from)?.into_inner();
+    if a.detach {
+        println!("{}", if json { serde_json::json!({"exec_id": handle.exec_id}).to_string() } else { handle.exec_id });
+        return Ok(0);
+    }
+    stream_output(c, &handle.exec_id, json).await
+}
+
+/// `sail box write`: stdin to a file in the sailbox.
+async fn write(c: &mut Client, id: String, path: String, mode: String, json: bool) -> anyhow::Result<()> {
+    let mode = u32::from_str_radix(mode.trim_start_matches("0o"), 8)
+        .map_err(|_| crate::UserError(format!("mode {mode:?} is not octal")))?;
+    let written = write_stdin(c, id, path, mode).await?;
+    if json {
+        println!("{}", serde_json::json!({"bytes_written": written}));
+    } else {
+        eprintln!("wrote {}", crate::human(written));
+    }
+    Ok(())
+}
+
+/// `sail box read`: a file of the sailbox to stdout.
+async fn read(c: &mut Client, id: String, path: String) -> anyhow::Result<()> {
+    let mut stream = c.read_file(pb::ReadFileRequest { sailbox_id: id, path }).await.map_err(BoxError::from)?.into_inner();
+    let mut out = std::io::stdout().lock();
+    while let Some(msg) = stream.next().await {
+        out.write_all(&msg.map_err(BoxError::from)?.data)?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
 /// Builds the image on the host if needed, showing its progress.
-async fn ensure_image(c: &mut SailboxServiceClient<Channel>, image: &str, json: bool) -> anyhow::Result<()> {
+async fn ensure_image(c: &mut Client, image: &str, json: bool) -> anyhow::Result<()> {
     let mut stream =
         c.ensure_image(pb::EnsureImageRequest { image: image.to_owned() }).await.map_err(BoxError::from)?.into_inner();
     let bar = (!json).then(|| {
@@ -472,7 +502,7 @@ async fn ensure_image(c: &mut SailboxServiceClient<Channel>, image: &str, json: 
 }
 
 /// Prints an exec's output as it comes and returns its exit code.
-async fn stream_output(c: &mut SailboxServiceClient<Channel>, exec_id: &str, json: bool) -> anyhow::Result<u8> {
+async fn stream_output(c: &mut Client, exec_id: &str, json: bool) -> anyhow::Result<u8> {
     use pb::exec_output::Event;
     let req = pb::WaitExecRequest { exec_id: exec_id.to_owned(), timeout_ms: 0 };
     let mut stream = c.stream_exec(req).await.map_err(BoxError::from)?.into_inner();
@@ -520,7 +550,7 @@ async fn stream_output(c: &mut SailboxServiceClient<Channel>, exec_id: &str, jso
 
 /// Streams stdin to a file in the sailbox. The size must be known first: a regular file's
 /// length is used as is; a pipe is spooled to a temporary file (never held in memory).
-async fn write_stdin(c: &mut SailboxServiceClient<Channel>, id: String, path: String, mode: u32) -> anyhow::Result<u64> {
+async fn write_stdin(c: &mut Client, id: String, path: String, mode: u32) -> anyhow::Result<u64> {
     use std::os::fd::AsFd;
     let stdin = std::io::stdin();
     let fd = stdin.as_fd().try_clone_to_owned()?;

@@ -174,78 +174,68 @@ fn default_data_dir() -> PathBuf {
 
 async fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
-        Command::Up { data_dir, listen } => {
-            let data_dir = data_dir.unwrap_or_else(default_data_dir);
-            let server = Server::bind(ServerConfig::local(&data_dir, listen))
-                .await
-                .with_context(|| format!("starting volumed on {listen} (data in {})", data_dir.display()))?;
-            let host = vmm_host::Host::open(vmm_host::HostConfig::local(data_dir.join("vmm")))
-                .await
-                .with_context(|| format!("starting vmm-host (data in {})", data_dir.join("vmm").display()))?;
-            let server = server.with_grpc(|r| r.add_service(vmm_host::GrpcSailboxes::new(host.clone()).into_server()));
-            println!("sail up: volumed and vmm-host listening on http://{} (data in {})", server.addr, data_dir.display());
-            server
-                .serve(async {
-                    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-                    tokio::select! {
-                        _ = tokio::signal::ctrl_c() => {}
-                        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-                    }
-                })
-                .await?;
-            // Running and sleeping sailboxes keep running (the next `sail up` re-attaches
-            // them); with none left, the cowfs mount under the data directory goes too.
-            host.shutdown().await;
-            Ok(0)
-        }
+        Command::Up { data_dir, listen } => up(data_dir.unwrap_or_else(default_data_dir), listen).await,
         Command::Sailbox(cmd) => box_cmd::run(&cli.endpoint, cli.json, cmd).await,
         Command::Doctor => box_cmd::doctor(&cli.endpoint, cli.json).await,
         Command::Volume(cmd) => {
             let g = mount_cmd::Globals {
-                endpoint: cli.endpoint.clone(),
-                org: cli.org.clone(),
-                cache_dir: cli.cache_dir.clone(),
+                endpoint: cli.endpoint,
+                org: cli.org,
+                cache_dir: cli.cache_dir,
                 cache_mib: cli.cache_mib,
                 json: cli.json,
             };
-            // Mount commands block on FUSE or a socket: run them off the async runtime.
-            let local = match cmd {
-                VolumeCmd::Mount(ref a) => {
-                    let a = a.clone();
-                    Some(Box::new(move || mount_cmd::mount(&g, a)) as Box<dyn FnOnce() -> anyhow::Result<()> + Send>)
-                }
-                VolumeCmd::Commit { ref path } => {
-                    let p = path.clone();
-                    Some(Box::new(move || mount_cmd::commit(&g, &p)) as _)
-                }
-                VolumeCmd::Reload { ref path } => {
-                    let p = path.clone();
-                    Some(Box::new(move || mount_cmd::reload(&g, &p)) as _)
-                }
-                VolumeCmd::Status { ref path } => {
-                    let p = path.clone();
-                    Some(Box::new(move || mount_cmd::status(&g, &p)) as _)
-                }
-                VolumeCmd::Unmount { ref path } => {
-                    let p = path.clone();
-                    Some(Box::new(move || mount_cmd::unmount(&g, &p)) as _)
-                }
-                _ => None,
-            };
-            if let Some(f) = local {
-                tokio::task::spawn_blocking(f).await??;
-                return Ok(0);
-            }
-            let mut client = VolumeClient::connect(&cli.endpoint).await?;
-            if let Some(dir) = &cli.cache_dir {
-                let cache = chunkstore::ChunkCache::open(dir, cli.cache_mib << 20)
-                    .with_context(|| format!("opening chunk cache {}", dir.display()))?;
-                client = client.with_cache(cache);
-            }
-            volume(client, cli.org, cli.json, cmd).await?;
+            volume_command(g, cmd).await?;
             Ok(0)
         }
     }
+}
+
+/// `sail up`: volumed and vmm-host on one endpoint until Ctrl-C or SIGTERM.
+async fn up(data_dir: PathBuf, listen: std::net::SocketAddr) -> anyhow::Result<u8> {
+    let server = Server::bind(ServerConfig::local(&data_dir, listen))
+        .await
+        .with_context(|| format!("starting volumed on {listen} (data in {})", data_dir.display()))?;
+    let host = vmm_host::Host::open(vmm_host::HostConfig::local(data_dir.join("vmm")))
+        .await
+        .with_context(|| format!("starting vmm-host (data in {})", data_dir.join("vmm").display()))?;
+    let server = server.with_grpc(|r| r.add_service(vmm_host::GrpcSailboxes::new(host.clone()).into_server()));
+    println!("sail up: volumed and vmm-host listening on http://{} (data in {})", server.addr, data_dir.display());
+    server
+        .serve(async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+            }
+        })
+        .await?;
+    // Running and sleeping sailboxes keep running (the next `sail up` re-attaches
+    // them); with none left, the cowfs mount under the data directory goes too.
+    host.shutdown().await;
+    Ok(0)
+}
+
+/// `sail volume ...`: the mount commands talk to a FUSE helper and block, so they run off the
+/// async runtime; the others are calls to volumed.
+async fn volume_command(g: mount_cmd::Globals, cmd: VolumeCmd) -> anyhow::Result<()> {
+    let blocking: Box<dyn FnOnce() -> anyhow::Result<()> + Send> = match cmd {
+        VolumeCmd::Mount(a) => Box::new(move || mount_cmd::mount(&g, a)),
+        VolumeCmd::Commit { path } => Box::new(move || mount_cmd::commit(&g, &path)),
+        VolumeCmd::Reload { path } => Box::new(move || mount_cmd::reload(&g, &path)),
+        VolumeCmd::Status { path } => Box::new(move || mount_cmd::status(&g, &path)),
+        VolumeCmd::Unmount { path } => Box::new(move || mount_cmd::unmount(&g, &path)),
+        cmd => {
+            let mut client = VolumeClient::connect(&g.endpoint).await?;
+            if let Some(dir) = &g.cache_dir {
+                let cache = chunkstore::ChunkCache::open(dir, g.cache_mib << 20)
+                    .with_context(|| format!("opening chunk cache {}", dir.display()))?;
+                client = client.with_cache(cache);
+            }
+            return volume(client, g.org, g.json, cmd).await;
+        }
+    };
+    tokio::task::spawn_blocking(blocking).await?
 }
 
 async fn volume(mut c: VolumeClient, org: String, json: bool, cmd: VolumeCmd) -> anyhow::Result<()> {
@@ -259,75 +249,15 @@ async fn volume(mut c: VolumeClient, org: String, json: bool, cmd: VolumeCmd) ->
                 println!("volume {}/{} (id {}, head {})", v.org, v.name, v.id, short(&v.head));
             }
         }
-        VolumeCmd::Ls => {
-            let list = c.grpc().list_volumes(pb::ListVolumesRequest { org: org.clone() }).await.map_err(ClientError::from)?;
-            let vols = list.into_inner().volumes;
-            if json {
-                println!("{}", serde_json::Value::Array(vols.iter().map(volume_json).collect()));
-            } else {
-                for v in vols {
-                    println!("{:<32} {:>6} commits  head {}", v.name, v.commit_count, short(&v.head));
-                }
-            }
-        }
+        VolumeCmd::Ls => volume_ls(&mut c, &org, json).await?,
         VolumeCmd::Rm { name } => {
             c.grpc().delete_volume(pb::DeleteVolumeRequest { volume: vref(&name) }).await.map_err(ClientError::from)?;
             if !json {
                 println!("deleted {org}/{name}");
             }
         }
-        VolumeCmd::Log { name, limit } => {
-            let log = c
-                .grpc()
-                .log(pb::LogRequest { volume: vref(&name), limit, before_seq: 0 })
-                .await
-                .map_err(ClientError::from)?
-                .into_inner();
-            if json {
-                let rows = log.commits.iter().map(|c| {
-                    serde_json::json!({"id": c.id, "seq": c.seq, "parent": c.parent, "base": c.base,
-                        "time_unix_ms": c.time_unix_ms, "changes": c.change_count, "message": c.message})
-                });
-                println!("{}", serde_json::Value::Array(rows.collect()));
-            } else {
-                for c in log.commits {
-                    let merged = if !c.base.is_empty() && c.base != c.parent { " (merged)" } else { "" };
-                    println!("#{:<5} {}  {:>5} changes{merged}  {}", c.seq, short(&c.id), c.change_count, c.message);
-                }
-            }
-        }
-        VolumeCmd::Put { name, local, dest } => {
-            let started = Instant::now();
-            let mut files = Vec::new();
-            for path in &local {
-                collect(path, &join(&dest, &file_name(path)?), &mut files)?;
-            }
-            let bytes: u64 = files.iter().map(|f| f.data.len() as u64).sum();
-            let count = files.len();
-            let head = c.head(&org, &name).await?.commit;
-            let r = c.commit_files(&org, &name, &head, files, &[]).await?;
-            let up = c.last_upload;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"commit": r.commit, "seq": r.seq, "merged": r.merged, "files": count,
-                    "bytes": bytes, "chunks_uploaded": up.chunks_uploaded, "bytes_uploaded": up.bytes_uploaded,
-                    "chunks_skipped": up.chunks_skipped, "seconds": started.elapsed().as_secs_f64()})
-                );
-            } else {
-                println!(
-                    "committed {count} files ({}) as #{} {} in {:.0?}: uploaded {} chunks ({}), {} already stored{}",
-                    human(bytes),
-                    r.seq,
-                    short(&r.commit),
-                    started.elapsed(),
-                    up.chunks_uploaded,
-                    human(up.bytes_uploaded),
-                    up.chunks_skipped,
-                    if r.merged { ", merged onto a newer head" } else { "" }
-                );
-            }
-        }
+        VolumeCmd::Log { name, limit } => volume_log(&mut c, vref(&name), limit, json).await?,
+        VolumeCmd::Put { name, local, dest } => volume_put(&mut c, &org, &name, &local, &dest, json).await?,
         VolumeCmd::Cat { name, path } => {
             let data = c.read_file(&org, &name, &path).await?;
             use std::io::Write;
@@ -340,23 +270,101 @@ async fn volume(mut c: VolumeClient, org: String, json: bool, cmd: VolumeCmd) ->
         | VolumeCmd::Unmount { .. } => {
             bail!("internal error: mount commands are handled before connecting")
         }
-        VolumeCmd::List { name, path } => {
-            let req = pb::ListDirRequest { volume: vref(&name), commit: String::new(), path };
-            let listing = c.grpc().list_dir(req).await.map_err(ClientError::from)?.into_inner();
-            for e in listing.entries {
-                let entry = e.entry.unwrap_or_default();
-                let (kind, size) = match entry.kind {
-                    Some(pb::entry::Kind::File(f)) => ("file", human(f.size)),
-                    Some(pb::entry::Kind::Dir(_)) => ("dir", String::new()),
-                    Some(pb::entry::Kind::Symlink(s)) => ("link", format!("-> {}", s.target)),
-                    None => ("?", String::new()),
-                };
-                if json {
-                    println!("{}", serde_json::json!({"name": e.name, "kind": kind, "mode": entry.mode}));
-                } else {
-                    println!("{kind:<5} {:o} {size:>10}  {}", entry.mode, e.name);
-                }
-            }
+        VolumeCmd::List { name, path } => volume_list(&mut c, vref(&name), path, json).await?,
+    }
+    Ok(())
+}
+
+/// `sail volume ls`.
+async fn volume_ls(c: &mut VolumeClient, org: &str, json: bool) -> anyhow::Result<()> {
+    let list = c.grpc().list_volumes(pb::ListVolumesRequest { org: org.to_owned() }).await.map_err(ClientError::from)?;
+    let vols = list.into_inner().volumes;
+    if json {
+        println!("{}", serde_json::Value::Array(vols.iter().map(volume_json).collect()));
+    } else {
+        for v in vols {
+            println!("{:<32} {:>6} commits  head {}", v.name, v.commit_count, short(&v.head));
+        }
+    }
+    Ok(())
+}
+
+/// `sail volume log`.
+async fn volume_log(c: &mut VolumeClient, volume: Option<pb::VolumeRef>, limit: u32, json: bool) -> anyhow::Result<()> {
+    let log = c.grpc().log(pb::LogRequest { volume, limit, before_seq: 0 }).await.map_err(ClientError::from)?.into_inner();
+    if json {
+        let rows = log.commits.iter().map(|c| {
+            serde_json::json!({"id": c.id, "seq": c.seq, "parent": c.parent, "base": c.base,
+                "time_unix_ms": c.time_unix_ms, "changes": c.change_count, "message": c.message})
+        });
+        println!("{}", serde_json::Value::Array(rows.collect()));
+    } else {
+        for c in log.commits {
+            let merged = if !c.base.is_empty() && c.base != c.parent { " (merged)" } else { "" };
+            println!("#{:<5} {}  {:>5} changes{merged}  {}", c.seq, short(&c.id), c.change_count, c.message);
+        }
+    }
+    Ok(())
+}
+
+/// `sail volume put`: local files and directories as one commit onto the head.
+async fn volume_put(
+    c: &mut VolumeClient,
+    org: &str,
+    name: &str,
+    local: &[PathBuf],
+    dest: &str,
+    json: bool,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut files = Vec::new();
+    for path in local {
+        collect(path, &join(dest, &file_name(path)?), &mut files)?;
+    }
+    let bytes: u64 = files.iter().map(|f| f.data.len() as u64).sum();
+    let count = files.len();
+    let head = c.head(org, name).await?.commit;
+    let r = c.commit_files(org, name, &head, files, &[]).await?;
+    let up = c.last_upload;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"commit": r.commit, "seq": r.seq, "merged": r.merged, "files": count,
+            "bytes": bytes, "chunks_uploaded": up.chunks_uploaded, "bytes_uploaded": up.bytes_uploaded,
+            "chunks_skipped": up.chunks_skipped, "seconds": started.elapsed().as_secs_f64()})
+        );
+    } else {
+        println!(
+            "committed {count} files ({}) as #{} {} in {:.0?}: uploaded {} chunks ({}), {} already stored{}",
+            human(bytes),
+            r.seq,
+            short(&r.commit),
+            started.elapsed(),
+            up.chunks_uploaded,
+            human(up.bytes_uploaded),
+            up.chunks_skipped,
+            if r.merged { ", merged onto a newer head" } else { "" }
+        );
+    }
+    Ok(())
+}
+
+/// `sail volume list`: a directory of the head.
+async fn volume_list(c: &mut VolumeClient, volume: Option<pb::VolumeRef>, path: String, json: bool) -> anyhow::Result<()> {
+    let req = pb::ListDirRequest { volume, commit: String::new(), path };
+    let listing = c.grpc().list_dir(req).await.map_err(ClientError::from)?.into_inner();
+    for e in listing.entries {
+        let entry = e.entry.unwrap_or_default();
+        let (kind, size) = match entry.kind {
+            Some(pb::entry::Kind::File(f)) => ("file", human(f.size)),
+            Some(pb::entry::Kind::Dir(_)) => ("dir", String::new()),
+            Some(pb::entry::Kind::Symlink(s)) => ("link", format!("-> {}", s.target)),
+            None => ("?", String::new()),
+        };
+        if json {
+            println!("{}", serde_json::json!({"name": e.name, "kind": kind, "mode": entry.mode}));
+        } else {
+            println!("{kind:<5} {:o} {size:>10}  {}", entry.mode, e.name);
         }
     }
     Ok(())

@@ -70,21 +70,7 @@ pub fn mount(g: &Globals, a: MountArgs) -> anyhow::Result<()> {
     if !mountpoint.is_dir() {
         bail!(UserError(format!("mount point {} is not a directory", mountpoint.display())));
     }
-    let hash = path_hash(&mountpoint);
-    let opts = MountOptions {
-        endpoint: g.endpoint.clone(),
-        org: g.org.clone(),
-        volume: a.name.clone(),
-        mint: a.create,
-        mountpoint: mountpoint.clone(),
-        cache_dir: g.cache_dir.clone().unwrap_or_else(|| cache_home().join("chunks")),
-        cache_max_bytes: g.cache_mib << 20,
-        overlay_dir: a.overlay_dir.clone().unwrap_or_else(|| cache_home().join("overlay").join(&hash)),
-        control_socket: None,
-        memory_cache_bytes: a.memory_cache_mib << 20,
-        threads: a.threads,
-        passthrough: !a.no_passthrough,
-    };
+    let opts = mount_options(g, &a, mountpoint.clone());
     if a.foreground {
         return guest_fuse::run(opts, |socket| {
             eprintln!("mounted {} at {}; control socket {}", a.name, mountpoint.display(), socket.display())
@@ -92,11 +78,38 @@ pub fn mount(g: &Globals, a: MountArgs) -> anyhow::Result<()> {
     }
     // Detach: re-run this binary in the foreground in its own session, logging to a file.
     let log_path = guest_fuse::default_socket_path(&mountpoint).with_extension("log");
+    let started = Instant::now();
+    let child = spawn_helper(g, &a, &opts, &log_path)?;
+    wait_ready(g, &a, &mountpoint, child, &log_path, started)
+}
+
+/// What the FUSE helper gets: the globals, the arguments, and the default cache and overlay
+/// directories under the user's cache home.
+fn mount_options(g: &Globals, a: &MountArgs, mountpoint: PathBuf) -> MountOptions {
+    let hash = path_hash(&mountpoint);
+    MountOptions {
+        endpoint: g.endpoint.clone(),
+        org: g.org.clone(),
+        volume: a.name.clone(),
+        mint: a.create,
+        mountpoint,
+        cache_dir: g.cache_dir.clone().unwrap_or_else(|| cache_home().join("chunks")),
+        cache_max_bytes: g.cache_mib << 20,
+        overlay_dir: a.overlay_dir.clone().unwrap_or_else(|| cache_home().join("overlay").join(&hash)),
+        control_socket: None,
+        memory_cache_bytes: a.memory_cache_mib << 20,
+        threads: a.threads,
+        passthrough: !a.no_passthrough,
+    }
+}
+
+/// Starts this binary as `sail volume mount --foreground` in a session of its own (so it
+/// outlives us), its output going to `log_path`.
+fn spawn_helper(g: &Globals, a: &MountArgs, opts: &MountOptions, log_path: &Path) -> anyhow::Result<std::process::Child> {
     if let Some(d) = log_path.parent() {
         std::fs::create_dir_all(d)?;
     }
-    let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
-    let started = Instant::now();
+    let log = std::fs::File::create(log_path).with_context(|| format!("creating {}", log_path.display()))?;
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
     cmd.args(["--endpoint", &g.endpoint, "--org", &g.org, "--cache-mib", &g.cache_mib.to_string()])
         .args(["--cache-dir".as_ref(), opts.cache_dir.as_os_str()])
@@ -106,7 +119,7 @@ pub fn mount(g: &Globals, a: MountArgs) -> anyhow::Result<()> {
         .args(if a.create { &["--create"][..] } else { &[][..] })
         .args(if a.no_passthrough { &["--no-passthrough"][..] } else { &[][..] })
         .arg(&a.name)
-        .arg(&mountpoint)
+        .arg(&opts.mountpoint)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
@@ -118,15 +131,27 @@ pub fn mount(g: &Globals, a: MountArgs) -> anyhow::Result<()> {
             Ok(())
         });
     }
-    let mut child = cmd.spawn().context("starting the FUSE helper")?;
+    cmd.spawn().context("starting the FUSE helper")
+}
+
+/// Waits (at most 60 s) until the helper serves the mount, then prints it; fails with the
+/// tail of its log if it exits first.
+fn wait_ready(
+    g: &Globals,
+    a: &MountArgs,
+    mountpoint: &Path,
+    mut child: std::process::Child,
+    log_path: &Path,
+    started: Instant,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(status) = child.try_wait()? {
-            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let log = std::fs::read_to_string(log_path).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect();
             bail!("the FUSE helper exited ({status}) before the mount was ready:\n{}", tail.join("\n"));
         }
-        if let Ok(c) = ControlClient::for_mount(&mountpoint)
+        if let Ok(c) = ControlClient::for_mount(mountpoint)
             && let Ok(st) = c.status()
             && st.pid == child.id()
         {

@@ -326,7 +326,9 @@ impl VolumeClient {
                     let bytes = match cache {
                         Some(cache) => cache
                             .get_or_fetch(id, || async {
-                                get_chunk(&http, u, id).await.map_err(|e| chunkstore::ChunkError::Backend(e.to_string()))
+                                get_chunk(&http, u, id)
+                                    .await
+                                    .map_err(|e| chunkstore::ChunkError::Fetch { chunk: id, source: Box::new(e) })
                             })
                             .await
                             .map_err(cache_error)?,

@@ -172,173 +172,15 @@ async fn main() -> anyhow::Result<()> {
     while progress.next().await.is_some() {}
 
     let want = |name: &str| args.only.iter().any(|s| s == name);
-    // 1. Checkpoints of a 1 GiB guest after dirtying a share of its memory.
     let mut disk = Vec::new();
     if want("checkpoint") || want("disk") {
-        let id = create(&mut c, 1024).await?;
-        exec(&mut c, &id, "mkdir -p /mnt/fill && mount -t tmpfs -o size=950m tmpfs /mnt/fill").await?;
-        let guest_bytes = 1024u64 << 20;
-        let mut rows = Vec::new();
-        for (label, mib_dirty) in [("1%", 10u64), ("10%", 102), ("~80% (what a 1 GiB guest can spare)", 800)] {
-            if !want("checkpoint") {
-                break;
-            }
-            // The region the dd writes is allocated once; each repetition rewrites it with new
-            // random bytes, so exactly `mib_dirty` MiB of guest memory changes per checkpoint.
-            exec(&mut c, &id, &format!("dd if=/dev/urandom of=/mnt/fill/d bs=1M count={mib_dirty} 2>/dev/null")).await?;
-            c.checkpoint_sailbox(sid(&id)).await?;
-            rows.push(checkpoint_row(&mut c, &id, label, mib_dirty, args.reps, guest_bytes).await?);
-            eprintln!("bench: checkpoint rows for {label} done");
-        }
-        if want("checkpoint") {
-            // A fork runs on a private mapping of its checkpoint's memory: each of its
-            // checkpoints saves all of memory live (mapped-ram) and uploads what is new.
-            let child = c.fork(sid(&id)).await?.into_inner().child.unwrap_or_default().sailbox_id;
-            let label = "1%, in a fork (saves all memory; changed = since the fork)";
-            rows.push(checkpoint_row(&mut c, &child, label, 10, args.reps, guest_bytes).await?);
-            terminate(&mut c, &child).await?;
-            eprintln!("bench: checkpoint rows for a fork done");
-        }
-        if want("checkpoint") {
-            print_table(
-                &format!("Checkpoint of a running 1 GiB guest ({accel}; medians of {})", args.reps),
-                &[
-                    "dirtied since last",
-                    "dirtied MiB",
-                    "pause ms",
-                    "total ms",
-                    "changed MiB (256 KiB regions)",
-                    "uploaded MiB",
-                    "uploaded / dirtied",
-                    "uploaded / guest memory",
-                ],
-                &rows,
-            );
-        }
-
-        // Disk through cowfs: the guest's dd, and the cowfs file against a local file on the host.
-        let timed = |cmd: &str| {
-            format!(
-                "a=$(cut -d' ' -f1 /proc/uptime); {cmd} >/dev/null 2>&1; b=$(cut -d' ' -f1 /proc/uptime); echo \"$a $b\" | awk '{{print 256 / ($2 - $1)}}'"
-            )
-        };
-        let w = exec(&mut c, &id, &timed("dd if=/dev/zero of=/ddtest bs=1M count=256 conv=fsync")).await?;
-        exec(&mut c, &id, "sync; echo 3 > /proc/sys/vm/drop_caches").await?;
-        let r = exec(&mut c, &id, &timed("dd if=/ddtest of=/dev/null bs=1M")).await?;
-        let guest_dd =
-            (String::from_utf8_lossy(&w.stdout).trim().to_owned(), String::from_utf8_lossy(&r.stdout).trim().to_owned());
-        terminate(&mut c, &id).await?;
-        if want("disk") {
-            disk = host_side_disk(
-                &dir.path().join("vmm/cowfs/control.sock"),
-                &dir.path().join("vmm/cowfs/mnt"),
-                &dir.path().join("plain.raw"),
-            )?;
-            disk.push(vec!["guest dd write 256 MiB (fsync), on the cowfs disk".into(), guest_dd.0, String::new(), String::new()]);
-            disk.push(vec!["guest dd read 256 MiB (cold), on the cowfs disk".into(), guest_dd.1, String::new(), String::new()]);
-        }
-    }
-
-    // 2. Resume from sleep and fork, to the first exec answered, at two guest sizes.
-    let mut life = Vec::new();
-    for memory in [1024u32, args.big_mib] {
-        if !want("wake") {
-            break;
-        }
-        let id = create(&mut c, memory).await?;
-        exec(&mut c, &id, "head -c 100000000 /dev/urandom > /run/blob").await?;
-        let (mut resume, mut fork) = (Vec::new(), Vec::new());
-        for _ in 0..args.reps {
-            c.sleep(pb::SleepRequest { sailbox_id: id.clone(), call: String::new() }).await?;
-            let t = Instant::now();
-            exec(&mut c, &id, "true").await?; // wakes it
-            resume.push(t.elapsed());
-            let t = Instant::now();
-            let child = c.fork(sid(&id)).await?.into_inner().child.unwrap_or_default().sailbox_id;
-            exec(&mut c, &child, "true").await?;
-            fork.push(t.elapsed());
-            terminate(&mut c, &child).await?;
-        }
-        // Fork of a sleeping sailbox: no checkpoint to take, only the child to start.
-        c.sleep(pb::SleepRequest { sailbox_id: id.clone(), call: String::new() }).await?;
-        let mut fork_sleeping = Vec::new();
-        for _ in 0..args.reps {
-            let t = Instant::now();
-            let child = c.fork(sid(&id)).await?.into_inner().child.unwrap_or_default().sailbox_id;
-            exec(&mut c, &child, "true").await?;
-            fork_sleeping.push(t.elapsed());
-            terminate(&mut c, &child).await?;
-        }
-        terminate(&mut c, &id).await?;
-        life.push(vec![format!("{memory} MiB"), ms(median(resume)), ms(median(fork)), ms(median(fork_sleeping))]);
-        eprintln!("bench: lifecycle rows for {memory} MiB done");
+        disk = checkpoints_and_disk(&mut c, &args, &accel, dir.path(), want("checkpoint"), want("disk")).await?;
     }
     if want("wake") {
-        print_table(
-            &format!(
-                "Wake and fork to the first exec answered ({accel}; medians of {}; guests hold 100 MB of random data in memory)",
-                args.reps
-            ),
-            &["guest memory", "resume from sleep ms", "fork of a running sailbox ms", "fork of a sleeping sailbox ms"],
-            &life,
-        );
+        wake_and_fork(&mut c, &args, &accel).await?;
     }
-
-    // 3. Host memory: forks of one checkpoint vs independent sailboxes, each touching the
-    //    same working set in guest memory.
     if want("memory") {
-        let ws = args.working_set_mib;
-        // md5sum reads every byte (cat to /dev/null may splice, which reads nothing).
-        let read = "md5sum /run/ws > /dev/null";
-        let touch = format!("dd if=/dev/urandom of=/run/ws bs=1M count={ws} 2>/dev/null && {read}");
-        let needle = dir.path().display().to_string();
-        let parent = create(&mut c, 1024).await?;
-        exec(&mut c, &parent, &touch).await?;
-        c.sleep(pb::SleepRequest { sailbox_id: parent.clone(), call: String::new() }).await?;
-        drop_caches();
-        let mut children = Vec::new();
-        for _ in 0..args.forks {
-            let child = c.fork(sid(&parent)).await?.into_inner().child.unwrap_or_default().sailbox_id;
-            exec(&mut c, &child, read).await?;
-            children.push(child);
-        }
-        let forks = memory_of(&needle);
-        for child in &children {
-            terminate(&mut c, child).await?;
-        }
-        terminate(&mut c, &parent).await?;
-        drop_caches();
-        let mut independent = Vec::new();
-        for _ in 0..args.forks {
-            let id = create(&mut c, 1024).await?;
-            exec(&mut c, &id, &touch).await?;
-            independent.push(id);
-        }
-        let alone = memory_of(&needle);
-        for id in &independent {
-            terminate(&mut c, id).await?;
-        }
-        let n = args.forks as u64;
-        let row = |what: String, (vmm, daemon): (Mem, Mem), ratio: String| {
-            vec![what, mib(vmm.rss), mib(vmm.pss), mib(vmm.pss / n), mib(daemon.pss), mib(vmm.pss + daemon.pss), ratio]
-        };
-        let total = |(v, d): (Mem, Mem)| (v.pss + d.pss).max(1) as f64;
-        print_table(
-            &format!("Host memory of {} sailboxes each holding {ws} MiB of data in guest memory", args.forks),
-            &[
-                "sailboxes",
-                "VMM Rss MiB",
-                "VMM Pss MiB",
-                "VMM Pss per sailbox MiB",
-                "cowfs daemon Pss MiB",
-                "total Pss MiB",
-                "total Pss x independent",
-            ],
-            &[
-                row(format!("{} forks of one checkpoint", args.forks), forks, format!("{:.2}", total(forks) / total(alone))),
-                row(format!("{} independent sailboxes", args.forks), alone, "1.00".into()),
-            ],
-        );
+        host_memory(&mut c, &args, &dir.path().display().to_string()).await?;
     }
     if want("disk") {
         print_table(
@@ -348,6 +190,180 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     host.shutdown().await;
+    Ok(())
+}
+
+/// 1. Checkpoints of a 1 GiB guest after dirtying a share of its memory (printed when
+/// `checkpoint`), then the disk rows (returned when `disk`, for printing last).
+async fn checkpoints_and_disk(
+    c: &mut Client,
+    args: &Args,
+    accel: &str,
+    dir: &std::path::Path,
+    checkpoint: bool,
+    want_disk: bool,
+) -> anyhow::Result<Vec<Vec<String>>> {
+    let mut disk = Vec::new();
+    let id = create(c, 1024).await?;
+    exec(c, &id, "mkdir -p /mnt/fill && mount -t tmpfs -o size=950m tmpfs /mnt/fill").await?;
+    let guest_bytes = 1024u64 << 20;
+    if checkpoint {
+        checkpoint_table(c, &id, args, accel, guest_bytes).await?;
+    }
+
+    // Disk through cowfs: the guest's dd, and the cowfs file against a local file on the host.
+    let timed = |cmd: &str| {
+        format!(
+            "a=$(cut -d' ' -f1 /proc/uptime); {cmd} >/dev/null 2>&1; b=$(cut -d' ' -f1 /proc/uptime); echo \"$a $b\" | awk '{{print 256 / ($2 - $1)}}'"
+        )
+    };
+    let w = exec(c, &id, &timed("dd if=/dev/zero of=/ddtest bs=1M count=256 conv=fsync")).await?;
+    exec(c, &id, "sync; echo 3 > /proc/sys/vm/drop_caches").await?;
+    let r = exec(c, &id, &timed("dd if=/ddtest of=/dev/null bs=1M")).await?;
+    let guest_dd = (String::from_utf8_lossy(&w.stdout).trim().to_owned(), String::from_utf8_lossy(&r.stdout).trim().to_owned());
+    terminate(c, &id).await?;
+    if want_disk {
+        disk = host_side_disk(&dir.join("vmm/cowfs/control.sock"), &dir.join("vmm/cowfs/mnt"), &dir.join("plain.raw"))?;
+        disk.push(vec!["guest dd write 256 MiB (fsync), on the cowfs disk".into(), guest_dd.0, String::new(), String::new()]);
+        disk.push(vec!["guest dd read 256 MiB (cold), on the cowfs disk".into(), guest_dd.1, String::new(), String::new()]);
+    }
+    Ok(disk)
+}
+
+/// The checkpoint table: rows for 1%, 10% and ~80% of the guest `id` dirtied, and 1% in a
+/// fork of it.
+async fn checkpoint_table(c: &mut Client, id: &str, args: &Args, accel: &str, guest_bytes: u64) -> anyhow::Result<()> {
+    let mut rows = Vec::new();
+    for (label, mib_dirty) in [("1%", 10u64), ("10%", 102), ("~80% (what a 1 GiB guest can spare)", 800)] {
+        // The region the dd writes is allocated once; each repetition rewrites it with new
+        // random bytes, so exactly `mib_dirty` MiB of guest memory changes per checkpoint.
+        exec(c, id, &format!("dd if=/dev/urandom of=/mnt/fill/d bs=1M count={mib_dirty} 2>/dev/null")).await?;
+        c.checkpoint_sailbox(sid(id)).await?;
+        rows.push(checkpoint_row(c, id, label, mib_dirty, args.reps, guest_bytes).await?);
+        eprintln!("bench: checkpoint rows for {label} done");
+    }
+    // A fork runs on a private mapping of its checkpoint's memory: each of its
+    // checkpoints saves all of memory live (mapped-ram) and uploads what is new.
+    let child = c.fork(sid(id)).await?.into_inner().child.unwrap_or_default().sailbox_id;
+    let label = "1%, in a fork (saves all memory; changed = since the fork)";
+    rows.push(checkpoint_row(c, &child, label, 10, args.reps, guest_bytes).await?);
+    terminate(c, &child).await?;
+    eprintln!("bench: checkpoint rows for a fork done");
+    print_table(
+        &format!("Checkpoint of a running 1 GiB guest ({accel}; medians of {})", args.reps),
+        &[
+            "dirtied since last",
+            "dirtied MiB",
+            "pause ms",
+            "total ms",
+            "changed MiB (256 KiB regions)",
+            "uploaded MiB",
+            "uploaded / dirtied",
+            "uploaded / guest memory",
+        ],
+        &rows,
+    );
+    Ok(())
+}
+
+/// 2. Resume from sleep and fork, to the first exec answered, at two guest sizes.
+async fn wake_and_fork(c: &mut Client, args: &Args, accel: &str) -> anyhow::Result<()> {
+    let mut life = Vec::new();
+    for memory in [1024u32, args.big_mib] {
+        let id = create(c, memory).await?;
+        exec(c, &id, "head -c 100000000 /dev/urandom > /run/blob").await?;
+        let (mut resume, mut fork) = (Vec::new(), Vec::new());
+        for _ in 0..args.reps {
+            c.sleep(pb::SleepRequest { sailbox_id: id.clone(), call: String::new() }).await?;
+            let t = Instant::now();
+            exec(c, &id, "true").await?; // wakes it
+            resume.push(t.elapsed());
+            let t = Instant::now();
+            let child = c.fork(sid(&id)).await?.into_inner().child.unwrap_or_default().sailbox_id;
+            exec(c, &child, "true").await?;
+            fork.push(t.elapsed());
+            terminate(c, &child).await?;
+        }
+        // Fork of a sleeping sailbox: no checkpoint to take, only the child to start.
+        c.sleep(pb::SleepRequest { sailbox_id: id.clone(), call: String::new() }).await?;
+        let mut fork_sleeping = Vec::new();
+        for _ in 0..args.reps {
+            let t = Instant::now();
+            let child = c.fork(sid(&id)).await?.into_inner().child.unwrap_or_default().sailbox_id;
+            exec(c, &child, "true").await?;
+            fork_sleeping.push(t.elapsed());
+            terminate(c, &child).await?;
+        }
+        terminate(c, &id).await?;
+        life.push(vec![format!("{memory} MiB"), ms(median(resume)), ms(median(fork)), ms(median(fork_sleeping))]);
+        eprintln!("bench: lifecycle rows for {memory} MiB done");
+    }
+    print_table(
+        &format!(
+            "Wake and fork to the first exec answered ({accel}; medians of {}; guests hold 100 MB of random data in memory)",
+            args.reps
+        ),
+        &["guest memory", "resume from sleep ms", "fork of a running sailbox ms", "fork of a sleeping sailbox ms"],
+        &life,
+    );
+    Ok(())
+}
+
+/// 3. Host memory: forks of one checkpoint vs independent sailboxes, each touching the
+///    same working set in guest memory. `needle`: what the command lines of this run's
+///    processes contain (its data directory).
+async fn host_memory(c: &mut Client, args: &Args, needle: &str) -> anyhow::Result<()> {
+    let ws = args.working_set_mib;
+    // md5sum reads every byte (cat to /dev/null may splice, which reads nothing).
+    let read = "md5sum /run/ws > /dev/null";
+    let touch = format!("dd if=/dev/urandom of=/run/ws bs=1M count={ws} 2>/dev/null && {read}");
+    let parent = create(c, 1024).await?;
+    exec(c, &parent, &touch).await?;
+    c.sleep(pb::SleepRequest { sailbox_id: parent.clone(), call: String::new() }).await?;
+    drop_caches();
+    let mut children = Vec::new();
+    for _ in 0..args.forks {
+        let child = c.fork(sid(&parent)).await?.into_inner().child.unwrap_or_default().sailbox_id;
+        exec(c, &child, read).await?;
+        children.push(child);
+    }
+    let forks = memory_of(needle);
+    for child in &children {
+        terminate(c, child).await?;
+    }
+    terminate(c, &parent).await?;
+    drop_caches();
+    let mut independent = Vec::new();
+    for _ in 0..args.forks {
+        let id = create(c, 1024).await?;
+        exec(c, &id, &touch).await?;
+        independent.push(id);
+    }
+    let alone = memory_of(needle);
+    for id in &independent {
+        terminate(c, id).await?;
+    }
+    let n = args.forks as u64;
+    let row = |what: String, (vmm, daemon): (Mem, Mem), ratio: String| {
+        vec![what, mib(vmm.rss), mib(vmm.pss), mib(vmm.pss / n), mib(daemon.pss), mib(vmm.pss + daemon.pss), ratio]
+    };
+    let total = |(v, d): (Mem, Mem)| (v.pss + d.pss).max(1) as f64;
+    print_table(
+        &format!("Host memory of {} sailboxes each holding {ws} MiB of data in guest memory", args.forks),
+        &[
+            "sailboxes",
+            "VMM Rss MiB",
+            "VMM Pss MiB",
+            "VMM Pss per sailbox MiB",
+            "cowfs daemon Pss MiB",
+            "total Pss MiB",
+            "total Pss x independent",
+        ],
+        &[
+            row(format!("{} forks of one checkpoint", args.forks), forks, format!("{:.2}", total(forks) / total(alone))),
+            row(format!("{} independent sailboxes", args.forks), alone, "1.00".into()),
+        ],
+    );
     Ok(())
 }
 

@@ -50,7 +50,7 @@ impl LocalBackend {
     /// its temp directory.
     pub fn begin_batch(&self) -> Result<ChunkBatch> {
         let dir = self.temp_path().with_extension("batch");
-        fs::create_dir(&dir)?;
+        fs::create_dir(&dir).map_err(|e| ChunkError::io("creating", &dir, e))?;
         Ok(ChunkBatch { backend: self.clone(), dir, next: 0, staged: Vec::new(), ids: HashSet::new(), present: Vec::new() })
     }
 }
@@ -82,7 +82,7 @@ impl ChunkBatch {
         })();
         if let Err(e) = written {
             let _ = fs::remove_file(&tmp);
-            return Err(e.into());
+            return Err(ChunkError::io("writing", tmp, e));
         }
         self.ids.insert(id);
         self.staged.push(Staged { id, len, tmp });
@@ -126,20 +126,20 @@ impl ChunkBatch {
         let renamed = (|| -> Result<()> {
             for s in rest.by_ref() {
                 let dest = self.backend.chunk_path(s.id);
-                let shard = dest.parent().ok_or_else(|| ChunkError::Backend("chunk path has no shard".into()))?;
-                if shards.insert(shard.to_path_buf()) && !shard.exists() {
-                    match fs::create_dir(shard) {
+                let shard = self.backend.shard_dir(s.id);
+                if shards.insert(shard.clone()) && !shard.exists() {
+                    match fs::create_dir(&shard) {
                         Ok(()) => new_shard = true,
                         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
                         Err(e) => {
                             let _ = fs::remove_file(&s.tmp);
-                            return Err(e.into());
+                            return Err(ChunkError::io("creating", shard, e));
                         }
                     }
                 }
                 if let Err(e) = fs::rename(&s.tmp, &dest) {
                     let _ = fs::remove_file(&s.tmp);
-                    return Err(e.into());
+                    return Err(ChunkError::io("renaming a temp file to", dest, e));
                 }
                 out.push((s.id, s.len));
             }

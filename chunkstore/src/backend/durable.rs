@@ -49,21 +49,28 @@ fn dirty_kib() -> Option<u64> {
     Some(field("Dirty:")? + field("Writeback:")?)
 }
 
-/// Makes `files` (all on the file system holding `dir`) durable; returns the way it used.
-pub(crate) fn sync_files(dir: &Path, files: &[PathBuf], policy: SyncPolicy) -> Result<SyncPolicy> {
-    let policy = match policy {
-        SyncPolicy::Auto if files.len() >= SYNCFS_MIN_FILES && dirty_kib().is_some_and(|d| d <= SYNCFS_MAX_DIRTY_KIB) => {
+/// The way [`SyncPolicy::Auto`] takes for `files` files with `dirty_kib` KiB dirty (unknown:
+/// `None`); other policies are taken as they are.
+fn resolve(policy: SyncPolicy, files: usize, dirty_kib: Option<u64>) -> SyncPolicy {
+    match policy {
+        SyncPolicy::Auto if files >= SYNCFS_MIN_FILES && dirty_kib.is_some_and(|d| d <= SYNCFS_MAX_DIRTY_KIB) => {
             SyncPolicy::Syncfs
         }
         SyncPolicy::Auto => SyncPolicy::PerFile,
         other => other,
-    };
+    }
+}
+
+/// Makes `files` (all on the file system holding `dir`) durable; returns the way it used.
+pub(crate) fn sync_files(dir: &Path, files: &[PathBuf], policy: SyncPolicy) -> Result<SyncPolicy> {
+    let dirty = if policy == SyncPolicy::Auto && files.len() >= SYNCFS_MIN_FILES { dirty_kib() } else { None };
+    let policy = resolve(policy, files.len(), dirty);
     match policy {
         SyncPolicy::Syncfs => {
-            let d = File::open(dir)?;
+            let d = File::open(dir).map_err(|e| ChunkError::io("opening", dir, e))?;
             // SAFETY: the descriptor is valid for the duration of the call.
             if unsafe { libc::syncfs(d.as_raw_fd()) } != 0 {
-                return Err(std::io::Error::last_os_error().into());
+                return Err(ChunkError::io("syncfs of the file system holding", dir, std::io::Error::last_os_error()));
             }
         }
         _ => per_file(files)?,
@@ -75,28 +82,28 @@ pub(crate) fn sync_files(dir: &Path, files: &[PathBuf], policy: SyncPolicy) -> R
 /// [`SYNC_THREADS`] threads.
 fn per_file(files: &[PathBuf]) -> Result<()> {
     for f in files {
-        let file = File::open(f)?;
+        let file = File::open(f).map_err(|e| ChunkError::io("opening", f, e))?;
         // SAFETY: the descriptor is valid for the call; the call only reads its arguments.
         if unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) } != 0 {
             // Only a head start: the fsync below writes the data either way.
             tracing::trace!(error = %std::io::Error::last_os_error(), "sync_file_range failed");
         }
     }
-    let sync = |part: &[PathBuf]| -> std::io::Result<()> {
+    let sync = |part: &[PathBuf]| -> Result<()> {
         for f in part {
-            File::open(f)?.sync_all()?;
+            File::open(f).and_then(|f| f.sync_all()).map_err(|e| ChunkError::io("fsyncing", f, e))?;
         }
         Ok(())
     };
     let threads = SYNC_THREADS.min(files.len().div_ceil(64)).max(1);
     if threads == 1 {
-        return Ok(sync(files)?);
+        return sync(files);
     }
     let per = files.len().div_ceil(threads);
     std::thread::scope(|scope| {
         let handles: Vec<_> = files.chunks(per).map(|part| scope.spawn(move || sync(part))).collect();
         for h in handles {
-            h.join().map_err(|_| ChunkError::Backend("fsync thread panicked".into()))??;
+            h.join().map_err(|_| ChunkError::SyncThreadPanicked)??;
         }
         Ok(())
     })
@@ -112,6 +119,20 @@ mod tests {
     }
 
     #[test]
+    fn auto_takes_syncfs_only_for_many_files_and_little_dirty_memory() {
+        let many = SYNCFS_MIN_FILES;
+        assert_eq!(resolve(SyncPolicy::Auto, many, Some(0)), SyncPolicy::Syncfs);
+        assert_eq!(resolve(SyncPolicy::Auto, many, Some(SYNCFS_MAX_DIRTY_KIB)), SyncPolicy::Syncfs);
+        assert_eq!(resolve(SyncPolicy::Auto, many, Some(SYNCFS_MAX_DIRTY_KIB + 1)), SyncPolicy::PerFile);
+        assert_eq!(resolve(SyncPolicy::Auto, many, None), SyncPolicy::PerFile, "dirty memory unknown");
+        assert_eq!(resolve(SyncPolicy::Auto, many - 1, Some(0)), SyncPolicy::PerFile);
+        for forced in [SyncPolicy::PerFile, SyncPolicy::Syncfs] {
+            assert_eq!(resolve(forced, 1, Some(u64::MAX)), forced);
+            assert_eq!(resolve(forced, many, Some(0)), forced);
+        }
+    }
+
+    #[test]
     fn every_policy_syncs() {
         let dir = tempfile::tempdir().unwrap();
         let files: Vec<PathBuf> = (0..40).map(|i| dir.path().join(i.to_string())).collect();
@@ -120,7 +141,21 @@ mod tests {
         }
         assert_eq!(sync_files(dir.path(), &files, SyncPolicy::PerFile).unwrap(), SyncPolicy::PerFile);
         assert_eq!(sync_files(dir.path(), &files, SyncPolicy::Syncfs).unwrap(), SyncPolicy::Syncfs);
-        assert_ne!(sync_files(dir.path(), &files, SyncPolicy::Auto).unwrap(), SyncPolicy::Auto);
+        // Auto takes one of the two, by the dirty memory of the moment (see the test above).
+        let auto = sync_files(dir.path(), &files, SyncPolicy::Auto).unwrap();
+        assert!(matches!(auto, SyncPolicy::PerFile | SyncPolicy::Syncfs), "{auto:?}");
         assert_eq!(sync_files(dir.path(), &files[..3], SyncPolicy::Auto).unwrap(), SyncPolicy::PerFile);
+        // The per-file pass opens and fsyncs every file: a missing one is an error naming it.
+        let mut with_missing = files.clone();
+        with_missing.push(dir.path().join("missing"));
+        for policy in [SyncPolicy::PerFile, SyncPolicy::Auto] {
+            match sync_files(dir.path(), &with_missing[with_missing.len() - 3..], policy) {
+                Err(ChunkError::Io { path, source, .. }) => {
+                    assert_eq!(path, dir.path().join("missing"));
+                    assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+                }
+                other => panic!("{policy:?}: expected an I/O error on the missing file, got {other:?}"),
+            }
+        }
     }
 }

@@ -39,11 +39,11 @@ struct Inner {
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| ChunkError::Backend(format!("I/O task failed: {e}")))?
+    tokio::task::spawn_blocking(f).await.map_err(ChunkError::Task)?
 }
 
-pub(crate) fn fsync_dir(dir: &Path) -> std::io::Result<()> {
-    File::open(dir)?.sync_all()
+pub(crate) fn fsync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| ChunkError::io("fsyncing directory", dir, e))
 }
 
 impl LocalBackend {
@@ -52,13 +52,15 @@ impl LocalBackend {
         let root = root.as_ref().to_path_buf();
         let chunks = root.join("chunks");
         let tmp = root.join("tmp");
-        fs::create_dir_all(&chunks)?;
-        fs::create_dir_all(&tmp)?;
-        for entry in fs::read_dir(&tmp)? {
-            let entry = entry?;
+        fs::create_dir_all(&chunks).map_err(|e| ChunkError::io("creating", &chunks, e))?;
+        fs::create_dir_all(&tmp).map_err(|e| ChunkError::io("creating", &tmp, e))?;
+        let listing = |e| ChunkError::io("listing", &tmp, e);
+        for entry in fs::read_dir(&tmp).map_err(listing)? {
+            let entry = entry.map_err(listing)?;
             let path = entry.path();
             // Batches stage their chunks in directories of their own (see `ChunkBatch`).
-            let removed = if entry.file_type()?.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
+            let is_dir = entry.file_type().map_err(|e| ChunkError::io("reading the type of", &path, e))?.is_dir();
+            let removed = if is_dir { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
             if let Err(e) = removed {
                 tracing::warn!(path = %path.display(), error = %e, "could not remove stale temp file");
             }
@@ -73,8 +75,12 @@ impl LocalBackend {
 
     /// Where the chunk's file lives (whether or not it exists).
     pub fn chunk_path(&self, id: ChunkId) -> PathBuf {
-        let hex = id.to_hex();
-        self.inner.chunks.join(&hex[..2]).join(hex)
+        self.shard_dir(id).join(id.to_hex())
+    }
+
+    /// The shard directory holding the chunk's file: `chunks/<first 2 hex>`.
+    pub(crate) fn shard_dir(&self, id: ChunkId) -> PathBuf {
+        self.inner.chunks.join(&id.to_hex()[..2])
     }
 
     /// The `chunks/` directory holding the shard directories.
@@ -90,16 +96,16 @@ impl LocalBackend {
     /// Moves a complete, fsynced temp file into place and makes the rename durable.
     fn install(&self, tmp: &Path, id: ChunkId) -> Result<()> {
         let dest = self.chunk_path(id);
-        let shard = dest.parent().expect("chunk paths have a shard directory");
+        let shard = self.shard_dir(id);
         if !shard.exists() {
-            match fs::create_dir(shard) {
+            match fs::create_dir(&shard) {
                 Ok(()) => fsync_dir(&self.inner.chunks)?,
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(ChunkError::io("creating", shard, e)),
             }
         }
-        fs::rename(tmp, &dest)?;
-        fsync_dir(shard)?;
+        fs::rename(tmp, &dest).map_err(|e| ChunkError::io("renaming a temp file to", &dest, e))?;
+        fsync_dir(&shard)?;
         Ok(())
     }
 
@@ -110,7 +116,8 @@ impl LocalBackend {
             return Err(ChunkError::TooLarge { size: max_len, limit: MAX_CHUNK_SIZE });
         }
         let path = self.temp_path();
-        let file = OpenOptions::new().write(true).create_new(true).open(&path)?;
+        let file =
+            OpenOptions::new().write(true).create_new(true).open(&path).map_err(|e| ChunkError::io("creating", &path, e))?;
         Ok(ChunkUpload {
             backend: self.clone(),
             expected,
@@ -125,13 +132,15 @@ impl LocalBackend {
     /// Every chunk id stored (files whose names are not ids are skipped and logged).
     pub fn list(&self) -> Result<Vec<ChunkId>> {
         let mut out = Vec::new();
-        for shard in fs::read_dir(&self.inner.chunks)? {
-            let shard = shard?;
-            if !shard.file_type()?.is_dir() {
+        let chunks = &self.inner.chunks;
+        for shard in fs::read_dir(chunks).map_err(|e| ChunkError::io("listing", chunks, e))? {
+            let shard = shard.map_err(|e| ChunkError::io("listing", chunks, e))?;
+            let path = shard.path();
+            if !shard.file_type().map_err(|e| ChunkError::io("reading the type of", &path, e))?.is_dir() {
                 continue;
             }
-            for entry in fs::read_dir(shard.path())? {
-                let name = entry?.file_name();
+            for entry in fs::read_dir(&path).map_err(|e| ChunkError::io("listing", &path, e))? {
+                let name = entry.map_err(|e| ChunkError::io("listing", &path, e))?.file_name();
                 match name.to_str().and_then(|n| n.parse::<ChunkId>().ok()) {
                     Some(id) => out.push(id),
                     None => tracing::warn!(name = ?name, "unexpected file in chunk directory"),
@@ -161,8 +170,8 @@ impl ChunkUpload {
         if size > self.max_len {
             return Err(ChunkError::TooLarge { size, limit: self.max_len });
         }
-        let file = self.file.as_mut().ok_or_else(|| ChunkError::Backend("upload already finished".into()))?;
-        file.write_all(bytes)?;
+        let file = self.file.as_mut().ok_or(ChunkError::UploadFinished(self.expected))?;
+        file.write_all(bytes).map_err(|e| ChunkError::io("writing", &self.path, e))?;
         self.hasher.update(bytes);
         self.written = size;
         Ok(())
@@ -175,8 +184,8 @@ impl ChunkUpload {
         if actual != self.expected {
             return Err(ChunkError::Integrity { expected: self.expected, actual });
         }
-        let file = self.file.take().ok_or_else(|| ChunkError::Backend("upload already finished".into()))?;
-        file.sync_all()?;
+        let file = self.file.take().ok_or(ChunkError::UploadFinished(self.expected))?;
+        file.sync_all().map_err(|e| ChunkError::io("fsyncing", &self.path, e))?;
         drop(file);
         if self.backend.chunk_path(self.expected).exists() {
             let _ = fs::remove_file(&self.path);
@@ -214,10 +223,12 @@ impl Backend for LocalBackend {
             id.verify(&data)?;
             let tmp = this.temp_path();
             let result = (|| {
-                let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-                f.write_all(&data)?;
-                f.sync_all()?;
-                drop(f);
+                let written = (|| {
+                    let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+                    f.write_all(&data)?;
+                    f.sync_all()
+                })();
+                written.map_err(|e| ChunkError::io("writing", &tmp, e))?;
                 this.install(&tmp, id)
             })();
             if result.is_err() {
@@ -236,7 +247,7 @@ impl Backend for LocalBackend {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     return Err(ChunkError::NotFound(id));
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(ChunkError::io("reading", path, e)),
             };
             id.verify(&data)?;
             Ok(Bytes::from(data))
@@ -252,25 +263,22 @@ impl Backend for LocalBackend {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     return Err(ChunkError::NotFound(id));
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(ChunkError::io("opening", path, e)),
             };
-            let size = file.metadata()?.len();
-            let end = offset.checked_add(len).filter(|&e| e <= size).ok_or_else(|| {
-                ChunkError::Io(std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    format!("range {offset}+{len} outside chunk {id} of {size} bytes"),
-                ))
+            let size = file.metadata().map_err(|e| ChunkError::io("reading the size of", &path, e))?.len();
+            let end = offset.checked_add(len).filter(|&e| e <= size).ok_or(ChunkError::InvalidRange {
+                chunk: id,
+                offset,
+                len,
+                size: Some(size),
             })?;
             // Read into spare capacity: no zeroing pass over a buffer about to be overwritten.
             let want = (end - offset) as usize;
             let mut buf = Vec::with_capacity(want);
-            (&file).seek(SeekFrom::Start(offset))?;
-            (&file).take(want as u64).read_to_end(&mut buf)?;
+            let read = (&file).seek(SeekFrom::Start(offset)).and_then(|_| (&file).take(want as u64).read_to_end(&mut buf));
+            read.map_err(|e| ChunkError::io("reading", &path, e))?;
             if buf.len() != want {
-                return Err(ChunkError::Io(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    format!("chunk {id} shrank while read"),
-                )));
+                return Err(ChunkError::ShortRead { chunk: id, wanted: want as u64, got: buf.len() as u64 });
             }
             Ok(Bytes::from(buf))
         })
@@ -286,7 +294,7 @@ impl Backend for LocalBackend {
         blocking(move || match fs::metadata(&path) {
             Ok(m) => Ok(Some(m.len())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e.into()),
+            Err(e) => Err(ChunkError::io("reading the size of", path, e)),
         })
         .await
     }
@@ -296,7 +304,7 @@ impl Backend for LocalBackend {
         blocking(move || match fs::remove_file(&path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e.into()),
+            Err(e) => Err(ChunkError::io("removing", path, e)),
         })
         .await
     }

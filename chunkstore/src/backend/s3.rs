@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_s3::Client;
+use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation};
@@ -28,7 +29,7 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 
 use crate::backend::{Backend, MAX_CHUNK_SIZE, Presigned, expiry_ms};
-use crate::error::{ChunkError, Result};
+use crate::error::{ChunkError, Result, S3Failure};
 use crate::id::ChunkId;
 
 /// Where the backend's credentials come from.
@@ -136,16 +137,20 @@ pub struct S3Backend {
     config: Arc<S3Config>,
 }
 
-fn backend_err<E, R>(what: &str, id: Option<ChunkId>, e: SdkError<E, R>) -> ChunkError
+/// A failed S3 request as a [`ChunkError::S3`], classified for retry decisions.
+fn backend_err<E>(op: &'static str, chunk: Option<ChunkId>, e: SdkError<E, HttpResponse>) -> ChunkError
 where
-    E: std::error::Error + 'static,
-    R: fmt::Debug,
+    E: std::error::Error + Send + Sync + 'static,
 {
-    let target = id.map(|i| format!(" {i}")).unwrap_or_default();
-    ChunkError::Backend(format!("S3 {what}{target}: {}", DisplayErrorContext(&e)))
+    let failure = match &e {
+        SdkError::TimeoutError(_) => S3Failure::Timeout,
+        SdkError::DispatchFailure(_) => S3Failure::Dispatch,
+        _ => status_of(&e).map_or(S3Failure::Other, S3Failure::Status),
+    };
+    ChunkError::S3 { op, chunk, failure, source: Box::new(e) }
 }
 
-fn status_of<E>(e: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> Option<u16> {
+fn status_of<E>(e: &SdkError<E, HttpResponse>) -> Option<u16> {
     e.raw_response().map(|r| r.status().as_u16())
 }
 
@@ -234,7 +239,13 @@ impl S3Backend {
             Err(e) => return Err(backend_err("GetObject", Some(id), e)),
         };
         let body = out.body.collect().await;
-        Ok(body.map_err(|e| ChunkError::Backend(format!("S3 GetObject {id}: reading body: {e}")))?.into_bytes())
+        let body = body.map_err(|e| ChunkError::S3 {
+            op: "GetObject",
+            chunk: Some(id),
+            failure: S3Failure::Dispatch, // the connection broke while the body streamed
+            source: Box::new(e),
+        })?;
+        Ok(body.into_bytes())
     }
 
     async fn put_multipart(&self, id: ChunkId, data: Bytes) -> Result<()> {
@@ -250,7 +261,11 @@ impl S3Backend {
             .map_err(|e| backend_err("CreateMultipartUpload", Some(id), e))?;
         let upload_id = created
             .upload_id()
-            .ok_or_else(|| ChunkError::Backend("CreateMultipartUpload returned no upload id".into()))?
+            .ok_or_else(|| ChunkError::S3Protocol {
+                op: "CreateMultipartUpload",
+                chunk: id,
+                problem: "no upload id in the answer".into(),
+            })?
             .to_owned();
         let part = self.config.part_size as usize;
         let parts: Vec<(i32, Bytes)> = (0..data.len())
@@ -359,10 +374,11 @@ impl Backend for S3Backend {
         if len == 0 {
             return Ok(Bytes::new());
         }
-        let end = offset.checked_add(len - 1).ok_or_else(|| ChunkError::Backend(format!("range {offset}+{len} overflows")))?;
+        let end = offset.checked_add(len - 1).ok_or(ChunkError::InvalidRange { chunk: id, offset, len, size: None })?;
         let data = self.fetch(id, Some(format!("bytes={offset}-{end}"))).await?;
         if data.len() as u64 != len {
-            return Err(ChunkError::Backend(format!("S3 range {offset}+{len} of {id} returned {} bytes", data.len())));
+            let problem = format!("range {offset}+{len} returned {} bytes", data.len());
+            return Err(ChunkError::S3Protocol { op: "GetObject", chunk: id, problem });
         }
         Ok(data)
     }
@@ -388,7 +404,7 @@ impl Backend for S3Backend {
     }
 
     async fn presign_get(&self, id: ChunkId, ttl: Duration) -> Result<Option<Presigned>> {
-        let cfg = PresigningConfig::expires_in(ttl).map_err(|e| ChunkError::Config(e.to_string()))?;
+        let cfg = PresigningConfig::expires_in(ttl).map_err(|e| ChunkError::PresignTtl { source: Box::new(e) })?;
         let req = self
             .client
             .get_object()
@@ -401,7 +417,7 @@ impl Backend for S3Backend {
     }
 
     async fn presign_put(&self, id: ChunkId, _len: u64, ttl: Duration) -> Result<Option<Presigned>> {
-        let cfg = PresigningConfig::expires_in(ttl).map_err(|e| ChunkError::Config(e.to_string()))?;
+        let cfg = PresigningConfig::expires_in(ttl).map_err(|e| ChunkError::PresignTtl { source: Box::new(e) })?;
         let req = self
             .client
             .put_object()
