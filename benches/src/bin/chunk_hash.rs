@@ -3,9 +3,9 @@
 //!
 //! `cargo run --release -p sail-benches --bin chunk_hash [-- --mib 512 --runs 5]`
 
+use benches::{median_of, mib_per_s, print_table, random_bytes};
 use chunkstore::{ChunkPolicy, Chunking};
 use clap::Parser;
-use benches::{median_of, mib_per_s, print_table, random_bytes};
 
 #[derive(Parser)]
 struct Args {

@@ -11,15 +11,15 @@
 
 use std::time::{Duration, Instant};
 
+use benches::{ms, percentile, print_table, random_bytes};
 use bytes::Bytes;
 use chunkstore::{Backend, ChunkId, ChunkPolicy, LocalBackend};
 use clap::Parser;
 use proto::volume as pb;
-use benches::{ms, percentile, print_table, random_bytes};
-use volumed::model::{Change, ChangeOp, Entry, EntryKind, FileData, VolPath};
+use volume_model::convert::ValidCommit;
+use volume_model::convert::ValidRef;
+use volume_model::{Change, ChangeOp, Entry, EntryKind, FileData, VolPath};
 use volumed::server::{Server, ServerConfig};
-use volumed::service::ValidCommit;
-use volumed::service::convert::ValidRef;
 
 #[derive(Parser)]
 struct Args {
@@ -96,7 +96,7 @@ async fn main() -> anyhow::Result<()> {
         }
 
         // Timed: what a reload needs, over gRPC: GetHead + ListDir of the root.
-        let mut client = volumed::client::VolumeClient::connect(&running.endpoint()).await?;
+        let mut client = volume_client::VolumeClient::connect(&running.endpoint()).await?;
         let pref = Some(pb::VolumeRef { org: vref.org.clone(), name: vref.name.clone() });
         let mut listing = Vec::with_capacity(args.listings);
         let mut root_entries = 0;

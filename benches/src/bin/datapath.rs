@@ -13,12 +13,12 @@ use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use benches::{mib_per_s, print_table, random_bytes};
 use bytes::Bytes;
 use chunkstore::{Backend, ChunkId, S3Backend};
 use clap::Parser;
 use futures::{StreamExt, TryStreamExt};
-use benches::{mib_per_s, print_table, random_bytes};
-use volumed::client::{TRANSFER_CONCURRENCY, VolumeClient};
+use volume_client::{TRANSFER_CONCURRENCY, VolumeClient};
 use volumed::server::{BackendConfig, Server, ServerConfig};
 
 #[derive(Parser)]

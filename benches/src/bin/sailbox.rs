@@ -9,10 +9,10 @@
 
 use std::time::{Duration, Instant};
 
+use benches::{mib_per_s, ms, percentile, print_table, random_bytes};
 use clap::Parser;
 use proto::sailbox as pb;
 use proto::sailbox::sailbox_service_client::SailboxServiceClient;
-use benches::{mib_per_s, ms, percentile, print_table, random_bytes};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 

@@ -11,10 +11,10 @@ use std::io::{Read, Write};
 
 use std::time::{Duration, Instant};
 
+use benches::{mib_per_s, ms, percentile, print_table};
 use clap::Parser;
 use proto::sailbox as pb;
 use proto::sailbox::sailbox_service_client::SailboxServiceClient;
-use benches::{mib_per_s, ms, percentile, print_table};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 

@@ -22,9 +22,9 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use benches::print_table;
 use clap::Parser;
 use guest_fuse::mount::CONTROL_XATTR;
-use benches::print_table;
 
 #[derive(Parser)]
 struct Args {
