@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# Builds the guest agent statically (glibc with crt-static), so it runs as PID 1 of any image.
+# Builds what runs inside guests statically (glibc with crt-static), so it runs in any image:
+# the guest agent (PID 1) and the volume mount helper (sail-volume-fuse).
 # An explicit --target keeps these RUSTFLAGS away from host builds (and their artefacts in
 # target/x86_64-unknown-linux-gnu/, where vmm-host looks for them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" \
-    cargo build --release --quiet --target x86_64-unknown-linux-gnu -p agent "$@"
-out="${CARGO_TARGET_DIR:-target}/x86_64-unknown-linux-gnu/release/sail-agent"
-file "$out" 2>/dev/null | grep -q 'statically linked\|static-pie linked' || {
-    echo "build-agent: $out is not statically linked" >&2
-    exit 1
-}
-echo "build-agent: $out"
+    cargo build --release --quiet --target x86_64-unknown-linux-gnu \
+    -p agent --bin sail-agent -p guest-fuse --bin sail-volume-fuse "$@"
+for bin in sail-agent sail-volume-fuse; do
+    out="${CARGO_TARGET_DIR:-target}/x86_64-unknown-linux-gnu/release/$bin"
+    file "$out" 2>/dev/null | grep -q 'statically linked\|static-pie linked' || {
+        echo "build-agent: $out is not statically linked" >&2
+        exit 1
+    }
+    echo "build-agent: $out"
+done

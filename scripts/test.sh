@@ -14,7 +14,17 @@ cargo fmt --all --check
 cargo build --release --workspace --all-targets
 # vmm-host links the cowfs library only; the FUSE daemon (cowfsd, fuser) stays out of it.
 vmm_tree=$(cargo tree -p vmm-host -e normal); if grep -q fuser <<<"$vmm_tree"; then echo "error: vmm-host links fuser (it must use the cowfs library, not the cowfsd daemon)" >&2; exit 1; fi
-# The guest agent, statically linked (guests boot it as PID 1); the VM tests find it here.
+# The FUSE mount helper runs inside guests: its normal dependencies must never reach the
+# server side (volumed, RocksDB's C++ library, the HTTP server, the S3 SDK). It links
+# volume-client and volume-model instead (docs/volume-client.md).
+guest_deps=$(cargo tree -p guest-fuse -e normal --prefix none --format '{p}')
+if server_side=$(grep -E '^(volumed|rocksdb|librocksdb-sys|axum|aws-sdk-[a-z0-9-]+) ' <<<"$guest_deps"); then
+    echo "guest-fuse must not depend on server-side crates, but its dependency tree has:" >&2
+    sort -u <<<"$server_side" >&2
+    exit 1
+fi
+# The guest agent and mount helper, statically linked (guests boot the agent as PID 1); the
+# VM tests find them here.
 bash scripts/build-agent.sh
 export SAIL_AGENT_BIN="${CARGO_TARGET_DIR:-$PWD/target}/x86_64-unknown-linux-gnu/release/sail-agent"
 results=$(mktemp)

@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use guest_fuse::ControlError;
 use proto::volume as pb;
-use volumed::client::{ClientError, FileUpload, VolumeClient};
+use volume_client::{ClientError, FileUpload, VolumeClient};
 use volumed::server::{Server, ServerConfig};
 
 mod box_cmd;

@@ -1,10 +1,10 @@
-//! Batch upload bodies (`volumed::batch`): arbitrary bytes, fed in arbitrary pieces, never
+//! Batch upload bodies (`volume_model::batch`): arbitrary bytes, fed in arbitrary pieces, never
 //! panic or hold more than one chunk; whatever parses re-frames to the same bytes, and the
 //! split points never change the result.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use volumed::batch::{FrameError, FrameParser, frame_header};
+use volume_model::batch::{FrameError, FrameParser, frame_header};
 
 fuzz_target!(|input: (u16, &[u8])| {
     let (step, data) = input;

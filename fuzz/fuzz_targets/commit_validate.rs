@@ -7,8 +7,8 @@ use std::collections::HashSet;
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
 use proto::volume::CommitRequest;
-use volumed::model::{ChangeOp, VolPath};
-use volumed::service::validate_commit;
+use volume_model::{ChangeOp, VolPath};
+use volume_model::convert::validate_commit;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(req) = CommitRequest::decode(data) else { return };

@@ -3,8 +3,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use volumed::model::VolPath;
-use volumed::model::path::{MAX_DEPTH, MAX_NAME_BYTES, MAX_PATH_BYTES};
+use volume_model::VolPath;
+use volume_model::path::{MAX_DEPTH, MAX_NAME_BYTES, MAX_PATH_BYTES};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(s) = std::str::from_utf8(data) else { return };

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use volumed::model::{Commit, TreeNode};
+use volume_model::{Commit, TreeNode};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(node) = TreeNode::decode(data) {

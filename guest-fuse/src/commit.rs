@@ -18,8 +18,8 @@ use chunkstore::{ChunkId, ChunkPolicy, Chunking};
 use fuser::INodeNo;
 use proto::volume as pb;
 use serde::{Deserialize, Serialize};
-use volumed::model::{Entry, EntryKind, FileData, TreeId};
-use volumed::service::convert::entry_to_proto;
+use volume_model::convert::entry_to_proto;
+use volume_model::{Entry, EntryKind, FileData, TreeId};
 
 use crate::error::{FuseError, Result};
 use crate::file_io::{FileView, ViewReader};

@@ -1,6 +1,6 @@
 //! Errors of the FUSE helper, with the contract's names and the errno each maps to.
 
-use volumed::client::ClientError;
+use volume_client::ClientError;
 
 /// What a mount operation can fail with.
 #[derive(Debug, thiserror::Error)]

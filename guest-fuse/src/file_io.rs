@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use chunkstore::ChunkId;
-use volumed::model::FileData;
+use volume_model::FileData;
 
 use crate::error::{FuseError, Result};
 use crate::overlay::Overlay;

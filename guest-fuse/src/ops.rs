@@ -2,8 +2,8 @@
 //! chmod and utimens. Each updates the inode table and records what commit will need.
 
 use fuser::{Errno, FileAttr, TimeOrNow};
-use volumed::model::entry::MAX_FILE_SIZE;
-use volumed::model::path::check_name;
+use volume_model::entry::MAX_FILE_SIZE;
+use volume_model::path::check_name;
 
 use crate::mount::{MountCore, from_time};
 use crate::overlay::{MemUsage, Overlay};
@@ -72,7 +72,7 @@ impl MountCore {
 
     /// Creates a symlink.
     pub fn symlink(&self, parent: u64, name: &str, target: &str) -> Result<FileAttr, Errno> {
-        if target.is_empty() || target.len() > volumed::model::entry::MAX_SYMLINK_BYTES || target.contains('\0') {
+        if target.is_empty() || target.len() > volume_model::entry::MAX_SYMLINK_BYTES || target.contains('\0') {
             return Err(Errno::ENAMETOOLONG);
         }
         self.add(parent, name, 0o777, Kind::Symlink(target.to_owned())).map(|(_, a)| a)

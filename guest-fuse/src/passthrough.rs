@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use chunkstore::ChunkId;
 use fuser::BackingId;
-use volumed::model::FileData;
+use volume_model::FileData;
 
 use crate::remote::Remote;
 

@@ -13,9 +13,9 @@ use chunkstore::{ChunkCache, ChunkId, Chunking};
 use proto::volume as pb;
 use tokio::runtime::Handle;
 use tokio::sync::Semaphore;
-use volumed::client::{TransferStats, VolumeClient};
-use volumed::model::{Entry, TreeId};
-use volumed::service::convert::{chunking_from_proto, entry_from_proto};
+use volume_client::{TransferStats, VolumeClient};
+use volume_model::convert::{chunking_from_proto, entry_from_proto};
+use volume_model::{Entry, TreeId};
 
 use crate::error::{FuseError, Result};
 
@@ -159,7 +159,7 @@ impl Remote {
             tree: id.as_bytes().to_vec(),
         };
         let resp = self.rt.block_on(async move { c.grpc().get_tree(req).await });
-        let resp = resp.map_err(volumed::client::ClientError::from)?.into_inner();
+        let resp = resp.map_err(volume_client::ClientError::from)?.into_inner();
         resp.entries
             .into_iter()
             .map(|ne| {
@@ -295,6 +295,6 @@ impl Remote {
             message: String::new(),
         };
         let resp = self.rt.block_on(async move { c.grpc().commit(req).await });
-        Ok(resp.map_err(volumed::client::ClientError::from)?.into_inner())
+        Ok(resp.map_err(volume_client::ClientError::from)?.into_inner())
     }
 }

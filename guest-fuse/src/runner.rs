@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use chunkstore::ChunkCache;
 use fuser::{Config, MountOption, Session};
-use volumed::client::VolumeClient;
+use volume_client::VolumeClient;
 
 use crate::control;
 use crate::fs::VolumeFs;

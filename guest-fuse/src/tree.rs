@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use fuser::Errno;
-use volumed::model::{Entry, EntryKind, FileData, TreeId};
+use volume_model::{Entry, EntryKind, FileData, TreeId};
 
 use crate::overlay::{MemUsage, Overlay};
 use crate::ranges::RangeSet;

@@ -34,7 +34,7 @@ fn many_small_files_commit_through_batches() {
     assert_eq!(c.chunks_uploaded, n + 2, "the duplicate is uploaded once: {c:?}");
     assert_eq!(c.chunks_batched, n + 1, "every small chunk went through a batch: {c:?}");
     // A batch holds at most BATCH_MAX_CHUNKS chunks, so 2501 small chunks need two at least.
-    let fewest = (n + 1).div_ceil(volumed::batch::BATCH_MAX_CHUNKS);
+    let fewest = (n + 1).div_ceil(volume_model::batch::BATCH_MAX_CHUNKS);
     assert!(c.batches >= fewest && c.batches <= n / 10, "{} batches (at least {fewest})", c.batches);
     let stats = &env.server.as_ref().expect("server").data_stats;
     assert_eq!(stats.chunk_uploads.load(Ordering::Relaxed), 1, "only big.bin had a URL of its own");

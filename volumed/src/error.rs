@@ -3,7 +3,7 @@
 
 use chunkstore::ChunkError;
 
-use crate::model::DecodeError;
+use volume_model::{DecodeError, InvalidRequest};
 
 /// Everything a volume operation can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -24,7 +24,7 @@ pub enum VolumeError {
     PathNotFound(String),
     /// The request is malformed: bad name, path, id, entry or limit.
     #[error("invalid argument: {0}")]
-    InvalidArgument(String),
+    InvalidArgument(#[from] InvalidRequest),
     /// The changes cannot be merged onto the head (a path's parent is a file in the head).
     #[error("commit conflict: {0}")]
     CommitConflict(String),
@@ -53,7 +53,7 @@ pub enum VolumeError {
 impl VolumeError {
     /// Shorthand for [`VolumeError::InvalidArgument`].
     pub fn invalid(msg: impl Into<String>) -> Self {
-        Self::InvalidArgument(msg.into())
+        Self::InvalidArgument(InvalidRequest::new(msg))
     }
 
     /// The error's contract name, as carried in status details.
@@ -72,7 +72,6 @@ impl VolumeError {
     }
 }
 
-#[cfg(feature = "server")]
 impl From<rocksdb::Error> for VolumeError {
     fn from(e: rocksdb::Error) -> Self {
         Self::Storage(e.into_string())
@@ -89,8 +88,8 @@ impl From<ChunkError> for VolumeError {
     fn from(e: ChunkError) -> Self {
         match e {
             ChunkError::Integrity { .. } | ChunkError::PieceIntegrity { .. } => Self::Integrity(e.to_string()),
-            ChunkError::InvalidId(m) => Self::InvalidArgument(m),
-            ChunkError::TooLarge { .. } => Self::InvalidArgument(e.to_string()),
+            ChunkError::InvalidId(m) => Self::invalid(m),
+            ChunkError::TooLarge { .. } => Self::invalid(e.to_string()),
             other => Self::Backend(other.to_string()),
         }
     }

@@ -6,7 +6,7 @@ mod common;
 use chunkstore::ChunkId;
 use common::{bytes_for, client, file, start};
 use proto::volume as pb;
-use volumed::client::VolumeClient;
+use volume_client::VolumeClient;
 
 const ORG: &str = "acme";
 
@@ -32,7 +32,7 @@ fn upsert(path: &str, e: pb::Entry) -> pb::Change {
 
 async fn expect_err(c: &mut VolumeClient, req: pb::CommitRequest, name: &str) {
     let err = c.grpc().commit(req.clone()).await.expect_err("must be rejected");
-    assert_eq!(volumed::service::error_name(&err).as_deref(), Some(name), "{req:?}: {err:?}");
+    assert_eq!(volume_client::error_name(&err).as_deref(), Some(name), "{req:?}: {err:?}");
     assert!(!err.message().is_empty());
 }
 

@@ -10,8 +10,8 @@ use std::sync::atomic::Ordering;
 use chunkstore::ChunkId;
 use common::{bytes_for, client, file, start};
 use proto::volume as pb;
-use volumed::batch::{BATCH_CHUNK_MAX, BATCH_MAX_CHUNKS, frame_header};
-use volumed::client::VolumeClient;
+use volume_client::VolumeClient;
+use volume_model::batch::{BATCH_CHUNK_MAX, BATCH_MAX_CHUNKS, frame_header};
 use volumed::server::RunningServer;
 
 const ORG: &str = "acme";
@@ -206,7 +206,7 @@ async fn tampered_batches_are_rejected_and_store_nothing() {
         .collect();
     let commit = pb::CommitRequest { volume: vref("t"), base: vol.head.clone(), changes: entries, message: String::new() };
     let err = c.grpc().commit(commit.clone()).await.unwrap_err();
-    assert_eq!(volumed::service::error_name(&err).as_deref(), Some("VolumeMissingChunksError"));
+    assert_eq!(volume_client::error_name(&err).as_deref(), Some("VolumeMissingChunksError"));
     let (_, _, _, rejected) = batch_stats(&server);
     assert_eq!(rejected, 12);
 

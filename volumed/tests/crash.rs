@@ -16,7 +16,7 @@ use common::{bytes_for, file};
 use proto::volume as pb;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-use volumed::client::VolumeClient;
+use volume_client::VolumeClient;
 
 const ORG: &str = "crash";
 const VOL: &str = "stream";
@@ -160,7 +160,7 @@ async fn kill_9_during_commits_loses_no_acknowledged_commit() {
                     let r = c.commit_files(ORG, VOL, &head, vec![file(&path, bytes_for(fseed, len))], &[]).await?;
                     acked.lock().unwrap().push((r.commit, path));
                 }
-                Ok::<(), volumed::client::ClientError>(())
+                Ok::<(), volume_client::ClientError>(())
             })
         };
         let kill_after = Duration::from_millis(20 + rng.next() % 400);

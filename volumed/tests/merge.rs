@@ -22,7 +22,7 @@ async fn eight_concurrent_clients_on_different_paths_all_survive() {
         let endpoint = server.endpoint();
         let base = base.clone();
         tasks.push(tokio::spawn(async move {
-            let mut c = volumed::client::VolumeClient::connect(&endpoint).await.unwrap();
+            let mut c = volume_client::VolumeClient::connect(&endpoint).await.unwrap();
             let mut last = None;
             for j in 0..5u64 {
                 let files = vec![
@@ -195,7 +195,7 @@ async fn reads_go_through_the_shared_verified_cache() {
     let cache_dir = dir.path().join("cache");
     let cached_client = || async {
         let cache = chunkstore::ChunkCache::open(&cache_dir, 1 << 30).unwrap();
-        volumed::client::VolumeClient::connect(&server.endpoint()).await.unwrap().with_cache(cache)
+        volume_client::VolumeClient::connect(&server.endpoint()).await.unwrap().with_cache(cache)
     };
     let mut a = cached_client().await;
     let base = a.get_volume(ORG, "cached", true).await.unwrap().head;

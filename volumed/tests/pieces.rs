@@ -28,7 +28,7 @@ async fn large_chunks_are_readable_in_verified_pieces() {
         accept_batches: false,
     };
     let err = c.grpc().missing_chunks(req).await.unwrap_err();
-    assert_eq!(volumed::client::error_name(&err).as_deref(), Some("VolumeInvalidArgumentError"));
+    assert_eq!(volume_client::error_name(&err).as_deref(), Some("VolumeInvalidArgumentError"));
 
     // upload_chunks computes and registers them for chunks of 16 MiB and more.
     c.upload_chunks("acme", "v", &HashMap::from([(id, data.clone())])).await.unwrap();
@@ -43,6 +43,6 @@ async fn large_chunks_are_readable_in_verified_pieces() {
     // A tampered CV list is caught before any byte is trusted.
     let mut forged = url.clone();
     forged.piece_cvs[40] ^= 1;
-    assert!(matches!(c.fetch_piece(&forged, id, data.len() as u64, 1).await, Err(volumed::client::ClientError::Integrity(_))));
+    assert!(matches!(c.fetch_piece(&forged, id, data.len() as u64, 1).await, Err(volume_client::ClientError::Integrity(_))));
     server.stop().await.unwrap();
 }

@@ -5,7 +5,7 @@ mod common;
 
 use common::{bytes_for, file};
 use proto::volume as pb;
-use volumed::client::VolumeClient;
+use volume_client::VolumeClient;
 use volumed::server::{BackendConfig, Server, ServerConfig};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,10 +16,10 @@ use bytes::Bytes;
 use chunkstore::{Backend, ChunkId, ChunkPolicy, LocalBackend};
 use clap::Parser;
 use proto::volume as pb;
-use volumed::model::{Change, ChangeOp, Entry, EntryKind, FileData, VolPath};
+use volume_model::convert::{ValidCommit, ValidRef};
+use volume_model::{Change, ChangeOp, Entry, EntryKind, FileData, VolPath};
 use volumed::server::{Server, ServerConfig};
-use volumed::service::convert::ValidRef;
-use volumed::service::{ValidCommit, Volumes};
+use volumed::service::Volumes;
 
 #[derive(Parser)]
 struct Args {
@@ -160,7 +160,7 @@ async fn timed_commits(
 /// Timed: what a reload needs, over gRPC: GetHead + ListDir of the root. Returns the times
 /// and the root's entry count.
 async fn timed_listings(endpoint: &str, vref: &ValidRef, listings: usize) -> anyhow::Result<(Vec<Duration>, usize)> {
-    let mut client = volumed::client::VolumeClient::connect(endpoint).await?;
+    let mut client = volume_client::VolumeClient::connect(endpoint).await?;
     let pref = Some(pb::VolumeRef { org: vref.org.clone(), name: vref.name.clone() });
     let mut listing = Vec::with_capacity(listings);
     let mut root_entries = 0;

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use chunkstore::{Backend, ChunkId, S3Backend};
 use clap::Parser;
 use futures::{StreamExt, TryStreamExt};
-use volumed::client::{TRANSFER_CONCURRENCY, VolumeClient};
+use volume_client::{TRANSFER_CONCURRENCY, VolumeClient};
 use volumed::server::{BackendConfig, Server, ServerConfig};
 
 #[derive(Parser)]

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use benches::{ms, print_table, random_bytes};
 use clap::Parser;
 use rand::{Rng, SeedableRng};
-use volumed::client::{FileUpload, VolumeClient};
+use volume_client::{FileUpload, VolumeClient};
 use volumed::server::{Server, ServerConfig};
 
 #[derive(Parser)]

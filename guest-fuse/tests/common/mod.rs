@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use guest_fuse::{CommitOutcome, ControlClient, MountStatus, ReloadOutcome};
-use volumed::client::VolumeClient;
+use volume_client::VolumeClient;
 use volumed::server::{RunningServer, Server, ServerConfig};
 
 /// A volumed plus a scratch directory.
@@ -40,7 +40,7 @@ impl Env {
     fn client_do<T, F, Fut>(&self, f: F) -> T
     where
         F: FnOnce(VolumeClient) -> Fut,
-        Fut: std::future::Future<Output = Result<T, volumed::client::ClientError>>,
+        Fut: std::future::Future<Output = Result<T, volume_client::ClientError>>,
     {
         self.rt.block_on(async {
             let c = VolumeClient::connect(&self.endpoint).await.expect("connect");

@@ -22,9 +22,9 @@ use chunkstore::ChunkError;
 use futures::StreamExt;
 use serde::Deserialize;
 
-use crate::batch::{BATCH_MAX_BYTES, BATCH_MAX_CHUNKS, BatchDigest, FrameError, FrameParser};
 use crate::datapath::http::ChunkHttpState;
 use crate::datapath::sign::SignedParams;
+use volume_model::batch::{BATCH_MAX_BYTES, BATCH_MAX_CHUNKS, BatchDigest, FrameError, FrameParser};
 
 #[derive(Deserialize)]
 pub(crate) struct BatchParams {

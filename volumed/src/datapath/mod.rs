@@ -134,15 +134,15 @@ impl DataPath {
         matches!(self, DataPath::Local { .. })
     }
 
-    /// A URL that uploads `chunks` (each at most [`crate::batch::BATCH_CHUNK_MAX`] bytes) in one
+    /// A URL that uploads `chunks` (each at most [`volume_model::batch::BATCH_CHUNK_MAX`] bytes) in one
     /// request, valid for `ttl`; `None` when the backend does not take batches.
     pub fn batch_upload_url(&self, chunks: Vec<(ChunkId, u64)>, ttl: Duration) -> Option<BatchUrl> {
         let DataPath::Local { signer, base_url, .. } = self else {
             return None;
         };
         let exp = now_ms() + ttl.as_millis() as u64;
-        let digest = crate::batch::BatchDigest::of(&chunks).hex();
-        let body_len = crate::batch::body_len(chunks.iter().map(|(_, l)| *l));
+        let digest = volume_model::batch::BatchDigest::of(&chunks).hex();
+        let body_len = volume_model::batch::body_len(chunks.iter().map(|(_, l)| *l));
         let url = signer.sign_batch(base_url, &digest, chunks.len() as u64, body_len, exp);
         Some(BatchUrl { url: Presigned { url, method: "PUT", headers: Vec::new(), expires_unix_ms: exp }, chunks, body_len })
     }

@@ -8,7 +8,7 @@
 //!
 //! A batch upload URL is `{base}/v1/batches/{digest}?exp={unix_ms}&len={bytes}&n={chunks}&sig={hex}`
 //! with `sig` = HMAC-SHA256(key, "sail-batch-v1\nPUT\n{digest}\n{n}\n{len}\n{exp}"), `digest`
-//! being the [`crate::batch::BatchDigest`] of the chunk list: the chunks (ids, lengths, order),
+//! being the [`volume_model::batch::BatchDigest`] of the chunk list: the chunks (ids, lengths, order),
 //! their number, the body length and the expiry are all bound. The distinct prefix keeps chunk
 //! and batch signatures from standing in for each other.
 

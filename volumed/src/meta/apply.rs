@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 
 use crate::error::{Result, VolumeError};
-use crate::model::{Change, ChangeOp, Entry, EntryKind, TreeId, TreeNode};
+use volume_model::{Change, ChangeOp, Entry, EntryKind, TreeId, TreeNode};
 
 /// Where tree nodes come from (the metadata store, or a test double).
 pub trait TreeSource {
@@ -21,7 +21,6 @@ pub trait TreeSource {
     fn load(&self, id: &TreeId) -> Result<TreeNode>;
 }
 
-#[cfg(feature = "server")]
 impl TreeSource for crate::meta::MetaStore {
     fn load(&self, id: &TreeId) -> Result<TreeNode> {
         self.tree(id)
@@ -147,7 +146,7 @@ mod tests {
 
     use super::*;
     use crate::meta::read::{diff, list_dir, resolve};
-    use crate::model::{FileData, VolPath};
+    use volume_model::{FileData, VolPath};
 
     /// Tree nodes in memory, counting loads.
     #[derive(Default)]

@@ -2,7 +2,7 @@
 
 use crate::error::{Result, VolumeError};
 use crate::meta::apply::TreeSource;
-use crate::model::{Change, ChangeOp, Entry, EntryKind, TreeId, TreeNode, VolPath};
+use volume_model::{Change, ChangeOp, Entry, EntryKind, TreeId, TreeNode, VolPath};
 
 /// The entry at `path` under `root`; the root itself is reported as a directory entry.
 pub fn resolve(src: &impl TreeSource, root: TreeId, path: &VolPath) -> Result<Entry> {

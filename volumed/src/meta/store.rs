@@ -24,8 +24,8 @@ use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, Writ
 
 use crate::error::{Result, VolumeError};
 use crate::meta::volume::VolumeRecord;
-use crate::model::codec::{Reader, Writer};
-use crate::model::{Commit, CommitId, TreeId, TreeNode, VolumeId};
+use volume_model::codec::{Reader, Writer};
+use volume_model::{Commit, CommitId, TreeId, TreeNode, VolumeId};
 
 const CF_VOLUMES: &str = "volumes";
 const CF_NAMES: &str = "names";

@@ -1,16 +1,13 @@
 //! The volume record: a volume's identity, settings and current head.
 //!
 //! Encoding (version 1): `0x01 id[16] org_len org name_len name chunking(u8) created_ms
-//! head[32] seq` with varints as in [`crate::model::node`].
+//! head[32] seq` with varints as in [`volume_model::node`].
 
 use chunkstore::Chunking;
 
-use crate::error::{Result, VolumeError};
-use crate::model::codec::{DecodeError, Reader, Writer};
-use crate::model::{CommitId, VolumeId};
-
-/// Longest org or volume name.
-pub const MAX_VOLUME_NAME: usize = 64;
+use volume_model::codec::{DecodeError, Reader, Writer};
+use volume_model::volume_name::MAX_VOLUME_NAME;
+use volume_model::{CommitId, VolumeId};
 
 /// A volume as stored in the `volumes` column family.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -70,24 +67,4 @@ impl VolumeRecord {
         r.finish()?;
         Ok(Self { id: VolumeId(id), org, name, chunking, created_ms, head, seq })
     }
-}
-
-/// Checks an org or volume name: 1 to 64 characters from `[A-Za-z0-9._-]`, not starting with
-/// `.` or `-`.
-///
-/// ```
-/// use volumed::meta::check_volume_name;
-/// assert!(check_volume_name("name", "my-vol_1.0").is_ok());
-/// assert!(check_volume_name("name", "../x").is_err());
-/// assert!(check_volume_name("name", "").is_err());
-/// ```
-pub fn check_volume_name(what: &str, name: &str) -> Result<()> {
-    let ok_chars = name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if name.is_empty() || name.len() > MAX_VOLUME_NAME || !ok_chars || name.starts_with('.') || name.starts_with('-') {
-        return Err(VolumeError::invalid(format!(
-            "{what} {name:?} must be 1-{MAX_VOLUME_NAME} characters of [A-Za-z0-9._-], \
-             not starting with '.' or '-'"
-        )));
-    }
-    Ok(())
 }

@@ -1,14 +1,16 @@
 //! The tonic gRPC service: request validation, dispatch to [`Volumes`], typed status errors.
 
+use chunkstore::Chunking;
 use prost::Message;
 use proto::volume as pb;
 use proto::volume::volume_service_server::VolumeService;
 use tonic::{Code, Request, Response, Status};
 
 use crate::error::VolumeError;
-use crate::model::{TreeId, TreeNode, VolPath};
-use crate::service::convert::{self, chunk_ids, optional_commit_id, volume_ref};
+use crate::meta::VolumeRecord;
 use crate::service::volumes::Volumes;
+use volume_model::convert::{self, chunk_ids, optional_commit_id, volume_ref};
+use volume_model::{InvalidRequest, TreeId, TreeNode, VolPath};
 
 /// Largest page of commits one Log call returns.
 pub const MAX_LOG_LIMIT: u32 = 1000;
@@ -35,7 +37,8 @@ impl GrpcVolumes {
 }
 
 /// Maps an error to a status whose details carry [`pb::ErrorDetail`] with the contract name.
-pub fn to_status(e: VolumeError) -> Status {
+pub fn to_status(e: impl Into<VolumeError>) -> Status {
+    let e = e.into();
     let code = match &e {
         VolumeError::NotFound { .. } | VolumeError::CommitNotFound(_) | VolumeError::PathNotFound(_) => Code::NotFound,
         VolumeError::InvalidArgument(_) => Code::InvalidArgument,
@@ -49,7 +52,21 @@ pub fn to_status(e: VolumeError) -> Status {
     Status::with_details(code, e.to_string(), detail.encode_to_vec().into())
 }
 
-pub use crate::client::error_name;
+/// Converts a volume record to its protobuf form.
+fn volume_to_proto(rec: &VolumeRecord) -> pb::Volume {
+    pb::Volume {
+        id: rec.id.to_string(),
+        org: rec.org.clone(),
+        name: rec.name.clone(),
+        head: rec.head.to_hex(),
+        created_unix_ms: rec.created_ms,
+        chunking: match rec.chunking {
+            Chunking::Fixed => pb::Chunking::Fixed as i32,
+            Chunking::FastCdc => pb::Chunking::Fastcdc as i32,
+        },
+        commit_count: rec.seq + 1,
+    }
+}
 
 fn entries(node: TreeNode) -> Vec<pb::NamedEntry> {
     node.entries.into_iter().map(|(name, e)| pb::NamedEntry { name, entry: Some(convert::entry_to_proto(&e)) }).collect()
@@ -64,12 +81,12 @@ impl VolumeService for GrpcVolumes {
         let v = volume_ref(req.volume.as_ref()).map_err(to_status)?;
         let chunking = convert::chunking_from_proto(req.chunking).map_err(to_status)?;
         let rec = self.inner.get_volume(v, req.mint_if_missing, chunking).await.map_err(to_status)?;
-        Ok(Response::new(convert::volume_to_proto(&rec)))
+        Ok(Response::new(volume_to_proto(&rec)))
     }
 
     async fn list_volumes(&self, req: Request<pb::ListVolumesRequest>) -> R<pb::ListVolumesResponse> {
         let recs = self.inner.list(req.into_inner().org).await.map_err(to_status)?;
-        Ok(Response::new(pb::ListVolumesResponse { volumes: recs.iter().map(convert::volume_to_proto).collect() }))
+        Ok(Response::new(pb::ListVolumesResponse { volumes: recs.iter().map(volume_to_proto).collect() }))
     }
 
     async fn delete_volume(&self, req: Request<pb::DeleteVolumeRequest>) -> R<pb::DeleteVolumeResponse> {
@@ -114,7 +131,7 @@ impl VolumeService for GrpcVolumes {
         let req = req.into_inner();
         let v = volume_ref(req.volume.as_ref()).map_err(to_status)?;
         let from = optional_commit_id(&req.from)
-            .and_then(|c| c.ok_or_else(|| VolumeError::invalid("diff needs a `from` commit")))
+            .and_then(|c| c.ok_or_else(|| InvalidRequest::new("diff needs a `from` commit")))
             .map_err(to_status)?;
         let to = optional_commit_id(&req.to).map_err(to_status)?;
         let changes = self.inner.diff(v, from, to).await.map_err(to_status)?;

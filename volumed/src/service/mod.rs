@@ -1,14 +1,8 @@
-//! The volume service: transport-independent operations ([`Volumes`]), request validation
-//! ([`convert`]) and the gRPC binding ([`grpc`]).
+//! The volume service: transport-independent operations ([`Volumes`]) and the gRPC binding
+//! ([`grpc`]). Request validation and protobuf conversion live in `volume_model::convert`.
 
-pub mod convert;
-#[cfg(feature = "server")]
 pub mod grpc;
-#[cfg(feature = "server")]
 pub mod volumes;
 
-pub use convert::{ValidCommit, validate_commit};
-#[cfg(feature = "server")]
-pub use grpc::{GrpcVolumes, error_name, to_status};
-#[cfg(feature = "server")]
+pub use grpc::{GrpcVolumes, to_status};
 pub use volumes::{CommitOutcome, DEFAULT_URL_TTL, MissingUploads, Volumes};

@@ -11,14 +11,14 @@ use std::time::Duration;
 use chunkstore::{ChunkId, Chunking, Presigned};
 use tracing::{Instrument, info_span};
 
-use crate::batch::{BATCH_CHUNK_MAX, BATCH_MAX_BYTES, BATCH_MAX_CHUNKS, FRAME_HEADER_LEN};
 use crate::datapath::{BatchUrl, DataPath};
 use crate::error::{Result, VolumeError};
 use crate::meta::read::{diff, list_dir, resolve};
 use crate::meta::store::now_ms;
 use crate::meta::{MetaStore, VolumeRecord, apply_changes};
-use crate::model::{Change, Commit, CommitId, Entry, TreeId, TreeNode, VolPath, VolumeId};
-use crate::service::convert::{ValidCommit, ValidRef};
+use volume_model::batch::{BATCH_CHUNK_MAX, BATCH_MAX_BYTES, BATCH_MAX_CHUNKS, FRAME_HEADER_LEN};
+use volume_model::convert::{ValidCommit, ValidRef};
+use volume_model::{Change, Commit, CommitId, Entry, TreeId, TreeNode, VolPath, VolumeId};
 
 /// How long signed URLs stay valid by default.
 pub const DEFAULT_URL_TTL: Duration = Duration::from_secs(15 * 60);
@@ -43,7 +43,7 @@ fn split_batches(mut small: Vec<(ChunkId, u64)>) -> Vec<Vec<(ChunkId, u64)>> {
         return Vec::new();
     }
     small.sort_unstable_by_key(|(id, _)| *id);
-    let bytes: u64 = crate::batch::body_len(small.iter().map(|(_, l)| *l));
+    let bytes: u64 = volume_model::batch::body_len(small.iter().map(|(_, l)| *l));
     let k = small.len().div_ceil(BATCH_MAX_CHUNKS).max(bytes.div_ceil(BATCH_MAX_BYTES) as usize).max(1);
     let target = small.len().div_ceil(k);
     let mut out: Vec<Vec<(ChunkId, u64)>> = Vec::with_capacity(k + 1);
@@ -128,7 +128,7 @@ impl Volumes {
 
     /// Volumes of an org.
     pub async fn list(&self, org: String) -> Result<Vec<VolumeRecord>> {
-        crate::meta::check_volume_name("org", &org)?;
+        volume_model::volume_name::check_volume_name("org", &org)?;
         let store = self.store.clone();
         blocking(move || store.list_volumes(&org)).await
     }

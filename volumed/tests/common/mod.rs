@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
-use volumed::client::{FileUpload, VolumeClient};
+use volume_client::{FileUpload, VolumeClient};
 use volumed::server::{RunningServer, Server, ServerConfig};
 
 /// Starts an in-process volumed on a free loopback port with local defaults under `dir`.

@@ -1,6 +1,6 @@
 //! Commit objects: an immutable record of one published change to a volume.
 //!
-//! Encoding (version 1, varints as in [`crate::model::node`]):
+//! Encoding (version 1, varints as in [`crate::node`]):
 //! ```text
 //! commit := 0x01 volume_id[16] flags parent[32]? base[32]? root[32] seq time_ms
 //!           change_count message_len message
@@ -9,8 +9,8 @@
 //! The commit id is BLAKE3 of these bytes; including the volume id makes ids unique per
 //! volume, so a commit id found in a request can be checked against the volume it names.
 
-use crate::model::codec::{DecodeError, Reader, Writer};
-use crate::model::{CommitId, TreeId, VolumeId};
+use crate::codec::{DecodeError, Reader, Writer};
+use crate::{CommitId, TreeId, VolumeId};
 
 /// Encoding version written by this build.
 pub const COMMIT_VERSION: u8 = 1;

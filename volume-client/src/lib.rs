@@ -1,10 +1,15 @@
-//! `VolumeClient`: a typed client for volumed. Metadata goes over gRPC; chunk bytes go
+//! volume-client: the typed client of volumed ([`VolumeClient`]), what the CLI, the FUSE
+//! helper (in guests too), tests and benches link. Metadata goes over gRPC; chunk bytes go
 //! straight to the signed URLs the server hands out, with bounded concurrency, and every
-//! downloaded chunk is verified against its id.
+//! downloaded chunk is verified against its id (and optionally kept in a [`ChunkCache`]).
+//!
+//! It never links the server: no RocksDB, no HTTP server, no S3 SDK, so the helper runs in a
+//! guest without C++ libraries. The model and validation it shares with the server live in
+//! volume-model.
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
-//! use volumed::client::{VolumeClient, FileUpload};
+//! use volume_client::{VolumeClient, FileUpload};
 //! let mut c = VolumeClient::connect("http://127.0.0.1:7420").await?;
 //! let vol = c.get_volume("acme", "workspace", true).await?;
 //! let file = FileUpload::from_bytes("notes/hello.txt", b"hello".to_vec(), 0o644);
@@ -13,6 +18,7 @@
 //! assert_eq!(bytes, b"hello");
 //! # let _ = commit; Ok(()) }
 //! ```
+#![warn(missing_docs)]
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -24,7 +30,8 @@ use proto::volume as pb;
 use proto::volume::volume_service_client::VolumeServiceClient;
 use tonic::transport::Channel;
 
-use crate::service::convert::{chunking_from_proto, entry_from_proto, policy_to_proto};
+use volume_model::convert::{MAX_CHUNKS_PER_REQUEST, chunking_from_proto, entry_from_proto, policy_to_proto};
+use volume_model::{EntryKind, batch};
 
 /// Reads the contract error name back out of a status.
 pub fn error_name(status: &tonic::Status) -> Option<String> {
@@ -240,7 +247,7 @@ impl VolumeClient {
             .collect();
         let mut uploads = Vec::new();
         let mut batches = Vec::new();
-        for part in specs.chunks(crate::service::convert::MAX_CHUNKS_PER_REQUEST) {
+        for part in specs.chunks(MAX_CHUNKS_PER_REQUEST) {
             let req = pb::MissingChunksRequest { volume: vref(org, name), chunks: part.to_vec(), accept_batches: self.batches };
             let resp = self.grpc.missing_chunks(req).await?.into_inner();
             uploads.extend(resp.uploads);
@@ -312,7 +319,7 @@ impl VolumeClient {
             }
         }
         let mut urls = Vec::with_capacity(wanted.len());
-        for batch in wanted.chunks(crate::service::convert::MAX_CHUNKS_PER_REQUEST) {
+        for batch in wanted.chunks(MAX_CHUNKS_PER_REQUEST) {
             let req =
                 pb::ChunkUrlsRequest { volume: vref(org, name), ids: batch.iter().map(|i| i.as_bytes().to_vec()).collect() };
             urls.extend(self.grpc.chunk_urls(req).await?.into_inner().downloads);
@@ -349,7 +356,7 @@ impl VolumeClient {
     /// Signed download URLs (with piece CVs where the server knows them), in `ids` order.
     pub async fn chunk_urls(&mut self, org: &str, name: &str, ids: &[ChunkId]) -> Result<Vec<pb::SignedUrl>> {
         let mut urls = Vec::with_capacity(ids.len());
-        for batch in ids.chunks(crate::service::convert::MAX_CHUNKS_PER_REQUEST) {
+        for batch in ids.chunks(MAX_CHUNKS_PER_REQUEST) {
             let req =
                 pb::ChunkUrlsRequest { volume: vref(org, name), ids: batch.iter().map(|i| i.as_bytes().to_vec()).collect() };
             urls.extend(self.grpc.chunk_urls(req).await?.into_inner().downloads);
@@ -437,7 +444,7 @@ impl VolumeClient {
         let entry = self.grpc.stat(req).await?.into_inner().entry;
         let entry = entry.ok_or_else(|| ClientError::Protocol("stat returned no entry".into()))?;
         let entry = entry_from_proto(&entry, false).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let crate::model::EntryKind::File(file) = entry.kind else {
+        let EntryKind::File(file) = entry.kind else {
             return Err(ClientError::Protocol(format!("{path} is not a regular file")));
         };
         let ids: Vec<ChunkId> = file.chunks.iter().map(|(id, _)| *id).collect();
@@ -471,16 +478,16 @@ async fn send_signed(req: reqwest::RequestBuilder, headers: &HashMap<String, Str
     Ok(resp)
 }
 
-/// The body of a batch upload: one frame per chunk, in the server's order (see [`crate::batch`]).
+/// The body of a batch upload: one frame per chunk, in the server's order (see [`volume_model::batch`]).
 fn batch_body(parts: &[(ChunkId, Bytes)]) -> Result<Vec<u8>> {
-    let len = crate::batch::body_len(parts.iter().map(|(_, d)| d.len() as u64));
+    let len = batch::body_len(parts.iter().map(|(_, d)| d.len() as u64));
     let mut body = Vec::with_capacity(len as usize);
     for (id, data) in parts {
         let n = u32::try_from(data.len())
             .ok()
-            .filter(|&n| n as u64 <= crate::batch::BATCH_CHUNK_MAX)
+            .filter(|&n| n as u64 <= batch::BATCH_CHUNK_MAX)
             .ok_or_else(|| ClientError::Protocol(format!("server batched chunk {id} of {} bytes", data.len())))?;
-        body.extend_from_slice(&crate::batch::frame_header(id, n));
+        body.extend_from_slice(&batch::frame_header(id, n));
         body.extend_from_slice(data);
     }
     Ok(body)

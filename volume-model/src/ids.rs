@@ -1,22 +1,9 @@
-//! The data model shared by the server, the client and the fuzz targets: paths, entries,
-//! tree nodes, commits, changes, and their binary encodings. Nothing here does I/O.
-
-pub(crate) mod codec;
-pub mod commit;
-pub mod entry;
-pub mod node;
-pub mod path;
+//! Ids (tree, commit, volume) and the changes of a commit request.
 
 use std::fmt;
 use std::str::FromStr;
 
-pub use codec::DecodeError;
-pub use commit::Commit;
-pub use entry::{Entry, EntryKind, FileData};
-pub use node::TreeNode;
-pub use path::VolPath;
-
-use crate::error::VolumeError;
+use crate::{Entry, InvalidRequest, VolPath};
 
 macro_rules! hash_id {
     ($(#[$doc:meta])* $name:ident, $what:literal) => {
@@ -34,9 +21,9 @@ macro_rules! hash_id {
                 Self(b)
             }
             /// Parses a 32-byte slice from a request.
-            pub fn from_slice(b: &[u8]) -> Result<Self, VolumeError> {
+            pub fn from_slice(b: &[u8]) -> Result<Self, InvalidRequest> {
                 let arr: [u8; 32] = b.try_into().map_err(|_| {
-                    VolumeError::invalid(format!(concat!($what, " id must be 32 bytes, got {}"), b.len()))
+                    InvalidRequest::new(format!(concat!($what, " id must be 32 bytes, got {}"), b.len()))
                 })?;
                 Ok(Self(arr))
             }
@@ -63,11 +50,11 @@ macro_rules! hash_id {
         }
 
         impl FromStr for $name {
-            type Err = VolumeError;
-            fn from_str(s: &str) -> Result<Self, VolumeError> {
+            type Err = InvalidRequest;
+            fn from_str(s: &str) -> Result<Self, InvalidRequest> {
                 let mut out = [0u8; 32];
                 hex::decode_to_slice(s, &mut out).map_err(|_| {
-                    VolumeError::invalid(format!(concat!($what, " id {:?} is not 64 hex characters"), s))
+                    InvalidRequest::new(format!(concat!($what, " id {:?} is not 64 hex characters"), s))
                 })?;
                 Ok(Self(out))
             }

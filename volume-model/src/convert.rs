@@ -6,9 +6,11 @@ use std::collections::{HashMap, HashSet};
 use chunkstore::{ChunkId, ChunkPolicy, Chunking};
 use proto::volume as pb;
 
-use crate::error::{Result, VolumeError};
-use crate::meta::{VolumeRecord, check_volume_name};
-use crate::model::{Change, ChangeOp, CommitId, Entry, EntryKind, FileData, TreeId, VolPath};
+use crate::volume_name::check_volume_name;
+use crate::{Change, ChangeOp, CommitId, Entry, EntryKind, FileData, InvalidRequest, TreeId, VolPath};
+
+/// Result of a validation: the valid value, or why the input is not.
+pub type Result<T, E = InvalidRequest> = std::result::Result<T, E>;
 
 /// Most changes one commit may carry.
 pub const MAX_CHANGES_PER_COMMIT: usize = 100_000;
@@ -26,7 +28,7 @@ pub struct ValidRef {
 
 /// Validates a volume reference.
 pub fn volume_ref(r: Option<&pb::VolumeRef>) -> Result<ValidRef> {
-    let r = r.ok_or_else(|| VolumeError::invalid("missing volume reference"))?;
+    let r = r.ok_or_else(|| InvalidRequest::new("missing volume reference"))?;
     check_volume_name("org", &r.org)?;
     check_volume_name("volume name", &r.name)?;
     Ok(ValidRef { org: r.org.clone(), name: r.name.clone() })
@@ -69,16 +71,16 @@ pub fn validate_commit(req: &pb::CommitRequest) -> Result<ValidCommit> {
     let volume = volume_ref(req.volume.as_ref())?;
     let base = optional_commit_id(&req.base)?;
     if req.changes.is_empty() {
-        return Err(VolumeError::invalid("a commit needs at least one change"));
+        return Err(InvalidRequest::new("a commit needs at least one change"));
     }
     if req.changes.len() > MAX_CHANGES_PER_COMMIT {
-        return Err(VolumeError::invalid(format!(
+        return Err(InvalidRequest::new(format!(
             "{} changes exceed the limit of {MAX_CHANGES_PER_COMMIT} per commit",
             req.changes.len()
         )));
     }
-    if req.message.len() > crate::model::commit::MAX_MESSAGE_BYTES {
-        return Err(VolumeError::invalid("commit message too long"));
+    if req.message.len() > crate::commit::MAX_MESSAGE_BYTES {
+        return Err(InvalidRequest::new("commit message too long"));
     }
     // A path appears once, except a delete marker followed by an upsert of the same path:
     // that is a replace (the FUSE helper sends it when a path was removed and made again).
@@ -87,20 +89,20 @@ pub fn validate_commit(req: &pb::CommitRequest) -> Result<ValidCommit> {
     for c in &req.changes {
         let path = VolPath::parse(&c.path)?;
         if path.is_root() {
-            return Err(VolumeError::invalid("a change cannot target the volume root"));
+            return Err(InvalidRequest::new("a change cannot target the volume root"));
         }
         let is_delete = matches!(c.op, Some(pb::change::Op::Delete(_)));
         let replace = match seen.get(&path) {
             None => false,
             Some(true) if !is_delete => true,
-            Some(_) => return Err(VolumeError::invalid(format!("path {path} appears twice in one commit"))),
+            Some(_) => return Err(InvalidRequest::new(format!("path {path} appears twice in one commit"))),
         };
         seen.insert(path.clone(), is_delete && !replace);
         let op = match &c.op {
             Some(pb::change::Op::Upsert(e)) => ChangeOp::Upsert(entry_from_proto(e, true)?),
             Some(pb::change::Op::Delete(true)) => ChangeOp::Delete,
             Some(pb::change::Op::Delete(false)) | None => {
-                return Err(VolumeError::invalid(format!("change for {path} has no operation")));
+                return Err(InvalidRequest::new(format!("change for {path} has no operation")));
             }
         };
         changes.push(Change { path, op });
@@ -123,10 +125,10 @@ pub fn entry_from_proto(e: &pb::Entry, upsert: bool) -> Result<Entry> {
                 Some(pb::chunk_policy::Kind::Fastcdc(c)) => {
                     ChunkPolicy::FastCdc { min: c.min_size, avg: c.avg_size, max: c.max_size }
                 }
-                None => return Err(VolumeError::invalid("file entry has no chunk policy")),
+                None => return Err(InvalidRequest::new("file entry has no chunk policy")),
             };
-            if f.chunks.len() > crate::model::entry::MAX_CHUNKS_PER_FILE {
-                return Err(VolumeError::invalid("too many chunks in one file"));
+            if f.chunks.len() > crate::entry::MAX_CHUNKS_PER_FILE {
+                return Err(InvalidRequest::new("too many chunks in one file"));
             }
             let chunks = f.chunks.iter().map(|c| Ok((ChunkId::from_slice(&c.id)?, c.len))).collect::<Result<Vec<_>>>()?;
             EntryKind::File(FileData { size: f.size, policy, chunks })
@@ -139,7 +141,7 @@ pub fn entry_from_proto(e: &pb::Entry, upsert: bool) -> Result<Entry> {
             }
         }
         Some(pb::entry::Kind::Symlink(s)) => EntryKind::Symlink(s.target.clone()),
-        None => return Err(VolumeError::invalid("entry has no kind")),
+        None => return Err(InvalidRequest::new("entry has no kind")),
     };
     let entry = Entry { mode: e.mode, mtime_ns: e.mtime_ns, kind };
     entry.validate()?;
@@ -185,30 +187,14 @@ pub fn chunking_from_proto(v: i32) -> Result<Chunking> {
     match pb::Chunking::try_from(v) {
         Ok(pb::Chunking::Unspecified | pb::Chunking::Fixed) => Ok(Chunking::Fixed),
         Ok(pb::Chunking::Fastcdc) => Ok(Chunking::FastCdc),
-        Err(_) => Err(VolumeError::invalid(format!("unknown chunking {v}"))),
-    }
-}
-
-/// Converts a volume record to its protobuf form.
-pub fn volume_to_proto(rec: &VolumeRecord) -> pb::Volume {
-    pb::Volume {
-        id: rec.id.to_string(),
-        org: rec.org.clone(),
-        name: rec.name.clone(),
-        head: rec.head.to_hex(),
-        created_unix_ms: rec.created_ms,
-        chunking: match rec.chunking {
-            Chunking::Fixed => pb::Chunking::Fixed as i32,
-            Chunking::FastCdc => pb::Chunking::Fastcdc as i32,
-        },
-        commit_count: rec.seq + 1,
+        Err(_) => Err(InvalidRequest::new(format!("unknown chunking {v}"))),
     }
 }
 
 /// Parses a list of chunk ids, bounded.
 pub fn chunk_ids(ids: &[Vec<u8>]) -> Result<Vec<ChunkId>> {
     if ids.len() > MAX_CHUNKS_PER_REQUEST {
-        return Err(VolumeError::invalid(format!(
+        return Err(InvalidRequest::new(format!(
             "{} chunks exceed the limit of {MAX_CHUNKS_PER_REQUEST} per request",
             ids.len()
         )));

@@ -3,8 +3,8 @@
 
 use chunkstore::{ChunkId, ChunkPolicy};
 
-use crate::error::VolumeError;
-use crate::model::TreeId;
+use crate::InvalidRequest;
+use crate::TreeId;
 
 /// Largest file a volume holds (4 TiB).
 pub const MAX_FILE_SIZE: u64 = 4 << 40;
@@ -49,16 +49,16 @@ pub struct FileData {
 impl Entry {
     /// Checks an entry's invariants (mode range, file chunk list consistent with size and
     /// policy, symlink target bounds).
-    pub fn validate(&self) -> Result<(), VolumeError> {
+    pub fn validate(&self) -> Result<(), InvalidRequest> {
         if self.mode > 0o7777 {
-            return Err(VolumeError::invalid(format!("mode {:o} exceeds 07777", self.mode)));
+            return Err(InvalidRequest::new(format!("mode {:o} exceeds 07777", self.mode)));
         }
         match &self.kind {
             EntryKind::File(f) => f.validate(),
             EntryKind::Dir(_) => Ok(()),
             EntryKind::Symlink(target) => {
                 if target.is_empty() || target.len() > MAX_SYMLINK_BYTES || target.contains('\0') {
-                    Err(VolumeError::invalid(format!("symlink target must be 1..={MAX_SYMLINK_BYTES} bytes without NUL")))
+                    Err(InvalidRequest::new(format!("symlink target must be 1..={MAX_SYMLINK_BYTES} bytes without NUL")))
                 } else {
                     Ok(())
                 }
@@ -76,33 +76,33 @@ impl FileData {
     /// Checks that the chunk list is what `policy` would produce for a file of `size` bytes:
     /// lengths sum to `size`, no chunk is empty or longer than the policy allows, and fixed
     /// chunks are all full except the last.
-    pub fn validate(&self) -> Result<(), VolumeError> {
+    pub fn validate(&self) -> Result<(), InvalidRequest> {
         if self.size > MAX_FILE_SIZE {
-            return Err(VolumeError::invalid(format!("file size {} exceeds {MAX_FILE_SIZE}", self.size)));
+            return Err(InvalidRequest::new(format!("file size {} exceeds {MAX_FILE_SIZE}", self.size)));
         }
         if !self.policy.is_valid() {
-            return Err(VolumeError::invalid(format!("invalid chunk policy {:?}", self.policy)));
+            return Err(InvalidRequest::new(format!("invalid chunk policy {:?}", self.policy)));
         }
         if self.chunks.len() > MAX_CHUNKS_PER_FILE {
-            return Err(VolumeError::invalid("too many chunks in one file"));
+            return Err(InvalidRequest::new("too many chunks in one file"));
         }
         let max = self.policy.max_chunk_len();
         let mut total: u64 = 0;
         for (i, (_, len)) in self.chunks.iter().enumerate() {
             let len = *len as u64;
             if len == 0 || len > max {
-                return Err(VolumeError::invalid(format!("chunk {i} has invalid length {len}")));
+                return Err(InvalidRequest::new(format!("chunk {i} has invalid length {len}")));
             }
             if let ChunkPolicy::Fixed { size } = self.policy
                 && i + 1 < self.chunks.len()
                 && len != size
             {
-                return Err(VolumeError::invalid(format!("fixed-size chunk {i} is {len} bytes, expected {size}")));
+                return Err(InvalidRequest::new(format!("fixed-size chunk {i} is {len} bytes, expected {size}")));
             }
             total += len;
         }
         if total != self.size {
-            return Err(VolumeError::invalid(format!("chunk lengths add up to {total}, file size is {}", self.size)));
+            return Err(InvalidRequest::new(format!("chunk lengths add up to {total}, file size is {}", self.size)));
         }
         Ok(())
     }

@@ -14,16 +14,19 @@ pub struct DecodeError {
 
 /// Appends encoded values to a buffer.
 #[derive(Default)]
-pub(crate) struct Writer {
-    pub(crate) buf: Vec<u8>,
+pub struct Writer {
+    /// The bytes written so far.
+    pub buf: Vec<u8>,
 }
 
 impl Writer {
-    pub(crate) fn u8(&mut self, v: u8) {
+    /// One raw byte.
+    pub fn u8(&mut self, v: u8) {
         self.buf.push(v);
     }
 
-    pub(crate) fn varint(&mut self, mut v: u64) {
+    /// An unsigned LEB128 varint (shortest form).
+    pub fn varint(&mut self, mut v: u64) {
         while v >= 0x80 {
             self.buf.push((v as u8) | 0x80);
             v >>= 7;
@@ -31,47 +34,55 @@ impl Writer {
         self.buf.push(v as u8);
     }
 
-    pub(crate) fn zigzag(&mut self, v: i64) {
+    /// A signed integer, zigzag-mapped then as a varint.
+    pub fn zigzag(&mut self, v: i64) {
         self.varint(((v << 1) ^ (v >> 63)) as u64);
     }
 
-    pub(crate) fn bytes(&mut self, b: &[u8]) {
+    /// A varint length, then the bytes.
+    pub fn bytes(&mut self, b: &[u8]) {
         self.varint(b.len() as u64);
         self.buf.extend_from_slice(b);
     }
 
-    pub(crate) fn raw(&mut self, b: &[u8]) {
+    /// Bytes as they are (fixed-size fields such as ids).
+    pub fn raw(&mut self, b: &[u8]) {
         self.buf.extend_from_slice(b);
     }
 }
 
 /// Reads encoded values from a slice.
-pub(crate) struct Reader<'a> {
+pub struct Reader<'a> {
     data: &'a [u8],
     pos: usize,
     what: &'static str,
 }
 
 impl<'a> Reader<'a> {
-    pub(crate) fn new(data: &'a [u8], what: &'static str) -> Self {
+    /// A reader at the start of `data`; `what` names the object in errors.
+    pub fn new(data: &'a [u8], what: &'static str) -> Self {
         Self { data, pos: 0, what }
     }
 
-    pub(crate) fn err(&self, reason: impl Into<String>) -> DecodeError {
+    /// A decode error at the current position.
+    pub fn err(&self, reason: impl Into<String>) -> DecodeError {
         DecodeError { what: self.what, reason: format!("{} at byte {}", reason.into(), self.pos) }
     }
 
-    pub(crate) fn remaining(&self) -> usize {
+    /// Bytes not read yet.
+    pub fn remaining(&self) -> usize {
         self.data.len() - self.pos
     }
 
-    pub(crate) fn u8(&mut self) -> Result<u8, DecodeError> {
+    /// One raw byte.
+    pub fn u8(&mut self) -> Result<u8, DecodeError> {
         let b = *self.data.get(self.pos).ok_or_else(|| self.err("unexpected end"))?;
         self.pos += 1;
         Ok(b)
     }
 
-    pub(crate) fn varint(&mut self) -> Result<u64, DecodeError> {
+    /// An unsigned varint; overlong and non-minimal forms are errors.
+    pub fn varint(&mut self) -> Result<u64, DecodeError> {
         let mut v: u64 = 0;
         for shift in (0..64).step_by(7) {
             let b = self.u8()?;
@@ -92,7 +103,7 @@ impl<'a> Reader<'a> {
     }
 
     /// A varint that must fit `max`.
-    pub(crate) fn bounded(&mut self, max: u64, field: &str) -> Result<u64, DecodeError> {
+    pub fn bounded(&mut self, max: u64, field: &str) -> Result<u64, DecodeError> {
         let v = self.varint()?;
         if v > max {
             return Err(self.err(format!("{field} = {v} exceeds {max}")));
@@ -100,12 +111,14 @@ impl<'a> Reader<'a> {
         Ok(v)
     }
 
-    pub(crate) fn zigzag(&mut self) -> Result<i64, DecodeError> {
+    /// A zigzag-mapped signed integer.
+    pub fn zigzag(&mut self) -> Result<i64, DecodeError> {
         let v = self.varint()?;
         Ok(((v >> 1) as i64) ^ -((v & 1) as i64))
     }
 
-    pub(crate) fn raw(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+    /// The next `n` bytes as they are.
+    pub fn raw(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         if self.remaining() < n {
             return Err(self.err(format!("need {n} bytes, {} left", self.remaining())));
         }
@@ -114,19 +127,22 @@ impl<'a> Reader<'a> {
         Ok(s)
     }
 
-    pub(crate) fn id32(&mut self) -> Result<[u8; 32], DecodeError> {
+    /// A raw 32-byte id.
+    pub fn id32(&mut self) -> Result<[u8; 32], DecodeError> {
         let mut out = [0u8; 32];
         out.copy_from_slice(self.raw(32)?);
         Ok(out)
     }
 
-    pub(crate) fn string(&mut self, max: usize, field: &str) -> Result<&'a str, DecodeError> {
+    /// A length-prefixed UTF-8 string of at most `max` bytes.
+    pub fn string(&mut self, max: usize, field: &str) -> Result<&'a str, DecodeError> {
         let len = self.bounded(max as u64, field)? as usize;
         let raw = self.raw(len)?;
         std::str::from_utf8(raw).map_err(|_| self.err(format!("{field} is not UTF-8")))
     }
 
-    pub(crate) fn finish(&self) -> Result<(), DecodeError> {
+    /// Checks every byte was read (trailing bytes are an error).
+    pub fn finish(&self) -> Result<(), DecodeError> {
         if self.pos != self.data.len() {
             return Err(self.err(format!("{} trailing bytes", self.remaining())));
         }

@@ -17,10 +17,10 @@ use std::collections::BTreeMap;
 
 use chunkstore::{ChunkId, ChunkPolicy};
 
-use crate::model::codec::{DecodeError, Reader, Writer};
-use crate::model::entry::{MAX_CHUNKS_PER_FILE, MAX_FILE_SIZE, MAX_SYMLINK_BYTES};
-use crate::model::path::{MAX_NAME_BYTES, check_name};
-use crate::model::{Entry, EntryKind, FileData, TreeId};
+use crate::codec::{DecodeError, Reader, Writer};
+use crate::entry::{MAX_CHUNKS_PER_FILE, MAX_FILE_SIZE, MAX_SYMLINK_BYTES};
+use crate::path::{MAX_NAME_BYTES, check_name};
+use crate::{Entry, EntryKind, FileData, TreeId};
 
 /// Encoding version written by this build.
 pub const NODE_VERSION: u8 = 1;

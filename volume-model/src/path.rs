@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use crate::error::VolumeError;
+use crate::InvalidRequest;
 
 /// Longest path accepted, in bytes (Linux PATH_MAX).
 pub const MAX_PATH_BYTES: usize = 4096;
@@ -15,7 +15,7 @@ pub const MAX_DEPTH: usize = 256;
 /// `..`, none containing `/` or NUL. The empty path is the volume root.
 ///
 /// ```
-/// use volumed::model::VolPath;
+/// use volume_model::VolPath;
 /// let p = VolPath::parse("/a//b/./c/").unwrap();
 /// assert_eq!(p.to_string(), "a/b/c");
 /// assert!(VolPath::parse("a/../b").is_err());
@@ -32,19 +32,19 @@ impl VolPath {
 
     /// Normalises `raw`: leading, trailing and repeated `/` and `.` components are dropped;
     /// `..`, NUL, over-long components or paths are rejected with
-    /// [`VolumeError::InvalidArgument`].
-    pub fn parse(raw: &str) -> Result<Self, VolumeError> {
+    /// [`InvalidRequest`].
+    pub fn parse(raw: &str) -> Result<Self, InvalidRequest> {
         if raw.len() > MAX_PATH_BYTES {
-            return Err(VolumeError::invalid(format!("path is {} bytes, the limit is {MAX_PATH_BYTES}", raw.len())));
+            return Err(InvalidRequest::new(format!("path is {} bytes, the limit is {MAX_PATH_BYTES}", raw.len())));
         }
         if raw.contains('\0') {
-            return Err(VolumeError::invalid("path contains a NUL byte"));
+            return Err(InvalidRequest::new("path contains a NUL byte"));
         }
         let mut parts = Vec::new();
         for part in raw.split('/') {
             match part {
                 "" | "." => continue,
-                ".." => return Err(VolumeError::invalid(format!("path {raw:?} contains '..'"))),
+                ".." => return Err(InvalidRequest::new(format!("path {raw:?} contains '..'"))),
                 name => {
                     check_name(name)?;
                     parts.push(name.to_owned());
@@ -52,7 +52,7 @@ impl VolPath {
             }
         }
         if parts.len() > MAX_DEPTH {
-            return Err(VolumeError::invalid(format!("path has {} components, the limit is {MAX_DEPTH}", parts.len())));
+            return Err(InvalidRequest::new(format!("path has {} components, the limit is {MAX_DEPTH}", parts.len())));
         }
         Ok(Self(parts))
     }
@@ -78,7 +78,7 @@ impl VolPath {
     }
 
     /// This path with `name` appended (`name` must be a valid component).
-    pub fn join(&self, name: &str) -> Result<VolPath, VolumeError> {
+    pub fn join(&self, name: &str) -> Result<VolPath, InvalidRequest> {
         check_name(name)?;
         let mut parts = self.0.clone();
         parts.push(name.to_owned());
@@ -92,15 +92,15 @@ impl VolPath {
 }
 
 /// Checks one path component (a directory entry name).
-pub fn check_name(name: &str) -> Result<(), VolumeError> {
+pub fn check_name(name: &str) -> Result<(), InvalidRequest> {
     if name.is_empty() || name == "." || name == ".." {
-        return Err(VolumeError::invalid(format!("invalid name {name:?}")));
+        return Err(InvalidRequest::new(format!("invalid name {name:?}")));
     }
     if name.len() > MAX_NAME_BYTES {
-        return Err(VolumeError::invalid(format!("name is {} bytes, the limit is {MAX_NAME_BYTES}", name.len())));
+        return Err(InvalidRequest::new(format!("name is {} bytes, the limit is {MAX_NAME_BYTES}", name.len())));
     }
     if name.contains('/') || name.contains('\0') {
-        return Err(VolumeError::invalid(format!("name {name:?} contains '/' or NUL")));
+        return Err(InvalidRequest::new(format!("name {name:?} contains '/' or NUL")));
     }
     Ok(())
 }
