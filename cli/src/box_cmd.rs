@@ -1,7 +1,6 @@
 //! `sail box ...` and `sail doctor`: sailboxes through vmm-host's gRPC API.
 
 use std::io::{Read, Write};
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
@@ -44,8 +43,10 @@ impl From<tonic::Status> for BoxError {
 #[derive(Subcommand)]
 pub enum BoxCmd {
     /// Create a sailbox; returns once it runs (prints its id, or the sailbox with --json).
+    #[command(after_help = crate::help::BOX_CREATE)]
     Create(CreateArgs),
     /// List sailboxes (not terminated ones, unless --all).
+    #[command(after_help = crate::help::BOX_LS)]
     Ls {
         #[arg(long)]
         app: Option<String>,
@@ -57,12 +58,14 @@ pub enum BoxCmd {
         max_guest_schema_version: Option<u32>,
     },
     /// Show one sailbox (`--connect` resumes a paused or sleeping one first).
+    #[command(after_help = crate::help::BOX_INFO)]
     Info {
         id: String,
         #[arg(long)]
         connect: bool,
     },
     /// Show a sailbox's listeners and whether they route; --wait waits until PORT routes.
+    #[command(after_help = crate::help::BOX_LISTENERS)]
     Listeners {
         id: String,
         #[arg(long)]
@@ -71,9 +74,11 @@ pub enum BoxCmd {
         #[arg(long)]
         wait: Option<u64>,
     },
-    /// Run a shell command; streams its output and exits with its exit code.
+    /// Run a command; streams its output and exits with its exit code.
+    #[command(after_help = crate::help::BOX_EXEC)]
     Exec(ExecArgs),
     /// Wait for an exec request by id (after the client went away); prints its output.
+    #[command(after_help = crate::help::BOX_WAIT)]
     Wait {
         exec_id: String,
         /// Give up after this many seconds.
@@ -81,6 +86,7 @@ pub enum BoxCmd {
         timeout: Option<u64>,
     },
     /// Write stdin to a file in the sailbox (parents are created).
+    #[command(after_help = crate::help::BOX_WRITE)]
     Write {
         id: String,
         path: String,
@@ -89,14 +95,19 @@ pub enum BoxCmd {
         mode: String,
     },
     /// Write a file of the sailbox to stdout.
+    #[command(after_help = crate::help::BOX_READ)]
     Read { id: String, path: String },
     /// Terminate a sailbox for good.
+    #[command(after_help = crate::help::BOX_TERMINATE)]
     Terminate { id: String },
     /// Snapshot memory and disk while it keeps running (prints the checkpoint).
+    #[command(after_help = crate::help::BOX_CHECKPOINT)]
     Checkpoint { id: String },
     /// Checkpoint and power down until `resume` (exec fails, ingress does not wake it).
+    #[command(after_help = crate::help::BOX_PAUSE)]
     Pause { id: String },
     /// Checkpoint and power down until ingress, an exec, `resume` or `--call` completing.
+    #[command(after_help = crate::help::BOX_SLEEP)]
     Sleep {
         id: String,
         /// Sleep while this external call is in flight (`complete-call` wakes it).
@@ -104,12 +115,16 @@ pub enum BoxCmd {
         call: Option<String>,
     },
     /// Start a paused or sleeping sailbox again.
+    #[command(after_help = crate::help::BOX_RESUME)]
     Resume { id: String },
     /// The external call a sleep waits on completed.
+    #[command(after_help = crate::help::BOX_COMPLETE_CALL)]
     CompleteCall { id: String, call: String },
     /// A new running sailbox from this one's state (prints the child like `create`).
+    #[command(after_help = crate::help::BOX_FORK)]
     Fork { id: String },
     /// A new running sailbox from a checkpoint id (from any host sharing the chunk store).
+    #[command(after_help = crate::help::BOX_RESTORE)]
     Restore {
         checkpoint: String,
         #[arg(long, default_value = "")]
@@ -120,6 +135,7 @@ pub enum BoxCmd {
         ports: Vec<u32>,
     },
     /// Reboot onto the newest agent (recorded for the next wake if paused or sleeping).
+    #[command(after_help = crate::help::BOX_UPGRADE)]
     Upgrade { id: String },
 }
 
@@ -157,7 +173,7 @@ pub struct ExecArgs {
     /// Print only the exec id and return at once (wait later with `sail box wait`).
     #[arg(long)]
     detach: bool,
-    /// The command (several words are joined with spaces, like ssh).
+    /// The program and its arguments, passed as given; a single word is a shell command line.
     #[arg(last = true, required = true)]
     command: Vec<String>,
 }
@@ -168,7 +184,7 @@ async fn client(endpoint: &str) -> anyhow::Result<Client> {
         .tcp_nodelay(true)
         .connect()
         .await
-        .with_context(|| format!("connecting to {endpoint} (is `sail up` running?)"))?;
+        .map_err(|e| crate::output::ServiceUnreachable::new(endpoint, &e))?;
     Ok(SailboxServiceClient::new(channel).max_decoding_message_size(64 << 20))
 }
 
@@ -211,7 +227,7 @@ fn print_state(s: pb::Sailbox, json: bool) {
     if json {
         println!("{}", sailbox_json(&s));
     } else {
-        eprintln!("{} {}", s.sailbox_id, state_name(s.state));
+        crate::note!("{} {}", s.sailbox_id, state_name(s.state));
     }
 }
 
@@ -276,7 +292,7 @@ pub async fn run(endpoint: &str, json: bool, cmd: BoxCmd) -> anyhow::Result<u8> 
         BoxCmd::Fork { id } => fork(&mut c, id, json).await?,
         BoxCmd::Restore { checkpoint, app, name, ports } => {
             let req = pb::RestoreRequest { checkpoint_id: checkpoint, app, name, ingress_ports: ports };
-            let s = c.restore_sailbox(req).await.map_err(BoxError::from)?.into_inner();
+            let s = crate::output::spin("restoring", c.restore_sailbox(req)).await.map_err(BoxError::from)?.into_inner();
             if json {
                 println!("{}", sailbox_json(&s));
             } else {
@@ -297,11 +313,7 @@ pub async fn run(endpoint: &str, json: bool, cmd: BoxCmd) -> anyhow::Result<u8> 
         BoxCmd::Read { id, path } => read(&mut c, id, path).await?,
         BoxCmd::Terminate { id } => {
             let s = c.terminate(pb::TerminateRequest { sailbox_id: id }).await.map_err(BoxError::from)?.into_inner();
-            if json {
-                println!("{}", sailbox_json(&s));
-            } else {
-                eprintln!("{} {}", s.sailbox_id, state_name(s.state));
-            }
+            print_state(s, json);
         }
     }
     Ok(0)
@@ -320,12 +332,12 @@ async fn create(c: &mut Client, a: CreateArgs, json: bool) -> anyhow::Result<()>
         ingress_ports: a.ports,
         volumes: Default::default(),
     };
-    let s = c.create_sailbox(req).await.map_err(BoxError::from)?.into_inner();
+    let s = crate::output::spin("booting the sailbox", c.create_sailbox(req)).await.map_err(BoxError::from)?.into_inner();
     if json {
         println!("{}", sailbox_json(&s));
     } else {
         println!("{}", s.sailbox_id);
-        eprintln!("sailbox {} running ({} in {} ms)", s.sailbox_id, s.accelerator, s.boot_ms);
+        crate::note!("sailbox {} running ({} in {} ms)", s.sailbox_id, s.accelerator, s.boot_ms);
     }
     Ok(())
 }
@@ -361,12 +373,13 @@ async fn ls(c: &mut Client, app: Option<String>, all: bool, max_schema: Option<u
 
 /// `sail box checkpoint`.
 async fn checkpoint(c: &mut Client, id: String, json: bool) -> anyhow::Result<()> {
-    let ck = c.checkpoint_sailbox(pb::SailboxIdRequest { sailbox_id: id }).await.map_err(BoxError::from)?.into_inner();
+    let call = c.checkpoint_sailbox(pb::SailboxIdRequest { sailbox_id: id });
+    let ck = crate::output::spin("checkpointing memory and disk", call).await.map_err(BoxError::from)?.into_inner();
     if json {
         println!("{}", checkpoint_json(&ck));
     } else {
         println!("{}", ck.checkpoint_id);
-        eprintln!(
+        crate::note!(
             "paused {} ms, durable after {} ms; memory: {} changed, {} uploaded of {}; disk: {} changed, {} uploaded",
             ck.pause_ms,
             ck.total_ms,
@@ -382,7 +395,8 @@ async fn checkpoint(c: &mut Client, id: String, json: bool) -> anyhow::Result<()
 
 /// `sail box fork`.
 async fn fork(c: &mut Client, id: String, json: bool) -> anyhow::Result<()> {
-    let r = c.fork(pb::SailboxIdRequest { sailbox_id: id }).await.map_err(BoxError::from)?.into_inner();
+    let call = c.fork(pb::SailboxIdRequest { sailbox_id: id });
+    let r = crate::output::spin("forking", call).await.map_err(BoxError::from)?.into_inner();
     let child = r.child.unwrap_or_default();
     if json {
         let mut v = sailbox_json(&child);
@@ -390,7 +404,7 @@ async fn fork(c: &mut Client, id: String, json: bool) -> anyhow::Result<()> {
         println!("{v}");
     } else {
         println!("{}", child.sailbox_id);
-        eprintln!("forked from {} ({} ms to the child's agent)", child.forked_from, child.boot_ms);
+        crate::note!("forked from {} ({} ms to the child's agent)", child.forked_from, child.boot_ms);
     }
     Ok(())
 }
@@ -404,9 +418,9 @@ async fn upgrade(c: &mut Client, id: String, json: bool) -> anyhow::Result<()> {
         v["applied"] = serde_json::json!(r.applied);
         println!("{v}");
     } else if r.applied {
-        eprintln!("{} runs agent schema {}", s.sailbox_id, s.guest_schema_version);
+        crate::note!("{} runs agent schema {}", s.sailbox_id, s.guest_schema_version);
     } else {
-        eprintln!("{} is {}: the upgrade applies at its next wake", s.sailbox_id, state_name(s.state));
+        crate::note!("{} is {}: the upgrade applies at its next wake", s.sailbox_id, state_name(s.state));
     }
     Ok(())
 }
@@ -434,7 +448,7 @@ async fn listeners(c: &mut Client, id: String, port: Option<u32>, wait: Option<u
 async fn exec(c: &mut Client, a: ExecArgs, json: bool) -> anyhow::Result<u8> {
     let req = pb::ExecRequest {
         sailbox_id: a.id,
-        command: a.command.join(" "),
+        command: command_line(&a.command),
         cwd: a.cwd.unwrap_or_default(),
         timeout_ms: a.timeout.map(|s| s * 1000).unwrap_or(0),
         background: a.background,
@@ -448,6 +462,28 @@ async fn exec(c: &mut Client, a: ExecArgs, json: bool) -> anyhow::Result<u8> {
     stream_output(c, &handle.exec_id, json).await
 }
 
+/// The shell command line the wire carries for the words after `--`: one word is a command
+/// line as typed (`-- 'make && echo ok'`); several words are a program and its arguments,
+/// each quoted for the guest's POSIX shell so it reaches the program unchanged (as
+/// `docker exec` and `kubectl exec` pass them).
+pub(crate) fn command_line(words: &[String]) -> String {
+    match words {
+        [one] => one.clone(),
+        words => words.iter().map(|w| shell_quote(w)).collect::<Vec<_>>().join(" "),
+    }
+}
+
+/// `word` as one POSIX shell word: left bare when it has only characters no shell treats
+/// specially, otherwise single-quoted (a `'` inside becomes `'\''`).
+fn shell_quote(word: &str) -> String {
+    // No `=`: a bare `A=b` first word would be an assignment, not a program name.
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_-.,/:@%+".contains(c);
+    if !word.is_empty() && word.chars().all(plain) {
+        return word.to_owned();
+    }
+    format!("'{}'", word.replace('\'', "'\\''"))
+}
+
 /// `sail box write`: stdin to a file in the sailbox.
 async fn write(c: &mut Client, id: String, path: String, mode: String, json: bool) -> anyhow::Result<()> {
     let mode = u32::from_str_radix(mode.trim_start_matches("0o"), 8)
@@ -456,7 +492,7 @@ async fn write(c: &mut Client, id: String, path: String, mode: String, json: boo
     if json {
         println!("{}", serde_json::json!({"bytes_written": written}));
     } else {
-        eprintln!("wrote {}", crate::human(written));
+        crate::note!("wrote {}", crate::human(written));
     }
     Ok(())
 }
@@ -476,11 +512,8 @@ async fn read(c: &mut Client, id: String, path: String) -> anyhow::Result<()> {
 async fn ensure_image(c: &mut Client, image: &str, json: bool) -> anyhow::Result<()> {
     let mut stream =
         c.ensure_image(pb::EnsureImageRequest { image: image.to_owned() }).await.map_err(BoxError::from)?.into_inner();
-    let bar = (!json).then(|| {
-        let b = indicatif::ProgressBar::new_spinner();
-        b.enable_steady_tick(Duration::from_millis(120));
-        b
-    });
+    let _ = json; // --json and --quiet draw no spinner (output::spinner).
+    let bar = crate::output::spinner("image");
     let mut saw_work = false;
     while let Some(msg) = stream.next().await {
         let msg = msg.map_err(BoxError::from)?;
@@ -650,4 +683,51 @@ pub async fn doctor(endpoint: &str, json: bool) -> anyhow::Result<u8> {
         }
     }
     Ok(if ok { 0 } else { 1 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::command_line;
+
+    fn words(w: &[&str]) -> Vec<String> {
+        w.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// What a real POSIX shell hands the program for the line: one argument per line.
+    fn argv_seen_by_sh(line: &str) -> Vec<String> {
+        let out = std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(format!("printargs() {{ for a in \"$@\"; do printf '%s\\0' \"$a\"; done; }}; printargs {line}"))
+            .output()
+            .expect("running /bin/sh");
+        assert!(out.status.success(), "sh failed on {line:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let s = String::from_utf8(out.stdout).expect("utf-8");
+        s.split_terminator('\0').map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn several_words_reach_the_program_unchanged() {
+        let cases: &[&[&str]] = &[
+            &["ls", "-la", "/srv/a b"],
+            &["sh", "-c", "echo hi"],
+            &["printf", "%s|", "a", "b c", "it's", "$HOME", "*", "", "back\\slash", "new\nline", "A=b", "~", "`id`", "\"q\""],
+            &["--", "-n", ";", "&&", "|", ">", "(", "#x"],
+        ];
+        for case in cases {
+            let line = command_line(&words(case));
+            assert_eq!(argv_seen_by_sh(&line), words(case), "line {line:?}");
+        }
+    }
+
+    #[test]
+    fn one_word_is_a_shell_command_line() {
+        assert_eq!(command_line(&words(&["make test && echo ok"])), "make test && echo ok");
+        assert_eq!(argv_seen_by_sh(&command_line(&words(&["a 'b c'"]))), ["a", "b c"]);
+    }
+
+    #[test]
+    fn plain_words_stay_bare() {
+        assert_eq!(command_line(&words(&["ls", "-la", "/srv/x.txt"])), "ls -la /srv/x.txt");
+        assert_eq!(command_line(&words(&["echo", "A=b"])), "echo 'A=b'");
+    }
 }

@@ -1,7 +1,7 @@
 //! `sail`: the command-line tool for volumes and sailboxes.
 //!
-//! Exit codes: 0 success, 1 server or transport error, 2 user error (bad arguments, not
-//! found, invalid input).
+//! Exit codes: 0 success, 1 server or transport error (the service not running included),
+//! 2 user error (bad arguments, not found, invalid input).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -15,13 +15,17 @@ use volume_client::{ClientError, FileUpload, VolumeClient};
 use volumed::server::{Server, ServerConfig};
 
 mod box_cmd;
+mod help;
 mod mount_cmd;
+mod output;
+
+pub(crate) use output::{UserError, human, note, quiet, short};
 
 /// Default address of `sail up`, and of clients when SAIL_ENDPOINT is unset.
 const DEFAULT_LISTEN: &str = "127.0.0.1:7420";
 
 #[derive(Parser)]
-#[command(name = "sail", version, about = "Volumes and sailboxes")]
+#[command(name = "sail", version, about = "Volumes and sailboxes", after_help = help::SAIL)]
 struct Cli {
     /// volumed endpoint.
     #[arg(long, global = true, env = "SAIL_ENDPOINT", default_value = "http://127.0.0.1:7420")]
@@ -32,6 +36,9 @@ struct Cli {
     /// Print machine-readable JSON.
     #[arg(long, global = true)]
     json: bool,
+    /// Print only results (ids, data): no progress, notes or summaries.
+    #[arg(long, short, global = true)]
+    quiet: bool,
     /// Read chunks through this verified cache directory (shared by every reader on the host).
     #[arg(long, global = true, env = "SAIL_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
@@ -45,6 +52,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the services in the foreground on the embedded local defaults.
+    #[command(after_help = help::UP)]
     Up {
         /// Data directory (default: $XDG_DATA_HOME/sail or ~/.local/share/sail).
         #[arg(long)]
@@ -54,30 +62,42 @@ enum Command {
         listen: std::net::SocketAddr,
     },
     /// Manage volumes.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = help::VOLUME)]
     Volume(VolumeCmd),
     /// Manage sailboxes (microVMs).
-    #[command(subcommand, name = "box")]
+    #[command(subcommand, name = "box", after_help = help::BOX)]
     Sailbox(box_cmd::BoxCmd),
     /// Check what this host needs to run sailboxes (accelerator, VMM, kernel, agent).
+    #[command(after_help = help::DOCTOR)]
     Doctor,
+    /// Print a shell completion script (bash, zsh, fish, elvish or powershell).
+    #[command(after_help = help::COMPLETIONS)]
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Subcommand)]
 enum VolumeCmd {
     /// Create a volume (no error if it exists).
+    #[command(after_help = help::VOLUME_CREATE)]
     Create { name: String },
     /// List volumes.
+    #[command(after_help = help::VOLUME_LS)]
     Ls,
     /// Delete a volume (its chunks stay until garbage collection).
+    #[command(after_help = help::VOLUME_RM)]
     Rm { name: String },
     /// Show the commit log, newest first.
+    #[command(after_help = help::VOLUME_LOG)]
     Log {
         name: String,
         #[arg(long, default_value_t = 20)]
         limit: u32,
     },
     /// Upload local files or directories into a volume as one commit.
+    #[command(after_help = help::VOLUME_PUT)]
     Put {
         name: String,
         /// Local files or directories.
@@ -88,30 +108,39 @@ enum VolumeCmd {
         dest: String,
     },
     /// Write a file of the volume's head to stdout.
+    #[command(after_help = help::VOLUME_CAT)]
     Cat { name: String, path: String },
     /// List a directory of the volume's head.
+    #[command(after_help = help::VOLUME_LIST)]
     List {
         name: String,
         #[arg(default_value = "")]
         path: String,
     },
     /// Mount a volume lazily through FUSE (detached unless --foreground).
+    #[command(after_help = help::VOLUME_MOUNT)]
     Mount(mount_cmd::MountArgs),
     /// Commit a mount's local changes; prints the commit id.
+    #[command(after_help = help::VOLUME_COMMIT)]
     Commit { path: PathBuf },
     /// Switch a mount to the newest commit (discards its uncommitted changes).
+    #[command(after_help = help::VOLUME_RELOAD)]
     Reload { path: PathBuf },
     /// Show a mount's head, dirty files and cache counters.
+    #[command(after_help = help::VOLUME_STATUS)]
     Status { path: PathBuf },
     /// Unmount (a mount whose helper died is detached).
+    #[command(after_help = help::VOLUME_UNMOUNT)]
     Unmount { path: PathBuf },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let json = cli.json;
+    output::init(cli.quiet, cli.json);
+    let default_filter = if cli.quiet { "warn" } else { "info" };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()))
         .with_writer(std::io::stderr)
         .init();
     let rt = match tokio::runtime::Runtime::new() {
@@ -159,11 +188,6 @@ const USER_ERRORS: &[&str] = &[
     "VolumeFuseUnavailableError",
 ];
 
-/// An error in what the user asked for (exit code 2).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub(crate) struct UserError(pub(crate) String);
-
 fn default_data_dir() -> PathBuf {
     if let Some(x) = std::env::var_os("XDG_DATA_HOME") {
         return PathBuf::from(x).join("sail");
@@ -177,6 +201,10 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Up { data_dir, listen } => up(data_dir.unwrap_or_else(default_data_dir), listen).await,
         Command::Sailbox(cmd) => box_cmd::run(&cli.endpoint, cli.json, cmd).await,
         Command::Doctor => box_cmd::doctor(&cli.endpoint, cli.json).await,
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "sail", &mut std::io::stdout());
+            Ok(0)
+        }
         Command::Volume(cmd) => {
             let g = mount_cmd::Globals {
                 endpoint: cli.endpoint,
@@ -226,7 +254,10 @@ async fn volume_command(g: mount_cmd::Globals, cmd: VolumeCmd) -> anyhow::Result
         VolumeCmd::Status { path } => Box::new(move || mount_cmd::status(&g, &path)),
         VolumeCmd::Unmount { path } => Box::new(move || mount_cmd::unmount(&g, &path)),
         cmd => {
-            let mut client = VolumeClient::connect(&g.endpoint).await?;
+            let mut client = VolumeClient::connect(&g.endpoint).await.map_err(|e| match e {
+                ClientError::Connect { .. } => anyhow::Error::new(output::ServiceUnreachable::new(&g.endpoint, &e)),
+                e => e.into(),
+            })?;
             if let Some(dir) = &g.cache_dir {
                 let cache = chunkstore::ChunkCache::open(dir, g.cache_mib << 20)
                     .with_context(|| format!("opening chunk cache {}", dir.display()))?;
@@ -245,14 +276,14 @@ async fn volume(mut c: VolumeClient, org: String, json: bool, cmd: VolumeCmd) ->
             let v = c.get_volume(&org, &name, true).await?;
             if json {
                 println!("{}", volume_json(&v));
-            } else {
+            } else if !quiet() {
                 println!("volume {}/{} (id {}, head {})", v.org, v.name, v.id, short(&v.head));
             }
         }
         VolumeCmd::Ls => volume_ls(&mut c, &org, json).await?,
         VolumeCmd::Rm { name } => {
             c.grpc().delete_volume(pb::DeleteVolumeRequest { volume: vref(&name) }).await.map_err(ClientError::from)?;
-            if !json {
+            if !json && !quiet() {
                 println!("deleted {org}/{name}");
             }
         }
@@ -324,7 +355,8 @@ async fn volume_put(
     let bytes: u64 = files.iter().map(|f| f.data.len() as u64).sum();
     let count = files.len();
     let head = c.head(org, name).await?.commit;
-    let r = c.commit_files(org, name, &head, files, &[]).await?;
+    let work = format!("uploading {count} files ({})", human(bytes));
+    let r = output::spin(work, c.commit_files(org, name, &head, files, &[])).await?;
     let up = c.last_upload;
     if json {
         println!(
@@ -333,6 +365,8 @@ async fn volume_put(
             "bytes": bytes, "chunks_uploaded": up.chunks_uploaded, "bytes_uploaded": up.bytes_uploaded,
             "chunks_skipped": up.chunks_skipped, "seconds": started.elapsed().as_secs_f64()})
         );
+    } else if quiet() {
+        println!("{}", r.commit);
     } else {
         println!(
             "committed {count} files ({}) as #{} {} in {:.0?}: uploaded {} chunks ({}), {} already stored{}",
@@ -378,7 +412,7 @@ fn volume_json(v: &pb::Volume) -> serde_json::Value {
 fn file_name(p: &Path) -> anyhow::Result<String> {
     let name = p
         .canonicalize()
-        .with_context(|| format!("reading {}", p.display()))?
+        .map_err(|e| UserError(format!("{}: {e}", p.display())))?
         .file_name()
         .map(|n| n.to_string_lossy().into_owned());
     name.ok_or_else(|| UserError(format!("{} has no file name", p.display())).into())
@@ -391,7 +425,7 @@ fn join(dir: &str, name: &str) -> String {
 /// Reads a local file or directory tree (symlinks skipped) into uploads.
 fn collect(local: &Path, dest: &str, out: &mut Vec<FileUpload>) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::symlink_metadata(local).with_context(|| format!("reading {}", local.display()))?;
+    let meta = std::fs::symlink_metadata(local).map_err(|e| UserError(format!("{}: {e}", local.display())))?;
     if meta.is_dir() {
         for entry in std::fs::read_dir(local)? {
             let entry = entry?;
@@ -411,20 +445,4 @@ fn collect(local: &Path, dest: &str, out: &mut Vec<FileUpload>) -> anyhow::Resul
         bail!(UserError(format!("{} is not a regular file or directory", local.display())));
     }
     Ok(())
-}
-
-/// The first 12 characters of an id, for display (ids come from the server: never slice blindly).
-pub(crate) fn short(id: &str) -> &str {
-    id.get(..12).unwrap_or(id)
-}
-
-pub(crate) fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", UNITS[unit]) }
 }

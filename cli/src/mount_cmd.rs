@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use guest_fuse::{ControlClient, ControlError, MountOptions, is_mounted};
 
-use crate::{UserError, human, short};
+use crate::{UserError, human, quiet, short};
 
 /// Options of `sail volume mount`.
 #[derive(clap::Args, Debug, Clone)]
@@ -73,14 +73,19 @@ pub fn mount(g: &Globals, a: MountArgs) -> anyhow::Result<()> {
     let opts = mount_options(g, &a, mountpoint.clone());
     if a.foreground {
         return guest_fuse::run(opts, |socket| {
-            eprintln!("mounted {} at {}; control socket {}", a.name, mountpoint.display(), socket.display())
+            crate::note!("mounted {} at {}; control socket {}", a.name, mountpoint.display(), socket.display())
         });
     }
     // Detach: re-run this binary in the foreground in its own session, logging to a file.
     let log_path = guest_fuse::default_socket_path(&mountpoint).with_extension("log");
     let started = Instant::now();
     let child = spawn_helper(g, &a, &opts, &log_path)?;
-    wait_ready(g, &a, &mountpoint, child, &log_path, started)
+    let bar = crate::output::spinner(format!("mounting {}", a.name));
+    let ready = wait_ready(g, &a, &mountpoint, child, &log_path, started);
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    ready
 }
 
 /// What the FUSE helper gets: the globals, the arguments, and the default cache and overlay
@@ -161,7 +166,7 @@ fn wait_ready(
                     serde_json::json!({"mountpoint": mountpoint, "volume": a.name, "head": st.head,
                     "pid": st.pid, "log": log_path, "ms": started.elapsed().as_secs_f64() * 1e3})
                 );
-            } else {
+            } else if !quiet() {
                 println!(
                     "mounted {}/{} at {} (head {}) in {:.0?}; helper pid {}, log {}",
                     g.org,
@@ -187,25 +192,24 @@ fn client(path: &Path) -> anyhow::Result<ControlClient> {
     Ok(ControlClient::for_mount(path)?)
 }
 
-/// A spinner on stderr while a long call runs (only on a terminal, never with --json).
-fn with_spinner<T>(json: bool, msg: &str, f: impl FnOnce() -> Result<T, ControlError>) -> Result<T, ControlError> {
-    use std::io::IsTerminal;
-    if json || !std::io::stderr().is_terminal() {
-        return f();
-    }
-    let bar = indicatif::ProgressBar::new_spinner().with_message(msg.to_owned());
-    bar.enable_steady_tick(Duration::from_millis(100));
+/// A spinner on stderr while a long call runs (see [`crate::output::spinner`]).
+fn with_spinner<T>(msg: &str, f: impl FnOnce() -> Result<T, ControlError>) -> Result<T, ControlError> {
+    let bar = crate::output::spinner(msg);
     let r = f();
-    bar.finish_and_clear();
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
     r
 }
 
 /// `sail volume commit PATH`.
 pub fn commit(g: &Globals, path: &Path) -> anyhow::Result<()> {
     let c = client(path)?;
-    let o = with_spinner(g.json, "committing", || c.commit())?;
+    let o = with_spinner("committing", || c.commit())?;
     if g.json {
         println!("{}", serde_json::to_string(&o)?);
+    } else if quiet() {
+        println!("{}", o.commit);
     } else if o.seq == 0 {
         println!("nothing to commit; head {}", short(&o.commit));
     } else {
@@ -227,10 +231,10 @@ pub fn commit(g: &Globals, path: &Path) -> anyhow::Result<()> {
 
 /// `sail volume reload PATH`.
 pub fn reload(g: &Globals, path: &Path) -> anyhow::Result<()> {
-    let o = with_spinner(g.json, "reloading", || client(path).map_err(to_control)?.reload())?;
+    let o = with_spinner("reloading", || client(path).map_err(to_control)?.reload())?;
     if g.json {
         println!("{}", serde_json::to_string(&o)?);
-    } else {
+    } else if !quiet() {
         println!(
             "reloaded to {} (was {}); {} local changes discarded; {:.1} ms",
             short(&o.commit),
@@ -320,7 +324,7 @@ pub fn unmount(g: &Globals, path: &Path) -> anyhow::Result<()> {
     }
     if g.json {
         println!("{}", serde_json::json!({"unmounted": path}));
-    } else {
+    } else if !quiet() {
         println!("unmounted {}", path.display());
     }
     Ok(())
