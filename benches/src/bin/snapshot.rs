@@ -154,8 +154,7 @@ async fn checkpoint_row(
 
 /// Drops clean page cache so memory deltas are comparable.
 fn drop_caches() {
-    // SAFETY: sync takes no arguments.
-    unsafe { libc::sync() };
+    rustix::fs::sync();
     let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
 }
 
@@ -193,7 +192,7 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// 1. Checkpoints of a 1 GiB guest after dirtying a share of its memory (printed when
+/// Section 1: checkpoints of a 1 GiB guest after dirtying a share of its memory (printed when
 /// `checkpoint`), then the disk rows (returned when `disk`, for printing last).
 async fn checkpoints_and_disk(
     c: &mut Client,

@@ -53,14 +53,10 @@ fn on_thread<T: Send>(cpu: Option<usize>, f: impl FnOnce() -> anyhow::Result<T> 
 
 /// Lets the calling thread run only on `cpu`.
 fn pin(cpu: usize) -> anyhow::Result<()> {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes inside it (the CPU
-    // numbers passed here are 0 and 1, below CPU_SETSIZE).
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    unsafe { libc::CPU_SET(cpu, &mut set) };
-    // SAFETY: set is a valid cpu_set_t of the size passed; 0 means the calling thread.
-    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
-    anyhow::ensure!(rc == 0, "sched_setaffinity(CPU {cpu}): {}", std::io::Error::last_os_error());
-    Ok(())
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(cpu);
+    // None: the calling thread.
+    rustix::thread::sched_setaffinity(None, &set).map_err(|e| anyhow::anyhow!("sched_setaffinity(CPU {cpu}): {e}"))
 }
 
 /// Median and p99 of `rounds` ping-pongs over a socket pair, the two ends on threads pinned
@@ -95,14 +91,15 @@ fn ping_pong(rounds: usize, cpus: Option<(usize, usize)>) -> anyhow::Result<(Dur
 /// Median and p99 of `rounds` getxattr calls on `mount` (a FUSE round trip each), made from
 /// a thread on `cpu` (None: placed by the scheduler).
 fn fuse_getxattr(rounds: usize, mount: &std::path::Path, cpu: Option<usize>) -> anyhow::Result<(Duration, Duration)> {
+    // NUL-terminated once, outside the timed loop.
     let path = std::ffi::CString::new(mount.as_os_str().as_encoded_bytes())?;
     let name = std::ffi::CString::new(CONTROL_XATTR)?;
     on_thread(cpu, || {
         let mut buf = [0u8; 4096];
         timed(rounds, || {
-            // SAFETY: path and name are NUL-terminated; buf is writable for its length.
-            let n = unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-            anyhow::ensure!(n > 0, "getxattr {}: {}", mount.display(), std::io::Error::last_os_error());
+            let n = rustix::fs::getxattr(path.as_c_str(), name.as_c_str(), &mut buf[..])
+                .map_err(|e| anyhow::anyhow!("getxattr {}: {e}", mount.display()))?;
+            anyhow::ensure!(n > 0, "getxattr {}: empty value", mount.display());
             Ok(())
         })
     })
