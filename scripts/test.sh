@@ -12,6 +12,11 @@ export PATH="$HOME/.cargo/bin:$PATH"
 cargo fmt --all --check
 # Release everywhere: one compile serves tests, benches and binaries.
 cargo build --release --workspace --all-targets
+# Lints: clippy under [workspace.lints] (Cargo.toml), every warning an error. --release
+# shares the build scripts' outputs (RocksDB's C++ build) with the build above.
+cargo clippy --release --workspace --all-targets -- -D warnings
+# The crate graph keeps its directions, and docs/architecture.md shows the real one.
+python3 scripts/crate-graph.py --check >/dev/null
 # vmm-host links the cowfs library only; the FUSE daemon (cowfsd, fuser) stays out of it.
 vmm_tree=$(cargo tree -p vmm-host -e normal); if grep -q fuser <<<"$vmm_tree"; then echo "error: vmm-host links fuser (it must use the cowfs library, not the cowfsd daemon)" >&2; exit 1; fi
 # The FUSE mount helper runs inside guests: its normal dependencies must never reach the
@@ -43,8 +48,10 @@ if [ "$fuzz_seconds" -gt 0 ]; then
     (cd fuzz && cargo fuzz build --release --sanitizer none)
     for target in tree_node_decode commit_validate path_normalize batch_frames; do
         echo "fuzz: $target for ${fuzz_seconds}s"
-        mkdir -p "fuzz/corpus/$target"
-        (cd fuzz && cargo fuzz run --release --sanitizer none "$target" "corpus/$target" -- \
+        mkdir -p "fuzz/corpus/$target" "fuzz/seeds/$target"
+        # New inputs go to corpus/ (not committed); seeds/ holds committed valid inputs
+        # so every run reaches the accept path from its first second.
+        (cd fuzz && cargo fuzz run --release --sanitizer none "$target" "corpus/$target" "seeds/$target" -- \
             -max_total_time="$fuzz_seconds" -print_final_stats=1 2>&1 | tail -n 12)
     done
 fi
