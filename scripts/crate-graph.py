@@ -4,6 +4,7 @@
     python3 scripts/crate-graph.py            print the graph (normal dependencies only)
     python3 scripts/crate-graph.py --check    also fail if docs/architecture.md's graph
                                               differs, or a forbidden arrow exists
+    python3 scripts/crate-graph.py --write    rewrite the graph in docs/architecture.md
 
 The graph in docs/architecture.md (between the `crate-graph` markers) is this script's output,
 so the picture a reader sees is the one `cargo tree` would show. Dev-dependencies (tests
@@ -71,6 +72,12 @@ def main():
     edges = graph()
     text = render(edges)
     print(text)
+    if "--write" in sys.argv:
+        doc = DOC.read_text()
+        head, rest = doc.split(BEGIN, 1)
+        tail = rest.split(END, 1)[1]
+        DOC.write_text(f"{head}{BEGIN}\n```\n{text}\n```\n{END}{tail}")
+        return 0
     if "--check" not in sys.argv:
         return 0
     bad = []
