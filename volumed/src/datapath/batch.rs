@@ -24,6 +24,7 @@ use serde::Deserialize;
 
 use crate::datapath::http::ChunkHttpState;
 use crate::datapath::sign::SignedParams;
+use crate::error::VolumeError;
 use volume_model::batch::{BATCH_MAX_BYTES, BATCH_MAX_CHUNKS, BatchDigest, FrameError, FrameParser};
 
 #[derive(Deserialize)]
@@ -39,33 +40,42 @@ pub(crate) struct BatchParams {
 enum BatchFailure {
     /// The URL is forged or expired.
     #[error("{0}")]
-    Signature(String),
+    Signature(#[source] VolumeError),
     /// The body's chunk list is not the signed one.
     #[error("{0}")]
     List(String),
-    /// Malformed body: framing, length.
+    /// Malformed body: length, count.
     #[error("{0}")]
     Body(String),
+    /// The body could not be read.
+    #[error("reading request body: {0}")]
+    ReadBody(#[source] axum::Error),
+    /// Malformed framing.
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+    /// A chunk larger than the store takes.
+    #[error("{0}")]
+    TooLarge(#[source] ChunkError),
     /// A chunk's bytes do not hash to its id.
     #[error("{0}")]
-    Integrity(String),
-    /// Storage failed.
+    Integrity(#[source] ChunkError),
+    /// The chunk store failed writing the batch.
     #[error("{0}")]
-    Storage(String),
-}
-
-impl From<FrameError> for BatchFailure {
-    fn from(e: FrameError) -> Self {
-        BatchFailure::Body(e.to_string())
-    }
+    Chunk(#[source] ChunkError),
+    /// Recording the chunks in the metadata store failed.
+    #[error("{0}")]
+    Record(#[source] VolumeError),
+    /// The writer thread panicked or was cancelled.
+    #[error("batch writer failed: {0}")]
+    Writer(#[source] tokio::task::JoinError),
 }
 
 impl From<ChunkError> for BatchFailure {
     fn from(e: ChunkError) -> Self {
         match e {
-            ChunkError::Integrity { .. } => BatchFailure::Integrity(e.to_string()),
-            ChunkError::TooLarge { .. } => BatchFailure::Body(e.to_string()),
-            other => BatchFailure::Storage(other.to_string()),
+            ChunkError::Integrity { .. } => BatchFailure::Integrity(e),
+            ChunkError::TooLarge { .. } => BatchFailure::TooLarge(e),
+            other => BatchFailure::Chunk(other),
         }
     }
 }
@@ -74,9 +84,11 @@ impl BatchFailure {
     fn status(&self) -> StatusCode {
         match self {
             BatchFailure::Signature(_) | BatchFailure::List(_) => StatusCode::FORBIDDEN,
-            BatchFailure::Body(_) => StatusCode::BAD_REQUEST,
+            BatchFailure::Body(_) | BatchFailure::ReadBody(_) | BatchFailure::Frame(_) | BatchFailure::TooLarge(_) => {
+                StatusCode::BAD_REQUEST
+            }
             BatchFailure::Integrity(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            BatchFailure::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            BatchFailure::Chunk(_) | BatchFailure::Record(_) | BatchFailure::Writer(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }
@@ -122,7 +134,7 @@ async fn receive(
         return Err(BatchFailure::Body("batch digest must be 64 lowercase hex digits".into()));
     }
     let params = SignedParams { exp: p.exp, len: p.len, sig: p.sig };
-    state.signer.verify_batch(&digest, p.n, &params).map_err(|e| BatchFailure::Signature(e.to_string()))?;
+    state.signer.verify_batch(&digest, p.n, &params).map_err(BatchFailure::Signature)?;
     let (n, len) = (p.n, params.len);
     if n == 0 || n > BATCH_MAX_CHUNKS as u64 || len > BATCH_MAX_BYTES {
         return Err(BatchFailure::Body(format!(
@@ -164,7 +176,7 @@ async fn receive(
         let received = started.elapsed();
         let chunks = batch.commit()?;
         let durable = started.elapsed();
-        store.record_chunks(&chunks).map_err(|e| BatchFailure::Storage(e.to_string()))?;
+        store.record_chunks(&chunks).map_err(BatchFailure::Record)?;
         let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
         tracing::debug!(
             chunks = chunks.len(),
@@ -196,7 +208,7 @@ async fn receive(
                 }
             }
             Err(e) => {
-                failed = Some(BatchFailure::Body(format!("reading request body: {e}")));
+                failed = Some(BatchFailure::ReadBody(e));
                 break;
             }
         }
@@ -208,7 +220,7 @@ async fn receive(
         let _ = tx.send(Msg::End).await;
     }
     drop(tx);
-    let result = writer.await.map_err(|e| BatchFailure::Storage(format!("batch writer failed: {e}")))?;
+    let result = writer.await.map_err(BatchFailure::Writer)?;
     match failed {
         Some(e) => Err(e),
         None => result,

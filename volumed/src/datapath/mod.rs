@@ -93,12 +93,12 @@ impl DataPath {
                         .map(|p| match std::fs::metadata(p) {
                             Ok(_) => Ok(true),
                             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-                            Err(e) => Err(VolumeError::Backend(format!("checking {}: {e}", p.display()))),
+                            Err(e) => Err(VolumeError::io(format!("checking {}", p.display()), e)),
                         })
                         .collect()
                 })
                 .await
-                .map_err(|e| VolumeError::Backend(format!("existence check failed: {e}")))?
+                .map_err(VolumeError::task("existence check"))?
             }
             DataPath::S3 { backend } => {
                 futures::stream::iter(ids)

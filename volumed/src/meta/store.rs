@@ -68,8 +68,8 @@ impl MetaStore {
         Ok(Self { db: Arc::new(db) })
     }
 
-    fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily> {
-        self.db.cf_handle(name).ok_or_else(|| VolumeError::Storage(format!("column family {name} missing")))
+    fn cf(&self, name: &'static str) -> Result<&rocksdb::ColumnFamily> {
+        self.db.cf_handle(name).ok_or(VolumeError::MissingColumnFamily(name))
     }
 
     fn sync_write(&self, batch: WriteBatch) -> Result<()> {
@@ -180,10 +180,7 @@ impl MetaStore {
 
     /// A tree node by id, verified against its id.
     pub fn tree(&self, id: &TreeId) -> Result<TreeNode> {
-        let raw = self
-            .db
-            .get_cf(self.cf(CF_TREES)?, id.as_bytes())?
-            .ok_or_else(|| VolumeError::Integrity(format!("tree node {id} is missing")))?;
+        let raw = self.db.get_cf(self.cf(CF_TREES)?, id.as_bytes())?.ok_or(VolumeError::TreeMissing(*id))?;
         if TreeId::of(&raw) != *id {
             return Err(VolumeError::Integrity(format!("tree node {id} does not match its id")));
         }
