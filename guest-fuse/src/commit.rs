@@ -26,7 +26,8 @@ use crate::file_io::{FileView, ViewReader};
 use crate::mount::MountCore;
 use crate::ranges::RangeSet;
 use crate::remote::Remote;
-use crate::tree::{DirState, Kind, ROOT, State, now_ns};
+use crate::tree::{DirState, Kind, ROOT, State};
+use sysutil::clock::now_ns;
 
 /// Chunk bytes held in memory before they are uploaded.
 const UPLOAD_BATCH_BYTES: usize = 128 << 20;

@@ -7,22 +7,18 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use chunkstore::ChunkId;
 use chunkstore::pieces::{PIECE_SIZE, PIECED_MIN, piece_count, piece_range, root_from_cvs};
 use proto::volume::SignedUrl;
+use sysutil::clock::now_ms;
 
 use crate::error::{FuseError, Result};
 use crate::remote::Remote;
 
 /// A URL is reused until this long before it expires.
 const URL_MARGIN_MS: u64 = 30_000;
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
 
 impl Remote {
     /// Copies bytes `[from, from + out.len())` of chunk `id` (`clen` bytes long) into `out`.

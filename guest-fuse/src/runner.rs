@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use chunkstore::ChunkCache;
 use fuser::{Config, MountOption, Session};
+use sysutil::mount::{clean_dead_mount, lazy_unmount};
 use volume_client::VolumeClient;
 
 use crate::control;
@@ -61,22 +62,6 @@ pub fn default_socket_path(mountpoint: &Path) -> PathBuf {
     };
     let hash = blake3::hash(mountpoint.as_os_str().as_encoded_bytes()).to_hex();
     base.join("mounts").join(format!("{}.sock", &hash[..16]))
-}
-
-/// If `path` is a FUSE mount whose helper died (ENOTCONN), detaches it. Returns whether it
-/// did. Call before mounting and in test cleanup.
-pub fn clean_dead_mount(path: &Path) -> bool {
-    match std::fs::metadata(path) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => lazy_unmount(path).is_ok(),
-        _ => false,
-    }
-}
-
-/// `umount -l`: detaches the mount now; the kernel finishes when the last user leaves.
-pub fn lazy_unmount(path: &Path) -> std::io::Result<()> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
-    // SAFETY: c is NUL-terminated.
-    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
 /// FUSE worker threads when not given: one per CPU, 2 to 8. More threads than cores only

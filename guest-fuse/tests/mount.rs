@@ -267,7 +267,7 @@ fn a_killed_helper_is_reported_unavailable_and_cleaned_up() {
     assert_eq!(err.name, guest_fuse::FUSE_UNAVAILABLE);
     assert!(err.message.contains("FUSE helper unavailable"), "{}", err.message);
     assert!(common::is_mounted(&a.path), "the dead mount is still there");
-    assert!(guest_fuse::clean_dead_mount(&a.path));
+    assert!(sysutil::mount::clean_dead_mount(&a.path));
     assert!(!common::is_mounted(&a.path));
     let b = env.mount("vol");
     assert_eq!(fs::read(b.p("x")).unwrap(), b"x");
@@ -331,7 +331,7 @@ fn killing_the_helper_mid_commit_leaves_the_old_or_the_new_commit() {
             outcomes.push("new");
             head = now;
         }
-        assert!(guest_fuse::clean_dead_mount(&m.path) || !common::is_mounted(&m.path));
+        assert!(sysutil::mount::clean_dead_mount(&m.path) || !common::is_mounted(&m.path));
     }
     println!("outcomes: {outcomes:?} (base {base})");
     // The next mount works and shows the head.

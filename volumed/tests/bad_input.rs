@@ -198,7 +198,7 @@ async fn forged_expired_and_misused_urls_are_rejected() {
     let dead = c2.grpc().missing_chunks(req).await.unwrap().into_inner().uploads.remove(0).url;
     // Expiry has millisecond resolution: let the clock pass it (a millisecond or two).
     let exp: u64 = dead.split("exp=").nth(1).unwrap().split('&').next().unwrap().parse().unwrap();
-    while volumed::meta::store::now_ms() <= exp {
+    while sysutil::clock::now_ms() <= exp {
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
     let resp = http.put(&dead).body(data.clone()).send().await.unwrap();

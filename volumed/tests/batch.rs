@@ -230,7 +230,7 @@ async fn tampered_batches_are_rejected_and_store_nothing() {
     let mut c2 = VolumeClient::connect(&short.endpoint()).await.unwrap();
     c2.get_volume(ORG, "t", true).await.unwrap();
     let dead = ask(&mut c2, "t", &chunks).await.batches.remove(0);
-    while volumed::meta::store::now_ms() <= dead.expires_unix_ms {
+    while sysutil::clock::now_ms() <= dead.expires_unix_ms {
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
     let (status, text) = put(dead.url, body(&ordered)).await;

@@ -18,7 +18,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::error::{Result, VolumeError};
-use crate::meta::store::now_ms;
+use sysutil::clock::now_ms;
 
 type HmacSha256 = Hmac<Sha256>;
 

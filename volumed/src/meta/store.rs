@@ -21,6 +21,7 @@ use std::sync::Arc;
 
 use chunkstore::{ChunkId, Chunking};
 use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions};
+use sysutil::clock::now_ms;
 
 use crate::error::{Result, VolumeError};
 use crate::meta::volume::VolumeRecord;
@@ -40,11 +41,6 @@ const ALL_CFS: [&str; 7] = [CF_VOLUMES, CF_NAMES, CF_COMMITS, CF_LOG, CF_TREES, 
 #[derive(Clone)]
 pub struct MetaStore {
     db: Arc<DB>,
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 impl MetaStore {

@@ -10,12 +10,12 @@ use std::time::Duration;
 
 use chunkstore::{ChunkId, Chunking, Presigned};
 use parking_lot::Mutex;
+use sysutil::clock::now_ms;
 use tracing::{Instrument, info_span};
 
 use crate::datapath::{BatchUrl, DataPath};
 use crate::error::{Result, VolumeError};
 use crate::meta::read::{diff, list_dir, resolve};
-use crate::meta::store::now_ms;
 use crate::meta::{MetaStore, VolumeRecord, apply_changes};
 use volume_model::batch::{BATCH_CHUNK_MAX, BATCH_MAX_BYTES, BATCH_MAX_CHUNKS, FRAME_HEADER_LEN};
 use volume_model::convert::{ValidCommit, ValidRef};
