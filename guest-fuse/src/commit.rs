@@ -217,7 +217,7 @@ impl Uploader<'_> {
 impl MountCore {
     /// Commits the local changes; see the module docs.
     pub fn commit(&self) -> Result<CommitOutcome> {
-        let _sync = self.sync_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _sync = self.sync_lock.lock();
         let started = Instant::now();
         let (base, mut items, remote_dirs, deletes) = {
             let mut st = self.lock();
@@ -331,7 +331,7 @@ impl MountCore {
 
     /// Switches the view to the volume's newest commit, discarding local changes.
     pub fn reload(&self) -> Result<ReloadOutcome> {
-        let _sync = self.sync_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _sync = self.sync_lock.lock();
         let started = Instant::now();
         let (commit, root) = self.remote.head()?;
         let mut st = self.lock();

@@ -28,11 +28,12 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 
 use chunkstore::ChunkId;
 use fuser::BackingId;
+use parking_lot::Mutex;
 use volume_model::FileData;
 
 use crate::remote::Remote;
@@ -165,10 +166,6 @@ pub struct Passthrough {
     pub counters: PassthroughCounters,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl Passthrough {
     /// Passthrough (on when `enabled`) with assembled files in `dir`, at most `max_bytes`.
     pub fn new(enabled: bool, dir: PathBuf, max_bytes: u64) -> Self {
@@ -196,7 +193,7 @@ impl Passthrough {
 
     /// Assembled files and their bytes, and whether one is being built.
     pub fn assembled(&self) -> (usize, u64, usize) {
-        let s = lock(&self.store);
+        let s = self.store.lock();
         (s.files.len(), s.bytes, s.building.len())
     }
 
@@ -204,7 +201,7 @@ impl Passthrough {
     /// inode. `register` hands a backing file to the kernel. Call with the state lock held, so
     /// decisions for one inode are made one at a time.
     pub fn choose(&self, req: OpenRequest<'_>, register: &dyn Fn(&File) -> std::io::Result<BackingId>) -> OpenMode {
-        let mut inodes = lock(&self.inodes);
+        let mut inodes = self.inodes.lock();
         if let Some(b) = inodes.get_mut(&req.ino) {
             b.handles += 1;
             if req.read_only && req.clean.is_some_and(|d| Arc::ptr_eq(d, &b.base)) {
@@ -215,7 +212,7 @@ impl Passthrough {
             if req.writable {
                 // A shared writable mmap of this descriptor would write into the assembled
                 // file: never hand it to another open again.
-                let mut s = lock(&self.store);
+                let mut s = self.store.lock();
                 if let Some(a) = s.files.remove(&b.key) {
                     s.bytes -= a.size;
                 }
@@ -229,7 +226,7 @@ impl Passthrough {
         }
         let key = ContentKey::of(base);
         let file = {
-            let mut s = lock(&self.store);
+            let mut s = self.store.lock();
             s.clock += 1;
             let now = s.clock;
             match s.files.get_mut(&key) {
@@ -266,7 +263,7 @@ impl Passthrough {
     /// A passthrough handle of `ino` was closed. Returns true when that was the inode's last
     /// one and some handle bypassed the page cache (the caller then invalidates it).
     pub fn release(&self, ino: u64) -> bool {
-        let mut inodes = lock(&self.inodes);
+        let mut inodes = self.inodes.lock();
         let Some(b) = inodes.get_mut(&ino) else { return false };
         b.handles = b.handles.saturating_sub(1);
         if b.handles > 0 {
@@ -285,7 +282,7 @@ impl Passthrough {
         }
         let key = ContentKey::of(&data);
         {
-            let s = lock(&self.store);
+            let s = self.store.lock();
             if !s.building.is_empty() || s.files.contains_key(&key) {
                 return;
             }
@@ -294,7 +291,7 @@ impl Passthrough {
             return;
         }
         {
-            let mut s = lock(&self.store);
+            let mut s = self.store.lock();
             if !s.building.is_empty() || s.files.contains_key(&key) {
                 return;
             }
@@ -304,7 +301,7 @@ impl Passthrough {
         let (this, remote2) = (self.clone(), remote.clone());
         remote.rt.spawn_blocking(move || {
             let built = this.assemble(&remote2, &data);
-            let mut s = lock(&this.store);
+            let mut s = this.store.lock();
             s.building.remove(&key);
             match built {
                 Ok(file) => {

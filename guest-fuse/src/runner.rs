@@ -2,11 +2,12 @@
 //! cleanly on SIGINT/SIGTERM, on an "unmount" request, or when someone runs `umount`.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use anyhow::Context;
 use chunkstore::ChunkCache;
 use fuser::{Config, MountOption, Session};
+use parking_lot::Mutex;
 use sysutil::mount::{clean_dead_mount, lazy_unmount};
 use volume_client::VolumeClient;
 
@@ -184,7 +185,7 @@ pub fn run(opts: MountOptions, ready: impl FnOnce(&Path)) -> anyhow::Result<()> 
     let unmount: Arc<dyn Fn() + Send + Sync> = {
         let (unmounter, mountpoint) = (unmounter.clone(), mountpoint.clone());
         Arc::new(move || {
-            let r = unmounter.lock().unwrap_or_else(|p| p.into_inner()).unmount();
+            let r = unmounter.lock().unmount();
             if let Err(e) = r {
                 tracing::warn!(error = %e, "unmount failed (busy?); detaching lazily");
                 let _ = lazy_unmount(&mountpoint);
