@@ -96,7 +96,11 @@ async fn malformed_commits_are_rejected_and_change_nothing() {
     assert_eq!(head.commit, r.commit, "no rejected request moved the head");
     assert_eq!(c.read_file(ORG, "v", "ok").await.unwrap(), data);
 
-    // Other RPCs validate too.
+    other_rpcs_validate(&mut c).await;
+}
+
+/// ListDir, GetTree, MissingChunks and ChunkUrls reject malformed paths, ids and lengths.
+async fn other_rpcs_validate(c: &mut VolumeClient) {
     let err = c
         .grpc()
         .list_dir(pb::ListDirRequest { volume: vref("v"), commit: String::new(), path: "../..".into() })

@@ -18,13 +18,14 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use chunkstore::ChunkError;
+use chunkstore::{ChunkError, LocalBackend};
 use futures::StreamExt;
 use serde::Deserialize;
 
 use crate::datapath::http::ChunkHttpState;
 use crate::datapath::sign::SignedParams;
 use crate::error::VolumeError;
+use crate::meta::MetaStore;
 use volume_model::batch::{BATCH_MAX_BYTES, BATCH_MAX_CHUNKS, BatchDigest, FrameError, FrameParser};
 
 #[derive(Deserialize)]
@@ -130,11 +131,26 @@ async fn receive(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<(usize, usize), BatchFailure> {
+    let (n, len) = check_request(state, &digest, p, headers)?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Msg>(16);
+    let (backend, store) = (state.backend.clone(), state.store.clone());
+    let writer = tokio::task::spawn_blocking(move || write_batch(&backend, &store, &digest, n, rx));
+    let failed = stream_body(body, len, tx).await;
+    let result = writer.await.map_err(BatchFailure::Writer)?;
+    match failed {
+        Some(e) => Err(e),
+        None => result,
+    }
+}
+
+/// Checks the digest's form, the signature, the limits and the Content-Length; returns the
+/// signed chunk count and body length.
+fn check_request(state: &ChunkHttpState, digest: &str, p: BatchParams, headers: &HeaderMap) -> Result<(u64, u64), BatchFailure> {
     if digest.len() != 64 || !digest.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
         return Err(BatchFailure::Body("batch digest must be 64 lowercase hex digits".into()));
     }
     let params = SignedParams { exp: p.exp, len: p.len, sig: p.sig };
-    state.signer.verify_batch(&digest, p.n, &params).map_err(BatchFailure::Signature)?;
+    state.signer.verify_batch(digest, p.n, &params).map_err(BatchFailure::Signature)?;
     let (n, len) = (p.n, params.len);
     if n == 0 || n > BATCH_MAX_CHUNKS as u64 || len > BATCH_MAX_BYTES {
         return Err(BatchFailure::Body(format!(
@@ -146,83 +162,87 @@ async fn receive(
     {
         return Err(BatchFailure::Body(format!("Content-Length {cl} differs from signed length {len}")));
     }
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Msg>(16);
-    let backend = state.backend.clone();
-    let store = state.store.clone();
-    let writer = tokio::task::spawn_blocking(move || -> Result<(usize, usize), BatchFailure> {
-        let started = std::time::Instant::now();
-        let mut batch = backend.begin_batch()?;
-        let mut parser = FrameParser::new();
-        let mut list = BatchDigest::default();
-        loop {
-            match rx.blocking_recv() {
-                Some(Msg::Data(bytes)) => parser.feed(&bytes, |id, data| {
-                    if list.count() as u64 >= n {
-                        return Err(BatchFailure::List(format!("body holds more than the signed {n} chunks")));
-                    }
-                    list.push(&id, data.len() as u64);
-                    batch.add(id, data).map_err(BatchFailure::from)
-                })?,
-                Some(Msg::End) => break,
-                // The body failed or was refused: dropping the batch removes its temp files.
-                None => return Err(BatchFailure::Body("upload aborted".into())),
-            }
+    Ok((n, len))
+}
+
+/// The writer thread: parses frames as they arrive, stages each verified chunk, checks the
+/// list against the signed digest once the body has ended, then makes the chunks durable and
+/// records them. Returns (stored, already present).
+fn write_batch(
+    backend: &LocalBackend,
+    store: &MetaStore,
+    digest: &str,
+    n: u64,
+    mut rx: tokio::sync::mpsc::Receiver<Msg>,
+) -> Result<(usize, usize), BatchFailure> {
+    let started = std::time::Instant::now();
+    let mut batch = backend.begin_batch()?;
+    let mut parser = FrameParser::new();
+    let mut list = BatchDigest::default();
+    loop {
+        match rx.blocking_recv() {
+            Some(Msg::Data(bytes)) => parser.feed(&bytes, |id, data| {
+                if list.count() as u64 >= n {
+                    return Err(BatchFailure::List(format!("body holds more than the signed {n} chunks")));
+                }
+                list.push(&id, data.len() as u64);
+                batch.add(id, data).map_err(BatchFailure::from)
+            })?,
+            Some(Msg::End) => break,
+            // The body failed or was refused: dropping the batch removes its temp files.
+            None => return Err(BatchFailure::Body("upload aborted".into())),
         }
-        parser.finish()?;
-        if list.count() as u64 != n || list.hex() != digest {
-            return Err(BatchFailure::List("the body's chunks are not the signed list".into()));
-        }
-        let present = batch.already_present();
-        let received = started.elapsed();
-        let chunks = batch.commit()?;
-        let durable = started.elapsed();
-        store.record_chunks(&chunks).map_err(BatchFailure::Record)?;
-        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
-        tracing::debug!(
-            chunks = chunks.len(),
-            present,
-            received_ms = ms(received),
-            durable_ms = ms(durable - received),
-            recorded_ms = ms(started.elapsed() - durable),
-            "batch stored"
-        );
-        Ok((chunks.len() - present, present))
-    });
+    }
+    parser.finish()?;
+    if list.count() as u64 != n || list.hex() != digest {
+        return Err(BatchFailure::List("the body's chunks are not the signed list".into()));
+    }
+    let present = batch.already_present();
+    let received = started.elapsed();
+    let chunks = batch.commit()?;
+    let durable = started.elapsed();
+    store.record_chunks(&chunks).map_err(BatchFailure::Record)?;
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    tracing::debug!(
+        chunks = chunks.len(),
+        present,
+        received_ms = ms(received),
+        durable_ms = ms(durable - received),
+        recorded_ms = ms(started.elapsed() - durable),
+        "batch stored"
+    );
+    Ok((chunks.len() - present, present))
+}
+
+/// Streams the body to the writer (`Msg::End` once exactly `len` bytes arrived); returns why
+/// the body itself was refused, if it was. The writer's own failure is its result.
+async fn stream_body(body: Body, len: u64, tx: tokio::sync::mpsc::Sender<Msg>) -> Option<BatchFailure> {
     let mut stream = body.into_data_stream();
     let mut received: u64 = 0;
-    let mut failed = None;
     let mut writer_gone = false;
     while let Some(frame) = stream.next().await {
         match frame {
             Ok(bytes) => {
                 received += bytes.len() as u64;
                 if received > len {
-                    failed = Some(BatchFailure::Body(format!("body longer than the signed {len} bytes")));
-                    break;
+                    return Some(BatchFailure::Body(format!("body longer than the signed {len} bytes")));
                 }
-                // Once the writer has failed (its error is reported below), the rest of the
-                // body (at most the signed length) is read and dropped, so the client gets
-                // the answer rather than a reset connection.
+                // Once the writer has failed (its error is reported by the caller), the rest
+                // of the body (at most the signed length) is read and dropped, so the client
+                // gets the answer rather than a reset connection.
                 if !writer_gone && tx.send(Msg::Data(bytes)).await.is_err() {
                     writer_gone = true;
                 }
             }
-            Err(e) => {
-                failed = Some(BatchFailure::ReadBody(e));
-                break;
-            }
+            Err(e) => return Some(BatchFailure::ReadBody(e)),
         }
     }
-    if failed.is_none() && !writer_gone && received != len {
-        failed = Some(BatchFailure::Body(format!("body is {received} bytes, signed length is {len}")));
+    if writer_gone {
+        return None;
     }
-    if failed.is_none() && !writer_gone {
-        let _ = tx.send(Msg::End).await;
+    if received != len {
+        return Some(BatchFailure::Body(format!("body is {received} bytes, signed length is {len}")));
     }
-    drop(tx);
-    let result = writer.await.map_err(BatchFailure::Writer)?;
-    match failed {
-        Some(e) => Err(e),
-        None => result,
-    }
+    let _ = tx.send(Msg::End).await;
+    None
 }
