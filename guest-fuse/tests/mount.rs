@@ -183,6 +183,7 @@ fn posix_operations_and_their_errors() {
     fs::create_dir(a.p("empty")).unwrap();
     fs::create_dir(a.p("gone")).unwrap();
     fs::remove_dir(a.p("gone")).unwrap();
+    // SAFETY: statvfs is a plain C struct of integers, for which all zeroes is valid.
     let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
     let root = std::ffi::CString::new(a.path.clone().into_os_string().into_encoded_bytes()).unwrap();
     // SAFETY: valid path and out-pointer.
