@@ -508,7 +508,7 @@ fn file_data(
         }
     }
     let data = FileData { size, policy, chunks };
-    data.validate().map_err(|e| FuseError::Protocol(e.to_string()))?;
+    data.validate()?;
     Ok(data)
 }
 

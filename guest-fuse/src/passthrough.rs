@@ -36,6 +36,7 @@ use fuser::BackingId;
 use parking_lot::Mutex;
 use volume_model::FileData;
 
+use crate::error::FuseError;
 use crate::remote::Remote;
 
 /// Smallest file served through passthrough: smaller files are cheap through the page cache
@@ -58,9 +59,26 @@ pub enum AssembleError {
         /// Bytes expected.
         want: u32,
     },
-    /// Reading the cache or writing the assembled file failed.
+    /// Creating or writing the assembled file failed.
+    #[error("assembling failed: {op}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading a chunk from the caches failed.
     #[error("assembling failed: {0}")]
-    Io(String),
+    Cache(#[source] FuseError),
+    /// The chunks do not add up to the file's size.
+    #[error("assembling failed: chunks hold {held} bytes, the file {size}")]
+    Size {
+        /// Bytes the chunks hold.
+        held: u64,
+        /// The file's size.
+        size: u64,
+    },
 }
 
 /// A committed file's content: BLAKE3 of its length and chunk list.
@@ -324,20 +342,20 @@ impl Passthrough {
     /// Copies the file's chunks, verified as they are read from the caches, into a new
     /// anonymous file.
     fn assemble(&self, remote: &Remote, data: &FileData) -> Result<File, AssembleError> {
-        let file = tempfile::tempfile_in(&self.dir).map_err(|e| AssembleError::Io(e.to_string()))?;
-        file.set_len(data.size).map_err(|e| AssembleError::Io(e.to_string()))?;
+        let io = |op: &'static str| move |source: std::io::Error| AssembleError::Io { op, source };
+        let file = tempfile::tempfile_in(&self.dir).map_err(io("creating the file"))?;
+        file.set_len(data.size).map_err(io("sizing the file"))?;
         let mut pos = 0u64;
         for &(id, want) in &data.chunks {
-            let bytes =
-                remote.cached_chunk(id).map_err(|e| AssembleError::Io(e.to_string()))?.ok_or(AssembleError::NotCached(id))?;
+            let bytes = remote.cached_chunk(id).map_err(AssembleError::Cache)?.ok_or(AssembleError::NotCached(id))?;
             if bytes.len() != want as usize {
                 return Err(AssembleError::Length { id, got: bytes.len(), want });
             }
-            file.write_all_at(&bytes, pos).map_err(|e| AssembleError::Io(e.to_string()))?;
+            file.write_all_at(&bytes, pos).map_err(io("writing the file"))?;
             pos += want as u64;
         }
         if pos != data.size {
-            return Err(AssembleError::Io(format!("chunks hold {pos} bytes, the file {}", data.size)));
+            return Err(AssembleError::Size { held: pos, size: data.size });
         }
         Ok(file)
     }

@@ -130,7 +130,7 @@ impl Remote {
     pub fn head(&self) -> Result<(String, TreeId)> {
         let mut c = self.client.clone();
         let head = self.rt.block_on(c.head(&self.org, &self.volume))?;
-        let root = TreeId::from_slice(&head.root).map_err(|e| FuseError::Protocol(e.to_string()))?;
+        let root = TreeId::from_slice(&head.root)?;
         Ok((head.commit, root))
     }
 
@@ -154,7 +154,7 @@ impl Remote {
             .into_iter()
             .map(|ne| {
                 let entry = ne.entry.ok_or_else(|| FuseError::Protocol(format!("entry {} has no body", ne.name)))?;
-                let entry = entry_from_proto(&entry, false).map_err(|e| FuseError::Protocol(e.to_string()))?;
+                let entry = entry_from_proto(&entry, false)?;
                 if ne.name.is_empty() || ne.name.contains('/') || ne.name == "." || ne.name == ".." {
                     return Err(FuseError::Protocol(format!("invalid entry name {:?}", ne.name)));
                 }
@@ -187,7 +187,7 @@ impl Remote {
         let Some(cache) = self.cache() else {
             return Ok(None);
         };
-        self.rt.block_on(cache.get(id)).map_err(|e| FuseError::Protocol(e.to_string()))
+        self.rt.block_on(cache.get(id)).map_err(FuseError::Cache)
     }
 
     /// A chunk from memory, else fetched once for all concurrent readers and kept in memory.
@@ -211,7 +211,7 @@ impl Remote {
     pub(crate) fn fetch(&self, id: ChunkId) -> Result<Bytes> {
         let cache = self.client.cache().cloned();
         if let Some(cache) = &cache
-            && let Some(bytes) = self.rt.block_on(cache.get(id)).map_err(|e| FuseError::Protocol(e.to_string()))?
+            && let Some(bytes) = self.rt.block_on(cache.get(id)).map_err(FuseError::Cache)?
         {
             return Ok(bytes);
         }
