@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use volume_model::convert::entry_to_proto;
 use volume_model::{Entry, EntryKind, FileData, TreeId};
 
-use crate::error::{FuseError, Result};
+use crate::error::Result;
 use crate::file_io::{FileView, ViewReader};
 use crate::mount::MountCore;
 use crate::ranges::RangeSet;

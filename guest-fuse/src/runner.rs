@@ -93,7 +93,7 @@ pub fn mount_device(mountpoint: &Path) -> Option<String> {
             let point = f.nth(1)?;
             (point.as_bytes() == want).then(|| dev.to_owned())
         })
-        .last()
+        .next_back()
 }
 
 /// Whether something is mounted at `path` (per /proc/self/mountinfo; no stat of the mount).
