@@ -144,7 +144,7 @@ impl Remote {
 
     /// Writes a chunk whose pieces are all in memory to the disk cache, piece after piece
     /// (never joined into one buffer: that copy cost a cold reader 5% of the machine). The
-    /// pieces stay in memory for readers until the piece LRU drops them.
+    /// pieces stay in memory for readers until the piece cache evicts them.
     fn maybe_assemble(&self, id: ChunkId, clen: u64) {
         let n = piece_count(clen);
         if !(0..n).all(|i| self.pieces.contains_key(&(id, i))) {
