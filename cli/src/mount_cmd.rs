@@ -249,7 +249,7 @@ pub fn reload(g: &Globals, path: &Path) -> anyhow::Result<()> {
 fn to_control(e: anyhow::Error) -> ControlError {
     match e.downcast::<ControlError>() {
         Ok(c) => c,
-        Err(e) => ControlError { name: "SailError".into(), message: e.to_string() },
+        Err(e) => ControlError { name: "SailError".into(), message: e.to_string(), source: Some(e.into()) },
     }
 }
 

@@ -21,12 +21,13 @@ use serde::{Deserialize, Serialize};
 use volume_model::convert::entry_to_proto;
 use volume_model::{Entry, EntryKind, FileData, TreeId};
 
-use crate::error::{FuseError, Result};
+use crate::error::Result;
 use crate::file_io::{FileView, ViewReader};
 use crate::mount::MountCore;
 use crate::ranges::RangeSet;
 use crate::remote::Remote;
-use crate::tree::{DirState, Kind, ROOT, State, now_ns};
+use crate::tree::{DirState, Kind, ROOT, State};
+use sysutil::clock::now_ns;
 
 /// Chunk bytes held in memory before they are uploaded.
 const UPLOAD_BATCH_BYTES: usize = 128 << 20;
@@ -216,7 +217,7 @@ impl Uploader<'_> {
 impl MountCore {
     /// Commits the local changes; see the module docs.
     pub fn commit(&self) -> Result<CommitOutcome> {
-        let _sync = self.sync_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _sync = self.sync_lock.lock();
         let started = Instant::now();
         let (base, mut items, remote_dirs, deletes) = {
             let mut st = self.lock();
@@ -330,7 +331,7 @@ impl MountCore {
 
     /// Switches the view to the volume's newest commit, discarding local changes.
     pub fn reload(&self) -> Result<ReloadOutcome> {
-        let _sync = self.sync_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _sync = self.sync_lock.lock();
         let started = Instant::now();
         let (commit, root) = self.remote.head()?;
         let mut st = self.lock();
@@ -507,7 +508,7 @@ fn file_data(
         }
     }
     let data = FileData { size, policy, chunks };
-    data.validate().map_err(|e| FuseError::Protocol(e.to_string()))?;
+    data.validate()?;
     Ok(data)
 }
 

@@ -4,114 +4,112 @@
 //! is the socket's path (`getfattr -n user.sail.control /mnt/vol`). Reading it goes through the
 //! helper, so a dead helper is detected at once (ENOTCONN) instead of hanging on a socket.
 //!
+//! The protocol is `control_wire`'s (the server, the replies and the client are that crate's).
 //! Requests: `{"op":"status"}`, `{"op":"commit"}`, `{"op":"reload"}`, `{"op":"unmount"}`.
 //! Replies: `{"ok":true,"result":{...}}` or `{"ok":false,"error":{"name":..,"message":..}}`
-//! where `name` is a contract error name (for example `VolumeCommitConflictError`).
+//! where `name` is a contract error name (for example `VolumeCommitConflictError`; a
+//! malformed request or an unknown op is a `SailError`).
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use control_wire::{Answer, CallError, Request, Server, WireError};
+use serde::Serialize;
 use serde_json::Value;
 
 use crate::commit::{CommitOutcome, MountStatus, ReloadOutcome};
+use crate::error::FuseError;
 use crate::mount::{CONTROL_XATTR, MountCore};
 
 /// Error name when no helper answers for a mount.
 pub const FUSE_UNAVAILABLE: &str = "VolumeFuseUnavailableError";
 
-/// A request on the control socket.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Request {
-    /// "status", "commit", "reload" or "unmount".
-    pub op: String,
-}
+/// Error name of failures that have no contract name of their own (a bad request, a
+/// malformed reply).
+const SAIL_ERROR: &str = "SailError";
 
-/// An error reply.
-#[derive(Clone, Debug, Serialize, Deserialize, thiserror::Error)]
+/// How long a client waits for a reply (big commits take minutes).
+const CALL_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// A boxed local cause of a [`ControlError`].
+type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// An error of a control call: the helper's error reply, or a local failure to reach it.
+#[derive(Debug, thiserror::Error)]
 #[error("{name}: {message}")]
 pub struct ControlError {
     /// Contract error name.
     pub name: String,
     /// Human message.
     pub message: String,
+    /// The local cause (socket or attribute I/O, a malformed reply); none for a reply.
+    #[source]
+    pub source: Option<Cause>,
 }
 
 impl ControlError {
-    fn unavailable(message: impl Into<String>) -> Self {
-        ControlError { name: FUSE_UNAVAILABLE.into(), message: message.into() }
+    fn unavailable(message: impl Into<String>, source: Option<Cause>) -> Self {
+        ControlError { name: FUSE_UNAVAILABLE.into(), message: message.into(), source }
+    }
+
+    fn sail(message: impl Into<String>, source: Cause) -> Self {
+        ControlError { name: SAIL_ERROR.into(), message: message.into(), source: Some(source) }
     }
 }
 
-/// Serves the control socket of `core` until the process exits. `unmount` is called for
-/// the "unmount" request.
-pub fn serve(listener: UnixListener, core: Arc<MountCore>, unmount: Arc<dyn Fn() + Send + Sync>) {
-    for conn in listener.incoming() {
-        let Ok(conn) = conn else { continue };
-        let core = core.clone();
-        let unmount = unmount.clone();
-        std::thread::spawn(move || {
-            if let Err(e) = handle(conn, &core, &*unmount) {
-                tracing::debug!(error = %e, "control connection ended");
+impl From<CallError> for ControlError {
+    fn from(e: CallError) -> Self {
+        match e {
+            CallError::Remote(w) => ControlError { name: w.name, message: w.message, source: None },
+            e @ CallError::Io { .. } => Self::unavailable(format!("FUSE helper unavailable: {e}"), Some(Box::new(e))),
+            e @ CallError::NoReply { .. } => {
+                Self::unavailable("FUSE helper unavailable: it closed the connection (did it die?)", Some(Box::new(e)))
             }
-        });
-    }
-}
-
-fn handle(conn: UnixStream, core: &MountCore, unmount: &(dyn Fn() + Send + Sync)) -> std::io::Result<()> {
-    let mut writer = conn.try_clone()?;
-    for line in BufReader::new(conn).lines() {
-        let line = line?;
-        if line.trim().is_empty() {
-            continue;
+            e @ CallError::Malformed { .. } => Self::sail(e.to_string(), Box::new(e)),
         }
-        let reply = match serde_json::from_str::<Request>(&line) {
-            Err(e) => err("SailError", format!("bad request: {e}")),
-            Ok(req) => {
-                let span = tracing::info_span!("control", op = %req.op, volume = core.remote.volume());
-                let _e = span.enter();
-                match req.op.as_str() {
-                    "status" => ok(&core.status()),
-                    "commit" => match core.commit() {
-                        Ok(o) => ok(&o),
-                        Err(e) => err(e.name(), e.to_string()),
-                    },
-                    "reload" => match core.reload() {
-                        Ok(o) => ok(&o),
-                        Err(e) => err(e.name(), e.to_string()),
-                    },
-                    "unmount" => {
-                        let r = ok(&serde_json::json!({"unmounting": true}));
-                        writer.write_all(format!("{r}\n").as_bytes())?;
-                        unmount();
-                        return Ok(());
-                    }
-                    other => err("SailError", format!("unknown op {other:?}")),
-                }
-            }
-        };
-        writer.write_all(format!("{reply}\n").as_bytes())?;
     }
-    Ok(())
 }
 
-fn ok<T: Serialize>(v: &T) -> Value {
-    serde_json::json!({"ok": true, "result": v})
+/// Serves the control socket of `core` until the process exits (one thread per connection,
+/// the protocol of `control_wire`). `unmount` is called for the "unmount" request, after the
+/// reply is sent.
+pub fn serve(listener: UnixListener, core: Arc<MountCore>, unmount: Arc<dyn Fn() + Send + Sync>) {
+    Server::new("sail-control").bad_request_name(SAIL_ERROR).serve(listener, move |req: Request| handle(&req, &core, &unmount));
 }
 
-fn err(name: &str, message: String) -> Value {
-    serde_json::json!({"ok": false, "error": {"name": name, "message": message}})
+fn handle(req: &Request, core: &MountCore, unmount: &Arc<dyn Fn() + Send + Sync>) -> Answer {
+    let span = tracing::info_span!("control", op = %req.op, volume = core.remote.volume());
+    let _e = span.enter();
+    match req.op.as_str() {
+        "status" => Answer::Reply(to_value(&core.status())),
+        "commit" => Answer::Reply(outcome(core.commit())),
+        "reload" => Answer::Reply(outcome(core.reload())),
+        "unmount" => {
+            let unmount = unmount.clone();
+            Answer::ReplyThen(Ok(serde_json::json!({"unmounting": true})), Box::new(move || unmount()))
+        }
+        other => Answer::Reply(Err(WireError::new(SAIL_ERROR, format!("unknown op {other:?}")))),
+    }
+}
+
+/// A commit's or reload's reply: its outcome, or its error under the contract name.
+fn outcome<T: Serialize>(r: Result<T, FuseError>) -> Result<Value, WireError> {
+    r.map_err(|e| WireError::new(e.name(), e.to_string())).and_then(|v| to_value(&v))
+}
+
+fn to_value<T: Serialize>(v: &T) -> Result<Value, WireError> {
+    control_wire::to_value(v).map_err(|e| WireError::new(SAIL_ERROR, e.message))
 }
 
 /// The control socket path of the mount at `mountpoint`, read from its root's xattr.
 pub fn socket_of(mountpoint: &Path) -> Result<PathBuf, ControlError> {
     use std::os::unix::ffi::OsStrExt;
     let c_path = std::ffi::CString::new(mountpoint.as_os_str().as_bytes())
-        .map_err(|_| ControlError::unavailable("mount path contains NUL"))?;
-    let c_name = std::ffi::CString::new(CONTROL_XATTR).expect("constant has no NUL");
+        .map_err(|e| ControlError::unavailable("mount path contains NUL", Some(Box::new(e))))?;
+    let c_name = std::ffi::CString::new(CONTROL_XATTR)
+        .map_err(|e| ControlError::unavailable("attribute name contains NUL", Some(Box::new(e))))?;
     let mut buf = vec![0u8; 4096];
     // SAFETY: both strings are NUL-terminated; buf is valid for buf.len() bytes.
     let n = unsafe { libc::getxattr(c_path.as_ptr(), c_name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
@@ -122,7 +120,10 @@ pub fn socket_of(mountpoint: &Path) -> Result<PathBuf, ControlError> {
             Some(libc::ENODATA) | Some(libc::ENOTSUP) => "not a sail volume mount (no control socket attribute)".to_owned(),
             _ => format!("cannot read {CONTROL_XATTR}: {e}"),
         };
-        return Err(ControlError::unavailable(format!("FUSE helper unavailable for {}: {why}", mountpoint.display())));
+        return Err(ControlError::unavailable(
+            format!("FUSE helper unavailable for {}: {why}", mountpoint.display()),
+            Some(Box::new(e)),
+        ));
     }
     buf.truncate(n as usize);
     Ok(PathBuf::from(String::from_utf8_lossy(&buf).into_owned()))
@@ -146,29 +147,7 @@ impl ControlClient {
 
     /// Sends one request and returns its result.
     pub fn call(&self, op: &str) -> Result<Value, ControlError> {
-        let conn = UnixStream::connect(&self.socket)
-            .map_err(|e| ControlError::unavailable(format!("FUSE helper unavailable: {}: {e}", self.socket.display())))?;
-        let _ = conn.set_read_timeout(Some(Duration::from_secs(3600)));
-        let mut w = conn.try_clone().map_err(|e| ControlError::unavailable(e.to_string()))?;
-        w.write_all(format!("{}\n", serde_json::json!({"op": op})).as_bytes())
-            .map_err(|e| ControlError::unavailable(format!("FUSE helper unavailable: {e}")))?;
-        let mut line = String::new();
-        BufReader::new(conn)
-            .read_line(&mut line)
-            .map_err(|e| ControlError::unavailable(format!("FUSE helper unavailable: {e}")))?;
-        if line.is_empty() {
-            return Err(ControlError::unavailable("FUSE helper unavailable: it closed the connection (did it die?)"));
-        }
-        let v: Value =
-            serde_json::from_str(&line).map_err(|e| ControlError { name: "SailError".into(), message: e.to_string() })?;
-        if v["ok"].as_bool() == Some(true) {
-            Ok(v["result"].clone())
-        } else {
-            Err(ControlError {
-                name: v["error"]["name"].as_str().unwrap_or("SailError").to_owned(),
-                message: v["error"]["message"].as_str().unwrap_or("").to_owned(),
-            })
-        }
+        Ok(control_wire::call(&self.socket, &serde_json::json!({"op": op}), Some(CALL_TIMEOUT))?)
     }
 
     /// Status of the mount.
@@ -193,5 +172,5 @@ impl ControlClient {
 }
 
 fn parse<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, ControlError> {
-    serde_json::from_value(v).map_err(|e| ControlError { name: "SailError".into(), message: format!("malformed reply: {e}") })
+    serde_json::from_value(v).map_err(|e| ControlError::sail(format!("malformed reply: {e}"), Box::new(e)))
 }

@@ -281,6 +281,7 @@ impl Filesystem for VolumeFs {
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         // Writes land in the overlay directory, so its free space is what a writer can use.
+        // SAFETY: statvfs is a plain C struct of integers, for which all zeroes is valid.
         let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
         let path = std::ffi::CString::new(self.0.overlay_dir.as_os_str().as_encoded_bytes()).unwrap_or_default();
         // SAFETY: path is NUL-terminated and s is a valid out-pointer.

@@ -30,4 +30,6 @@ pub mod tree;
 
 pub use commit::{CommitOutcome, MountStatus, ReloadOutcome};
 pub use control::{ControlClient, ControlError, FUSE_UNAVAILABLE};
-pub use runner::{MountOptions, clean_dead_mount, default_socket_path, is_mounted, lazy_unmount, run};
+pub use runner::{MountOptions, default_socket_path, is_mounted, run};
+/// Re-exported for the CLI (`sail volume unmount` detaches dead mounts through this path).
+pub use sysutil::mount::{clean_dead_mount, lazy_unmount};

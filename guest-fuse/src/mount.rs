@@ -5,10 +5,11 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{Errno, FileAttr, FileType, INodeNo, Notifier};
+use parking_lot::{Mutex, MutexGuard};
 
 use crate::error::FuseError;
 use crate::file_io::FileView;
@@ -93,9 +94,9 @@ impl MountCore {
         }
     }
 
-    /// Locks the state (a panic elsewhere does not poison the mount for good).
+    /// Locks the state (parking_lot: a panic elsewhere does not poison the mount).
     pub fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock()
     }
 
     /// Attributes of a node.
@@ -171,7 +172,7 @@ impl MountCore {
         self.lock().get_mut(ino)?.opens += 1;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let h = Arc::new(Handle { ino, next_read: AtomicU64::new(0), listing, passthrough: false });
-        self.handles.lock().unwrap_or_else(|p| p.into_inner()).insert(fh, h);
+        self.handles.lock().insert(fh, h);
         Ok(fh)
     }
 
@@ -200,7 +201,7 @@ impl MountCore {
             let passthrough = !matches!(mode, OpenMode::Plain);
             let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
             let h = Arc::new(Handle { ino, next_read: AtomicU64::new(0), listing: None, passthrough });
-            self.handles.lock().unwrap_or_else(|p| p.into_inner()).insert(fh, h);
+            self.handles.lock().insert(fh, h);
             let assemble = if passthrough || !read_only { None } else { clean };
             (fh, mode, assemble)
         };
@@ -212,13 +213,13 @@ impl MountCore {
 
     /// The handle `fh`.
     pub fn handle(&self, fh: u64) -> Result<Arc<Handle>, Errno> {
-        self.handles.lock().unwrap_or_else(|p| p.into_inner()).get(&fh).cloned().ok_or(Errno::EBADF)
+        self.handles.lock().get(&fh).cloned().ok_or(Errno::EBADF)
     }
 
     /// Closes `fh`. The last passthrough handle of an inode releases its backing file; the
     /// last plain handle of a clean file starts assembling it if all its chunks are cached.
     pub fn release(&self, fh: u64) {
-        let h = self.handles.lock().unwrap_or_else(|p| p.into_inner()).remove(&fh);
+        let h = self.handles.lock().remove(&fh);
         let Some(h) = h else { return };
         let mut assemble = None;
         let mut invalidate = false;

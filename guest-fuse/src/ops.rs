@@ -7,7 +7,8 @@ use volume_model::path::check_name;
 
 use crate::mount::{MountCore, from_time};
 use crate::overlay::{MemUsage, Overlay};
-use crate::tree::{FileState, Kind, Node, ROOT, empty_dir, empty_file, now_ns};
+use crate::tree::{FileState, Kind, Node, ROOT, empty_dir, empty_file};
+use sysutil::clock::now_ns;
 
 /// Validates a name from the kernel as a volume path component.
 pub fn name_of(name: &std::ffi::OsStr) -> Result<&str, Errno> {

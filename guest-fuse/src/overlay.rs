@@ -8,8 +8,10 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+
+use parking_lot::Mutex;
 
 /// Largest file kept in memory.
 pub const MEM_FILE_LIMIT: u64 = 1 << 20;
@@ -46,7 +48,7 @@ impl Overlay {
     /// Call with the state lock held (the overlay is replaced in the file's state).
     pub fn spill_if_needed(&mut self, end: u64, dir: &Path, usage: &MemUsage) -> std::io::Result<()> {
         let Overlay::Mem(m) = self else { return Ok(()) };
-        let mut data = m.lock().unwrap_or_else(|p| p.into_inner());
+        let mut data = m.lock();
         let len = data.len() as u64;
         if end <= len {
             return Ok(());
@@ -72,7 +74,7 @@ impl Overlay {
     pub fn read_at(&self, buf: &mut [u8], pos: u64) -> std::io::Result<()> {
         match self {
             Overlay::Mem(m) => {
-                let data = m.lock().unwrap_or_else(|p| p.into_inner());
+                let data = m.lock();
                 let start = (pos as usize).min(data.len());
                 let n = (data.len() - start).min(buf.len());
                 buf[..n].copy_from_slice(&data[start..start + n]);
@@ -99,7 +101,7 @@ impl Overlay {
     pub fn write_at(&self, data: &[u8], pos: u64) -> std::io::Result<()> {
         match self {
             Overlay::Mem(m) => {
-                let mut buf = m.lock().unwrap_or_else(|p| p.into_inner());
+                let mut buf = m.lock();
                 let end = pos as usize + data.len();
                 if end > buf.len() {
                     buf.resize(end, 0);
@@ -115,7 +117,7 @@ impl Overlay {
     pub fn set_len(&self, len: u64, usage: &MemUsage) -> std::io::Result<()> {
         match self {
             Overlay::Mem(m) => {
-                let mut buf = m.lock().unwrap_or_else(|p| p.into_inner());
+                let mut buf = m.lock();
                 let old = buf.len() as u64;
                 if len < old {
                     usage.0.fetch_sub(old - len, Ordering::Relaxed);
@@ -140,7 +142,7 @@ impl Overlay {
     /// Bytes of memory this overlay holds.
     pub fn mem_len(&self) -> u64 {
         match self {
-            Overlay::Mem(m) => m.lock().unwrap_or_else(|p| p.into_inner()).len() as u64,
+            Overlay::Mem(m) => m.lock().len() as u64,
             Overlay::File(_) => 0,
         }
     }

@@ -28,13 +28,15 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 
 use chunkstore::ChunkId;
 use fuser::BackingId;
+use parking_lot::Mutex;
 use volume_model::FileData;
 
+use crate::error::FuseError;
 use crate::remote::Remote;
 
 /// Smallest file served through passthrough: smaller files are cheap through the page cache
@@ -57,9 +59,26 @@ pub enum AssembleError {
         /// Bytes expected.
         want: u32,
     },
-    /// Reading the cache or writing the assembled file failed.
+    /// Creating or writing the assembled file failed.
+    #[error("assembling failed: {op}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading a chunk from the caches failed.
     #[error("assembling failed: {0}")]
-    Io(String),
+    Cache(#[source] FuseError),
+    /// The chunks do not add up to the file's size.
+    #[error("assembling failed: chunks hold {held} bytes, the file {size}")]
+    Size {
+        /// Bytes the chunks hold.
+        held: u64,
+        /// The file's size.
+        size: u64,
+    },
 }
 
 /// A committed file's content: BLAKE3 of its length and chunk list.
@@ -165,10 +184,6 @@ pub struct Passthrough {
     pub counters: PassthroughCounters,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl Passthrough {
     /// Passthrough (on when `enabled`) with assembled files in `dir`, at most `max_bytes`.
     pub fn new(enabled: bool, dir: PathBuf, max_bytes: u64) -> Self {
@@ -196,7 +211,7 @@ impl Passthrough {
 
     /// Assembled files and their bytes, and whether one is being built.
     pub fn assembled(&self) -> (usize, u64, usize) {
-        let s = lock(&self.store);
+        let s = self.store.lock();
         (s.files.len(), s.bytes, s.building.len())
     }
 
@@ -204,7 +219,7 @@ impl Passthrough {
     /// inode. `register` hands a backing file to the kernel. Call with the state lock held, so
     /// decisions for one inode are made one at a time.
     pub fn choose(&self, req: OpenRequest<'_>, register: &dyn Fn(&File) -> std::io::Result<BackingId>) -> OpenMode {
-        let mut inodes = lock(&self.inodes);
+        let mut inodes = self.inodes.lock();
         if let Some(b) = inodes.get_mut(&req.ino) {
             b.handles += 1;
             if req.read_only && req.clean.is_some_and(|d| Arc::ptr_eq(d, &b.base)) {
@@ -215,7 +230,7 @@ impl Passthrough {
             if req.writable {
                 // A shared writable mmap of this descriptor would write into the assembled
                 // file: never hand it to another open again.
-                let mut s = lock(&self.store);
+                let mut s = self.store.lock();
                 if let Some(a) = s.files.remove(&b.key) {
                     s.bytes -= a.size;
                 }
@@ -229,7 +244,7 @@ impl Passthrough {
         }
         let key = ContentKey::of(base);
         let file = {
-            let mut s = lock(&self.store);
+            let mut s = self.store.lock();
             s.clock += 1;
             let now = s.clock;
             match s.files.get_mut(&key) {
@@ -266,7 +281,7 @@ impl Passthrough {
     /// A passthrough handle of `ino` was closed. Returns true when that was the inode's last
     /// one and some handle bypassed the page cache (the caller then invalidates it).
     pub fn release(&self, ino: u64) -> bool {
-        let mut inodes = lock(&self.inodes);
+        let mut inodes = self.inodes.lock();
         let Some(b) = inodes.get_mut(&ino) else { return false };
         b.handles = b.handles.saturating_sub(1);
         if b.handles > 0 {
@@ -285,7 +300,7 @@ impl Passthrough {
         }
         let key = ContentKey::of(&data);
         {
-            let s = lock(&self.store);
+            let s = self.store.lock();
             if !s.building.is_empty() || s.files.contains_key(&key) {
                 return;
             }
@@ -294,7 +309,7 @@ impl Passthrough {
             return;
         }
         {
-            let mut s = lock(&self.store);
+            let mut s = self.store.lock();
             if !s.building.is_empty() || s.files.contains_key(&key) {
                 return;
             }
@@ -304,7 +319,7 @@ impl Passthrough {
         let (this, remote2) = (self.clone(), remote.clone());
         remote.rt.spawn_blocking(move || {
             let built = this.assemble(&remote2, &data);
-            let mut s = lock(&this.store);
+            let mut s = this.store.lock();
             s.building.remove(&key);
             match built {
                 Ok(file) => {
@@ -327,20 +342,20 @@ impl Passthrough {
     /// Copies the file's chunks, verified as they are read from the caches, into a new
     /// anonymous file.
     fn assemble(&self, remote: &Remote, data: &FileData) -> Result<File, AssembleError> {
-        let file = tempfile::tempfile_in(&self.dir).map_err(|e| AssembleError::Io(e.to_string()))?;
-        file.set_len(data.size).map_err(|e| AssembleError::Io(e.to_string()))?;
+        let io = |op: &'static str| move |source: std::io::Error| AssembleError::Io { op, source };
+        let file = tempfile::tempfile_in(&self.dir).map_err(io("creating the file"))?;
+        file.set_len(data.size).map_err(io("sizing the file"))?;
         let mut pos = 0u64;
         for &(id, want) in &data.chunks {
-            let bytes =
-                remote.cached_chunk(id).map_err(|e| AssembleError::Io(e.to_string()))?.ok_or(AssembleError::NotCached(id))?;
+            let bytes = remote.cached_chunk(id).map_err(AssembleError::Cache)?.ok_or(AssembleError::NotCached(id))?;
             if bytes.len() != want as usize {
                 return Err(AssembleError::Length { id, got: bytes.len(), want });
             }
-            file.write_all_at(&bytes, pos).map_err(|e| AssembleError::Io(e.to_string()))?;
+            file.write_all_at(&bytes, pos).map_err(io("writing the file"))?;
             pos += want as u64;
         }
         if pos != data.size {
-            return Err(AssembleError::Io(format!("chunks hold {pos} bytes, the file {}", data.size)));
+            return Err(AssembleError::Size { held: pos, size: data.size });
         }
         Ok(file)
     }

@@ -7,12 +7,14 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use chunkstore::ChunkId;
 use chunkstore::pieces::{PIECE_SIZE, PIECED_MIN, piece_count, piece_range, root_from_cvs};
 use proto::volume::SignedUrl;
+use quick_cache::sync::GuardResult;
+use sysutil::clock::now_ms;
 
 use crate::error::{FuseError, Result};
 use crate::remote::Remote;
@@ -20,14 +22,10 @@ use crate::remote::Remote;
 /// A URL is reused until this long before it expires.
 const URL_MARGIN_MS: u64 = 30_000;
 
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
 impl Remote {
     /// Copies bytes `[from, from + out.len())` of chunk `id` (`clen` bytes long) into `out`.
     pub fn read_into(&self, id: ChunkId, clen: u64, from: u64, out: &mut [u8]) -> Result<()> {
-        if let Some(b) = self.hot.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
+        if let Some(b) = self.hot.get(&id) {
             self.counters.memory_hits.fetch_add(1, Ordering::Relaxed);
             return copy_out(&b, from, out, id);
         }
@@ -63,7 +61,7 @@ impl Remote {
             }
             Ok(b.slice(a..z))
         };
-        if let Some(b) = self.hot.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
+        if let Some(b) = self.hot.get(&id) {
             self.counters.memory_hits.fetch_add(1, Ordering::Relaxed);
             return slice(b, 0);
         }
@@ -72,7 +70,7 @@ impl Remote {
             let (start, n) = piece_range(clen, idx);
             let one_piece = end <= start + n;
             // Pieces still in memory beat a whole-chunk read of the disk cache they filled.
-            if one_piece && let Some(p) = self.pieces.lock().unwrap_or_else(|p| p.into_inner()).get((id, idx)) {
+            if one_piece && let Some(p) = self.pieces.get(&(id, idx)) {
                 self.counters.memory_hits.fetch_add(1, Ordering::Relaxed);
                 return slice(p, start);
             }
@@ -94,13 +92,12 @@ impl Remote {
     fn pieces_held(&self, id: ChunkId, clen: u64, from: u64, end: u64) -> bool {
         let first = (from / PIECE_SIZE) as usize;
         let last = (end.min(clen).div_ceil(PIECE_SIZE) as usize).max(first + 1);
-        let pieces = self.pieces.lock().unwrap_or_else(|p| p.into_inner());
-        (first..last).all(|i| pieces.contains((id, i)))
+        (first..last).all(|i| self.pieces.contains_key(&(id, i)))
     }
 
     /// The download URL of a large chunk, if volumed has its piece CVs (and they check out).
     fn piece_url(&self, id: ChunkId, clen: u64) -> Result<Option<SignedUrl>> {
-        if let Some(u) = self.urls.lock().unwrap_or_else(|p| p.into_inner()).get(&id)
+        if let Some(u) = self.urls.lock().get(&id)
             && u.expires_unix_ms > now_ms() + URL_MARGIN_MS
         {
             return Ok(Some(u.clone()).filter(|u| !u.piece_cvs.is_empty()));
@@ -114,7 +111,7 @@ impl Remote {
             tracing::warn!(chunk = %id, "piece CVs from volumed do not match the chunk; reading it whole");
             url.piece_cvs.clear();
         }
-        let mut urls = self.urls.lock().unwrap_or_else(|p| p.into_inner());
+        let mut urls = self.urls.lock();
         if urls.len() > 4096 {
             urls.clear();
         }
@@ -124,45 +121,36 @@ impl Remote {
 
     /// One verified piece (memory, else a range request; concurrent readers share a fetch).
     fn piece(&self, url: &SignedUrl, id: ChunkId, clen: u64, idx: usize) -> Result<Bytes> {
-        if let Some(b) = self.pieces.lock().unwrap_or_else(|p| p.into_inner()).get((id, idx)) {
+        if let Some(b) = self.pieces.get(&(id, idx)) {
             self.counters.memory_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(b);
         }
         self.counters.memory_misses.fetch_add(1, Ordering::Relaxed);
-        let slot = self.piece_loading.lock().unwrap_or_else(|p| p.into_inner()).entry((id, idx)).or_default().clone();
-        let mut guard = slot.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(b) = guard.as_ref() {
-            return Ok(b.clone());
+        let guard = match self.pieces.get_value_or_guard(&(id, idx), None) {
+            GuardResult::Value(b) => return Ok(b),
+            GuardResult::Guard(guard) => Some(guard),
+            // No timeout was given, so this does not happen; fetch without sharing if it does.
+            GuardResult::Timeout => None,
+        };
+        let bytes = self.rt.block_on(self.client.fetch_piece(url, id, clen, idx))?;
+        self.counters.pieces_fetched.fetch_add(1, Ordering::Relaxed);
+        if let Some(guard) = guard {
+            // Err only when the placeholder was removed meanwhile: the bytes are still good.
+            let _ = guard.insert(bytes.clone());
         }
-        if let Some(b) = self.pieces.lock().unwrap_or_else(|p| p.into_inner()).get((id, idx)) {
-            return Ok(b);
-        }
-        let result = self.rt.block_on(self.client.fetch_piece(url, id, clen, idx)).map_err(FuseError::from);
-        if let Ok(b) = &result {
-            self.counters.pieces_fetched.fetch_add(1, Ordering::Relaxed);
-            self.pieces.lock().unwrap_or_else(|p| p.into_inner()).insert((id, idx), b.clone());
-            *guard = Some(b.clone());
-        }
-        drop(guard);
-        self.piece_loading.lock().unwrap_or_else(|p| p.into_inner()).remove(&(id, idx));
-        if result.is_ok() {
-            self.maybe_assemble(id, clen);
-        }
-        result
+        self.maybe_assemble(id, clen);
+        Ok(bytes)
     }
 
     /// Writes a chunk whose pieces are all in memory to the disk cache, piece after piece
     /// (never joined into one buffer: that copy cost a cold reader 5% of the machine). The
-    /// pieces stay in memory for readers until the piece LRU drops them.
+    /// pieces stay in memory for readers until the piece cache evicts them.
     fn maybe_assemble(&self, id: ChunkId, clen: u64) {
         let n = piece_count(clen);
-        let parts: Vec<Bytes> = {
-            let mut pieces = self.pieces.lock().unwrap_or_else(|p| p.into_inner());
-            if !(0..n).all(|i| pieces.contains((id, i))) {
-                return;
-            }
-            (0..n).filter_map(|i| pieces.get((id, i))).collect()
-        };
+        if !(0..n).all(|i| self.pieces.contains_key(&(id, i))) {
+            return;
+        }
+        let parts: Vec<Bytes> = (0..n).filter_map(|i| self.pieces.get(&(id, i))).collect();
         if parts.len() != n || parts.iter().map(|p| p.len() as u64).sum::<u64>() != clen {
             return;
         }
@@ -174,13 +162,10 @@ impl Remote {
     /// chunk readahead. Returns false when the chunk is not read piece by piece (small, or
     /// already in memory or in the disk cache): the caller prefetches it whole.
     pub fn prefetch_pieces(self: &Arc<Self>, id: ChunkId, clen: u64, from: u64, len: u64) -> bool {
-        if clen < PIECED_MIN
-            || self.hot.lock().unwrap_or_else(|p| p.into_inner()).contains(id)
-            || self.cache().is_some_and(|c| c.contains(id))
-        {
+        if clen < PIECED_MIN || self.hot.contains_key(&id) || self.cache().is_some_and(|c| c.contains(id)) {
             return false;
         }
-        let url = match self.urls.lock().unwrap_or_else(|p| p.into_inner()).get(&id) {
+        let url = match self.urls.lock().get(&id) {
             Some(u) if u.expires_unix_ms > now_ms() + URL_MARGIN_MS => Some(u.clone()),
             _ => None,
         };
@@ -207,9 +192,7 @@ impl Remote {
         let first = (from / PIECE_SIZE) as usize;
         let last = ((from + len).min(clen).div_ceil(PIECE_SIZE) as usize).min(piece_count(clen));
         for idx in first..last {
-            if self.pieces.lock().unwrap_or_else(|p| p.into_inner()).contains((id, idx))
-                || self.piece_loading.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&(id, idx))
-            {
+            if self.piece_present_or_loading(id, idx) {
                 continue;
             }
             let Ok(permit) = self.piece_prefetch.clone().try_acquire_owned() else {
@@ -224,6 +207,21 @@ impl Remote {
             });
         }
         true
+    }
+}
+
+impl Remote {
+    /// Whether piece `idx` of chunk `id` is in memory or being fetched (readahead skips it).
+    fn piece_present_or_loading(&self, id: ChunkId, idx: usize) -> bool {
+        if self.pieces.contains_key(&(id, idx)) {
+            return true;
+        }
+        // A zero timeout never waits: a fetch in flight answers Timeout; otherwise this call
+        // holds the load, and dropping its guard at once gives it up (nobody waits on it yet).
+        match self.pieces.get_value_or_guard(&(id, idx), Some(Duration::ZERO)) {
+            GuardResult::Value(_) | GuardResult::Timeout => true,
+            GuardResult::Guard(_) => false,
+        }
     }
 }
 

@@ -1,16 +1,20 @@
 //! `Remote`: the mount's blocking view of volumed and the chunk cache. FUSE callbacks run on
 //! fuser's worker threads; they call these methods, which drive the async client on the
 //! helper's tokio runtime. Chunks are verified by the client or the cache before they get
-//! here, and recently used ones stay in a small in-memory LRU so that a 64 MiB chunk is not
-//! re-read from disk for every 128 KiB FUSE read.
+//! here, and recently used ones stay in a small in-memory cache (quick_cache, weighed in
+//! bytes) so that a 64 MiB chunk is not re-read from disk for every 128 KiB FUSE read.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use chunkstore::pieces::PIECE_SIZE;
 use chunkstore::{ChunkCache, ChunkId, Chunking};
+use parking_lot::Mutex;
 use proto::volume as pb;
+use quick_cache::sync::{Cache, GuardResult};
+use quick_cache::{OptionsBuilder, Weighter};
 use tokio::runtime::Handle;
 use tokio::sync::Semaphore;
 use volume_client::{TransferStats, VolumeClient};
@@ -28,6 +32,9 @@ pub const PIECE_PREFETCH_CONCURRENCY: usize = 8;
 /// Memory for pieces of large chunks read piece by piece (see `pieced`).
 pub const PIECE_MEMORY: u64 = 160 << 20;
 
+/// Size of most chunks (small files' fixed class), for sizing the chunk cache's index.
+const TYPICAL_CHUNK: u64 = 8 << 20;
+
 /// Counters of the mount's reads.
 #[derive(Debug, Default)]
 pub struct ReadCounters {
@@ -41,47 +48,34 @@ pub struct ReadCounters {
     pub pieces_fetched: AtomicU64,
 }
 
-/// Recently used chunks (or pieces), capped by bytes.
-pub(crate) struct Lru<K> {
-    cap: u64,
-    used: u64,
-    order: VecDeque<(K, Bytes)>,
-}
+/// Weighs a cached chunk or piece by its length (an empty one weighs 1: quick_cache never
+/// evicts weightless entries).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct ByLength;
 
-impl<K: Copy + PartialEq> Lru<K> {
-    pub(crate) fn new(cap: u64) -> Self {
-        Lru { cap, used: 0, order: VecDeque::new() }
-    }
-
-    pub(crate) fn contains(&self, id: K) -> bool {
-        self.order.iter().any(|(i, _)| *i == id)
-    }
-
-    pub(crate) fn get(&mut self, id: K) -> Option<Bytes> {
-        let pos = self.order.iter().position(|(i, _)| *i == id)?;
-        let item = self.order.remove(pos)?;
-        let bytes = item.1.clone();
-        self.order.push_back(item);
-        Some(bytes)
-    }
-
-    pub(crate) fn insert(&mut self, id: K, bytes: Bytes) {
-        if self.order.iter().any(|(i, _)| *i == id) || bytes.len() as u64 > self.cap {
-            return;
-        }
-        self.used += bytes.len() as u64;
-        self.order.push_back((id, bytes));
-        while self.used > self.cap {
-            match self.order.pop_front() {
-                Some((_, b)) => self.used -= b.len() as u64,
-                None => break,
-            }
-        }
+impl<K> Weighter<K, Bytes> for ByLength {
+    fn weight(&self, _key: &K, bytes: &Bytes) -> u64 {
+        (bytes.len() as u64).max(1)
     }
 }
 
-/// One slot per chunk being loaded, so concurrent readers of a chunk share one load.
-type Loading = Arc<Mutex<Option<Bytes>>>;
+/// Recently used chunks (or pieces), capped by bytes. Loads through
+/// `get_value_or_guard` are single-flight: concurrent readers of one key share one fetch,
+/// and retry it themselves if it failed.
+pub(crate) type ByteCache<K> = Cache<K, Bytes, ByLength>;
+
+/// A byte cache of `cap` bytes whose items are about `typical` bytes. One shard: an item may
+/// take (nearly) the whole bound, as a 64 MiB chunk in a 256 MiB cache does, and the old
+/// single-mutex LRU had no more concurrency either.
+fn byte_cache<K: Eq + std::hash::Hash + Clone>(cap: u64, typical: u64) -> ByteCache<K> {
+    let items = usize::try_from(cap / typical.max(1)).unwrap_or(usize::MAX).max(1);
+    let built = OptionsBuilder::new().shards(1).estimated_items_capacity(items).weight_capacity(cap).build();
+    match built {
+        Ok(options) => Cache::with_options(options, ByLength, Default::default(), Default::default()),
+        // Only an unset capacity fails to build; both are set above.
+        Err(_) => Cache::with_weighter(items, cap, ByLength),
+    }
+}
 
 /// The mount's connection to volumed plus its chunk caches.
 pub struct Remote {
@@ -89,10 +83,8 @@ pub struct Remote {
     pub(crate) client: VolumeClient,
     org: String,
     volume: String,
-    pub(crate) hot: Mutex<Lru<ChunkId>>,
-    loading: Mutex<HashMap<ChunkId, Loading>>,
-    pub(crate) pieces: Mutex<Lru<(ChunkId, usize)>>,
-    pub(crate) piece_loading: Mutex<HashMap<(ChunkId, usize), Loading>>,
+    pub(crate) hot: ByteCache<ChunkId>,
+    pub(crate) pieces: ByteCache<(ChunkId, usize)>,
     pub(crate) urls: Mutex<HashMap<ChunkId, proto::volume::SignedUrl>>,
     pub(crate) prefetch: Arc<Semaphore>,
     pub(crate) piece_prefetch: Arc<Semaphore>,
@@ -109,10 +101,8 @@ impl Remote {
             client,
             org: org.to_owned(),
             volume: volume.to_owned(),
-            hot: Mutex::new(Lru::new(memory_cache_bytes)),
-            loading: Mutex::new(HashMap::new()),
-            pieces: Mutex::new(Lru::new(PIECE_MEMORY)),
-            piece_loading: Mutex::new(HashMap::new()),
+            hot: byte_cache(memory_cache_bytes, TYPICAL_CHUNK),
+            pieces: byte_cache(PIECE_MEMORY, PIECE_SIZE),
             urls: Mutex::new(HashMap::new()),
             prefetch: Arc::new(Semaphore::new(PREFETCH_CONCURRENCY)),
             piece_prefetch: Arc::new(Semaphore::new(PIECE_PREFETCH_CONCURRENCY)),
@@ -140,7 +130,7 @@ impl Remote {
     pub fn head(&self) -> Result<(String, TreeId)> {
         let mut c = self.client.clone();
         let head = self.rt.block_on(c.head(&self.org, &self.volume))?;
-        let root = TreeId::from_slice(&head.root).map_err(|e| FuseError::Protocol(e.to_string()))?;
+        let root = TreeId::from_slice(&head.root)?;
         Ok((head.commit, root))
     }
 
@@ -164,7 +154,7 @@ impl Remote {
             .into_iter()
             .map(|ne| {
                 let entry = ne.entry.ok_or_else(|| FuseError::Protocol(format!("entry {} has no body", ne.name)))?;
-                let entry = entry_from_proto(&entry, false).map_err(|e| FuseError::Protocol(e.to_string()))?;
+                let entry = entry_from_proto(&entry, false)?;
                 if ne.name.is_empty() || ne.name.contains('/') || ne.name == "." || ne.name == ".." {
                     return Err(FuseError::Protocol(format!("invalid entry name {:?}", ne.name)));
                 }
@@ -175,7 +165,7 @@ impl Remote {
 
     /// A chunk's verified bytes: from memory, else the disk cache, else volumed's data path.
     pub fn chunk(&self, id: ChunkId) -> Result<Bytes> {
-        if let Some(b) = self.hot.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
+        if let Some(b) = self.hot.get(&id) {
             self.counters.memory_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(b);
         }
@@ -185,41 +175,34 @@ impl Remote {
 
     /// Whether chunk `id` is held locally (in memory or in the disk cache, not verified yet).
     pub fn is_cached(&self, id: ChunkId) -> bool {
-        self.hot.lock().unwrap_or_else(|p| p.into_inner()).contains(id) || self.cache().is_some_and(|c| c.contains(id))
+        self.hot.contains_key(&id) || self.cache().is_some_and(|c| c.contains(id))
     }
 
     /// A chunk's verified bytes if held locally (memory, else the disk cache, verified as it
     /// is read); never fetched, and not added to the in-memory cache.
     pub fn cached_chunk(&self, id: ChunkId) -> Result<Option<Bytes>> {
-        if let Some(b) = self.hot.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
+        if let Some(b) = self.hot.get(&id) {
             return Ok(Some(b));
         }
         let Some(cache) = self.cache() else {
             return Ok(None);
         };
-        self.rt.block_on(cache.get(id)).map_err(|e| FuseError::Protocol(e.to_string()))
+        self.rt.block_on(cache.get(id)).map_err(FuseError::Cache)
     }
 
+    /// A chunk from memory, else fetched once for all concurrent readers and kept in memory.
     fn load(&self, id: ChunkId) -> Result<Bytes> {
-        let slot = {
-            let mut loading = self.loading.lock().unwrap_or_else(|p| p.into_inner());
-            loading.entry(id).or_default().clone()
-        };
-        let mut guard = slot.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(b) = guard.as_ref() {
-            return Ok(b.clone());
+        match self.hot.get_value_or_guard(&id, None) {
+            GuardResult::Value(b) => Ok(b),
+            GuardResult::Guard(guard) => {
+                let bytes = self.fetch(id)?;
+                // Err only when the placeholder was removed meanwhile: the bytes are still good.
+                let _ = guard.insert(bytes.clone());
+                Ok(bytes)
+            }
+            // No timeout was given, so this does not happen; fetch without sharing if it does.
+            GuardResult::Timeout => self.fetch(id),
         }
-        if let Some(b) = self.hot.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
-            return Ok(b);
-        }
-        let result = self.fetch(id);
-        if let Ok(bytes) = &result {
-            self.hot.lock().unwrap_or_else(|p| p.into_inner()).insert(id, bytes.clone());
-            *guard = Some(bytes.clone());
-        }
-        drop(guard);
-        self.loading.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
-        result
     }
 
     /// A chunk from the disk cache (verified as it is read), else downloaded (verified) and
@@ -228,7 +211,7 @@ impl Remote {
     pub(crate) fn fetch(&self, id: ChunkId) -> Result<Bytes> {
         let cache = self.client.cache().cloned();
         if let Some(cache) = &cache
-            && let Some(bytes) = self.rt.block_on(cache.get(id)).map_err(|e| FuseError::Protocol(e.to_string()))?
+            && let Some(bytes) = self.rt.block_on(cache.get(id)).map_err(FuseError::Cache)?
         {
             return Ok(bytes);
         }
@@ -263,7 +246,7 @@ impl Remote {
     /// Starts loading `ids` in the background (bounded; skipped when all slots are busy).
     pub fn prefetch(self: &Arc<Self>, ids: Vec<ChunkId>) {
         for id in ids {
-            if self.hot.lock().unwrap_or_else(|p| p.into_inner()).contains(id) {
+            if self.hot.contains_key(&id) {
                 continue;
             }
             let Ok(permit) = self.prefetch.clone().try_acquire_owned() else {

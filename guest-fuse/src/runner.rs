@@ -1,12 +1,16 @@
 //! Running a mount: connect, fetch the head, mount, serve the control socket, and unmount
 //! cleanly on SIGINT/SIGTERM, on an "unmount" request, or when someone runs `umount`.
 
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use anyhow::Context;
 use chunkstore::ChunkCache;
 use fuser::{Config, MountOption, Session};
+use parking_lot::Mutex;
+use sysutil::mount::{clean_dead_mount, lazy_unmount};
 use volume_client::VolumeClient;
 
 use crate::control;
@@ -63,22 +67,6 @@ pub fn default_socket_path(mountpoint: &Path) -> PathBuf {
     base.join("mounts").join(format!("{}.sock", &hash[..16]))
 }
 
-/// If `path` is a FUSE mount whose helper died (ENOTCONN), detaches it. Returns whether it
-/// did. Call before mounting and in test cleanup.
-pub fn clean_dead_mount(path: &Path) -> bool {
-    match std::fs::metadata(path) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => lazy_unmount(path).is_ok(),
-        _ => false,
-    }
-}
-
-/// `umount -l`: detaches the mount now; the kernel finishes when the last user leaves.
-pub fn lazy_unmount(path: &Path) -> std::io::Result<()> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
-    // SAFETY: c is NUL-terminated.
-    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
-}
-
 /// FUSE worker threads when not given: one per CPU, 2 to 8. More threads than cores only
 /// add wake-ups and lock contention on the FUSE device (measured on 2 cores: unpacking
 /// 10,000 files took 1.3 s with 2 threads, 2.2 s with 4, 1.8-2.0 s with 8; 1 thread is far
@@ -105,7 +93,7 @@ pub fn mount_device(mountpoint: &Path) -> Option<String> {
             let point = f.nth(1)?;
             (point.as_bytes() == want).then(|| dev.to_owned())
         })
-        .last()
+        .next_back()
 }
 
 /// Whether something is mounted at `path` (per /proc/self/mountinfo; no stat of the mount).
@@ -146,11 +134,7 @@ fn raise_fd_limit() {
 pub fn run(opts: MountOptions, ready: impl FnOnce(&Path)) -> anyhow::Result<()> {
     raise_fd_limit();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().thread_name("sail-fuse-io").build()?;
-    let cache = ChunkCache::open(&opts.cache_dir, opts.cache_max_bytes)
-        .with_context(|| format!("opening chunk cache {}", opts.cache_dir.display()))?;
-    let mut client = rt.block_on(VolumeClient::connect(&opts.endpoint))?.with_cache(cache);
-    rt.block_on(client.get_volume(&opts.org, &opts.volume, opts.mint))?;
-    let remote = Arc::new(Remote::new(rt.handle().clone(), client, &opts.org, &opts.volume, opts.memory_cache_bytes));
+    let remote = connect(&opts, &rt)?;
     let (commit, root) = remote.head()?;
     tracing::info!(volume = %opts.volume, %commit, "head fetched");
 
@@ -158,24 +142,48 @@ pub fn run(opts: MountOptions, ready: impl FnOnce(&Path)) -> anyhow::Result<()> 
     let mountpoint = std::fs::canonicalize(&opts.mountpoint)
         .with_context(|| format!("mount point {} must be an existing directory", opts.mountpoint.display()))?;
     std::fs::create_dir_all(&opts.overlay_dir).with_context(|| format!("creating {}", opts.overlay_dir.display()))?;
-    let socket = opts.control_socket.clone().unwrap_or_else(|| default_socket_path(&mountpoint));
-    if let Some(dir) = socket.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let _ = std::fs::remove_file(&socket);
-    let listener = std::os::unix::net::UnixListener::bind(&socket)
-        .with_context(|| format!("binding control socket {}", socket.display()))?;
-    let socket_ino = std::fs::metadata(&socket).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).ok();
+    let (socket, listener) = SocketPath::bind(opts.control_socket.clone().unwrap_or_else(|| default_socket_path(&mountpoint)))?;
 
     let core = Arc::new(MountCore::new(
         State::new(commit, root, 0o755),
         remote,
         opts.overlay_dir.clone(),
-        socket.clone(),
+        socket.path.clone(),
         mountpoint.clone(),
         opts.endpoint.clone(),
         Passthrough::new(opts.passthrough, opts.overlay_dir.clone(), opts.cache_max_bytes),
     ));
+    let mut session = Session::new(VolumeFs(core.clone()), &mountpoint, &fuse_config(&opts))
+        .with_context(|| format!("mounting {}", mountpoint.display()))?;
+    // The INIT handshake is done: the kernel's readahead setting is final and can be raised.
+    tune_readahead(&mountpoint);
+    let _ = core.notifier.set(session.notifier());
+    let unmount = unmounter(&mut session, mountpoint);
+    {
+        let unmount = unmount.clone();
+        std::thread::Builder::new().name("sail-control".into()).spawn(move || control::serve(listener, core, unmount))?;
+    }
+    unmount_on_signal(&rt, unmount);
+    ready(&socket.path);
+    let result = session.run();
+    socket.remove_if_ours();
+    tracing::info!("unmounted");
+    rt.shutdown_background();
+    result.context("FUSE session failed")
+}
+
+/// Opens the shared chunk cache, connects to volumed and checks (or creates) the volume.
+fn connect(opts: &MountOptions, rt: &tokio::runtime::Runtime) -> anyhow::Result<Arc<Remote>> {
+    let cache = ChunkCache::open(&opts.cache_dir, opts.cache_max_bytes)
+        .with_context(|| format!("opening chunk cache {}", opts.cache_dir.display()))?;
+    let mut client = rt.block_on(VolumeClient::connect(&opts.endpoint))?.with_cache(cache);
+    rt.block_on(client.get_volume(&opts.org, &opts.volume, opts.mint))?;
+    Ok(Arc::new(Remote::new(rt.handle().clone(), client, &opts.org, &opts.volume, opts.memory_cache_bytes)))
+}
+
+/// The mount's options: its name, `default_permissions`, no devices or setuid, every user
+/// when run as root, and one cloned device fd per worker thread.
+fn fuse_config(opts: &MountOptions) -> Config {
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName(format!("sail:{}/{}", opts.org, opts.volume)),
@@ -190,46 +198,58 @@ pub fn run(opts: MountOptions, ready: impl FnOnce(&Path)) -> anyhow::Result<()> 
     }
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
-    let mut session = Session::new(VolumeFs(core.clone()), &mountpoint, &config)
-        .with_context(|| format!("mounting {}", mountpoint.display()))?;
-    // The INIT handshake is done: the kernel's readahead setting is final and can be raised.
-    tune_readahead(&mountpoint);
-    let _ = core.notifier.set(session.notifier());
-    let unmounter = Arc::new(Mutex::new(session.unmount_callable()));
-    let unmount: Arc<dyn Fn() + Send + Sync> = {
-        let (unmounter, mountpoint) = (unmounter.clone(), mountpoint.clone());
-        Arc::new(move || {
-            let r = unmounter.lock().unwrap_or_else(|p| p.into_inner()).unmount();
-            if let Err(e) = r {
-                tracing::warn!(error = %e, "unmount failed (busy?); detaching lazily");
-                let _ = lazy_unmount(&mountpoint);
-            }
-        })
-    };
-    {
-        let (core, unmount) = (core.clone(), unmount.clone());
-        std::thread::Builder::new().name("sail-control".into()).spawn(move || control::serve(listener, core, unmount))?;
+    config
+}
+
+/// The unmount action (control request, signal): unmounts the session, or detaches the mount
+/// lazily when it is busy.
+fn unmounter(session: &mut Session<VolumeFs>, mountpoint: PathBuf) -> Arc<dyn Fn() + Send + Sync> {
+    let unmounter = Mutex::new(session.unmount_callable());
+    Arc::new(move || {
+        let r = unmounter.lock().unmount();
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "unmount failed (busy?); detaching lazily");
+            let _ = lazy_unmount(&mountpoint);
+        }
+    })
+}
+
+/// Unmounts on SIGTERM or SIGINT.
+fn unmount_on_signal(rt: &tokio::runtime::Runtime, unmount: Arc<dyn Fn() + Send + Sync>) {
+    rt.spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            return;
+        };
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        tracing::info!("signal received; unmounting");
+        tokio::task::spawn_blocking(move || unmount());
+    });
+}
+
+/// The control socket's path and the inode it was bound with.
+struct SocketPath {
+    path: PathBuf,
+    ino: Option<u64>,
+}
+
+impl SocketPath {
+    /// Binds `path` (replacing a stale socket file).
+    fn bind(path: PathBuf) -> anyhow::Result<(Self, UnixListener)> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).with_context(|| format!("binding control socket {}", path.display()))?;
+        let ino = std::fs::metadata(&path).map(|m| m.ino()).ok();
+        Ok((Self { path, ino }, listener))
     }
-    {
-        let unmount = unmount.clone();
-        rt.spawn(async move {
-            use tokio::signal::unix::{SignalKind, signal};
-            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-                return;
-            };
-            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-            tracing::info!("signal received; unmounting");
-            tokio::task::spawn_blocking(move || unmount());
-        });
+
+    /// Removes the socket only if it is still ours: a new helper for the same mount point may
+    /// already have bound the same path.
+    fn remove_if_ours(&self) {
+        if std::fs::metadata(&self.path).map(|m| m.ino()).ok() == self.ino {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
-    ready(&socket);
-    let result = session.run();
-    // Remove the socket only if it is still ours: a new helper for the same mount point may
-    // already have bound the same path.
-    if std::fs::metadata(&socket).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).ok() == socket_ino {
-        let _ = std::fs::remove_file(&socket);
-    }
-    tracing::info!("unmounted");
-    rt.shutdown_background();
-    result.context("FUSE session failed")
 }

@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use fuser::Errno;
+use sysutil::clock::now_ns;
 use volume_model::{Entry, EntryKind, FileData, TreeId};
 
 use crate::overlay::{MemUsage, Overlay};
@@ -153,11 +154,6 @@ pub fn empty_file() -> Kind {
 /// A new empty directory.
 pub fn empty_dir() -> Kind {
     Kind::Dir(DirState { tree: None, children: Some(BTreeMap::new()), moved: false })
-}
-
-/// Nanoseconds since the Unix epoch.
-pub fn now_ns() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
 }
 
 /// Returns an in-memory overlay's bytes to the budget when its node goes away.

@@ -183,6 +183,7 @@ fn posix_operations_and_their_errors() {
     fs::create_dir(a.p("empty")).unwrap();
     fs::create_dir(a.p("gone")).unwrap();
     fs::remove_dir(a.p("gone")).unwrap();
+    // SAFETY: statvfs is a plain C struct of integers, for which all zeroes is valid.
     let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
     let root = std::ffi::CString::new(a.path.clone().into_os_string().into_encoded_bytes()).unwrap();
     // SAFETY: valid path and out-pointer.
@@ -267,7 +268,7 @@ fn a_killed_helper_is_reported_unavailable_and_cleaned_up() {
     assert_eq!(err.name, guest_fuse::FUSE_UNAVAILABLE);
     assert!(err.message.contains("FUSE helper unavailable"), "{}", err.message);
     assert!(common::is_mounted(&a.path), "the dead mount is still there");
-    assert!(guest_fuse::clean_dead_mount(&a.path));
+    assert!(sysutil::mount::clean_dead_mount(&a.path));
     assert!(!common::is_mounted(&a.path));
     let b = env.mount("vol");
     assert_eq!(fs::read(b.p("x")).unwrap(), b"x");
@@ -331,7 +332,7 @@ fn killing_the_helper_mid_commit_leaves_the_old_or_the_new_commit() {
             outcomes.push("new");
             head = now;
         }
-        assert!(guest_fuse::clean_dead_mount(&m.path) || !common::is_mounted(&m.path));
+        assert!(sysutil::mount::clean_dead_mount(&m.path) || !common::is_mounted(&m.path));
     }
     println!("outcomes: {outcomes:?} (base {base})");
     // The next mount works and shows the head.

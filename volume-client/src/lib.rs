@@ -24,14 +24,14 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::Bytes;
-use chunkstore::{ChunkCache, ChunkId, Chunking};
+use chunkstore::{ChunkCache, ChunkError, ChunkId, Chunking};
 use futures::{StreamExt, TryStreamExt};
 use proto::volume as pb;
 use proto::volume::volume_service_client::VolumeServiceClient;
 use tonic::transport::Channel;
 
 use volume_model::convert::{MAX_CHUNKS_PER_REQUEST, chunking_from_proto, entry_from_proto, policy_to_proto};
-use volume_model::{EntryKind, batch};
+use volume_model::{EntryKind, InvalidRequest, batch};
 
 /// Reads the contract error name back out of a status.
 pub fn error_name(status: &tonic::Status) -> Option<String> {
@@ -69,18 +69,57 @@ pub enum ClientError {
     Connect {
         /// Endpoint tried.
         endpoint: String,
-        /// Why.
+        /// Why, with the transport's whole chain of causes.
         message: String,
+        /// The transport's error.
+        #[source]
+        source: BoxError,
     },
-    /// A chunk transfer failed.
+    /// A signed-URL request could not be sent, or its answer not read.
+    #[error("chunk transfer failed: {what}: {source}")]
+    Transfer {
+        /// The request ("PUT chunk", "GET <id>", ...).
+        what: String,
+        /// The HTTP client's error.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The data path refused a signed-URL request.
+    #[error("chunk transfer failed: {what} returned {status}: {body}")]
+    Refused {
+        /// The request.
+        what: String,
+        /// The HTTP status.
+        status: u16,
+        /// The answer's text (volumed says why).
+        body: String,
+    },
+    /// The local chunk cache failed (reading, filling, or the fetch it ran).
     #[error("chunk transfer failed: {0}")]
-    Transfer(String),
+    Cache(#[source] ChunkError),
     /// Downloaded bytes did not match their id.
     #[error("integrity failure: {0}")]
-    Integrity(String),
+    Integrity(#[source] IntegrityFailure),
     /// The server's answer was malformed.
     #[error("malformed response: {0}")]
     Protocol(String),
+    /// A value in the server's answer does not decode or validate (an id, an entry).
+    #[error("malformed response: {0}")]
+    Invalid(#[from] InvalidRequest),
+}
+
+/// A boxed error of another library kept as a cause.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why downloaded bytes are not trusted.
+#[derive(Debug, thiserror::Error)]
+pub enum IntegrityFailure {
+    /// A chunk or piece did not hash to its id or chaining value.
+    #[error(transparent)]
+    Chunk(#[from] ChunkError),
+    /// The piece chaining values offered for a chunk do not merge into its id.
+    #[error("piece CVs of chunk {0} do not merge into its id")]
+    PieceCvs(ChunkId),
 }
 
 impl From<tonic::Status> for ClientError {
@@ -122,9 +161,7 @@ pub struct FileUpload {
 impl FileUpload {
     /// A file with the current time as mtime.
     pub fn from_bytes(path: impl Into<String>, data: impl Into<Bytes>, mode: u32) -> Self {
-        let mtime_ns =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0);
-        Self { path: path.into(), data: data.into(), mode, mtime_ns }
+        Self { path: path.into(), data: data.into(), mode, mtime_ns: sysutil::clock::now_ns() }
     }
 }
 
@@ -161,20 +198,20 @@ fn vref(org: &str, name: &str) -> Option<pb::VolumeRef> {
 impl VolumeClient {
     /// Connects to `endpoint` (`http://host:port`).
     pub async fn connect(endpoint: &str) -> Result<Self> {
-        let err = |m: String| ClientError::Connect { endpoint: endpoint.to_owned(), message: m };
+        let err = |message: String, source: BoxError| ClientError::Connect { endpoint: endpoint.to_owned(), message, source };
         let channel = Channel::from_shared(endpoint.to_owned())
-            .map_err(|e| err(e.to_string()))?
+            .map_err(|e| err(e.to_string(), Box::new(e)))?
             .connect_timeout(Duration::from_secs(5))
             .connect()
             .await
-            .map_err(|e| err(format!("{e:?}")))?;
+            .map_err(|e| err(format!("{e:?}"), Box::new(e)))?;
         let grpc = VolumeServiceClient::new(channel).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
         // Presigned S3 URLs may be https: make sure a TLS provider is installed.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(SMALL_TRANSFER_CONCURRENCY)
             .build()
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(|e| err(e.to_string(), Box::new(e)))?;
         // SAIL_BATCH_UPLOADS=0 turns batches off for every client of the process (the FUSE
         // helper included): for comparing both paths, or for a server that misbehaves.
         let batches = std::env::var("SAIL_BATCH_UPLOADS").map_or(true, |v| v != "0");
@@ -254,7 +291,7 @@ impl VolumeClient {
             batches.extend(resp.batches);
         }
         let lookup = |raw: &[u8]| -> Result<(ChunkId, Bytes)> {
-            let id = ChunkId::from_slice(raw).map_err(|e| ClientError::Protocol(e.to_string()))?;
+            let id = ChunkId::from_slice(raw).map_err(InvalidRequest::from)?;
             let data =
                 chunks.get(&id).cloned().ok_or_else(|| ClientError::Protocol(format!("server asked for unknown chunk {id}")))?;
             Ok((id, data))
@@ -372,16 +409,17 @@ impl VolumeClient {
     pub async fn fetch_piece(&self, url: &pb::SignedUrl, id: ChunkId, len: u64, idx: usize) -> Result<Bytes> {
         use chunkstore::pieces::{piece_range, root_from_cvs, verify_piece};
         if root_from_cvs(len, &url.piece_cvs) != Some(id) {
-            return Err(ClientError::Integrity(format!("piece CVs of chunk {id} do not merge into its id")));
+            return Err(ClientError::Integrity(IntegrityFailure::PieceCvs(id)));
         }
         let (start, n) = piece_range(len, idx);
         if n == 0 {
             return Err(ClientError::Protocol(format!("chunk {id} has no piece {idx}")));
         }
         let req = self.http.get(&url.url).header("range", format!("bytes={start}-{}", start + n - 1));
-        let resp = send_signed(req, &url.headers, format!("GET {id} piece {idx}")).await?;
-        let bytes = resp.bytes().await.map_err(|e| ClientError::Transfer(e.to_string()))?;
-        verify_piece(id, len, &url.piece_cvs, idx, &bytes).map_err(|e| ClientError::Integrity(e.to_string()))?;
+        let what = format!("GET {id} piece {idx}");
+        let resp = send_signed(req, &url.headers, &what).await?;
+        let bytes = resp.bytes().await.map_err(|source| ClientError::Transfer { what, source })?;
+        verify_piece(id, len, &url.piece_cvs, idx, &bytes).map_err(|e| ClientError::Integrity(e.into()))?;
         Ok(bytes)
     }
 
@@ -443,7 +481,7 @@ impl VolumeClient {
         let req = pb::StatRequest { volume: vref(org, name), commit: String::new(), path: path.to_owned() };
         let entry = self.grpc.stat(req).await?.into_inner().entry;
         let entry = entry.ok_or_else(|| ClientError::Protocol("stat returned no entry".into()))?;
-        let entry = entry_from_proto(&entry, false).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let entry = entry_from_proto(&entry, false)?;
         let EntryKind::File(file) = entry.kind else {
             return Err(ClientError::Protocol(format!("{path} is not a regular file")));
         };
@@ -457,23 +495,21 @@ impl VolumeClient {
     }
 }
 
-fn cache_error(e: chunkstore::ChunkError) -> ClientError {
+fn cache_error(e: ChunkError) -> ClientError {
     match e {
-        chunkstore::ChunkError::Integrity { .. } | chunkstore::ChunkError::PieceIntegrity { .. } => {
-            ClientError::Integrity(e.to_string())
-        }
-        other => ClientError::Transfer(other.to_string()),
+        ChunkError::Integrity { .. } | ChunkError::PieceIntegrity { .. } => ClientError::Integrity(e.into()),
+        other => ClientError::Cache(other),
     }
 }
 
 /// Sends a signed-URL request with the headers the URL requires; non-2xx is an error.
-async fn send_signed(req: reqwest::RequestBuilder, headers: &HashMap<String, String>, what: String) -> Result<reqwest::Response> {
+async fn send_signed(req: reqwest::RequestBuilder, headers: &HashMap<String, String>, what: &str) -> Result<reqwest::Response> {
     let req = headers.iter().fold(req, |req, (k, v)| req.header(k, v));
-    let resp = req.send().await.map_err(|e| ClientError::Transfer(format!("{what}: {e}")))?;
+    let resp = req.send().await.map_err(|source| ClientError::Transfer { what: what.to_owned(), source })?;
     if !resp.status().is_success() {
         let status = resp.status();
         let body = resp.text().await.unwrap_or_default();
-        return Err(ClientError::Transfer(format!("{what} returned {status}: {}", body.trim())));
+        return Err(ClientError::Refused { what: what.to_owned(), status: status.as_u16(), body: body.trim().to_owned() });
     }
     Ok(resp)
 }
@@ -494,18 +530,19 @@ fn batch_body(parts: &[(ChunkId, Bytes)]) -> Result<Vec<u8>> {
 }
 
 async fn put_batch(http: &reqwest::Client, b: pb::BatchUpload, body: Vec<u8>) -> Result<()> {
-    send_signed(http.put(&b.url).body(body), &b.headers, format!("PUT batch of {} chunks", b.ids.len())).await?;
+    send_signed(http.put(&b.url).body(body), &b.headers, &format!("PUT batch of {} chunks", b.ids.len())).await?;
     Ok(())
 }
 
 async fn put_chunk(http: &reqwest::Client, u: pb::SignedUrl, data: Bytes) -> Result<()> {
-    send_signed(http.put(&u.url).body(data), &u.headers, "PUT chunk".into()).await?;
+    send_signed(http.put(&u.url).body(data), &u.headers, "PUT chunk").await?;
     Ok(())
 }
 
 async fn get_chunk(http: &reqwest::Client, u: pb::SignedUrl, id: ChunkId) -> Result<Bytes> {
-    let resp = send_signed(http.get(&u.url), &u.headers, format!("GET {id}")).await?;
-    let bytes = resp.bytes().await.map_err(|e| ClientError::Transfer(e.to_string()))?;
-    id.verify(&bytes).map_err(|e| ClientError::Integrity(e.to_string()))?;
+    let what = format!("GET {id}");
+    let resp = send_signed(http.get(&u.url), &u.headers, &what).await?;
+    let bytes = resp.bytes().await.map_err(|source| ClientError::Transfer { what, source })?;
+    id.verify(&bytes).map_err(|e| ClientError::Integrity(e.into()))?;
     Ok(bytes)
 }

@@ -70,14 +70,16 @@ pub struct Server {
 impl Server {
     /// Opens the stores and binds the listener; call [`Server::serve`] to start serving.
     pub async fn bind(config: ServerConfig) -> Result<Self> {
-        let io = |what: &str, e: std::io::Error| VolumeError::Storage(format!("{what}: {e}"));
-        std::fs::create_dir_all(&config.data_dir).map_err(|e| io("creating data dir", e))?;
-        let listener = TcpListener::bind(config.listen).await.map_err(|e| io("binding listener", e))?;
-        let addr = listener.local_addr().map_err(|e| io("local address", e))?;
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| VolumeError::io(format!("creating data dir {}", config.data_dir.display()), e))?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| VolumeError::io(format!("binding listener {}", config.listen), e))?;
+        let addr = listener.local_addr().map_err(|e| VolumeError::io("local address", e))?;
         let meta_dir = config.data_dir.join("meta");
         let store = tokio::task::spawn_blocking(move || MetaStore::open(meta_dir))
             .await
-            .map_err(|e| VolumeError::Storage(e.to_string()))??;
+            .map_err(VolumeError::task("opening the metadata store"))??;
         let base_url = config.public_url.clone().unwrap_or_else(|| format!("http://{addr}"));
         let data_stats = Arc::new(DataPathStats::default());
         let (data, chunk_routes) = match &config.backend {
@@ -126,10 +128,7 @@ impl Server {
             router = router.merge(chunk_routes);
         }
         let router = router.layer(axum::middleware::from_fn(request_span));
-        axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown)
-            .await
-            .map_err(|e| VolumeError::Storage(format!("server failed: {e}")))
+        axum::serve(listener, router).with_graceful_shutdown(shutdown).await.map_err(|e| VolumeError::io("serving", e))
     }
 
     /// Serves in a background task; the returned handle stops it when dropped or on
@@ -194,7 +193,7 @@ impl RunningServer {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
-        (&mut self.task).await.map_err(|e| VolumeError::Storage(e.to_string()))?
+        (&mut self.task).await.map_err(VolumeError::task("server task"))?
     }
 }
 

@@ -120,6 +120,100 @@ async fn missing_chunks_batches_small_chunks_only_and_only_when_asked() {
     drop(server);
 }
 
+/// PUTs `body` to `url`; returns the status and the answer's text.
+async fn put(http: &reqwest::Client, url: String, body: Vec<u8>) -> (u16, String) {
+    let resp = http.put(url).body(body).send().await.unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+/// Bodies that do not match the signed list are refused: wrong bytes, truncated, over-long,
+/// reordered, foreign and zero-length frames (7 rejections).
+async fn refuse_tampered_bodies(http: &reqwest::Client, b: &pb::BatchUpload, ordered: &[&[u8]], good: &[u8]) {
+    // Wrong bytes for an id (same length): 422.
+    let mut wrong = good.to_vec();
+    let last = wrong.len() - 1;
+    wrong[last] ^= 1;
+    assert_eq!(put(http, b.url.clone(), wrong).await.0, 422);
+    // Truncated inside a frame, and cut at a frame boundary: 400.
+    assert_eq!(put(http, b.url.clone(), good[..good.len() - 10].to_vec()).await.0, 400);
+    let first_frame = 36 + ordered[0].len();
+    assert_eq!(put(http, b.url.clone(), good[..first_frame].to_vec()).await.0, 400);
+    // Longer than signed: 400.
+    let mut long = good.to_vec();
+    long.extend_from_slice(&frame_header(&ChunkId::of(b"x"), 1));
+    long.push(b'x');
+    assert_eq!(put(http, b.url.clone(), long).await.0, 400);
+    // Same bytes, other order: the list is not the signed one, 403.
+    let mut swapped = ordered.to_vec();
+    swapped.swap(0, 1);
+    assert_eq!(put(http, b.url.clone(), body(&swapped)).await.0, 403);
+    // A valid chunk that is not in the list, in place of one that is (same length): 403.
+    let foreign = bytes_for(77, ordered[3].len());
+    let mut replaced = ordered.to_vec();
+    replaced[3] = &foreign;
+    assert_eq!(put(http, b.url.clone(), body(&replaced)).await.0, 403);
+    // A frame with a zero length: 400.
+    let mut zero = body(&ordered[..3]);
+    zero.extend_from_slice(&frame_header(&ChunkId::of(ordered[3]), 0));
+    zero.resize(good.len(), 0);
+    assert_eq!(put(http, b.url.clone(), zero).await.0, 400);
+}
+
+/// URLs changed after signing are refused: signature, digest, count, expiry, and a batch URL
+/// used as a chunk URL (5 rejections).
+async fn refuse_tampered_urls(http: &reqwest::Client, b: &pb::BatchUpload, good: &[u8]) {
+    // Forged signature, changed digest, count or length, extended expiry: 403.
+    assert_eq!(put(http, b.url.replace("sig=", "sig=00"), good.to_vec()).await.0, 403);
+    let digest = b.url.split("/v1/batches/").nth(1).unwrap().split('?').next().unwrap().to_owned();
+    assert_eq!(put(http, b.url.replace(&digest, &"ab".repeat(32)), good.to_vec()).await.0, 403);
+    assert_eq!(put(http, b.url.replace("&n=4&", "&n=3&"), good.to_vec()).await.0, 403);
+    let exp: u64 = b.url.split("exp=").nth(1).unwrap().split('&').next().unwrap().parse().unwrap();
+    let extended = b.url.replace(&format!("exp={exp}"), &format!("exp={}", exp + 3_600_000));
+    assert_eq!(put(http, extended, good.to_vec()).await.0, 403);
+    // A batch URL is not a chunk URL.
+    let as_chunk = b.url.replace("/v1/batches/", "/v1/chunks/");
+    assert_eq!(put(http, as_chunk, good.to_vec()).await.0, 403);
+}
+
+/// A commit of one file per chunk (`f0`, `f1`, ...) onto `base`.
+fn commit_of(vol: &str, base: &str, chunks: &[Vec<u8>]) -> pb::CommitRequest {
+    let entries: Vec<pb::Change> = chunks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| pb::Change {
+            path: format!("f{i}"),
+            op: Some(pb::change::Op::Upsert(pb::Entry {
+                mode: 0o644,
+                mtime_ns: 0,
+                kind: Some(pb::entry::Kind::File(pb::FileEntry {
+                    size: d.len() as u64,
+                    policy: Some(pb::ChunkPolicy { kind: Some(pb::chunk_policy::Kind::FixedSize(8 << 20)) }),
+                    chunks: vec![pb::ChunkRef { id: ChunkId::of(d).as_bytes().to_vec(), len: d.len() as u32 }],
+                })),
+            })),
+        })
+        .collect();
+    pb::CommitRequest { volume: vref(vol), base: base.to_owned(), changes: entries, message: String::new() }
+}
+
+/// An expired batch URL is refused: a server with a zero TTL hands out URLs dead on arrival.
+async fn refuse_expired_url(http: &reqwest::Client, chunks: &[Vec<u8>], ordered: &[&[u8]]) {
+    let dir2 = tempfile::tempdir().unwrap();
+    let mut cfg = volumed::server::ServerConfig::local(dir2.path(), "127.0.0.1:0".parse().unwrap());
+    cfg.url_ttl = std::time::Duration::ZERO;
+    let short = volumed::server::Server::bind(cfg).await.unwrap().spawn();
+    let mut c2 = VolumeClient::connect(&short.endpoint()).await.unwrap();
+    c2.get_volume(ORG, "t", true).await.unwrap();
+    let dead = ask(&mut c2, "t", chunks).await.batches.remove(0);
+    while sysutil::clock::now_ms() <= dead.expires_unix_ms {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    let (status, text) = put(http, dead.url, body(ordered)).await;
+    assert_eq!(status, 403);
+    assert!(text.contains("expired"), "{text}");
+    assert_eq!(stored_chunks(dir2.path()), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tampered_batches_are_rejected_and_store_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -136,105 +230,32 @@ async fn tampered_batches_are_rejected_and_store_nothing() {
         b.ids.iter().map(|id| chunks.iter().find(|d| ChunkId::of(d).as_bytes() == id.as_slice()).unwrap().as_slice()).collect();
     let good = body(&ordered);
     assert_eq!(good.len() as u64, b.body_len);
-    let put = |url: String, body: Vec<u8>| {
-        let http = http.clone();
-        async move {
-            let resp = http.put(url).body(body).send().await.unwrap();
-            (resp.status().as_u16(), resp.text().await.unwrap())
-        }
-    };
 
-    // Wrong bytes for an id (same length): 422.
-    let mut wrong = good.clone();
-    let last = wrong.len() - 1;
-    wrong[last] ^= 1;
-    assert_eq!(put(b.url.clone(), wrong).await.0, 422);
-    // Truncated inside a frame, and cut at a frame boundary: 400.
-    assert_eq!(put(b.url.clone(), good[..good.len() - 10].to_vec()).await.0, 400);
-    let first_frame = 36 + ordered[0].len();
-    assert_eq!(put(b.url.clone(), good[..first_frame].to_vec()).await.0, 400);
-    // Longer than signed: 400.
-    let mut long = good.clone();
-    long.extend_from_slice(&frame_header(&ChunkId::of(b"x"), 1));
-    long.push(b'x');
-    assert_eq!(put(b.url.clone(), long).await.0, 400);
-    // Same bytes, other order: the list is not the signed one, 403.
-    let mut swapped = ordered.clone();
-    swapped.swap(0, 1);
-    assert_eq!(put(b.url.clone(), body(&swapped)).await.0, 403);
-    // A valid chunk that is not in the list, in place of one that is (same length): 403.
-    let foreign = bytes_for(77, ordered[3].len());
-    let mut replaced = ordered.clone();
-    replaced[3] = &foreign;
-    assert_eq!(put(b.url.clone(), body(&replaced)).await.0, 403);
-    // A frame with a zero length: 400.
-    let mut zero = body(&ordered[..3]);
-    zero.extend_from_slice(&frame_header(&ChunkId::of(ordered[3]), 0));
-    zero.resize(good.len(), 0);
-    assert_eq!(put(b.url.clone(), zero).await.0, 400);
-    // Forged signature, changed digest, count or length, extended expiry: 403.
-    assert_eq!(put(b.url.replace("sig=", "sig=00"), good.clone()).await.0, 403);
-    let digest = b.url.split("/v1/batches/").nth(1).unwrap().split('?').next().unwrap().to_owned();
-    assert_eq!(put(b.url.replace(&digest, &"ab".repeat(32)), good.clone()).await.0, 403);
-    assert_eq!(put(b.url.replace("&n=4&", "&n=3&"), good.clone()).await.0, 403);
-    let exp: u64 = b.url.split("exp=").nth(1).unwrap().split('&').next().unwrap().parse().unwrap();
-    assert_eq!(put(b.url.replace(&format!("exp={exp}"), &format!("exp={}", exp + 3_600_000)), good.clone()).await.0, 403);
-    // A batch URL is not a chunk URL.
-    let as_chunk = b.url.replace("/v1/batches/", "/v1/chunks/");
-    assert_eq!(put(as_chunk, good.clone()).await.0, 403);
+    refuse_tampered_bodies(&http, &b, &ordered, &good).await;
+    refuse_tampered_urls(&http, &b, &good).await;
 
     // Nothing of all that was stored, and every chunk is still missing.
     assert_eq!(stored_chunks(dir.path()), 0);
     assert_eq!(temp_files(dir.path()), 0);
     let again = ask(&mut c, "t", &chunks).await;
     assert_eq!(again.batches[0].ids.len(), 4);
-    let files: Vec<_> = chunks.iter().enumerate().map(|(i, d)| (format!("f{i}"), d.clone())).collect();
-    let entries: Vec<pb::Change> = files
-        .iter()
-        .map(|(p, d)| pb::Change {
-            path: p.clone(),
-            op: Some(pb::change::Op::Upsert(pb::Entry {
-                mode: 0o644,
-                mtime_ns: 0,
-                kind: Some(pb::entry::Kind::File(pb::FileEntry {
-                    size: d.len() as u64,
-                    policy: Some(pb::ChunkPolicy { kind: Some(pb::chunk_policy::Kind::FixedSize(8 << 20)) }),
-                    chunks: vec![pb::ChunkRef { id: ChunkId::of(d).as_bytes().to_vec(), len: d.len() as u32 }],
-                })),
-            })),
-        })
-        .collect();
-    let commit = pb::CommitRequest { volume: vref("t"), base: vol.head.clone(), changes: entries, message: String::new() };
+    let commit = commit_of("t", &vol.head, &chunks);
     let err = c.grpc().commit(commit.clone()).await.unwrap_err();
     assert_eq!(volume_client::error_name(&err).as_deref(), Some("VolumeMissingChunksError"));
     let (_, _, _, rejected) = batch_stats(&server);
     assert_eq!(rejected, 12);
 
     // The genuine body is stored (201), once; then the commit goes through.
-    let (status, text) = put(b.url.clone(), good.clone()).await;
+    let (status, text) = put(&http, b.url.clone(), good.clone()).await;
     assert_eq!(status, 201, "{text}");
     assert_eq!(stored_chunks(dir.path()), 4);
     assert!(ask(&mut c, "t", &chunks).await.batches.is_empty());
     c.grpc().commit(commit).await.unwrap();
     assert_eq!(c.read_file(ORG, "t", "f2").await.unwrap(), chunks[2]);
     // Replaying the URL stores nothing new.
-    let (status, text) = put(b.url.clone(), good).await;
+    let (status, text) = put(&http, b.url.clone(), good).await;
     assert_eq!(status, 201);
     assert!(text.contains("stored 0 chunks (4 already present)"), "{text}");
 
-    // An expired batch URL: a server with a zero TTL hands out URLs dead on arrival.
-    let dir2 = tempfile::tempdir().unwrap();
-    let mut cfg = volumed::server::ServerConfig::local(dir2.path(), "127.0.0.1:0".parse().unwrap());
-    cfg.url_ttl = std::time::Duration::ZERO;
-    let short = volumed::server::Server::bind(cfg).await.unwrap().spawn();
-    let mut c2 = VolumeClient::connect(&short.endpoint()).await.unwrap();
-    c2.get_volume(ORG, "t", true).await.unwrap();
-    let dead = ask(&mut c2, "t", &chunks).await.batches.remove(0);
-    while volumed::meta::store::now_ms() <= dead.expires_unix_ms {
-        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-    }
-    let (status, text) = put(dead.url, body(&ordered)).await;
-    assert_eq!(status, 403);
-    assert!(text.contains("expired"), "{text}");
-    assert_eq!(stored_chunks(dir2.path()), 0);
+    refuse_expired_url(&http, &chunks, &ordered).await;
 }

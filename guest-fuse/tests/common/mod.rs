@@ -187,7 +187,7 @@ impl Drop for Mount {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if is_mounted(&self.path) {
-            let _ = guest_fuse::lazy_unmount(&self.path);
+            let _ = sysutil::mount::lazy_unmount(&self.path);
         }
         assert!(!is_mounted(&self.path) || std::thread::panicking(), "mount {} left behind", self.path.display());
     }

@@ -18,12 +18,14 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use chunkstore::ChunkError;
+use chunkstore::{ChunkError, LocalBackend};
 use futures::StreamExt;
 use serde::Deserialize;
 
 use crate::datapath::http::ChunkHttpState;
 use crate::datapath::sign::SignedParams;
+use crate::error::VolumeError;
+use crate::meta::MetaStore;
 use volume_model::batch::{BATCH_MAX_BYTES, BATCH_MAX_CHUNKS, BatchDigest, FrameError, FrameParser};
 
 #[derive(Deserialize)]
@@ -39,33 +41,42 @@ pub(crate) struct BatchParams {
 enum BatchFailure {
     /// The URL is forged or expired.
     #[error("{0}")]
-    Signature(String),
+    Signature(#[source] VolumeError),
     /// The body's chunk list is not the signed one.
     #[error("{0}")]
     List(String),
-    /// Malformed body: framing, length.
+    /// Malformed body: length, count.
     #[error("{0}")]
     Body(String),
+    /// The body could not be read.
+    #[error("reading request body: {0}")]
+    ReadBody(#[source] axum::Error),
+    /// Malformed framing.
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+    /// A chunk larger than the store takes.
+    #[error("{0}")]
+    TooLarge(#[source] ChunkError),
     /// A chunk's bytes do not hash to its id.
     #[error("{0}")]
-    Integrity(String),
-    /// Storage failed.
+    Integrity(#[source] ChunkError),
+    /// The chunk store failed writing the batch.
     #[error("{0}")]
-    Storage(String),
-}
-
-impl From<FrameError> for BatchFailure {
-    fn from(e: FrameError) -> Self {
-        BatchFailure::Body(e.to_string())
-    }
+    Chunk(#[source] ChunkError),
+    /// Recording the chunks in the metadata store failed.
+    #[error("{0}")]
+    Record(#[source] VolumeError),
+    /// The writer thread panicked or was cancelled.
+    #[error("batch writer failed: {0}")]
+    Writer(#[source] tokio::task::JoinError),
 }
 
 impl From<ChunkError> for BatchFailure {
     fn from(e: ChunkError) -> Self {
         match e {
-            ChunkError::Integrity { .. } => BatchFailure::Integrity(e.to_string()),
-            ChunkError::TooLarge { .. } => BatchFailure::Body(e.to_string()),
-            other => BatchFailure::Storage(other.to_string()),
+            ChunkError::Integrity { .. } => BatchFailure::Integrity(e),
+            ChunkError::TooLarge { .. } => BatchFailure::TooLarge(e),
+            other => BatchFailure::Chunk(other),
         }
     }
 }
@@ -74,9 +85,11 @@ impl BatchFailure {
     fn status(&self) -> StatusCode {
         match self {
             BatchFailure::Signature(_) | BatchFailure::List(_) => StatusCode::FORBIDDEN,
-            BatchFailure::Body(_) => StatusCode::BAD_REQUEST,
+            BatchFailure::Body(_) | BatchFailure::ReadBody(_) | BatchFailure::Frame(_) | BatchFailure::TooLarge(_) => {
+                StatusCode::BAD_REQUEST
+            }
             BatchFailure::Integrity(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            BatchFailure::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            BatchFailure::Chunk(_) | BatchFailure::Record(_) | BatchFailure::Writer(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }
@@ -118,11 +131,26 @@ async fn receive(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<(usize, usize), BatchFailure> {
+    let (n, len) = check_request(state, &digest, p, headers)?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Msg>(16);
+    let (backend, store) = (state.backend.clone(), state.store.clone());
+    let writer = tokio::task::spawn_blocking(move || write_batch(&backend, &store, &digest, n, rx));
+    let failed = stream_body(body, len, tx).await;
+    let result = writer.await.map_err(BatchFailure::Writer)?;
+    match failed {
+        Some(e) => Err(e),
+        None => result,
+    }
+}
+
+/// Checks the digest's form, the signature, the limits and the Content-Length; returns the
+/// signed chunk count and body length.
+fn check_request(state: &ChunkHttpState, digest: &str, p: BatchParams, headers: &HeaderMap) -> Result<(u64, u64), BatchFailure> {
     if digest.len() != 64 || !digest.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
         return Err(BatchFailure::Body("batch digest must be 64 lowercase hex digits".into()));
     }
     let params = SignedParams { exp: p.exp, len: p.len, sig: p.sig };
-    state.signer.verify_batch(&digest, p.n, &params).map_err(|e| BatchFailure::Signature(e.to_string()))?;
+    state.signer.verify_batch(digest, p.n, &params).map_err(BatchFailure::Signature)?;
     let (n, len) = (p.n, params.len);
     if n == 0 || n > BATCH_MAX_CHUNKS as u64 || len > BATCH_MAX_BYTES {
         return Err(BatchFailure::Body(format!(
@@ -134,83 +162,87 @@ async fn receive(
     {
         return Err(BatchFailure::Body(format!("Content-Length {cl} differs from signed length {len}")));
     }
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Msg>(16);
-    let backend = state.backend.clone();
-    let store = state.store.clone();
-    let writer = tokio::task::spawn_blocking(move || -> Result<(usize, usize), BatchFailure> {
-        let started = std::time::Instant::now();
-        let mut batch = backend.begin_batch()?;
-        let mut parser = FrameParser::new();
-        let mut list = BatchDigest::default();
-        loop {
-            match rx.blocking_recv() {
-                Some(Msg::Data(bytes)) => parser.feed(&bytes, |id, data| {
-                    if list.count() as u64 >= n {
-                        return Err(BatchFailure::List(format!("body holds more than the signed {n} chunks")));
-                    }
-                    list.push(&id, data.len() as u64);
-                    batch.add(id, data).map_err(BatchFailure::from)
-                })?,
-                Some(Msg::End) => break,
-                // The body failed or was refused: dropping the batch removes its temp files.
-                None => return Err(BatchFailure::Body("upload aborted".into())),
-            }
+    Ok((n, len))
+}
+
+/// The writer thread: parses frames as they arrive, stages each verified chunk, checks the
+/// list against the signed digest once the body has ended, then makes the chunks durable and
+/// records them. Returns (stored, already present).
+fn write_batch(
+    backend: &LocalBackend,
+    store: &MetaStore,
+    digest: &str,
+    n: u64,
+    mut rx: tokio::sync::mpsc::Receiver<Msg>,
+) -> Result<(usize, usize), BatchFailure> {
+    let started = std::time::Instant::now();
+    let mut batch = backend.begin_batch()?;
+    let mut parser = FrameParser::new();
+    let mut list = BatchDigest::default();
+    loop {
+        match rx.blocking_recv() {
+            Some(Msg::Data(bytes)) => parser.feed(&bytes, |id, data| {
+                if list.count() as u64 >= n {
+                    return Err(BatchFailure::List(format!("body holds more than the signed {n} chunks")));
+                }
+                list.push(&id, data.len() as u64);
+                batch.add(id, data).map_err(BatchFailure::from)
+            })?,
+            Some(Msg::End) => break,
+            // The body failed or was refused: dropping the batch removes its temp files.
+            None => return Err(BatchFailure::Body("upload aborted".into())),
         }
-        parser.finish()?;
-        if list.count() as u64 != n || list.hex() != digest {
-            return Err(BatchFailure::List("the body's chunks are not the signed list".into()));
-        }
-        let present = batch.already_present();
-        let received = started.elapsed();
-        let chunks = batch.commit()?;
-        let durable = started.elapsed();
-        store.record_chunks(&chunks).map_err(|e| BatchFailure::Storage(e.to_string()))?;
-        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
-        tracing::debug!(
-            chunks = chunks.len(),
-            present,
-            received_ms = ms(received),
-            durable_ms = ms(durable - received),
-            recorded_ms = ms(started.elapsed() - durable),
-            "batch stored"
-        );
-        Ok((chunks.len() - present, present))
-    });
+    }
+    parser.finish()?;
+    if list.count() as u64 != n || list.hex() != digest {
+        return Err(BatchFailure::List("the body's chunks are not the signed list".into()));
+    }
+    let present = batch.already_present();
+    let received = started.elapsed();
+    let chunks = batch.commit()?;
+    let durable = started.elapsed();
+    store.record_chunks(&chunks).map_err(BatchFailure::Record)?;
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    tracing::debug!(
+        chunks = chunks.len(),
+        present,
+        received_ms = ms(received),
+        durable_ms = ms(durable - received),
+        recorded_ms = ms(started.elapsed() - durable),
+        "batch stored"
+    );
+    Ok((chunks.len() - present, present))
+}
+
+/// Streams the body to the writer (`Msg::End` once exactly `len` bytes arrived); returns why
+/// the body itself was refused, if it was. The writer's own failure is its result.
+async fn stream_body(body: Body, len: u64, tx: tokio::sync::mpsc::Sender<Msg>) -> Option<BatchFailure> {
     let mut stream = body.into_data_stream();
     let mut received: u64 = 0;
-    let mut failed = None;
     let mut writer_gone = false;
     while let Some(frame) = stream.next().await {
         match frame {
             Ok(bytes) => {
                 received += bytes.len() as u64;
                 if received > len {
-                    failed = Some(BatchFailure::Body(format!("body longer than the signed {len} bytes")));
-                    break;
+                    return Some(BatchFailure::Body(format!("body longer than the signed {len} bytes")));
                 }
-                // Once the writer has failed (its error is reported below), the rest of the
-                // body (at most the signed length) is read and dropped, so the client gets
-                // the answer rather than a reset connection.
+                // Once the writer has failed (its error is reported by the caller), the rest
+                // of the body (at most the signed length) is read and dropped, so the client
+                // gets the answer rather than a reset connection.
                 if !writer_gone && tx.send(Msg::Data(bytes)).await.is_err() {
                     writer_gone = true;
                 }
             }
-            Err(e) => {
-                failed = Some(BatchFailure::Body(format!("reading request body: {e}")));
-                break;
-            }
+            Err(e) => return Some(BatchFailure::ReadBody(e)),
         }
     }
-    if failed.is_none() && !writer_gone && received != len {
-        failed = Some(BatchFailure::Body(format!("body is {received} bytes, signed length is {len}")));
+    if writer_gone {
+        return None;
     }
-    if failed.is_none() && !writer_gone {
-        let _ = tx.send(Msg::End).await;
+    if received != len {
+        return Some(BatchFailure::Body(format!("body is {received} bytes, signed length is {len}")));
     }
-    drop(tx);
-    let result = writer.await.map_err(|e| BatchFailure::Storage(format!("batch writer failed: {e}")))?;
-    match failed {
-        Some(e) => Err(e),
-        None => result,
-    }
+    let _ = tx.send(Msg::End).await;
+    None
 }

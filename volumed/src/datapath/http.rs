@@ -162,8 +162,8 @@ async fn store_one(state: &ChunkHttpState, id: String, p: Params, headers: Heade
         }
         Err(e) => {
             let status = match &e {
-                VolumeError::Integrity(_) => StatusCode::UNPROCESSABLE_ENTITY,
-                VolumeError::InvalidArgument(_) => StatusCode::BAD_REQUEST,
+                e if e.is_integrity() => StatusCode::UNPROCESSABLE_ENTITY,
+                VolumeError::InvalidArgument(_) | VolumeError::RequestBody(_) => StatusCode::BAD_REQUEST,
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             };
             reject(status, e)
@@ -198,7 +198,7 @@ async fn receive(state: &ChunkHttpState, chunk: ChunkId, len: u64, body: Body) -
                 }
             }
             Err(e) => {
-                failed = Some(VolumeError::invalid(format!("reading request body: {e}")));
+                failed = Some(VolumeError::RequestBody(e));
                 break;
             }
         }
@@ -208,7 +208,7 @@ async fn receive(state: &ChunkHttpState, chunk: ChunkId, len: u64, body: Body) -
         writer.abort();
         return Err(e);
     }
-    let written = writer.await.map_err(|e| VolumeError::Storage(e.to_string()))??;
+    let written = writer.await.map_err(VolumeError::task("chunk upload writer"))??;
     if written != len {
         return Err(VolumeError::invalid(format!("body is {written} bytes, signed length is {len}")));
     }

@@ -17,8 +17,8 @@ use std::time::Duration;
 use chunkstore::{Backend, ChunkId, LocalBackend, Presigned, S3Backend};
 
 use crate::error::{Result, VolumeError};
-use crate::meta::store::now_ms;
 use sign::UrlSigner;
+use sysutil::clock::ms_after;
 
 /// A signed batch upload: the URL and the chunks it accepts, in body order.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -93,12 +93,12 @@ impl DataPath {
                         .map(|p| match std::fs::metadata(p) {
                             Ok(_) => Ok(true),
                             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-                            Err(e) => Err(VolumeError::Backend(format!("checking {}: {e}", p.display()))),
+                            Err(e) => Err(VolumeError::io(format!("checking {}", p.display()), e)),
                         })
                         .collect()
                 })
                 .await
-                .map_err(|e| VolumeError::Backend(format!("existence check failed: {e}")))?
+                .map_err(VolumeError::task("existence check"))?
             }
             DataPath::S3 { backend } => {
                 futures::stream::iter(ids)
@@ -114,7 +114,7 @@ impl DataPath {
     pub async fn upload_url(&self, id: ChunkId, len: u64, ttl: Duration) -> Result<Presigned> {
         match self {
             DataPath::Local { signer, base_url, .. } => {
-                let exp = now_ms() + ttl.as_millis() as u64;
+                let exp = ms_after(ttl);
                 Ok(Presigned {
                     url: signer.sign(base_url, "PUT", &id.to_hex(), len, exp),
                     method: "PUT",
@@ -140,7 +140,7 @@ impl DataPath {
         let DataPath::Local { signer, base_url, .. } = self else {
             return None;
         };
-        let exp = now_ms() + ttl.as_millis() as u64;
+        let exp = ms_after(ttl);
         let digest = volume_model::batch::BatchDigest::of(&chunks).hex();
         let body_len = volume_model::batch::body_len(chunks.iter().map(|(_, l)| *l));
         let url = signer.sign_batch(base_url, &digest, chunks.len() as u64, body_len, exp);
@@ -151,7 +151,7 @@ impl DataPath {
     pub async fn download_url(&self, id: ChunkId, ttl: Duration) -> Result<Presigned> {
         match self {
             DataPath::Local { signer, base_url, .. } => {
-                let exp = now_ms() + ttl.as_millis() as u64;
+                let exp = ms_after(ttl);
                 Ok(Presigned {
                     url: signer.sign(base_url, "GET", &id.to_hex(), 0, exp),
                     method: "GET",

@@ -18,7 +18,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::error::{Result, VolumeError};
-use crate::meta::store::now_ms;
+use sysutil::clock::now_ms;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -51,20 +51,17 @@ impl UrlSigner {
         use std::os::unix::fs::OpenOptionsExt;
         match std::fs::read(path) {
             Ok(bytes) => {
-                let key: [u8; 32] = bytes
-                    .as_slice()
-                    .try_into()
-                    .map_err(|_| VolumeError::Storage(format!("{} is not a 32-byte key", path.display())))?;
+                let key: [u8; 32] = bytes.as_slice().try_into().map_err(|_| VolumeError::BadSigningKey(path.to_owned()))?;
                 return Ok(Self::new(key));
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
-                return Err(VolumeError::Storage(format!("reading {}: {e}", path.display())));
+                return Err(VolumeError::io(format!("reading {}", path.display()), e));
             }
         }
         let key: [u8; 32] = rand::random();
         let tmp = path.with_extension("tmp");
-        let io = |e: std::io::Error| VolumeError::Storage(format!("writing {}: {e}", path.display()));
+        let io = |e: std::io::Error| VolumeError::io(format!("writing {}", path.display()), e);
         let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io)?;
         f.write_all(&key).map_err(io)?;
         f.sync_all().map_err(io)?;

@@ -21,6 +21,7 @@ use std::sync::Arc;
 
 use chunkstore::{ChunkId, Chunking};
 use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions};
+use sysutil::clock::now_ms;
 
 use crate::error::{Result, VolumeError};
 use crate::meta::volume::VolumeRecord;
@@ -40,11 +41,6 @@ const ALL_CFS: [&str; 7] = [CF_VOLUMES, CF_NAMES, CF_COMMITS, CF_LOG, CF_TREES, 
 #[derive(Clone)]
 pub struct MetaStore {
     db: Arc<DB>,
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 impl MetaStore {
@@ -68,8 +64,8 @@ impl MetaStore {
         Ok(Self { db: Arc::new(db) })
     }
 
-    fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily> {
-        self.db.cf_handle(name).ok_or_else(|| VolumeError::Storage(format!("column family {name} missing")))
+    fn cf(&self, name: &'static str) -> Result<&rocksdb::ColumnFamily> {
+        self.db.cf_handle(name).ok_or(VolumeError::MissingColumnFamily(name))
     }
 
     fn sync_write(&self, batch: WriteBatch) -> Result<()> {
@@ -180,10 +176,7 @@ impl MetaStore {
 
     /// A tree node by id, verified against its id.
     pub fn tree(&self, id: &TreeId) -> Result<TreeNode> {
-        let raw = self
-            .db
-            .get_cf(self.cf(CF_TREES)?, id.as_bytes())?
-            .ok_or_else(|| VolumeError::Integrity(format!("tree node {id} is missing")))?;
+        let raw = self.db.get_cf(self.cf(CF_TREES)?, id.as_bytes())?.ok_or(VolumeError::TreeMissing(*id))?;
         if TreeId::of(&raw) != *id {
             return Err(VolumeError::Integrity(format!("tree node {id} does not match its id")));
         }

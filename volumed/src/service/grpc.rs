@@ -41,12 +41,20 @@ pub fn to_status(e: impl Into<VolumeError>) -> Status {
     let e = e.into();
     let code = match &e {
         VolumeError::NotFound { .. } | VolumeError::CommitNotFound(_) | VolumeError::PathNotFound(_) => Code::NotFound,
-        VolumeError::InvalidArgument(_) => Code::InvalidArgument,
+        VolumeError::InvalidArgument(_) | VolumeError::RequestBody(_) => Code::InvalidArgument,
         VolumeError::CommitConflict(_) => Code::Aborted,
         VolumeError::MissingChunks { .. } => Code::FailedPrecondition,
-        VolumeError::Integrity(_) => Code::DataLoss,
+        VolumeError::Integrity(_) | VolumeError::Decode(_) | VolumeError::TreeMissing(_) | VolumeError::ChunkIntegrity(_) => {
+            Code::DataLoss
+        }
         VolumeError::BadSignature(_) => Code::PermissionDenied,
-        VolumeError::Storage(_) | VolumeError::Backend(_) => Code::Internal,
+        VolumeError::RocksDb(_)
+        | VolumeError::MissingColumnFamily(_)
+        | VolumeError::Io { .. }
+        | VolumeError::BadSigningKey(_)
+        | VolumeError::Task { .. }
+        | VolumeError::Chunk(_)
+        | VolumeError::Backend(_) => Code::Internal,
     };
     let detail = pb::ErrorDetail { name: e.name().to_owned(), message: e.to_string() };
     Status::with_details(code, e.to_string(), detail.encode_to_vec().into())

@@ -5,16 +5,17 @@
 //! All RocksDB work runs on blocking threads so a synced write never stalls the async runtime.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chunkstore::{ChunkId, Chunking, Presigned};
+use parking_lot::Mutex;
+use sysutil::clock::now_ms;
 use tracing::{Instrument, info_span};
 
 use crate::datapath::{BatchUrl, DataPath};
 use crate::error::{Result, VolumeError};
 use crate::meta::read::{diff, list_dir, resolve};
-use crate::meta::store::now_ms;
 use crate::meta::{MetaStore, VolumeRecord, apply_changes};
 use volume_model::batch::{BATCH_CHUNK_MAX, BATCH_MAX_BYTES, BATCH_MAX_CHUNKS, FRAME_HEADER_LEN};
 use volume_model::convert::{ValidCommit, ValidRef};
@@ -85,7 +86,7 @@ pub struct Volumes {
 
 /// Runs metadata work on a blocking thread.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| VolumeError::Storage(format!("metadata task failed: {e}")))?
+    tokio::task::spawn_blocking(f).await.map_err(VolumeError::task("metadata task"))?
 }
 
 impl Volumes {
@@ -110,7 +111,7 @@ impl Volumes {
             if !mint {
                 return Err(VolumeError::NotFound { org: v.org, name: v.name });
             }
-            let _guard = lock.lock().map_err(|_| VolumeError::Storage("create lock poisoned".into()))?;
+            let _guard = lock.lock();
             // Another request may have created it while we waited.
             if let Some(rec) = store.find_volume(&v.org, &v.name)? {
                 return Ok(rec);
@@ -136,10 +137,10 @@ impl Volumes {
     /// Deletes a volume's metadata (chunks stay for garbage collection).
     pub async fn delete(&self, v: ValidRef) -> Result<()> {
         let rec = self.existing(&v).await?;
-        let lock = self.commit_lock(rec.id)?;
+        let lock = self.commit_lock(rec.id);
         let store = self.store.clone();
         blocking(move || {
-            let _guard = lock.lock().map_err(|_| VolumeError::Storage("commit lock poisoned".into()))?;
+            let _guard = lock.lock();
             store.delete_volume(&rec)
         })
         .await
@@ -188,7 +189,7 @@ impl Volumes {
         let store = self.store.clone();
         blocking(move || {
             store.tree(&tree).map_err(|e| match e {
-                VolumeError::Integrity(m) if m.contains("missing") => VolumeError::invalid(format!("unknown tree {tree}")),
+                VolumeError::TreeMissing(_) => VolumeError::invalid(format!("unknown tree {tree}")),
                 other => other,
             })
         })
@@ -306,11 +307,11 @@ impl Volumes {
             if let Some((first, _)) = missing.first() {
                 return Err(VolumeError::MissingChunks { count: missing.len(), first: first.to_hex() });
             }
-            let lock = self.commit_lock(rec.id)?;
+            let lock = self.commit_lock(rec.id);
             let store = self.store.clone();
             let vol = rec.id;
             let outcome = blocking(move || {
-                let _guard = lock.lock().map_err(|_| VolumeError::Storage("commit lock poisoned".into()))?;
+                let _guard = lock.lock();
                 let rec = store
                     .volume_by_id(vol)?
                     .ok_or_else(|| VolumeError::NotFound { org: req.volume.org.clone(), name: req.volume.name.clone() })?;
@@ -348,8 +349,7 @@ impl Volumes {
         blocking(move || store.log(rec.id, before_seq, limit)).await
     }
 
-    fn commit_lock(&self, id: VolumeId) -> Result<Arc<Mutex<()>>> {
-        let mut locks = self.commit_locks.lock().map_err(|_| VolumeError::Storage("lock table poisoned".into()))?;
-        Ok(locks.entry(id).or_default().clone())
+    fn commit_lock(&self, id: VolumeId) -> Arc<Mutex<()>> {
+        self.commit_locks.lock().entry(id).or_default().clone()
     }
 }
