@@ -249,7 +249,7 @@ impl Host {
                         .inner
                         .state
                         .exec_result(id)?
-                        .ok_or_else(|| SailboxError::Storage(format!("exec {id} is finished but its result is missing")));
+                        .ok_or_else(|| SailboxError::MissingResult(id.to_owned()));
                 }
                 ExecStatus::Failed(why) => return Err(SailboxError::Execution(why)),
                 ExecStatus::Lost(why) => return Err(SailboxError::WorkerLost { id: exec.sailbox, reason: why }),

@@ -113,7 +113,7 @@ impl Host {
         let layout = (image.offset, image.size);
         let regions = image.size.div_ceil(REGION_SIZE);
         let tasks = regions.div_ceil(REGIONS_PER_TASK);
-        let file = Arc::new(std::fs::File::open(&image.path).map_err(|e| SailboxError::host("opening the RAM image", e))?);
+        let file = Arc::new(std::fs::File::open(&image.path).map_err(|e| SailboxError::io("opening the RAM image", e))?);
         let backend = self.inner.backend.clone();
         let mut results = futures::stream::iter(0..tasks)
             .map(|t| {
@@ -122,8 +122,7 @@ impl Host {
                     let first = t * REGIONS_PER_TASK;
                     let last = (first + REGIONS_PER_TASK).min(regions);
                     let read = tokio::task::spawn_blocking(move || read_regions(&file, layout, first..last))
-                        .await
-                        .map_err(|e| SailboxError::Host(e.to_string()))??;
+                        .await??;
                     let mut out = Vec::with_capacity(read.len());
                     for (r, data) in read {
                         let Some(data) = data else {
@@ -142,7 +141,8 @@ impl Host {
                 }
             })
             .buffered(TASKS_IN_FLIGHT);
-        let mut manifest = Manifest::zeros(image.size).map_err(|e| SailboxError::Host(e.to_string()))?;
+        let mut manifest =
+            Manifest::zeros(image.size).map_err(|source| SailboxError::Manifest { what: "the RAM image".into(), source })?;
         let mut stats = Exported {
             manifest: String::new(),
             regions: 0,
@@ -180,7 +180,7 @@ impl Host {
 /// `layout` is where guest memory starts in the file and its size.
 fn read_regions(file: &std::fs::File, layout: (u64, u64), regions: std::ops::Range<u64>) -> Result<Vec<(u64, Option<Bytes>)>> {
     let (offset, size) = layout;
-    let io = |e: std::io::Error| SailboxError::host("reading the RAM image", e);
+    let io = |e: std::io::Error| SailboxError::io("reading the RAM image", e);
     let mut out = Vec::with_capacity((regions.end - regions.start) as usize);
     for r in regions {
         let start = r * REGION_SIZE;

@@ -164,8 +164,8 @@ pub(crate) struct Inner {
     pub(crate) backend: Arc<dyn Backend>,
     pub(crate) files: VmFiles,
     pub(crate) accel: AccelProbe,
-    pub(crate) hypervisor: std::result::Result<Arc<dyn Hypervisor>, String>,
-    pub(crate) kit: std::result::Result<GuestKit, String>,
+    pub(crate) hypervisor: std::result::Result<Arc<dyn Hypervisor>, Arc<SailboxError>>,
+    pub(crate) kit: std::result::Result<GuestKit, Arc<SailboxError>>,
     pub(crate) initramfs: tokio::sync::Mutex<Option<Initramfs>>,
     pub(crate) live: Mutex<HashMap<String, Arc<Live>>>,
     /// Which sailboxes' VMs map each checkpoint's memory view (see `forkmem`); held while
@@ -189,21 +189,18 @@ impl Host {
     /// Opens the state store, starts (or finds) the cowfs daemon, and recovers every
     /// sailbox the store records (see [`crate::recover`]).
     pub async fn open(config: HostConfig) -> Result<Self> {
-        let io = |what: &str, e: std::io::Error| SailboxError::host(what, e);
-        for d in ["run", "images", "boot", "cowfs"] {
-            std::fs::create_dir_all(config.data_dir.join(d)).map_err(|e| io("creating the data dir", e))?;
+                for d in ["run", "images", "boot", "cowfs"] {
+            std::fs::create_dir_all(config.data_dir.join(d)).map_err(|e| SailboxError::io("creating the data dir", e))?;
         }
         let db = config.data_dir.join("db");
-        let state = tokio::task::spawn_blocking(move || StateStore::open(db))
-            .await
-            .map_err(|e| SailboxError::Storage(e.to_string()))??;
+        let state = tokio::task::spawn_blocking(move || StateStore::open(db)).await??;
         let backend: Arc<dyn Backend> = Arc::new(LocalBackend::open(&config.chunks_dir)?);
         let files = VmFiles::ensure(&config.data_dir.join("cowfs"), &config.chunks_dir, &config.cowfs_binary).await?;
-        let kit = GuestKit::load(&config.guest_dir).map_err(|e| e.to_string());
+        let kit = GuestKit::load(&config.guest_dir).map_err(Arc::new);
         let images = ImageStore::new(state.clone(), backend.clone(), config.data_dir.join("images"), kit.clone().ok());
         let accel = crate::accel::detect(config.accel);
         let hypervisor =
-            Qemu::new(config.qemu_binary.clone()).map(|q| Arc::new(q) as Arc<dyn Hypervisor>).map_err(|e| e.to_string());
+            Qemu::new(config.qemu_binary.clone()).map(|q| Arc::new(q) as Arc<dyn Hypervisor>).map_err(Arc::new);
         tracing::info!(accel = accel.accel.as_str(), reason = %accel.reason, hypervisor = ?hypervisor.as_ref().map(|h| h.version()), "vmm-host starting");
         let host = Self {
             inner: Arc::new(Inner {
@@ -226,7 +223,7 @@ impl Host {
     }
 
     pub(crate) fn hypervisor(&self) -> Result<Arc<dyn Hypervisor>> {
-        self.inner.hypervisor.clone().map_err(SailboxError::Creation)
+        self.inner.hypervisor.clone().map_err(SailboxError::Unavailable)
     }
 
     pub(crate) fn run_root(&self) -> PathBuf {
@@ -302,12 +299,10 @@ impl Host {
         if let Some(i) = cached.as_ref() {
             return Ok(i.clone());
         }
-        let kit = self.inner.kit.clone().map_err(SailboxError::Creation)?;
+        let kit = self.inner.kit.clone().map_err(SailboxError::Unavailable)?;
         let agent = self.inner.config.agent_binary.clone();
         let out = self.inner.config.data_dir.join("boot");
-        let built = tokio::task::spawn_blocking(move || kit.initramfs(&agent, &out))
-            .await
-            .map_err(|e| SailboxError::Host(e.to_string()))??;
+        let built = tokio::task::spawn_blocking(move || kit.initramfs(&agent, &out)).await??;
         *cached = Some(built.clone());
         Ok(built)
     }
@@ -321,7 +316,7 @@ impl Host {
 
     /// The VM spec for a sailbox's record (its files on the cowfs mount).
     pub(crate) fn vm_spec(&self, rec: &SailboxRecord, initramfs: &Path, incoming: Option<Incoming>) -> Result<VmSpec> {
-        let kit = self.inner.kit.clone().map_err(SailboxError::Creation)?;
+        let kit = self.inner.kit.clone().map_err(SailboxError::Unavailable)?;
         let hypervisor = self.hypervisor()?;
         let dir = self.run_dir(&rec.id);
         let mut cmdline = String::from("console=ttyS0 quiet loglevel=4 panic=-1 random.trust_cpu=on sail.root=/dev/vda");
@@ -438,7 +433,7 @@ impl Host {
     pub async fn host_info(&self) -> pb::HostInfo {
         let (hv, hv_version) = match &self.inner.hypervisor {
             Ok(h) => (h.name().to_owned(), h.version()),
-            Err(e) => ("unavailable".to_owned(), e.clone()),
+            Err(e) => ("unavailable".to_owned(), e.to_string()),
         };
         let kernel = match &self.inner.kit {
             Ok(k) => format!("{} ({})", k.vmlinux.display(), k.release),

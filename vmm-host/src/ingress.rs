@@ -35,10 +35,10 @@ pub(crate) async fn bind_all(
             Ok(l) => l,
             Err(_) if wanted != 0 => TcpListener::bind(SocketAddr::new(addr, 0))
                 .await
-                .map_err(|e| SailboxError::host(format!("binding a listener for port {port}"), e))?,
-            Err(e) => return Err(SailboxError::host(format!("binding a listener for port {port}"), e)),
+                .map_err(|e| SailboxError::io(format!("binding a listener for port {port}"), e))?,
+            Err(e) => return Err(SailboxError::io(format!("binding a listener for port {port}"), e)),
         };
-        let host_port = listener.local_addr().map_err(|e| SailboxError::host("listener address", e))?.port();
+        let host_port = listener.local_addr().map_err(|e| SailboxError::io("listener address", e))?.port();
         let weak = Arc::downgrade(live);
         let host = host.clone();
         let task = tokio::spawn(async move {

@@ -136,8 +136,8 @@ impl Host {
                     });
                     self.inner.state.put_sailbox(&failed)?;
                     Err(match e {
-                        e @ (SailboxError::InvalidConfig(_) | SailboxError::Creation(_)) => e,
-                        other => SailboxError::Creation(other.to_string()),
+                        e if e.is_creation() => e,
+                        other => SailboxError::CreationFailed(Box::new(other)),
                     })
                 }
             }
@@ -153,7 +153,7 @@ impl Host {
         let initramfs = self.initramfs().await?;
         let rec = live.snapshot();
         let dir = self.run_dir(&rec.id);
-        std::fs::create_dir_all(&dir).map_err(|e| SailboxError::host("creating the run dir", e))?;
+        std::fs::create_dir_all(&dir).map_err(|e| SailboxError::io("creating the run dir", e))?;
         let files = &self.inner.files;
         let incoming = match &start {
             Start::Boot { disk_manifest: Some(disk) } => {
@@ -243,7 +243,7 @@ impl Host {
     /// Writes a checkpoint's device state to the run directory `dir` as the VMM loads it.
     async fn device_state_file(&self, dir: &std::path::Path, record: &CheckpointRecord) -> Result<Incoming> {
         let chunk =
-            record.device_state.parse::<chunkstore::ChunkId>().map_err(|e| SailboxError::Storage(format!("checkpoint: {e}")))?;
+            record.device_state.parse::<chunkstore::ChunkId>().map_err(|source| SailboxError::BadChunkId { what: "checkpoint: device state".into(), source })?;
         let bytes = self.inner.backend.get(chunk).await?;
         let state = DeviceState { bytes: bytes.to_vec(), format: record.device_state_format };
         self.hypervisor()?.stage_device_state(&state, &dir.join("devstate"))
@@ -335,7 +335,7 @@ impl Host {
 
 /// A stored all-zero memory manifest of `size` bytes.
 async fn zero_manifest(host: &Host, size: u64) -> Result<String> {
-    let m = cowfs::Manifest::zeros(size).map_err(|e| SailboxError::Host(e.to_string()))?;
+    let m = cowfs::Manifest::zeros(size).map_err(|source| SailboxError::Manifest { what: "zeroed memory".into(), source })?;
     let bytes = bytes::Bytes::from(m.encode());
     let id = chunkstore::ChunkId::of(&bytes);
     host.inner.backend.put(id, bytes).await?;

@@ -140,7 +140,7 @@ impl Host {
         let rec = live.snapshot();
         let hypervisor = self.hypervisor()?;
         if !self.inner.files.exist(&rec.id, rec.memory_base.as_deref()).await {
-            return Err(SailboxError::Host("its memory and disk files are gone (cowfs restarted)".into()));
+            return Err(SailboxError::Setup("its memory and disk files are gone (cowfs restarted)".into()));
         }
         let initramfs = self.run_dir(&rec.id).join("initramfs"); // only named: the VM already booted
         let spec = self.vm_spec(&rec, &initramfs, None)?;
@@ -148,7 +148,7 @@ impl Host {
         let handle = hypervisor.attach(spec, rec.procs.clone()).await?;
         let hello_req = proto::agent::HelloRequest { host_unix_ms: crate::now_ms(), ..Default::default() };
         let hello =
-            agent.wait_ready(hello_req, Instant::now() + Duration::from_secs(20), || true).await.map_err(SailboxError::Host)?;
+            agent.wait_ready(hello_req, Instant::now() + Duration::from_secs(20), || true).await.map_err(SailboxError::AgentUnreachable)?;
         let vm = Arc::new(Vm::new(handle, agent));
         live.set_vm(Some(vm.clone()));
         let listeners = crate::ingress::bind_all(self, live, &rec.ports, &rec.listeners).await?;

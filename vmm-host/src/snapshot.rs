@@ -61,10 +61,13 @@ fn ck_id(chunk: ChunkId) -> String {
 fn creation(e: SailboxError) -> SailboxError {
     match e {
         e @ (SailboxError::Creation(_)
+        | SailboxError::CreationFailed(_)
+        | SailboxError::CheckpointFailed(_)
+        | SailboxError::Unavailable(_)
         | SailboxError::InvalidArgument(_)
         | SailboxError::Terminated(_)
         | SailboxError::WorkerLost { .. }) => e,
-        other => SailboxError::Creation(format!("checkpoint failed: {other}")),
+        other => SailboxError::CheckpointFailed(Box::new(other)),
     }
 }
 
@@ -83,7 +86,7 @@ impl Host {
             Err(e) => return Err(e.into()),
         };
         let rec: CheckpointRecord = serde_json::from_slice(&bytes)
-            .map_err(|e| SailboxError::Storage(format!("checkpoint {id} is not a checkpoint record: {e}")))?;
+            .map_err(|source| SailboxError::CorruptRecord { what: format!("checkpoint record {id}"), source })?;
         self.inner.state.commit(self.inner.state.changes().checkpoint(&self.inner.state, id, &rec))?;
         Ok(rec)
     }
@@ -129,7 +132,7 @@ impl Host {
             disk_bytes_changed: disk.bytes_frozen,
             disk_bytes_uploaded: disk.bytes_uploaded,
         };
-        let json = Bytes::from(serde_json::to_vec(&ck).map_err(|e| SailboxError::Storage(e.to_string()))?);
+        let json = Bytes::from(serde_json::to_vec(&ck).map_err(|source| SailboxError::Encode { what: "a checkpoint record".into(), source })?);
         let record_chunk = ChunkId::of(&json);
         self.inner.backend.put(record_chunk, json).await?;
         let id = ck_id(record_chunk);
@@ -199,11 +202,11 @@ impl Host {
                         .await?
                         .memory_manifest
                         .parse()
-                        .map_err(|e| SailboxError::Storage(format!("checkpoint {ck}: bad memory manifest id: {e}")))?;
+                        .map_err(|source| SailboxError::BadChunkId { what: format!("checkpoint {ck}: memory manifest"), source })?;
                     cowfs::Manifest::decode(&self.inner.backend.get(manifest).await?)
-                        .map_err(|e| SailboxError::Storage(format!("checkpoint {ck}: {e}")))?
+                        .map_err(|source| SailboxError::Manifest { what: format!("checkpoint {ck}: memory manifest"), source })?
                 }
-                None => cowfs::Manifest::zeros(size).map_err(|e| SailboxError::Host(e.to_string()))?,
+                None => cowfs::Manifest::zeros(size).map_err(|source| SailboxError::Manifest { what: "zeroed memory".into(), source })?,
             };
             let (memory, disk) = tokio::join!(self.import_memory(&image, &base), files.export_disk(&rec.id));
             Ok((device_state, memory?, disk?))

@@ -95,7 +95,7 @@ impl StateStore {
     }
 
     fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily> {
-        self.db.cf_handle(name).ok_or_else(|| SailboxError::Storage(format!("column family {name} missing")))
+        self.db.cf_handle(name).ok_or_else(|| SailboxError::MissingColumnFamily(name.to_owned()))
     }
 
     /// Starts a set of changes.
@@ -106,7 +106,7 @@ impl StateStore {
     /// Writes the changes atomically; returns once they are durable.
     pub fn commit(&self, changes: Changes) -> Result<()> {
         if let Some(e) = changes.encode_error {
-            return Err(SailboxError::Storage(e));
+            return Err(e);
         }
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
@@ -121,7 +121,7 @@ impl StateStore {
 
     fn get_json<T: DeserializeOwned>(&self, cf: &str, key: &str) -> Result<Option<T>> {
         let Some(bytes) = self.db.get_cf(self.cf(cf)?, key.as_bytes())? else { return Ok(None) };
-        serde_json::from_slice(&bytes).map(Some).map_err(|e| SailboxError::Storage(format!("corrupt {cf} record {key}: {e}")))
+        serde_json::from_slice(&bytes).map(Some).map_err(|source| SailboxError::CorruptRecord { what: format!("{cf} record {key}"), source })
     }
 
     fn all_json<T: DeserializeOwned>(&self, cf: &str) -> Result<Vec<T>> {
@@ -168,7 +168,7 @@ impl StateStore {
         let Some(bytes) = self.db.get_cf(self.cf(CF_EXEC_RESULTS)?, id.as_bytes())? else { return Ok(None) };
         pb::ExecResult::decode(bytes.as_slice())
             .map(Some)
-            .map_err(|e| SailboxError::Storage(format!("corrupt exec result {id}: {e}")))
+            .map_err(|source| SailboxError::CorruptResult { id: id.to_owned(), source })
     }
 
     /// Finds or mints an app by name; returns whether it was minted.
