@@ -15,7 +15,7 @@ use tokio_stream::StreamExt;
 use crate::error::{Result, SailboxError};
 use crate::host::{Host, Live};
 use crate::model::{ExecRecord, ExecStatus, SailboxRecord};
-use crate::now_ms;
+use sysutil::clock::now_ms;
 
 /// How long the agent may take to start a command.
 const START_TIMEOUT: Duration = Duration::from_secs(30);

@@ -67,7 +67,7 @@ impl HostConfig {
             ingress_addr: IpAddr::from([127, 0, 0, 1]),
             accel,
             qemu_binary: PathBuf::from("qemu-system-x86_64"),
-            host_name: crate::hostname(),
+            host_name: sysutil::host::hostname(),
             boot_timeout: Duration::from_secs(180),
         }
     }

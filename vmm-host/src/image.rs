@@ -282,7 +282,7 @@ impl ImageStore {
             size,
             chunk_size: IMAGE_CHUNK,
             chunks,
-            created_unix_ms: crate::now_ms(),
+            created_unix_ms: sysutil::clock::now_ms(),
         };
         let json = serde_json::to_vec(&manifest).map_err(|source| SailboxError::Encode { what: format!("image manifest {id}"), source })?;
         // The manifest itself is a chunk too: another host can fetch the image by its id.

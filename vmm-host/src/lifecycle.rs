@@ -11,7 +11,7 @@ use crate::error::{Result, SailboxError};
 use crate::host::{Host, Live, Vm, console_tail, random_id};
 use crate::hypervisor::{DeviceState, Incoming};
 use crate::model::{self, CheckpointRecord, ExecStatus, SailboxRecord, State};
-use crate::now_ms;
+use sysutil::clock::now_ms;
 
 /// What a VM starts from.
 pub(crate) enum Start<'a> {

@@ -146,7 +146,7 @@ impl Host {
         let spec = self.vm_spec(&rec, &initramfs, None)?;
         let agent = AgentClient::new(&spec.link);
         let handle = hypervisor.attach(spec, rec.procs.clone()).await?;
-        let hello_req = proto::agent::HelloRequest { host_unix_ms: crate::now_ms(), ..Default::default() };
+        let hello_req = proto::agent::HelloRequest { host_unix_ms: sysutil::clock::now_ms(), ..Default::default() };
         let hello =
             agent.wait_ready(hello_req, Instant::now() + Duration::from_secs(20), || true).await.map_err(SailboxError::AgentUnreachable)?;
         let vm = Arc::new(Vm::new(handle, agent));

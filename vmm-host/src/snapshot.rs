@@ -28,7 +28,7 @@ use crate::host::{Host, Live, Vm, random_id};
 use crate::hypervisor::DeviceState;
 use crate::lifecycle::{Greeting, Start, hostname_for};
 use crate::model::{CheckpointRecord, SailboxRecord, State};
-use crate::now_ms;
+use sysutil::clock::now_ms;
 
 /// Agents older than this are upgraded at their next wake instead of resumed.
 pub const MIN_RESUMABLE_SCHEMA: u32 = 1;

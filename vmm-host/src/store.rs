@@ -178,7 +178,7 @@ impl StateStore {
             return Ok(false);
         }
         let mut batch = WriteBatch::default();
-        batch.put_cf(cf, name.as_bytes(), crate::now_ms().to_string());
+        batch.put_cf(cf, name.as_bytes(), sysutil::clock::now_ms().to_string());
         let mut changes = self.changes();
         changes.batch = batch;
         self.commit(changes)?;

@@ -56,7 +56,7 @@ impl VmFiles {
         if client.ping().await {
             return Ok(Self { client, mount });
         }
-        cowfs::clean_dead_mount(&mount);
+        sysutil::mount::clean_dead_mount(&mount);
         std::fs::create_dir_all(dir).map_err(|e| SailboxError::io("creating the cowfs dir", e))?;
         let mut cmd = Command::new(binary);
         cmd.arg("--mount").arg(&mount).arg("--control").arg(&control).arg("--store").arg(dir.join("store"));
