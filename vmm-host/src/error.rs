@@ -237,7 +237,11 @@ impl SailboxError {
     pub(crate) fn is_creation(&self) -> bool {
         matches!(
             self,
-            Self::InvalidConfig(_) | Self::Creation(_) | Self::CreationFailed(_) | Self::CheckpointFailed(_) | Self::Unavailable(_)
+            Self::InvalidConfig(_)
+                | Self::Creation(_)
+                | Self::CreationFailed(_)
+                | Self::CheckpointFailed(_)
+                | Self::Unavailable(_)
         )
     }
 }
@@ -269,7 +273,10 @@ mod tests {
         assert_eq!(wrapped.name(), "SailboxCreationError");
         assert_eq!(wrapped.code(), tonic::Code::Internal);
         assert!(wrapped.to_string().starts_with("sailbox creation failed: host error: creating the run dir"));
-        assert!(wrapped.source().and_then(|s| s.downcast_ref::<SailboxError>()).is_some_and(|s| s.name() == "SailError"));
+        // The chain goes on to the io::Error (the box forwards its content's source).
+        let inner = wrapped.source().expect("the wrapped error");
+        assert!(inner.to_string().starts_with("host error: creating the run dir"), "{inner}");
+        assert!(inner.source().is_some_and(|s| s.downcast_ref::<std::io::Error>().is_some()));
         let ck = SailboxError::CheckpointFailed(Box::new(SailboxError::Setup("x".into())));
         assert_eq!((ck.name(), ck.code()), ("SailboxCreationError", tonic::Code::Internal));
     }

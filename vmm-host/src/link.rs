@@ -16,7 +16,6 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
-
 /// Longest handshake reply line accepted.
 const MAX_REPLY: usize = 256;
 /// Most bytes skipped while looking for a serial handshake reply.

@@ -42,15 +42,16 @@ pub struct StateStore {
 #[derive(Default)]
 pub struct Changes {
     batch: WriteBatch,
-    encode_error: Option<String>,
+    /// The first record that could not be added (the commit fails with it).
+    encode_error: Option<SailboxError>,
 }
 
 impl Changes {
     fn put_json<T: Serialize>(&mut self, store: &StateStore, cf: &str, key: &str, value: &T) {
         match (store.cf(cf), serde_json::to_vec(value)) {
             (Ok(cf), Ok(bytes)) => self.batch.put_cf(cf, key.as_bytes(), bytes),
-            (Err(e), _) => self.encode_error = Some(e.to_string()),
-            (_, Err(e)) => self.encode_error = Some(e.to_string()),
+            (Err(e), _) => self.encode_error = Some(e),
+            (_, Err(source)) => self.encode_error = Some(SailboxError::Encode { what: format!("{cf} record {key}"), source }),
         }
     }
 
@@ -76,7 +77,7 @@ impl Changes {
     pub fn exec_result(mut self, store: &StateStore, id: &str, result: &pb::ExecResult) -> Self {
         match store.cf(CF_EXEC_RESULTS) {
             Ok(cf) => self.batch.put_cf(cf, id.as_bytes(), result.encode_to_vec()),
-            Err(e) => self.encode_error = Some(e.to_string()),
+            Err(e) => self.encode_error = Some(e),
         }
         self
     }
@@ -121,7 +122,9 @@ impl StateStore {
 
     fn get_json<T: DeserializeOwned>(&self, cf: &str, key: &str) -> Result<Option<T>> {
         let Some(bytes) = self.db.get_cf(self.cf(cf)?, key.as_bytes())? else { return Ok(None) };
-        serde_json::from_slice(&bytes).map(Some).map_err(|source| SailboxError::CorruptRecord { what: format!("{cf} record {key}"), source })
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|source| SailboxError::CorruptRecord { what: format!("{cf} record {key}"), source })
     }
 
     fn all_json<T: DeserializeOwned>(&self, cf: &str) -> Result<Vec<T>> {

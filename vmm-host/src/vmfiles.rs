@@ -61,8 +61,11 @@ impl VmFiles {
         let mut cmd = Command::new(binary);
         cmd.arg("--mount").arg(&mount).arg("--control").arg(&control).arg("--store").arg(dir.join("store"));
         cmd.arg("--chunks").arg(chunks);
-        let proc = procs::spawn(cmd, &dir.join("cowfs.log")).map_err(|e| {
-            SailboxError::io(format!("starting {} (build it with cargo build --release)", binary.display()), e)
+        let proc = procs::spawn(cmd, &dir.join("cowfs.log")).map_err(|e| match e {
+            SailboxError::Io { op, source } => {
+                SailboxError::Io { op: format!("{op} (build it with cargo build --release)"), source }
+            }
+            other => other,
         })?;
         let deadline = Instant::now() + Duration::from_secs(20);
         while !client.ping().await {

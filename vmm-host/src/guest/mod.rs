@@ -72,8 +72,8 @@ impl GuestKit {
 
     /// Module names in load order.
     pub fn modules(&self) -> Result<Vec<String>> {
-        let order = std::fs::read_to_string(self.dir.join("modules/order"))
-            .map_err(|e| SailboxError::io("reading modules/order", e))?;
+        let order =
+            std::fs::read_to_string(self.dir.join("modules/order")).map_err(|e| SailboxError::io("reading modules/order", e))?;
         Ok(order.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_owned).collect())
     }
 
@@ -129,7 +129,8 @@ pub fn describe_agent(agent: &Path) -> Result<AgentInfo> {
     if !out.status.success() {
         return Err(SailboxError::Setup(format!("{} --describe failed", agent.display())));
     }
-    serde_json::from_slice(&out.stdout).map_err(|source| SailboxError::CorruptRecord { what: format!("output of {} --describe", agent.display()), source })
+    serde_json::from_slice(&out.stdout)
+        .map_err(|source| SailboxError::CorruptRecord { what: format!("output of {} --describe", agent.display()), source })
 }
 
 /// Whether an ELF executable has no program interpreter (is statically linked).
