@@ -79,7 +79,7 @@ pub struct ImageStore {
     dir: PathBuf,
     kit: Option<GuestKit>,
     debian_mirror: String,
-    locks: Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+    locks: Arc<parking_lot::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 fn image_id(definition: &str) -> String {
@@ -115,7 +115,9 @@ impl ImageStore {
     /// The definition of a named image, or `None` for an unknown name.
     fn definition(&self, name: &str) -> Result<Option<String>> {
         let kit = || {
-            self.kit.as_ref().ok_or_else(|| SailboxError::Setup("the guest kit is missing: run `bash scripts/setup.sh vm`".into()))
+            self.kit
+                .as_ref()
+                .ok_or_else(|| SailboxError::Setup("the guest kit is missing: run `bash scripts/setup.sh vm`".into()))
         };
         Ok(match name {
             "minimal" => Some(format!("minimal v{BUILDER_VERSION} busybox={}", file_hash(&kit()?.busybox)?)),
@@ -148,7 +150,7 @@ impl ImageStore {
             }
         };
         let lock = {
-            let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+            let mut locks = self.locks.lock();
             locks.entry(id.clone()).or_default().clone()
         };
         let _guard = lock.lock().await;
@@ -187,7 +189,9 @@ impl ImageStore {
             }
             let idx = (r as u64 / per_chunk) as usize;
             let Some(Some(hex)) = image.chunks.get(idx) else { continue };
-            let chunk = hex.parse::<ChunkId>().map_err(|source| SailboxError::BadChunkId { what: format!("image {}", image.id), source })?;
+            let chunk = hex
+                .parse::<ChunkId>()
+                .map_err(|source| SailboxError::BadChunkId { what: format!("image {}", image.id), source })?;
             let offset = start - idx as u64 * image.chunk_size;
             let chunk_len = image.chunk_size.min(image.size - idx as u64 * image.chunk_size);
             let len = region.min(chunk_len.saturating_sub(offset));
@@ -204,7 +208,9 @@ impl ImageStore {
     /// The manifest of a stored image.
     pub fn manifest(&self, id: &str) -> Result<Option<ImageManifest>> {
         let Some(bytes) = self.state.image(id)? else { return Ok(None) };
-        serde_json::from_slice(&bytes).map(Some).map_err(|source| SailboxError::CorruptRecord { what: format!("image manifest {id}"), source })
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|source| SailboxError::CorruptRecord { what: format!("image manifest {id}"), source })
     }
 
     async fn build(&self, name: &str, id: &str, definition: &str, progress: &Progress) -> Result<ImageManifest> {
@@ -284,7 +290,8 @@ impl ImageStore {
             chunks,
             created_unix_ms: sysutil::clock::now_ms(),
         };
-        let json = serde_json::to_vec(&manifest).map_err(|source| SailboxError::Encode { what: format!("image manifest {id}"), source })?;
+        let json = serde_json::to_vec(&manifest)
+            .map_err(|source| SailboxError::Encode { what: format!("image manifest {id}"), source })?;
         // The manifest itself is a chunk too: another host can fetch the image by its id.
         let json = Bytes::from(json);
         self.backend.put(ChunkId::of(&json), json.clone()).await?;

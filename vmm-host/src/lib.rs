@@ -29,6 +29,7 @@ pub mod link;
 pub mod model;
 pub mod procs;
 mod recover;
+mod runtime;
 pub mod service;
 mod snapshot;
 pub mod store;
