@@ -97,8 +97,9 @@ pub fn grow_root_fs() -> std::io::Result<()> {
     if unsafe { libc::ioctl(disk.as_raw_fd(), BLKGETSIZE64, &mut dev_bytes) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    // SAFETY: statvfs fills the struct; the path is a literal.
+    // SAFETY: an all-zero statvfs is a valid value of this plain C struct.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs fills the struct; the path is a NUL-terminated literal.
     if unsafe { libc::statvfs(c"/".as_ptr(), &mut st) } != 0 {
         return Err(std::io::Error::last_os_error());
     }

@@ -43,8 +43,9 @@ const TMPFS_MAGIC: i64 = 0x0102_1994;
 /// is stored (host memory of up to the guest's used memory, for that long).
 pub(crate) fn ram_save_path(id: &str, run_dir: &Path, size: u64) -> PathBuf {
     let shm = Path::new(SHM);
-    // SAFETY: statfs with a NUL-terminated literal path and a zeroed out-struct.
+    // SAFETY: an all-zero statfs is a valid value of this plain C struct.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statfs with a NUL-terminated literal path and a valid out-struct.
     let ok = unsafe { libc::statfs(c"/dev/shm".as_ptr(), &mut st) } == 0;
     let free = (st.f_bavail as u64).saturating_mul(st.f_bsize as u64);
     if ok && st.f_type as i64 == TMPFS_MAGIC && free > size.saturating_add(256 << 20) {

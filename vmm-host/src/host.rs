@@ -17,7 +17,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chunkstore::{Backend, LocalBackend};
 use proto::sailbox as pb;
 use tokio::sync::mpsc;
 
@@ -25,16 +24,12 @@ use crate::accel::AccelChoice;
 use crate::error::{Result, SailboxError};
 use crate::exec::Execs;
 use crate::forkmem::ForkMemory;
-use crate::guest::GuestKit;
-use crate::hypervisor::Hypervisor;
-use crate::hypervisor::qemu::Qemu;
 use crate::image::Progress;
 use crate::ingress::Ingress;
 use crate::lifecycle::Lifecycle;
 use crate::model::{SailboxRecord, State};
 use crate::runtime::{Live, Runtime, Vm};
 use crate::snapshot::Snapshots;
-use crate::store::StateStore;
 use crate::vmfiles::VmFiles;
 
 /// Everything vmm-host needs to start.
@@ -99,27 +94,9 @@ impl Host {
     /// Opens the state store, starts (or finds) the cowfs daemon, and recovers every
     /// sailbox the store records (see [`crate::recover`]).
     pub async fn open(config: HostConfig) -> Result<Self> {
-        let host = Self::assemble(Arc::new(Self::runtime(config).await?));
+        let host = Self::assemble(Arc::new(Runtime::open(config).await?));
         host.recover().await?;
         Ok(host)
-    }
-
-    /// Opens what every part shares.
-    async fn runtime(config: HostConfig) -> Result<Runtime> {
-        for d in ["run", "images", "boot", "cowfs"] {
-            std::fs::create_dir_all(config.data_dir.join(d)).map_err(|e| SailboxError::io("creating the data dir", e))?;
-        }
-        let db = config.data_dir.join("db");
-        let state = tokio::task::spawn_blocking(move || StateStore::open(db)).await??;
-        let backend: Arc<dyn Backend> = Arc::new(LocalBackend::open(&config.chunks_dir)?);
-        let files = VmFiles::ensure(&config.data_dir.join("cowfs"), &config.chunks_dir, &config.cowfs_binary).await?;
-        let kit = GuestKit::load(&config.guest_dir).map_err(Arc::new);
-        let images =
-            crate::image::ImageStore::new(state.clone(), backend.clone(), config.data_dir.join("images"), kit.clone().ok());
-        let accel = crate::accel::detect(config.accel);
-        let hypervisor = Qemu::new(config.qemu_binary.clone()).map(|q| Arc::new(q) as Arc<dyn Hypervisor>).map_err(Arc::new);
-        tracing::info!(accel = accel.accel.as_str(), reason = %accel.reason, hypervisor = ?hypervisor.as_ref().map(|h| h.version()), "vmm-host starting");
-        Ok(Runtime::new(config, state, images, backend, files, accel, hypervisor, kit))
     }
 
     /// Makes the parts over a runtime and wires them together.

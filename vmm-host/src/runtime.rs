@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use chunkstore::{Backend, ChunkId};
+use chunkstore::{Backend, ChunkId, LocalBackend};
 use parking_lot::Mutex;
 use proto::sailbox as pb;
 
@@ -18,6 +18,7 @@ use crate::agent_client::AgentClient;
 use crate::error::{Result, SailboxError};
 use crate::guest::{GuestKit, Initramfs};
 use crate::host::HostConfig;
+use crate::hypervisor::qemu::Qemu;
 use crate::hypervisor::{Hypervisor, Incoming, VmHandle, VmSpec};
 use crate::image::{ImageStore, LocalImage, Progress};
 use crate::model::{self, CheckpointRecord, SailboxRecord, State};
@@ -133,18 +134,22 @@ pub(crate) fn random_id(prefix: &str) -> String {
 }
 
 impl Runtime {
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn new(
-        config: HostConfig,
-        state: StateStore,
-        images: ImageStore,
-        backend: Arc<dyn Backend>,
-        files: VmFiles,
-        accel: AccelProbe,
-        hypervisor: std::result::Result<Arc<dyn Hypervisor>, Arc<SailboxError>>,
-        kit: std::result::Result<GuestKit, Arc<SailboxError>>,
-    ) -> Self {
-        Self {
+    /// Opens the state store and the chunk directory, starts (or finds) the cowfs daemon,
+    /// loads the guest kit and the VMM backend (remembering why, if either fails).
+    pub(crate) async fn open(config: HostConfig) -> Result<Self> {
+        for d in ["run", "images", "boot", "cowfs"] {
+            std::fs::create_dir_all(config.data_dir.join(d)).map_err(|e| SailboxError::io("creating the data dir", e))?;
+        }
+        let db = config.data_dir.join("db");
+        let state = tokio::task::spawn_blocking(move || StateStore::open(db)).await??;
+        let backend: Arc<dyn Backend> = Arc::new(LocalBackend::open(&config.chunks_dir)?);
+        let files = VmFiles::ensure(&config.data_dir.join("cowfs"), &config.chunks_dir, &config.cowfs_binary).await?;
+        let kit = GuestKit::load(&config.guest_dir).map_err(Arc::new);
+        let images = ImageStore::new(state.clone(), backend.clone(), config.data_dir.join("images"), kit.clone().ok());
+        let accel = crate::accel::detect(config.accel);
+        let hypervisor = Qemu::new(config.qemu_binary.clone()).map(|q| Arc::new(q) as Arc<dyn Hypervisor>).map_err(Arc::new);
+        tracing::info!(accel = accel.accel.as_str(), reason = %accel.reason, hypervisor = ?hypervisor.as_ref().map(|h| h.version()), "vmm-host starting");
+        Ok(Self {
             config,
             state,
             images,
@@ -155,7 +160,7 @@ impl Runtime {
             kit,
             initramfs: tokio::sync::Mutex::new(None),
             live: Mutex::default(),
-        }
+        })
     }
 
     pub(crate) fn hypervisor(&self) -> Result<Arc<dyn Hypervisor>> {

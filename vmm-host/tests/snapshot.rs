@@ -195,7 +195,7 @@ async fn fork_a_sleeper(c: &mut Client, dir: &std::path::Path, b: &str, in_b: u6
     assert_eq!(state(c, &grandchild).await, pb::SailboxState::Running as i32);
     count_after(c, &grandchild, at).await;
     assert_eq!(state(c, b).await, pb::SailboxState::Sleeping as i32, "forking a sleeper must not wake it");
-    c.terminate(pb::TerminateRequest { sailbox_id: (&grandchild).to_string() }).await.unwrap();
+    c.terminate(pb::TerminateRequest { sailbox_id: grandchild.clone() }).await.unwrap();
 }
 
 /// An exec wakes a sleeper; upgrade of a current agent needs no reboot, of a sleeper waits
@@ -284,7 +284,7 @@ async fn restore_on_a_fresh_data_dir(mut c: Client, served: common::Served, dir:
     assert_eq!(text(&mut c, &r, "/data/note.txt").await, "written before the checkpoint\n");
     let e = c.restore_sailbox(pb::RestoreRequest { checkpoint_id: "ck-00".into(), ..Default::default() }).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
-    c.terminate(pb::TerminateRequest { sailbox_id: (&r).to_string() }).await.unwrap();
+    c.terminate(pb::TerminateRequest { sailbox_id: r.clone() }).await.unwrap();
     assert!(common::vm_processes(fresh.path()).is_empty());
     drop(c);
     served.stop().await;
