@@ -183,6 +183,15 @@ pub enum SailboxError {
     /// QEMU and its firmware, a sailbox's files).
     #[error("host error: {0}")]
     Setup(String),
+    /// `sail-agent --describe` printed something that is not its description.
+    #[error("host error: parsing the output of {agent} --describe: {source}")]
+    AgentDescribe {
+        /// The agent binary.
+        agent: String,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
     /// A running VM's agent did not answer when vmm-host re-attached to it.
     #[error("host error: {0}")]
     AgentUnreachable(String),

@@ -130,7 +130,7 @@ pub fn describe_agent(agent: &Path) -> Result<AgentInfo> {
         return Err(SailboxError::Setup(format!("{} --describe failed", agent.display())));
     }
     serde_json::from_slice(&out.stdout)
-        .map_err(|source| SailboxError::CorruptRecord { what: format!("output of {} --describe", agent.display()), source })
+        .map_err(|source| SailboxError::AgentDescribe { agent: agent.display().to_string(), source })
 }
 
 /// Whether an ELF executable has no program interpreter (is statically linked).
