@@ -8,7 +8,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use parking_lot::{Mutex, MutexGuard};
 use proto::agent as pb;
@@ -99,10 +99,6 @@ struct Table {
     finished: VecDeque<String>,
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
 impl ExecTable {
     /// An empty table spawning through `reaper`.
     pub fn new(reaper: Reaper) -> Self {
@@ -116,7 +112,7 @@ impl ExecTable {
         if let Some(existing) = table.requests.get(&req.request_id) {
             return Ok(pb::StartExecResponse { request_id: req.request_id, already_started: true, pid: existing.pid });
         }
-        let started = now_ms();
+        let started = sysutil::clock::now_ms();
         let cmd = shell_command(&req);
         if req.background {
             self.start_background(table, cmd, req, started)
@@ -142,7 +138,7 @@ impl ExecTable {
             o.result = Some(pb::ExecResult {
                 request_id: req.request_id.clone(),
                 started_unix_ms: started,
-                finished_unix_ms: now_ms(),
+                finished_unix_ms: sysutil::clock::now_ms(),
                 ..Default::default()
             })
         });
@@ -214,7 +210,7 @@ impl ExecTable {
                 stderr_bytes: o.stderr_bytes,
                 timed_out,
                 started_unix_ms: started,
-                finished_unix_ms: now_ms(),
+                finished_unix_ms: sysutil::clock::now_ms(),
                 signal: match exit {
                     Exit::Signal(s) => s,
                     Exit::Code(_) => 0,

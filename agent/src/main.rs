@@ -26,9 +26,6 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// with every change a host should upgrade running sailboxes to.
 pub const GUEST_SCHEMA_VERSION: u32 = 1;
 
-/// Default vsock port of the gRPC service.
-pub const AGENT_PORT: u32 = 10000;
-
 #[derive(Parser)]
 #[command(name = "sail-agent", version, about = "The sailbox guest agent")]
 struct Args {
@@ -84,7 +81,7 @@ fn default_links() -> Vec<Addr> {
         links.push(Addr::Serial(port));
     }
     if std::path::Path::new("/dev/vsock").exists() {
-        links.push(Addr::Vsock(AGENT_PORT));
+        links.push(Addr::Vsock(proto::agent::VSOCK_PORT));
     }
     links
 }

@@ -75,7 +75,7 @@ impl Agent for AgentService {
             guest_schema_version: GUEST_SCHEMA_VERSION,
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
             kernel: system::kernel_release(),
-            hostname: system::hostname(),
+            hostname: sysutil::host::hostname(),
             boot_id_hash: system::boot_id_hash(),
             uptime_ms: system::uptime_ms(),
             clock_adjusted,

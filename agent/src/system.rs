@@ -2,7 +2,6 @@
 //! clock) and power.
 
 use std::ffi::CString;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Mounts the pseudo file systems a userland expects, when the agent is PID 1. The initramfs
 /// hands over a root with `/run` already mounted (it holds the agent itself).
@@ -98,8 +97,9 @@ pub fn grow_root_fs() -> std::io::Result<()> {
     if unsafe { libc::ioctl(disk.as_raw_fd(), BLKGETSIZE64, &mut dev_bytes) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    // SAFETY: statvfs fills the struct; the path is a literal.
+    // SAFETY: an all-zero statvfs is a valid value of this plain C struct.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs fills the struct; the path is a NUL-terminated literal.
     if unsafe { libc::statvfs(c"/".as_ptr(), &mut st) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -147,14 +147,9 @@ pub fn reseed(entropy: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Milliseconds since the Unix epoch on the guest clock.
-pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
 /// Sets the wall clock to `unix_ms` if it is more than a second off; returns whether it did.
 pub fn correct_clock(unix_ms: u64) -> std::io::Result<bool> {
-    if unix_ms == 0 || now_ms().abs_diff(unix_ms) <= 1000 {
+    if unix_ms == 0 || sysutil::clock::now_ms().abs_diff(unix_ms) <= 1000 {
         return Ok(false);
     }
     let ts = libc::timespec { tv_sec: (unix_ms / 1000) as libc::time_t, tv_nsec: ((unix_ms % 1000) * 1_000_000) as _ };
@@ -179,17 +174,6 @@ pub fn set_hostname(name: &str) -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
-}
-
-/// The current hostname.
-pub fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: the buffer is writable for its length.
-    if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } != 0 {
-        return String::new();
-    }
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
 /// `uname -r`.

@@ -1,27 +1,24 @@
 //! A client of a cowfs daemon's control socket (what vmm-host uses). One connection per
-//! request; errors are typed ([`ClientError`]), and a refusal carries the daemon's
-//! [`ErrorKind`], which is what callers decide on.
+//! request (`control_wire::call_async`); errors are typed ([`ClientError`]), and a refusal
+//! carries the daemon's [`ErrorKind`], which is what callers decide on.
 
 use std::path::{Path, PathBuf};
 
+use control_wire::CallError;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
 
-use crate::control::{Created, ErrorKind, Exported, Frozen, Names, Reply, Request, Stopping};
+use crate::control::{Created, ErrorKind, Exported, Frozen, Names, Request, Stopping};
 
 /// What a request to the daemon can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// The socket could not be reached, or the exchange broke off.
-    #[error("cowfs control socket {}: {source}", path.display())]
-    Io {
-        /// The socket.
-        path: PathBuf,
+    /// The socket could not be reached, or the exchange broke off or was not the protocol.
+    #[error("cowfs: {source}")]
+    Wire {
         /// What failed.
         #[source]
-        source: std::io::Error,
+        source: CallError,
     },
     /// The request could not be encoded.
     #[error("encoding a cowfs request: {source}")]
@@ -30,7 +27,7 @@ pub enum ClientError {
         #[source]
         source: serde_json::Error,
     },
-    /// The daemon's reply (or its result) could not be decoded.
+    /// The daemon's result could not be decoded.
     #[error("bad reply from cowfs: {source}")]
     BadReply {
         /// What failed to decode.
@@ -52,7 +49,19 @@ impl ClientError {
     pub fn kind(&self) -> Option<ErrorKind> {
         match self {
             Self::Refused { kind, .. } => Some(*kind),
-            Self::Io { .. } | Self::Encode { .. } | Self::BadReply { .. } => None,
+            Self::Wire { .. } | Self::Encode { .. } | Self::BadReply { .. } => None,
+        }
+    }
+}
+
+impl From<CallError> for ClientError {
+    fn from(e: CallError) -> Self {
+        match e {
+            // A name this client does not know is a bad request as far as it can tell.
+            CallError::Remote(w) => {
+                Self::Refused { kind: ErrorKind::from_name(&w.name).unwrap_or(ErrorKind::Invalid), message: w.message }
+            }
+            other => Self::Wire { source: other },
         }
     }
 }
@@ -74,19 +83,8 @@ impl CowClient {
 
     /// One request, one reply: the reply's result, or the daemon's typed refusal.
     pub async fn call(&self, req: &Request) -> Result<Value> {
-        let io = |source| ClientError::Io { path: self.socket.clone(), source };
-        let mut line = serde_json::to_string(req).map_err(|source| ClientError::Encode { source })?;
-        line.push('\n');
-        let mut s = UnixStream::connect(&self.socket).await.map_err(io)?;
-        s.write_all(line.as_bytes()).await.map_err(io)?;
-        let mut reply = String::new();
-        BufReader::new(s).read_line(&mut reply).await.map_err(io)?;
-        let reply: Reply = serde_json::from_str(&reply).map_err(|source| ClientError::BadReply { source })?;
-        match (reply.ok, reply.error) {
-            (true, _) => Ok(reply.result.unwrap_or(Value::Null)),
-            (false, Some(e)) => Err(ClientError::Refused { kind: e.kind, message: e.message }),
-            (false, None) => Err(ClientError::Refused { kind: ErrorKind::Invalid, message: "refused without a reason".into() }),
-        }
+        let req = serde_json::to_value(req).map_err(|source| ClientError::Encode { source })?;
+        Ok(control_wire::call_async(&self.socket, &req).await?)
     }
 
     /// A request whose result decodes as `T`.

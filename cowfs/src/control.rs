@@ -14,15 +14,13 @@
 //! | `{"op":"list"}` | `{"names": [...]}` |
 //! | `{"op":"stop"}` | `{"stopping": B, "files": N}` (unmounts and exits only with no file left) |
 //!
-//! Replies: `{"ok":true,"result":{...}}` or
-//! `{"ok":false,"error":{"kind":"not_found","message":"no file named x"}}`. The kind
-//! ([`ErrorKind`]) is what callers decide on; the message is for people.
+//! The framing is the `control-wire` crate's (shared with the volume mount helper): replies
+//! are `{"ok":true,"result":{...}}` or
+//! `{"ok":false,"error":{"name":"not_found","message":"no file named x"}}`. The name is an
+//! [`ErrorKind`]'s ([`ErrorKind::name`]): what callers decide on; the message is for people.
 
+pub use control_wire::WireError;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
-
-/// Longest request line the daemon accepts.
-pub const MAX_LINE: u64 = 64 << 10;
 
 /// A request line.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,37 +88,32 @@ pub enum ErrorKind {
     Io,
 }
 
-/// The `error` of a failed reply.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WireError {
-    /// What to decide on.
-    pub kind: ErrorKind,
-    /// What happened, for people.
-    pub message: String,
-}
+impl ErrorKind {
+    /// Every kind.
+    pub const ALL: [ErrorKind; 7] =
+        [Self::Invalid, Self::NotFound, Self::Exists, Self::Corrupt, Self::ReadOnly, Self::Chunks, Self::Io];
 
-/// A reply line.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Reply {
-    /// Whether the request succeeded.
-    pub ok: bool,
-    /// The result of a request that succeeded.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub result: Option<Value>,
-    /// The error of one that failed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<WireError>,
-}
-
-impl Reply {
-    /// A success carrying `result`.
-    pub fn success(result: Value) -> Self {
-        Self { ok: true, result: Some(result), error: None }
+    /// The kind's name on the wire (the `name` of a `control_wire::WireError`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Invalid => "invalid",
+            Self::NotFound => "not_found",
+            Self::Exists => "exists",
+            Self::Corrupt => "corrupt",
+            Self::ReadOnly => "read_only",
+            Self::Chunks => "chunks",
+            Self::Io => "io",
+        }
     }
 
-    /// A failure of `kind`.
-    pub fn failure(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Self { ok: false, result: None, error: Some(WireError { kind, message: message.into() }) }
+    /// The kind a wire name stands for.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    /// A wire error of this kind.
+    pub fn wire(self, message: impl Into<String>) -> WireError {
+        WireError::new(self.name(), message)
     }
 }
 
@@ -194,12 +187,8 @@ mod tests {
         assert_eq!(serde_json::to_value(Request::Ping).unwrap(), json!({"op": "ping"}));
         assert!(serde_json::from_value::<Request>(json!({"op": "format"})).is_err(), "unknown ops are refused");
 
-        let reply = Reply::failure(ErrorKind::NotFound, "no file named x");
-        assert_eq!(
-            serde_json::to_value(&reply).unwrap(),
-            json!({"ok": false, "error": {"kind": "not_found", "message": "no file named x"}})
-        );
-        assert_eq!(serde_json::to_value(Reply::success(json!({}))).unwrap(), json!({"ok": true, "result": {}}));
+        let error = ErrorKind::NotFound.wire("no file named x");
+        assert_eq!(serde_json::to_value(&error).unwrap(), json!({"name": "not_found", "message": "no file named x"}));
         let kinds = [
             (ErrorKind::Invalid, "invalid"),
             (ErrorKind::NotFound, "not_found"),
@@ -211,6 +200,9 @@ mod tests {
         ];
         for (kind, name) in kinds {
             assert_eq!(serde_json::to_value(kind).unwrap(), json!(name));
+            assert_eq!(kind.name(), name);
+            assert_eq!(ErrorKind::from_name(name), Some(kind));
         }
+        assert_eq!(ErrorKind::from_name("bad_request"), None);
     }
 }

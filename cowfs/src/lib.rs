@@ -11,16 +11,15 @@
 //! This crate is what the daemon's users link (vmm-host): no FUSE, no command line.
 //! - [`manifest`]: the region table and its encoding;
 //! - [`control`]: the control wire (requests, replies, error kinds);
-//! - [`client`]: the control socket's client, with typed errors;
-//! - [`mount`]: detaching a mount whose daemon died.
+//! - [`client`]: the control socket's client, with typed errors.
+//!
+//! Detaching a mount whose daemon died is `sysutil::mount::clean_dead_mount`.
 #![warn(missing_docs)]
 
 pub mod client;
 pub mod control;
 pub mod manifest;
-pub mod mount;
 
 pub use client::{ClientError, CowClient};
 pub use control::{ErrorKind, Exported};
 pub use manifest::{Manifest, ManifestError, REGION_SIZE, RegionRef};
-pub use mount::clean_dead_mount;

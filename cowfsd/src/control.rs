@@ -1,13 +1,13 @@
-//! The control socket's server: one thread per connection, one JSON line in, one out (the
-//! wire is `cowfs::control`). A failed request is answered with its error's kind
-//! ([`CowError::kind`]) and message, and the connection goes on.
+//! The control socket's server: `control_wire::Server` (one thread per connection, one JSON
+//! line in, one out) with the requests of `cowfs::control`. A failed request is answered with
+//! its error's kind ([`CowError::kind`]) as the error's name, and the connection goes on.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use cowfs::control::{Created, Exported, Frozen, MAX_LINE, Names, Pong, Reply, Request, Stopping};
+use control_wire::{Answer, Server};
+use cowfs::control::{Created, ErrorKind, Exported, Frozen, Names, Pong, Request, Stopping};
 use cowfs::manifest::Manifest;
 use serde::Serialize;
 use serde_json::Value;
@@ -64,70 +64,49 @@ fn stats(reg: &Registry, name: &str) -> Result<Value> {
 }
 
 /// Unmounts and exits, but only when no file is left: a running or sleeping sailbox's
-/// memory and disk live here, and the daemon outlives vmm-host restarts for them.
-fn stop(reg: &Registry) -> Result<Value> {
+/// memory and disk live here, and the daemon outlives vmm-host restarts for them. The
+/// unmount starts once the reply is written.
+fn stop(reg: &Registry) -> Answer {
     let files = reg.names().len() as u64;
-    if files == 0 {
-        tracing::info!("stop requested with no files; unmounting");
-        // SAFETY: sends a signal to this process; the SIGTERM task unmounts the session.
-        unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+    let stopping = result(Stopping { stopping: files == 0, files });
+    if files != 0 {
+        return reply(stopping);
     }
-    result(Stopping { stopping: files == 0, files })
+    tracing::info!("stop requested with no files; unmounting");
+    Answer::ReplyThen(
+        stopping.map_err(|e| e.kind().wire(e.to_string())),
+        Box::new(|| {
+            // SAFETY: sends a signal to this process; the SIGTERM task unmounts the session.
+            unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+        }),
+    )
 }
 
-fn handle(reg: &Registry, req: Request) -> Result<Value> {
-    match req {
+/// A reply carrying `result`, or the error's kind and message.
+fn reply(result: Result<Value>) -> Answer {
+    Answer::Reply(result.map_err(|e| e.kind().wire(e.to_string())))
+}
+
+/// The answer to one request.
+fn answer(reg: &Registry, req: control_wire::Request) -> Answer {
+    let req = match serde_json::from_value::<Request>(req.body) {
+        Ok(req) => req,
+        Err(e) => return reply(Err(CowError::BadRequest(e))),
+    };
+    let result = match req {
+        Request::Stop => return stop(reg),
         Request::Ping => result(Pong { files: reg.names().len() as u64, pid: std::process::id() }),
         Request::List => result(Names { names: reg.names() }),
         Request::Create { name, size, base, readonly } => create(reg, &name, size, base.as_deref(), readonly),
-        Request::Remove { name } => {
-            reg.remove(&name)?;
-            Ok(serde_json::json!({}))
-        }
-        Request::Freeze { name } => result(Frozen { regions: reg.get(&name)?.freeze()? }),
+        Request::Remove { name } => reg.remove(&name).map(|()| serde_json::json!({})),
+        Request::Freeze { name } => reg.get(&name).and_then(|f| f.freeze()).and_then(|regions| result(Frozen { regions })),
         Request::Export { name } => export(reg, &name),
         Request::Stats { name } => stats(reg, &name),
-        Request::Stop => stop(reg),
-    }
-}
-
-/// The reply to one request line.
-fn reply(reg: &Registry, line: &str) -> Reply {
-    let answered = serde_json::from_str::<Request>(line).map_err(CowError::BadRequest).and_then(|req| handle(reg, req));
-    match answered {
-        Ok(result) => Reply::success(result),
-        Err(e) => Reply::failure(e.kind(), e.to_string()),
-    }
-}
-
-fn serve_conn(reg: &Registry, stream: UnixStream) -> std::io::Result<()> {
-    let mut writer = stream.try_clone()?;
-    let mut reader = BufReader::new(stream);
-    loop {
-        let mut line = String::new();
-        let n = (&mut reader).take(MAX_LINE).read_line(&mut line)?;
-        if n == 0 {
-            return Ok(());
-        }
-        let mut out = serde_json::to_vec(&reply(reg, &line)).map_err(std::io::Error::other)?;
-        out.push(b'\n');
-        writer.write_all(&out)?;
-    }
+    };
+    reply(result)
 }
 
 /// Serves the control socket until the listener fails.
 pub fn serve(listener: UnixListener, reg: Arc<Registry>) {
-    for conn in listener.incoming() {
-        match conn {
-            Ok(stream) => {
-                let reg = reg.clone();
-                let _ = std::thread::Builder::new().name("cowfs-control".into()).spawn(move || {
-                    if let Err(e) = serve_conn(&reg, stream) {
-                        tracing::debug!(error = %e, "control connection ended");
-                    }
-                });
-            }
-            Err(e) => tracing::warn!(error = %e, "control accept failed"),
-        }
-    }
+    Server::new("cowfs-control").bad_request_name(ErrorKind::Invalid.name()).serve(listener, move |req| answer(&reg, req));
 }

@@ -28,7 +28,7 @@ pub struct DaemonOptions {
 
 /// Runs until unmounted (`umount`, SIGTERM/SIGINT).
 pub fn run(opts: DaemonOptions) -> anyhow::Result<()> {
-    cowfs::clean_dead_mount(&opts.mountpoint);
+    sysutil::mount::clean_dead_mount(&opts.mountpoint);
     for d in [&opts.mountpoint, &opts.store, &opts.chunks] {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }

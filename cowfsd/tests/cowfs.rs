@@ -39,7 +39,7 @@ impl Drop for Daemon {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        cowfs::clean_dead_mount(&self.mount());
+        sysutil::mount::clean_dead_mount(&self.mount());
         let c = std::ffi::CString::new(self.mount().as_os_str().as_encoded_bytes()).unwrap();
         // SAFETY: detaching a mount this test made, if it is still there.
         unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };

@@ -1,5 +1,12 @@
 //! Typed errors of vmm-host. Each variant carries a contract name (DESIGN 2.4) that travels in
-//! gRPC status details, so the CLI and SDKs raise the same error type.
+//! gRPC status details, so the CLI and SDKs raise the same error type. Failures of the host
+//! itself (files, processes, QEMU, cowfs, the state and chunk stores) are `SailError`s; each
+//! keeps its cause as its `source`.
+
+use std::sync::Arc;
+
+use crate::hypervisor::qemu::mapped_ram::MappedRamError;
+use crate::hypervisor::qemu::qmp::QmpError;
 
 /// Everything a sailbox operation can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +27,17 @@ pub enum SailboxError {
     /// Create (or start, stop, restore) failed; the partial sailbox was cleaned up.
     #[error("sailbox creation failed: {0}")]
     Creation(String),
+    /// Create (or start, stop, restore) failed because of `0`; the partial sailbox was
+    /// cleaned up.
+    #[error("sailbox creation failed: {0}")]
+    CreationFailed(#[source] Box<SailboxError>),
+    /// A checkpoint (or the pause, sleep or fork that takes one) failed because of `0`.
+    #[error("sailbox creation failed: checkpoint failed: {0}")]
+    CheckpointFailed(#[source] Box<SailboxError>),
+    /// The VMM backend or the guest kit could not be set up when vmm-host started, so no
+    /// VM can be started.
+    #[error("sailbox creation failed: {0}")]
+    Unavailable(#[source] Arc<SailboxError>),
     /// Exec, a file transfer, or a listener failed, or the sailbox cannot run it now.
     #[error("sailbox execution failed: {0}")]
     Execution(String),
@@ -48,18 +66,135 @@ pub enum SailboxError {
     /// Building an image failed.
     #[error("image build failed: {0}")]
     ImageBuild(String),
+    /// A step of an image build failed because of `source`.
+    #[error("image build failed: {what}: {source}")]
+    ImageBuildStep {
+        /// The step.
+        what: String,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// A waiting call ran out of time.
     #[error("timed out: {0}")]
     Timeout(String),
     /// The state database failed.
     #[error("state store error: {0}")]
-    Storage(String),
+    RocksDb(#[from] rocksdb::Error),
+    /// A column family the state database must have is missing.
+    #[error("state store error: column family {0} missing")]
+    MissingColumnFamily(String),
+    /// A stored record (or a checkpoint or image record in the chunk store) does not decode.
+    #[error("state store error: corrupt {what}: {source}")]
+    CorruptRecord {
+        /// Which record.
+        what: String,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A stored exec result does not decode.
+    #[error("state store error: corrupt exec result {id}: {source}")]
+    CorruptResult {
+        /// The exec request.
+        id: String,
+        /// Why.
+        #[source]
+        source: prost::DecodeError,
+    },
+    /// A record could not be encoded.
+    #[error("state store error: encoding {what}: {source}")]
+    Encode {
+        /// Which record.
+        what: String,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// An exec is recorded as finished but its result is not stored.
+    #[error("state store error: exec {0} is finished but its result is missing")]
+    MissingResult(String),
+    /// A record names a chunk with an id that does not parse.
+    #[error("state store error: {what}: bad chunk id: {source}")]
+    BadChunkId {
+        /// Which record and field.
+        what: String,
+        /// Why.
+        #[source]
+        source: chunkstore::ChunkError,
+    },
     /// The chunk store failed.
     #[error("chunk store error: {0}")]
     Chunks(#[from] chunkstore::ChunkError),
-    /// Anything else on the host (a VMM, a file, a process).
+    /// A file or process operation on the host failed.
+    #[error("host error: {op}: {source}")]
+    Io {
+        /// What was being done.
+        op: String,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A blocking task panicked or was cancelled.
+    #[error("host error: a background task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    /// The cowfs daemon refused a request or could not be reached.
     #[error("host error: {0}")]
-    Host(String),
+    Cowfs(#[from] cowfs::ClientError),
+    /// The cowfs daemon could not be started.
+    #[error("host error: {0}")]
+    CowfsStart(String),
+    /// A memory or disk manifest could not be made or decoded.
+    #[error("host error: {what}: {source}")]
+    Manifest {
+        /// Which manifest.
+        what: String,
+        /// Why.
+        #[source]
+        source: cowfs::ManifestError,
+    },
+    /// A QMP exchange with a VM's QEMU failed.
+    #[error("host error: sailbox {vm}: {source}")]
+    Qmp {
+        /// The sailbox.
+        vm: String,
+        /// Why.
+        #[source]
+        source: QmpError,
+    },
+    /// QEMU reported a migration (device state save or load) as failed, or it did not finish.
+    #[error("host error: {command} failed: {reason}")]
+    Migration {
+        /// `migrate` or `migrate-incoming`.
+        command: String,
+        /// QEMU's reason, or that it timed out.
+        reason: String,
+    },
+    /// A mapped-ram save could not be split or staged.
+    #[error("host error: {what}: {source}")]
+    MappedRam {
+        /// What was being done.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: MappedRamError,
+    },
+    /// Something this host needs is missing or unusable (the guest kit, the agent binary,
+    /// QEMU and its firmware, a sailbox's files).
+    #[error("host error: {0}")]
+    Setup(String),
+    /// `sail-agent --describe` printed something that is not its description.
+    #[error("host error: parsing the output of {agent} --describe: {source}")]
+    AgentDescribe {
+        /// The agent binary.
+        agent: String,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A running VM's agent did not answer when vmm-host re-attached to it.
+    #[error("host error: {0}")]
+    AgentUnreachable(String),
 }
 
 impl SailboxError {
@@ -67,14 +202,18 @@ impl SailboxError {
     pub fn name(&self) -> &'static str {
         match self {
             Self::InvalidArgument(_) | Self::NotFound(_) | Self::FileNotFound(_) => "SailboxError",
-            Self::InvalidConfig(_) | Self::Creation(_) => "SailboxCreationError",
+            Self::InvalidConfig(_)
+            | Self::Creation(_)
+            | Self::CreationFailed(_)
+            | Self::CheckpointFailed(_)
+            | Self::Unavailable(_) => "SailboxCreationError",
             Self::Execution(_) => "SailboxExecutionError",
             Self::ExecAlreadyRunning { .. } => "SailboxExecAlreadyRunningError",
             Self::ExecNotFound(_) => "SailboxExecRequestNotFoundError",
             Self::Terminated(_) => "SailboxTerminatedError",
             Self::WorkerLost { .. } => "SailboxWorkerLostError",
-            Self::ImageBuild(_) => "ImageBuildError",
-            Self::Timeout(_) | Self::Storage(_) | Self::Chunks(_) | Self::Host(_) => "SailError",
+            Self::ImageBuild(_) | Self::ImageBuildStep { .. } => "ImageBuildError",
+            _ => "SailError",
         }
     }
 
@@ -88,7 +227,7 @@ impl SailboxError {
             Self::Terminated(_) | Self::Execution(_) => Code::FailedPrecondition,
             Self::WorkerLost { .. } => Code::Unavailable,
             Self::Timeout(_) => Code::DeadlineExceeded,
-            Self::Creation(_) | Self::ImageBuild(_) | Self::Storage(_) | Self::Chunks(_) | Self::Host(_) => Code::Internal,
+            _ => Code::Internal,
         }
     }
 
@@ -97,15 +236,22 @@ impl SailboxError {
         Self::InvalidArgument(msg.into())
     }
 
-    /// Shorthand for [`SailboxError::Host`] with context.
-    pub fn host(what: impl std::fmt::Display, e: impl std::fmt::Display) -> Self {
-        Self::Host(format!("{what}: {e}"))
+    /// Shorthand for [`SailboxError::Io`]: `op` failed with `source`.
+    pub fn io(op: impl Into<String>, source: std::io::Error) -> Self {
+        Self::Io { op: op.into(), source }
     }
-}
 
-impl From<rocksdb::Error> for SailboxError {
-    fn from(e: rocksdb::Error) -> Self {
-        Self::Storage(e.into_string())
+    /// Whether this error already says the sailbox could not be created (or is one of
+    /// the errors a creation reports as is).
+    pub(crate) fn is_creation(&self) -> bool {
+        matches!(
+            self,
+            Self::InvalidConfig(_)
+                | Self::Creation(_)
+                | Self::CreationFailed(_)
+                | Self::CheckpointFailed(_)
+                | Self::Unavailable(_)
+        )
     }
 }
 
@@ -119,3 +265,28 @@ impl From<SailboxError> for tonic::Status {
 
 /// Result alias for sailbox operations.
 pub type Result<T, E = SailboxError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    #[test]
+    fn host_failures_keep_their_cause_and_contract_name() {
+        let io = SailboxError::io("creating the run dir", std::io::Error::from(std::io::ErrorKind::PermissionDenied));
+        assert_eq!(io.name(), "SailError");
+        assert_eq!(io.code(), tonic::Code::Internal);
+        assert!(io.source().is_some_and(|s| s.downcast_ref::<std::io::Error>().is_some()));
+        let wrapped = SailboxError::CreationFailed(Box::new(io));
+        assert_eq!(wrapped.name(), "SailboxCreationError");
+        assert_eq!(wrapped.code(), tonic::Code::Internal);
+        assert!(wrapped.to_string().starts_with("sailbox creation failed: host error: creating the run dir"));
+        // The chain goes on to the io::Error (the box forwards its content's source).
+        let inner = wrapped.source().expect("the wrapped error");
+        assert!(inner.to_string().starts_with("host error: creating the run dir"), "{inner}");
+        assert!(inner.source().is_some_and(|s| s.downcast_ref::<std::io::Error>().is_some()));
+        let ck = SailboxError::CheckpointFailed(Box::new(SailboxError::Setup("x".into())));
+        assert_eq!((ck.name(), ck.code()), ("SailboxCreationError", tonic::Code::Internal));
+    }
+}

@@ -86,10 +86,10 @@ impl Host {
         let (tx, rx) = mpsc::channel(PIPELINE);
         let path = req.path.clone();
         tokio::spawn(async move {
-            if let Some(first) = first {
-                if tx.send(Ok(pb::FileData { size: first.size, data: first.data })).await.is_err() {
-                    return;
-                }
+            if let Some(first) = first
+                && tx.send(Ok(pb::FileData { size: first.size, data: first.data })).await.is_err()
+            {
+                return;
             }
             while let Some(msg) = stream.next().await {
                 let out = msg.map(|m| pb::FileData { size: 0, data: m.data }).map_err(|s| agent_error(&path, s).into());

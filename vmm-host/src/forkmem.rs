@@ -6,10 +6,14 @@
 //!
 //! A VM on a private mapping has no cowfs file tracking its writes, so its checkpoint is a
 //! live save of all of memory (see [`crate::hypervisor::VmHandle::save_with_memory`]);
-//! [`Host::import_memory`] turns the RAM image in it into a memory manifest, uploading only the
+//! [`ForkMemory::import_memory`] turns the RAM image in it into a memory manifest, uploading only the
 //! regions the store lacks (those the guest changed since the base checkpoint). Once such a
 //! sailbox is woken from its own checkpoint it has its own memory file again.
+//!
+//! [`ForkMemory`] owns which VMs map which view; the lifecycle maps and unmaps views as VMs
+//! start and stop, snapshots import RAM images, recovery re-counts the VMs it re-attaches to.
 
+use std::collections::{BTreeSet, HashMap};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -21,8 +25,9 @@ use cowfs::{Exported, Manifest, REGION_SIZE, RegionRef};
 use futures::StreamExt;
 
 use crate::error::{Result, SailboxError};
-use crate::host::{Host, Live};
 use crate::hypervisor::RamImage;
+use crate::model::SailboxRecord;
+use crate::runtime::{Live, Runtime};
 use crate::vmfiles::VmFiles;
 
 /// Where RAM saves go when it is a tmpfs with room (see [`ram_save_path`]).
@@ -38,8 +43,9 @@ const TMPFS_MAGIC: i64 = 0x0102_1994;
 /// is stored (host memory of up to the guest's used memory, for that long).
 pub(crate) fn ram_save_path(id: &str, run_dir: &Path, size: u64) -> PathBuf {
     let shm = Path::new(SHM);
-    // SAFETY: statfs with a NUL-terminated literal path and a zeroed out-struct.
+    // SAFETY: an all-zero statfs is a valid value of this plain C struct.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statfs with a NUL-terminated literal path and a valid out-struct.
     let ok = unsafe { libc::statfs(c"/dev/shm".as_ptr(), &mut st) } == 0;
     let free = (st.f_bavail as u64).saturating_mul(st.f_bsize as u64);
     if ok && st.f_type as i64 == TMPFS_MAGIC && free > size.saturating_add(256 << 20) {
@@ -65,21 +71,34 @@ const REGIONS_PER_TASK: u64 = 32;
 /// Tasks in flight (reading, hashing, uploading).
 const TASKS_IN_FLIGHT: usize = 4;
 
-impl Host {
+/// The checkpoints' memory views of this host and the VMs that map each (the part of a
+/// host that forks' memory is).
+pub(crate) struct ForkMemory {
+    rt: Arc<Runtime>,
+    /// Checkpoint id -> the sailboxes whose VMs map its view; held while a view is created
+    /// or removed.
+    views: tokio::sync::Mutex<HashMap<String, BTreeSet<String>>>,
+}
+
+impl ForkMemory {
+    pub(crate) fn new(rt: Arc<Runtime>) -> Self {
+        Self { rt, views: tokio::sync::Mutex::default() }
+    }
+
     /// Makes sure checkpoint `ck_id`'s memory view exists and records, under the views lock,
     /// that the sailbox's VM maps it (so no concurrent stop of another VM removes it).
     pub(crate) async fn map_view(&self, live: &Arc<Live>, ck_id: &str, memory_manifest: &str) -> Result<()> {
-        let mut views = self.inner.views.lock().await;
-        self.inner.files.ensure_view(ck_id, memory_manifest).await?;
+        let mut views = self.views.lock().await;
+        self.rt.files.ensure_view(ck_id, memory_manifest).await?;
         let rec = live.update(|r| r.memory_base = Some(ck_id.to_owned()));
         views.entry(ck_id.to_owned()).or_default().insert(rec.id.clone());
-        self.inner.state.put_sailbox(&rec)
+        self.rt.state.put_sailbox(&rec)
     }
 
     /// Counts a VM that already maps a view (one vmm-host re-attached to after a restart).
-    pub(crate) async fn adopt_view(&self, rec: &crate::model::SailboxRecord) {
+    pub(crate) async fn adopt_view(&self, rec: &SailboxRecord) {
         if let Some(ck_id) = &rec.memory_base {
-            self.inner.views.lock().await.entry(ck_id.clone()).or_default().insert(rec.id.clone());
+            self.views.lock().await.entry(ck_id.clone()).or_default().insert(rec.id.clone());
         }
     }
 
@@ -87,14 +106,14 @@ impl Host {
     /// started), and removes the view if no other VM maps it.
     pub(crate) async fn unmap_view(&self, live: &Arc<Live>) {
         let Some(ck_id) = live.snapshot().memory_base else { return };
-        let mut views = self.inner.views.lock().await;
+        let mut views = self.views.lock().await;
         let rec = live.update(|r| r.memory_base = None);
-        let _ = self.inner.state.put_sailbox(&rec);
+        self.rt.put_quietly(&rec);
         let users = views.entry(ck_id.clone()).or_default();
         users.remove(&rec.id);
         if users.is_empty() {
             views.remove(&ck_id);
-            if let Err(e) = self.inner.files.remove_name(&VmFiles::view_name(&ck_id)).await {
+            if let Err(e) = self.rt.files.remove_name(&VmFiles::view_name(&ck_id)).await {
                 tracing::warn!(checkpoint = %ck_id, error = %e, "removing a memory view failed");
             } else {
                 tracing::debug!(checkpoint = %ck_id, "memory view removed (no VM maps it)");
@@ -104,7 +123,7 @@ impl Host {
 
     /// Whether any VM maps checkpoint `ck_id`'s view.
     pub(crate) async fn view_in_use(&self, ck_id: &str) -> bool {
-        self.inner.views.lock().await.get(ck_id).is_some_and(|u| !u.is_empty())
+        self.views.lock().await.get(ck_id).is_some_and(|u| !u.is_empty())
     }
 
     /// Stores the RAM image of a live save as a memory manifest. Regions equal to `base`'s (the checkpoint the VM started from) are
@@ -113,17 +132,15 @@ impl Host {
         let layout = (image.offset, image.size);
         let regions = image.size.div_ceil(REGION_SIZE);
         let tasks = regions.div_ceil(REGIONS_PER_TASK);
-        let file = Arc::new(std::fs::File::open(&image.path).map_err(|e| SailboxError::host("opening the RAM image", e))?);
-        let backend = self.inner.backend.clone();
+        let file = Arc::new(std::fs::File::open(&image.path).map_err(|e| SailboxError::io("opening the RAM image", e))?);
+        let backend = self.rt.backend.clone();
         let mut results = futures::stream::iter(0..tasks)
             .map(|t| {
                 let (file, backend) = (file.clone(), backend.clone());
                 async move {
                     let first = t * REGIONS_PER_TASK;
                     let last = (first + REGIONS_PER_TASK).min(regions);
-                    let read = tokio::task::spawn_blocking(move || read_regions(&file, layout, first..last))
-                        .await
-                        .map_err(|e| SailboxError::Host(e.to_string()))??;
+                    let read = tokio::task::spawn_blocking(move || read_regions(&file, layout, first..last)).await??;
                     let mut out = Vec::with_capacity(read.len());
                     for (r, data) in read {
                         let Some(data) = data else {
@@ -142,7 +159,8 @@ impl Host {
                 }
             })
             .buffered(TASKS_IN_FLIGHT);
-        let mut manifest = Manifest::zeros(image.size).map_err(|e| SailboxError::Host(e.to_string()))?;
+        let mut manifest =
+            Manifest::zeros(image.size).map_err(|source| SailboxError::Manifest { what: "the RAM image".into(), source })?;
         let mut stats = Exported {
             manifest: String::new(),
             regions: 0,
@@ -170,7 +188,7 @@ impl Host {
         }
         let bytes = Bytes::from(manifest.encode());
         let id = ChunkId::of(&bytes);
-        self.inner.backend.put(id, bytes).await?;
+        self.rt.backend.put(id, bytes).await?;
         stats.manifest = id.to_hex();
         Ok(stats)
     }
@@ -180,7 +198,7 @@ impl Host {
 /// `layout` is where guest memory starts in the file and its size.
 fn read_regions(file: &std::fs::File, layout: (u64, u64), regions: std::ops::Range<u64>) -> Result<Vec<(u64, Option<Bytes>)>> {
     let (offset, size) = layout;
-    let io = |e: std::io::Error| SailboxError::host("reading the RAM image", e);
+    let io = |e: std::io::Error| SailboxError::io("reading the RAM image", e);
     let mut out = Vec::with_capacity((regions.end - regions.start) as usize);
     for r in regions {
         let start = r * REGION_SIZE;

@@ -79,7 +79,7 @@ pub struct ImageStore {
     dir: PathBuf,
     kit: Option<GuestKit>,
     debian_mirror: String,
-    locks: Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+    locks: Arc<parking_lot::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 fn image_id(definition: &str) -> String {
@@ -87,12 +87,12 @@ fn image_id(definition: &str) -> String {
 }
 
 fn file_hash(path: &Path) -> Result<String> {
-    let data = std::fs::read(path).map_err(|e| SailboxError::host(format!("reading {}", path.display()), e))?;
+    let data = std::fs::read(path).map_err(|e| SailboxError::io(format!("reading {}", path.display()), e))?;
     Ok(blake3::hash(&data).to_hex().to_string())
 }
 
 fn run(cmd: &mut Command, what: &str) -> Result<()> {
-    let out = cmd.output().map_err(|e| SailboxError::ImageBuild(format!("{what}: cannot run: {e}")))?;
+    let out = cmd.output().map_err(|e| SailboxError::ImageBuildStep { what: format!("{what}: cannot run"), source: e.into() })?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         let tail: Vec<&str> = stderr.lines().rev().take(8).collect();
@@ -115,7 +115,9 @@ impl ImageStore {
     /// The definition of a named image, or `None` for an unknown name.
     fn definition(&self, name: &str) -> Result<Option<String>> {
         let kit = || {
-            self.kit.as_ref().ok_or_else(|| SailboxError::Host("the guest kit is missing: run `bash scripts/setup.sh vm`".into()))
+            self.kit
+                .as_ref()
+                .ok_or_else(|| SailboxError::Setup("the guest kit is missing: run `bash scripts/setup.sh vm`".into()))
         };
         Ok(match name {
             "minimal" => Some(format!("minimal v{BUILDER_VERSION} busybox={}", file_hash(&kit()?.busybox)?)),
@@ -148,7 +150,7 @@ impl ImageStore {
             }
         };
         let lock = {
-            let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+            let mut locks = self.locks.lock();
             locks.entry(id.clone()).or_default().clone()
         };
         let _guard = lock.lock().await;
@@ -187,7 +189,9 @@ impl ImageStore {
             }
             let idx = (r as u64 / per_chunk) as usize;
             let Some(Some(hex)) = image.chunks.get(idx) else { continue };
-            let chunk = hex.parse::<ChunkId>().map_err(|e| SailboxError::Storage(format!("manifest: {e}")))?;
+            let chunk = hex
+                .parse::<ChunkId>()
+                .map_err(|source| SailboxError::BadChunkId { what: format!("image {}", image.id), source })?;
             let offset = start - idx as u64 * image.chunk_size;
             let chunk_len = image.chunk_size.min(image.size - idx as u64 * image.chunk_size);
             let len = region.min(chunk_len.saturating_sub(offset));
@@ -204,13 +208,15 @@ impl ImageStore {
     /// The manifest of a stored image.
     pub fn manifest(&self, id: &str) -> Result<Option<ImageManifest>> {
         let Some(bytes) = self.state.image(id)? else { return Ok(None) };
-        serde_json::from_slice(&bytes).map(Some).map_err(|e| SailboxError::Storage(format!("corrupt manifest {id}: {e}")))
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|source| SailboxError::CorruptRecord { what: format!("image manifest {id}"), source })
     }
 
     async fn build(&self, name: &str, id: &str, definition: &str, progress: &Progress) -> Result<ImageManifest> {
         let work = self.dir.join(format!(".build-{id}"));
         let _ = std::fs::remove_dir_all(&work);
-        std::fs::create_dir_all(&work).map_err(|e| SailboxError::host("creating the build dir", e))?;
+        std::fs::create_dir_all(&work).map_err(|e| SailboxError::io("creating the build dir", e))?;
         let result = self.build_in(name, id, definition, &work, progress).await;
         let _ = std::fs::remove_dir_all(&work);
         result
@@ -238,15 +244,15 @@ impl ImageStore {
             make_ext4(&root2, &image2)
         })
         .await
-        .map_err(|e| SailboxError::ImageBuild(e.to_string()))??;
+        .map_err(|e| SailboxError::ImageBuildStep { what: "the build task".into(), source: e.into() })??;
         progress("storing the image as chunks");
         self.store_chunks(id, name, definition, &image).await
     }
 
     /// Cuts a raw image into chunks, stores those the backend lacks, and records the manifest.
     async fn store_chunks(&self, id: &str, name: &str, definition: &str, image: &Path) -> Result<ImageManifest> {
-        let file = Arc::new(std::fs::File::open(image).map_err(|e| SailboxError::host("opening the image", e))?);
-        let size = file.metadata().map_err(|e| SailboxError::host("stat image", e))?.len();
+        let file = Arc::new(std::fs::File::open(image).map_err(|e| SailboxError::io("opening the image", e))?);
+        let size = file.metadata().map_err(|e| SailboxError::io("stat image", e))?.len();
         let count = size.div_ceil(IMAGE_CHUNK);
         let backend = self.backend.clone();
         let chunks: Vec<Result<Option<String>>> = futures::stream::iter(0..count)
@@ -258,9 +264,8 @@ impl ImageStore {
                         let mut buf = vec![0u8; len];
                         file.read_exact_at(&mut buf, i * IMAGE_CHUNK).map(|_| buf)
                     })
-                    .await
-                    .map_err(|e| SailboxError::Host(e.to_string()))?
-                    .map_err(|e| SailboxError::host("reading the image", e))?;
+                    .await?
+                    .map_err(|e| SailboxError::io("reading the image", e))?;
                     if data.iter().all(|&b| b == 0) {
                         return Ok(None);
                     }
@@ -283,9 +288,10 @@ impl ImageStore {
             size,
             chunk_size: IMAGE_CHUNK,
             chunks,
-            created_unix_ms: crate::now_ms(),
+            created_unix_ms: sysutil::clock::now_ms(),
         };
-        let json = serde_json::to_vec(&manifest).map_err(|e| SailboxError::Storage(e.to_string()))?;
+        let json = serde_json::to_vec(&manifest)
+            .map_err(|source| SailboxError::Encode { what: format!("image manifest {id}"), source })?;
         // The manifest itself is a chunk too: another host can fetch the image by its id.
         let json = Bytes::from(json);
         self.backend.put(ChunkId::of(&json), json.clone()).await?;
@@ -296,17 +302,17 @@ impl ImageStore {
 
 /// A busybox root: every applet linked, a root user, and the directories a shell expects.
 fn minimal_root(root: &Path, busybox: &Path) -> Result<()> {
-    let mk = |p: &str| std::fs::create_dir_all(root.join(p)).map_err(|e| SailboxError::host(format!("mkdir {p}"), e));
+    let mk = |p: &str| std::fs::create_dir_all(root.join(p)).map_err(|e| SailboxError::io(format!("mkdir {p}"), e));
     for d in ["bin", "sbin", "usr/bin", "usr/sbin", "etc", "root", "tmp", "run", "proc", "sys", "dev", "var/tmp", "home"] {
         mk(d)?;
     }
-    std::fs::copy(busybox, root.join("bin/busybox")).map_err(|e| SailboxError::host("copying busybox", e))?;
+    std::fs::copy(busybox, root.join("bin/busybox")).map_err(|e| SailboxError::io("copying busybox", e))?;
     std::fs::set_permissions(root.join("bin/busybox"), std::fs::Permissions::from_mode(0o755))
-        .map_err(|e| SailboxError::host("chmod busybox", e))?;
+        .map_err(|e| SailboxError::io("chmod busybox", e))?;
     let list = Command::new(busybox)
         .arg("--list-full")
         .output()
-        .map_err(|e| SailboxError::ImageBuild(format!("busybox --list-full: {e}")))?;
+        .map_err(|e| SailboxError::ImageBuildStep { what: "busybox --list-full".into(), source: e.into() })?;
     for applet in String::from_utf8_lossy(&list.stdout).lines() {
         let applet = applet.trim();
         if applet.is_empty() || applet == "bin/busybox" || applet.contains("..") {
@@ -324,11 +330,11 @@ fn minimal_root(root: &Path, busybox: &Path) -> Result<()> {
         ("etc/os-release", "NAME=\"sail minimal\"\nID=sail-minimal\nPRETTY_NAME=\"sail minimal (busybox)\"\n"),
     ];
     for (p, text) in files {
-        std::fs::write(root.join(p), text).map_err(|e| SailboxError::host(format!("writing {p}"), e))?;
+        std::fs::write(root.join(p), text).map_err(|e| SailboxError::io(format!("writing {p}"), e))?;
     }
     for p in ["tmp", "var/tmp"] {
         std::fs::set_permissions(root.join(p), std::fs::Permissions::from_mode(0o1777))
-            .map_err(|e| SailboxError::host("chmod", e))?;
+            .map_err(|e| SailboxError::io("chmod", e))?;
     }
     Ok(())
 }
@@ -353,8 +359,8 @@ fn debian_root(root: &Path, mirror: &str) -> Result<()> {
             }
         }
     }
-    std::fs::write(root.join("etc/hostname"), "sailbox\n").map_err(|e| SailboxError::host("hostname", e))?;
-    std::fs::write(root.join("etc/hosts"), "127.0.0.1 localhost\n::1 localhost\n").map_err(|e| SailboxError::host("hosts", e))?;
+    std::fs::write(root.join("etc/hostname"), "sailbox\n").map_err(|e| SailboxError::io("hostname", e))?;
+    std::fs::write(root.join("etc/hosts"), "127.0.0.1 localhost\n::1 localhost\n").map_err(|e| SailboxError::io("hosts", e))?;
     Ok(())
 }
 

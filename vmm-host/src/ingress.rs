@@ -2,9 +2,14 @@
 //! stream to the guest agent (over the sailbox's single agent connection), which connects it
 //! to the port on the guest's loopback. A listener's route status is whether something in
 //! the guest accepts on the port.
+//!
+//! [`Ingress`] is the part of a host that owns the listeners' accept loops (as tasks of their
+//! sailbox). A connection to a sleeping sailbox wakes it through the host's snapshots part,
+//! which [`Ingress::set_waker`] hands it once both exist (the snapshots part starts VMs
+//! whose listeners this part binds).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use proto::sailbox as pb;
@@ -13,70 +18,97 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_stream::StreamExt;
 
 use crate::error::{Result, SailboxError};
-use crate::host::{Host, Live, Vm};
 use crate::model::{ListenerRecord, State};
+use crate::runtime::{Live, Runtime, Vm};
+use crate::snapshot::Snapshots;
 
 /// How long one route probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Binds a listener for each port (re-using the host ports in `previous` where possible,
-/// so URLs survive a vmm-host restart) and starts forwarding.
-pub(crate) async fn bind_all(
-    host: &Host,
-    live: &Arc<Live>,
-    ports: &[u32],
-    previous: &[ListenerRecord],
-) -> Result<Vec<ListenerRecord>> {
-    let addr = host.inner.config.ingress_addr;
-    let mut out = Vec::new();
-    for &port in ports {
-        let wanted = previous.iter().find(|l| l.port == port).map(|l| l.host_port).unwrap_or(0);
-        let listener = match TcpListener::bind(SocketAddr::new(addr, wanted)).await {
-            Ok(l) => l,
-            Err(_) if wanted != 0 => TcpListener::bind(SocketAddr::new(addr, 0))
-                .await
-                .map_err(|e| SailboxError::host(format!("binding a listener for port {port}"), e))?,
-            Err(e) => return Err(SailboxError::host(format!("binding a listener for port {port}"), e)),
-        };
-        let host_port = listener.local_addr().map_err(|e| SailboxError::host("listener address", e))?.port();
-        let weak = Arc::downgrade(live);
-        let host = host.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let (conn, peer) = match listener.accept().await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        // Out of descriptors, usually: back off instead of spinning.
-                        tracing::warn!(port, error = %e, "ingress accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let Some(live) = weak.upgrade() else { return };
-                let host = host.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = serve_conn(&host, &live, conn, port).await {
-                        tracing::debug!(sailbox = %live.id(), port, %peer, error = %e, "ingress connection failed");
-                    }
-                });
-            }
-        });
-        live.push_task(task);
-        out.push(ListenerRecord { port, host_port });
-    }
-    Ok(out)
+/// The ingress listeners of a host.
+pub(crate) struct Ingress {
+    rt: Arc<Runtime>,
+    /// Wakes sleeping sailboxes on a connection (set once the host's parts exist).
+    waker: OnceLock<Weak<Snapshots>>,
 }
 
-/// One ingress connection: to a running sailbox it is forwarded; a sleeping one is woken
-/// first (the connection waits, then is served); to a paused one it is closed.
-async fn serve_conn(host: &Host, live: &Arc<Live>, conn: TcpStream, port: u32) -> std::result::Result<(), String> {
-    let state = live.snapshot().state;
-    if state == State::Sleeping {
-        host.wake(live, "an ingress connection").await.map_err(|e| e.to_string())?;
+impl Ingress {
+    pub(crate) fn new(rt: Arc<Runtime>) -> Self {
+        Self { rt, waker: OnceLock::new() }
     }
-    match (live.snapshot().state, live.vm()) {
-        (State::Running, Some(vm)) => forward(&vm, conn, port).await,
-        (state, _) => Err(format!("sailbox is {state:?}: connection closed")),
+
+    /// Sets the part that wakes sleeping sailboxes (once).
+    pub(crate) fn set_waker(&self, snapshots: Weak<Snapshots>) {
+        let _ = self.waker.set(snapshots);
+    }
+
+    /// Binds a listener for each port (re-using the host ports in `previous` where possible,
+    /// so URLs survive a vmm-host restart) and starts forwarding.
+    pub(crate) async fn bind_all(
+        self: &Arc<Self>,
+        live: &Arc<Live>,
+        ports: &[u32],
+        previous: &[ListenerRecord],
+    ) -> Result<Vec<ListenerRecord>> {
+        let mut out = Vec::new();
+        for &port in ports {
+            let wanted = previous.iter().find(|l| l.port == port).map(|l| l.host_port).unwrap_or(0);
+            let listener = self.bind(port, wanted).await?;
+            let host_port = listener.local_addr().map_err(|e| SailboxError::io("listener address", e))?.port();
+            let ingress = self.clone();
+            let weak = Arc::downgrade(live);
+            live.push_task(tokio::spawn(async move { ingress.accept_loop(listener, weak, port).await }));
+            out.push(ListenerRecord { port, host_port });
+        }
+        Ok(out)
+    }
+
+    /// A listener for guest port `port` on host port `wanted` (any free one if it is taken
+    /// or 0).
+    async fn bind(&self, port: u32, wanted: u16) -> Result<TcpListener> {
+        let addr = self.rt.config.ingress_addr;
+        let failed = |e| SailboxError::io(format!("binding a listener for port {port}"), e);
+        match TcpListener::bind(SocketAddr::new(addr, wanted)).await {
+            Ok(l) => Ok(l),
+            Err(_) if wanted != 0 => TcpListener::bind(SocketAddr::new(addr, 0)).await.map_err(failed),
+            Err(e) => Err(failed(e)),
+        }
+    }
+
+    /// Accepts connections for the sailbox until it is gone.
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener, live: Weak<Live>, port: u32) {
+        loop {
+            let (conn, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of descriptors, usually: back off instead of spinning.
+                    tracing::warn!(port, error = %e, "ingress accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Some(live) = live.upgrade() else { return };
+            let ingress = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = ingress.serve_conn(&live, conn, port).await {
+                    tracing::debug!(sailbox = %live.id(), port, %peer, error = %e, "ingress connection failed");
+                }
+            });
+        }
+    }
+
+    /// One ingress connection: to a running sailbox it is forwarded; a sleeping one is woken
+    /// first (the connection waits, then is served); to a paused one it is closed.
+    async fn serve_conn(&self, live: &Arc<Live>, conn: TcpStream, port: u32) -> std::result::Result<(), String> {
+        let state = live.snapshot().state;
+        if state == State::Sleeping {
+            let snapshots = self.waker.get().and_then(Weak::upgrade).ok_or("vmm-host is stopping")?;
+            snapshots.wake(live, "an ingress connection").await.map_err(|e| e.to_string())?;
+        }
+        match (live.snapshot().state, live.vm()) {
+            (State::Running, Some(vm)) => forward(&vm, conn, port).await,
+            (state, _) => Err(format!("sailbox is {state:?}: connection closed")),
+        }
     }
 }
 
@@ -120,13 +152,13 @@ async fn forward(vm: &Vm, conn: TcpStream, port: u32) -> std::result::Result<(),
     result
 }
 
-impl Host {
+impl Ingress {
     /// The sailbox's listeners with their route status; with a port and `wait`, waits until
     /// that port routes (or the wait ends: then it is reported unrouted).
-    pub async fn listeners(&self, id: &str, port: u32, wait: Option<Duration>) -> Result<Vec<pb::Listener>> {
-        let live = self.held(id)?;
+    pub(crate) async fn listeners(&self, id: &str, port: u32, wait: Option<Duration>) -> Result<Vec<pb::Listener>> {
+        let live = self.rt.held(id)?;
         let rec = live.snapshot();
-        let mut listeners: Vec<pb::Listener> = self.to_proto(&rec).listeners;
+        let mut listeners: Vec<pb::Listener> = self.rt.to_proto(&rec).listeners;
         if port != 0 {
             listeners.retain(|l| l.port == port);
             if listeners.is_empty() {

@@ -29,6 +29,7 @@ pub mod link;
 pub mod model;
 pub mod procs;
 mod recover;
+mod runtime;
 pub mod service;
 mod snapshot;
 pub mod store;
@@ -37,13 +38,3 @@ pub mod vmfiles;
 pub use error::{Result, SailboxError};
 pub use host::{Host, HostConfig};
 pub use service::GrpcSailboxes;
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
-/// This machine's hostname.
-pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_owned()).unwrap_or_else(|_| "localhost".into())
-}

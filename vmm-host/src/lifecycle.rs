@@ -1,4 +1,8 @@
 //! Creating sailboxes, starting and stopping their VMs, and ending them.
+//!
+//! [`Lifecycle`] is the part of a host that does it. It calls the fork memory part (a VM
+//! started from a checkpoint maps its view; a stopped one unmaps it), the ingress part (a
+//! new sailbox's listeners) and the exec part (an ending sailbox fails its active request).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -8,10 +12,14 @@ use tracing::Instrument;
 
 use crate::agent_client::AgentClient;
 use crate::error::{Result, SailboxError};
-use crate::host::{Host, Live, Vm, console_tail, random_id};
+use crate::exec::Execs;
+use crate::forkmem::ForkMemory;
 use crate::hypervisor::{DeviceState, Incoming};
+use crate::ingress::Ingress;
 use crate::model::{self, CheckpointRecord, ExecStatus, SailboxRecord, State};
-use crate::now_ms;
+use crate::runtime::{Live, Runtime, Vm, console_tail, random_id};
+use crate::vmfiles::VmFiles;
+use sysutil::clock::now_ms;
 
 /// What a VM starts from.
 pub(crate) enum Start<'a> {
@@ -52,19 +60,31 @@ pub(crate) fn hostname_for(rec: &SailboxRecord) -> String {
     if rec.name.is_empty() { rec.id.clone() } else { rec.name.replace(['.', '_'], "-") }
 }
 
-impl Host {
+/// Creates sailboxes, starts and stops their VMs, ends them.
+pub(crate) struct Lifecycle {
+    rt: Arc<Runtime>,
+    memory: Arc<ForkMemory>,
+    execs: Arc<Execs>,
+    ingress: Arc<Ingress>,
+}
+
+impl Lifecycle {
+    pub(crate) fn new(rt: Arc<Runtime>, memory: Arc<ForkMemory>, execs: Arc<Execs>, ingress: Arc<Ingress>) -> Self {
+        Self { rt, memory, execs, ingress }
+    }
+
     /// Creates a sailbox and returns once its agent answers.
-    pub async fn create(&self, req: pb::CreateSailboxRequest) -> Result<pb::Sailbox> {
+    pub(crate) async fn create(self: &Arc<Self>, req: pb::CreateSailboxRequest) -> Result<pb::Sailbox> {
         let spec = model::validate_create(&req, "default")?;
         if !spec.volumes.is_empty() {
             return Err(SailboxError::Creation("mounting volumes inside sailboxes is not supported by this vmm-host yet".into()));
         }
-        self.hypervisor()?;
-        let initramfs = self.initramfs().await?;
-        let image = self.ensure_image(&spec.image, Arc::new(|m: &str| tracing::info!("{m}"))).await?;
-        let disk_manifest = self.inner.images.disk_manifest(&image.manifest, u64::from(spec.disk_gib) << 30).await?;
+        let hypervisor = self.rt.hypervisor()?;
+        let initramfs = self.rt.initramfs().await?;
+        let image = self.rt.ensure_image(&spec.image, Arc::new(|m: &str| tracing::info!("{m}"))).await?;
+        let disk_manifest = self.rt.images.disk_manifest(&image.manifest, u64::from(spec.disk_gib) << 30).await?;
         self.check_name_free(&spec.app, &spec.name)?;
-        self.inner.state.ensure_app(&spec.app)?;
+        self.rt.state.ensure_app(&spec.app)?;
         let rec = SailboxRecord {
             id: random_id("sb"),
             app: spec.app.clone(),
@@ -77,8 +97,8 @@ impl Host {
             volumes: spec.volumes.clone(),
             guest_schema_version: initramfs.agent.guest_schema_version,
             agent_version: initramfs.agent.agent_version.clone(),
-            hypervisor: self.hypervisor()?.name().to_owned(),
-            accelerator: self.inner.accel.accel.as_str().to_owned(),
+            hypervisor: hypervisor.name().to_owned(),
+            accelerator: self.rt.accel.accel.as_str().to_owned(),
             ports: spec.ports.clone(),
             ..SailboxRecord::creating()
         };
@@ -90,7 +110,7 @@ impl Host {
         if name.is_empty() {
             return Ok(());
         }
-        let taken = self.inner.state.sailboxes()?.into_iter().any(|r| !r.state.is_final() && r.app == app && r.name == name);
+        let taken = self.rt.state.sailboxes()?.into_iter().any(|r| !r.state.is_final() && r.app == app && r.name == name);
         if taken {
             return Err(SailboxError::InvalidConfig(format!("app {app} already has a sailbox named {name}")));
         }
@@ -99,46 +119,26 @@ impl Host {
 
     /// Records a new sailbox as creating, starts its VM and listeners; on failure cleans up
     /// and records it terminated with the reason.
-    pub(crate) async fn bring_up(&self, rec: SailboxRecord, start: Start<'_>, greeting: Greeting) -> Result<pb::Sailbox> {
-        let id = rec.id.clone();
-        let span = tracing::info_span!("sailbox", sailbox = %id, app = %rec.app);
+    pub(crate) async fn bring_up(
+        self: &Arc<Self>,
+        rec: SailboxRecord,
+        start: Start<'_>,
+        greeting: Greeting,
+    ) -> Result<pb::Sailbox> {
+        let span = tracing::info_span!("sailbox", sailbox = %rec.id, app = %rec.app);
         async {
-            self.inner.state.put_sailbox(&rec)?;
-            let live = Live::new(rec.clone());
-            let ports = rec.ports.clone();
-            let started = async {
-                self.start_vm(&live, start, greeting).await?;
-                let listeners = crate::ingress::bind_all(self, &live, &ports, &[]).await?;
-                let rec = live.update(|r| {
-                    r.listeners = listeners;
-                    r.state = State::Running;
-                });
-                self.inner.state.put_sailbox(&rec)?;
-                Ok::<_, SailboxError>(rec)
-            }
-            .await;
-            match started {
+            self.rt.state.put_sailbox(&rec)?;
+            let live = Live::new(rec);
+            match self.start_new(&live, start, greeting).await {
                 Ok(rec) => {
-                    self.add_live(&live);
+                    self.rt.add_live(&live);
                     tracing::info!(boot_ms = rec.boot_ms, "sailbox running");
-                    Ok(self.to_proto(&rec))
+                    Ok(self.rt.to_proto(&rec))
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "start failed; cleaning up");
-                    self.stop_vm(&live).await;
-                    live.abort_tasks();
-                    let _ = self.inner.files.remove(&id).await;
-                    let _ = std::fs::remove_dir_all(self.run_dir(&id));
-                    let failed = live.update(|r| {
-                        r.state = State::Terminated;
-                        r.state_reason = format!("creation failed: {e}");
-                        r.procs.clear();
-                    });
-                    self.inner.state.put_sailbox(&failed)?;
-                    Err(match e {
-                        e @ (SailboxError::InvalidConfig(_) | SailboxError::Creation(_)) => e,
-                        other => SailboxError::Creation(other.to_string()),
-                    })
+                    self.discard(&live, &e).await?;
+                    Err(if e.is_creation() { e } else { SailboxError::CreationFailed(Box::new(e)) })
                 }
             }
         }
@@ -146,68 +146,90 @@ impl Host {
         .await
     }
 
-    /// Starts the sailbox's VM from `start` and waits for its agent. The record's state is
-    /// left to the caller; its processes, versions and boot time are updated and stored.
-    pub(crate) async fn start_vm(&self, live: &Arc<Live>, start: Start<'_>, greeting: Greeting) -> Result<Arc<Vm>> {
-        let hypervisor = self.hypervisor()?;
-        let initramfs = self.initramfs().await?;
+    /// Starts a new sailbox's VM and listeners and records it running.
+    async fn start_new(self: &Arc<Self>, live: &Arc<Live>, start: Start<'_>, greeting: Greeting) -> Result<SailboxRecord> {
+        let ports = live.snapshot().ports;
+        self.start_vm(live, start, greeting).await?;
+        let listeners = self.ingress.bind_all(live, &ports, &[]).await?;
+        let rec = live.update(|r| {
+            r.listeners = listeners;
+            r.state = State::Running;
+        });
+        self.rt.state.put_sailbox(&rec)?;
+        Ok(rec)
+    }
+
+    /// Tears down a sailbox whose start failed with `e` and records it terminated.
+    async fn discard(&self, live: &Arc<Live>, e: &SailboxError) -> Result<()> {
+        let id = live.id();
+        self.stop_vm(live).await;
+        live.abort_tasks();
+        let _ = self.rt.files.remove(&id).await;
+        let _ = std::fs::remove_dir_all(self.rt.run_dir(&id));
+        let failed = live.update(|r| {
+            r.state = State::Terminated;
+            r.state_reason = format!("creation failed: {e}");
+            r.procs.clear();
+        });
+        self.rt.state.put_sailbox(&failed)
+    }
+
+    /// Makes the sailbox's memory and disk files for `start`; returns the device state to
+    /// load, if it starts from one.
+    async fn prepare_files(&self, live: &Arc<Live>, start: &Start<'_>, dir: &std::path::Path) -> Result<Option<Incoming>> {
         let rec = live.snapshot();
-        let dir = self.run_dir(&rec.id);
-        std::fs::create_dir_all(&dir).map_err(|e| SailboxError::host("creating the run dir", e))?;
-        let files = &self.inner.files;
-        let incoming = match &start {
+        let files = &self.rt.files;
+        let memory_bytes = u64::from(rec.memory_mib) << 20;
+        match start {
             Start::Boot { disk_manifest: Some(disk) } => {
-                files.create_fresh(&rec.id, u64::from(rec.memory_mib) << 20, disk).await?;
-                None
+                files.create_fresh(&rec.id, memory_bytes, disk).await?;
+                Ok(None)
             }
             Start::Boot { disk_manifest: None } => {
                 // Same disk, fresh memory.
-                files.remove_name(&crate::vmfiles::VmFiles::memory_name(&rec.id)).await?;
-                files.create_memory(&rec.id, u64::from(rec.memory_mib) << 20).await?;
-                None
+                files.remove_name(&VmFiles::memory_name(&rec.id)).await?;
+                files.create_memory(&rec.id, memory_bytes).await?;
+                Ok(None)
             }
             Start::CheckpointDisk { record, .. } => {
-                files
-                    .create_from(&rec.id, &zero_manifest(self, u64::from(rec.memory_mib) << 20).await?, &record.disk_manifest)
-                    .await?;
-                None
+                files.create_from(&rec.id, &self.zero_manifest(memory_bytes).await?, &record.disk_manifest).await?;
+                Ok(None)
             }
-            Start::Checkpoint { id, record } | Start::Fork { id, record } => {
-                if matches!(start, Start::Fork { .. }) {
-                    files.create_disk(&rec.id, &record.disk_manifest).await?;
-                    self.map_view(live, id, &record.memory_manifest).await?;
-                } else {
-                    let reuse = rec.files_at.as_deref() == Some(*id) && files.exist(&rec.id, None).await;
-                    if !reuse {
-                        files.create_from(&rec.id, &record.memory_manifest, &record.disk_manifest).await?;
-                    }
+            Start::Fork { id, record } => {
+                files.create_disk(&rec.id, &record.disk_manifest).await?;
+                self.memory.map_view(live, id, &record.memory_manifest).await?;
+                Ok(Some(self.device_state_file(dir, record).await?))
+            }
+            Start::Checkpoint { id, record } => {
+                let reuse = rec.files_at.as_deref() == Some(*id) && files.exist(&rec.id, None).await;
+                if !reuse {
+                    files.create_from(&rec.id, &record.memory_manifest, &record.disk_manifest).await?;
                 }
-                Some(self.device_state_file(&dir, record).await?)
+                Ok(Some(self.device_state_file(dir, record).await?))
             }
-        };
+        }
+    }
+
+    /// Starts the sailbox's VM from `start` and waits for its agent. The record's state is
+    /// left to the caller; its processes, versions and boot time are updated and stored.
+    pub(crate) async fn start_vm(self: &Arc<Self>, live: &Arc<Live>, start: Start<'_>, greeting: Greeting) -> Result<Arc<Vm>> {
+        let hypervisor = self.rt.hypervisor()?;
+        let initramfs = self.rt.initramfs().await?;
+        let dir = self.rt.run_dir(&live.id());
+        std::fs::create_dir_all(&dir).map_err(|e| SailboxError::io("creating the run dir", e))?;
+        let incoming = self.prepare_files(live, &start, &dir).await?;
         // From here the files diverge from any checkpoint.
         let rec = live.update(|r| r.files_at = None);
-        self.inner.state.put_sailbox(&rec)?;
-        let spec = self.vm_spec(&rec, &initramfs.path, incoming)?;
+        self.rt.state.put_sailbox(&rec)?;
+        let spec = self.rt.vm_spec(&rec, &initramfs.path, incoming)?;
         let started = Instant::now();
-        let agent = AgentClient::for_boot(&spec.link, self.inner.config.boot_timeout);
+        let agent = AgentClient::for_boot(&spec.link, self.rt.config.boot_timeout);
         let handle = hypervisor.launch(spec).await?;
         let rec = live.update(|r| r.procs = handle.procs().to_vec());
-        self.inner.state.put_sailbox(&rec)?;
+        self.rt.state.put_sailbox(&rec)?;
         let vm = Arc::new(Vm::new(handle, agent));
         live.set_vm(Some(vm.clone()));
-        let outcome = async {
-            if vm.spec().incoming.is_some() {
-                vm.handle.resume().await?;
-            }
-            let deadline = Instant::now() + self.inner.config.boot_timeout;
-            vm.agent
-                .wait_ready(greeting.request(), deadline, || vm.handle.alive())
-                .await
-                .map_err(|why| SailboxError::Creation(format!("{why}; console: {}", console_tail(&vm.spec().dir))))
-        }
-        .await;
-        let hello = match outcome {
+        let hello = match self.greet(&vm, &greeting).await {
             Ok(h) => h,
             Err(e) => {
                 self.stop_vm(live).await;
@@ -220,39 +242,54 @@ impl Host {
             r.guest_schema_version = hello.guest_schema_version;
             r.agent_version = hello.agent_version.clone();
         });
-        self.inner.state.put_sailbox(&rec)?;
+        self.rt.state.put_sailbox(&rec)?;
         self.watch_vmm(live, &vm);
         Ok(vm)
+    }
+
+    /// Lets a launched VM run (one loading device state starts stopped) and waits for its
+    /// agent's first answer.
+    async fn greet(&self, vm: &Arc<Vm>, greeting: &Greeting) -> Result<proto::agent::HelloResponse> {
+        if vm.spec().incoming.is_some() {
+            vm.handle.resume().await?;
+        }
+        let deadline = Instant::now() + self.rt.config.boot_timeout;
+        vm.agent
+            .wait_ready(greeting.request(), deadline, || vm.handle.alive())
+            .await
+            .map_err(|why| SailboxError::Creation(format!("{why}; console: {}", console_tail(&vm.spec().dir))))
     }
 
     /// Kills the sailbox's VM (if any) and waits until it is gone. Its files stay.
     pub(crate) async fn stop_vm(&self, live: &Arc<Live>) {
         if let Some(vm) = live.set_vm(None) {
             vm.mark_stopping();
-            if let Some(w) = vm.watcher.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            if let Some(w) = vm.watcher.lock().take() {
                 w.abort();
             }
             vm.handle.kill().await;
             let rec = live.update(|r| r.procs.clear());
-            let _ = self.inner.state.put_sailbox(&rec);
+            self.rt.put_quietly(&rec);
         }
         // Also when the VM never started (a fork whose launch failed maps no view any more).
-        self.unmap_view(live).await;
+        self.memory.unmap_view(live).await;
     }
 
     /// Writes a checkpoint's device state to the run directory `dir` as the VMM loads it.
     async fn device_state_file(&self, dir: &std::path::Path, record: &CheckpointRecord) -> Result<Incoming> {
-        let chunk =
-            record.device_state.parse::<chunkstore::ChunkId>().map_err(|e| SailboxError::Storage(format!("checkpoint: {e}")))?;
-        let bytes = self.inner.backend.get(chunk).await?;
+        let chunk = record
+            .device_state
+            .parse::<chunkstore::ChunkId>()
+            .map_err(|source| SailboxError::BadChunkId { what: "checkpoint: device state".into(), source })?;
+        let bytes = self.rt.backend.get(chunk).await?;
         let state = DeviceState { bytes: bytes.to_vec(), format: record.device_state_format };
-        self.hypervisor()?.stage_device_state(&state, &dir.join("devstate"))
+        self.rt.hypervisor()?.stage_device_state(&state, &dir.join("devstate"))
     }
 
     /// Watches the VMM process: an exit vmm-host did not ask for restarts the sailbox from
     /// its last checkpoint (commands after it are not replayed), or marks it lost.
-    pub(crate) fn watch_vmm(&self, live: &Arc<Live>, vm: &Arc<Vm>) {
-        let host = self.clone();
+    pub(crate) fn watch_vmm(self: &Arc<Self>, live: &Arc<Live>, vm: &Arc<Vm>) {
+        let lifecycle = self.clone();
         let exited = vm.handle.exited();
         let (weak_live, weak_vm) = (Arc::downgrade(live), Arc::downgrade(vm));
         let task = tokio::spawn(async move {
@@ -267,20 +304,20 @@ impl Host {
             }
             let reason = format!("the VMM exited unexpectedly; console: {}", console_tail(&vm.spec().dir));
             tracing::warn!(sailbox = %live.id(), %reason, "VMM gone");
-            host.stop_vm(&live).await;
-            if let Err(e) = host.restart_or_lose(&live, &reason).await {
+            lifecycle.stop_vm(&live).await;
+            if let Err(e) = lifecycle.restart_or_lose(&live, &reason).await {
                 tracing::error!(error = %e, "recording a lost sailbox failed");
             }
         });
-        *vm.watcher.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+        *vm.watcher.lock() = Some(task);
     }
 
     /// After its VM died: start the sailbox again from its last checkpoint, or, without
     /// one, record it lost. The caller holds the op lock.
-    pub(crate) async fn restart_or_lose(&self, live: &Arc<Live>, reason: &str) -> Result<()> {
+    pub(crate) async fn restart_or_lose(self: &Arc<Self>, live: &Arc<Live>, reason: &str) -> Result<()> {
         let rec = live.snapshot();
         if let Some(ck_id) = rec.last_checkpoint.clone()
-            && let Ok(ck) = self.load_checkpoint(&ck_id).await
+            && let Ok(ck) = self.rt.load_checkpoint(&ck_id).await
         {
             match self.start_vm(live, Start::Checkpoint { id: &ck_id, record: &ck }, Greeting::plain()).await {
                 Ok(_) => {
@@ -288,7 +325,7 @@ impl Host {
                         r.state = State::Running;
                         r.state_reason = format!("restored from checkpoint {ck_id} ({reason})");
                     });
-                    self.inner.state.put_sailbox(&rec)?;
+                    self.rt.state.put_sailbox(&rec)?;
                     tracing::warn!(sailbox = %rec.id, checkpoint = %ck_id, "restored from the last checkpoint");
                     return Ok(());
                 }
@@ -308,36 +345,36 @@ impl Host {
             r.active_exec = None;
         });
         let exec_status = if state == State::Lost { ExecStatus::Lost(reason.to_owned()) } else { ExecStatus::Terminated };
-        self.inner.execs.fail_active(self, &before, exec_status)?;
-        self.inner.state.put_sailbox(&rec)?;
+        self.execs.fail_active(&before, exec_status)?;
+        self.rt.state.put_sailbox(&rec)?;
         live.abort_tasks();
-        self.drop_live(&rec.id);
+        self.rt.drop_live(&rec.id);
         self.stop_vm(live).await;
-        let _ = self.inner.files.remove(&rec.id).await;
-        let _ = std::fs::remove_dir_all(self.run_dir(&rec.id));
+        let _ = self.rt.files.remove(&rec.id).await;
+        let _ = std::fs::remove_dir_all(self.rt.run_dir(&rec.id));
         Ok(live.snapshot())
     }
 
     /// Terminates a sailbox for good (idempotent).
-    pub async fn terminate(&self, id: &str) -> Result<pb::Sailbox> {
-        let Some(live) = self.live(id) else {
-            return Ok(self.to_proto(&self.record(id)?));
+    pub(crate) async fn terminate(&self, id: &str) -> Result<pb::Sailbox> {
+        let Some(live) = self.rt.live(id) else {
+            return Ok(self.rt.to_proto(&self.rt.record(id)?));
         };
         let _op = live.op.lock().await;
         if live.snapshot().state.is_final() {
-            return Ok(self.to_proto(&live.snapshot()));
+            return Ok(self.rt.to_proto(&live.snapshot()));
         }
         let rec = self.finish(&live, State::Terminated, "terminated").await?;
         tracing::info!(sailbox = %id, "terminated");
-        Ok(self.to_proto(&rec))
+        Ok(self.rt.to_proto(&rec))
     }
-}
 
-/// A stored all-zero memory manifest of `size` bytes.
-async fn zero_manifest(host: &Host, size: u64) -> Result<String> {
-    let m = cowfs::Manifest::zeros(size).map_err(|e| SailboxError::Host(e.to_string()))?;
-    let bytes = bytes::Bytes::from(m.encode());
-    let id = chunkstore::ChunkId::of(&bytes);
-    host.inner.backend.put(id, bytes).await?;
-    Ok(id.to_hex())
+    /// A stored all-zero memory manifest of `size` bytes.
+    async fn zero_manifest(&self, size: u64) -> Result<String> {
+        let m = cowfs::Manifest::zeros(size).map_err(|source| SailboxError::Manifest { what: "zeroed memory".into(), source })?;
+        let bytes = bytes::Bytes::from(m.encode());
+        let id = chunkstore::ChunkId::of(&bytes);
+        self.rt.backend.put(id, bytes).await?;
+        Ok(id.to_hex())
+    }
 }

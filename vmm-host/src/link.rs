@@ -16,9 +16,6 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
-/// The guest agent's vsock port (hybrid vsock links).
-pub const AGENT_VSOCK_PORT: u32 = 10000;
-
 /// Longest handshake reply line accepted.
 const MAX_REPLY: usize = 256;
 /// Most bytes skipped while looking for a serial handshake reply.
@@ -178,7 +175,7 @@ mod tests {
                 s.get_mut().write_all(answer.as_bytes()).await.unwrap();
             }
         });
-        let link = GuestLink::HybridVsock(vsock, AGENT_VSOCK_PORT);
+        let link = GuestLink::HybridVsock(vsock, proto::agent::VSOCK_PORT);
         let mut s = link.connect(Duration::from_secs(5)).await.unwrap();
         s.read_exact(&mut data).await.unwrap();
         assert_eq!(&data, b"DATA");

@@ -15,7 +15,7 @@ pub const DISK_GIB: std::ops::RangeInclusive<u32> = 1..=64;
 /// Largest `cpu`.
 pub const MAX_CPU: f64 = 64.0;
 /// Ingress ports that are never allowed (SSH and the agent's own port).
-pub const RESERVED_PORTS: [u32; 2] = [22, 10000];
+pub const RESERVED_PORTS: [u32; 2] = [22, proto::agent::VSOCK_PORT];
 /// Most ingress ports per sailbox.
 pub const MAX_PORTS: usize = 64;
 /// Longest app or sailbox name.
@@ -187,7 +187,7 @@ impl SailboxRecord {
             disk_gib: 0,
             listeners: Vec::new(),
             volumes: BTreeMap::new(),
-            created_unix_ms: crate::now_ms(),
+            created_unix_ms: sysutil::clock::now_ms(),
             guest_schema_version: 0,
             agent_version: String::new(),
             hypervisor: String::new(),

@@ -19,8 +19,8 @@ pub fn spawn(mut cmd: Command, log: &Path) -> Result<ProcRef> {
         .create(true)
         .append(true)
         .open(log)
-        .map_err(|e| SailboxError::host(format!("opening {}", log.display()), e))?;
-    let err = out.try_clone().map_err(|e| SailboxError::host("dup log", e))?;
+        .map_err(|e| SailboxError::io(format!("opening {}", log.display()), e))?;
+    let err = out.try_clone().map_err(|e| SailboxError::io("dup log", e))?;
     cmd.stdin(Stdio::null()).stdout(out).stderr(err);
     // SAFETY: setsid is async-signal-safe and the closure touches nothing else.
     unsafe {
@@ -32,14 +32,14 @@ pub fn spawn(mut cmd: Command, log: &Path) -> Result<ProcRef> {
         });
     }
     let program = cmd.get_program().to_string_lossy().into_owned();
-    let mut child = cmd.spawn().map_err(|e| SailboxError::host(format!("starting {program}"), e))?;
+    let mut child = cmd.spawn().map_err(|e| SailboxError::io(format!("starting {program}"), e))?;
     let pid = child.id();
     std::thread::Builder::new()
         .name(format!("reap-{pid}"))
         .spawn(move || {
             let _ = child.wait();
         })
-        .map_err(|e| SailboxError::host("reaper thread", e))?;
+        .map_err(|e| SailboxError::io("reaper thread", e))?;
     let start_ticks = start_ticks(pid).unwrap_or(0);
     Ok(ProcRef { pid, start_ticks })
 }

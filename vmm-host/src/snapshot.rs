@@ -13,6 +13,10 @@
 //! see `forkmem`), which no cowfs file tracks: its checkpoints save all of memory live with
 //! QEMU's mapped-ram (the guest stops only for the last pass) and upload the regions the
 //! store lacks. Woken from its own checkpoint, it has its own memory file again.
+//!
+//! [`Snapshots`] is the part of a host that does all of this. It calls the lifecycle part to
+//! stop and start VMs (and to bring up forks and restores as new sailboxes) and the fork
+//! memory part to store the RAM image of a VM on a private mapping.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -24,11 +28,12 @@ use proto::sailbox as pb;
 use cowfs::Exported;
 
 use crate::error::{Result, SailboxError};
-use crate::host::{Host, Live, Vm, random_id};
+use crate::forkmem::ForkMemory;
 use crate::hypervisor::DeviceState;
-use crate::lifecycle::{Greeting, Start, hostname_for};
+use crate::lifecycle::{Greeting, Lifecycle, Start, hostname_for};
 use crate::model::{CheckpointRecord, SailboxRecord, State};
-use crate::now_ms;
+use crate::runtime::{Live, Runtime, Vm, not_running, random_id};
+use sysutil::clock::now_ms;
 
 /// Agents older than this are upgraded at their next wake instead of resumed.
 pub const MIN_RESUMABLE_SCHEMA: u32 = 1;
@@ -61,31 +66,26 @@ fn ck_id(chunk: ChunkId) -> String {
 fn creation(e: SailboxError) -> SailboxError {
     match e {
         e @ (SailboxError::Creation(_)
+        | SailboxError::CreationFailed(_)
+        | SailboxError::CheckpointFailed(_)
+        | SailboxError::Unavailable(_)
         | SailboxError::InvalidArgument(_)
         | SailboxError::Terminated(_)
         | SailboxError::WorkerLost { .. }) => e,
-        other => SailboxError::Creation(format!("checkpoint failed: {other}")),
+        other => SailboxError::CheckpointFailed(Box::new(other)),
     }
 }
 
-impl Host {
-    /// Loads a checkpoint record by id: from the state store, else from the chunk store (a
-    /// checkpoint made by another host sharing it).
-    pub(crate) async fn load_checkpoint(&self, id: &str) -> Result<CheckpointRecord> {
-        if let Some(rec) = self.inner.state.checkpoint(id)? {
-            return Ok(rec);
-        }
-        let hex = id.strip_prefix("ck-").ok_or_else(|| SailboxError::invalid(format!("{id:?} is not a checkpoint id")))?;
-        let chunk: ChunkId = hex.parse().map_err(|_| SailboxError::invalid(format!("{id:?} is not a checkpoint id")))?;
-        let bytes = match self.inner.backend.get(chunk).await {
-            Ok(b) => b,
-            Err(chunkstore::ChunkError::NotFound(_)) => return Err(SailboxError::NotFound(format!("checkpoint {id}"))),
-            Err(e) => return Err(e.into()),
-        };
-        let rec: CheckpointRecord = serde_json::from_slice(&bytes)
-            .map_err(|e| SailboxError::Storage(format!("checkpoint {id} is not a checkpoint record: {e}")))?;
-        self.inner.state.commit(self.inner.state.changes().checkpoint(&self.inner.state, id, &rec))?;
-        Ok(rec)
+/// Checkpoints, and the pauses, sleeps, wakes, forks, restores and upgrades built on them.
+pub(crate) struct Snapshots {
+    rt: Arc<Runtime>,
+    lifecycle: Arc<Lifecycle>,
+    memory: Arc<ForkMemory>,
+}
+
+impl Snapshots {
+    pub(crate) fn new(rt: Arc<Runtime>, lifecycle: Arc<Lifecycle>, memory: Arc<ForkMemory>) -> Self {
+        Self { rt, lifecycle, memory }
     }
 
     /// Takes a checkpoint of a running sailbox. The caller holds the op lock.
@@ -101,7 +101,7 @@ impl Host {
         let format = device_state.format;
         let state_bytes = Bytes::from(device_state.bytes);
         let state_chunk = ChunkId::of(&state_bytes);
-        self.inner.backend.put(state_chunk, state_bytes).await?;
+        self.rt.backend.put(state_chunk, state_bytes).await?;
         let ck = CheckpointRecord {
             sailbox: rec.id.clone(),
             app: rec.app.clone(),
@@ -129,9 +129,11 @@ impl Host {
             disk_bytes_changed: disk.bytes_frozen,
             disk_bytes_uploaded: disk.bytes_uploaded,
         };
-        let json = Bytes::from(serde_json::to_vec(&ck).map_err(|e| SailboxError::Storage(e.to_string()))?);
+        let json = Bytes::from(
+            serde_json::to_vec(&ck).map_err(|source| SailboxError::Encode { what: "a checkpoint record".into(), source })?,
+        );
         let record_chunk = ChunkId::of(&json);
-        self.inner.backend.put(record_chunk, json).await?;
+        self.rt.backend.put(record_chunk, json).await?;
         let id = ck_id(record_chunk);
         let rec = live.update(|r| {
             r.last_checkpoint = Some(id.clone());
@@ -139,7 +141,7 @@ impl Host {
                 r.files_at = Some(id.clone());
             }
         });
-        let st = &self.inner.state;
+        let st = &self.rt.state;
         st.commit(st.changes().checkpoint(st, &id, &ck).sailbox(st, &rec))?;
         tracing::info!(
             sailbox = %rec.id, checkpoint = %id, pause_ms, total_ms = ck.total_ms,
@@ -151,9 +153,9 @@ impl Host {
 
     /// Captures a VM with its own memory file: flush memory and disk to cowfs while the
     /// guest runs, stop it, flush the rest, save the device state without RAM, freeze both
-    /// files; then export the frozen regions (see [`Host::release_guest`] for the order).
+    /// files; then export the frozen regions (see [`Snapshots::release_guest`] for the order).
     async fn capture_shared(&self, live: &Arc<Live>, vm: &Arc<Vm>, after: After) -> Result<Captured> {
-        let files = &self.inner.files;
+        let files = &self.rt.files;
         let id = live.id();
         files.flush(&id, true).await?;
         let paused_at = Instant::now();
@@ -172,9 +174,9 @@ impl Host {
     /// Captures a VM on a private mapping of a checkpoint's memory view: a live mapped-ram
     /// save of device state and all of memory (the guest runs until the last pass), then
     /// with the VM stopped the disk is flushed and frozen. The RAM image is split from the
-    /// device state and stored as chunks (see [`Host::release_guest`] for the order).
+    /// device state and stored as chunks (see [`Snapshots::release_guest`] for the order).
     async fn capture_private(&self, live: &Arc<Live>, vm: &Arc<Vm>, after: After) -> Result<Captured> {
-        let files = &self.inner.files;
+        let files = &self.rt.files;
         let rec = live.snapshot();
         let size = u64::from(rec.memory_mib) << 20;
         files.flush(&rec.id, false).await?;
@@ -194,18 +196,16 @@ impl Host {
             let (image, device_state) = vm.handle.split_memory_save(&ram).await?;
             let base = match &rec.memory_base {
                 Some(ck) => {
-                    let manifest: ChunkId = self
-                        .load_checkpoint(ck)
-                        .await?
-                        .memory_manifest
-                        .parse()
-                        .map_err(|e| SailboxError::Storage(format!("checkpoint {ck}: bad memory manifest id: {e}")))?;
-                    cowfs::Manifest::decode(&self.inner.backend.get(manifest).await?)
-                        .map_err(|e| SailboxError::Storage(format!("checkpoint {ck}: {e}")))?
+                    let manifest: ChunkId = self.rt.load_checkpoint(ck).await?.memory_manifest.parse().map_err(|source| {
+                        SailboxError::BadChunkId { what: format!("checkpoint {ck}: memory manifest"), source }
+                    })?;
+                    cowfs::Manifest::decode(&self.rt.backend.get(manifest).await?)
+                        .map_err(|source| SailboxError::Manifest { what: format!("checkpoint {ck}: memory manifest"), source })?
                 }
-                None => cowfs::Manifest::zeros(size).map_err(|e| SailboxError::Host(e.to_string()))?,
+                None => cowfs::Manifest::zeros(size)
+                    .map_err(|source| SailboxError::Manifest { what: "zeroed memory".into(), source })?,
             };
-            let (memory, disk) = tokio::join!(self.import_memory(&image, &base), files.export_disk(&rec.id));
+            let (memory, disk) = tokio::join!(self.memory.import_memory(&image, &base), files.export_disk(&rec.id));
             Ok((device_state, memory?, disk?))
         };
         let released = self.release_guest(live, vm, after, stopped_at, frozen, store).await;
@@ -247,7 +247,7 @@ impl Host {
             After::PowerDown => match store.await {
                 Ok(stored) => {
                     let pause_ms = stopped_at.elapsed().as_millis() as u64;
-                    self.stop_vm(live).await;
+                    self.lifecycle.stop_vm(live).await;
                     Ok((pause_ms, captured, stored))
                 }
                 Err(e) => {
@@ -259,10 +259,10 @@ impl Host {
     }
 
     /// Snapshots memory and writable disk while the sailbox keeps running.
-    pub async fn checkpoint(&self, id: &str) -> Result<pb::Checkpoint> {
-        let (live, _) = self.running(id)?;
+    pub(crate) async fn checkpoint(&self, id: &str) -> Result<pb::Checkpoint> {
+        let (live, _) = self.rt.running(id)?;
         let _op = live.op.lock().await;
-        let (live, vm) = self.running(id)?;
+        let (live, vm) = self.rt.running(id)?;
         let (ck, rec) = self.take_checkpoint(&live, &vm, After::Run).await.map_err(creation)?;
         Ok(rec.to_proto(&ck))
     }
@@ -270,11 +270,11 @@ impl Host {
     /// Checkpoints and powers down: until `resume` (paused) or until ingress, an exec,
     /// `resume` or the named call completing (sleeping).
     async fn power_down(&self, id: &str, state: State, call: Option<String>) -> Result<pb::Sailbox> {
-        let live = self.held(id)?;
+        let live = self.rt.held(id)?;
         let _op = live.op.lock().await;
         let current = live.snapshot().state;
         if current == state && (state != State::Sleeping || call.is_none()) {
-            return Ok(self.to_proto(&live.snapshot()));
+            return Ok(self.rt.to_proto(&live.snapshot()));
         }
         if matches!(current, State::Paused | State::Sleeping) {
             // Already down at its checkpoint: only the state changes.
@@ -282,29 +282,29 @@ impl Host {
                 r.state = state;
                 r.sleep_call = call;
             });
-            self.inner.state.put_sailbox(&rec)?;
-            return Ok(self.to_proto(&rec));
+            self.rt.state.put_sailbox(&rec)?;
+            return Ok(self.rt.to_proto(&rec));
         }
-        let (live, vm) = self.running(id)?;
+        let (live, vm) = self.rt.running(id)?;
         self.take_checkpoint(&live, &vm, After::PowerDown).await.map_err(creation)?;
         let rec = live.update(|r| {
             r.state = state;
             r.sleep_call = call;
             r.state_reason = String::new();
         });
-        self.inner.state.put_sailbox(&rec)?;
+        self.rt.state.put_sailbox(&rec)?;
         tracing::info!(sailbox = %id, ?state, "powered down");
-        Ok(self.to_proto(&rec))
+        Ok(self.rt.to_proto(&rec))
     }
 
     /// Checkpoints and powers down until an explicit resume.
-    pub async fn pause(&self, id: &str) -> Result<pb::Sailbox> {
+    pub(crate) async fn pause(&self, id: &str) -> Result<pb::Sailbox> {
         self.power_down(id, State::Paused, None).await
     }
 
     /// Checkpoints and powers down until ingress, an exec, a resume, or (with `call`) the
     /// named external call completing.
-    pub async fn sleep(&self, id: &str, call: Option<String>) -> Result<pb::Sailbox> {
+    pub(crate) async fn sleep(&self, id: &str, call: Option<String>) -> Result<pb::Sailbox> {
         if let Some(c) = &call {
             crate::model::check_name("call", c).map_err(|e| SailboxError::InvalidArgument(e.to_string()))?;
         }
@@ -313,10 +313,10 @@ impl Host {
 
     /// Starts a paused or sleeping sailbox again from its last checkpoint (or, with an
     /// upgrade pending, boots it on that checkpoint's disk with the newest agent).
-    pub async fn resume(&self, id: &str) -> Result<pb::Sailbox> {
-        let live = self.held(id)?;
+    pub(crate) async fn resume(&self, id: &str) -> Result<pb::Sailbox> {
+        let live = self.rt.held(id)?;
         self.wake(&live, "resume").await?;
-        Ok(self.to_proto(&live.snapshot()))
+        Ok(self.rt.to_proto(&live.snapshot()))
     }
 
     /// Wakes a paused or sleeping sailbox (no-op when it runs).
@@ -327,16 +327,16 @@ impl Host {
             return Ok(());
         }
         if !matches!(rec.state, State::Paused | State::Sleeping) {
-            return Err(crate::host::not_running(&rec.id, rec.state, &rec.state_reason));
+            return Err(not_running(&rec.id, rec.state, &rec.state_reason));
         }
         let ck_id = rec.last_checkpoint.clone().ok_or_else(|| SailboxError::Creation("no checkpoint to resume from".into()))?;
-        let ck = self.load_checkpoint(&ck_id).await?;
+        let ck = self.rt.load_checkpoint(&ck_id).await?;
         let started = Instant::now();
-        let current = self.initramfs().await?.agent.guest_schema_version;
+        let current = self.rt.initramfs().await?.agent.guest_schema_version;
         let upgrade =
             rec.pending_upgrade || (ck.guest_schema_version < MIN_RESUMABLE_SCHEMA && ck.guest_schema_version < current);
         let start = if upgrade { Start::CheckpointDisk { record: &ck } } else { Start::Checkpoint { id: &ck_id, record: &ck } };
-        self.start_vm(live, start, Greeting::plain()).await.map_err(creation)?;
+        self.lifecycle.start_vm(live, start, Greeting::plain()).await.map_err(creation)?;
         let rec = live.update(|r| {
             r.state = State::Running;
             r.sleep_call = None;
@@ -344,14 +344,14 @@ impl Host {
                 r.pending_upgrade = false;
             }
         });
-        self.inner.state.put_sailbox(&rec)?;
+        self.rt.state.put_sailbox(&rec)?;
         tracing::info!(sailbox = %rec.id, why, upgrade, ms = started.elapsed().as_millis() as u64, "woken");
         Ok(())
     }
 
     /// The external call a sleeping sailbox waits on completed: wake it.
-    pub async fn complete_call(&self, id: &str, call: &str) -> Result<pb::Sailbox> {
-        let live = self.held(id)?;
+    pub(crate) async fn complete_call(&self, id: &str, call: &str) -> Result<pb::Sailbox> {
+        let live = self.rt.held(id)?;
         let rec = live.snapshot();
         match (rec.state, rec.sleep_call.as_deref()) {
             (State::Sleeping, Some(c)) if c == call => self.wake(&live, "call completed").await?,
@@ -360,29 +360,29 @@ impl Host {
                 return Err(SailboxError::invalid(format!("sailbox {id} is not sleeping on a call named {call:?}")));
             }
         }
-        Ok(self.to_proto(&live.snapshot()))
+        Ok(self.rt.to_proto(&live.snapshot()))
     }
 
     /// A new running sailbox from this one's state: a running one is checkpointed first
     /// (it keeps running); a paused or sleeping one's last checkpoint is used without
     /// waking it.
-    pub async fn fork(&self, id: &str) -> Result<pb::ForkResponse> {
-        let live = self.held(id)?;
+    pub(crate) async fn fork(&self, id: &str) -> Result<pb::ForkResponse> {
+        let live = self.rt.held(id)?;
         let (ck_id, ck) = {
             let _op = live.op.lock().await;
             let rec = live.snapshot();
             match rec.state {
                 State::Running => {
-                    let (live, vm) = self.running(id)?;
+                    let (live, vm) = self.rt.running(id)?;
                     self.take_checkpoint(&live, &vm, After::Run).await.map_err(creation)?
                 }
                 State::Paused | State::Sleeping => {
                     let ck_id =
                         rec.last_checkpoint.clone().ok_or_else(|| SailboxError::Creation("no checkpoint to fork from".into()))?;
-                    let ck = self.load_checkpoint(&ck_id).await?;
+                    let ck = self.rt.load_checkpoint(&ck_id).await?;
                     (ck_id, ck)
                 }
-                other => return Err(crate::host::not_running(id, other, &rec.state_reason)),
+                other => return Err(not_running(id, other, &rec.state_reason)),
             }
         };
         let child = self.start_from_checkpoint(&ck_id, &ck, String::new(), String::new(), None).await?;
@@ -391,14 +391,14 @@ impl Host {
 
     /// A new running sailbox from a checkpoint id, on this host (the checkpoint may come
     /// from any host sharing the chunk store).
-    pub async fn restore(&self, req: pb::RestoreRequest) -> Result<pb::Sailbox> {
-        let ck = self.load_checkpoint(&req.checkpoint_id).await?;
-        if ck.accelerator != self.inner.accel.accel.as_str() {
+    pub(crate) async fn restore(&self, req: pb::RestoreRequest) -> Result<pb::Sailbox> {
+        let ck = self.rt.load_checkpoint(&req.checkpoint_id).await?;
+        if ck.accelerator != self.rt.accel.accel.as_str() {
             return Err(SailboxError::Creation(format!(
                 "checkpoint {} was taken under {}; this host runs {}",
                 req.checkpoint_id,
                 ck.accelerator,
-                self.inner.accel.accel.as_str()
+                self.rt.accel.accel.as_str()
             )));
         }
         let ports = if req.ingress_ports.is_empty() { None } else { Some(req.ingress_ports.clone()) };
@@ -418,8 +418,8 @@ impl Host {
         if !name.is_empty() {
             crate::model::check_name("name", &name)?;
         }
-        self.check_name_free(&app, &name)?;
-        self.inner.state.ensure_app(&app)?;
+        self.lifecycle.check_name_free(&app, &name)?;
+        self.rt.state.ensure_app(&app)?;
         let rec = SailboxRecord {
             id: random_id("sb"),
             app,
@@ -439,46 +439,46 @@ impl Host {
         };
         // A child is its own machine: own hostname, fresh randomness.
         let greeting = Greeting { hostname: Some(hostname_for(&rec)), reseed: true };
-        self.bring_up(rec, Start::Fork { id: ck_id, record: ck }, greeting).await
+        self.lifecycle.bring_up(rec, Start::Fork { id: ck_id, record: ck }, greeting).await
     }
 
     /// Reboots the sailbox on its same disk onto the newest agent. Returns whether it now
     /// runs it (false: recorded for a paused or sleeping sailbox's next wake).
-    pub async fn upgrade(&self, id: &str) -> Result<pb::UpgradeResponse> {
-        let live = self.held(id)?;
-        let newest = self.initramfs().await?.agent.guest_schema_version;
+    pub(crate) async fn upgrade(&self, id: &str) -> Result<pb::UpgradeResponse> {
+        let live = self.rt.held(id)?;
+        let newest = self.rt.initramfs().await?.agent.guest_schema_version;
         let _op = live.op.lock().await;
         let rec = live.snapshot();
         match rec.state {
             State::Paused | State::Sleeping => {
                 let rec = live.update(|r| r.pending_upgrade = true);
-                self.inner.state.put_sailbox(&rec)?;
-                Ok(pb::UpgradeResponse { sailbox: Some(self.to_proto(&rec)), applied: false })
+                self.rt.state.put_sailbox(&rec)?;
+                Ok(pb::UpgradeResponse { sailbox: Some(self.rt.to_proto(&rec)), applied: false })
             }
             State::Running => {
                 // The initramfs is rebuilt from the current agent binary: a newer agent
                 // has a newer schema version (or the same one: nothing to do).
-                *self.inner.initramfs.lock().await = None;
-                let newest = self.initramfs().await?.agent.guest_schema_version.max(newest);
+                self.rt.forget_initramfs().await;
+                let newest = self.rt.initramfs().await?.agent.guest_schema_version.max(newest);
                 if rec.guest_schema_version >= newest && !rec.pending_upgrade {
-                    return Ok(pb::UpgradeResponse { sailbox: Some(self.to_proto(&rec)), applied: true });
+                    return Ok(pb::UpgradeResponse { sailbox: Some(self.rt.to_proto(&rec)), applied: true });
                 }
-                let (live, vm) = self.running(id)?;
+                let (live, vm) = self.rt.running(id)?;
                 // A clean power-off flushes the guest's file systems; then boot again.
                 vm.mark_stopping();
                 let _ = vm.agent.raw().power_off(proto::agent::PowerOffRequest { reboot: false }).await;
                 let _ = tokio::time::timeout(std::time::Duration::from_secs(30), vm.handle.exited()).await;
-                self.stop_vm(&live).await;
-                self.start_vm(&live, Start::Boot { disk_manifest: None }, Greeting::plain()).await.map_err(creation)?;
+                self.lifecycle.stop_vm(&live).await;
+                self.lifecycle.start_vm(&live, Start::Boot { disk_manifest: None }, Greeting::plain()).await.map_err(creation)?;
                 let rec = live.update(|r| {
                     r.pending_upgrade = false;
                     r.state = State::Running;
                 });
-                self.inner.state.put_sailbox(&rec)?;
+                self.rt.state.put_sailbox(&rec)?;
                 tracing::info!(sailbox = %id, schema = rec.guest_schema_version, "upgraded");
-                Ok(pb::UpgradeResponse { sailbox: Some(self.to_proto(&rec)), applied: true })
+                Ok(pb::UpgradeResponse { sailbox: Some(self.rt.to_proto(&rec)), applied: true })
             }
-            other => Err(crate::host::not_running(id, other, &rec.state_reason)),
+            other => Err(not_running(id, other, &rec.state_reason)),
         }
     }
 }

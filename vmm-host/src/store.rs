@@ -42,15 +42,16 @@ pub struct StateStore {
 #[derive(Default)]
 pub struct Changes {
     batch: WriteBatch,
-    encode_error: Option<String>,
+    /// The first record that could not be added (the commit fails with it).
+    encode_error: Option<SailboxError>,
 }
 
 impl Changes {
     fn put_json<T: Serialize>(&mut self, store: &StateStore, cf: &str, key: &str, value: &T) {
         match (store.cf(cf), serde_json::to_vec(value)) {
             (Ok(cf), Ok(bytes)) => self.batch.put_cf(cf, key.as_bytes(), bytes),
-            (Err(e), _) => self.encode_error = Some(e.to_string()),
-            (_, Err(e)) => self.encode_error = Some(e.to_string()),
+            (Err(e), _) => self.encode_error = Some(e),
+            (_, Err(source)) => self.encode_error = Some(SailboxError::Encode { what: format!("{cf} record {key}"), source }),
         }
     }
 
@@ -76,7 +77,7 @@ impl Changes {
     pub fn exec_result(mut self, store: &StateStore, id: &str, result: &pb::ExecResult) -> Self {
         match store.cf(CF_EXEC_RESULTS) {
             Ok(cf) => self.batch.put_cf(cf, id.as_bytes(), result.encode_to_vec()),
-            Err(e) => self.encode_error = Some(e.to_string()),
+            Err(e) => self.encode_error = Some(e),
         }
         self
     }
@@ -95,7 +96,7 @@ impl StateStore {
     }
 
     fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily> {
-        self.db.cf_handle(name).ok_or_else(|| SailboxError::Storage(format!("column family {name} missing")))
+        self.db.cf_handle(name).ok_or_else(|| SailboxError::MissingColumnFamily(name.to_owned()))
     }
 
     /// Starts a set of changes.
@@ -106,7 +107,7 @@ impl StateStore {
     /// Writes the changes atomically; returns once they are durable.
     pub fn commit(&self, changes: Changes) -> Result<()> {
         if let Some(e) = changes.encode_error {
-            return Err(SailboxError::Storage(e));
+            return Err(e);
         }
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
@@ -121,7 +122,9 @@ impl StateStore {
 
     fn get_json<T: DeserializeOwned>(&self, cf: &str, key: &str) -> Result<Option<T>> {
         let Some(bytes) = self.db.get_cf(self.cf(cf)?, key.as_bytes())? else { return Ok(None) };
-        serde_json::from_slice(&bytes).map(Some).map_err(|e| SailboxError::Storage(format!("corrupt {cf} record {key}: {e}")))
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|source| SailboxError::CorruptRecord { what: format!("{cf} record {key}"), source })
     }
 
     fn all_json<T: DeserializeOwned>(&self, cf: &str) -> Result<Vec<T>> {
@@ -168,7 +171,7 @@ impl StateStore {
         let Some(bytes) = self.db.get_cf(self.cf(CF_EXEC_RESULTS)?, id.as_bytes())? else { return Ok(None) };
         pb::ExecResult::decode(bytes.as_slice())
             .map(Some)
-            .map_err(|e| SailboxError::Storage(format!("corrupt exec result {id}: {e}")))
+            .map_err(|source| SailboxError::CorruptResult { id: id.to_owned(), source })
     }
 
     /// Finds or mints an app by name; returns whether it was minted.
@@ -178,7 +181,7 @@ impl StateStore {
             return Ok(false);
         }
         let mut batch = WriteBatch::default();
-        batch.put_cf(cf, name.as_bytes(), crate::now_ms().to_string());
+        batch.put_cf(cf, name.as_bytes(), sysutil::clock::now_ms().to_string());
         let mut changes = self.changes();
         changes.batch = batch;
         self.commit(changes)?;

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cowfs::{ClientError, CowClient, ErrorKind, Exported};
+use cowfs::{CowClient, ErrorKind, Exported};
 
 use crate::error::{Result, SailboxError};
 use crate::procs;
@@ -29,10 +29,6 @@ pub struct Exports {
     pub memory: Exported,
     /// Disk.
     pub disk: Exported,
-}
-
-fn cow(e: ClientError) -> SailboxError {
-    SailboxError::Host(e.to_string())
 }
 
 /// Where `sail-cowfs` is looked for: `$SAIL_COWFS_BIN`, then beside (or above) the running
@@ -60,23 +56,26 @@ impl VmFiles {
         if client.ping().await {
             return Ok(Self { client, mount });
         }
-        cowfs::clean_dead_mount(&mount);
-        std::fs::create_dir_all(dir).map_err(|e| SailboxError::host("creating the cowfs dir", e))?;
+        sysutil::mount::clean_dead_mount(&mount);
+        std::fs::create_dir_all(dir).map_err(|e| SailboxError::io("creating the cowfs dir", e))?;
         let mut cmd = Command::new(binary);
         cmd.arg("--mount").arg(&mount).arg("--control").arg(&control).arg("--store").arg(dir.join("store"));
         cmd.arg("--chunks").arg(chunks);
-        let proc = procs::spawn(cmd, &dir.join("cowfs.log")).map_err(|e| {
-            SailboxError::Host(format!("starting {} ({e}); build it with cargo build --release", binary.display()))
+        let proc = procs::spawn(cmd, &dir.join("cowfs.log")).map_err(|e| match e {
+            SailboxError::Io { op, source } => {
+                SailboxError::Io { op: format!("{op} (build it with cargo build --release)"), source }
+            }
+            other => other,
         })?;
         let deadline = Instant::now() + Duration::from_secs(20);
         while !client.ping().await {
             if !procs::alive(&proc) {
                 let log = std::fs::read_to_string(dir.join("cowfs.log")).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(3).collect();
-                return Err(SailboxError::Host(format!("sail-cowfs exited at start: {}", tail.join(" | "))));
+                return Err(SailboxError::CowfsStart(format!("sail-cowfs exited at start: {}", tail.join(" | "))));
             }
             if Instant::now() > deadline {
-                return Err(SailboxError::Host("sail-cowfs did not answer in time".into()));
+                return Err(SailboxError::CowfsStart("sail-cowfs did not answer in time".into()));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -88,7 +87,7 @@ impl VmFiles {
     /// end of a `sail up` that ran none, or whose sailboxes were all terminated). Returns
     /// whether it stopped; with files left it keeps serving them (vmm-host re-attaches).
     pub async fn stop_if_unused(&self) -> Result<bool> {
-        if !self.client.stop_if_unused().await.map_err(cow)? {
+        if !self.client.stop_if_unused().await.map_err(SailboxError::from)? {
             return Ok(false);
         }
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -141,26 +140,26 @@ impl VmFiles {
     /// Fresh files: zeroed memory, and a disk over `disk_manifest` (an image's regions).
     pub async fn create_fresh(&self, id: &str, memory_bytes: u64, disk_manifest: &str) -> Result<()> {
         self.remove(id).await?;
-        self.client.create_zeros(&Self::memory_name(id), memory_bytes).await.map_err(cow)?;
-        self.client.create_from(&Self::disk_name(id), disk_manifest).await.map_err(cow)
+        self.client.create_zeros(&Self::memory_name(id), memory_bytes).await.map_err(SailboxError::from)?;
+        self.client.create_from(&Self::disk_name(id), disk_manifest).await.map_err(SailboxError::from)
     }
 
     /// A fresh (zeroed) memory file.
     pub async fn create_memory(&self, id: &str, memory_bytes: u64) -> Result<()> {
-        self.client.create_zeros(&Self::memory_name(id), memory_bytes).await.map_err(cow)
+        self.client.create_zeros(&Self::memory_name(id), memory_bytes).await.map_err(SailboxError::from)
     }
 
     /// Files over a checkpoint's manifests (nothing is copied: regions load on first use).
     pub async fn create_from(&self, id: &str, memory_manifest: &str, disk_manifest: &str) -> Result<()> {
         self.create_disk(id, disk_manifest).await?;
-        self.client.create_from(&Self::memory_name(id), memory_manifest).await.map_err(cow)
+        self.client.create_from(&Self::memory_name(id), memory_manifest).await.map_err(SailboxError::from)
     }
 
     /// Replaces the sailbox's files with a disk over `disk_manifest` alone (a fork maps a view
     /// for memory; `create_from` adds a memory file).
     pub async fn create_disk(&self, id: &str, disk_manifest: &str) -> Result<()> {
         self.remove(id).await?;
-        self.client.create_from(&Self::disk_name(id), disk_manifest).await.map_err(cow)
+        self.client.create_from(&Self::disk_name(id), disk_manifest).await.map_err(SailboxError::from)
     }
 
     /// Makes sure a checkpoint's memory view exists (over its memory manifest, read-only).
@@ -168,7 +167,7 @@ impl VmFiles {
         match self.client.create_readonly(&Self::view_name(checkpoint), memory_manifest).await {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == Some(ErrorKind::Exists) => Ok(()),
-            Err(e) => Err(cow(e)),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -185,18 +184,18 @@ impl VmFiles {
 
     /// Removes both files (missing ones are fine).
     pub async fn remove(&self, id: &str) -> Result<()> {
-        self.client.remove(&Self::memory_name(id)).await.map_err(cow)?;
-        self.client.remove(&Self::disk_name(id)).await.map_err(cow)
+        self.client.remove(&Self::memory_name(id)).await.map_err(SailboxError::from)?;
+        self.client.remove(&Self::disk_name(id)).await.map_err(SailboxError::from)
     }
 
     /// Names of every file on the mount.
     pub async fn names(&self) -> Result<Vec<String>> {
-        self.client.list().await.map_err(cow)
+        self.client.list().await.map_err(SailboxError::from)
     }
 
     /// Removes a file by name.
     pub async fn remove_name(&self, name: &str) -> Result<()> {
-        self.client.remove(name).await.map_err(cow)
+        self.client.remove(name).await.map_err(SailboxError::from)
     }
 
     /// Writes back every page of memory dirty in the host page cache (and the disk's), so
@@ -210,15 +209,14 @@ impl VmFiles {
             }
             Ok(())
         })
-        .await
-        .map_err(|e| SailboxError::Host(e.to_string()))?
-        .map_err(|e| SailboxError::host("flushing guest memory and disk", e))
+        .await?
+        .map_err(|e| SailboxError::io("flushing guest memory and disk", e))
     }
 
     /// Freezes the files (the VM must be stopped and flushed); see [`VmFiles::flush`].
     pub async fn freeze(&self, id: &str, with_memory: bool) -> Result<()> {
         for name in Self::names_of(id, with_memory) {
-            self.client.freeze(&name).await.map_err(cow)?;
+            self.client.freeze(&name).await.map_err(SailboxError::from)?;
         }
         Ok(())
     }
@@ -227,16 +225,16 @@ impl VmFiles {
     pub async fn export(&self, id: &str) -> Result<Exports> {
         let (mem, disk) = (Self::memory_name(id), Self::disk_name(id));
         let (m, d) = tokio::join!(self.client.export(&mem), self.client.export(&disk));
-        Ok(Exports { memory: m.map_err(cow)?, disk: d.map_err(cow)? })
+        Ok(Exports { memory: m.map_err(SailboxError::from)?, disk: d.map_err(SailboxError::from)? })
     }
 
     /// Stores the disk's frozen regions; returns its new manifest.
     pub async fn export_disk(&self, id: &str) -> Result<Exported> {
-        self.client.export(&Self::disk_name(id)).await.map_err(cow)
+        self.client.export(&Self::disk_name(id)).await.map_err(SailboxError::from)
     }
 
     /// A file's counters (for tests and benches).
     pub async fn stats(&self, name: &str) -> Result<serde_json::Value> {
-        self.client.stats(name).await.map_err(cow)
+        self.client.stats(name).await.map_err(SailboxError::from)
     }
 }

@@ -89,7 +89,7 @@ async fn serves_host_info_and_stops_on_sigterm() {
         assert!(Instant::now() < deadline, "vmm-host did not answer GetHostInfo in time");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert_eq!(info.host, vmm_host::hostname());
+    assert_eq!(info.host, sysutil::host::hostname());
     assert_eq!(info.running, 0, "a fresh data directory runs no sailbox: {info:?}");
     assert!(matches!(info.accelerator.as_str(), "kvm" | "tcg"), "{info:?}");
     assert!(mounted(&running.mount()), "vmm-host started the cowfs daemon");

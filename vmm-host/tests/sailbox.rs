@@ -32,13 +32,30 @@ async fn http_get(url: &str, path: &str) -> String {
     out
 }
 
+type Client = proto::sailbox::sailbox_service_client::SailboxServiceClient<tonic::transport::Channel>;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sailbox_end_to_end() {
     let dir = common::data_dir();
     let served = serve(dir.path()).await;
     let mut c = served.client().await;
+    let id = create_one(&mut c).await;
+    exec_basics(&mut c, &id).await;
+    files_round_trip(&mut c, &id).await;
+    ingress_serves(&mut c, &id).await;
+    let mut c = one_exec_at_a_time(c, &served, &id).await;
+    timeouts_kill(&mut c, &id).await;
+    bad_input_gets_contract_errors(&mut c, &id).await;
+    let (served, mut c, url) = restart_keeps_running(c, served, dir.path(), &id).await;
+    terminate_leaves_nothing(&mut c, dir.path(), &id, &url).await;
+    vmm_death_loses_the_sailbox(&mut c, dir.path()).await;
+    drop(c);
+    served.stop().await;
+    let _ = Duration::ZERO;
+}
 
-    // Create: returns once the agent answers.
+/// Create: returns once the agent answers.
+async fn create_one(c: &mut Client) -> String {
     let sb = c.create_sailbox(minimal(vec![8080])).await.unwrap().into_inner();
     let id = sb.sailbox_id.clone();
     assert_eq!(sb.state, pb::SailboxState::Running as i32);
@@ -47,30 +64,37 @@ async fn sailbox_end_to_end() {
     assert_eq!(sb.listeners.len(), 1);
     let got = c.get_sailbox(pb::GetSailboxRequest { sailbox_id: id.clone(), connect: false }).await.unwrap().into_inner();
     assert_eq!(got.sailbox_id, id);
+    id
+}
 
-    // Exec: output, exit codes, stderr.
-    let r = run(&mut c, &id, "uname -a").await;
+/// Exec: output, exit codes, stderr.
+async fn exec_basics(c: &mut Client, id: &str) {
+    let r = run(c, id, "uname -a").await;
     assert_eq!(r.return_code, 0);
     assert!(String::from_utf8_lossy(&r.stdout).starts_with("Linux "), "{:?}", r);
-    let r = run(&mut c, &id, "echo to-out; echo to-err >&2; exit 3").await;
+    let r = run(c, id, "echo to-out; echo to-err >&2; exit 3").await;
     assert_eq!((r.return_code, r.stdout.as_slice(), r.stderr.as_slice()), (3, &b"to-out\n"[..], &b"to-err\n"[..]));
-    let r = run(&mut c, &id, "df -k / | tail -1").await;
+    let r = run(c, id, "df -k / | tail -1").await;
     let blocks: u64 = String::from_utf8_lossy(&r.stdout).split_whitespace().nth(1).unwrap().parse().unwrap();
     assert!(blocks > 1_500_000, "the root file system was not grown to the 2 GiB disk: {blocks} KiB");
+}
 
-    // Files: 64 MiB in and out, checked on both sides.
+/// Files: 64 MiB in and out, checked on both sides.
+async fn files_round_trip(c: &mut Client, id: &str) {
     let data = random_bytes(64 << 20, 7);
-    assert_eq!(write(&mut c, &id, "/data/deep/big.bin", &data).await.unwrap(), data.len() as u64);
-    let back = read(&mut c, &id, "/data/deep/big.bin").await.unwrap();
+    assert_eq!(write(c, id, "/data/deep/big.bin", &data).await.unwrap(), data.len() as u64);
+    let back = read(c, id, "/data/deep/big.bin").await.unwrap();
     assert!(back == data, "read back differs");
-    let r = run(&mut c, &id, "sha256sum /data/deep/big.bin").await;
+    let r = run(c, id, "sha256sum /data/deep/big.bin").await;
     let guest_hash = String::from_utf8_lossy(&r.stdout).split_whitespace().next().unwrap_or("").to_owned();
     assert_eq!(guest_hash, hex::encode(sha2::Sha256::digest(&data)));
+}
 
-    // Ingress: a background web server, reached from the host through its listener.
-    write(&mut c, &id, "/www/index.html", b"hello from the guest\n").await.unwrap();
+/// Ingress: a background web server, reached from the host through its listener.
+async fn ingress_serves(c: &mut Client, id: &str) {
+    write(c, id, "/www/index.html", b"hello from the guest\n").await.unwrap();
     let bg = pb::ExecRequest {
-        sailbox_id: id.clone(),
+        sailbox_id: id.to_owned(),
         command: "httpd -f -p 8080 -h /www".into(),
         background: true,
         ..Default::default()
@@ -78,16 +102,19 @@ async fn sailbox_end_to_end() {
     let h = c.exec(bg).await.unwrap().into_inner();
     let r = c.wait_exec(pb::WaitExecRequest { exec_id: h.exec_id, timeout_ms: 0 }).await.unwrap().into_inner();
     assert_eq!(r.return_code, 0, "the launcher returns at once");
-    let req = pb::ListenersRequest { sailbox_id: id.clone(), port: 8080, wait_routed_ms: 60_000 };
+    let req = pb::ListenersRequest { sailbox_id: id.to_owned(), port: 8080, wait_routed_ms: 60_000 };
     let l = c.listeners(req).await.unwrap().into_inner().listeners.remove(0);
     assert!(l.routed, "port 8080 never routed");
     let page = http_get(&l.url, "/index.html").await;
     assert!(page.starts_with("HTTP/1.") && page.ends_with("hello from the guest\n"), "{page}");
+}
 
-    // One exec at a time; a request outlives its client and is waited on by id.
-    let long = pb::ExecRequest { sailbox_id: id.clone(), command: "sleep 2; echo slept".into(), ..Default::default() };
+/// One exec at a time; a request outlives its client and is waited on by id. Returns the
+/// new client.
+async fn one_exec_at_a_time(mut c: Client, served: &common::Served, id: &str) -> Client {
+    let long = pb::ExecRequest { sailbox_id: id.to_owned(), command: "sleep 2; echo slept".into(), ..Default::default() };
     let first = c.exec(long).await.unwrap().into_inner();
-    let second = c.exec(pb::ExecRequest { sailbox_id: id.clone(), command: "true".into(), ..Default::default() }).await;
+    let second = c.exec(pb::ExecRequest { sailbox_id: id.to_owned(), command: "true".into(), ..Default::default() }).await;
     assert_eq!(error_name(&second.unwrap_err()), "SailboxExecAlreadyRunningError");
     drop(c);
     let mut c = served.client().await;
@@ -96,34 +123,39 @@ async fn sailbox_end_to_end() {
     // Waiting again returns the stored result.
     let again = c.wait_exec(pb::WaitExecRequest { exec_id: first.exec_id, timeout_ms: 0 }).await.unwrap().into_inner();
     assert_eq!(again.stdout, b"slept\n");
+    c
+}
 
-    // Timeouts kill the command.
-    let t = pb::ExecRequest { sailbox_id: id.clone(), command: "sleep 60".into(), timeout_ms: 1000, ..Default::default() };
+/// Timeouts kill the command.
+async fn timeouts_kill(c: &mut Client, id: &str) {
+    let t = pb::ExecRequest { sailbox_id: id.to_owned(), command: "sleep 60".into(), timeout_ms: 1000, ..Default::default() };
     let h = c.exec(t).await.unwrap().into_inner();
     let r = c.wait_exec(pb::WaitExecRequest { exec_id: h.exec_id, timeout_ms: 0 }).await.unwrap().into_inner();
     assert!(r.timed_out && r.return_code == 124, "{r:?}");
+}
 
-    // Bad input gets its contract error.
-    let e = write(&mut c, &id, "relative/path", b"x").await.unwrap_err();
+/// Bad input gets its contract error.
+async fn bad_input_gets_contract_errors(c: &mut Client, id: &str) {
+    let e = write(c, id, "relative/path", b"x").await.unwrap_err();
     assert_eq!((e.code(), error_name(&e).as_str()), (tonic::Code::InvalidArgument, "SailboxError"));
-    let e = write(&mut c, &id, "/a/../b", b"x").await.unwrap_err();
+    let e = write(c, id, "/a/../b", b"x").await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     let oversized =
-        vec![pb::WriteFileRequest { sailbox_id: id.clone(), path: "/big".into(), size: 3 << 30, ..Default::default() }];
+        vec![pb::WriteFileRequest { sailbox_id: id.to_owned(), path: "/big".into(), size: 3 << 30, ..Default::default() }];
     let e = c.write_file(tokio_stream::iter(oversized)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "a write larger than the disk: {e:?}");
-    let e = read(&mut c, &id, "/no/such/file").await.unwrap_err();
+    let e = read(c, id, "/no/such/file").await.unwrap_err();
     assert_eq!((e.code(), error_name(&e).as_str()), (tonic::Code::NotFound, "SailboxError"));
-    let e = read(&mut c, &id, "/www").await.unwrap_err();
+    let e = read(c, id, "/www").await.unwrap_err();
     assert_eq!(error_name(&e), "SailboxExecutionError", "reading a directory");
     let e = c
-        .exec(pb::ExecRequest { sailbox_id: id.clone(), command: "true".into(), cwd: "tmp".into(), ..Default::default() })
+        .exec(pb::ExecRequest { sailbox_id: id.to_owned(), command: "true".into(), cwd: "tmp".into(), ..Default::default() })
         .await
         .unwrap_err();
     assert_eq!(error_name(&e), "SailboxError");
     let e = c
         .exec(pb::ExecRequest {
-            sailbox_id: id.clone(),
+            sailbox_id: id.to_owned(),
             command: "true".into(),
             cwd: "/nonexistent".into(),
             ..Default::default()
@@ -136,40 +168,54 @@ async fn sailbox_end_to_end() {
     assert_eq!((e.code(), error_name(&e).as_str()), (tonic::Code::NotFound, "SailboxError"));
     let e = c.wait_exec(pb::WaitExecRequest { exec_id: "ex-nope".into(), timeout_ms: 0 }).await.unwrap_err();
     assert_eq!(error_name(&e), "SailboxExecRequestNotFoundError");
-    let e = c.listeners(pb::ListenersRequest { sailbox_id: id.clone(), port: 9999, wait_routed_ms: 0 }).await.unwrap_err();
+    let e = c.listeners(pb::ListenersRequest { sailbox_id: id.to_owned(), port: 9999, wait_routed_ms: 0 }).await.unwrap_err();
     assert_eq!(error_name(&e), "SailboxExecutionError");
+}
 
-    // vmm-host restarts while a command runs: the VM keeps running, the request is re-attached.
+/// vmm-host restarts while a command runs: the VM keeps running, the request is re-attached.
+/// Returns the new server, its client and the listener's URL.
+async fn restart_keeps_running(
+    mut c: Client,
+    served: common::Served,
+    dir: &std::path::Path,
+    id: &str,
+) -> (common::Served, Client, String) {
     let pending = c
-        .exec(pb::ExecRequest { sailbox_id: id.clone(), command: "sleep 3; echo survived".into(), ..Default::default() })
+        .exec(pb::ExecRequest { sailbox_id: id.to_owned(), command: "sleep 3; echo survived".into(), ..Default::default() })
         .await
         .unwrap()
         .into_inner();
     drop(c);
     served.stop().await;
-    let served = serve(dir.path()).await;
+    let served = serve(dir).await;
     let mut c = served.client().await;
     let r = c.wait_exec(pb::WaitExecRequest { exec_id: pending.exec_id, timeout_ms: 0 }).await.unwrap().into_inner();
     assert_eq!(r.stdout, b"survived\n");
-    let sb = c.get_sailbox(pb::GetSailboxRequest { sailbox_id: id.clone(), connect: false }).await.unwrap().into_inner();
+    let sb = c.get_sailbox(pb::GetSailboxRequest { sailbox_id: id.to_owned(), connect: false }).await.unwrap().into_inner();
     assert_eq!(sb.state, pb::SailboxState::Running as i32);
-    let l = c.listeners(pb::ListenersRequest { sailbox_id: id.clone(), port: 8080, wait_routed_ms: 30_000 }).await.unwrap();
+    let l = c.listeners(pb::ListenersRequest { sailbox_id: id.to_owned(), port: 8080, wait_routed_ms: 30_000 }).await.unwrap();
     let l = l.into_inner().listeners.remove(0);
     assert!(http_get(&l.url, "/index.html").await.ends_with("hello from the guest\n"));
-    assert_eq!(run(&mut c, &id, "echo $((6 * 7))").await.stdout, b"42\n");
+    assert_eq!(run(&mut c, id, "echo $((6 * 7))").await.stdout, b"42\n");
+    (served, c, l.url)
+}
 
-    // Terminate leaves nothing behind.
-    let t = c.terminate(pb::TerminateRequest { sailbox_id: id.clone() }).await.unwrap().into_inner();
+/// Terminate leaves nothing behind.
+async fn terminate_leaves_nothing(c: &mut Client, dir: &std::path::Path, id: &str, url: &str) {
+    let t = c.terminate(pb::TerminateRequest { sailbox_id: id.to_owned() }).await.unwrap().into_inner();
     assert_eq!(t.state, pb::SailboxState::Terminated as i32);
-    assert!(common::vm_processes(dir.path()).is_empty(), "VMM processes left: {:?}", common::vm_processes(dir.path()));
-    assert!(!common::run_dir(dir.path()).join(&id).exists(), "run directory left");
-    assert!(tokio::net::TcpStream::connect(l.url.trim_start_matches("http://")).await.is_err(), "listener left");
-    let e = c.exec(pb::ExecRequest { sailbox_id: id.clone(), command: "true".into(), ..Default::default() }).await.unwrap_err();
+    assert!(common::vm_processes(dir).is_empty(), "VMM processes left: {:?}", common::vm_processes(dir));
+    assert!(!common::run_dir(dir).join(id).exists(), "run directory left");
+    assert!(tokio::net::TcpStream::connect(url.trim_start_matches("http://")).await.is_err(), "listener left");
+    let e =
+        c.exec(pb::ExecRequest { sailbox_id: id.to_owned(), command: "true".into(), ..Default::default() }).await.unwrap_err();
     assert_eq!(error_name(&e), "SailboxTerminatedError");
-    let again = c.terminate(pb::TerminateRequest { sailbox_id: id.clone() }).await.unwrap().into_inner();
+    let again = c.terminate(pb::TerminateRequest { sailbox_id: id.to_owned() }).await.unwrap().into_inner();
     assert_eq!(again.state, pb::SailboxState::Terminated as i32);
+}
 
-    // A VMM that dies under a running command: the sailbox is lost, the wait says so.
+/// A VMM that dies under a running command: the sailbox is lost, the wait says so.
+async fn vmm_death_loses_the_sailbox(c: &mut Client, dir: &std::path::Path) {
     let sb = c.create_sailbox(minimal(vec![])).await.unwrap().into_inner();
     let id2 = sb.sailbox_id;
     let doomed = c
@@ -177,7 +223,7 @@ async fn sailbox_end_to_end() {
         .await
         .unwrap()
         .into_inner();
-    let qemu: Vec<_> = common::vm_processes(dir.path())
+    let qemu: Vec<_> = common::vm_processes(dir)
         .into_iter()
         .filter(|p| std::fs::read_to_string(format!("/proc/{}/comm", p.pid)).unwrap_or_default().starts_with("qemu"))
         .collect();
@@ -190,11 +236,7 @@ async fn sailbox_end_to_end() {
     assert_eq!(sb.state, pb::SailboxState::Lost as i32);
     let e = c.exec(pb::ExecRequest { sailbox_id: id2, command: "true".into(), ..Default::default() }).await.unwrap_err();
     assert_eq!(error_name(&e), "SailboxWorkerLostError");
-    assert!(common::vm_processes(dir.path()).is_empty(), "processes left after the loss");
-
-    drop(c);
-    served.stop().await;
-    let _ = Duration::ZERO;
+    assert!(common::vm_processes(dir).is_empty(), "processes left after the loss");
 }
 
 #[tokio::test]

@@ -83,48 +83,9 @@ async fn checkpoint_fork_sleep_pause_restore() {
     let dir = common::data_dir();
     let served = serve(dir.path()).await;
     let mut c = served.client().await;
-    let a = c.create_sailbox(minimal(vec![8080])).await.unwrap().into_inner().sailbox_id;
-    background(&mut c, &a, COUNTER).await;
-    write(&mut c, &a, "/data/note.txt", b"written before the checkpoint\n").await.unwrap();
-    write(&mut c, &a, "/www/index.html", b"hello from a\n").await.unwrap();
-    background(&mut c, &a, "httpd -f -p 8080 -h /www").await;
-    let before = count_after(&mut c, &a, 3).await;
-
-    // Checkpoint while running: the guest keeps going.
-    let ck = c.checkpoint_sailbox(sid(&a)).await.unwrap().into_inner();
-    assert!(ck.checkpoint_id.starts_with("ck-"));
-    assert!(ck.memory_bytes_changed > 0 && ck.memory_bytes_uploaded <= ck.memory_bytes_changed, "{ck:?}");
-    assert!(ck.memory_bytes_changed < ck.memory_bytes, "only written regions are stored: {ck:?}");
-    let at_checkpoint = count_after(&mut c, &a, before).await;
-    let ck2 = c.checkpoint_sailbox(sid(&a)).await.unwrap().into_inner();
-    assert_eq!(ck2.parent_checkpoint, ck.checkpoint_id);
-    assert!(
-        ck2.memory_bytes_changed < ck.memory_bytes_changed,
-        "the second checkpoint stores only what changed since the first: {ck2:?} vs {ck:?}"
-    );
-
-    // Fork a running sailbox: two independent machines from one state.
-    let fork = c.fork(sid(&a)).await.unwrap().into_inner();
-    let b = fork.child.unwrap().sailbox_id;
-    assert_ne!(a, b);
-    // The child maps the checkpoint's shared memory view privately: no memory file of its own.
-    let mnt = dir.path().join("vmm/cowfs/mnt");
-    let view = mnt.join(format!("{}.mem", fork.checkpoint.as_ref().unwrap().checkpoint_id));
-    assert!(view.exists(), "the fork maps the checkpoint's view");
-    assert!(!mnt.join(format!("{b}.mem")).exists() && mnt.join(format!("{b}.disk")).exists());
-    let in_b = count(&mut c, &b).await;
-    assert!(in_b >= at_checkpoint, "the child's counter carries on from the parent's memory ({in_b} < {at_checkpoint})");
-    assert_eq!(text(&mut c, &b, "/data/note.txt").await, "written before the checkpoint\n");
-    write(&mut c, &a, "/data/who", b"a").await.unwrap();
-    write(&mut c, &b, "/data/who", b"b").await.unwrap();
-    assert_eq!(text(&mut c, &a, "/data/who").await, "a");
-    assert_eq!(text(&mut c, &b, "/data/who").await, "b");
-    let host_a = run(&mut c, &a, "hostname").await.stdout;
-    let host_b = run(&mut c, &b, "hostname").await.stdout;
-    assert_ne!(host_a, host_b, "each fork has its own hostname");
-    let rand_a = run(&mut c, &a, "head -c 16 /dev/urandom | od -An -tx1").await.stdout;
-    let rand_b = run(&mut c, &b, "head -c 16 /dev/urandom | od -An -tx1").await.stdout;
-    assert_ne!(rand_a, rand_b);
+    let (a, before) = counting_web_server(&mut c).await;
+    let (ck, at_checkpoint) = checkpoints_store_what_changed(&mut c, &a, before).await;
+    let (b, view, in_b) = fork_a_running_sailbox(&mut c, dir.path(), &a, at_checkpoint).await;
 
     // A vmm-host restart re-attaches to the fork on its view (and keeps the view).
     drop(c);
@@ -134,92 +95,186 @@ async fn checkpoint_fork_sleep_pause_restore() {
     assert!(view.exists(), "a restart keeps the view a running fork maps");
     let in_b = count_after(&mut c, &b, in_b).await;
 
-    // Fork a sleeping sailbox: the child runs, the parent stays asleep. The child's sleep
-    // saves all of its (private) memory; its counter goes on in the grandchild.
-    let b_before_sleep = count_after(&mut c, &b, in_b).await;
-    c.sleep(pb::SleepRequest { sailbox_id: b.clone(), call: String::new() }).await.unwrap();
-    assert_eq!(state(&mut c, &b).await, pb::SailboxState::Sleeping as i32);
+    fork_a_sleeper(&mut c, dir.path(), &b, in_b, &ck, &view).await;
+    exec_wakes_and_upgrade(&mut c, &b).await;
+    let url = ingress_and_calls_wake_sleepers(&mut c, &a).await;
+    pause_holds_until_resumed(&mut c, &a, &url, at_checkpoint).await;
+    failed_pause_loses_nothing(&mut c, dir.path(), &a).await;
+    restore_on_a_fresh_data_dir(c, served, dir.path(), &a).await;
+}
+
+/// A sailbox running the counter and a web server, with a note on its disk; returns it and
+/// a count it reached.
+async fn counting_web_server(c: &mut Client) -> (String, u64) {
+    let a = c.create_sailbox(minimal(vec![8080])).await.unwrap().into_inner().sailbox_id;
+    background(c, &a, COUNTER).await;
+    write(c, &a, "/data/note.txt", b"written before the checkpoint\n").await.unwrap();
+    write(c, &a, "/www/index.html", b"hello from a\n").await.unwrap();
+    background(c, &a, "httpd -f -p 8080 -h /www").await;
+    let before = count_after(c, &a, 3).await;
+
+    (a, before)
+}
+
+/// Checkpoint while running: the guest keeps going; a second checkpoint stores only what
+/// changed. Returns the first checkpoint and a count reached after it.
+async fn checkpoints_store_what_changed(c: &mut Client, a: &str, before: u64) -> (pb::Checkpoint, u64) {
+    let ck = c.checkpoint_sailbox(sid(a)).await.unwrap().into_inner();
+    assert!(ck.checkpoint_id.starts_with("ck-"));
+    assert!(ck.memory_bytes_changed > 0 && ck.memory_bytes_uploaded <= ck.memory_bytes_changed, "{ck:?}");
+    assert!(ck.memory_bytes_changed < ck.memory_bytes, "only written regions are stored: {ck:?}");
+    let at_checkpoint = count_after(c, a, before).await;
+    let ck2 = c.checkpoint_sailbox(sid(a)).await.unwrap().into_inner();
+    assert_eq!(ck2.parent_checkpoint, ck.checkpoint_id);
+    assert!(
+        ck2.memory_bytes_changed < ck.memory_bytes_changed,
+        "the second checkpoint stores only what changed since the first: {ck2:?} vs {ck:?}"
+    );
+
+    (ck, at_checkpoint)
+}
+
+/// Fork a running sailbox: two independent machines from one state. Returns the child, the
+/// checkpoint's memory view it maps and a count it reached.
+async fn fork_a_running_sailbox(
+    c: &mut Client,
+    dir: &std::path::Path,
+    a: &str,
+    at_checkpoint: u64,
+) -> (String, std::path::PathBuf, u64) {
+    let fork = c.fork(sid(a)).await.unwrap().into_inner();
+    let b = fork.child.unwrap().sailbox_id;
+    assert_ne!(a, b);
+    // The child maps the checkpoint's shared memory view privately: no memory file of its own.
+    let mnt = dir.join("vmm/cowfs/mnt");
+    let view = mnt.join(format!("{}.mem", fork.checkpoint.as_ref().unwrap().checkpoint_id));
+    assert!(view.exists(), "the fork maps the checkpoint's view");
+    assert!(!mnt.join(format!("{b}.mem")).exists() && mnt.join(format!("{b}.disk")).exists());
+    let in_b = count(c, &b).await;
+    assert!(in_b >= at_checkpoint, "the child's counter carries on from the parent's memory ({in_b} < {at_checkpoint})");
+    assert_eq!(text(c, &b, "/data/note.txt").await, "written before the checkpoint\n");
+    write(c, a, "/data/who", b"a").await.unwrap();
+    write(c, &b, "/data/who", b"b").await.unwrap();
+    assert_eq!(text(c, a, "/data/who").await, "a");
+    assert_eq!(text(c, &b, "/data/who").await, "b");
+    let host_a = run(c, a, "hostname").await.stdout;
+    let host_b = run(c, &b, "hostname").await.stdout;
+    assert_ne!(host_a, host_b, "each fork has its own hostname");
+    let rand_a = run(c, a, "head -c 16 /dev/urandom | od -An -tx1").await.stdout;
+    let rand_b = run(c, &b, "head -c 16 /dev/urandom | od -An -tx1").await.stdout;
+    assert_ne!(rand_a, rand_b);
+
+    (b, view, in_b)
+}
+
+/// Fork a sleeping sailbox: the child runs, the parent stays asleep. The child's sleep
+/// saves all of its (private) memory; its counter goes on in the grandchild.
+async fn fork_a_sleeper(c: &mut Client, dir: &std::path::Path, b: &str, in_b: u64, ck: &pb::Checkpoint, view: &std::path::Path) {
+    let b_before_sleep = count_after(c, b, in_b).await;
+    c.sleep(pb::SleepRequest { sailbox_id: b.to_owned(), call: String::new() }).await.unwrap();
+    assert_eq!(state(c, b).await, pb::SailboxState::Sleeping as i32);
     assert!(!view.exists(), "the view goes with the last VM mapping it");
-    let fork_b = c.fork(sid(&b)).await.unwrap().into_inner();
+    let fork_b = c.fork(sid(b)).await.unwrap().into_inner();
     let ck_b = fork_b.checkpoint.unwrap();
     assert!(
         ck_b.memory_bytes_uploaded <= ck_b.memory_bytes_changed && ck_b.memory_bytes_changed < ck.memory_bytes_changed,
         "a fork's checkpoint stores what the fork changed, not all its memory: {ck_b:?} vs the first {ck:?}"
     );
     let grandchild = fork_b.child.unwrap().sailbox_id;
-    count_after(&mut c, &grandchild, b_before_sleep).await;
-    assert_eq!(text(&mut c, &grandchild, "/data/who").await, "b");
+    count_after(c, &grandchild, b_before_sleep).await;
+    assert_eq!(text(c, &grandchild, "/data/who").await, "b");
     // A sleep whose chunks cannot be stored fails and loses nothing: the guest runs on.
     // (The grandchild is a fork: its memory goes through the mapped-ram path.)
-    let chunks = dir.path().join("vmm/chunks");
-    let at = count(&mut c, &grandchild).await;
+    let chunks = dir.join("vmm/chunks");
+    let at = count(c, &grandchild).await;
     set_immutable(&chunks, true);
     let failed = c.sleep(pb::SleepRequest { sailbox_id: grandchild.clone(), call: String::new() }).await;
     set_immutable(&chunks, false);
     let e = failed.expect_err("a sleep that cannot store its checkpoint must fail");
     assert_eq!(error_name(&e), "SailboxCreationError", "{e:?}");
-    assert_eq!(state(&mut c, &grandchild).await, pb::SailboxState::Running as i32);
-    count_after(&mut c, &grandchild, at).await;
-    assert_eq!(state(&mut c, &b).await, pb::SailboxState::Sleeping as i32, "forking a sleeper must not wake it");
-    c.terminate(pb::TerminateRequest { sailbox_id: (&grandchild).to_string() }).await.unwrap();
-    // An exec wakes a sleeper; upgrade of a current agent needs no reboot.
-    assert_eq!(run(&mut c, &b, "cat /data/who").await.stdout, b"b");
-    assert_eq!(state(&mut c, &b).await, pb::SailboxState::Running as i32);
-    let up = c.upgrade(sid(&b)).await.unwrap().into_inner();
-    assert!(up.applied);
-    c.sleep(pb::SleepRequest { sailbox_id: b.clone(), call: String::new() }).await.unwrap();
-    let up = c.upgrade(sid(&b)).await.unwrap().into_inner();
-    assert!(!up.applied && up.sailbox.unwrap().pending_upgrade, "recorded for the next wake");
-    let woken = c.resume(sid(&b)).await.unwrap().into_inner();
-    assert!(!woken.pending_upgrade && woken.state == pb::SailboxState::Running as i32);
-    assert_eq!(text(&mut c, &b, "/data/who").await, "b", "an upgrade reboots on the same disk");
-    c.terminate(pb::TerminateRequest { sailbox_id: (&b).to_string() }).await.unwrap();
+    assert_eq!(state(c, &grandchild).await, pb::SailboxState::Running as i32);
+    count_after(c, &grandchild, at).await;
+    assert_eq!(state(c, b).await, pb::SailboxState::Sleeping as i32, "forking a sleeper must not wake it");
+    c.terminate(pb::TerminateRequest { sailbox_id: grandchild.clone() }).await.unwrap();
+}
 
-    // Sleep, then an HTTP request to the listener wakes it and gets its answer.
+/// An exec wakes a sleeper; upgrade of a current agent needs no reboot, of a sleeper waits
+/// for its wake.
+async fn exec_wakes_and_upgrade(c: &mut Client, b: &str) {
+    assert_eq!(run(c, b, "cat /data/who").await.stdout, b"b");
+    assert_eq!(state(c, b).await, pb::SailboxState::Running as i32);
+    let up = c.upgrade(sid(b)).await.unwrap().into_inner();
+    assert!(up.applied);
+    c.sleep(pb::SleepRequest { sailbox_id: b.to_owned(), call: String::new() }).await.unwrap();
+    let up = c.upgrade(sid(b)).await.unwrap().into_inner();
+    assert!(!up.applied && up.sailbox.unwrap().pending_upgrade, "recorded for the next wake");
+    let woken = c.resume(sid(b)).await.unwrap().into_inner();
+    assert!(!woken.pending_upgrade && woken.state == pb::SailboxState::Running as i32);
+    assert_eq!(text(c, b, "/data/who").await, "b", "an upgrade reboots on the same disk");
+    c.terminate(pb::TerminateRequest { sailbox_id: b.to_string() }).await.unwrap();
+}
+
+/// Sleep, then an HTTP request to the listener wakes it and gets its answer; a sleep during
+/// an external call ends when the call completes. Returns the listener's URL.
+async fn ingress_and_calls_wake_sleepers(c: &mut Client, a: &str) -> String {
     let url =
-        c.get_sailbox(pb::GetSailboxRequest { sailbox_id: a.clone(), connect: false }).await.unwrap().into_inner().listeners[0]
-            .url
-            .clone();
-    c.sleep(pb::SleepRequest { sailbox_id: a.clone(), call: "llm-call-1".into() }).await.unwrap();
-    assert_eq!(state(&mut c, &a).await, pb::SailboxState::Sleeping as i32);
+        c.get_sailbox(pb::GetSailboxRequest { sailbox_id: a.to_owned(), connect: false }).await.unwrap().into_inner().listeners
+            [0]
+        .url
+        .clone();
+    c.sleep(pb::SleepRequest { sailbox_id: a.to_owned(), call: "llm-call-1".into() }).await.unwrap();
+    assert_eq!(state(c, a).await, pb::SailboxState::Sleeping as i32);
     let page = http_get(&url).await.unwrap();
     assert!(page.ends_with("hello from a\n"), "{page}");
-    assert_eq!(state(&mut c, &a).await, pb::SailboxState::Running as i32);
+    assert_eq!(state(c, a).await, pb::SailboxState::Running as i32);
     // Sleep during an external call: completing the call wakes it.
-    c.sleep(pb::SleepRequest { sailbox_id: a.clone(), call: "llm-call-2".into() }).await.unwrap();
-    let e = c.complete_call(pb::CompleteCallRequest { sailbox_id: a.clone(), call: "other".into() }).await.unwrap_err();
+    c.sleep(pb::SleepRequest { sailbox_id: a.to_owned(), call: "llm-call-2".into() }).await.unwrap();
+    let e = c.complete_call(pb::CompleteCallRequest { sailbox_id: a.to_owned(), call: "other".into() }).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
-    let sb =
-        c.complete_call(pb::CompleteCallRequest { sailbox_id: a.clone(), call: "llm-call-2".into() }).await.unwrap().into_inner();
+    let sb = c
+        .complete_call(pb::CompleteCallRequest { sailbox_id: a.to_owned(), call: "llm-call-2".into() })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(sb.state, pb::SailboxState::Running as i32);
 
-    // Pause: exec fails with the execution error, ingress does not wake it.
-    c.pause(sid(&a)).await.unwrap();
-    let e = c.exec(pb::ExecRequest { sailbox_id: a.clone(), command: "true".into(), ..Default::default() }).await.unwrap_err();
-    assert_eq!(error_name(&e), "SailboxExecutionError");
-    assert!(http_get(&url).await.map(|p| p.is_empty()).unwrap_or(true), "a paused sailbox answered");
-    assert_eq!(state(&mut c, &a).await, pb::SailboxState::Paused as i32);
-    let resumed = c.get_sailbox(pb::GetSailboxRequest { sailbox_id: a.clone(), connect: true }).await.unwrap().into_inner();
-    assert_eq!(resumed.state, pb::SailboxState::Running as i32, "connect resumes");
-    count_after(&mut c, &a, at_checkpoint).await;
+    url
+}
 
-    // The same for a sailbox with its own memory file (exported by cowfs).
-    let at = count(&mut c, &a).await;
+/// Pause: exec fails with the execution error, ingress does not wake it; connect resumes.
+async fn pause_holds_until_resumed(c: &mut Client, a: &str, url: &str, at_checkpoint: u64) {
+    c.pause(sid(a)).await.unwrap();
+    let e = c.exec(pb::ExecRequest { sailbox_id: a.to_owned(), command: "true".into(), ..Default::default() }).await.unwrap_err();
+    assert_eq!(error_name(&e), "SailboxExecutionError");
+    assert!(http_get(url).await.map(|p| p.is_empty()).unwrap_or(true), "a paused sailbox answered");
+    assert_eq!(state(c, a).await, pb::SailboxState::Paused as i32);
+    let resumed = c.get_sailbox(pb::GetSailboxRequest { sailbox_id: a.to_owned(), connect: true }).await.unwrap().into_inner();
+    assert_eq!(resumed.state, pb::SailboxState::Running as i32, "connect resumes");
+    count_after(c, a, at_checkpoint).await;
+}
+
+/// A pause whose chunks cannot be stored fails and loses nothing, for a sailbox with its own
+/// memory file (exported by cowfs).
+async fn failed_pause_loses_nothing(c: &mut Client, dir: &std::path::Path, a: &str) {
+    let chunks = dir.join("vmm/chunks");
+    let at = count(c, a).await;
     set_immutable(&chunks, true);
-    let failed = c.pause(sid(&a)).await;
+    let failed = c.pause(sid(a)).await;
     set_immutable(&chunks, false);
     assert_eq!(error_name(&failed.expect_err("a pause that cannot store its checkpoint must fail")), "SailboxCreationError");
-    assert_eq!(state(&mut c, &a).await, pb::SailboxState::Running as i32);
-    count_after(&mut c, &a, at).await;
+    assert_eq!(state(c, a).await, pb::SailboxState::Running as i32);
+    count_after(c, a, at).await;
+}
 
-    // Checkpoint, terminate, restore on a fresh data directory sharing the chunk store.
-    let last = c.checkpoint_sailbox(sid(&a)).await.unwrap().into_inner();
-    let counted = count(&mut c, &a).await;
-    c.terminate(pb::TerminateRequest { sailbox_id: (&a).to_string() }).await.unwrap();
+/// Checkpoint, terminate, restore on a fresh data directory sharing the chunk store.
+async fn restore_on_a_fresh_data_dir(mut c: Client, served: common::Served, dir: &std::path::Path, a: &str) {
+    let last = c.checkpoint_sailbox(sid(a)).await.unwrap().into_inner();
+    let counted = count(&mut c, a).await;
+    c.terminate(pb::TerminateRequest { sailbox_id: a.to_string() }).await.unwrap();
     drop(c);
     served.stop().await;
     let fresh = common::data_dir();
-    let chunks = dir.path().join("vmm/chunks");
+    let chunks = dir.join("vmm/chunks");
     let served = serve_with(fresh.path(), |cfg| cfg.chunks_dir = chunks.clone()).await;
     let mut c = served.client().await;
     let req = pb::RestoreRequest { checkpoint_id: last.checkpoint_id.clone(), ..Default::default() };
@@ -229,7 +284,7 @@ async fn checkpoint_fork_sleep_pause_restore() {
     assert_eq!(text(&mut c, &r, "/data/note.txt").await, "written before the checkpoint\n");
     let e = c.restore_sailbox(pb::RestoreRequest { checkpoint_id: "ck-00".into(), ..Default::default() }).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
-    c.terminate(pb::TerminateRequest { sailbox_id: (&r).to_string() }).await.unwrap();
+    c.terminate(pb::TerminateRequest { sailbox_id: r.clone() }).await.unwrap();
     assert!(common::vm_processes(fresh.path()).is_empty());
     drop(c);
     served.stop().await;

@@ -53,7 +53,7 @@ pub struct Initramfs {
 }
 
 fn missing(what: &str, path: &Path) -> SailboxError {
-    SailboxError::Host(format!("{what} not found at {}: run `bash scripts/setup.sh vm` (or set SAIL_GUEST_DIR)", path.display()))
+    SailboxError::Setup(format!("{what} not found at {}: run `bash scripts/setup.sh vm` (or set SAIL_GUEST_DIR)", path.display()))
 }
 
 impl GuestKit {
@@ -72,8 +72,8 @@ impl GuestKit {
 
     /// Module names in load order.
     pub fn modules(&self) -> Result<Vec<String>> {
-        let order = std::fs::read_to_string(self.dir.join("modules/order"))
-            .map_err(|e| SailboxError::host("reading modules/order", e))?;
+        let order =
+            std::fs::read_to_string(self.dir.join("modules/order")).map_err(|e| SailboxError::io("reading modules/order", e))?;
         Ok(order.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_owned).collect())
     }
 
@@ -81,7 +81,7 @@ impl GuestKit {
     /// the hash of its content, so a new agent or module set gives a new file.
     pub fn initramfs(&self, agent: &Path, out_dir: &Path) -> Result<Initramfs> {
         let info = describe_agent(agent)?;
-        let read = |p: &Path| std::fs::read(p).map_err(|e| SailboxError::host(format!("reading {}", p.display()), e));
+        let read = |p: &Path| std::fs::read(p).map_err(|e| SailboxError::io(format!("reading {}", p.display()), e));
         let mut w = cpio::CpioWriter::new();
         for d in ["bin", "dev", "proc", "sys", "newroot", "lib", "lib/modules"] {
             w.dir(d);
@@ -97,12 +97,12 @@ impl GuestKit {
         w.file("sail-agent", 0o755, &read(agent)?);
         let archive = w.finish();
         let hash = blake3::hash(&archive).to_hex();
-        std::fs::create_dir_all(out_dir).map_err(|e| SailboxError::host("creating the initramfs dir", e))?;
+        std::fs::create_dir_all(out_dir).map_err(|e| SailboxError::io("creating the initramfs dir", e))?;
         let path = out_dir.join(format!("initramfs-{}.cpio", &hash[..16]));
         if !path.exists() {
             let tmp = out_dir.join(format!(".initramfs-{}.tmp{}", &hash[..16], std::process::id()));
-            std::fs::write(&tmp, &archive).map_err(|e| SailboxError::host("writing the initramfs", e))?;
-            std::fs::rename(&tmp, &path).map_err(|e| SailboxError::host("installing the initramfs", e))?;
+            std::fs::write(&tmp, &archive).map_err(|e| SailboxError::io("writing the initramfs", e))?;
+            std::fs::rename(&tmp, &path).map_err(|e| SailboxError::io("installing the initramfs", e))?;
         }
         Ok(Initramfs { path, agent: info })
     }
@@ -111,13 +111,13 @@ impl GuestKit {
 /// Runs the (static) agent binary on the host to learn its versions.
 pub fn describe_agent(agent: &Path) -> Result<AgentInfo> {
     if !agent.is_file() {
-        return Err(SailboxError::Host(format!(
+        return Err(SailboxError::Setup(format!(
             "sail-agent not found at {}: build it with `bash scripts/build-agent.sh` (or set SAIL_AGENT_BIN)",
             agent.display()
         )));
     }
     if !is_static(agent)? {
-        return Err(SailboxError::Host(format!(
+        return Err(SailboxError::Setup(format!(
             "{} is dynamically linked; guests need the static build from scripts/build-agent.sh",
             agent.display()
         )));
@@ -125,17 +125,18 @@ pub fn describe_agent(agent: &Path) -> Result<AgentInfo> {
     let out = std::process::Command::new(agent)
         .arg("--describe")
         .output()
-        .map_err(|e| SailboxError::host(format!("running {} --describe", agent.display()), e))?;
+        .map_err(|e| SailboxError::io(format!("running {} --describe", agent.display()), e))?;
     if !out.status.success() {
-        return Err(SailboxError::Host(format!("{} --describe failed", agent.display())));
+        return Err(SailboxError::Setup(format!("{} --describe failed", agent.display())));
     }
-    serde_json::from_slice(&out.stdout).map_err(|e| SailboxError::host("parsing sail-agent --describe", e))
+    serde_json::from_slice(&out.stdout)
+        .map_err(|source| SailboxError::AgentDescribe { agent: agent.display().to_string(), source })
 }
 
 /// Whether an ELF executable has no program interpreter (is statically linked).
 pub fn is_static(path: &Path) -> Result<bool> {
-    let data = std::fs::read(path).map_err(|e| SailboxError::host(format!("reading {}", path.display()), e))?;
-    let bad = || SailboxError::Host(format!("{} is not a 64-bit ELF executable", path.display()));
+    let data = std::fs::read(path).map_err(|e| SailboxError::io(format!("reading {}", path.display()), e))?;
+    let bad = || SailboxError::Setup(format!("{} is not a 64-bit ELF executable", path.display()));
     if data.len() < 64 || &data[..4] != b"\x7fELF" || data[4] != 2 {
         return Err(bad());
     }

@@ -69,15 +69,15 @@ impl Qemu {
     /// Finds `qemu-system-x86_64` and its qboot firmware.
     pub fn new(qemu: PathBuf) -> Result<Self> {
         let out = Command::new(&qemu).arg("--version").output().map_err(|e| {
-            SailboxError::Host(format!(
-                "{} not runnable ({e}): run `bash scripts/setup.sh vm` (installs qemu-system-x86)",
-                qemu.display()
-            ))
+            SailboxError::io(
+                format!("{} not runnable (run `bash scripts/setup.sh vm`: it installs qemu-system-x86)", qemu.display()),
+                e,
+            )
         })?;
         let version = String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or("").to_owned();
         let firmware = PathBuf::from("/usr/share/qemu/qboot.rom");
         if !firmware.is_file() {
-            return Err(SailboxError::Host(format!("{} missing (Debian's qemu-system-data)", firmware.display())));
+            return Err(SailboxError::Setup(format!("{} missing (Debian's qemu-system-data)", firmware.display())));
         }
         Ok(Self { qemu, firmware, version })
     }
@@ -165,7 +165,7 @@ impl QemuVm {
         format: StateFormat,
         timeout: Duration,
     ) -> Result<(serde_json::Value, Instant)> {
-        let err = |e: qmp::QmpError| SailboxError::host(format!("sailbox {}", self.spec.id), e);
+        let err = |source| SailboxError::Qmp { vm: self.spec.id.clone(), source };
         let mut qmp = Qmp::connect(&self.qmp, QMP_TIMEOUT).await.map_err(err)?;
         let mapped = format == StateFormat::MappedRam;
         let caps = json!({"capabilities": [
@@ -190,20 +190,20 @@ impl QemuVm {
                 }
                 Some("failed") | Some("cancelled") => {
                     let why = st.get("error-desc").and_then(|d| d.as_str()).unwrap_or("no reason given");
-                    return Err(SailboxError::Host(format!("{command} failed: {why}")));
+                    return Err(SailboxError::Migration { command: command.to_owned(), reason: why.to_owned() });
                 }
                 _ => unfinished_at = Instant::now(),
             }
             if Instant::now() > deadline {
                 let _ = qmp.execute("migrate_cancel", json!({}), QMP_TIMEOUT).await;
-                return Err(SailboxError::Host(format!("{command} did not finish in time")));
+                return Err(SailboxError::Migration { command: command.to_owned(), reason: "it did not finish in time".into() });
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
 
     async fn qmp(&self, command: &str) -> Result<serde_json::Value> {
-        let err = |e| SailboxError::host(format!("sailbox {}", self.spec.id), e);
+        let err = |source| SailboxError::Qmp { vm: self.spec.id.clone(), source };
         let mut qmp = Qmp::connect(&self.qmp, QMP_TIMEOUT).await.map_err(err)?;
         qmp.execute(command, json!({}), QMP_TIMEOUT).await.map_err(err)
     }
@@ -264,10 +264,10 @@ impl Hypervisor for Qemu {
     fn stage_device_state(&self, state: &DeviceState, path: &Path) -> Result<Incoming> {
         match state.format {
             StateFormat::IgnoreShared => {
-                std::fs::write(path, &state.bytes).map_err(|e| SailboxError::host("writing the device state", e))?
+                std::fs::write(path, &state.bytes).map_err(|e| SailboxError::io("writing the device state", e))?
             }
             StateFormat::MappedRam => mapped_ram::write_sparse(&state.bytes, path)
-                .map_err(|e| SailboxError::Storage(format!("checkpoint device state: {e}")))?,
+                .map_err(|source| SailboxError::MappedRam { what: "staging the checkpoint's device state", source })?,
         }
         Ok(Incoming { path: path.to_path_buf(), format: state.format })
     }
@@ -307,7 +307,7 @@ impl VmHandle for QemuVm {
     async fn save_device_state(&self, path: &Path) -> Result<DeviceState> {
         let uri = format!("file:{}", path.display());
         self.migrate("migrate", uri, StateFormat::IgnoreShared, MIGRATE_TIMEOUT).await?;
-        let bytes = std::fs::read(path).map_err(|e| SailboxError::host("reading the device state", e))?;
+        let bytes = std::fs::read(path).map_err(|e| SailboxError::io("reading the device state", e))?;
         Ok(DeviceState { bytes, format: StateFormat::IgnoreShared })
     }
 
@@ -329,9 +329,8 @@ impl VmHandle for QemuVm {
                 Ok::<_, mapped_ram::MappedRamError>((layout, mapped_ram::device_state(&path, &layout)?))
             }
         })
-        .await
-        .map_err(|e| SailboxError::Host(e.to_string()))?
-        .map_err(|e| SailboxError::Host(format!("splitting the memory save: {e}")))?;
+        .await?
+        .map_err(|source| SailboxError::MappedRam { what: "splitting the memory save", source })?;
         let image = RamImage { path, offset: layout.pages_offset, size: layout.size };
         Ok((image, DeviceState { bytes, format: StateFormat::MappedRam }))
     }
