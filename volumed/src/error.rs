@@ -91,9 +91,10 @@ pub enum VolumeError {
     /// The chunk backend failed.
     #[error("chunk backend error: {0}")]
     Chunk(#[source] ChunkError),
-    /// The chunk backend cannot do what was asked (presign, take batches).
-    #[error("chunk backend error: {0}")]
-    Backend(String),
+    /// The chunk backend cannot do what was asked (a capability it lacks, not a failure:
+    /// there is no cause to keep).
+    #[error("the chunk backend cannot {0}")]
+    Unsupported(&'static str),
 }
 
 impl VolumeError {
@@ -135,7 +136,7 @@ impl VolumeError {
             | Self::BadSigningKey(_)
             | Self::Task { .. }
             | Self::Chunk(_)
-            | Self::Backend(_) => "SailError",
+            | Self::Unsupported(_) => "SailError",
         }
     }
 }

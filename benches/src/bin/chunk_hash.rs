@@ -1,7 +1,7 @@
 //! Chunk + hash throughput: the fixed and FastCDC chunkers, on one thread and on all cores,
 //! against plain single-thread BLAKE3 of the same buffer.
 //!
-//! `cargo run --release -p sail-benches --bin chunk_hash [-- --mib 512 --runs 5]`
+//! `cargo run --release -p benches --bin chunk_hash [-- --mib 512 --runs 5]`
 
 use benches::{median_of, mib_per_s, print_table, random_bytes};
 use chunkstore::{ChunkPolicy, Chunking};

@@ -7,7 +7,7 @@
 //! baseline is one synced RocksDB write of the same size class (an fsync of the WAL), the
 //! floor any durable commit pays.
 //!
-//! `cargo run --release -p sail-benches --bin commit_latency [-- --sizes 1000,100000,1000000]`
+//! `cargo run --release -p benches --bin commit_latency [-- --sizes 1000,100000,1000000]`
 
 use std::time::{Duration, Instant};
 

@@ -6,7 +6,7 @@
 //! - s3: the same through S3 presigned URLs against a local s3s-fs, vs aws-sdk-s3 PUT/GET
 //!   of the same chunks straight to the same server, at the same concurrency.
 //!
-//! `cargo run --release -p sail-benches --bin datapath [-- --mib 1024 --skip-s3]`
+//! `cargo run --release -p benches --bin datapath [-- --mib 1024 --skip-s3]`
 
 use std::collections::HashMap;
 use std::io::{Read, Write};

@@ -4,7 +4,7 @@
 //! Baselines in the same run: a host `sh -c true` (fork + exec, what an exec costs without a
 //! VM), the agent's `Hello` (the vsock + gRPC round trip alone), and the guest's `dd`.
 //!
-//! `cargo run --release -p sail-benches --bin sailbox [-- --boots 5 --execs 50 --mib 256]`
+//! `cargo run --release -p benches --bin sailbox [-- --boots 5 --execs 50 --mib 256]`
 //! (root; `bash scripts/setup.sh vm && bash scripts/build-agent.sh` first).
 
 use std::time::{Duration, Instant};

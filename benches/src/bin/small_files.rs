@@ -7,7 +7,7 @@
 //! around 3 KiB (capped at 16 KiB). Each timed commit runs against a fresh volumed in a fresh
 //! directory and includes chunking and hashing, `MissingChunks`, the uploads and `Commit`.
 //!
-//! `cargo run --release -p sail-benches --bin small_files [-- --files 10000 --runs 3]`
+//! `cargo run --release -p benches --bin small_files [-- --files 10000 --runs 3]`
 
 use std::path::Path;
 use std::time::{Duration, Instant};

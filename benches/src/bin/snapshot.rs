@@ -4,7 +4,7 @@
 //! not grow with memory), host memory of 4 forks vs 4 independent sailboxes, and the cowfs
 //! disk file against a plain local file.
 //!
-//! `cargo run --release -p sail-benches --bin snapshot [-- --reps 3 --big-mib 4096]`
+//! `cargo run --release -p benches --bin snapshot [-- --reps 3 --big-mib 4096]`
 //! (root; `bash scripts/setup.sh vm && bash scripts/build-agent.sh` first).
 
 use std::io::{Read, Write};

@@ -15,7 +15,7 @@
 //!   with `taskset` to compare placements (benches/fuse/run.sh pins one to CPU 0, so its
 //!   CPU 1 row is a request and a reply that each cross CPUs).
 //!
-//! `cargo run --release -p sail-benches --bin wakeup [-- --mount /mnt/ws --rounds 20000]`
+//! `cargo run --release -p benches --bin wakeup [-- --mount /mnt/ws --rounds 20000]`
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;

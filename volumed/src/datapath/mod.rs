@@ -123,7 +123,7 @@ impl DataPath {
                 })
             }
             DataPath::S3 { backend } => {
-                backend.presign_put(id, len, ttl).await?.ok_or_else(|| VolumeError::Backend("S3 backend did not presign".into()))
+                backend.presign_put(id, len, ttl).await?.ok_or_else(|| VolumeError::Unsupported("presign a PUT URL"))
             }
         }
     }
@@ -160,7 +160,7 @@ impl DataPath {
                 })
             }
             DataPath::S3 { backend } => {
-                backend.presign_get(id, ttl).await?.ok_or_else(|| VolumeError::Backend("S3 backend did not presign".into()))
+                backend.presign_get(id, ttl).await?.ok_or_else(|| VolumeError::Unsupported("presign a GET URL"))
             }
         }
     }

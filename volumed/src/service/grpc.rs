@@ -54,7 +54,7 @@ pub fn to_status(e: impl Into<VolumeError>) -> Status {
         | VolumeError::BadSigningKey(_)
         | VolumeError::Task { .. }
         | VolumeError::Chunk(_)
-        | VolumeError::Backend(_) => Code::Internal,
+        | VolumeError::Unsupported(_) => Code::Internal,
     };
     let detail = pb::ErrorDetail { name: e.name().to_owned(), message: e.to_string() };
     Status::with_details(code, e.to_string(), detail.encode_to_vec().into())

@@ -227,10 +227,8 @@ impl Volumes {
             out.single.push((id, self.data.upload_url(id, len, self.url_ttl).await?));
         }
         for group in split_batches(small) {
-            let batch = self
-                .data
-                .batch_upload_url(group, self.url_ttl)
-                .ok_or_else(|| VolumeError::Backend("backend does not take batches".into()))?;
+            let batch =
+                self.data.batch_upload_url(group, self.url_ttl).ok_or_else(|| VolumeError::Unsupported("take batches"))?;
             out.batches.push(batch);
         }
         Ok(out)
