@@ -154,7 +154,13 @@ fn wait_ready(
         if let Some(status) = child.try_wait()? {
             let log = std::fs::read_to_string(log_path).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect();
-            bail!("the FUSE helper exited ({status}) before the mount was ready:\n{}", tail.join("\n"));
+            let message = format!("the FUSE helper exited ({status}) before the mount was ready:\n{}", tail.join("\n"));
+            // The helper is this binary: exit code 2 is a user error there too (an unknown
+            // volume without --create, a bad argument), and stays one here.
+            if status.code() == Some(2) {
+                bail!(UserError(message));
+            }
+            bail!(message);
         }
         if let Ok(c) = ControlClient::for_mount(mountpoint)
             && let Ok(st) = c.status()

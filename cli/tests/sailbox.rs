@@ -45,11 +45,23 @@ fn sailbox_commands_as_documented() {
     assert_eq!(up.sail(&["box", "exec", &id, "--", "sh", "-c", "exit 3"]).code, 3);
     assert_eq!(up.sail(&["box", "exec", &id, "--cwd", "/tmp", "--", "pwd"]).ok(), "/tmp\n");
 
+    // --timeout kills the command: exit 124 and a note on stderr.
+    let r = up.sail(&["box", "exec", "--timeout", "1", &id, "--", "sleep", "30"]);
+    assert_eq!(r.code, 124, "{}", r.stderr);
+    assert!(r.stderr.contains("timed out"), "{}", r.stderr);
+    // --json: the result object.
+    let j = up.sail(&["--json", "box", "exec", &id, "--", "sh", "-c", "echo out; echo err >&2; exit 5"]);
+    assert_eq!(j.code, 5);
+    let v: serde_json::Value = serde_json::from_str(j.out().trim()).expect("exec --json prints one object");
+    assert_eq!((v["stdout"].as_str(), v["stderr"].as_str(), v["return_code"].as_i64()), (Some("out\n"), Some("err\n"), Some(5)));
+
     // write / read, with a space in the path.
     let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
     up.sail_in(&["box", "write", &id, "/srv/a b/data.bin"], Some(&data)).ok();
     assert_eq!(up.sail(&["box", "read", &id, "/srv/a b/data.bin"]).stdout, data);
     assert_eq!(up.sail(&["box", "exec", &id, "--", "ls", "/srv/a b"]).ok(), "data.bin\n");
+    up.sail_in(&["box", "write", "--mode", "600", &id, "/srv/secret"], Some(b"s")).ok();
+    assert_eq!(up.sail(&["box", "exec", &id, "--", "stat", "-c", "%a", "/srv/secret"]).ok(), "600\n");
     let r = up.sail(&["box", "read", &id, "/srv/missing"]);
     assert_eq!(r.code, 2, "reading a missing file is a user error: {}", r.stderr);
 
@@ -77,6 +89,13 @@ fn sailbox_commands_as_documented() {
     assert_eq!(ls.as_array().map(Vec::len), Some(1), "{ls}");
     let l = up.sail(&["box", "listeners", &id]).ok();
     assert!(l.starts_with("port 8080 "), "{l}");
+    // Nothing listens on 8080 in the guest: --wait gives up with exit 1.
+    let r = up.sail(&["box", "listeners", &id, "--port", "8080", "--wait", "1"]);
+    assert_eq!(r.code, 1, "{}", r.stdout.len());
+    assert!(r.out().contains("not routed yet"), "{}", r.out());
+    // ls filters: --app, --all.
+    assert_eq!(up.sail(&["--json", "box", "ls", "--app", "no-such-app"]).json(), serde_json::json!([]));
+    assert_eq!(up.sail(&["--json", "box", "ls", "--app", "default"]).json().as_array().map(Vec::len), Some(1));
 
     // checkpoint prints its id.
     let ck = up.sail(&["box", "checkpoint", &id]).ok().trim().to_owned();
@@ -124,6 +143,13 @@ fn sailbox_commands_as_documented() {
     assert_eq!(r.json_error().0, "SailboxTerminatedError");
     let r = up.sail(&["box", "info", "sb-unknown"]);
     assert!(r.fails(2).starts_with("error: "), "{}", r.stderr);
+    // A terminated sailbox is listed only with --all.
+    assert_eq!(up.sail(&["--json", "box", "ls"]).json(), serde_json::json!([]));
+    let all = up.sail(&["--json", "box", "ls", "--all"]).json();
+    assert!(
+        all.as_array().is_some_and(|a| a.iter().any(|s| s["sailbox_id"] == id.as_str() && s["state"] == "terminated")),
+        "{all}"
+    );
 }
 
 struct Terminate<'a>(&'a Up, String);

@@ -85,6 +85,15 @@ fn user_errors_exit_2_with_one_error_line() {
     let r = up.sail(&["--json", "volume", "create", "bad/name"]);
     r.fails(2);
     assert_eq!(r.json_error().0, "VolumeInvalidArgumentError");
+    // A conflict: a file put under a path that is a file in the head.
+    let f = up.path("f.txt");
+    write_file(&f, b"f\n");
+    up.sail(&["volume", "put", "e", f.to_str().unwrap()]).ok();
+    let r = up.sail(&["--json", "volume", "put", "e", f.to_str().unwrap(), "--dest", "f.txt"]);
+    r.fails(2);
+    assert_eq!(r.json_error().0, "VolumeCommitConflictError");
+    let r = up.sail(&["volume", "put", "e", f.to_str().unwrap(), "--dest", "f.txt"]);
+    assert!(r.fails(2).lines().any(|l| l.starts_with("error: ") && l.contains("f.txt")), "{}", r.stderr);
     // A local path that does not exist is the caller's mistake too.
     let r = up.sail(&["volume", "put", "e", "/nonexistent/file"]);
     assert!(r.fails(2).contains("/nonexistent/file"), "{}", r.stderr);
@@ -110,6 +119,64 @@ fn service_not_running_says_what_to_run() {
         r.fails(1);
         assert_eq!(r.json_error().0, "SailError");
     }
+}
+
+/// The mount's own flags: --create mints the volume, --overlay-dir, --memory-cache-mib,
+/// --threads and --no-passthrough are taken (status shows passthrough off), --foreground
+/// serves until unmounted; --org scopes volumes.
+#[test]
+fn mount_flags() {
+    let up = Up::start();
+    let mnt = up.path("fresh");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let overlay = up.path("overlay");
+    let (m, o) = (mnt.to_str().unwrap(), overlay.to_str().unwrap());
+    let args = [
+        "volume",
+        "mount",
+        "minted",
+        m,
+        "--create",
+        "--overlay-dir",
+        o,
+        "--memory-cache-mib",
+        "64",
+        "--threads",
+        "2",
+        "--no-passthrough",
+    ];
+    up.sail(&args).ok();
+    let _unmount = Unmount(vec![mnt.clone()], up.endpoint.clone());
+    // The helper makes the overlay directory it was given (its files are O_TMPFILE: unnamed).
+    assert!(overlay.is_dir(), "--overlay-dir was not taken");
+    std::fs::write(mnt.join("x.txt"), b"x\n").unwrap();
+    let st = up.sail(&["--json", "volume", "status", m]).json();
+    assert_eq!(st["passthrough"], false, "{st}");
+    assert_eq!(st["volume"], "minted", "{st}");
+    up.sail(&["volume", "commit", m]).ok();
+    up.sail(&["volume", "unmount", m]).ok();
+    assert_eq!(up.sail(&["volume", "cat", "minted", "x.txt"]).ok(), "x\n");
+    // Without --create an unknown volume is not found (exit 2) and nothing stays mounted.
+    let r = up.sail(&["volume", "mount", "never-made", m]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    // --org: the same name in another org is another volume.
+    let other = sail_with(&[("SAIL_ENDPOINT", &up.endpoint)], &["--org", "other-org", "--json", "volume", "ls"], None).json();
+    assert_eq!(other, serde_json::json!([]));
+    // --foreground serves in this process until unmounted.
+    let mut fg = std::process::Command::new(common::SAIL)
+        .args(["--endpoint", &up.endpoint, "--org", "cli-tests", "volume", "mount", "--foreground", "minted", m])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let served = (0..200).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::fs::read(mnt.join("x.txt")).map(|b| b == b"x\n").unwrap_or(false)
+    });
+    assert!(served, "the foreground mount never served x.txt");
+    up.sail(&["volume", "unmount", m]).ok();
+    let status = fg.wait().unwrap();
+    assert!(status.success(), "the foreground helper exits 0 after unmount: {status}");
 }
 
 #[test]
