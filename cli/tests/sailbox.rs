@@ -125,6 +125,13 @@ fn sailbox_commands_as_documented() {
     assert_ne!(r.code, 0, "exec on a paused sailbox: {}", r.stderr);
     assert_eq!(r.json_error().0, "SailboxExecutionError");
     assert_eq!(up.sail(&["--json", "box", "resume", &id]).json()["state"], "running");
+    // info --connect on a running sailbox: it stays running; ls by agent schema.
+    let info = up.sail(&["--json", "box", "info", "--connect", &id]).json();
+    assert_eq!(info["state"], "running", "{info}");
+    let schema = info["guest_schema_version"].as_u64().expect("guest_schema_version");
+    let v = schema.to_string();
+    let listed = up.sail(&["--json", "box", "ls", "--max-guest-schema-version", &v]).json();
+    assert!(listed.as_array().is_some_and(|a| a.iter().any(|s| s["sailbox_id"] == id.as_str())), "{listed}");
     assert_eq!(up.sail(&["box", "exec", &id, "--", "cat", "/srv/a b/data.bin"]).stdout, data);
 
     // upgrade: the agent is current, so it applies at once.
