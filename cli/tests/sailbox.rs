@@ -20,19 +20,33 @@ fn sailbox_commands_as_documented() {
         panic!("the VM kit is missing: run `bash scripts/setup.sh vm && bash scripts/build-agent.sh` and set SAIL_AGENT_BIN");
     }
     let up = Up::start();
+    bad_arguments(&up);
+    let id = up.sail(&["box", "create", "--image", "minimal", "--port", "8080", "--name", "t"]).ok().trim().to_owned();
+    assert!(!id.is_empty() && !id.contains(' '), "create prints the id: {id:?}");
+    let _end = Terminate(&up, id.clone());
 
-    // Out-of-range arguments fail before anything is created.
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    exec(&up, &id);
+    files(&up, &id, &data);
+    detach_and_background(&up, &id);
+    info_ls_listeners(&up, &id);
+    checkpoint_fork_restore(&up, &id, &data);
+    sleep_pause_upgrade_doctor(&up, &id, &data);
+    terminate(&up, &id);
+}
+
+/// Out-of-range arguments fail before anything is created.
+fn bad_arguments(up: &Up) {
     let r = up.sail(&["--json", "box", "create", "--image", "minimal", "--memory-mib", "10"]);
     r.fails(2);
     assert_eq!(r.json_error().0, "SailboxCreationError");
     let r = up.sail(&["box", "create", "--image", "minimal", "--port", "22"]);
     assert!(r.fails(2).starts_with("error: "), "{}", r.stderr);
     assert_eq!(up.sail(&["--json", "box", "ls"]).json(), serde_json::json!([]));
+}
 
-    let id = up.sail(&["box", "create", "--image", "minimal", "--port", "8080", "--name", "t"]).ok().trim().to_owned();
-    assert!(!id.is_empty() && !id.contains(' '), "create prints the id: {id:?}");
-    let _end = Terminate(&up, id.clone());
-
+/// `box exec`: quoting, exit codes, --cwd, --timeout, --json.
+fn exec(up: &Up, id: &str) {
     // The words after `--` reach the program as given.
     assert_eq!(up.sail(&["box", "exec", &id, "--", "sh", "-c", "echo hi"]).ok(), "hi\n");
     assert_eq!(
@@ -54,9 +68,11 @@ fn sailbox_commands_as_documented() {
     assert_eq!(j.code, 5);
     let v: serde_json::Value = serde_json::from_str(j.out().trim()).expect("exec --json prints one object");
     assert_eq!((v["stdout"].as_str(), v["stderr"].as_str(), v["return_code"].as_i64()), (Some("out\n"), Some("err\n"), Some(5)));
+}
 
+/// `box write` / `box read`.
+fn files(up: &Up, id: &str, data: &[u8]) {
     // write / read, with a space in the path.
-    let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
     up.sail_in(&["box", "write", &id, "/srv/a b/data.bin"], Some(&data)).ok();
     assert_eq!(up.sail(&["box", "read", &id, "/srv/a b/data.bin"]).stdout, data);
     assert_eq!(up.sail(&["box", "exec", &id, "--", "ls", "/srv/a b"]).ok(), "data.bin\n");
@@ -64,7 +80,10 @@ fn sailbox_commands_as_documented() {
     assert_eq!(up.sail(&["box", "exec", &id, "--", "stat", "-c", "%a", "/srv/secret"]).ok(), "600\n");
     let r = up.sail(&["box", "read", &id, "/srv/missing"]);
     assert_eq!(r.code, 2, "reading a missing file is a user error: {}", r.stderr);
+}
 
+/// `box exec --detach` + `box wait`, `box exec --background`.
+fn detach_and_background(up: &Up, id: &str) {
     // --detach prints an exec id; wait picks it up; an unknown id is not found.
     let exec_id = up.sail(&["box", "exec", "--detach", &id, "--", "sh", "-c", "sleep 1; echo later"]).ok().trim().to_owned();
     assert!(!exec_id.is_empty());
@@ -80,10 +99,13 @@ fn sailbox_commands_as_documented() {
         up.sail(&["box", "exec", &id, "--", "cat", "/tmp/bg"]).out() == "up\n"
     });
     assert!(seen, "the background loop never wrote /tmp/bg");
+}
 
+/// `box info`, `box ls` and its filters, `box listeners`.
+fn info_ls_listeners(up: &Up, id: &str) {
     // info / ls / listeners.
     let info = up.sail(&["--json", "box", "info", &id]).json();
-    assert_eq!(info["sailbox_id"], id.as_str());
+    assert_eq!(info["sailbox_id"], id);
     assert!(up.sail(&["box", "info", &id]).ok().starts_with(&id));
     let ls = up.sail(&["--json", "box", "ls"]).json();
     assert_eq!(ls.as_array().map(Vec::len), Some(1), "{ls}");
@@ -96,24 +118,31 @@ fn sailbox_commands_as_documented() {
     // ls filters: --app, --all.
     assert_eq!(up.sail(&["--json", "box", "ls", "--app", "no-such-app"]).json(), serde_json::json!([]));
     assert_eq!(up.sail(&["--json", "box", "ls", "--app", "default"]).json().as_array().map(Vec::len), Some(1));
+}
 
+/// `box checkpoint`, `box fork`, `box restore`.
+fn checkpoint_fork_restore(up: &Up, id: &str, data: &[u8]) {
     // checkpoint prints its id.
     let ck = up.sail(&["box", "checkpoint", &id]).ok().trim().to_owned();
     assert!(ck.starts_with("ck-"), "{ck}");
 
     // fork prints the child's id; the child has the parent's files.
     let child = up.sail(&["box", "fork", &id]).ok().trim().to_owned();
-    let _end_child = Terminate(&up, child.clone());
+    let _end_child = Terminate(up, child.clone());
     assert!(!child.is_empty() && child != id, "{child}");
     assert_eq!(up.sail(&["box", "read", &child, "/srv/a b/data.bin"]).stdout, data);
     up.sail(&["box", "terminate", &child]).ok();
 
     // restore: a new sailbox from the checkpoint, with the files it held.
     let restored = up.sail(&["box", "restore", &ck, "--name", "r"]).ok().trim().to_owned();
-    let _end_restored = Terminate(&up, restored.clone());
+    let _end_restored = Terminate(up, restored.clone());
     assert_eq!(up.sail(&["box", "exec", &restored, "--", "ls", "/srv/a b"]).ok(), "data.bin\n");
     up.sail(&["box", "terminate", &restored]).ok();
+}
 
+/// `box sleep`/`complete-call`, `pause`/`resume`, `info --connect`, `ls
+/// --max-guest-schema-version`, `upgrade`, `doctor`.
+fn sleep_pause_upgrade_doctor(up: &Up, id: &str, data: &[u8]) {
     // sleep --call: completing another call is refused (exit 2); the right one wakes it.
     assert_eq!(up.sail(&["--json", "box", "sleep", &id, "--call", "llm-1"]).json()["state"], "sleeping");
     up.sail(&["box", "complete-call", &id, "other"]).fails(2);
@@ -131,7 +160,7 @@ fn sailbox_commands_as_documented() {
     let schema = info["guest_schema_version"].as_u64().expect("guest_schema_version");
     let v = schema.to_string();
     let listed = up.sail(&["--json", "box", "ls", "--max-guest-schema-version", &v]).json();
-    assert!(listed.as_array().is_some_and(|a| a.iter().any(|s| s["sailbox_id"] == id.as_str())), "{listed}");
+    assert!(listed.as_array().is_some_and(|a| a.iter().any(|s| s["sailbox_id"] == id)), "{listed}");
     assert_eq!(up.sail(&["box", "exec", &id, "--", "cat", "/srv/a b/data.bin"]).stdout, data);
 
     // upgrade: the agent is current, so it applies at once.
@@ -142,7 +171,10 @@ fn sailbox_commands_as_documented() {
     for key in ["accelerator", "qemu", "guest kernel", "agent", "service"] {
         assert_eq!(d[key]["ok"], true, "doctor {key}: {d}");
     }
+}
 
+/// `box terminate`, then what a terminated or unknown id gets.
+fn terminate(up: &Up, id: &str) {
     // terminate; then the id is terminated.
     up.sail(&["box", "terminate", &id]).ok();
     let r = up.sail(&["--json", "box", "exec", &id, "--", "true"]);
@@ -153,10 +185,7 @@ fn sailbox_commands_as_documented() {
     // A terminated sailbox is listed only with --all.
     assert_eq!(up.sail(&["--json", "box", "ls"]).json(), serde_json::json!([]));
     let all = up.sail(&["--json", "box", "ls", "--all"]).json();
-    assert!(
-        all.as_array().is_some_and(|a| a.iter().any(|s| s["sailbox_id"] == id.as_str() && s["state"] == "terminated")),
-        "{all}"
-    );
+    assert!(all.as_array().is_some_and(|a| a.iter().any(|s| s["sailbox_id"] == id && s["state"] == "terminated")), "{all}");
 }
 
 struct Terminate<'a>(&'a Up, String);
