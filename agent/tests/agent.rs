@@ -123,17 +123,29 @@ async fn timeout_kills_the_whole_process_group() {
     assert_eq!(r.return_code, 124);
     let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
     // The background sleep was in the command's process group: it is gone (or a zombie
-    // about to be reaped by its parent's exit).
-    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    assert!(state.is_empty() || state.contains(") Z"), "sleep survived the timeout: {state}");
+    // about to be reaped by its parent's exit). SIGKILL may still be in flight when the
+    // result arrives, so allow it a moment to land; a sleep that was never killed stays
+    // alive for 60 s and fails this.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if state.is_empty() || state.contains(") Z") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "sleep survived the timeout: {state}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]
 async fn leftover_children_do_not_hold_the_request_open() {
     let agent = Agent::start();
     let mut c = agent.client().await;
-    // The grandchild keeps stdout open; the request still finishes when the shell exits.
-    let r = run(&mut c, exec("g1", "sleep 30 & echo started")).await;
+    // The grandchild keeps stdout open; the request still finishes when the shell exits,
+    // long before the grandchild would.
+    let r = tokio::time::timeout(Duration::from_secs(10), run(&mut c, exec("g1", "sleep 600 & echo started")))
+        .await
+        .expect("the leftover grandchild held the request open");
     assert_eq!(r.return_code, 0);
     assert_eq!(r.stdout, b"started\n");
 }
@@ -143,10 +155,14 @@ async fn background_returns_at_once_and_keeps_running() {
     let agent = Agent::start();
     let mut c = agent.client().await;
     let marker = agent.path("marker");
-    let mut req = exec("b1", &format!("sleep 0.2; echo done > {}", marker.display()));
+    let mut req = exec("b1", &format!("sleep 3; echo done > {}", marker.display()));
     req.background = true;
-    let r = run(&mut c, req).await;
+    // A foreground run would take 3 s; a background one returns at once.
+    let r = tokio::time::timeout(Duration::from_secs(2), run(&mut c, req))
+        .await
+        .expect("a background request waited for its command");
     assert_eq!(r.return_code, 0);
+    assert!(!marker.exists(), "the request returned only after the command finished");
     // Meanwhile the background command runs on: wait for its marker (bounded).
     let deadline = Instant::now() + Duration::from_secs(20);
     while !marker.exists() {
@@ -173,17 +189,30 @@ async fn streaming_delivers_output_then_the_result() {
     c.start_exec(exec("s1", "echo one; sleep 0.1; echo two >&2; echo three")).await.unwrap();
     let req = pb::WaitExecRequest { request_id: "s1".into(), ..Default::default() };
     let mut events = c.stream_exec(req).await.unwrap().into_inner();
-    let (mut out, mut err, mut result) = (Vec::new(), Vec::new(), None);
+    let (mut out, mut err, mut results) = (Vec::new(), Vec::new(), Vec::new());
+    let mut order = Vec::new();
     while let Some(ev) = events.next().await {
         match ev.unwrap().event.unwrap() {
-            pb::exec_event::Event::Stdout(b) => out.extend(b),
-            pb::exec_event::Event::Stderr(b) => err.extend(b),
-            pb::exec_event::Event::Result(r) => result = Some(r),
+            pb::exec_event::Event::Stdout(b) => {
+                order.push("stdout");
+                out.extend(b)
+            }
+            pb::exec_event::Event::Stderr(b) => {
+                order.push("stderr");
+                err.extend(b)
+            }
+            pb::exec_event::Event::Result(r) => {
+                order.push("result");
+                results.push(r)
+            }
         }
     }
     assert_eq!(out, b"one\nthree\n");
     assert_eq!(err, b"two\n");
-    assert_eq!(result.unwrap().return_code, 0);
+    // Exactly one result, and nothing after it.
+    assert_eq!(results.len(), 1, "events: {order:?}");
+    assert_eq!(order.last(), Some(&"result"), "events: {order:?}");
+    assert_eq!(results[0].return_code, 0);
     // Reattaching from offsets replays only what is past them.
     let req = pb::WaitExecRequest { request_id: "s1".into(), stdout_offset: 4, stderr_offset: 4 };
     let mut events = c.stream_exec(req).await.unwrap().into_inner();

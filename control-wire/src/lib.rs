@@ -291,8 +291,7 @@ pub async fn call_async(socket: &Path, req: &Value) -> Result<Value, CallError> 
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex, mpsc};
 
     use serde_json::json;
 
@@ -357,20 +356,26 @@ mod tests {
 
     #[test]
     fn reply_then_runs_after_the_reply() {
-        let fired = Arc::new(AtomicBool::new(false));
-        let f = fired.clone();
+        // The action waits for a signal the test sends only once call() has returned, and
+        // records whether it got it. Were the action run before the reply, call() would
+        // still be waiting, the signal would never come and the action would record false.
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let (done_tx, done_rx) = mpsc::channel::<bool>();
+        let go_rx = Arc::new(Mutex::new(Some(go_rx)));
         let (_d, sock) = start(move |_req: Request| {
-            let f = f.clone();
-            Answer::ReplyThen(Ok(json!({"bye": true})), Box::new(move || f.store(true, Ordering::SeqCst)))
+            let go_rx = go_rx.lock().unwrap().take().expect("one request only");
+            let done_tx = done_tx.clone();
+            Answer::ReplyThen(
+                Ok(json!({"bye": true})),
+                Box::new(move || {
+                    let _ = done_tx.send(go_rx.recv_timeout(Duration::from_secs(5)).is_ok());
+                }),
+            )
         });
-        assert_eq!(call(&sock, &json!({"op": "x"}), Some(Duration::from_secs(5))).unwrap(), json!({"bye": true}));
-        for _ in 0..100 {
-            if fired.load(Ordering::SeqCst) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        panic!("the action after the reply never ran");
+        assert_eq!(call(&sock, &json!({"op": "x"}), Some(Duration::from_secs(10))).unwrap(), json!({"bye": true}));
+        let _ = go_tx.send(()); // fails only if the action already gave up waiting
+        let got_signal = done_rx.recv_timeout(Duration::from_secs(10)).expect("the action after the reply never ran");
+        assert!(got_signal, "the action ran before the reply was delivered");
     }
 
     #[cfg(feature = "tokio")]

@@ -304,36 +304,60 @@ fn killing_the_helper_mid_commit_leaves_the_old_or_the_new_commit() {
     probe.ctl().call("status").unwrap();
     drop(probe);
     let mut head = env.head("vol");
+    // What base.txt holds at the head: every round rewrites it, so it names the last commit.
+    let mut committed_text = b"base".to_vec();
+    let uploads = &env.server.as_ref().expect("server").data_stats.chunk_uploads;
     let seed: u64 = rand::random();
     println!("kill seed {seed}, full commit {full:?}");
     let mut outcomes = Vec::new();
-    for (round, fraction) in [0.0, 0.3, 0.6, 0.9, 1.5].into_iter().enumerate() {
+    // `None`: kill as soon as the round's first 8 MiB chunk has reached the server, so the
+    // kill lands mid-upload (11 chunks still to go). `Some(f)`: kill at that fraction of the
+    // commit's usual duration (1.5: after it).
+    for (round, kill_at) in [None, None, Some(0.0), Some(0.6), Some(1.5)].into_iter().enumerate() {
         let round = round as u64;
         let mut m = env.mount("vol");
         let data = bytes_for(seed ^ round, 96 * MIB);
         fs::write(m.p(&format!("round{round}.bin")), &data).unwrap();
         fs::write(m.p("base.txt"), format!("round {round}")).unwrap();
         let ctl = m.ctl();
+        let uploaded_before = uploads.load(std::sync::atomic::Ordering::SeqCst);
         let committer = std::thread::spawn(move || ctl.commit());
-        // Kill at points spread over the commit's usual duration (and once after it).
-        std::thread::sleep(full.mul_f64(fraction));
+        match kill_at {
+            None => {
+                let deadline = std::time::Instant::now() + full * 10 + std::time::Duration::from_secs(30);
+                while uploads.load(std::sync::atomic::Ordering::SeqCst) <= uploaded_before {
+                    assert!(!committer.is_finished(), "round {round}: the commit ended before any chunk was uploaded");
+                    assert!(std::time::Instant::now() < deadline, "round {round}: no chunk upload seen");
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            }
+            Some(fraction) => std::thread::sleep(full.mul_f64(fraction)),
+        }
         m.kill();
         let result = committer.join().unwrap();
         let now = env.head("vol");
         let text = env.read_file("vol", "base.txt");
         if now == head {
-            assert!(result.is_err() || result.as_ref().is_ok_and(|o| o.commit == head));
-            assert_ne!(text, format!("round {round}").into_bytes(), "old head shows no new bytes");
+            // Nothing new was committed: the commit must have failed (an Ok commit of
+            // these changes would have moved the head), and the old bytes are all there.
+            assert!(result.is_err(), "round {round}: commit acknowledged but the head did not move: {result:?}");
+            assert_eq!(text, committed_text, "round {round}: old head shows other bytes");
             outcomes.push("old");
         } else {
             // The new commit is whole: both files at their new contents.
+            if let Ok(o) = &result {
+                assert_eq!(o.commit, now, "round {round}: acknowledged commit is not the head");
+            }
             assert_eq!(text, format!("round {round}").into_bytes());
             assert_eq!(blake3::hash(&env.read_file("vol", &format!("round{round}.bin"))), blake3::hash(&data));
             outcomes.push("new");
             head = now;
+            committed_text = text;
         }
         assert!(sysutil::mount::clean_dead_mount(&m.path) || !common::is_mounted(&m.path));
     }
+    // A kill mid-upload must have been seen to leave the old commit (and fail the call).
+    assert!(outcomes[..2].contains(&"old"), "no kill landed mid-commit: {outcomes:?}");
     println!("outcomes: {outcomes:?} (base {base})");
     // The next mount works and shows the head.
     let b = env.mount("vol");

@@ -201,7 +201,8 @@ mod tests {
         match resolve(m, root, &VolPath::parse(path).unwrap()) {
             Ok(Entry { kind: EntryKind::File(f), .. }) => f.chunks.first().map(|c| c.0),
             Ok(_) => panic!("{path} is not a file"),
-            Err(_) => None,
+            Err(VolumeError::PathNotFound(_)) => None,
+            Err(e) => panic!("resolving {path} failed: {e:?}"),
         }
     }
 
@@ -222,7 +223,10 @@ mod tests {
         let (again, _) = m.apply(root, &[ch("a/d.txt/x", ChangeOp::Delete), ch("gone/x/y", ChangeOp::Delete)]).unwrap();
         assert_eq!(again, root);
         let (after, _) = m.apply(root, &[ch("a", ChangeOp::Delete), ch("a/d.txt", ChangeOp::Delete)]).unwrap();
-        assert!(resolve(&m, after, &VolPath::parse("a").unwrap()).is_err(), "a stays deleted");
+        assert!(
+            matches!(resolve(&m, after, &VolPath::parse("a").unwrap()), Err(VolumeError::PathNotFound(_))),
+            "a stays deleted"
+        );
     }
 
     #[test]
