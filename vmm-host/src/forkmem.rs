@@ -211,3 +211,27 @@ fn read_regions(file: &std::fs::File, layout: (u64, u64), regions: std::ops::Ran
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holes_and_zero_regions_read_as_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ram");
+        let f = std::fs::File::create(&path).unwrap();
+        let offset = 4096;
+        let size = 4 * REGION_SIZE;
+        f.set_len(offset + size).unwrap();
+        f.write_all_at(&[7u8; 100], offset + REGION_SIZE + 5).unwrap();
+        f.write_all_at(&[0u8; 4096], offset + 3 * REGION_SIZE).unwrap();
+        let f = std::fs::File::open(&path).unwrap();
+        let got = read_regions(&f, (offset, size), 0..4).unwrap();
+        let present: Vec<(u64, bool)> = got.iter().map(|(r, b)| (*r, b.is_some())).collect();
+        assert_eq!(present, [(0, false), (1, true), (2, false), (3, false)]);
+        let data = got[1].1.as_ref().unwrap();
+        assert_eq!(data.len() as u64, REGION_SIZE);
+        assert_eq!(&data[5..105], &[7u8; 100][..]);
+    }
+}
