@@ -26,7 +26,6 @@ use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::future::Future;
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -162,10 +161,9 @@ impl ChunkCache {
             .write(true)
             .open(size_file)
             .map_err(io_at("opening", size_file))?;
-        // SAFETY: flock on a valid, open descriptor; released when `file` is closed.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(ChunkError::io("locking", size_file, std::io::Error::last_os_error()));
-        }
+        // Released when `file` is closed.
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| ChunkError::io("locking", size_file, e.into()))?;
         let mut raw = [0u8; 8];
         let mut total = match file.read_exact_at(&mut raw, 0) {
             Ok(()) => u64::from_le_bytes(raw),
@@ -363,10 +361,9 @@ impl ChunkCache {
                 .write(true)
                 .open(&lock_path)
                 .map_err(io_at("opening", &lock_path))?;
-            // SAFETY: flock on a valid, open descriptor; blocks until the lock is free.
-            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-                return Err(ChunkError::io("locking", lock_path, std::io::Error::last_os_error()));
-            }
+            // Blocks until the lock is free.
+            rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive)
+                .map_err(|e| ChunkError::io("locking", &lock_path, e.into()))?;
             Ok(f)
         })
         .await?;

@@ -132,7 +132,7 @@ fn spawn_helper(g: &Globals, a: &MountArgs, opts: &MountOptions, log_path: &Path
     unsafe {
         use std::os::unix::process::CommandExt;
         cmd.pre_exec(|| {
-            libc::setsid();
+            let _ = rustix::process::setsid();
             Ok(())
         });
     }

@@ -76,8 +76,8 @@ fn stop(reg: &Registry) -> Answer {
     Answer::ReplyThen(
         stopping.map_err(|e| e.kind().wire(e.to_string())),
         Box::new(|| {
-            // SAFETY: sends a signal to this process; the SIGTERM task unmounts the session.
-            unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+            // The SIGTERM task unmounts the session.
+            let _ = rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::TERM);
         }),
     )
 }

@@ -105,27 +105,28 @@ fn to_value<T: Serialize>(v: &T) -> Result<Value, WireError> {
 
 /// The control socket path of the mount at `mountpoint`, read from its root's xattr.
 pub fn socket_of(mountpoint: &Path) -> Result<PathBuf, ControlError> {
+    use rustix::io::Errno;
     use std::os::unix::ffi::OsStrExt;
     let c_path = std::ffi::CString::new(mountpoint.as_os_str().as_bytes())
         .map_err(|e| ControlError::unavailable("mount path contains NUL", Some(Box::new(e))))?;
     let c_name = std::ffi::CString::new(CONTROL_XATTR)
         .map_err(|e| ControlError::unavailable("attribute name contains NUL", Some(Box::new(e))))?;
     let mut buf = vec![0u8; 4096];
-    // SAFETY: both strings are NUL-terminated; buf is valid for buf.len() bytes.
-    let n = unsafe { libc::getxattr(c_path.as_ptr(), c_name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if n < 0 {
-        let e = std::io::Error::last_os_error();
-        let why = match e.raw_os_error() {
-            Some(libc::ENOTCONN) => "the FUSE helper is not running (the mount is dead; unmount it and mount again)".to_owned(),
-            Some(libc::ENODATA) | Some(libc::ENOTSUP) => "not a sail volume mount (no control socket attribute)".to_owned(),
-            _ => format!("cannot read {CONTROL_XATTR}: {e}"),
-        };
-        return Err(ControlError::unavailable(
-            format!("FUSE helper unavailable for {}: {why}", mountpoint.display()),
-            Some(Box::new(e)),
-        ));
-    }
-    buf.truncate(n as usize);
+    let n = match rustix::fs::getxattr(&c_path, &c_name, &mut buf[..]) {
+        Ok(n) => n,
+        Err(errno) => {
+            let why = match errno {
+                Errno::NOTCONN => "the FUSE helper is not running (the mount is dead; unmount it and mount again)".to_owned(),
+                Errno::NODATA | Errno::NOTSUP => "not a sail volume mount (no control socket attribute)".to_owned(),
+                _ => format!("cannot read {CONTROL_XATTR}: {}", std::io::Error::from(errno)),
+            };
+            return Err(ControlError::unavailable(
+                format!("FUSE helper unavailable for {}: {why}", mountpoint.display()),
+                Some(Box::new(std::io::Error::from(errno))),
+            ));
+        }
+    };
+    buf.truncate(n);
     Ok(PathBuf::from(String::from_utf8_lossy(&buf).into_owned()))
 }
 

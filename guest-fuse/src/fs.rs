@@ -281,13 +281,9 @@ impl Filesystem for VolumeFs {
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         // Writes land in the overlay directory, so its free space is what a writer can use.
-        // SAFETY: statvfs is a plain C struct of integers, for which all zeroes is valid.
-        let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-        let path = std::ffi::CString::new(self.0.overlay_dir.as_os_str().as_encoded_bytes()).unwrap_or_default();
-        // SAFETY: path is NUL-terminated and s is a valid out-pointer.
-        if unsafe { libc::statvfs(path.as_ptr(), &mut s) } != 0 {
+        let Ok(s) = rustix::fs::statvfs(&self.0.overlay_dir) else {
             return reply.error(Errno::EIO);
-        }
+        };
         let files = self.0.lock().nodes.len() as u64;
         reply.statfs(s.f_blocks, s.f_bfree, s.f_bavail, files + s.f_ffree, s.f_ffree, s.f_bsize as u32, 255, s.f_frsize as u32);
     }

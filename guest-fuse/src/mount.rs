@@ -75,8 +75,7 @@ impl MountCore {
         endpoint: String,
         passthrough: Passthrough,
     ) -> Self {
-        // SAFETY: getuid/getgid cannot fail and touch no memory.
-        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        let (uid, gid) = (rustix::process::getuid().as_raw(), rustix::process::getgid().as_raw());
         MountCore {
             state: Mutex::new(state),
             remote,

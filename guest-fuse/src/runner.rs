@@ -54,8 +54,7 @@ pub struct MountOptions {
 /// (`$XDG_RUNTIME_DIR/sail/mounts/` or `/tmp/sail-<uid>/mounts/` otherwise), the hash being
 /// BLAKE3 of the absolute mount path. The mount root's `user.sail.control` xattr names it.
 pub fn default_socket_path(mountpoint: &Path) -> PathBuf {
-    // SAFETY: getuid cannot fail.
-    let uid = unsafe { libc::getuid() };
+    let uid = rustix::process::getuid().as_raw();
     let base = if uid == 0 {
         PathBuf::from("/run/sail")
     } else if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
@@ -119,13 +118,12 @@ fn tune_readahead(mountpoint: &Path) {
 /// Large files keep an overlay file open while dirty: allow as many descriptors as the
 /// hard limit permits.
 fn raise_fd_limit() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: lim is a valid out-pointer; setrlimit only reads it.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut lim = getrlimit(Resource::Nofile);
+    // `None` is unlimited.
+    if lim.current.unwrap_or(u64::MAX) < lim.maximum.unwrap_or(u64::MAX) {
+        lim.current = lim.maximum;
+        let _ = setrlimit(Resource::Nofile, lim);
     }
 }
 
@@ -192,8 +190,7 @@ fn fuse_config(opts: &MountOptions) -> Config {
         MountOption::NoDev,
         MountOption::NoSuid,
     ];
-    // SAFETY: getuid cannot fail.
-    if unsafe { libc::getuid() } == 0 {
+    if rustix::process::getuid().is_root() {
         config.acl = fuser::SessionACL::All;
     }
     config.n_threads = Some(opts.threads.max(1));

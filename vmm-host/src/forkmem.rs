@@ -15,7 +15,6 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -43,16 +42,11 @@ const TMPFS_MAGIC: i64 = 0x0102_1994;
 /// is stored (host memory of up to the guest's used memory, for that long).
 pub(crate) fn ram_save_path(id: &str, run_dir: &Path, size: u64) -> PathBuf {
     let shm = Path::new(SHM);
-    // SAFETY: an all-zero statfs is a valid value of this plain C struct.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: statfs with a NUL-terminated literal path and a valid out-struct.
-    let ok = unsafe { libc::statfs(c"/dev/shm".as_ptr(), &mut st) } == 0;
-    let free = (st.f_bavail as u64).saturating_mul(st.f_bsize as u64);
-    if ok && st.f_type as i64 == TMPFS_MAGIC && free > size.saturating_add(256 << 20) {
-        shm.join(ram_save_name(id))
-    } else {
-        run_dir.join("ram.mig")
-    }
+    let tmpfs_with_room = rustix::fs::statfs(c"/dev/shm").is_ok_and(|st| {
+        let free = st.f_bavail.saturating_mul(st.f_bsize as u64);
+        st.f_type == TMPFS_MAGIC && free > size.saturating_add(256 << 20)
+    });
+    if tmpfs_with_room { shm.join(ram_save_name(id)) } else { run_dir.join("ram.mig") }
 }
 
 /// The file name of a sailbox's RAM save under `/dev/shm`.
@@ -204,9 +198,9 @@ fn read_regions(file: &std::fs::File, layout: (u64, u64), regions: std::ops::Ran
         let start = r * REGION_SIZE;
         let len = REGION_SIZE.min(size - start);
         let at = offset + start;
-        // SAFETY: lseek on an open descriptor (pread below does not use the file offset).
-        let data_at = unsafe { libc::lseek(file.as_raw_fd(), at as i64, libc::SEEK_DATA) };
-        if data_at < 0 || data_at as u64 >= at + len {
+        // pread below does not use the file offset.
+        let data_at = rustix::fs::seek(file, rustix::fs::SeekFrom::Data(at));
+        if !data_at.is_ok_and(|d| d < at + len) {
             out.push((r, None));
             continue;
         }
@@ -216,4 +210,28 @@ fn read_regions(file: &std::fs::File, layout: (u64, u64), regions: std::ops::Ran
         out.push((r, if zero { None } else { Some(Bytes::from(buf)) }));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holes_and_zero_regions_read_as_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ram");
+        let f = std::fs::File::create(&path).unwrap();
+        let offset = 4096;
+        let size = 4 * REGION_SIZE;
+        f.set_len(offset + size).unwrap();
+        f.write_all_at(&[7u8; 100], offset + REGION_SIZE + 5).unwrap();
+        f.write_all_at(&[0u8; 4096], offset + 3 * REGION_SIZE).unwrap();
+        let f = std::fs::File::open(&path).unwrap();
+        let got = read_regions(&f, (offset, size), 0..4).unwrap();
+        let present: Vec<(u64, bool)> = got.iter().map(|(r, b)| (*r, b.is_some())).collect();
+        assert_eq!(present, [(0, false), (1, true), (2, false), (3, false)]);
+        let data = got[1].1.as_ref().unwrap();
+        assert_eq!(data.len() as u64, REGION_SIZE);
+        assert_eq!(&data[5..105], &[7u8; 100][..]);
+    }
 }

@@ -3,7 +3,7 @@
 //! recycled pid never matches), and are watched through pidfds, which also work for
 //! processes this vmm-host did not start itself (re-attached after a restart).
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -25,9 +25,7 @@ pub fn spawn(mut cmd: Command, log: &Path) -> Result<ProcRef> {
     // SAFETY: setsid is async-signal-safe and the closure touches nothing else.
     unsafe {
         cmd.pre_exec(|| {
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            rustix::process::setsid().map_err(std::io::Error::from)?;
             Ok(())
         });
     }
@@ -66,13 +64,9 @@ pub fn alive(p: &ProcRef) -> bool {
 
 /// A pidfd for the process, or `None` if it is gone (or not the same process).
 pub fn pidfd(p: &ProcRef) -> Option<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, p.pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: the syscall returned a fresh fd that we now own.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // Pid 0 is no process (pidfd_open would fail with EINVAL).
+    let pid = rustix::process::Pid::from_raw(p.pid as i32)?;
+    let fd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()?;
     // Check identity after opening: if the pid was recycled before pidfd_open, the start
     // time differs; after it, the pidfd pins the process we checked.
     alive(p).then_some(fd)
@@ -97,12 +91,8 @@ pub async fn wait_exit(p: ProcRef) {
 /// until it is gone.
 pub async fn kill(p: &ProcRef) {
     let Some(fd) = pidfd(p) else { return };
-    // SAFETY: pidfd_send_signal on an fd we own; no siginfo.
-    let r = unsafe {
-        libc::syscall(libc::SYS_pidfd_send_signal, fd.as_raw_fd(), libc::SIGKILL, std::ptr::null::<libc::siginfo_t>(), 0)
-    };
-    if r != 0 {
-        tracing::warn!(pid = p.pid, error = %std::io::Error::last_os_error(), "kill failed");
+    if let Err(e) = rustix::process::pidfd_send_signal(&fd, rustix::process::Signal::KILL) {
+        tracing::warn!(pid = p.pid, error = %std::io::Error::from(e), "kill failed");
         return;
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), wait_exit(p.clone())).await;
@@ -127,4 +117,26 @@ pub fn find_by_cmdline(needle: &str) -> Vec<ProcRef> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn spawns_in_a_new_session_and_kills_through_a_pidfd() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new("sleep");
+        cmd.arg("30");
+        let p = spawn(cmd, &dir.path().join("log")).unwrap();
+        assert!(alive(&p));
+        let sid = std::fs::read_to_string(format!("/proc/{}/stat", p.pid)).unwrap();
+        let sid: u32 = sid[sid.rfind(')').unwrap() + 2..].split_whitespace().nth(3).unwrap().parse().unwrap();
+        assert_eq!(sid, p.pid, "the child leads its own session");
+        assert!(pidfd(&p).is_some());
+        kill(&p).await;
+        assert!(!alive(&p));
+        assert!(pidfd(&p).is_none());
+        assert!(pidfd(&ProcRef { pid: 0, start_ticks: 0 }).is_none());
+    }
 }

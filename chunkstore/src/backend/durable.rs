@@ -68,10 +68,7 @@ pub(crate) fn sync_files(dir: &Path, files: &[PathBuf], policy: SyncPolicy) -> R
     match policy {
         SyncPolicy::Syncfs => {
             let d = File::open(dir).map_err(|e| ChunkError::io("opening", dir, e))?;
-            // SAFETY: the descriptor is valid for the duration of the call.
-            if unsafe { libc::syncfs(d.as_raw_fd()) } != 0 {
-                return Err(ChunkError::io("syncfs of the file system holding", dir, std::io::Error::last_os_error()));
-            }
+            rustix::fs::syncfs(&d).map_err(|e| ChunkError::io("syncfs of the file system holding", dir, e.into()))?;
         }
         _ => per_file(files)?,
     }

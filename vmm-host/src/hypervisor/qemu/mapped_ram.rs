@@ -20,7 +20,6 @@
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
 /// The RAM block id of guest memory (the memory backend's id on the QEMU command line).
@@ -149,37 +148,24 @@ impl RamLayout {
 }
 
 fn punch(f: &File, offset: u64, len: u64) -> Result<()> {
-    // SAFETY: fallocate on an open descriptor; the range is inside the file (checked by locate).
-    let rc = unsafe {
-        libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset as i64, len as i64)
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
-    Ok(())
+    // The range is inside the file (checked by locate).
+    use rustix::fs::FallocateFlags;
+    rustix::fs::fallocate(f, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, offset, len)
+        .map_err(|e| std::io::Error::from(e).into())
 }
 
 /// The data extents of a sparse file (SEEK_DATA / SEEK_HOLE).
 fn extents(f: &File, len: u64) -> Result<Vec<(u64, u64)>> {
-    let fd = f.as_raw_fd();
     let mut out = Vec::new();
-    let mut at = 0i64;
-    while (at as u64) < len {
-        // SAFETY: lseek on an open descriptor.
-        let data = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
-        if data < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENXIO) {
-                break;
-            }
-            return Err(e.into());
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        if hole < 0 {
-            return Err(std::io::Error::last_os_error().into());
-        }
-        out.push((data as u64, (hole - data) as u64));
+    let mut at = 0u64;
+    while at < len {
+        let data = match rustix::fs::seek(f, rustix::fs::SeekFrom::Data(at)) {
+            Ok(d) => d,
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(e) => return Err(std::io::Error::from(e).into()),
+        };
+        let hole = rustix::fs::seek(f, rustix::fs::SeekFrom::Hole(data)).map_err(std::io::Error::from)?;
+        out.push((data, hole - data));
         at = hole;
     }
     Ok(out)
