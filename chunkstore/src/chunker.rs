@@ -189,17 +189,7 @@ fn span(off: usize, len: usize, bytes: &[u8]) -> ChunkSpan {
 mod tests {
     use super::*;
 
-    fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
+    use crate::testing::pseudo_random;
 
     #[test]
     fn fixed_rewrite_inside_a_chunk_changes_only_that_chunk() {

@@ -188,3 +188,17 @@ impl Drop for LocalS3Server {
         let _ = self.child.wait();
     }
 }
+
+/// Deterministic pseudo-random bytes (xorshift64, low byte of each step): test data whose
+/// expected content a test can recompute, and that neither compresses nor deduplicates.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}

@@ -11,17 +11,7 @@ use chunkstore::testing::LocalS3Server;
 use chunkstore::{Backend, ChunkError, ChunkId, S3Backend, S3Config, S3Credentials};
 
 fn data(n: usize, seed: u64) -> Bytes {
-    let mut x = seed | 1;
-    Bytes::from(
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect::<Vec<u8>>(),
-    )
+    Bytes::from(chunkstore::testing::pseudo_random(n, seed))
 }
 
 async fn backend(server: &LocalS3Server, bucket: &str, tweak: impl FnOnce(&mut S3Config)) -> S3Backend {

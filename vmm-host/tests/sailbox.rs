@@ -11,17 +11,7 @@ use proto::sailbox as pb;
 use sha2::Digest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+use chunkstore::testing::pseudo_random as random_bytes;
 
 async fn http_get(url: &str, path: &str) -> String {
     let addr = url.trim_start_matches("http://");
