@@ -28,21 +28,10 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = sysutil::process::terminate(&mut self.child, Duration::from_secs(10));
         sysutil::mount::clean_dead_mount(&self.mount());
-        let c = std::ffi::CString::new(self.mount().as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: detaching a mount this test made, if it is still there.
-        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        // Detach a mount this test made, if it is still there (an error: nothing mounted).
+        let _ = sysutil::mount::lazy_unmount(&self.mount());
     }
 }
 

@@ -12,3 +12,4 @@
 pub mod clock;
 pub mod host;
 pub mod mount;
+pub mod process;

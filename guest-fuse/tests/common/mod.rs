@@ -177,15 +177,7 @@ impl Drop for Mount {
         if let Ok(c) = ControlClient::for_mount(&self.path) {
             let _ = c.unmount();
         }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = sysutil::process::wait_or_kill(&mut self.child, Duration::from_secs(10));
         if is_mounted(&self.path) {
             let _ = sysutil::mount::lazy_unmount(&self.path);
         }

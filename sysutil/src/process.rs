@@ -1,0 +1,54 @@
+//! Ending a child process politely: a grace period to exit, then SIGKILL.
+
+use std::io;
+use std::process::{Child, ExitStatus};
+use std::time::{Duration, Instant};
+
+/// Waits up to `grace` for `child` to exit (polling every 10 ms), then kills it and reaps it.
+/// Returns its exit status, or the error of waiting on it.
+pub fn wait_or_kill(child: &mut Child, grace: Duration) -> io::Result<ExitStatus> {
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // It may exit between the last poll and the kill: kill's error is then moot.
+    let _ = child.kill();
+    child.wait()
+}
+
+/// Sends SIGTERM to `child`, then [`wait_or_kill`].
+pub fn terminate(child: &mut Child, grace: Duration) -> io::Result<ExitStatus> {
+    if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+        // ESRCH (already gone) is fine: the wait below reaps it.
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    }
+    wait_or_kill(child, grace)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    #[test]
+    fn sigterm_ends_a_child_that_honours_it() {
+        let mut child = Command::new("sleep").arg("30").spawn().expect("spawn sleep");
+        let started = Instant::now();
+        let status = terminate(&mut child, Duration::from_secs(10)).expect("terminate");
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(15), "ended by SIGTERM, not SIGKILL: {status:?}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_child_ignoring_sigterm_is_killed_after_the_grace() {
+        let mut child = Command::new("sh").args(["-c", "trap '' TERM; sleep 30"]).spawn().expect("spawn sh");
+        std::thread::sleep(Duration::from_millis(200)); // let the trap be set
+        let status = terminate(&mut child, Duration::from_millis(300)).expect("terminate");
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(9), "SIGKILL after the grace: {status:?}");
+    }
+}
