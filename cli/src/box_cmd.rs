@@ -321,7 +321,7 @@ pub async fn run(endpoint: &str, json: bool, cmd: BoxCmd) -> anyhow::Result<u8> 
 
 /// `sail box create`: builds the image if needed, then creates the sailbox.
 async fn create(c: &mut Client, a: CreateArgs, json: bool) -> anyhow::Result<()> {
-    ensure_image(c, &a.image, json).await?;
+    ensure_image(c, &a.image).await?;
     let req = pb::CreateSailboxRequest {
         app: a.app,
         image: a.image,
@@ -509,10 +509,9 @@ async fn read(c: &mut Client, id: String, path: String) -> anyhow::Result<()> {
 }
 
 /// Builds the image on the host if needed, showing its progress.
-async fn ensure_image(c: &mut Client, image: &str, json: bool) -> anyhow::Result<()> {
+async fn ensure_image(c: &mut Client, image: &str) -> anyhow::Result<()> {
     let mut stream =
         c.ensure_image(pb::EnsureImageRequest { image: image.to_owned() }).await.map_err(BoxError::from)?.into_inner();
-    let _ = json; // --json and --quiet draw no spinner (output::spinner).
     let bar = crate::output::spinner("image");
     let mut saw_work = false;
     while let Some(msg) = stream.next().await {
