@@ -14,7 +14,7 @@ OUT=${1:-${SAIL_GUEST_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/sail/guest}}
 SUITE=${SAIL_GUEST_SUITE:-trixie}
 MIRROR=${SAIL_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 # Load order: each module after the ones it depends on (modinfo's depends= field).
-MODULES="virtio_mmio virtio_blk vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport virtio-rng"
+MODULES="virtio_mmio virtio_blk failover net_failover virtio_net vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport virtio-rng"
 
 for tool in apt-get dpkg zstd xz modinfo python3; do
     command -v "$tool" >/dev/null || { echo "guest-kernel: $tool missing (bash scripts/setup.sh vm)" >&2; exit 1; }
