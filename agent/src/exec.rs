@@ -310,12 +310,11 @@ fn shell_command(req: &pb::StartExecRequest) -> Command {
     }
     // Its own session and process group: a timeout kills everything it started, and a
     // background launch outlives nothing of ours.
-    // SAFETY: setsid is async-signal-safe; nothing else runs between fork and exec.
+    // SAFETY: setsid is async-signal-safe (one raw syscall, no allocation); nothing else runs
+    // between fork and exec.
     unsafe {
         cmd.pre_exec(|| {
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            rustix::process::setsid()?;
             Ok(())
         });
     }
@@ -373,8 +372,10 @@ async fn wait_exit(mut exited: tokio::sync::oneshot::Receiver<Exit>, pid: u32, t
             Ok(exit) => return (exit.unwrap_or(Exit::Code(-1)), false),
             Err(_) => {
                 timed_out = true;
-                // SAFETY: plain syscall; the group id is the child's pid (setsid).
-                unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
+                // The group id is the child's pid (setsid). ESRCH (all gone already) is moot.
+                if let Some(group) = rustix::process::Pid::from_raw(pid as i32) {
+                    let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+                }
             }
         }
     }

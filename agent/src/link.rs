@@ -7,7 +7,7 @@
 //! return EOF, the session ends, and the port waits for the next greeting.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -37,21 +37,20 @@ impl tonic::transport::server::Connected for SerialConn {
 }
 
 fn open_port(path: &Path) -> io::Result<OwnedFd> {
-    use std::os::unix::fs::OpenOptionsExt;
-    // Blocking for the handshake; switched to non-blocking for the session.
-    let f = std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_CLOEXEC | libc::O_NOCTTY).open(path)?;
-    Ok(f.into())
+    use rustix::fs::{Mode, OFlags};
+    // Blocking for the handshake; switched to non-blocking for the session. Retried on EINTR,
+    // as std's `File::open` does.
+    loop {
+        match rustix::fs::open(path, OFlags::RDWR | OFlags::CLOEXEC | OFlags::NOCTTY, Mode::empty()) {
+            Err(rustix::io::Errno::INTR) => continue,
+            r => return Ok(r?),
+        }
+    }
 }
 
 fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
-    // SAFETY: fcntl on a descriptor we own.
-    unsafe {
-        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
-        if flags < 0 || libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
+    let flags = rustix::fs::fcntl_getfl(fd)?;
+    Ok(rustix::fs::fcntl_setfl(fd, flags | rustix::fs::OFlags::NONBLOCK)?)
 }
 
 /// Registers an owned descriptor with the reactor.
@@ -62,15 +61,11 @@ fn register(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
 }
 
 fn raw_read(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: the buffer is valid for `buf.len()` bytes.
-    let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+    Ok(rustix::io::read(fd, buf)?)
 }
 
 fn raw_write(fd: &OwnedFd, buf: &[u8]) -> io::Result<usize> {
-    // SAFETY: the buffer is valid for `buf.len()` bytes.
-    let n = unsafe { libc::write(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
-    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+    Ok(rustix::io::write(fd, buf)?)
 }
 
 fn write_all_blocking(fd: &OwnedFd, mut data: &[u8]) -> io::Result<()> {
@@ -154,7 +149,7 @@ async fn next_session(path: &Path, sessions: &std::sync::Arc<tokio::sync::Semaph
     loop {
         let fd = match open_port(path) {
             Ok(fd) => fd,
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::BUSY.raw_os_error()) => {
                 tokio::time::sleep(IDLE_POLL).await;
                 continue;
             }
@@ -218,10 +213,10 @@ fn reset() -> io::Error {
 /// Whether the host end has gone: a port without its host peer reports POLLHUP, and writes
 /// to it would block forever (the driver holds them until a host connects).
 fn host_gone(fd: &OwnedFd) -> bool {
-    let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
-    // SAFETY: one valid pollfd, zero timeout.
-    let n = unsafe { libc::poll(&mut p, 1, 0) };
-    n > 0 && p.revents & libc::POLLHUP != 0
+    use rustix::event::{PollFd, PollFlags, Timespec};
+    let mut p = [PollFd::new(fd, PollFlags::OUT)];
+    let n = rustix::event::poll(&mut p, Some(&Timespec { tv_sec: 0, tv_nsec: 0 }));
+    n.is_ok_and(|n| n > 0) && p[0].revents().contains(PollFlags::HUP)
 }
 
 impl AsyncWrite for SerialConn {

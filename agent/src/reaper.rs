@@ -78,23 +78,26 @@ fn reap_loop(inner: &(Mutex<Inner>, Condvar)) {
     let (lock, cvar) = inner;
     loop {
         let seen = lock.lock().spawns;
-        let mut status = 0;
-        // SAFETY: plain syscall with a valid out-pointer.
-        let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
-        if pid < 0 {
-            if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+        // `waitpid(-1, &status, 0)`: any child, blocking.
+        let (pid, status) = match rustix::process::wait(rustix::process::WaitOptions::empty()) {
+            Ok(Some(reaped)) => reaped,
+            Err(rustix::io::Errno::INTR) => continue,
+            // ECHILD: no children (a blocking wait never returns `None`). Sleep until the next
+            // spawn; orphans that the kernel hands to PID 1 meanwhile are picked up within a second.
+            Ok(None) | Err(_) => {
+                let mut guard = lock.lock();
+                let _ = cvar.wait_while_for(&mut guard, |i| i.spawns == seen, std::time::Duration::from_secs(1));
                 continue;
             }
-            // ECHILD: no children. Sleep until the next spawn; orphans that the kernel hands
-            // to PID 1 meanwhile are picked up within a second.
-            let mut guard = lock.lock();
-            let _ = cvar.wait_while_for(&mut guard, |i| i.spawns == seen, std::time::Duration::from_secs(1));
-            continue;
-        }
-        let exit =
-            if libc::WIFSIGNALED(status) { Exit::Signal(libc::WTERMSIG(status)) } else { Exit::Code(libc::WEXITSTATUS(status)) };
+        };
+        // Not signalled means exited: without WUNTRACED no stops are reported. WEXITSTATUS,
+        // as before, should anything else ever come back.
+        let exit = match status.terminating_signal() {
+            Some(signal) => Exit::Signal(signal),
+            None => Exit::Code(status.exit_status().unwrap_or((status.as_raw() >> 8) & 0xff)),
+        };
         // Detached children and adopted orphans have no waiter: their status is dropped.
-        let tx = lock.lock().waiters.remove(&(pid as u32));
+        let tx = lock.lock().waiters.remove(&(pid.as_raw_pid() as u32));
         if let Some(tx) = tx {
             let _ = tx.send(exit);
         }

@@ -40,7 +40,7 @@ impl From<FileError> for Status {
             FileError::Invalid(m) => Status::invalid_argument(m),
             FileError::NotFound(_) => Status::not_found(e.to_string()),
             FileError::Precondition(m) => Status::failed_precondition(m),
-            FileError::Io { ref source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
+            FileError::Io { ref source, .. } if source.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error()) => {
                 Status::resource_exhausted(e.to_string())
             }
             FileError::Io { .. } => Status::failed_precondition(e.to_string()),

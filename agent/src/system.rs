@@ -1,24 +1,26 @@
 //! The guest as a system: PID 1 duties (pseudo file systems, loopback), identity (hostname,
 //! clock) and power.
 
-use std::ffi::CString;
+use std::ffi::CStr;
+
+use rustix::ioctl::{Getter, IntegerSetter, NoArg, Opcode, Setter, Updater, ioctl, opcode};
+use rustix::mount::MountFlags;
 
 /// Mounts the pseudo file systems a userland expects, when the agent is PID 1. The initramfs
 /// hands over a root with `/run` already mounted (it holds the agent itself).
 pub fn init_mounts() {
-    let mounts: &[(&str, &str, &str, libc::c_ulong, &str)] = &[
-        ("proc", "/proc", "proc", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, ""),
-        ("sysfs", "/sys", "sysfs", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, ""),
-        ("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755"),
-        ("devpts", "/dev/pts", "devpts", libc::MS_NOSUID | libc::MS_NOEXEC, "gid=5,mode=0620,ptmxmode=0666"),
-        ("tmpfs", "/dev/shm", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=1777"),
+    let mounts: &[(&str, &str, &str, MountFlags, &CStr)] = &[
+        ("proc", "/proc", "proc", MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC, c""),
+        ("sysfs", "/sys", "sysfs", MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC, c""),
+        ("devtmpfs", "/dev", "devtmpfs", MountFlags::NOSUID, c"mode=0755"),
+        ("devpts", "/dev/pts", "devpts", MountFlags::NOSUID | MountFlags::NOEXEC, c"gid=5,mode=0620,ptmxmode=0666"),
+        ("tmpfs", "/dev/shm", "tmpfs", MountFlags::NOSUID | MountFlags::NODEV, c"mode=1777"),
     ];
     for (src, target, fstype, flags, data) in mounts {
         let _ = std::fs::create_dir_all(target);
-        if let Err(e) = mount(src, target, fstype, *flags, data)
-            && e.raw_os_error() != Some(libc::EBUSY)
-        {
-            tracing::warn!(target, error = %e, "mount failed");
+        match rustix::mount::mount(*src, *target, *fstype, *flags, *data) {
+            Ok(()) | Err(rustix::io::Errno::BUSY) => {}
+            Err(e) => tracing::warn!(target, error = %std::io::Error::from(e), "mount failed"),
         }
     }
     for (link, to) in [
@@ -30,54 +32,44 @@ pub fn init_mounts() {
         let _ = std::os::unix::fs::symlink(to, link);
     }
     let _ = std::fs::create_dir_all("/tmp");
-    // SAFETY: chmod on a NUL-terminated literal.
-    unsafe { libc::chmod(c"/tmp".as_ptr(), 0o1777) };
+    let _ = rustix::fs::chmod("/tmp", rustix::fs::Mode::from_raw_mode(0o1777));
     if let Err(e) = loopback_up() {
         tracing::warn!(error = %e, "could not bring up lo");
     }
 }
 
-fn mount(src: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) -> std::io::Result<()> {
-    let c = |s: &str| CString::new(s).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput));
-    let (src, target, fstype, data) = (c(src)?, c(target)?, c(fstype)?, c(data)?);
-    // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call.
-    let r = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), flags, data.as_ptr().cast()) };
-    if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
-}
+// libc: rustix defines neither `struct ifreq` nor the interface-flags ioctls and flags.
+const SIOCGIFFLAGS: Opcode = libc::SIOCGIFFLAGS as Opcode;
+const SIOCSIFFLAGS: Opcode = libc::SIOCSIFFLAGS as Opcode;
 
 /// Sets IFF_UP on `lo`: ingress reaches guest servers on 127.0.0.1.
 fn loopback_up() -> std::io::Result<()> {
-    // SAFETY: a socket used only for the two ioctls below, closed at the end; ifreq is
-    // zero-initialised and its name is NUL-terminated.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let mut req: libc::ifreq = std::mem::zeroed();
-        for (i, b) in b"lo\0".iter().enumerate() {
-            req.ifr_name[i] = *b as libc::c_char;
-        }
-        let mut r = libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req);
-        if r == 0 {
-            req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-            r = libc::ioctl(fd, libc::SIOCSIFFLAGS, &req);
-        }
-        let err = std::io::Error::last_os_error();
-        libc::close(fd);
-        if r == 0 { Ok(()) } else { Err(err) }
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    // Only for the two ioctls below; closed on drop.
+    let sock = rustix::net::socket_with(AddressFamily::INET, SocketType::DGRAM, SocketFlags::CLOEXEC, None)?;
+    // SAFETY: an all-zero ifreq is a valid value of this plain C struct.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (i, b) in b"lo\0".iter().enumerate() {
+        req.ifr_name[i] = *b as libc::c_char;
     }
+    // SAFETY: SIOCGIFFLAGS reads the NUL-terminated name from one ifreq and writes the flags
+    // into it.
+    unsafe { ioctl(&sock, Updater::<SIOCGIFFLAGS, libc::ifreq>::new(&mut req)) }?;
+    // SAFETY: `ifru_flags` is the union member SIOCGIFFLAGS just filled.
+    unsafe { req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short };
+    // SAFETY: SIOCSIFFLAGS reads one ifreq (name and flags).
+    unsafe { ioctl(&sock, Setter::<SIOCSIFFLAGS, libc::ifreq>::new(req)) }?;
+    Ok(())
 }
 
 /// `_IOW('f', 16, __u64)`: grow a mounted ext4 file system to a new block count.
-const EXT4_IOC_RESIZE_FS: libc::c_ulong = 0x4008_6610;
+const EXT4_IOC_RESIZE_FS: Opcode = opcode::write::<u64>(b'f', 16);
 /// `_IOR(0x12, 114, size_t)`: a block device's size in bytes.
-const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+const BLKGETSIZE64: Opcode = opcode::read::<usize>(0x12, 114);
 
 /// Grows the root file system (ext4) online to fill its disk: images are built small and
 /// every sailbox's disk is as large as it asked for. A no-op when it already fills it.
 pub fn grow_root_fs() -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
     let mounts = std::fs::read_to_string("/proc/mounts")?;
     let Some(dev) = mounts
         .lines()
@@ -92,40 +84,29 @@ pub fn grow_root_fs() -> std::io::Result<()> {
         return Ok(()); // not ext4 (or no root line): nothing to grow
     };
     let disk = std::fs::File::open(&dev)?;
-    let mut dev_bytes: u64 = 0;
-    // SAFETY: BLKGETSIZE64 writes one u64 into the pointer.
-    if unsafe { libc::ioctl(disk.as_raw_fd(), BLKGETSIZE64, &mut dev_bytes) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: an all-zero statvfs is a valid value of this plain C struct.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: statvfs fills the struct; the path is a NUL-terminated literal.
-    if unsafe { libc::statvfs(c"/".as_ptr(), &mut st) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    // SAFETY: BLKGETSIZE64 writes one size_t (a u64 on the 64-bit guests).
+    let dev_bytes = unsafe { ioctl(&disk, Getter::<BLKGETSIZE64, u64>::new()) }?;
+    let st = rustix::fs::statvfs("/")?;
     let block = st.f_frsize.max(1);
     let want = dev_bytes / block;
     if want <= st.f_blocks + 1 {
         return Ok(());
     }
     let root = std::fs::File::open("/")?;
-    // SAFETY: the ioctl reads one u64 from the pointer.
-    if unsafe { libc::ioctl(root.as_raw_fd(), EXT4_IOC_RESIZE_FS, &want) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    // SAFETY: EXT4_IOC_RESIZE_FS reads one u64.
+    unsafe { ioctl(&root, Setter::<EXT4_IOC_RESIZE_FS, u64>::new(want)) }?;
     tracing::info!(device = %dev, blocks = want, "grew the root file system");
     Ok(())
 }
 
 /// `_IOW('R', 0x03, int[2])`: add entropy to the pool, crediting it.
-const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+const RNDADDENTROPY: Opcode = opcode::write::<[i32; 2]>(b'R', 0x03);
 /// `_IO('R', 0x07)`: reseed the CRNG from the pool now.
-const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+const RNDRESEEDCRNG: Opcode = opcode::none(b'R', 0x07);
 
 /// Mixes `entropy` into the kernel's pool (credited) and reseeds the CRNG, so a restored or
 /// forked guest stops producing its parent's random numbers.
 pub fn reseed(entropy: &[u8]) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
     if entropy.is_empty() || entropy.len() > 4096 {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "entropy must be 1..=4096 bytes"));
     }
@@ -136,14 +117,11 @@ pub fn reseed(entropy: &[u8]) -> std::io::Result<()> {
     info.extend_from_slice(&(entropy.len() as i32).to_ne_bytes());
     info.extend_from_slice(entropy);
     info.resize(8 + entropy.len().div_ceil(4) * 4, 0);
-    // SAFETY: the buffer holds a rand_pool_info with buf_size bytes after its header.
-    if unsafe { libc::ioctl(dev.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    // SAFETY: the pointer is the ioctl's argument; the buffer holds a rand_pool_info with
+    // buf_size bytes after its header, and the kernel only reads it.
+    unsafe { ioctl(&dev, IntegerSetter::<RNDADDENTROPY>::new_pointer(info.as_mut_ptr().cast())) }?;
     // SAFETY: an argument-less ioctl.
-    if unsafe { libc::ioctl(dev.as_raw_fd(), RNDRESEEDCRNG) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    unsafe { ioctl(&dev, NoArg::<RNDRESEEDCRNG>::new()) }?;
     Ok(())
 }
 
@@ -152,11 +130,8 @@ pub fn correct_clock(unix_ms: u64) -> std::io::Result<bool> {
     if unix_ms == 0 || sysutil::clock::now_ms().abs_diff(unix_ms) <= 1000 {
         return Ok(false);
     }
-    let ts = libc::timespec { tv_sec: (unix_ms / 1000) as libc::time_t, tv_nsec: ((unix_ms % 1000) * 1_000_000) as _ };
-    // SAFETY: valid timespec pointer.
-    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let ts = rustix::time::Timespec { tv_sec: (unix_ms / 1000) as _, tv_nsec: ((unix_ms % 1000) * 1_000_000) as _ };
+    rustix::time::clock_settime(rustix::time::ClockId::Realtime, ts)?;
     Ok(true)
 }
 
@@ -169,10 +144,7 @@ pub fn set_hostname(name: &str) -> std::io::Result<()> {
     if !valid {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("bad hostname {name:?}")));
     }
-    // SAFETY: pointer and length describe `name`.
-    if unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    rustix::system::sethostname(name.as_bytes())?;
     Ok(())
 }
 
@@ -196,10 +168,29 @@ pub fn uptime_ms() -> u64 {
 
 /// Flushes file systems and powers off (or reboots). Only returns on failure.
 pub fn power_off(reboot: bool) -> std::io::Error {
-    // SAFETY: sync and reboot take no pointers.
-    unsafe {
-        libc::sync();
-        libc::reboot(if reboot { libc::RB_AUTOBOOT } else { libc::RB_POWER_OFF });
+    use rustix::system::RebootCommand;
+    rustix::fs::sync();
+    match rustix::system::reboot(if reboot { RebootCommand::Restart } else { RebootCommand::PowerOff }) {
+        Err(e) => e.into(),
+        // Both commands end the guest when they succeed.
+        Ok(()) => std::io::Error::other("reboot returned"),
     }
-    std::io::Error::last_os_error()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The opcodes built with `rustix::ioctl::opcode` are the kernel's (as in its headers on
+    /// the 64-bit guests).
+    #[test]
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    fn ioctl_opcodes_match_the_kernel_headers() {
+        assert_eq!(EXT4_IOC_RESIZE_FS, 0x4008_6610);
+        assert_eq!(BLKGETSIZE64, 0x8008_1272);
+        assert_eq!(RNDADDENTROPY, 0x4008_5203);
+        assert_eq!(RNDRESEEDCRNG, 0x5207);
+        assert_eq!(SIOCGIFFLAGS, 0x8913);
+        assert_eq!(SIOCSIFFLAGS, 0x8914);
+    }
 }
