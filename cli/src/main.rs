@@ -224,7 +224,10 @@ async fn up(data_dir: PathBuf, listen: std::net::SocketAddr) -> anyhow::Result<u
     let server = Server::bind(ServerConfig::local(&data_dir, listen))
         .await
         .with_context(|| format!("starting volumed on {listen} (data in {})", data_dir.display()))?;
-    let host = vmm_host::Host::open(vmm_host::HostConfig::local(data_dir.join("vmm")))
+    let mut config = vmm_host::HostConfig::local(data_dir.join("vmm"));
+    // Guests reach volumes through vmm-host's gateway, which forwards to this volumed.
+    config.volumed_endpoint = Some(format!("http://{}", server.addr));
+    let host = vmm_host::Host::open(config)
         .await
         .with_context(|| format!("starting vmm-host (data in {})", data_dir.join("vmm").display()))?;
     let server = server.with_grpc(|r| r.add_service(vmm_host::GrpcSailboxes::new(host.clone()).into_server()));

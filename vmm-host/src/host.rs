@@ -56,6 +56,15 @@ pub struct HostConfig {
     pub host_name: String,
     /// Longest a boot may take (VMM launch to the agent's first answer).
     pub boot_timeout: Duration,
+    /// volumed's gRPC endpoint (`http://host:port`): where the volume gateway forwards the
+    /// guests' volume calls. `None`: sailboxes cannot mount volumes.
+    pub volumed_endpoint: Option<String>,
+    /// The host's verified chunk cache (every sailbox's volume reads go through it).
+    pub chunk_cache_dir: PathBuf,
+    /// Its size cap on disk, bytes.
+    pub chunk_cache_bytes: u64,
+    /// Its in-memory part, bytes.
+    pub chunk_memory_bytes: u64,
 }
 
 impl HostConfig {
@@ -66,6 +75,7 @@ impl HostConfig {
         let accel = std::env::var("SAIL_ACCEL").ok().and_then(|s| s.parse().ok()).unwrap_or_default();
         Self {
             chunks_dir: data_dir.join("chunks"),
+            chunk_cache_dir: data_dir.join("chunk-cache"),
             data_dir,
             guest_dir: crate::guest::default_guest_dir(),
             agent_binary: crate::guest::default_agent_path(),
@@ -75,6 +85,9 @@ impl HostConfig {
             qemu_binary: PathBuf::from("qemu-system-x86_64"),
             host_name: sysutil::host::hostname(),
             boot_timeout: Duration::from_secs(180),
+            volumed_endpoint: None,
+            chunk_cache_bytes: 10 << 30,
+            chunk_memory_bytes: 256 << 20,
         }
     }
 }

@@ -8,6 +8,8 @@
 //! - [`guest`]: the kernel kit and the initramfs that carries `sail-agent`; [`image`]: base
 //!   images stored as chunks; [`vmfiles`]: memory and disk as cowfs files (forks map their
 //!   checkpoint's memory privately, shared with the other forks of it).
+//! - [`gateway`]: how guests reach their volumes (scoped to the sailbox's mounts) and the
+//!   host's verified chunk cache every sailbox reads through.
 //! - [`service`]: the `sail.sailbox.v1` gRPC service.
 //!
 //! See docs/vmm-host.md for the layout on disk, the guest protocol and the tests.
@@ -19,6 +21,7 @@ pub mod error;
 mod exec;
 mod files;
 mod forkmem;
+pub mod gateway;
 pub mod guest;
 pub mod host;
 pub mod hypervisor;

@@ -75,10 +75,8 @@ impl Lifecycle {
 
     /// Creates a sailbox and returns once its agent answers.
     pub(crate) async fn create(self: &Arc<Self>, req: pb::CreateSailboxRequest) -> Result<pb::Sailbox> {
-        let spec = model::validate_create(&req, "default")?;
-        if !spec.volumes.is_empty() {
-            return Err(SailboxError::Creation("mounting volumes inside sailboxes is not supported by this vmm-host yet".into()));
-        }
+        let spec = model::validate_create(&req, model::DEFAULT_ORG)?;
+        self.resolve_volumes(&spec).await?;
         let hypervisor = self.rt.hypervisor()?;
         let initramfs = self.rt.initramfs().await?;
         let image = self.rt.ensure_image(&spec.image, Arc::new(|m: &str| tracing::info!("{m}"))).await?;
@@ -104,6 +102,29 @@ impl Lifecycle {
         };
         let greeting = Greeting { hostname: Some(hostname_for(&rec)), reseed: false };
         self.bring_up(rec, Start::Boot { disk_manifest: Some(disk_manifest) }, greeting).await
+    }
+
+    /// Checks that every volume to mount exists, minting those asked for, before anything
+    /// of the sailbox is made.
+    async fn resolve_volumes(&self, spec: &model::CreateSpec) -> Result<()> {
+        if spec.volumes.is_empty() {
+            return Ok(());
+        }
+        let gateway = self.rt.gateway.as_ref().ok_or_else(|| {
+            SailboxError::Creation(
+                "this vmm-host has no volume service configured, so it cannot mount volumes (vmm-host --volumed URL)".into(),
+            )
+        })?;
+        for (path, v) in &spec.volumes {
+            if v.org != model::DEFAULT_ORG {
+                return Err(SailboxError::InvalidConfig(format!(
+                    "volume {} at {path}: org {:?} is not this request's org",
+                    v.volume, v.org
+                )));
+            }
+            gateway.resolve(&v.org, &v.volume, spec.mint.contains(path)).await?;
+        }
+        Ok(())
     }
 
     pub(crate) fn check_name_free(&self, app: &str, name: &str) -> Result<()> {
@@ -149,6 +170,7 @@ impl Lifecycle {
     /// Starts a new sailbox's VM and listeners and records it running.
     async fn start_new(self: &Arc<Self>, live: &Arc<Live>, start: Start<'_>, greeting: Greeting) -> Result<SailboxRecord> {
         let ports = live.snapshot().ports;
+        self.rt.bind_gateway(live)?;
         self.start_vm(live, start, greeting).await?;
         let listeners = self.ingress.bind_all(live, &ports, &[]).await?;
         let rec = live.update(|r| {
@@ -215,6 +237,8 @@ impl Lifecycle {
     pub(crate) async fn start_vm(self: &Arc<Self>, live: &Arc<Live>, start: Start<'_>, greeting: Greeting) -> Result<Arc<Vm>> {
         let hypervisor = self.rt.hypervisor()?;
         let initramfs = self.rt.initramfs().await?;
+        // A guest that boots (rather than resuming saved memory) has no volume helpers yet.
+        let fresh_memory = matches!(start, Start::Boot { .. } | Start::CheckpointDisk { .. });
         let dir = self.rt.run_dir(&live.id());
         std::fs::create_dir_all(&dir).map_err(|e| SailboxError::io("creating the run dir", e))?;
         let incoming = self.prepare_files(live, &start, &dir).await?;
@@ -237,6 +261,10 @@ impl Lifecycle {
             }
         };
         vm.agent.set_handshake_timeout(AgentClient::RUNNING_HANDSHAKE);
+        if fresh_memory && let Err(e) = self.mount_volumes(live, &vm).await {
+            self.stop_vm(live).await;
+            return Err(e);
+        }
         let rec = live.update(|r| {
             r.boot_ms = started.elapsed().as_millis() as u64;
             r.guest_schema_version = hello.guest_schema_version;
@@ -245,6 +273,27 @@ impl Lifecycle {
         self.rt.state.put_sailbox(&rec)?;
         self.watch_vmm(live, &vm);
         Ok(vm)
+    }
+
+    /// Mounts the sailbox's volumes in a guest that just booted; returns once every mount
+    /// answers (the agent starts and supervises one helper per mount).
+    async fn mount_volumes(&self, live: &Arc<Live>, vm: &Vm) -> Result<()> {
+        for (path, v) in &live.snapshot().volumes {
+            let span = tracing::info_span!("mount", volume = %v.volume, path = %path);
+            let req = proto::agent::MountRequest {
+                path: path.clone(),
+                volume: v.volume.clone(),
+                org: v.org.clone(),
+                endpoint: crate::gateway::GUEST_ENDPOINT.to_owned(),
+            };
+            vm.agent
+                .raw()
+                .mount(req)
+                .instrument(span)
+                .await
+                .map_err(|e| SailboxError::Creation(format!("mounting volume {} at {path}: {}", v.volume, e.message())))?;
+        }
+        Ok(())
     }
 
     /// Lets a launched VM run (one loading device state starts stopped) and waits for its

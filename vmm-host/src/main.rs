@@ -48,6 +48,16 @@ struct Args {
     /// Longest a boot may take, in seconds (VMM launch to the agent's first answer).
     #[arg(long, default_value_t = 180)]
     boot_timeout_secs: u64,
+    /// volumed's gRPC endpoint, where guests' volume calls are forwarded (without it,
+    /// sailboxes cannot mount volumes).
+    #[arg(long, env = "SAIL_VOLUMED")]
+    volumed: Option<String>,
+    /// The host's chunk cache for volume reads (default: `<data-dir>/vmm/chunk-cache`).
+    #[arg(long, env = "SAIL_CHUNK_CACHE_DIR")]
+    chunk_cache_dir: Option<PathBuf>,
+    /// Its size cap, MiB.
+    #[arg(long, default_value_t = 10240)]
+    chunk_cache_mib: u64,
 }
 
 impl Args {
@@ -71,6 +81,11 @@ impl Args {
         config.qemu_binary = self.qemu.clone();
         config.ingress_addr = self.ingress_addr;
         config.boot_timeout = Duration::from_secs(self.boot_timeout_secs);
+        config.volumed_endpoint = self.volumed.clone();
+        if let Some(d) = &self.chunk_cache_dir {
+            config.chunk_cache_dir = d.clone();
+        }
+        config.chunk_cache_bytes = self.chunk_cache_mib << 20;
         config
     }
 }

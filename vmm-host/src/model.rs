@@ -1,7 +1,7 @@
 //! The durable records of vmm-host (stored as JSON in RocksDB) and the validation of create
 //! requests against the contract (DESIGN 2.2).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use proto::sailbox as pb;
 use serde::{Deserialize, Serialize};
@@ -20,6 +20,10 @@ pub const RESERVED_PORTS: [u32; 2] = [22, proto::agent::VSOCK_PORT];
 pub const MAX_PORTS: usize = 64;
 /// Longest app or sailbox name.
 pub const MAX_NAME: usize = 64;
+/// Most volumes one sailbox mounts.
+pub const MAX_MOUNTS: usize = 16;
+/// The org of every request until API keys name one (the tenancy issue).
+pub const DEFAULT_ORG: &str = "default";
 
 /// The lifecycle states (DESIGN 3.4), plus `Lost` for a sailbox whose VMM died with no
 /// checkpoint to restore it from.
@@ -238,7 +242,9 @@ impl SailboxRecord {
             volumes: self
                 .volumes
                 .iter()
-                .map(|(p, v)| (p.clone(), pb::VolumeMount { volume: v.volume.clone(), org: v.org.clone() }))
+                .map(|(p, v)| {
+                    (p.clone(), pb::VolumeMount { volume: v.volume.clone(), org: v.org.clone(), mint_if_missing: false })
+                })
                 .collect(),
             last_checkpoint: self.last_checkpoint.clone().unwrap_or_default(),
             pending_upgrade: self.pending_upgrade,
@@ -304,6 +310,10 @@ pub struct CheckpointRecord {
     pub disk_bytes_changed: u64,
     /// Of those, uploaded.
     pub disk_bytes_uploaded: u64,
+    /// Volumes mounted in the guest (their helpers run in its memory, so a fork or restore
+    /// keeps them mounted and its gateway must admit them).
+    #[serde(default)]
+    pub volumes: BTreeMap<String, VolumeRecord>,
 }
 
 impl CheckpointRecord {
@@ -385,6 +395,8 @@ pub struct CreateSpec {
     pub ports: Vec<u32>,
     /// Volumes by absolute guest path.
     pub volumes: BTreeMap<String, VolumeRecord>,
+    /// Paths whose volume is minted if it does not exist.
+    pub mint: BTreeSet<String>,
 }
 
 /// Default image of a sailbox created without one.
@@ -462,7 +474,11 @@ pub fn validate_create(req: &pb::CreateSailboxRequest, org: &str) -> Result<Crea
         }
         ports.push(p);
     }
+    if req.volumes.len() > MAX_MOUNTS {
+        return bad(format!("at most {MAX_MOUNTS} volume mounts, got {}", req.volumes.len()));
+    }
     let mut volumes = BTreeMap::new();
+    let mut mint = BTreeSet::new();
     for (path, v) in &req.volumes {
         if let Err(m) = check_guest_path(path) {
             return bad(format!("volume mount {m}"));
@@ -474,7 +490,11 @@ pub fn validate_create(req: &pb::CreateSailboxRequest, org: &str) -> Result<Crea
         if v.volume.is_empty() {
             return bad(format!("volume mount {path:?} names no volume"));
         }
+        check_name("volume", &v.volume)?;
         let org = if v.org.is_empty() { org.to_owned() } else { v.org.clone() };
+        if v.mint_if_missing {
+            mint.insert(normalized.clone());
+        }
         volumes.insert(normalized, VolumeRecord { org, volume: v.volume.clone() });
     }
     let paths: Vec<&String> = volumes.keys().collect();
@@ -485,7 +505,18 @@ pub fn validate_create(req: &pb::CreateSailboxRequest, org: &str) -> Result<Crea
             }
         }
     }
-    Ok(CreateSpec { app, image, name: req.name.clone(), cpu, vcpus: cpu.ceil() as u32, memory_mib, disk_gib, ports, volumes })
+    Ok(CreateSpec {
+        app,
+        image,
+        name: req.name.clone(),
+        cpu,
+        vcpus: cpu.ceil() as u32,
+        memory_mib,
+        disk_gib,
+        ports,
+        volumes,
+        mint,
+    })
 }
 
 #[cfg(test)]
@@ -527,12 +558,12 @@ mod tests {
             assert!(err(pb::CreateSailboxRequest { ingress_ports: ports.clone(), ..req() }).contains("port"), "{ports:?}");
         }
         for path in ["/", "rel", "/a/../b", "/a//b", ""] {
-            let volumes = [(path.to_owned(), pb::VolumeMount { volume: "v".into(), org: String::new() })].into();
+            let volumes = [(path.to_owned(), pb::VolumeMount { volume: "v".into(), ..Default::default() })].into();
             assert!(err(pb::CreateSailboxRequest { volumes, ..req() }).contains("volume mount"), "{path:?}");
         }
         let nested = [
-            ("/data".to_owned(), pb::VolumeMount { volume: "v".into(), org: String::new() }),
-            ("/data/x".to_owned(), pb::VolumeMount { volume: "w".into(), org: String::new() }),
+            ("/data".to_owned(), pb::VolumeMount { volume: "v".into(), ..Default::default() }),
+            ("/data/x".to_owned(), pb::VolumeMount { volume: "w".into(), ..Default::default() }),
         ]
         .into();
         assert!(err(pb::CreateSailboxRequest { volumes: nested, ..req() }).contains("inside"));

@@ -84,6 +84,7 @@ impl Host {
                     r.memory_base = None;
                 });
                 let ports = rec.ports.clone();
+                self.rt.bind_gateway(&live)?;
                 let listeners = self.ingress.bind_all(&live, &ports, &rec.listeners).await?;
                 live.update(|r| r.listeners = listeners);
                 self.rt.add_live(&live);
@@ -96,6 +97,7 @@ impl Host {
                 for p in rec.procs.iter().rev() {
                     procs::kill(p).await;
                 }
+                self.rt.bind_gateway(&live)?;
                 let listeners = self.ingress.bind_all(&live, &rec.ports, &rec.listeners).await?;
                 let rec = live.update(|r| {
                     r.listeners = listeners;
@@ -145,6 +147,7 @@ impl Host {
             .map_err(SailboxError::AgentUnreachable)?;
         let vm = Arc::new(Vm::new(handle, agent));
         live.set_vm(Some(vm.clone()));
+        self.rt.bind_gateway(live)?;
         let listeners = self.ingress.bind_all(live, &rec.ports, &rec.listeners).await?;
         let rec = live.update(|r| {
             r.listeners = listeners;

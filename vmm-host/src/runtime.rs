@@ -16,6 +16,7 @@ use proto::sailbox as pb;
 use crate::accel::AccelProbe;
 use crate::agent_client::AgentClient;
 use crate::error::{Result, SailboxError};
+use crate::gateway::{Gateway, Scope};
 use crate::guest::{GuestKit, Initramfs};
 use crate::host::HostConfig;
 use crate::hypervisor::qemu::Qemu;
@@ -124,6 +125,8 @@ pub(crate) struct Runtime {
     pub(crate) accel: AccelProbe,
     pub(crate) hypervisor: std::result::Result<Arc<dyn Hypervisor>, Arc<SailboxError>>,
     pub(crate) kit: std::result::Result<GuestKit, Arc<SailboxError>>,
+    /// The volume gateway (when a volumed endpoint is configured).
+    pub(crate) gateway: Option<Arc<Gateway>>,
     initramfs: tokio::sync::Mutex<Option<Initramfs>>,
     live: Mutex<HashMap<String, Arc<Live>>>,
 }
@@ -148,6 +151,17 @@ impl Runtime {
         let images = ImageStore::new(state.clone(), backend.clone(), config.data_dir.join("images"), kit.clone().ok());
         let accel = crate::accel::detect(config.accel);
         let hypervisor = Qemu::new(config.qemu_binary.clone()).map(|q| Arc::new(q) as Arc<dyn Hypervisor>).map_err(Arc::new);
+        let gateway = match &config.volumed_endpoint {
+            Some(endpoint) => Some(Gateway::open(
+                endpoint.clone(),
+                crate::gateway::GUEST_ENDPOINT.to_owned(),
+                &config.chunk_cache_dir,
+                config.chunk_cache_bytes,
+                config.chunk_memory_bytes,
+                &config.data_dir.join("gateway.key"),
+            )?),
+            None => None,
+        };
         tracing::info!(accel = accel.accel.as_str(), reason = %accel.reason, hypervisor = ?hypervisor.as_ref().map(|h| h.version()), "vmm-host starting");
         Ok(Self {
             config,
@@ -158,6 +172,7 @@ impl Runtime {
             accel,
             hypervisor,
             kit,
+            gateway,
             initramfs: tokio::sync::Mutex::new(None),
             live: Mutex::default(),
         })
@@ -165,6 +180,22 @@ impl Runtime {
 
     pub(crate) fn hypervisor(&self) -> Result<Arc<dyn Hypervisor>> {
         self.hypervisor.clone().map_err(SailboxError::Unavailable)
+    }
+
+    /// Serves the sailbox's volume gateway on its run directory's socket (see
+    /// [`crate::gateway`]) until its tasks end. Without a volumed endpoint there is none.
+    pub(crate) fn bind_gateway(&self, live: &Arc<Live>) -> Result<()> {
+        let Some(gateway) = &self.gateway else { return Ok(()) };
+        let rec = live.snapshot();
+        let dir = self.run_dir(&rec.id);
+        std::fs::create_dir_all(&dir).map_err(|e| SailboxError::io("creating the run dir", e))?;
+        let scope = Scope {
+            sailbox: rec.id.clone(),
+            org: crate::model::DEFAULT_ORG.to_owned(),
+            volumes: rec.volumes.values().map(|v| v.volume.clone()).collect(),
+        };
+        live.push_task(gateway.bind(&crate::gateway::socket_path(&dir), scope)?);
+        Ok(())
     }
 
     pub(crate) fn run_root(&self) -> PathBuf {

@@ -249,14 +249,14 @@ async fn invalid_create_arguments_create_nothing() {
         (
             "volume at /",
             pb::CreateSailboxRequest {
-                volumes: [("/".to_owned(), pb::VolumeMount { volume: "v".into(), org: String::new() })].into(),
+                volumes: [("/".to_owned(), pb::VolumeMount { volume: "v".into(), ..Default::default() })].into(),
                 ..base.clone()
             },
         ),
         (
             "relative volume path",
             pb::CreateSailboxRequest {
-                volumes: [("data".to_owned(), pb::VolumeMount { volume: "v".into(), org: String::new() })].into(),
+                volumes: [("data".to_owned(), pb::VolumeMount { volume: "v".into(), ..Default::default() })].into(),
                 ..base.clone()
             },
         ),

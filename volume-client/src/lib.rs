@@ -423,6 +423,12 @@ impl VolumeClient {
         Ok(bytes)
     }
 
+    /// PUTs `body` to a signed upload URL with the headers it must carry (a relay, such as
+    /// vmm-host's volume gateway, forwarding an upload it checked).
+    pub async fn put_url(&self, url: &str, headers: &HashMap<String, String>, body: Bytes) -> Result<()> {
+        send_signed(self.http.put(url).body(body), headers, "PUT (relayed)").await.map(|_| ())
+    }
+
     /// Downloads and verifies chunks without touching the cache (callers that fill the cache
     /// in the background, like the FUSE helper, use this to serve a reader first).
     pub async fn fetch_chunks(&mut self, org: &str, name: &str, ids: &[ChunkId]) -> Result<Vec<Bytes>> {

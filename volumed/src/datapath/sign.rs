@@ -47,26 +47,12 @@ impl UrlSigner {
 
     /// Loads the key from `path`, creating it (random, mode 0600, fsynced) on first use.
     pub fn load_or_create(path: &Path) -> Result<Self> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        match std::fs::read(path) {
-            Ok(bytes) => {
-                let key: [u8; 32] = bytes.as_slice().try_into().map_err(|_| VolumeError::BadSigningKey(path.to_owned()))?;
-                return Ok(Self::new(key));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(VolumeError::io(format!("reading {}", path.display()), e));
-            }
+        use sysutil::keyfile::{KeyFileError, load_or_create};
+        match load_or_create(path, rand::random) {
+            Ok(key) => Ok(Self::new(key)),
+            Err(KeyFileError::BadLength(_)) => Err(VolumeError::BadSigningKey(path.to_owned())),
+            Err(KeyFileError::Io { what, source, .. }) => Err(VolumeError::io(format!("{what} {}", path.display()), source)),
         }
-        let key: [u8; 32] = rand::random();
-        let tmp = path.with_extension("tmp");
-        let io = |e: std::io::Error| VolumeError::io(format!("writing {}", path.display()), e);
-        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io)?;
-        f.write_all(&key).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)?;
-        Ok(Self::new(key))
     }
 
     fn mac(&self, method: &str, id_hex: &str, len: u64, exp: u64) -> HmacSha256 {

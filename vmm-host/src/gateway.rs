@@ -1,0 +1,556 @@
+//! The volume gateway: how a guest reaches its volumes, and the host's one verified chunk
+//! cache that every sailbox on the host reads through.
+//!
+//! Each sailbox has a Unix socket, `<run dir>/volumes.sock`, served by [`Gateway::bind`].
+//! The guest reaches it at [`GUEST_ENDPOINT`] on its host NIC: QEMU's restricted user network
+//! forwards that one address to the socket and nothing else (docs/networking.md), so the guest
+//! never sees volumed, the host's loopback or another sailbox's socket. Which socket a
+//! connection arrives on is the guest's identity; what it may reach is the sailbox's
+//! [`Scope`]: its org and the volumes mounted in it.
+//!
+//! What the socket serves:
+//! - **`sail.volume.v1.VolumeService`** (gRPC, what the guest's `sail-volume-fuse` calls),
+//!   forwarded to volumed with the org forced to the sailbox's. A volume outside the scope
+//!   gets exactly volumed's answer for a volume that does not exist; `DeleteVolume` is refused,
+//!   `GetVolume` never mints, `ListVolumes` lists the mounted ones.
+//! - **Chunk reads.** `ChunkUrls` answers carry gateway URLs
+//!   `/v1/chunks/<volume>/<chunk>/<expires>/<mac>` (the MAC binds sailbox, volume, chunk and
+//!   expiry under a host key, so a guest cannot read a chunk by guessing its hash: it must
+//!   have been granted through `ChunkUrls` of a mounted volume, which volumed answered). A GET
+//!   (whole or `Range`) is served from memory, else the host's disk cache, else fetched from
+//!   the backend through volumed's signed URL — once per host however many sailboxes want it,
+//!   verified here before it is cached (the host is trusted, the guest is not).
+//! - **Uploads.** `MissingChunks` answers carry `/v1/uploads/<token>`; a PUT is checked (a
+//!   single chunk must hash to its id and may not exceed the declared length; a batch must
+//!   have its exact length) and relayed to volumed's signed URL. Uploaded chunks enter the
+//!   host cache, so other sailboxes read a fresh commit without a backend fetch. Tokens live
+//!   in memory until their URL expires (a commit that outlives a vmm-host restart asks again).
+//!
+//! Costs: a chunk fetched cold crosses the backend once per host; the guest's read then costs
+//! one relay through the per-connection `socat` QEMU spawns and the user-network stack
+//! (measured in docs/networking.md).
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use chunkstore::{ChunkCache, ChunkId};
+use parking_lot::Mutex;
+use proto::ErrorDetail;
+use proto::volume as pb;
+use proto::volume::volume_service_server::{VolumeService, VolumeServiceServer};
+use quick_cache::Weighter;
+use tokio::sync::OnceCell;
+use tonic::{Code, Request, Status};
+use volume_client::VolumeClient;
+
+use crate::error::{Result, SailboxError};
+use sysutil::clock::now_ms;
+
+/// Where a guest reaches its gateway (the host NIC's forwarded address).
+pub const GUEST_ENDPOINT: &str = "http://10.0.3.2:7420";
+
+/// The gateway socket in a sailbox's run directory.
+pub fn socket_path(run_dir: &Path) -> std::path::PathBuf {
+    run_dir.join("volumes.sock")
+}
+
+/// Upload tokens one sailbox may hold at once (a commit asks for one per missing chunk or
+/// batch; expired ones are dropped first).
+const MAX_UPLOAD_TOKENS: usize = 200_000;
+/// Largest gRPC message either way (volumed's own limit).
+const MAX_MESSAGE: usize = 64 << 20;
+/// Largest upload body (a batch; volumed checks the exact frame layout).
+const MAX_UPLOAD_BODY: u64 = 64 << 20;
+
+/// Weighs a cached chunk by its length (an empty one weighs 1: quick_cache never evicts
+/// weightless entries).
+#[derive(Clone, Copy, Debug, Default)]
+struct ByLength;
+
+impl Weighter<ChunkId, Bytes> for ByLength {
+    fn weight(&self, _key: &ChunkId, bytes: &Bytes) -> u64 {
+        (bytes.len() as u64).max(1)
+    }
+}
+
+/// The host-wide part: the connection to volumed, the chunk caches, the URL key.
+pub struct Gateway {
+    upstream: String,
+    guest_endpoint: String,
+    client: OnceCell<VolumeClient>,
+    disk: ChunkCache,
+    memory: quick_cache::sync::Cache<ChunkId, Bytes, ByLength>,
+    key: [u8; 32],
+}
+
+/// What one sailbox may reach: its org and the volumes mounted in it.
+#[derive(Clone, Debug)]
+pub struct Scope {
+    /// The sailbox (bound into every chunk URL it gets).
+    pub sailbox: String,
+    /// Its org.
+    pub org: String,
+    /// Names of the volumes mounted in it.
+    pub volumes: BTreeSet<String>,
+}
+
+/// An upload the gateway granted: where it goes and what it may carry.
+struct Upload {
+    url: String,
+    headers: HashMap<String, String>,
+    expires_unix_ms: u64,
+    kind: UploadKind,
+}
+
+#[derive(Clone, Copy)]
+enum UploadKind {
+    /// One chunk: the body must hash to the id and be at most `len` bytes.
+    Chunk { id: ChunkId, len: u64 },
+    /// A batch of frames: the body must be exactly `len` bytes (volumed checks the frames).
+    Batch { len: u64 },
+}
+
+/// One sailbox's gateway state, shared by its gRPC service and its data routes.
+struct Sailbox {
+    gateway: Arc<Gateway>,
+    scope: Scope,
+    uploads: Mutex<HashMap<String, Upload>>,
+}
+
+impl Gateway {
+    /// A gateway forwarding to volumed at `upstream`, caching chunks in `cache_dir` (at most
+    /// `cache_bytes` on disk, `memory_bytes` in memory), signing chunk URLs with the key kept
+    /// at `key_file` (made on first use). URLs it hands out start with `guest_endpoint`, where
+    /// guests reach their socket ([`GUEST_ENDPOINT`] on a sailbox's host NIC).
+    pub fn open(
+        upstream: String,
+        guest_endpoint: String,
+        cache_dir: &Path,
+        cache_bytes: u64,
+        memory_bytes: u64,
+        key_file: &Path,
+    ) -> Result<Arc<Self>> {
+        let disk = ChunkCache::open(cache_dir, cache_bytes)
+            .map_err(|e| SailboxError::Setup(format!("opening the chunk cache {}: {e}", cache_dir.display())))?;
+        let key = load_or_create_key(key_file)?;
+        let items = usize::try_from(memory_bytes / (1 << 20)).unwrap_or(usize::MAX).max(16);
+        let memory = quick_cache::sync::Cache::with_weighter(items, memory_bytes.max(1), ByLength);
+        Ok(Arc::new(Self { upstream, guest_endpoint, client: OnceCell::new(), disk, memory, key }))
+    }
+
+    /// The disk cache's counters (`fetches`: chunks fetched from the backend).
+    pub fn cache_stats(&self) -> chunkstore::CacheStats {
+        self.disk.stats()
+    }
+
+    /// Checks that a volume exists (minting it with `mint`), for a create that mounts it.
+    pub async fn resolve(&self, org: &str, name: &str, mint: bool) -> Result<()> {
+        let mut c = self.client().await.map_err(|s| SailboxError::Creation(s.message().to_owned()))?;
+        match c.get_volume(org, name, mint).await {
+            Ok(_) => Ok(()),
+            Err(volume_client::ClientError::Server { code: Code::NotFound, .. }) => Err(SailboxError::InvalidConfig(format!(
+                "volume {name} does not exist (mint it at create, e.g. `sail box create --volume {name}:/path --mint`)"
+            ))),
+            Err(e) => Err(SailboxError::Creation(format!("looking up volume {name}: {e}"))),
+        }
+    }
+
+    /// A client of volumed (connected on first use; a failed connect is retried next time).
+    pub async fn client(&self) -> std::result::Result<VolumeClient, Status> {
+        let c = self
+            .client
+            .get_or_try_init(|| async { VolumeClient::connect(&self.upstream).await.map(|c| c.with_cache(self.disk.clone())) })
+            .await
+            .map_err(|e| Status::unavailable(format!("the volume service is unreachable: {e}")))?;
+        Ok(c.clone())
+    }
+
+    /// Serves `scope`'s gateway on `socket` (replacing a stale one) until the returned task
+    /// is aborted.
+    pub fn bind(self: &Arc<Self>, socket: &Path, scope: Scope) -> Result<tokio::task::JoinHandle<()>> {
+        let _ = std::fs::remove_file(socket);
+        let listener =
+            tokio::net::UnixListener::bind(socket).map_err(|e| SailboxError::io(format!("binding {}", socket.display()), e))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| SailboxError::io(format!("restricting {}", socket.display()), e))?;
+        let sailbox = Arc::new(Sailbox { gateway: self.clone(), scope, uploads: Mutex::default() });
+        let router = router(sailbox.clone());
+        let span = tracing::info_span!("gateway", sailbox = %sailbox.scope.sailbox);
+        Ok(tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                if let Err(e) = axum::serve(listener, router).await {
+                    tracing::warn!(error = %e, "volume gateway stopped");
+                }
+            },
+            span,
+        )))
+    }
+
+    fn mac(&self, sailbox: &str, volume: &str, id: &ChunkId, expires: u64) -> String {
+        let msg = format!("{sailbox}\0{volume}\0{}\0{expires}", id.to_hex());
+        blake3::keyed_hash(&self.key, msg.as_bytes()).to_hex()[..32].to_owned()
+    }
+
+    /// A chunk's bytes: memory, else disk, else the backend (verified, then cached).
+    async fn chunk(&self, org: &str, volume: &str, id: ChunkId) -> std::result::Result<Bytes, Status> {
+        let guard = match self.memory.get_value_or_guard_async(&id).await {
+            Ok(bytes) => return Ok(bytes),
+            Err(guard) => guard,
+        };
+        let mut client = self.client().await?;
+        let bytes = client.download_chunks(org, volume, &[id]).await.map_err(client_status)?.pop();
+        let bytes = bytes.ok_or_else(|| Status::internal(format!("volumed returned no bytes for chunk {id}")))?;
+        let _ = guard.insert(bytes.clone());
+        Ok(bytes)
+    }
+}
+
+/// The key file's 32 bytes, made (0600) if missing.
+fn load_or_create_key(path: &Path) -> Result<[u8; 32]> {
+    sysutil::keyfile::load_or_create(path, rand::random).map_err(|e| SailboxError::Setup(format!("the gateway key: {e}")))
+}
+
+/// The status a client error becomes: volumed's own status where it gave one.
+fn client_status(e: volume_client::ClientError) -> Status {
+    match e {
+        volume_client::ClientError::Server { name, code, message } => ErrorDetail::to_status(code, name, message),
+        other => Status::unavailable(other.to_string()),
+    }
+}
+
+fn not_found(org: &str, name: &str) -> Status {
+    ErrorDetail::to_status(Code::NotFound, "VolumeNotFoundError", format!("volume {org}/{name} not found"))
+}
+
+impl Sailbox {
+    /// Checks that `volume` is mounted in this sailbox and puts the sailbox's org in it.
+    fn admit(&self, volume: &mut Option<pb::VolumeRef>) -> std::result::Result<String, Status> {
+        let v = volume.get_or_insert_with(Default::default);
+        let org = if v.org.is_empty() { self.scope.org.clone() } else { v.org.clone() };
+        if org != self.scope.org || !self.scope.volumes.contains(&v.name) {
+            return Err(not_found(&org, &v.name));
+        }
+        v.org = org;
+        Ok(v.name.clone())
+    }
+
+    fn chunk_url(&self, volume: &str, u: pb::SignedUrl) -> std::result::Result<pb::SignedUrl, Status> {
+        let id = ChunkId::from_slice(&u.id).map_err(|e| Status::internal(format!("volumed returned a bad chunk id: {e}")))?;
+        let mac = self.gateway.mac(&self.scope.sailbox, volume, &id, u.expires_unix_ms);
+        let url = format!("{}/v1/chunks/{volume}/{}/{}/{mac}", self.gateway.guest_endpoint, id.to_hex(), u.expires_unix_ms);
+        Ok(pb::SignedUrl { url, headers: HashMap::new(), ..u })
+    }
+
+    /// Records an upload and returns its gateway URL.
+    fn grant_upload(&self, url: String, headers: HashMap<String, String>, expires_unix_ms: u64, kind: UploadKind) -> String {
+        let token = format!("{:032x}", rand::random::<u128>());
+        let mut uploads = self.uploads.lock();
+        if uploads.len() >= MAX_UPLOAD_TOKENS {
+            let now = now_ms();
+            uploads.retain(|_, u| u.expires_unix_ms > now);
+        }
+        if uploads.len() >= MAX_UPLOAD_TOKENS {
+            // Full of live grants: the oldest-expiring make room (their commit retries).
+            if let Some(k) = uploads.iter().min_by_key(|(_, u)| u.expires_unix_ms).map(|(k, _)| k.clone()) {
+                uploads.remove(&k);
+            }
+        }
+        uploads.insert(token.clone(), Upload { url, headers, expires_unix_ms, kind });
+        format!("{}/v1/uploads/{token}", self.gateway.guest_endpoint)
+    }
+}
+
+/// The gRPC service one sailbox's guest talks to.
+struct Service(Arc<Sailbox>);
+
+type GrpcResult<T> = std::result::Result<tonic::Response<T>, Status>;
+
+impl Sailbox {
+    /// Admits a request's volume and returns the request with a client to forward it with.
+    async fn forwardable<T>(
+        &self,
+        req: Request<T>,
+        volume: impl FnOnce(&mut T) -> &mut Option<pb::VolumeRef>,
+    ) -> std::result::Result<(T, VolumeClient), Status> {
+        let mut req = req.into_inner();
+        self.admit(volume(&mut req))?;
+        Ok((req, self.gateway.client().await?))
+    }
+}
+
+#[tonic::async_trait]
+impl VolumeService for Service {
+    async fn get_head(&self, req: Request<pb::GetHeadRequest>) -> GrpcResult<pb::Head> {
+        let (req, mut c) = self.0.forwardable(req, |r| &mut r.volume).await?;
+        c.grpc().get_head(req).await
+    }
+
+    async fn list_dir(&self, req: Request<pb::ListDirRequest>) -> GrpcResult<pb::ListDirResponse> {
+        let (req, mut c) = self.0.forwardable(req, |r| &mut r.volume).await?;
+        c.grpc().list_dir(req).await
+    }
+
+    async fn get_tree(&self, req: Request<pb::GetTreeRequest>) -> GrpcResult<pb::GetTreeResponse> {
+        let (req, mut c) = self.0.forwardable(req, |r| &mut r.volume).await?;
+        c.grpc().get_tree(req).await
+    }
+
+    async fn stat(&self, req: Request<pb::StatRequest>) -> GrpcResult<pb::StatResponse> {
+        let (req, mut c) = self.0.forwardable(req, |r| &mut r.volume).await?;
+        c.grpc().stat(req).await
+    }
+
+    async fn diff(&self, req: Request<pb::DiffRequest>) -> GrpcResult<pb::DiffResponse> {
+        let (req, mut c) = self.0.forwardable(req, |r| &mut r.volume).await?;
+        c.grpc().diff(req).await
+    }
+
+    async fn commit(&self, req: Request<pb::CommitRequest>) -> GrpcResult<pb::CommitResponse> {
+        let (req, mut c) = self.0.forwardable(req, |r| &mut r.volume).await?;
+        c.grpc().commit(req).await
+    }
+
+    async fn log(&self, req: Request<pb::LogRequest>) -> GrpcResult<pb::LogResponse> {
+        let (req, mut c) = self.0.forwardable(req, |r| &mut r.volume).await?;
+        c.grpc().log(req).await
+    }
+
+    async fn get_volume(&self, req: Request<pb::GetVolumeRequest>) -> GrpcResult<pb::Volume> {
+        let mut req = req.into_inner();
+        self.0.admit(&mut req.volume)?;
+        req.mint_if_missing = false;
+        self.0.gateway.client().await?.grpc().get_volume(req).await
+    }
+
+    async fn list_volumes(
+        &self,
+        req: Request<pb::ListVolumesRequest>,
+    ) -> std::result::Result<tonic::Response<pb::ListVolumesResponse>, Status> {
+        let req = req.into_inner();
+        if !req.org.is_empty() && req.org != self.0.scope.org {
+            return Ok(tonic::Response::new(pb::ListVolumesResponse::default()));
+        }
+        let req = pb::ListVolumesRequest { org: self.0.scope.org.clone() };
+        let mut resp = self.0.gateway.client().await?.grpc().list_volumes(req).await?.into_inner();
+        resp.volumes.retain(|v| self.0.scope.volumes.contains(&v.name));
+        Ok(tonic::Response::new(resp))
+    }
+
+    async fn delete_volume(
+        &self,
+        _req: Request<pb::DeleteVolumeRequest>,
+    ) -> std::result::Result<tonic::Response<pb::DeleteVolumeResponse>, Status> {
+        Err(ErrorDetail::to_status(Code::PermissionDenied, "SailError", "volumes cannot be deleted from inside a sailbox"))
+    }
+
+    async fn chunk_urls(
+        &self,
+        req: Request<pb::ChunkUrlsRequest>,
+    ) -> std::result::Result<tonic::Response<pb::ChunkUrlsResponse>, Status> {
+        let mut req = req.into_inner();
+        let volume = self.0.admit(&mut req.volume)?;
+        let resp = self.0.gateway.client().await?.grpc().chunk_urls(req).await?.into_inner();
+        let downloads =
+            resp.downloads.into_iter().map(|u| self.0.chunk_url(&volume, u)).collect::<std::result::Result<_, _>>()?;
+        Ok(tonic::Response::new(pb::ChunkUrlsResponse { downloads }))
+    }
+
+    async fn missing_chunks(
+        &self,
+        req: Request<pb::MissingChunksRequest>,
+    ) -> std::result::Result<tonic::Response<pb::MissingChunksResponse>, Status> {
+        let mut req = req.into_inner();
+        self.0.admit(&mut req.volume)?;
+        let lens: HashMap<Vec<u8>, u64> = req.chunks.iter().map(|c| (c.id.clone(), c.len)).collect();
+        let resp = self.0.gateway.client().await?.grpc().missing_chunks(req).await?.into_inner();
+        let mut uploads = Vec::with_capacity(resp.uploads.len());
+        for u in resp.uploads {
+            let id = ChunkId::from_slice(&u.id).map_err(|e| Status::internal(format!("volumed returned a bad chunk id: {e}")))?;
+            let len = lens.get(&u.id).copied().unwrap_or(chunkstore::MAX_CHUNK_SIZE as u64);
+            let url = self.0.grant_upload(u.url, u.headers, u.expires_unix_ms, UploadKind::Chunk { id, len });
+            uploads.push(pb::SignedUrl { url, headers: HashMap::new(), ..u });
+        }
+        let batches = resp
+            .batches
+            .into_iter()
+            .map(|b| {
+                let kind = UploadKind::Batch { len: b.body_len };
+                let url = self.0.grant_upload(b.url, b.headers, b.expires_unix_ms, kind);
+                pb::BatchUpload { url, headers: HashMap::new(), ..b }
+            })
+            .collect();
+        Ok(tonic::Response::new(pb::MissingChunksResponse { uploads, batches }))
+    }
+}
+
+fn router(sailbox: Arc<Sailbox>) -> axum::Router {
+    use axum::routing::{get, put};
+    let service = VolumeServiceServer::new(Service(sailbox.clone()))
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let grpc = tonic::service::Routes::new(service).prepare().into_axum_router();
+    let data = axum::Router::new()
+        .route("/v1/chunks/{volume}/{id}/{expires}/{mac}", get(get_chunk))
+        .route("/v1/uploads/{token}", put(put_upload))
+        .with_state(sailbox);
+    grpc.merge(data)
+}
+
+fn plain(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, message.into()).into_response()
+}
+
+async fn get_chunk(
+    State(sb): State<Arc<Sailbox>>,
+    UrlPath((volume, id, expires, mac)): UrlPath<(String, String, u64, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let Ok(id) = id.parse::<ChunkId>() else { return plain(StatusCode::BAD_REQUEST, "bad chunk id") };
+    let expected = sb.gateway.mac(&sb.scope.sailbox, &volume, &id, expires);
+    if !constant_time_eq(expected.as_bytes(), mac.as_bytes()) || !sb.scope.volumes.contains(&volume) {
+        return plain(StatusCode::FORBIDDEN, "this URL was not granted to this sailbox");
+    }
+    if expires <= now_ms() {
+        return plain(StatusCode::FORBIDDEN, "this URL has expired; ask for a new one");
+    }
+    let bytes = match sb.gateway.chunk(&sb.scope.org, &volume, id).await {
+        Ok(b) => b,
+        Err(s) if s.code() == Code::NotFound => return plain(StatusCode::NOT_FOUND, s.message()),
+        Err(s) => return plain(StatusCode::BAD_GATEWAY, s.message()),
+    };
+    let total = bytes.len() as u64;
+    match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
+        None => ([(header::CONTENT_LENGTH, total.to_string())], Body::from(bytes)).into_response(),
+        Some(range) => match parse_range(range, total) {
+            Some((start, end)) => {
+                let part = bytes.slice(start as usize..=end as usize);
+                let content_range = format!("bytes {start}-{end}/{total}");
+                (StatusCode::PARTIAL_CONTENT, [(header::CONTENT_RANGE, content_range)], Body::from(part)).into_response()
+            }
+            None => (StatusCode::RANGE_NOT_SATISFIABLE, [(header::CONTENT_RANGE, format!("bytes */{total}"))]).into_response(),
+        },
+    }
+}
+
+/// A single `bytes=a-b`, `bytes=a-` or `bytes=-n` range within `total` bytes, inclusive.
+fn parse_range(spec: &str, total: u64) -> Option<(u64, u64)> {
+    let (a, b) = spec.strip_prefix("bytes=")?.split_once('-')?;
+    let (start, end) = match (a.trim(), b.trim()) {
+        ("", n) => {
+            let n: u64 = n.parse().ok()?;
+            (total.checked_sub(n.min(total))?, total.checked_sub(1)?)
+        }
+        (a, "") => (a.parse().ok()?, total.checked_sub(1)?),
+        (a, b) => (a.parse().ok()?, b.parse::<u64>().ok()?.min(total.checked_sub(1)?)),
+    };
+    (start <= end && end < total).then_some((start, end))
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn put_upload(State(sb): State<Arc<Sailbox>>, UrlPath(token): UrlPath<String>, body: Body) -> Response {
+    let grant = {
+        let uploads = sb.uploads.lock();
+        uploads.get(&token).map(|u| (u.url.clone(), u.headers.clone(), u.expires_unix_ms, u.kind))
+    };
+    let Some((url, headers, expires, kind)) = grant else {
+        return plain(StatusCode::FORBIDDEN, "no such upload grant (it expired, or vmm-host restarted): ask again");
+    };
+    if expires <= now_ms() {
+        return plain(StatusCode::FORBIDDEN, "this upload URL has expired; ask for a new one");
+    }
+    let limit = match kind {
+        UploadKind::Chunk { len, .. } | UploadKind::Batch { len } => len.min(MAX_UPLOAD_BODY),
+    };
+    let data = match axum::body::to_bytes(body, usize::try_from(limit).unwrap_or(usize::MAX)).await {
+        Ok(d) => d,
+        Err(e) => return plain(StatusCode::PAYLOAD_TOO_LARGE, format!("upload body: {e}")),
+    };
+    // The chunks the body carries, each checked against its id (cached after the upload).
+    let chunks: Vec<(ChunkId, Bytes)> = match kind {
+        UploadKind::Chunk { id, .. } => {
+            if id.verify(&data).is_err() {
+                return plain(StatusCode::BAD_REQUEST, format!("the body does not hash to chunk {id}"));
+            }
+            vec![(id, data.clone())]
+        }
+        UploadKind::Batch { len } => {
+            if data.len() as u64 != len {
+                return plain(StatusCode::BAD_REQUEST, format!("a batch body must be {len} bytes, got {}", data.len()));
+            }
+            match batch_chunks(&data) {
+                Ok(chunks) => chunks,
+                Err(why) => return plain(StatusCode::BAD_REQUEST, why),
+            }
+        }
+    };
+    let client = match sb.gateway.client().await {
+        Ok(c) => c,
+        Err(s) => return plain(StatusCode::BAD_GATEWAY, s.message()),
+    };
+    if let Err(e) = client.put_url(&url, &headers, data.clone()).await {
+        return plain(StatusCode::BAD_GATEWAY, e.to_string());
+    }
+    // Verified above: other sailboxes on this host read them without a backend fetch.
+    for (id, bytes) in chunks {
+        if let Err(e) = sb.gateway.disk.insert_verified(id, bytes).await {
+            tracing::debug!(error = %e, chunk = %id, "caching an uploaded chunk failed");
+        }
+    }
+    StatusCode::OK.into_response()
+}
+
+/// The chunks of a batch body, each verified against its id.
+fn batch_chunks(body: &Bytes) -> std::result::Result<Vec<(ChunkId, Bytes)>, String> {
+    use volume_model::batch::{FrameError, FrameParser};
+    #[derive(Debug)]
+    enum Bad {
+        Frame(FrameError),
+        Hash(ChunkId),
+    }
+    impl From<FrameError> for Bad {
+        fn from(e: FrameError) -> Self {
+            Bad::Frame(e)
+        }
+    }
+    let mut parser = FrameParser::new();
+    let mut chunks = Vec::new();
+    let fed = parser.feed(body, |id, bytes| {
+        id.verify(bytes).map_err(|_| Bad::Hash(id))?;
+        chunks.push((id, Bytes::copy_from_slice(bytes)));
+        Ok::<_, Bad>(())
+    });
+    match fed.map_err(|b| match b {
+        Bad::Frame(e) => format!("bad batch body: {e}"),
+        Bad::Hash(id) => format!("a batch frame does not hash to chunk {id}"),
+    }) {
+        Ok(()) => parser.finish().map(|_| chunks).map_err(|e| format!("bad batch body: {e}")),
+        Err(why) => Err(why),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_range;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-9", 100), Some((0, 9)));
+        assert_eq!(parse_range("bytes=90-", 100), Some((90, 99)));
+        assert_eq!(parse_range("bytes=-10", 100), Some((90, 99)));
+        assert_eq!(parse_range("bytes=50-500", 100), Some((50, 99)));
+        assert_eq!(parse_range("bytes=100-", 100), None);
+        assert_eq!(parse_range("bytes=9-0", 100), None);
+        assert_eq!(parse_range("items=0-1", 100), None);
+        assert_eq!(parse_range("bytes=0-0", 0), None);
+    }
+}
