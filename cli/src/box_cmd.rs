@@ -157,6 +157,27 @@ pub struct CreateArgs {
     /// An ingress port (repeat for more).
     #[arg(long = "port")]
     ports: Vec<u32>,
+    /// Mount a volume in the guest: NAME:/absolute/path (repeat for more).
+    #[arg(long = "volume", value_name = "NAME:/PATH")]
+    volumes: Vec<String>,
+    /// Create the --volume volumes that do not exist yet.
+    #[arg(long)]
+    mint: bool,
+}
+
+/// The `--volume NAME:/PATH` arguments as the request's map (the server checks the paths).
+fn volume_mounts(args: &[String], mint: bool) -> anyhow::Result<std::collections::HashMap<String, pb::VolumeMount>> {
+    let mut out = std::collections::HashMap::new();
+    for a in args {
+        let Some((name, path)) = a.split_once(':').filter(|(n, p)| !n.is_empty() && !p.is_empty()) else {
+            return Err(crate::output::UserError(format!("--volume {a:?} must be NAME:/absolute/path")).into());
+        };
+        let mount = pb::VolumeMount { volume: name.to_owned(), org: String::new(), mint_if_missing: mint };
+        if out.insert(path.to_owned(), mount).is_some() {
+            return Err(crate::output::UserError(format!("--volume: {path} is given twice")).into());
+        }
+    }
+    Ok(out)
 }
 
 #[derive(Args, Clone)]
@@ -211,6 +232,11 @@ pub fn sailbox_json(s: &pb::Sailbox) -> serde_json::Value {
         "agent_version": s.agent_version, "hypervisor": s.hypervisor, "accelerator": s.accelerator,
         "host": s.host, "boot_ms": s.boot_ms, "last_checkpoint": s.last_checkpoint,
         "pending_upgrade": s.pending_upgrade, "sleeping_on_call": s.sleeping_on_call, "forked_from": s.forked_from,
+        "volumes": s.volumes.iter().map(|(p, v)| (p.clone(), serde_json::json!({"volume": v.volume, "org": v.org}))).collect::<serde_json::Map<_, _>>(),
+        "mounts": s.mounts.iter().map(|m| serde_json::json!({
+            "path": m.path, "volume": m.volume, "org": m.org, "state": m.state, "head_commit": m.head_commit,
+            "dirty_bytes": m.dirty_bytes, "restarts": m.restarts, "last_error": m.last_error,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -255,6 +281,18 @@ fn print_sailbox(s: &pb::Sailbox, json: bool) {
     );
     for l in &s.listeners {
         println!("  port {:<5} -> {}", l.port, l.url);
+    }
+    for m in &s.mounts {
+        let head = if m.head_commit.is_empty() { "-" } else { crate::output::short(&m.head_commit) };
+        let restarts = if m.restarts > 0 { format!(", {} restarts", m.restarts) } else { String::new() };
+        let error = if m.last_error.is_empty() { String::new() } else { format!(" ({})", m.last_error) };
+        println!(
+            "  volume {} at {}: {} at {head}, {} uncommitted{restarts}{error}",
+            m.volume,
+            m.path,
+            m.state,
+            crate::output::human(m.dirty_bytes)
+        );
     }
     if !s.state_reason.is_empty() {
         println!("  reason: {}", s.state_reason);
@@ -330,7 +368,7 @@ async fn create(c: &mut Client, a: CreateArgs, json: bool) -> anyhow::Result<()>
         memory_mib: a.memory_mib,
         disk_gib: a.disk_gib,
         ingress_ports: a.ports,
-        volumes: Default::default(),
+        volumes: volume_mounts(&a.volumes, a.mint)?,
     };
     let s = crate::output::spin("booting the sailbox", c.create_sailbox(req)).await.map_err(BoxError::from)?.into_inner();
     if json {

@@ -82,8 +82,9 @@ Example:
   id=$(sail box create --image minimal) && sail box exec \"$id\" -- uname -a && sail box terminate \"$id\"";
 
 pub(crate) const BOX_CREATE: &str = "\
-Example:
-  sail box create --image minimal --name web --port 8080 --memory-mib 512";
+Examples:
+  sail box create --image minimal --name web --port 8080 --memory-mib 512
+  sail box create --name worker-1 --volume shared-data:/mnt/shared --mint   # mounted before it returns";
 
 pub(crate) const BOX_LS: &str = "\
 Example:

@@ -92,6 +92,9 @@ impl HostConfig {
     }
 }
 
+/// How long `get` waits for a guest's mount report.
+const MOUNTS_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// The sailboxes of this machine; cheap to clone.
 #[derive(Clone)]
 pub struct Host {
@@ -271,7 +274,54 @@ impl Host {
         {
             self.resume(id).await?;
         }
-        Ok(self.rt.to_proto(&self.rt.record(id)?))
+        let mut s = self.rt.to_proto(&self.rt.record(id)?);
+        s.mounts = self.mounts(id).await;
+        Ok(s)
+    }
+
+    /// The volume mounts of a running sailbox as its agent reports them; when the agent does
+    /// not answer in time, each recorded mount with state "unknown".
+    async fn mounts(&self, id: &str) -> Vec<pb::MountStatus> {
+        let Ok((live, vm)) = self.rt.running(id) else { return Vec::new() };
+        let recorded = live.snapshot().volumes;
+        if recorded.is_empty() {
+            return Vec::new();
+        }
+        let asked = tokio::time::timeout(MOUNTS_TIMEOUT, vm.agent.raw().list_mounts(proto::agent::ListMountsRequest {})).await;
+        match asked {
+            Ok(Ok(resp)) => resp
+                .into_inner()
+                .mounts
+                .into_iter()
+                .map(|m| pb::MountStatus {
+                    path: m.path,
+                    volume: m.volume,
+                    org: m.org,
+                    state: m.state,
+                    head_commit: m.head_commit,
+                    dirty_bytes: m.dirty_bytes,
+                    restarts: m.restarts,
+                    last_error: m.last_error,
+                })
+                .collect(),
+            failed => {
+                let why = match failed {
+                    Ok(Err(status)) => status.message().to_owned(),
+                    _ => "the agent did not answer in time".to_owned(),
+                };
+                recorded
+                    .into_iter()
+                    .map(|(path, v)| pb::MountStatus {
+                        path,
+                        volume: v.volume,
+                        org: v.org,
+                        state: "unknown".into(),
+                        last_error: why.clone(),
+                        ..Default::default()
+                    })
+                    .collect()
+            }
+        }
     }
 
     /// Sailboxes matching the filter (by default every one not terminated).

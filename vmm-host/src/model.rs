@@ -250,6 +250,7 @@ impl SailboxRecord {
             pending_upgrade: self.pending_upgrade,
             sleeping_on_call: self.sleep_call.clone().unwrap_or_default(),
             forked_from: self.forked_from.clone().unwrap_or_default(),
+            mounts: Vec::new(),
         }
     }
 }
