@@ -36,6 +36,8 @@ const BASE_ENV: &[(&str, &str)] = &[
     ("HOME", "/root"),
     ("LANG", "C.UTF-8"),
     ("TERM", "xterm"),
+    // The in-guest Python SDK, installed by the initramfs (vmm-host's guest::sdk).
+    ("PYTHONPATH", "/run/sail/python"),
 ];
 
 /// Why an exec request could not start.
