@@ -810,7 +810,28 @@ fn path_hash(canonical: &Path) -> String {
 fn is_mounted(path: &Path) -> bool {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
     let want = path.as_os_str().as_encoded_bytes();
-    info.lines().any(|l| l.split(' ').nth(4).is_some_and(|point| point.as_bytes() == want))
+    info.lines().any(|l| l.split(' ').nth(4).is_some_and(|point| unescape_octal(point) == want))
+}
+
+/// A mountinfo field with its `\ooo` escapes (space, tab, newline, backslash) decoded.
+fn unescape_octal(field: &str) -> Vec<u8> {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let digits = b.get(i + 1..i + 4).filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match digits {
+            Some(d) if b[i] == b'\\' => {
+                out.push(d.iter().fold(0u8, |acc, c| acc.wrapping_mul(8).wrapping_add(c - b'0')));
+                i += 4;
+            }
+            _ => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -834,6 +855,13 @@ mod tests {
         for bad in ["", "10.0.3.2:7420", "http://a b", "ftp://x"] {
             assert!(check_endpoint(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        assert_eq!(unescape_octal(r"/tmp/work\040space\134x"), b"/tmp/work space\\x");
+        assert_eq!(unescape_octal("/plain"), b"/plain");
+        assert_eq!(unescape_octal(r"/odd\09"), br"/odd\09");
     }
 
     #[test]
