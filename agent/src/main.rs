@@ -11,6 +11,7 @@ mod exec;
 mod files;
 mod forward;
 mod link;
+mod mounts;
 mod reaper;
 mod service;
 mod system;
@@ -38,6 +39,16 @@ struct Args {
     /// initramfs).
     #[arg(long)]
     describe: bool,
+    /// The volume mount helper (`sail-volume-fuse`) run for each mount.
+    #[arg(long, default_value = mounts::DEFAULT_HELPER)]
+    volume_helper: std::path::PathBuf,
+    /// Where mounts keep their chunk cache (`cache/`) and overlays (`overlay/<hash>/`): on the
+    /// guest's disk.
+    #[arg(long, default_value = mounts::DEFAULT_VOLUMES_DIR)]
+    volumes_dir: std::path::PathBuf,
+    /// Where mount helpers' control sockets and logs go (`<hash>.sock`, `<hash>.log`).
+    #[arg(long, default_value = mounts::DEFAULT_RUN_DIR)]
+    mounts_run_dir: std::path::PathBuf,
 }
 
 /// The name of the virtio-serial port QEMU gives the agent.
@@ -131,7 +142,15 @@ fn main() {
 
 async fn run(args: Args, is_init: bool) -> anyhow::Result<()> {
     let reaper = reaper::Reaper::start().context("starting the reaper")?;
-    let agent = service::AgentService { execs: exec::ExecTable::new(reaper), is_init };
+    let mounts = mounts::Mounts::new(
+        mounts::MountsConfig {
+            helper: args.volume_helper.clone(),
+            volumes_dir: args.volumes_dir.clone(),
+            run_dir: args.mounts_run_dir.clone(),
+        },
+        reaper.clone(),
+    );
+    let agent = service::AgentService { execs: exec::ExecTable::new(reaper), mounts, is_init };
     let api = proto::agent::agent_server::AgentServer::new(agent);
     let mut links = args.listen.iter().map(|s| parse_addr(s)).collect::<anyhow::Result<Vec<_>>>()?;
     if links.is_empty() {

@@ -10,12 +10,15 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::exec::{ExecError, ExecTable};
 use crate::files::{self, FileError, FileWriter};
+use crate::mounts::{MountError, Mounts};
 use crate::{GUEST_SCHEMA_VERSION, PROTOCOL_VERSION, forward, system};
 
 /// The agent's state: the exec table, and whether it owns the machine (PID 1).
 pub struct AgentService {
     /// Exec requests of this boot.
     pub execs: ExecTable,
+    /// Volume mounts and their helpers.
+    pub mounts: Mounts,
     /// PID 1: power off really powers off; otherwise (tests on a host) the process exits.
     pub is_init: bool,
 }
@@ -44,6 +47,21 @@ impl From<FileError> for Status {
                 Status::resource_exhausted(e.to_string())
             }
             FileError::Io { .. } => Status::failed_precondition(e.to_string()),
+        }
+    }
+}
+
+impl From<MountError> for Status {
+    fn from(e: MountError) -> Self {
+        match e {
+            MountError::Invalid(m) => Status::invalid_argument(m),
+            MountError::Conflict { .. } => Status::already_exists(e.to_string()),
+            MountError::TooMany => Status::resource_exhausted(e.to_string()),
+            MountError::NotFound(_) => Status::not_found(e.to_string()),
+            MountError::Timeout { .. } => Status::deadline_exceeded(e.to_string()),
+            MountError::MountPoint { .. } | MountError::NoHelper(_) | MountError::Helper(_) => {
+                Status::failed_precondition(e.to_string())
+            }
         }
     }
 }
@@ -220,6 +238,22 @@ impl Agent for AgentService {
             }
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn mount(&self, req: Request<pb::MountRequest>) -> Result<Response<pb::MountInfo>, Status> {
+        let req = req.into_inner();
+        tracing::info!(path = %req.path, org = %req.org, volume = %req.volume, "mount");
+        Ok(Response::new(self.mounts.mount(req).await?))
+    }
+
+    async fn unmount(&self, req: Request<pb::UnmountRequest>) -> Result<Response<pb::MountInfo>, Status> {
+        let path = req.into_inner().path;
+        tracing::info!(%path, "unmount");
+        Ok(Response::new(self.mounts.unmount(&path).await?))
+    }
+
+    async fn list_mounts(&self, _req: Request<pb::ListMountsRequest>) -> Result<Response<pb::ListMountsResponse>, Status> {
+        Ok(Response::new(pb::ListMountsResponse { mounts: self.mounts.list().await }))
     }
 
     async fn power_off(&self, req: Request<pb::PowerOffRequest>) -> Result<Response<pb::PowerOffResponse>, Status> {

@@ -1,7 +1,8 @@
 //! The agent binary on the host, serving on Unix sockets instead of vsock: the same code a
 //! guest runs, exercised without booting a VM.
 
-use std::path::PathBuf;
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
@@ -26,11 +27,16 @@ impl Drop for Agent {
 
 impl Agent {
     fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(tempfile::tempdir().unwrap(), &[])
+    }
+
+    /// Starts the agent with extra arguments, its socket in `dir`.
+    fn start_in(dir: tempfile::TempDir, extra: &[&OsStr]) -> Self {
         let api = dir.path().join("api.sock");
         let child = Command::new(env!("CARGO_BIN_EXE_sail-agent"))
             .arg("--listen")
             .arg(format!("unix:{}", api.display()))
+            .args(extra)
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -319,4 +325,288 @@ async fn forwards_ingress_and_probes_ports() {
     assert_eq!(err.code(), tonic::Code::Unavailable);
     assert_eq!(forward(&mut c, 0, b"", false).await.unwrap_err().code(), tonic::Code::InvalidArgument);
     assert_eq!(c.probe_port(probe(0)).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+}
+
+// ---- Volume mounts: the real volumed and the real `sail-volume-fuse` helper. ----
+
+/// A binary of the workspace's release build (the directory above this test's `deps/`),
+/// unless `env` names one.
+fn workspace_bin(name: &str, env: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
+        return p.into();
+    }
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let p = dir.join(name);
+    assert!(
+        p.is_file(),
+        "{} not found: build it first (`cargo build --release -p volumed -p guest-fuse`) or set {env}",
+        p.display()
+    );
+    p
+}
+
+/// A volumed process on a temp data dir and a free port; killed on drop.
+struct Volumed {
+    child: Child,
+    endpoint: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Volumed {
+    async fn start() -> Self {
+        use std::io::BufRead;
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Command::new(workspace_bin("volumed", "SAIL_VOLUMED_BIN"))
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(["--listen", "127.0.0.1:0", "--print-addr"])
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("volumed starts");
+        let stdout = child.stdout.take().unwrap();
+        let line = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            std::io::BufReader::new(stdout).read_line(&mut line).map(|_| line)
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("volumed printed {line:?}"));
+        Self { child, endpoint: format!("http://{addr}"), _dir: dir }
+    }
+
+    /// Creates a volume in `org`.
+    async fn create(&self, org: &str, name: &str) {
+        use proto::volume as vpb;
+        let mut c = vpb::volume_service_client::VolumeServiceClient::connect(self.endpoint.clone()).await.unwrap();
+        let req = vpb::GetVolumeRequest {
+            volume: Some(vpb::VolumeRef { org: org.into(), name: name.into() }),
+            mint_if_missing: true,
+            ..Default::default()
+        };
+        c.get_volume(req).await.unwrap();
+    }
+}
+
+impl Drop for Volumed {
+    fn drop(&mut self) {
+        let _ = sysutil::process::terminate(&mut self.child, Duration::from_secs(5));
+    }
+}
+
+/// An agent with volume mounts configured under its temp dir (helper from the workspace
+/// build), plus a volumed. On drop every helper started under the dir is killed and every
+/// mount under it detached, so a failed test leaves nothing behind.
+struct VolEnv {
+    agent: Agent,
+    volumed: Volumed,
+}
+
+impl VolEnv {
+    async fn start(helper: Option<&Path>) -> Self {
+        let volumed = Volumed::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let helper = helper.map(Path::to_path_buf).unwrap_or_else(|| workspace_bin("sail-volume-fuse", "SAIL_VOLUME_FUSE_BIN"));
+        let (volumes, run) = (dir.path().join("volumes"), dir.path().join("run"));
+        let agent = Agent::start_in(
+            dir,
+            &[
+                "--volume-helper".as_ref(),
+                helper.as_os_str(),
+                "--volumes-dir".as_ref(),
+                volumes.as_os_str(),
+                "--mounts-run-dir".as_ref(),
+                run.as_os_str(),
+            ],
+        );
+        Self { agent, volumed }
+    }
+
+    fn mount_req(&self, path: &Path, volume: &str) -> pb::MountRequest {
+        pb::MountRequest {
+            path: path.display().to_string(),
+            volume: volume.into(),
+            org: "agent-tests".into(),
+            endpoint: self.volumed.endpoint.clone(),
+        }
+    }
+
+    /// The control socket of the mount at `path` (the helper's naming: BLAKE3 of the path).
+    fn socket(&self, path: &Path) -> PathBuf {
+        let hash = blake3::hash(path.as_os_str().as_encoded_bytes()).to_hex();
+        self.agent.path("run").join(format!("{}.sock", &hash[..16]))
+    }
+}
+
+impl Drop for VolEnv {
+    fn drop(&mut self) {
+        let _ = self.agent.child.kill();
+        let _ = self.agent.child.wait();
+        let root = self.agent.dir.path().display().to_string();
+        for p in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = p.file_name().to_string_lossy().parse::<u32>() else { continue };
+            let cmdline = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+            if pid != std::process::id() && String::from_utf8_lossy(&cmdline).contains(&root) {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
+        }
+        for point in mounts_under(&root) {
+            let _ = sysutil::mount::lazy_unmount(Path::new(&point));
+        }
+    }
+}
+
+/// Mount points under `root`, per /proc/self/mountinfo.
+fn mounts_under(root: &str) -> Vec<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines().filter_map(|l| l.split(' ').nth(4)).filter(|p| p.starts_with(root)).map(str::to_owned).collect()
+}
+
+fn is_mount(path: &Path) -> bool {
+    let p = path.display().to_string();
+    mounts_under(&p).contains(&p)
+}
+
+async fn list(c: &mut AgentClient<Channel>) -> Vec<pb::MountInfo> {
+    c.list_mounts(pb::ListMountsRequest {}).await.unwrap().into_inner().mounts
+}
+
+/// Polls ListMounts until `ok` holds for the single mount (at most 60 s).
+async fn wait_mount(c: &mut AgentClient<Channel>, what: &str, ok: impl Fn(&pb::MountInfo) -> bool) -> pb::MountInfo {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mounts = list(c).await;
+        if let [m] = mounts.as_slice()
+            && ok(m)
+        {
+            return m.clone();
+        }
+        assert!(Instant::now() < deadline, "{what}: {mounts:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn mounts_are_supervised_restarted_and_unmounted() {
+    let env = VolEnv::start(None).await;
+    env.volumed.create("agent-tests", "work").await;
+    env.volumed.create("agent-tests", "other").await;
+    let mut c = env.agent.client().await;
+    // A mount point that does not exist yet: the agent creates it.
+    let mnt = env.agent.path("mnt/work");
+    let info = c.mount(env.mount_req(&mnt, "work")).await.unwrap().into_inner();
+    assert_eq!((info.state.as_str(), info.volume.as_str(), info.restarts), ("mounted", "work", 0));
+    assert!(info.pid > 0);
+    assert!(is_mount(&mnt));
+
+    // The same volume again is the same mount; another volume at the path is refused.
+    let again = c.mount(env.mount_req(&mnt, "work")).await.unwrap().into_inner();
+    assert_eq!(again.pid, info.pid);
+    let err = c.mount(env.mount_req(&mnt, "other")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err:?}");
+
+    // Writes show up as dirty bytes; a commit through the control socket clears them.
+    std::fs::write(mnt.join("committed.txt"), b"kept by the commit\n").unwrap();
+    let m = list(&mut c).await.remove(0);
+    assert_eq!(m.state, "mounted");
+    assert!(m.dirty_bytes > 0, "{m:?}");
+    let base = m.head_commit.clone();
+    assert!(!base.is_empty());
+    let socket = env.socket(&mnt);
+    let outcome = tokio::task::spawn_blocking(move || {
+        control_wire::call(&socket, &serde_json::json!({"op": "commit"}), Some(Duration::from_secs(60)))
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let commit = outcome["commit"].as_str().unwrap().to_owned();
+    assert!(!commit.is_empty() && commit != base, "{outcome}");
+    let m = list(&mut c).await.remove(0);
+    assert_eq!((m.head_commit.as_str(), m.dirty_bytes), (commit.as_str(), 0));
+
+    // An uncommitted write, then the helper dies: the agent detaches the dead mount and
+    // starts a new helper, which serves the committed tree.
+    std::fs::write(mnt.join("uncommitted.txt"), b"only in the overlay\n").unwrap();
+    assert!(list(&mut c).await[0].dirty_bytes > 0);
+    let status = Command::new("kill").args(["-9", &info.pid.to_string()]).status().unwrap();
+    assert!(status.success());
+    let m = wait_mount(&mut c, "helper restarted", |m| m.restarts == 1 && m.state == "mounted" && m.pid != info.pid).await;
+    assert!(m.last_error.is_empty(), "{m:?}");
+    assert!(is_mount(&mnt));
+    assert_eq!(std::fs::read(mnt.join("committed.txt")).unwrap(), b"kept by the commit\n");
+    assert_eq!(m.head_commit, commit);
+    // The helper keeps its overlay in anonymous files: what was not committed died with it
+    // (the durability boundary is commit()).
+    assert!(!mnt.join("uncommitted.txt").exists());
+
+    // Unmount: the helper exits, the path is no mount any more.
+    let done = c.unmount(pb::UnmountRequest { path: mnt.display().to_string() }).await.unwrap().into_inner();
+    assert_eq!(done.state, "unmounted");
+    assert!(!is_mount(&mnt));
+    assert!(!Path::new(&format!("/proc/{}", m.pid)).exists(), "helper {} still runs", m.pid);
+    assert!(list(&mut c).await.is_empty());
+    let err = c.unmount(pb::UnmountRequest { path: mnt.display().to_string() }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+
+    // Mounted again, the committed file is there (read through the helper from volumed).
+    c.mount(env.mount_req(&mnt, "work")).await.unwrap();
+    assert_eq!(std::fs::read(mnt.join("committed.txt")).unwrap(), b"kept by the commit\n");
+    c.unmount(pb::UnmountRequest { path: mnt.display().to_string() }).await.unwrap();
+    assert!(!is_mount(&mnt));
+}
+
+#[tokio::test]
+async fn mount_requests_are_checked_and_bounded() {
+    let env = VolEnv::start(None).await;
+    env.volumed.create("agent-tests", "vol").await;
+    let mut c = env.agent.client().await;
+    let base = env.agent.path("m");
+    let req = |path: &str, volume: &str| {
+        let mut r = env.mount_req(Path::new(path), volume);
+        r.path = path.to_owned();
+        r
+    };
+    let long = format!("/{}", "a".repeat(5000));
+    for (path, volume) in
+        [("relative/x", "vol"), ("/", "vol"), ("/a/../b", "vol"), ("/a//b", "vol"), (&long, "vol"), ("/tmp/x", "../v")]
+    {
+        let err = c.mount(req(path, volume)).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{path:?} {volume:?}: {err:?}");
+    }
+    let mut bad_endpoint = env.mount_req(&base.join("x"), "vol");
+    bad_endpoint.endpoint = "10.0.3.2:7420".into();
+    assert_eq!(c.mount(bad_endpoint).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+
+    // A helper that fails (the volume does not exist): its stderr tail is in the error.
+    let err = c.mount(env.mount_req(&base.join("missing"), "no-such-volume")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("exited with status"), "{}", err.message());
+    assert!(err.message().contains("no-such-volume"), "the helper's stderr is quoted: {}", err.message());
+    assert!(list(&mut c).await.is_empty(), "a failed mount is forgotten");
+
+    // 16 mounts at once, not 17.
+    let mut infos = Vec::new();
+    for i in 0..16 {
+        infos.push(c.mount(env.mount_req(&base.join(format!("v{i}")), "vol")).await.unwrap().into_inner());
+    }
+    let err = c.mount(env.mount_req(&base.join("v16"), "vol")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    let listed = list(&mut c).await;
+    assert_eq!(listed.len(), 16);
+    assert!(listed.iter().all(|m| m.state == "mounted"), "{listed:?}");
+    for i in 0..16 {
+        c.unmount(pb::UnmountRequest { path: base.join(format!("v{i}")).display().to_string() }).await.unwrap();
+    }
+    assert!(mounts_under(&base.display().to_string()).is_empty());
+}
+
+#[tokio::test]
+async fn a_missing_helper_is_a_clear_error() {
+    let env = VolEnv::start(Some(Path::new("/nonexistent/sail-volume-fuse"))).await;
+    let mut c = env.agent.client().await;
+    let err = c.mount(env.mount_req(&env.agent.path("m"), "vol")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(err.message().contains("/nonexistent/sail-volume-fuse"), "{}", err.message());
 }

@@ -46,6 +46,30 @@ pub mod volume {
 
     /// The error detail of this service's statuses (defined once, in `sail.error.v1`).
     pub use super::error::ErrorDetail;
+
+    /// Longest org or volume name.
+    pub const MAX_VOLUME_NAME: usize = 64;
+
+    /// Checks an org or volume name, the rule every side applies (volumed, the guest agent
+    /// before it puts one on a helper's command line): 1 to 64 characters from
+    /// `[A-Za-z0-9._-]`, not starting with `.` or `-`. The error says which rule, for `what`.
+    ///
+    /// ```
+    /// use proto::volume::check_volume_name;
+    /// assert!(check_volume_name("name", "my-vol_1.0").is_ok());
+    /// assert!(check_volume_name("name", "../x").is_err());
+    /// assert!(check_volume_name("name", "-x").is_err());
+    /// assert!(check_volume_name("name", "").is_err());
+    /// ```
+    pub fn check_volume_name(what: &str, name: &str) -> Result<(), String> {
+        let ok_chars = name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if name.is_empty() || name.len() > MAX_VOLUME_NAME || !ok_chars || name.starts_with('.') || name.starts_with('-') {
+            return Err(format!(
+                "{what} {name:?} must be 1-{MAX_VOLUME_NAME} characters of [A-Za-z0-9._-], not starting with '.' or '-'"
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The guest agent protocol (`sail.agent.v1`): vmm-host <-> `sail-agent` over vsock.

@@ -15,6 +15,17 @@ use crate::link::GuestLink;
 /// How long one link handshake may take (once the guest is up).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a `Mount` may take: the agent gives its helper 120 s to answer (it reaches
+/// volumed and fetches the head first), plus room for the link.
+const MOUNT_TIMEOUT: Duration = Duration::from_secs(150);
+
+/// How long an `Unmount` may take (the agent waits up to 10 s for the helper to exit, then
+/// kills it and waits again).
+const UNMOUNT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a `ListMounts` may take (the agent asks every helper in parallel, 2 s each).
+const LIST_MOUNTS_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A client of one guest's agent; cheap to clone (one HTTP/2 connection, re-established on
 /// demand).
 ///
@@ -122,4 +133,38 @@ impl AgentClient {
 
     /// The handshake timeout used after boot.
     pub const RUNNING_HANDSHAKE: Duration = HANDSHAKE_TIMEOUT;
+
+    /// Mounts a volume in the guest (`Mount`, docs/vmm-host.md "Volume mounts"): returns
+    /// once the guest's helper answers, or the agent's error (INVALID_ARGUMENT,
+    /// ALREADY_EXISTS, RESOURCE_EXHAUSTED, FAILED_PRECONDITION with the helper's stderr tail,
+    /// DEADLINE_EXCEEDED). The same volume at the same path again returns the existing mount.
+    pub async fn mount(&self, req: pb::MountRequest) -> Result<pb::MountInfo, tonic::Status> {
+        let mut raw = self.raw();
+        bounded(MOUNT_TIMEOUT, "Mount", raw.mount(req)).await
+    }
+
+    /// Unmounts the volume at `path` (`Unmount`; NOT_FOUND if nothing is mounted there).
+    /// Uncommitted changes of the mount are dropped.
+    pub async fn unmount(&self, path: &str) -> Result<pb::MountInfo, tonic::Status> {
+        let mut raw = self.raw();
+        bounded(UNMOUNT_TIMEOUT, "Unmount", raw.unmount(pb::UnmountRequest { path: path.to_owned() })).await
+    }
+
+    /// The guest's mounts with their state, head commit and dirty bytes (`ListMounts`).
+    pub async fn list_mounts(&self) -> Result<Vec<pb::MountInfo>, tonic::Status> {
+        let mut raw = self.raw();
+        bounded(LIST_MOUNTS_TIMEOUT, "ListMounts", raw.list_mounts(pb::ListMountsRequest {})).await.map(|r| r.mounts)
+    }
+}
+
+/// One unary call bounded by `limit` (DEADLINE_EXCEEDED past it).
+async fn bounded<T>(
+    limit: Duration,
+    what: &str,
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(r) => r.map(tonic::Response::into_inner),
+        Err(_) => Err(tonic::Status::deadline_exceeded(format!("the agent did not answer {what} within {}s", limit.as_secs()))),
+    }
 }

@@ -44,6 +44,9 @@ pub struct HostConfig {
     pub guest_dir: PathBuf,
     /// The static `sail-agent`.
     pub agent_binary: PathBuf,
+    /// The static `sail-volume-fuse` the initramfs carries for the agent's volume mounts
+    /// (left out, with a warning, when missing).
+    pub volume_helper_binary: PathBuf,
     /// The `sail-cowfs` daemon binary.
     pub cowfs_binary: PathBuf,
     /// Address ingress listeners bind to.
@@ -79,6 +82,7 @@ impl HostConfig {
             data_dir,
             guest_dir: crate::guest::default_guest_dir(),
             agent_binary: crate::guest::default_agent_path(),
+            volume_helper_binary: crate::guest::default_volume_helper_path(),
             cowfs_binary: crate::vmfiles::default_binary(),
             ingress_addr: IpAddr::from([127, 0, 0, 1]),
             accel,

@@ -36,6 +36,9 @@ struct Args {
     /// The static `sail-agent` guests boot.
     #[arg(long, env = "SAIL_AGENT_BIN")]
     agent_bin: Option<PathBuf>,
+    /// The static `sail-volume-fuse` guests mount volumes with.
+    #[arg(long, env = "SAIL_VOLUME_FUSE_BIN")]
+    volume_fuse_bin: Option<PathBuf>,
     /// The `sail-cowfs` daemon (default: beside this binary).
     #[arg(long, env = "SAIL_COWFS_BIN")]
     cowfs_bin: Option<PathBuf>,
@@ -73,6 +76,9 @@ impl Args {
         }
         if let Some(b) = &self.agent_bin {
             config.agent_binary = b.clone();
+        }
+        if let Some(b) = &self.volume_fuse_bin {
+            config.volume_helper_binary = b.clone();
         }
         if let Some(b) = &self.cowfs_bin {
             config.cowfs_binary = b.clone();

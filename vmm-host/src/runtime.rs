@@ -272,8 +272,9 @@ impl Runtime {
         }
         let kit = self.kit.clone().map_err(SailboxError::Unavailable)?;
         let agent = self.config.agent_binary.clone();
+        let helper = self.config.volume_helper_binary.clone();
         let out = self.config.data_dir.join("boot");
-        let built = tokio::task::spawn_blocking(move || kit.initramfs(&agent, &out)).await??;
+        let built = tokio::task::spawn_blocking(move || kit.initramfs(&agent, &helper, &out)).await??;
         *cached = Some(built.clone());
         Ok(built)
     }

@@ -25,6 +25,8 @@ done
 /bin/busybox mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /newroot/run || fail "cannot mount /run"
 /bin/busybox mkdir -p /newroot/run/sail
 /bin/busybox cp /sail-agent /newroot/run/sail/sail-agent || fail "cannot install the agent"
+/bin/busybox cp -r /sail-python /newroot/run/sail/python || say "cannot install the python module"
+[ -f /sail-volume-fuse ] && { /bin/busybox cp /sail-volume-fuse /newroot/run/sail/sail-volume-fuse || say "cannot install the volume helper"; }
 /bin/busybox umount /proc
 /bin/busybox umount /dev
 exec /bin/busybox switch_root /newroot /run/sail/sail-agent

@@ -1,6 +1,6 @@
 //! Guest artefacts: the kernel and modules that `scripts/guest-kernel.sh` extracts from
-//! Debian's cloud kernel package, the static `sail-agent`, and the initramfs vmm-host builds
-//! from them.
+//! Debian's cloud kernel package, the static `sail-agent` and `sail-volume-fuse`, and the
+//! initramfs vmm-host builds from them.
 //!
 //! Layout of the guest directory (written by the script):
 //! - `vmlinux`: the uncompressed kernel (ELF with a PVH entry; both VMMs boot it directly)
@@ -9,6 +9,7 @@
 //! - `busybox`: a static busybox for the initramfs and the minimal image
 
 pub mod cpio;
+pub mod sdk;
 
 use std::path::{Path, PathBuf};
 
@@ -50,6 +51,9 @@ pub struct Initramfs {
     pub path: PathBuf,
     /// The agent it carries.
     pub agent: AgentInfo,
+    /// The volume mount helper it carries (`sail-volume-fuse`, installed beside the agent
+    /// at `/run/sail/`), if one was found; without it guests cannot mount volumes.
+    pub volume_helper: Option<PathBuf>,
 }
 
 fn missing(what: &str, path: &Path) -> SailboxError {
@@ -77,10 +81,13 @@ impl GuestKit {
         Ok(order.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_owned).collect())
     }
 
-    /// Builds (or finds, if unchanged) the initramfs for `agent` under `out_dir`. Its name is
-    /// the hash of its content, so a new agent or module set gives a new file.
-    pub fn initramfs(&self, agent: &Path, out_dir: &Path) -> Result<Initramfs> {
+    /// Builds (or finds, if unchanged) the initramfs for `agent` and the volume mount helper
+    /// `volume_helper` under `out_dir`. Its name is the hash of its content, so a new agent,
+    /// helper or module set gives a new file. A missing helper is left out (logged; guests
+    /// then refuse mounts with a clear error); a dynamically linked one is an error.
+    pub fn initramfs(&self, agent: &Path, volume_helper: &Path, out_dir: &Path) -> Result<Initramfs> {
         let info = describe_agent(agent)?;
+        let volume_helper = check_volume_helper(volume_helper)?;
         let read = |p: &Path| std::fs::read(p).map_err(|e| SailboxError::io(format!("reading {}", p.display()), e));
         let mut w = cpio::CpioWriter::new();
         for d in ["bin", "dev", "proc", "sys", "newroot", "lib", "lib/modules"] {
@@ -95,6 +102,14 @@ impl GuestKit {
         }
         w.file("lib/modules/order", 0o644, modules.join("\n").as_bytes());
         w.file("sail-agent", 0o755, &read(agent)?);
+        w.dir(sdk::DIR);
+        w.dir(&format!("{}/sail", sdk::DIR));
+        for (path, text) in sdk::FILES {
+            w.file(&format!("{}/{path}", sdk::DIR), 0o644, text.as_bytes());
+        }
+        if let Some(helper) = &volume_helper {
+            w.file("sail-volume-fuse", 0o755, &read(helper)?);
+        }
         let archive = w.finish();
         let hash = blake3::hash(&archive).to_hex();
         std::fs::create_dir_all(out_dir).map_err(|e| SailboxError::io("creating the initramfs dir", e))?;
@@ -104,7 +119,7 @@ impl GuestKit {
             std::fs::write(&tmp, &archive).map_err(|e| SailboxError::io("writing the initramfs", e))?;
             std::fs::rename(&tmp, &path).map_err(|e| SailboxError::io("installing the initramfs", e))?;
         }
-        Ok(Initramfs { path, agent: info })
+        Ok(Initramfs { path, agent: info, volume_helper })
     }
 }
 
@@ -131,6 +146,25 @@ pub fn describe_agent(agent: &Path) -> Result<AgentInfo> {
     }
     serde_json::from_slice(&out.stdout)
         .map_err(|source| SailboxError::AgentDescribe { agent: agent.display().to_string(), source })
+}
+
+/// The volume helper to put in the initramfs: `None` when there is no file at `path`
+/// (logged), an error when it is not statically linked (it would not run in the guest).
+pub fn check_volume_helper(path: &Path) -> Result<Option<PathBuf>> {
+    if !path.is_file() {
+        tracing::warn!(
+            path = %path.display(),
+            "sail-volume-fuse not found: guests will not mount volumes (build it with `bash scripts/build-agent.sh` or set SAIL_VOLUME_FUSE_BIN)"
+        );
+        return Ok(None);
+    }
+    if !is_static(path)? {
+        return Err(SailboxError::Setup(format!(
+            "{} is dynamically linked; guests need the static build from scripts/build-agent.sh",
+            path.display()
+        )));
+    }
+    Ok(Some(path.to_path_buf()))
 }
 
 /// Whether an ELF executable has no program interpreter (is statically linked).
@@ -174,6 +208,26 @@ pub fn default_agent_path() -> PathBuf {
         .unwrap_or_else(|| candidates.into_iter().nth(1).unwrap_or_else(|| PathBuf::from("sail-agent")))
 }
 
+/// Where the static volume mount helper is looked for: `$SAIL_VOLUME_FUSE_BIN`, then the
+/// static build beside (or above) the running executable's target directory, as for the
+/// agent.
+pub fn default_volume_helper_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("SAIL_VOLUME_FUSE_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    let mut candidates = Vec::new();
+    for dir in exe.ancestors().skip(1).take(3) {
+        candidates.push(dir.join("sail-volume-fuse-static"));
+        candidates.push(dir.join("x86_64-unknown-linux-gnu/release/sail-volume-fuse"));
+    }
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .unwrap_or_else(|| candidates.into_iter().nth(1).unwrap_or_else(|| PathBuf::from("sail-volume-fuse")))
+}
+
 /// The guest directory: `$SAIL_GUEST_DIR`, else `$XDG_CACHE_HOME/sail/guest`, else
 /// `~/.cache/sail/guest`.
 pub fn default_guest_dir() -> PathBuf {
@@ -185,4 +239,18 @@ pub fn default_guest_dir() -> PathBuf {
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
         .unwrap_or_else(|| PathBuf::from("/var/cache"));
     cache.join("sail/guest")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volume_helper_is_optional_but_must_be_static() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(check_volume_helper(&dir.path().join("missing")).unwrap(), None, "a missing helper is left out");
+        // This test binary is dynamically linked: it would not run in a guest.
+        let exe = std::env::current_exe().unwrap();
+        assert!(matches!(check_volume_helper(&exe), Err(SailboxError::Setup(_))));
+    }
 }
