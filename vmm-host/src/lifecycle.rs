@@ -100,6 +100,7 @@ impl Lifecycle {
             hypervisor: hypervisor.name().to_owned(),
             accelerator: self.rt.accel.accel.as_str().to_owned(),
             ports: spec.ports.clone(),
+            network: spec.network,
             ..SailboxRecord::creating()
         };
         let greeting = Greeting { hostname: Some(hostname_for(&rec)), reseed: false };

@@ -319,6 +319,7 @@ impl Runtime {
             initramfs: initramfs.to_path_buf(),
             cmdline: self.cmdline(),
             accel: self.accel.accel,
+            network: rec.network,
         };
         // Unix socket paths are limited to 107 bytes.
         let longest = spec.dir.join("agent.sock.lock");

@@ -112,6 +112,7 @@ impl Snapshots {
             memory_mib: rec.memory_mib,
             disk_gib: rec.disk_gib,
             ports: rec.ports.clone(),
+            network: rec.network,
             memory_manifest: memory.manifest.clone(),
             disk_manifest: disk.manifest.clone(),
             device_state: state_chunk.to_hex(),
@@ -435,6 +436,7 @@ impl Snapshots {
             accelerator: ck.accelerator.clone(),
             forked_from: Some(ck_id.to_owned()),
             ports: ports.unwrap_or_else(|| ck.ports.clone()),
+            network: ck.network,
             ..SailboxRecord::creating()
         };
         // A child is its own machine: own hostname, fresh randomness.
