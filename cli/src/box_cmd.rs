@@ -157,6 +157,10 @@ pub struct CreateArgs {
     /// An ingress port (repeat for more).
     #[arg(long = "port")]
     ports: Vec<u32>,
+    /// "outbound" (the default): code inside can reach the network; "none": no outbound
+    /// network device (the volume gateway is reachable either way).
+    #[arg(long, default_value = "outbound", value_parser = ["outbound", "none"])]
+    network: String,
 }
 
 #[derive(Args, Clone)]
@@ -211,6 +215,7 @@ pub fn sailbox_json(s: &pb::Sailbox) -> serde_json::Value {
         "agent_version": s.agent_version, "hypervisor": s.hypervisor, "accelerator": s.accelerator,
         "host": s.host, "boot_ms": s.boot_ms, "last_checkpoint": s.last_checkpoint,
         "pending_upgrade": s.pending_upgrade, "sleeping_on_call": s.sleeping_on_call, "forked_from": s.forked_from,
+        "network": s.network,
     })
 }
 
@@ -242,10 +247,11 @@ fn print_sailbox(s: &pb::Sailbox, json: bool) {
     }
     println!("{}  {}  app={} name={} image={}", s.sailbox_id, state_name(s.state), s.app, s.name, s.image);
     println!(
-        "  {} vCPU, {} MiB, {} GiB disk; {} on {} ({}); agent {} (schema {}); booted in {} ms",
+        "  {} vCPU, {} MiB, {} GiB disk, network {}; {} on {} ({}); agent {} (schema {}); booted in {} ms",
         s.vcpus,
         s.memory_mib,
         s.disk_gib,
+        s.network,
         s.hypervisor,
         s.host,
         s.accelerator,
@@ -331,6 +337,7 @@ async fn create(c: &mut Client, a: CreateArgs, json: bool) -> anyhow::Result<()>
         disk_gib: a.disk_gib,
         ingress_ports: a.ports,
         volumes: Default::default(),
+        network: a.network,
     };
     let s = crate::output::spin("booting the sailbox", c.create_sailbox(req)).await.map_err(BoxError::from)?.into_inner();
     if json {
@@ -627,6 +634,16 @@ pub async fn doctor(endpoint: &str, json: bool) -> anyhow::Result<u8> {
     let kit = vmm_host::guest::GuestKit::load(&config.guest_dir);
     let agent = vmm_host::guest::describe_agent(&config.agent_binary);
     let qemu = std::process::Command::new(&config.qemu_binary).arg("--version").output();
+    // The outbound network's stack and the volume gateway's relay (docs/networking.md).
+    let passt = std::process::Command::new("passt").arg("--version").output();
+    let socat = std::process::Command::new("socat").arg("-V").output();
+    let tool = |name: &str, o: &std::io::Result<std::process::Output>| match o {
+        Ok(o) if o.status.success() => {
+            Ok(String::from_utf8_lossy(&o.stdout).lines().find(|l| l.contains("version")).unwrap_or(name).trim().to_owned())
+        }
+        Ok(o) => Err(format!("{name}: exit {}", o.status)),
+        Err(e) => Err(format!("{name}: {e} (bash scripts/setup.sh vm)")),
+    };
     let service = match client(endpoint).await {
         Ok(mut c) => c.get_host_info(pb::HostInfoRequest {}).await.ok().map(|r| r.into_inner()),
         Err(_) => None,
@@ -647,6 +664,8 @@ pub async fn doctor(endpoint: &str, json: bool) -> anyhow::Result<u8> {
                 .map(|a| format!("{} schema {} ({})", a.agent_version, a.guest_schema_version, config.agent_binary.display()))
                 .map_err(|e| e.to_string()),
         ),
+        ("passt", tool("passt", &passt)),
+        ("socat", tool("socat", &socat)),
         (
             "service",
             service
@@ -655,7 +674,7 @@ pub async fn doctor(endpoint: &str, json: bool) -> anyhow::Result<u8> {
                 .ok_or_else(|| format!("{endpoint} not reachable")),
         ),
     ];
-    let ok = rows.iter().take(4).all(|(_, r)| r.is_ok());
+    let ok = rows.iter().filter(|(k, _)| *k != "service").all(|(_, r)| r.is_ok());
     if json {
         let obj: serde_json::Map<String, serde_json::Value> = rows
             .iter()

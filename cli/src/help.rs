@@ -83,7 +83,8 @@ Example:
 
 pub(crate) const BOX_CREATE: &str = "\
 Example:
-  sail box create --image minimal --name web --port 8080 --memory-mib 512";
+  sail box create --image minimal --name web --port 8080 --memory-mib 512
+  sail box create --network none            # no outbound network inside";
 
 pub(crate) const BOX_LS: &str = "\
 Example:
