@@ -3,7 +3,7 @@
 # Debian 12, as root. Safe to run repeatedly.
 #   bash scripts/setup.sh        build dependencies (apt)
 #   bash scripts/setup.sh vm     also what sailboxes need: QEMU (bookworm-backports), image
-#                                tools, the guest kernel kit
+#                                tools, passt and socat (guest networking), the guest kernel kit
 #   bash scripts/setup.sh test   everything above plus the test tools (s3s-fs, cargo-fuzz, pytest)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,6 +43,9 @@ if ! dpkg-query -W -f '${Version}' qemu-system-x86 2>/dev/null | grep -q bpo12; 
         qemu-system-x86 qemu-system-data qemu-utils >/dev/null
 fi
 apt_install debootstrap e2fsprogs zstd xz-utils kmod cpio file ca-certificates
+# Guest networking (docs/networking.md): passt for the outbound NIC, socat relays the host
+# NIC's gateway address to the sailbox's volume socket.
+apt_install passt socat
 bash scripts/guest-kernel.sh
 [ "$mode" = vm ] && exit 0
 

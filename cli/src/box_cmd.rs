@@ -163,6 +163,10 @@ pub struct CreateArgs {
     /// Create the --volume volumes that do not exist yet.
     #[arg(long)]
     mint: bool,
+    /// "outbound" (the default): code inside can reach the network; "none": no outbound
+    /// network device (the volume gateway is reachable either way).
+    #[arg(long, default_value = "outbound", value_parser = ["outbound", "none"])]
+    network: String,
 }
 
 /// The `--volume NAME:/PATH` arguments as the request's map (the server checks the paths).
@@ -237,6 +241,7 @@ pub fn sailbox_json(s: &pb::Sailbox) -> serde_json::Value {
             "path": m.path, "volume": m.volume, "org": m.org, "state": m.state, "head_commit": m.head_commit,
             "dirty_bytes": m.dirty_bytes, "restarts": m.restarts, "last_error": m.last_error,
         })).collect::<Vec<_>>(),
+        "network": s.network,
     })
 }
 
@@ -268,10 +273,11 @@ fn print_sailbox(s: &pb::Sailbox, json: bool) {
     }
     println!("{}  {}  app={} name={} image={}", s.sailbox_id, state_name(s.state), s.app, s.name, s.image);
     println!(
-        "  {} vCPU, {} MiB, {} GiB disk; {} on {} ({}); agent {} (schema {}); booted in {} ms",
+        "  {} vCPU, {} MiB, {} GiB disk, network {}; {} on {} ({}); agent {} (schema {}); booted in {} ms",
         s.vcpus,
         s.memory_mib,
         s.disk_gib,
+        s.network,
         s.hypervisor,
         s.host,
         s.accelerator,
@@ -369,6 +375,7 @@ async fn create(c: &mut Client, a: CreateArgs, json: bool) -> anyhow::Result<()>
         disk_gib: a.disk_gib,
         ingress_ports: a.ports,
         volumes: volume_mounts(&a.volumes, a.mint)?,
+        network: a.network,
     };
     let s = crate::output::spin("booting the sailbox", c.create_sailbox(req)).await.map_err(BoxError::from)?.into_inner();
     if json {
@@ -665,6 +672,16 @@ pub async fn doctor(endpoint: &str, json: bool) -> anyhow::Result<u8> {
     let kit = vmm_host::guest::GuestKit::load(&config.guest_dir);
     let agent = vmm_host::guest::describe_agent(&config.agent_binary);
     let qemu = std::process::Command::new(&config.qemu_binary).arg("--version").output();
+    // The outbound network's stack and the volume gateway's relay (docs/networking.md).
+    let passt = std::process::Command::new("passt").arg("--version").output();
+    let socat = std::process::Command::new("socat").arg("-V").output();
+    let tool = |name: &str, o: &std::io::Result<std::process::Output>| match o {
+        Ok(o) if o.status.success() => {
+            Ok(String::from_utf8_lossy(&o.stdout).lines().find(|l| l.contains("version")).unwrap_or(name).trim().to_owned())
+        }
+        Ok(o) => Err(format!("{name}: exit {}", o.status)),
+        Err(e) => Err(format!("{name}: {e} (bash scripts/setup.sh vm)")),
+    };
     let service = match client(endpoint).await {
         Ok(mut c) => c.get_host_info(pb::HostInfoRequest {}).await.ok().map(|r| r.into_inner()),
         Err(_) => None,
@@ -685,6 +702,8 @@ pub async fn doctor(endpoint: &str, json: bool) -> anyhow::Result<u8> {
                 .map(|a| format!("{} schema {} ({})", a.agent_version, a.guest_schema_version, config.agent_binary.display()))
                 .map_err(|e| e.to_string()),
         ),
+        ("passt", tool("passt", &passt)),
+        ("socat", tool("socat", &socat)),
         (
             "service",
             service
@@ -693,7 +712,7 @@ pub async fn doctor(endpoint: &str, json: bool) -> anyhow::Result<u8> {
                 .ok_or_else(|| format!("{endpoint} not reachable")),
         ),
     ];
-    let ok = rows.iter().take(4).all(|(_, r)| r.is_ok());
+    let ok = rows.iter().filter(|(k, _)| *k != "service").all(|(_, r)| r.is_ok());
     if json {
         let obj: serde_json::Map<String, serde_json::Value> = rows
             .iter()

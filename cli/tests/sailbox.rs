@@ -42,6 +42,8 @@ fn bad_arguments(up: &Up) {
     assert_eq!(r.json_error().0, "SailboxCreationError");
     let r = up.sail(&["box", "create", "--image", "minimal", "--port", "22"]);
     assert!(r.fails(2).starts_with("error: "), "{}", r.stderr);
+    let r = up.sail(&["box", "create", "--image", "minimal", "--network", "host"]);
+    assert!(r.fails(2).contains("host"), "{}", r.stderr);
     assert_eq!(up.sail(&["--json", "box", "ls"]).json(), serde_json::json!([]));
 }
 
@@ -105,8 +107,9 @@ fn detach_and_background(up: &Up, id: &str) {
 fn info_ls_listeners(up: &Up, id: &str) {
     // info / ls / listeners.
     let info = up.sail(&["--json", "box", "info", id]).json();
-    assert_eq!(info["sailbox_id"], id);
-    assert!(up.sail(&["box", "info", id]).ok().starts_with(id));
+    assert_eq!((&info["sailbox_id"], &info["network"]), (&serde_json::json!(id), &serde_json::json!("outbound")));
+    let text = up.sail(&["box", "info", id]).ok();
+    assert!(text.starts_with(id) && text.contains("network outbound"), "{text}");
     let ls = up.sail(&["--json", "box", "ls"]).json();
     assert_eq!(ls.as_array().map(Vec::len), Some(1), "{ls}");
     let l = up.sail(&["box", "listeners", id]).ok();
@@ -168,7 +171,7 @@ fn sleep_pause_upgrade_doctor(up: &Up, id: &str, data: &[u8]) {
 
     // doctor: every row present, as JSON.
     let d = up.sail(&["--json", "doctor"]).json();
-    for key in ["accelerator", "qemu", "guest kernel", "agent", "service"] {
+    for key in ["accelerator", "qemu", "guest kernel", "agent", "passt", "socat", "service"] {
         assert_eq!(d[key]["ok"], true, "doctor {key}: {d}");
     }
 }

@@ -2,7 +2,7 @@
 //! cache that every sailbox on the host reads through.
 //!
 //! Each sailbox has a Unix socket, `<run dir>/volumes.sock`, served by [`Gateway::bind`].
-//! The guest reaches it at [`GUEST_ENDPOINT`] on its host NIC: QEMU's restricted user network
+//! The guest reaches it at [`GUEST_ADDR`] on its host NIC: QEMU's restricted user network
 //! forwards that one address to the socket and nothing else (docs/networking.md), so the guest
 //! never sees volumed, the host's loopback or another sailbox's socket. Which socket a
 //! connection arrives on is the guest's identity; what it may reach is the sailbox's
@@ -52,10 +52,16 @@ use volume_client::VolumeClient;
 use crate::error::{Result, SailboxError};
 use sysutil::clock::now_ms;
 
-/// Where a guest reaches its gateway (the host NIC's forwarded address).
-pub const GUEST_ENDPOINT: &str = "http://10.0.3.2:7420";
+/// Where a guest reaches its gateway: the one address of its host NIC that leads anywhere
+/// (QEMU relays connections to it to [`socket_path`]; docs/networking.md).
+pub const GUEST_ADDR: &str = "10.0.3.2:7420";
 
-/// The gateway socket in a sailbox's run directory.
+/// [`GUEST_ADDR`] as the endpoint URL a guest's helper is given.
+pub fn guest_endpoint() -> String {
+    format!("http://{GUEST_ADDR}")
+}
+
+/// The gateway's socket in a sailbox's run directory.
 pub fn socket_path(run_dir: &Path) -> std::path::PathBuf {
     run_dir.join("volumes.sock")
 }
@@ -127,7 +133,7 @@ impl Gateway {
     /// A gateway forwarding to volumed at `upstream`, caching chunks in `cache_dir` (at most
     /// `cache_bytes` on disk, `memory_bytes` in memory), signing chunk URLs with the key kept
     /// at `key_file` (made on first use). URLs it hands out start with `guest_endpoint`, where
-    /// guests reach their socket ([`GUEST_ENDPOINT`] on a sailbox's host NIC).
+    /// guests reach their socket ([`GUEST_ADDR`] on a sailbox's host NIC).
     pub fn open(
         upstream: String,
         guest_endpoint: String,

@@ -98,6 +98,7 @@ impl Lifecycle {
             hypervisor: hypervisor.name().to_owned(),
             accelerator: self.rt.accel.accel.as_str().to_owned(),
             ports: spec.ports.clone(),
+            network: spec.network,
             ..SailboxRecord::creating()
         };
         let greeting = Greeting { hostname: Some(hostname_for(&rec)), reseed: false };
@@ -284,7 +285,7 @@ impl Lifecycle {
                 path: path.clone(),
                 volume: v.volume.clone(),
                 org: v.org.clone(),
-                endpoint: crate::gateway::GUEST_ENDPOINT.to_owned(),
+                endpoint: crate::gateway::guest_endpoint(),
             };
             vm.agent
                 .raw()

@@ -104,6 +104,38 @@ pub struct VolumeRecord {
     pub volume: String,
 }
 
+/// A sailbox's network (DESIGN 2.2): whether it has the outbound network device. The host
+/// NIC (the volume gateway's address) is there either way, so the device set of a sailbox
+/// never changes across checkpoint, restore and fork. See docs/networking.md.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Network {
+    /// Outbound connections go through a per-VM `passt` (the default).
+    #[default]
+    Outbound,
+    /// No outbound network device.
+    None,
+}
+
+impl Network {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Outbound => "outbound",
+            Self::None => "none",
+        }
+    }
+
+    /// From the wire name ("" is the default, outbound).
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "" | "outbound" => Ok(Self::Outbound),
+            "none" => Ok(Self::None),
+            other => Err(SailboxError::InvalidConfig(format!("network must be \"outbound\" or \"none\", got {other:?}"))),
+        }
+    }
+}
+
 /// Everything durable about one sailbox.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SailboxRecord {
@@ -171,6 +203,9 @@ pub struct SailboxRecord {
     /// checkpoint. `None`: the VM has its own memory file.
     #[serde(default)]
     pub memory_base: Option<String>,
+    /// Its network (records from before it was recorded: outbound, the only kind then).
+    #[serde(default)]
+    pub network: Network,
 }
 
 impl SailboxRecord {
@@ -206,6 +241,7 @@ impl SailboxRecord {
             forked_from: None,
             ports: Vec::new(),
             memory_base: None,
+            network: Network::Outbound,
         }
     }
 
@@ -251,6 +287,7 @@ impl SailboxRecord {
             sleeping_on_call: self.sleep_call.clone().unwrap_or_default(),
             forked_from: self.forked_from.clone().unwrap_or_default(),
             mounts: Vec::new(),
+            network: self.network.as_str().to_owned(),
         }
     }
 }
@@ -278,6 +315,10 @@ pub struct CheckpointRecord {
     pub disk_gib: u32,
     /// Ingress ports.
     pub ports: Vec<u32>,
+    /// The sailbox's network (a restore or fork keeps it: the device state is for its
+    /// device set). Older records: outbound.
+    #[serde(default)]
+    pub network: Network,
     /// Memory manifest (cowfs), chunk id hex.
     pub memory_manifest: String,
     /// Disk manifest (cowfs), chunk id hex.
@@ -398,6 +439,8 @@ pub struct CreateSpec {
     pub volumes: BTreeMap<String, VolumeRecord>,
     /// Paths whose volume is minted if it does not exist.
     pub mint: BTreeSet<String>,
+    /// Network.
+    pub network: Network,
 }
 
 /// Default image of a sailbox created without one.
@@ -478,6 +521,7 @@ pub fn validate_create(req: &pb::CreateSailboxRequest, org: &str) -> Result<Crea
     if req.volumes.len() > MAX_MOUNTS {
         return bad(format!("at most {MAX_MOUNTS} volume mounts, got {}", req.volumes.len()));
     }
+    let network = Network::parse(&req.network)?;
     let mut volumes = BTreeMap::new();
     let mut mint = BTreeSet::new();
     for (path, v) in &req.volumes {
@@ -517,6 +561,7 @@ pub fn validate_create(req: &pb::CreateSailboxRequest, org: &str) -> Result<Crea
         ports,
         volumes,
         mint,
+        network,
     })
 }
 
@@ -543,6 +588,11 @@ mod tests {
         let s = validate_create(&req(), "org").unwrap();
         assert_eq!((s.cpu, s.vcpus, s.memory_mib, s.disk_gib), (1.0, 1, 1024, 8));
         assert_eq!(s.image, "debian");
+        assert_eq!(s.network, Network::Outbound);
+        let s = validate_create(&pb::CreateSailboxRequest { network: "none".into(), ..req() }, "org").unwrap();
+        assert_eq!(s.network, Network::None);
+        let s = validate_create(&pb::CreateSailboxRequest { network: "outbound".into(), ..req() }, "org").unwrap();
+        assert_eq!(s.network, Network::Outbound);
         let s = validate_create(&pb::CreateSailboxRequest { cpu: 1.5, ..req() }, "org").unwrap();
         assert_eq!(s.vcpus, 2);
     }
@@ -570,6 +620,21 @@ mod tests {
         assert!(err(pb::CreateSailboxRequest { volumes: nested, ..req() }).contains("inside"));
         assert!(err(pb::CreateSailboxRequest { name: "bad name".into(), ..req() }).contains("name"));
         assert!(err(pb::CreateSailboxRequest { app: "-x".into(), ..req() }).contains("app"));
+        for network in ["off", "None", "host"] {
+            let e = err(pb::CreateSailboxRequest { network: network.into(), ..req() });
+            assert!(e.contains("network must be \"outbound\" or \"none\""), "{e}");
+        }
+    }
+
+    #[test]
+    fn records_without_a_network_are_outbound() {
+        let rec = SailboxRecord { network: Network::None, ..SailboxRecord::creating() };
+        let mut json = serde_json::to_value(&rec).unwrap();
+        assert_eq!(json["network"], "none");
+        json.as_object_mut().unwrap().remove("network");
+        let old: SailboxRecord = serde_json::from_value(json).unwrap();
+        assert_eq!(old.network, Network::Outbound);
+        assert_eq!(old.to_proto("h", "127.0.0.1").network, "outbound");
     }
 
     #[test]

@@ -154,7 +154,7 @@ impl Runtime {
         let gateway = match &config.volumed_endpoint {
             Some(endpoint) => Some(Gateway::open(
                 endpoint.clone(),
-                crate::gateway::GUEST_ENDPOINT.to_owned(),
+                crate::gateway::guest_endpoint(),
                 &config.chunk_cache_dir,
                 config.chunk_cache_bytes,
                 config.chunk_memory_bytes,
@@ -351,6 +351,7 @@ impl Runtime {
             initramfs: initramfs.to_path_buf(),
             cmdline: self.cmdline(),
             accel: self.accel.accel,
+            network: rec.network,
         };
         // Unix socket paths are limited to 107 bytes.
         let longest = spec.dir.join("agent.sock.lock");

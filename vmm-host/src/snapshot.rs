@@ -113,6 +113,7 @@ impl Snapshots {
             disk_gib: rec.disk_gib,
             ports: rec.ports.clone(),
             volumes: rec.volumes.clone(),
+            network: rec.network,
             memory_manifest: memory.manifest.clone(),
             disk_manifest: disk.manifest.clone(),
             device_state: state_chunk.to_hex(),
@@ -437,6 +438,7 @@ impl Snapshots {
             forked_from: Some(ck_id.to_owned()),
             ports: ports.unwrap_or_else(|| ck.ports.clone()),
             volumes: ck.volumes.clone(),
+            network: ck.network,
             ..SailboxRecord::creating()
         };
         // A child is its own machine: own hostname, fresh randomness.

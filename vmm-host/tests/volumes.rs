@@ -65,10 +65,8 @@ async fn a_volume_shared_by_two_sailboxes_and_the_host() {
     assert_eq!(error_name(&e), "SailboxCreationError", "{e:?}");
     assert!(e.message().contains("does not exist"), "{e:?}");
     let many = (0..17).map(|i| (format!("/mnt/v{i}"), pb::VolumeMount { volume: format!("v{i}"), ..Default::default() }));
-    let e = c
-        .create_sailbox(pb::CreateSailboxRequest { volumes: many.collect(), ..request("w0", "/x", true) })
-        .await
-        .unwrap_err();
+    let e =
+        c.create_sailbox(pb::CreateSailboxRequest { volumes: many.collect(), ..request("w0", "/x", true) }).await.unwrap_err();
     assert_eq!(error_name(&e), "SailboxCreationError");
     assert!(host.get_volume(ORG, VOLUME, false).await.is_err(), "a refused create minted the volume");
 
@@ -77,7 +75,10 @@ async fn a_volume_shared_by_two_sailboxes_and_the_host() {
     let b = c.create_sailbox(request("worker-2", "/mnt/s", false)).await.unwrap().into_inner().sailbox_id;
     let ia = info(&mut c, &a).await;
     assert_eq!(ia.mounts.len(), 1, "{ia:?}");
-    assert_eq!((ia.mounts[0].path.as_str(), ia.mounts[0].volume.as_str(), ia.mounts[0].state.as_str()), ("/mnt/shared", VOLUME, "mounted"));
+    assert_eq!(
+        (ia.mounts[0].path.as_str(), ia.mounts[0].volume.as_str(), ia.mounts[0].state.as_str()),
+        ("/mnt/shared", VOLUME, "mounted")
+    );
 
     // A commits with the in-guest SDK; the host and B (after a reload) see it.
     let commit = ok(&mut c, &a, &format!("echo '{{}}' > /mnt/shared/nb.ipynb && {}", commit_py("/mnt/shared"))).await;

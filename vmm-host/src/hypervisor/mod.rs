@@ -33,7 +33,7 @@ use futures::future::BoxFuture;
 use crate::accel::Accelerator;
 use crate::error::Result;
 use crate::link::GuestLink;
-use crate::model::ProcRef;
+use crate::model::{Network, ProcRef};
 
 /// Everything needed to launch one VM. All paths are inside the sailbox's run directory
 /// except the kernel, initramfs and base image.
@@ -68,6 +68,8 @@ pub struct VmSpec {
     pub link: GuestLink,
     /// Accelerator.
     pub accel: Accelerator,
+    /// Whether the VM gets the outbound network device (it always gets the host one).
+    pub network: Network,
 }
 
 /// A device-state file to load and how it was saved.

@@ -4,6 +4,12 @@
 //! snapshots (vhost-user-vsock, the other way to reach a guest without host vhost modules,
 //! blocks migration in QEMU).
 //!
+//! Networking (docs/networking.md): every VM has the host NIC, QEMU user networking with
+//! `restrict=on` and one `guestfwd` rule that relays [`GUEST_ADDR`] to
+//! [`socket_path`]; a VM with [`Network::Outbound`] also has the outbound NIC, backed by
+//! a per-VM `passt` (one of the VM's processes, started before QEMU and handed one end of a
+//! socket pair, QEMU the other). The guest's init finds each NIC by its MAC.
+//!
 //! [`Qemu`] launches a VM and returns a [`QemuVm`], its handle: the spec, the processes and
 //! the QMP socket. The handle opens a QMP session per operation rather than holding one: a
 //! QMP socket serves one client at a time, and a session left open would lock out a vmm-host
@@ -14,6 +20,8 @@
 pub mod mapped_ram;
 pub mod qmp;
 
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
@@ -27,8 +35,9 @@ use self::qmp::Qmp;
 use super::{DeviceState, Hypervisor, Incoming, LiveSave, RamImage, StateFormat, VmHandle, VmSpec, VmStatus};
 use crate::accel::Accelerator;
 use crate::error::{Result, SailboxError};
+use crate::gateway::{GUEST_ADDR, socket_path};
 use crate::link::GuestLink;
-use crate::model::ProcRef;
+use crate::model::{Network, ProcRef};
 use crate::procs;
 
 /// How long a VMM may take to open its control socket.
@@ -47,6 +56,8 @@ pub struct Qemu {
     qemu: PathBuf,
     firmware: PathBuf,
     version: String,
+    /// The outbound network's user-mode stack.
+    passt: PathBuf,
 }
 
 fn qmp_socket(spec: &VmSpec) -> PathBuf {
@@ -65,6 +76,49 @@ pub fn agent_socket(dir: &Path) -> PathBuf {
     dir.join("agent.sock")
 }
 
+/// MAC of the outbound NIC (passt); the guest's init finds the NIC by it.
+pub const OUTBOUND_MAC: &str = "52:54:00:5a:11:01";
+/// MAC of the host NIC (QEMU user networking, restricted to the gateway's forward).
+pub const HOST_MAC: &str = "52:54:00:5a:11:02";
+/// The relay QEMU runs per guest connection to [`GUEST_ADDR`] (stdin and stdout
+/// are the connection), followed by the socket path.
+const RELAY: &str = "socat STDIO UNIX-CONNECT:";
+
+/// The `passt` command line for a VM, its end of the socket pair being `fd`: IPv4 only, the
+/// guest at 10.0.2.15/24 behind gateway 10.0.2.2, which is NOT the host (`--no-map-gw`:
+/// the host's loopback stays out of reach), DNS queries to 10.0.2.3 forwarded to the host's
+/// resolver, no inbound port forwards. It drops to `nobody`; the log file's path also names
+/// the run directory, so orphans are found by it.
+pub fn passt_command(passt: &Path, dir: &Path, fd: RawFd) -> Command {
+    let mut cmd = Command::new(passt);
+    cmd.args(["--foreground", "--quiet", "--ipv4-only", "--no-map-gw"]);
+    cmd.args(["--address", "10.0.2.15", "--netmask", "24", "--gateway", "10.0.2.2"]);
+    cmd.args(["--dns-forward", "10.0.2.3", "--dns", "10.0.2.3", "--tcp-ports", "none", "--udp-ports", "none"]);
+    cmd.arg("--log-file").arg(dir.join("passt.log"));
+    cmd.arg("--fd").arg(fd.to_string());
+    inherit_fd(&mut cmd, fd);
+    cmd
+}
+
+/// Lets the child of `cmd` inherit descriptor `fd` under the same number (Rust opens every
+/// descriptor close-on-exec; the flag is cleared in the child only, after the fork, so no
+/// other child started meanwhile gets it).
+fn inherit_fd(cmd: &mut Command, fd: RawFd) {
+    // SAFETY: fcntl is async-signal-safe and changes only the child's descriptor table; the
+    // descriptor stays open in the parent until the child has been spawned.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = BorrowedFd::borrow_raw(fd);
+            rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty()).map_err(std::io::Error::from)
+        });
+    }
+}
+
+/// Doubles commas, QEMU's escape inside an option value.
+fn qemu_escape(p: &Path) -> String {
+    p.display().to_string().replace(',', ",,")
+}
+
 impl Qemu {
     /// Finds `qemu-system-x86_64` and its qboot firmware.
     pub fn new(qemu: PathBuf) -> Result<Self> {
@@ -79,11 +133,12 @@ impl Qemu {
         if !firmware.is_file() {
             return Err(SailboxError::Setup(format!("{} missing (Debian's qemu-system-data)", firmware.display())));
         }
-        Ok(Self { qemu, firmware, version })
+        Ok(Self { qemu, firmware, version, passt: PathBuf::from("passt") })
     }
 
-    /// The command line for `spec` (public for docs and tests).
-    pub fn command(&self, spec: &VmSpec) -> Command {
+    /// The command line for `spec` (public for docs and tests). `outbound` is QEMU's end of
+    /// the socket pair to the VM's passt, given exactly when `spec.network` is outbound.
+    pub fn command(&self, spec: &VmSpec, outbound: Option<RawFd>) -> Command {
         let mut cmd = Command::new(&self.qemu);
         let mem = format!("{}M", spec.memory_mib);
         let (accel, cpu) = match spec.accel {
@@ -118,6 +173,19 @@ impl Qemu {
         cmd.arg("-chardev").arg(format!("socket,id=agent,path={},server=on,wait=off", spec.link.socket().display()));
         cmd.args(["-device", "virtserialport,chardev=agent,name=sail.agent"]);
         cmd.args(["-device", "virtio-rng-device"]);
+        // The NICs come after the other devices (each takes the next virtio-mmio transport,
+        // so the others keep theirs), the host NIC first: it is there in every VM.
+        cmd.arg("-netdev").arg(format!(
+            "user,id=net1,restrict=on,net=10.0.3.0/24,host=10.0.3.1,dhcpstart=10.0.3.15,ipv6=off,\
+             guestfwd=tcp:{GUEST_ADDR}-cmd:{RELAY}{}",
+            qemu_escape(&socket_path(&spec.dir))
+        ));
+        cmd.arg("-device").arg(format!("virtio-net-device,netdev=net1,mac={HOST_MAC}"));
+        if let Some(fd) = outbound {
+            cmd.arg("-netdev").arg(format!("stream,id=net0,server=off,addr.type=fd,addr.str={fd}"));
+            cmd.arg("-device").arg(format!("virtio-net-device,netdev=net0,mac={OUTBOUND_MAC}"));
+            inherit_fd(&mut cmd, fd);
+        }
         cmd.arg("-qmp").arg(format!("unix:{},server=on,wait=off", qmp_socket(spec).display()));
         if spec.incoming.is_some() {
             cmd.args(["-incoming", "defer"]);
@@ -127,7 +195,23 @@ impl Qemu {
 
     async fn launch_inner(&self, spec: &VmSpec, procs: &mut Vec<ProcRef>) -> Result<()> {
         let log = spec.dir.join("vmm.log");
-        let vmm = procs::spawn(self.command(spec), &log)?;
+        // The outbound NIC's passt runs first, on one end of a socket pair; QEMU gets the
+        // other. Each process holds its end only: when QEMU goes, passt sees the end of
+        // the stream and exits.
+        let outbound = match spec.network {
+            Network::Outbound => {
+                let (qemu_end, passt_end) = std::os::unix::net::UnixStream::pair()
+                    .map_err(|e| SailboxError::io("creating the outbound network's socket pair", e))?;
+                let cmd = passt_command(&self.passt, &spec.dir, passt_end.as_raw_fd());
+                // A missing passt fails here ("starting passt: ..."); `sail doctor` checks it.
+                let passt = procs::spawn(cmd, &log)?;
+                procs.push(passt);
+                Some(qemu_end)
+            }
+            Network::None => None,
+        };
+        let vmm = procs::spawn(self.command(spec, outbound.as_ref().map(|s| s.as_raw_fd())), &log)?;
+        drop(outbound);
         procs.push(vmm.clone());
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
