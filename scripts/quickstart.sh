@@ -151,6 +151,20 @@ if [ "${SKIP_SAILBOX:-0}" != 1 ]; then
     step "terminate"
     sail box terminate "$box"
     box=""
+
+    step "one volume mounted in two sailboxes: commit in one, reload in the other"
+    t=$(date +%s%N)
+    box=$(sail box create --image minimal --name worker-1 --volume shared-data:/mnt/shared --mint)
+    child=$(sail box create --image minimal --name worker-2 --volume shared-data:/mnt/shared)
+    echo "   $box and $child running with shared-data mounted after $(ms_since $t) ms"
+    sail box info "$box" | grep volume
+    sail box exec "$box" -- 'echo "{}" > /mnt/shared/nb.ipynb && sail-volume-fuse commit /mnt/shared'
+    echo "   worker-2 reloads to $(sail box exec "$child" -- sail-volume-fuse reload /mnt/shared) and reads: $(sail box exec "$child" -- cat /mnt/shared/nb.ipynb)"
+    echo "   the host sees it too: $(SAIL_ORG=default sail volume cat shared-data nb.ipynb)   (sailboxes run in org \"default\" until API keys name one)"
+    sail box terminate "$child"
+    child=""
+    sail box terminate "$box"
+    box=""
 fi
 
 printf '\nquickstart finished in %s ms; cleaning up %s\n' "$(ms_since $t0)" "$work"

@@ -32,7 +32,8 @@ pub const TIMEOUT_CODE: i32 = 124;
 
 /// The base environment of every command (requests add to it).
 const BASE_ENV: &[(&str, &str)] = &[
-    ("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
+    // Last: /run/sail, where the initramfs puts `sail-volume-fuse` (commit/reload/status).
+    ("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/run/sail"),
     ("HOME", "/root"),
     ("LANG", "C.UTF-8"),
     ("TERM", "xterm"),

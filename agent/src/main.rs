@@ -25,7 +25,7 @@ pub const PROTOCOL_VERSION: u32 = 1;
 
 /// The agent's behaviour version, reported as a sailbox's `guest_schema_version`. Bump it
 /// with every change a host should upgrade running sailboxes to.
-pub const GUEST_SCHEMA_VERSION: u32 = 1;
+pub const GUEST_SCHEMA_VERSION: u32 = 2;
 
 #[derive(Parser)]
 #[command(name = "sail-agent", version, about = "The sailbox guest agent")]

@@ -1,5 +1,7 @@
 //! `sail-volume-fuse`: mounts one volume in the foreground. `sail volume mount` runs the
-//! same code (and daemonizes it); this binary is for guests and service managers.
+//! same code (and daemonizes it); this binary is for guests and service managers. Its
+//! subcommands `commit`, `reload` and `status PATH` talk to a running mount's helper (inside a
+//! sailbox, where no `sail` CLI is installed; the agent's PATH has this binary).
 
 use std::path::PathBuf;
 
@@ -7,8 +9,10 @@ use clap::Parser;
 
 /// Mount a sail volume lazily through FUSE.
 #[derive(Parser, Debug)]
-#[command(name = "sail-volume-fuse", version)]
+#[command(name = "sail-volume-fuse", version, args_conflicts_with_subcommands = true)]
 struct Args {
+    #[command(subcommand)]
+    control: Option<Control>,
     /// volumed endpoint.
     #[arg(long, env = "SAIL_ENDPOINT", default_value = "http://127.0.0.1:7420")]
     endpoint: String,
@@ -40,9 +44,42 @@ struct Args {
     #[arg(long)]
     no_passthrough: bool,
     /// Volume name.
-    volume: String,
+    #[arg(required = true)]
+    volume: Option<String>,
     /// Mount point (an existing directory).
-    mountpoint: PathBuf,
+    #[arg(required = true)]
+    mountpoint: Option<PathBuf>,
+}
+
+/// Calls on a running mount (its helper's control socket).
+#[derive(clap::Subcommand, Debug)]
+enum Control {
+    /// Commit the mount's changes; prints the commit id.
+    Commit {
+        /// The mount point.
+        path: PathBuf,
+    },
+    /// Switch the mount to the newest commit (drops uncommitted changes); prints it.
+    Reload {
+        /// The mount point.
+        path: PathBuf,
+    },
+    /// The mount's status as JSON.
+    Status {
+        /// The mount point.
+        path: PathBuf,
+    },
+}
+
+/// Runs a control call; the error's contract name comes first on stderr, exit code 1.
+fn control(c: Control) -> anyhow::Result<()> {
+    use guest_fuse::control::ControlClient as Client;
+    match c {
+        Control::Commit { path } => println!("{}", Client::for_mount(&path)?.commit()?.commit),
+        Control::Reload { path } => println!("{}", Client::for_mount(&path)?.reload()?.commit),
+        Control::Status { path } => println!("{}", serde_json::to_string_pretty(&Client::for_mount(&path)?.status()?)?),
+    }
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -51,16 +88,22 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let a = Args::parse();
+    if let Some(c) = a.control {
+        return control(c);
+    }
+    let (Some(volume), Some(mountpoint)) = (a.volume, a.mountpoint) else {
+        anyhow::bail!("give a VOLUME and a MOUNTPOINT (or a subcommand)");
+    };
     let overlay_dir = a.overlay_dir.unwrap_or_else(|| {
-        let hash = blake3::hash(a.mountpoint.as_os_str().as_encoded_bytes()).to_hex();
+        let hash = blake3::hash(mountpoint.as_os_str().as_encoded_bytes()).to_hex();
         a.cache_dir.with_file_name("overlay").join(&hash[..16])
     });
     let opts = guest_fuse::MountOptions {
         endpoint: a.endpoint,
         org: a.org,
-        volume: a.volume,
+        volume,
         mint: a.create,
-        mountpoint: a.mountpoint,
+        mountpoint,
         cache_dir: a.cache_dir,
         cache_max_bytes: a.cache_max_mib << 20,
         overlay_dir,

@@ -148,7 +148,10 @@ impl Remote {
             volume: Some(pb::VolumeRef { org: self.org.clone(), name: self.volume.clone() }),
             tree: id.as_bytes().to_vec(),
         };
-        let resp = self.rt.block_on(async move { c.grpc().get_tree(req).await });
+        let resp = self.rt.block_on(volume_client::retry_idempotent(|| {
+            let (mut g, req) = (c.grpc().clone(), req.clone());
+            async move { g.get_tree(req).await }
+        }));
         let resp = resp.map_err(volume_client::ClientError::from)?.into_inner();
         resp.entries
             .into_iter()

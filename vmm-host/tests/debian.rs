@@ -54,7 +54,7 @@ async fn default_debian_image_runs_python() {
     assert_eq!(r.stdout, b"bookworm\n");
 
     let listed = c
-        .list_sailboxes(pb::ListSailboxesRequest { app: "tests".into(), max_guest_schema_version: 1, ..Default::default() })
+        .list_sailboxes(pb::ListSailboxesRequest { app: "tests".into(), max_guest_schema_version: 2, ..Default::default() })
         .await
         .unwrap()
         .into_inner()

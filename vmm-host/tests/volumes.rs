@@ -116,6 +116,20 @@ async fn a_volume_shared_by_two_sailboxes_and_the_host() {
     let stderr = String::from_utf8_lossy(&r.stderr);
     assert!(stderr.contains("not found") || stderr.contains("NotFound"), "{stderr}");
 
+    // Sleep and wake: the mount reads and commits afterwards, with what was uncommitted.
+    ok(&mut c, &a, "echo asleep > /mnt/shared/asleep.txt").await;
+    c.sleep(pb::SleepRequest { sailbox_id: a.clone(), call: String::new() }).await.unwrap();
+    let commit = ok(&mut c, &a, &format!("cat /mnt/shared/nb.ipynb >/dev/null && {}", commit_py("/mnt/shared"))).await;
+    assert_eq!(host.read_file(ORG, VOLUME, "asleep.txt").await.unwrap(), b"asleep\n");
+    assert_eq!(host.head(ORG, VOLUME).await.unwrap().commit, commit);
+
+    // A fork keeps the mount; it and its parent commit their own changes, which merge.
+    let child = c.fork(pb::SailboxIdRequest { sailbox_id: a.clone() }).await.unwrap().into_inner().child.unwrap().sailbox_id;
+    ok(&mut c, &child, &format!("echo c > /mnt/shared/child.txt && {}", commit_py("/mnt/shared"))).await;
+    ok(&mut c, &a, &format!("echo p > /mnt/shared/parent.txt && {}", commit_py("/mnt/shared"))).await;
+    assert_eq!(host.read_file(ORG, VOLUME, "child.txt").await.unwrap(), b"c\n");
+    assert_eq!(host.read_file(ORG, VOLUME, "parent.txt").await.unwrap(), b"p\n");
+
     // The helper dies: the agent restarts it; uncommitted data on the guest disk survives.
     ok(&mut c, &a, "echo pending > /mnt/shared/pending.txt && sync && kill -9 $(pidof sail-volume-fuse)").await;
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -130,19 +144,6 @@ async fn a_volume_shared_by_two_sailboxes_and_the_host() {
     assert_eq!(ok(&mut c, &a, "cat /mnt/shared/pending.txt").await, "pending");
     let m = info(&mut c, &a).await.mounts.remove(0);
     assert!(m.dirty_bytes > 0, "{m:?}");
-
-    // Sleep and wake: the mount reads and commits afterwards.
-    c.sleep(pb::SleepRequest { sailbox_id: a.clone(), call: String::new() }).await.unwrap();
-    let commit = ok(&mut c, &a, &format!("cat /mnt/shared/nb.ipynb >/dev/null && {}", commit_py("/mnt/shared"))).await;
-    assert_eq!(host.read_file(ORG, VOLUME, "pending.txt").await.unwrap(), b"pending\n");
-    assert_eq!(host.head(ORG, VOLUME).await.unwrap().commit, commit);
-
-    // A fork keeps the mount; it and its parent commit their own changes, which merge.
-    let child = c.fork(pb::SailboxIdRequest { sailbox_id: a.clone() }).await.unwrap().into_inner().child.unwrap().sailbox_id;
-    ok(&mut c, &child, &format!("echo c > /mnt/shared/child.txt && {}", commit_py("/mnt/shared"))).await;
-    ok(&mut c, &a, &format!("echo p > /mnt/shared/parent.txt && {}", commit_py("/mnt/shared"))).await;
-    assert_eq!(host.read_file(ORG, VOLUME, "child.txt").await.unwrap(), b"c\n");
-    assert_eq!(host.read_file(ORG, VOLUME, "parent.txt").await.unwrap(), b"p\n");
 
     for id in [a, b, child] {
         c.terminate(pb::TerminateRequest { sailbox_id: id }).await.unwrap();

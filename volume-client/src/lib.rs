@@ -191,6 +191,35 @@ pub struct VolumeClient {
     pub last_upload: TransferStats,
 }
 
+/// Whether a status is a failure of the connection rather than the server's answer (every
+/// sail server puts an `ErrorDetail` in its errors; a dead connection gives none).
+pub fn is_transport_failure(s: &tonic::Status) -> bool {
+    matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled) && error_name(s).is_none()
+}
+
+/// How idempotent calls are retried after a transport failure: 5 more tries, 50 ms doubling
+/// to at most 2 s between them (about 4 s in all), each over a new connection (the channel
+/// reconnects). What this covers: a server restarted, or a guest woken from sleep or forked
+/// whose connections died with its old VMM. What it does not: a server that stays down, which
+/// fails the call after those ~4 s (a FUSE read then returns EIO instead of hanging).
+fn transport_backoff() -> backon::ExponentialBuilder {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(2))
+        .with_max_times(5)
+}
+
+/// Runs an idempotent gRPC call, retrying it after transport failures (see
+/// [`is_transport_failure`]); the server's own errors return at once.
+pub async fn retry_idempotent<T, F, Fut>(call: F) -> std::result::Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<T, tonic::Status>>,
+{
+    use backon::Retryable;
+    call.retry(transport_backoff()).when(is_transport_failure).await
+}
+
 fn vref(org: &str, name: &str) -> Option<pb::VolumeRef> {
     Some(pb::VolumeRef { org: org.to_owned(), name: name.to_owned() })
 }
@@ -246,12 +275,24 @@ impl VolumeClient {
     /// Gets (or with `mint`, creates) a volume.
     pub async fn get_volume(&mut self, org: &str, name: &str, mint: bool) -> Result<pb::Volume> {
         let req = pb::GetVolumeRequest { volume: vref(org, name), mint_if_missing: mint, chunking: 0 };
-        Ok(self.grpc.get_volume(req).await?.into_inner())
+        let g = &self.grpc;
+        Ok(retry_idempotent(|| {
+            let (mut g, req) = (g.clone(), req.clone());
+            async move { g.get_volume(req).await }
+        })
+        .await?
+        .into_inner())
     }
 
     /// The volume's head.
     pub async fn head(&mut self, org: &str, name: &str) -> Result<pb::Head> {
-        Ok(self.grpc.get_head(pb::GetHeadRequest { volume: vref(org, name) }).await?.into_inner())
+        let g = &self.grpc;
+        Ok(retry_idempotent(|| {
+            let mut g = g.clone();
+            async move { g.get_head(pb::GetHeadRequest { volume: vref(org, name) }).await }
+        })
+        .await?
+        .into_inner())
     }
 
     /// Uploads the chunks the store lacks; returns what was sent. Chunks of at least
@@ -286,7 +327,13 @@ impl VolumeClient {
         let mut batches = Vec::new();
         for part in specs.chunks(MAX_CHUNKS_PER_REQUEST) {
             let req = pb::MissingChunksRequest { volume: vref(org, name), chunks: part.to_vec(), accept_batches: self.batches };
-            let resp = self.grpc.missing_chunks(req).await?.into_inner();
+            let g = &self.grpc;
+            let resp = retry_idempotent(|| {
+                let (mut g, req) = (g.clone(), req.clone());
+                async move { g.missing_chunks(req).await }
+            })
+            .await?
+            .into_inner();
             uploads.extend(resp.uploads);
             batches.extend(resp.batches);
         }
@@ -359,7 +406,13 @@ impl VolumeClient {
         for batch in wanted.chunks(MAX_CHUNKS_PER_REQUEST) {
             let req =
                 pb::ChunkUrlsRequest { volume: vref(org, name), ids: batch.iter().map(|i| i.as_bytes().to_vec()).collect() };
-            urls.extend(self.grpc.chunk_urls(req).await?.into_inner().downloads);
+            let g = &self.grpc;
+            let resp = retry_idempotent(|| {
+                let (mut g, req) = (g.clone(), req.clone());
+                async move { g.chunk_urls(req).await }
+            })
+            .await?;
+            urls.extend(resp.into_inner().downloads);
         }
         let http = self.http.clone();
         let cache = self.cache.clone();
@@ -396,7 +449,13 @@ impl VolumeClient {
         for batch in ids.chunks(MAX_CHUNKS_PER_REQUEST) {
             let req =
                 pb::ChunkUrlsRequest { volume: vref(org, name), ids: batch.iter().map(|i| i.as_bytes().to_vec()).collect() };
-            urls.extend(self.grpc.chunk_urls(req).await?.into_inner().downloads);
+            let g = &self.grpc;
+            let resp = retry_idempotent(|| {
+                let (mut g, req) = (g.clone(), req.clone());
+                async move { g.chunk_urls(req).await }
+            })
+            .await?;
+            urls.extend(resp.into_inner().downloads);
         }
         if urls.len() != ids.len() {
             return Err(ClientError::Protocol(format!("asked for {} chunk URLs, got {}", ids.len(), urls.len())));
@@ -415,10 +474,16 @@ impl VolumeClient {
         if n == 0 {
             return Err(ClientError::Protocol(format!("chunk {id} has no piece {idx}")));
         }
-        let req = self.http.get(&url.url).header("range", format!("bytes={start}-{}", start + n - 1));
         let what = format!("GET {id} piece {idx}");
-        let resp = send_signed(req, &url.headers, &what).await?;
-        let bytes = resp.bytes().await.map_err(|source| ClientError::Transfer { what, source })?;
+        let once = || async {
+            let req = self.http.get(&url.url).header("range", format!("bytes={start}-{}", start + n - 1));
+            let resp = send_signed(req, &url.headers, &what).await?;
+            resp.bytes().await.map_err(|source| ClientError::Transfer { what: what.clone(), source })
+        };
+        let bytes = {
+            use backon::Retryable;
+            once.retry(transport_backoff()).when(|e| matches!(e, ClientError::Transfer { .. })).await?
+        };
         verify_piece(id, len, &url.piece_cvs, idx, &bytes).map_err(|e| ClientError::Integrity(e.into()))?;
         Ok(bytes)
     }
@@ -485,7 +550,14 @@ impl VolumeClient {
     /// Reads a whole file at the head (downloads and verifies every chunk).
     pub async fn read_file(&mut self, org: &str, name: &str, path: &str) -> Result<Vec<u8>> {
         let req = pb::StatRequest { volume: vref(org, name), commit: String::new(), path: path.to_owned() };
-        let entry = self.grpc.stat(req).await?.into_inner().entry;
+        let g = &self.grpc;
+        let entry = retry_idempotent(|| {
+            let (mut g, req) = (g.clone(), req.clone());
+            async move { g.stat(req).await }
+        })
+        .await?
+        .into_inner()
+        .entry;
         let entry = entry.ok_or_else(|| ClientError::Protocol("stat returned no entry".into()))?;
         let entry = entry_from_proto(&entry, false)?;
         let EntryKind::File(file) = entry.kind else {
@@ -546,9 +618,14 @@ async fn put_chunk(http: &reqwest::Client, u: pb::SignedUrl, data: Bytes) -> Res
 }
 
 async fn get_chunk(http: &reqwest::Client, u: pb::SignedUrl, id: ChunkId) -> Result<Bytes> {
+    use backon::Retryable;
     let what = format!("GET {id}");
-    let resp = send_signed(http.get(&u.url), &u.headers, &what).await?;
-    let bytes = resp.bytes().await.map_err(|source| ClientError::Transfer { what, source })?;
+    let once = || async {
+        let resp = send_signed(http.get(&u.url), &u.headers, &what).await?;
+        resp.bytes().await.map_err(|source| ClientError::Transfer { what: what.clone(), source })
+    };
+    // A GET is idempotent: a connection that died (see `transport_backoff`) is retried.
+    let bytes = once.retry(transport_backoff()).when(|e| matches!(e, ClientError::Transfer { .. })).await?;
     id.verify(&bytes).map_err(|e| ClientError::Integrity(e.into()))?;
     Ok(bytes)
 }
