@@ -22,12 +22,18 @@ vmm_tree=$(cargo tree -p vmm-host -e normal); if grep -q fuser <<<"$vmm_tree"; t
 # The FUSE mount helper runs inside guests: its normal dependencies must never reach the
 # server side (volumed, RocksDB's C++ library, the HTTP server, the S3 SDK). It links
 # volume-client and volume-model instead (docs/volume-client.md).
-guest_deps=$(cargo tree -p guest-fuse -e normal --prefix none --format '{p}')
-if server_side=$(grep -E '^(volumed|rocksdb|librocksdb-sys|axum|aws-sdk-[a-z0-9-]+) ' <<<"$guest_deps"); then
-    echo "guest-fuse must not depend on server-side crates, but its dependency tree has:" >&2
-    sort -u <<<"$server_side" >&2
-    exit 1
-fi
+# The same holds for the agent (PID 1 of every guest), which serves gRPC itself (tonic's
+# router brings axum, so axum is allowed there).
+for guest_crate in guest-fuse agent; do
+    forbidden='volumed|vmm-host|rocksdb|librocksdb-sys|aws-sdk-[a-z0-9-]+'
+    [ "$guest_crate" = guest-fuse ] && forbidden="$forbidden|axum"
+    guest_deps=$(cargo tree -p "$guest_crate" -e normal --prefix none --format '{p}')
+    if server_side=$(grep -E "^($forbidden) " <<<"$guest_deps"); then
+        echo "$guest_crate runs in guests and must not depend on server-side crates, but its dependency tree has:" >&2
+        sort -u <<<"$server_side" >&2
+        exit 1
+    fi
+done
 # The guest agent and mount helper, statically linked (guests boot the agent as PID 1); the
 # VM tests find them here.
 bash scripts/build-agent.sh

@@ -227,3 +227,26 @@ async fn reqwest_like_get(url: &str) -> (u16, Vec<u8>) {
     let status = resp.status().as_u16();
     (status, resp.bytes().await.unwrap().to_vec())
 }
+
+#[tokio::test]
+async fn reads_fail_in_bounded_time_while_volumed_is_down_and_work_when_it_is_back() {
+    let mut s = setup().await;
+    let bytes = data(3000, 29);
+    commit(&mut s.guest, "a", "f.txt", bytes.clone()).await;
+    let addr = s.volumed.addr;
+    let volumed = std::mem::replace(&mut s.volumed, spare_server(&s.dir).await);
+    volumed.stop().await.unwrap();
+    let started = std::time::Instant::now();
+    let e = s.guest.head(ORG, "a").await.unwrap_err();
+    assert!(started.elapsed() < std::time::Duration::from_secs(30), "took {:?}: {e}", started.elapsed());
+    // volumed back on the same address and data: the same client reads again.
+    let config = volumed::server::ServerConfig::local(s.dir.path().join("volumed"), addr);
+    s.volumed = volumed::server::Server::bind(config).await.unwrap().spawn();
+    assert_eq!(s.guest.read_file(ORG, "a", "f.txt").await.unwrap(), bytes.to_vec());
+}
+
+/// Another volumed (its own data) to hold in `Setup` while the real one is down.
+async fn spare_server(dir: &tempfile::TempDir) -> volumed::server::RunningServer {
+    let config = volumed::server::ServerConfig::local(dir.path().join("spare"), "127.0.0.1:0".parse().unwrap());
+    volumed::server::Server::bind(config).await.unwrap().spawn()
+}

@@ -608,13 +608,19 @@ fn batch_body(parts: &[(ChunkId, Bytes)]) -> Result<Vec<u8>> {
 }
 
 async fn put_batch(http: &reqwest::Client, b: pb::BatchUpload, body: Vec<u8>) -> Result<()> {
-    send_signed(http.put(&b.url).body(body), &b.headers, &format!("PUT batch of {} chunks", b.ids.len())).await?;
-    Ok(())
+    put_retrying(http, &b.url, &b.headers, Bytes::from(body), &format!("PUT batch of {} chunks", b.ids.len())).await
 }
 
 async fn put_chunk(http: &reqwest::Client, u: pb::SignedUrl, data: Bytes) -> Result<()> {
-    send_signed(http.put(&u.url).body(data), &u.headers, "PUT chunk").await?;
-    Ok(())
+    put_retrying(http, &u.url, &u.headers, data, "PUT chunk").await
+}
+
+/// A signed PUT, retried after transport failures (a PUT of content-addressed bytes is
+/// idempotent; see `transport_backoff`).
+async fn put_retrying(http: &reqwest::Client, url: &str, headers: &HashMap<String, String>, body: Bytes, what: &str) -> Result<()> {
+    use backon::Retryable;
+    let once = || async { send_signed(http.put(url).body(body.clone()), headers, what).await.map(|_| ()) };
+    once.retry(transport_backoff()).when(|e| matches!(e, ClientError::Transfer { .. })).await
 }
 
 async fn get_chunk(http: &reqwest::Client, u: pb::SignedUrl, id: ChunkId) -> Result<Bytes> {
