@@ -53,17 +53,25 @@ async fn exec(c: &mut Client, id: &str, command: &str) -> anyhow::Result<pb::Exe
     Ok(c.wait_exec(pb::WaitExecRequest { exec_id: h.exec_id, timeout_ms: 0 }).await?.into_inner())
 }
 
-/// Runs a shell command in the guest, timed by python3's monotonic clock there; seconds.
-async fn guest_timed(c: &mut Client, id: &str, cmd: &str) -> anyhow::Result<f64> {
+/// How long one guest transfer may take before it counts as stalled, s.
+const STALL_S: u32 = 120;
+
+/// Runs a shell command in the guest, timed by python3's monotonic clock there; seconds, or
+/// `None` when it ran into [`STALL_S`].
+async fn guest_timed(c: &mut Client, id: &str, cmd: &str) -> anyhow::Result<Option<f64>> {
     let script = format!(
-        "import subprocess,sys,time\nt=time.monotonic()\nr=subprocess.run({cmd:?},shell=True)\nd=time.monotonic()-t\nprint(d if r.returncode==0 else -1)\n"
+        "import subprocess,sys,time\nt=time.monotonic()\ntry:\n  r=subprocess.run({cmd:?},shell=True,timeout={STALL_S})\nexcept subprocess.TimeoutExpired:\n  print('stalled'); sys.exit(0)\nd=time.monotonic()-t\nprint(d if r.returncode==0 else -1)\n"
     );
     exec(c, id, "mkdir -p /bench").await?;
     write(c, id, "/bench/timed.py", script.as_bytes()).await?;
     let r = exec(c, id, "python3 /bench/timed.py").await?;
-    let s: f64 = String::from_utf8_lossy(&r.stdout).trim().parse().unwrap_or(-1.0);
+    let out = String::from_utf8_lossy(&r.stdout).trim().to_owned();
+    if out == "stalled" {
+        return Ok(None);
+    }
+    let s: f64 = out.parse().unwrap_or(-1.0);
     anyhow::ensure!(s >= 0.0, "{cmd:?} failed: {}", String::from_utf8_lossy(&r.stderr));
-    Ok(s)
+    Ok(Some(s))
 }
 
 async fn write(c: &mut Client, id: &str, path: &str, data: &[u8]) -> anyhow::Result<()> {
@@ -139,6 +147,33 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Runs a transfer `runs` times: the median MiB/s, or how many of the runs stalled.
+async fn transfer(c: &mut Client, id: &str, cmd: &str, bytes: u64, runs: usize) -> anyhow::Result<String> {
+    let (mut times, mut stalled, mut failed) = (Vec::new(), 0, Vec::new());
+    for _ in 0..runs {
+        match guest_timed(c, id, cmd).await {
+            Ok(Some(s)) => times.push(s),
+            Ok(None) => stalled += 1,
+            Err(e) => {
+                eprintln!("bench: {e:#}");
+                failed.push(e.to_string().lines().last().unwrap_or("").trim().to_owned());
+            }
+        }
+    }
+    let mut cell = if times.is_empty() {
+        "-".to_owned()
+    } else {
+        format!("{:.1}", mib_per_s(bytes, Duration::from_secs_f64(median(times))))
+    };
+    if stalled > 0 {
+        cell.push_str(&format!(" ({stalled} of {runs} stalled > {STALL_S} s)"));
+    }
+    if let Some(why) = failed.first() {
+        cell.push_str(&format!(" ({} of {runs} failed: {why})", failed.len()));
+    }
+    Ok(cell)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -211,18 +246,9 @@ async fn main() -> anyhow::Result<()> {
             ("upload", "python3 socket", py_put(addr, bytes)),
         ];
         for (dir, tool, cmd) in cases {
-            let mut times = Vec::new();
-            for _ in 0..args.runs {
-                times.push(guest_timed(&mut c, &id, &cmd).await?);
-            }
-            let s = median(times);
-            eprintln!("bench: {nic} {dir} {tool}: {:.1} MiB/s", mib_per_s(bytes, Duration::from_secs_f64(s)));
-            rows.push(vec![
-                nic.to_owned(),
-                dir.to_owned(),
-                tool.to_owned(),
-                format!("{:.1}", mib_per_s(bytes, Duration::from_secs_f64(s))),
-            ]);
+            let cell = transfer(&mut c, &id, &cmd, bytes, args.runs).await?;
+            eprintln!("bench: {nic} {dir} {tool}: {cell} MiB/s");
+            rows.push(vec![nic.to_owned(), dir.to_owned(), tool.to_owned(), cell]);
         }
     }
     // The outbound NIC at passt's MTU.
@@ -230,20 +256,13 @@ async fn main() -> anyhow::Result<()> {
         "for d in /sys/class/net/*; do [ \"$(cat $d/address)\" = {OUTBOUND_MAC} ] && ip link set dev ${{d##*/}} mtu 65520; done; true"
     );
     exec(&mut c, &id, &nic).await?;
-    for (dir, tool, cmd) in
-        [("download", "python3 socket", py_get(&out_addr, bytes)), ("upload", "python3 socket", py_put(&out_addr, bytes))]
-    {
-        let mut times = Vec::new();
-        for _ in 0..args.runs {
-            times.push(guest_timed(&mut c, &id, &cmd).await?);
-        }
-        let s = median(times);
-        rows.push(vec![
-            "outbound (passt), MTU 65520".into(),
-            dir.into(),
-            tool.into(),
-            format!("{:.1}", mib_per_s(bytes, Duration::from_secs_f64(s))),
-        ]);
+    for (dir, tool, cmd) in [
+        ("download", "busybox wget", format!("busybox wget -q -O /dev/null http://{out_addr}/{bytes}")),
+        ("upload", "python3 socket", py_put(&out_addr, bytes)),
+    ] {
+        let cell = transfer(&mut c, &id, &cmd, bytes, args.runs).await?;
+        eprintln!("bench: MTU 65520 {dir} {tool}: {cell} MiB/s");
+        rows.push(vec!["outbound (passt), MTU 65520".into(), dir.into(), tool.into(), cell]);
     }
     exec(&mut c, &id, &nic.replace("65520", "1500")).await?;
     print_table(
