@@ -315,7 +315,12 @@ impl Lifecycle {
         if let Some(vm) = live.set_vm(None) {
             vm.mark_stopping();
             if let Some(w) = vm.watcher.lock().take() {
-                w.abort();
+                // Not when the watcher itself calls this (its VMM died): an aborted task is
+                // cancelled at its next await, and killing the VM's other processes (passt)
+                // awaits their exit, so the sailbox would never be restarted or recorded lost.
+                if Some(w.id()) != tokio::task::try_id() {
+                    w.abort();
+                }
             }
             vm.handle.kill().await;
             let rec = live.update(|r| r.procs.clear());

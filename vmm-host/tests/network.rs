@@ -166,6 +166,7 @@ async fn guest_networking() {
     let addrs = stdout(&mut c, &a, "ip -4 addr show; ip route").await;
     assert!(addrs.contains("inet 10.0.2.15/24") && addrs.contains("inet 10.0.3.15/24"), "{addrs}");
     assert!(addrs.contains("default via 10.0.2.2"), "{addrs}");
+    assert!(stdout(&mut c, &a, "ip link").await.contains("mtu 65520"), "the outbound NIC has passt's MTU");
     assert_eq!(stdout(&mut c, &a, "cat /etc/resolv.conf").await, "nameserver 10.0.2.3\n");
 
     // The host NIC leads to the volume gateway's socket and nowhere else.

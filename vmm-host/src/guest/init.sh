@@ -38,6 +38,8 @@ for dev in /sys/class/net/*; do
     52:54:00:5a:11:01)
         outbound=$name
         /bin/busybox ip addr add 10.0.2.15/24 dev "$name" || say "cannot address $name"
+        # passt's own MTU (what it offers over DHCP): downloads ran ~1.8x faster than at 1500.
+        /bin/busybox ip link set "$name" mtu 65520 || say "cannot set the MTU of $name"
         /bin/busybox ip link set "$name" up || say "cannot bring up $name"
         /bin/busybox ip route add default via 10.0.2.2 dev "$name" || say "no default route via $name"
         ;;
