@@ -491,7 +491,7 @@ impl VolumeClient {
     /// PUTs `body` to a signed upload URL with the headers it must carry (a relay, such as
     /// vmm-host's volume gateway, forwarding an upload it checked).
     pub async fn put_url(&self, url: &str, headers: &HashMap<String, String>, body: Bytes) -> Result<()> {
-        send_signed(self.http.put(url).body(body), headers, "PUT (relayed)").await.map(|_| ())
+        put_retrying(&self.http, url, headers, body, "PUT (relayed)").await
     }
 
     /// Downloads and verifies chunks without touching the cache (callers that fill the cache
