@@ -165,7 +165,7 @@ impl MountCore {
         let overlay = {
             let mut st = self.lock();
             let mem = st.mem.clone();
-            match &mut st.get_mut(ino)?.kind {
+            let overlay = match &mut st.get_mut(ino)?.kind {
                 Kind::File(f) => {
                     overlay_of(self, &mem, f)?;
                     let o = f.overlay.as_mut().ok_or(Errno::EIO)?;
@@ -174,7 +174,10 @@ impl MountCore {
                 }
                 Kind::Dir(_) => return Err(Errno::EISDIR),
                 Kind::Symlink(_) => return Err(Errno::EINVAL),
-            }
+            };
+            // Counted now: a spill replaced the overlay (see `MountCore::save_state`).
+            st.changes += 1;
+            overlay
         };
         overlay.write_at(data, offset).map_err(io_errno)?;
         let mut st = self.lock();

@@ -126,21 +126,20 @@ impl MemOverlay {
     /// Copies the bytes to the data file if they changed since the last save (`sync`: and
     /// flushes it to the disk). Returns whether anything was written.
     pub fn save(&self, sync: bool) -> std::io::Result<bool> {
-        let (data, generation) = {
-            let d = self.data.lock();
-            let g = self.generation.load(Ordering::Acquire);
-            if self.saved.load(Ordering::Acquire) == g {
-                drop(d);
-                if sync {
-                    // Saved before, perhaps without a flush: flush it now.
-                    File::open(self.dir.path(self.id))?.sync_data()?;
-                }
-                return Ok(false);
+        // Under the data lock: saves of one overlay never interleave, and the bytes written
+        // are exactly those of the generation recorded.
+        let d = self.data.lock();
+        let generation = self.generation.load(Ordering::Acquire);
+        if self.saved.load(Ordering::Acquire) == generation {
+            drop(d);
+            if sync {
+                // Saved before, perhaps without a flush: flush it now.
+                File::open(self.dir.path(self.id))?.sync_data()?;
             }
-            (d.clone(), g)
-        };
+            return Ok(false);
+        }
         let f = create_named(&self.dir, self.id)?;
-        f.write_all_at(&data, 0)?;
+        f.write_all_at(&d, 0)?;
         if sync {
             f.sync_data()?;
         }

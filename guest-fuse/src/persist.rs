@@ -715,11 +715,14 @@ impl MountCore {
             return Ok(());
         }
         let mut st = self.lock();
+        // Every overlay dropped so far lost its node by a change counted in `st.changes`
+        // (detach, spill and reload count under the state lock), so a state saved at or
+        // after this count cannot name it: its data file may go once such a state is on
+        // disk.
+        let mut dropped = self.data.take_dropped();
         if !force && st.changes == saver.saved_changes {
             drop(st);
-            // Dropped overlays cannot be named by the saved state, taken after the change
-            // that dropped them.
-            self.data.remove(&self.data.take_dropped());
+            self.data.remove(&dropped);
             return Ok(());
         }
         if st.base_root.is_none() {
@@ -731,9 +734,7 @@ impl MountCore {
         if st.base_root.is_none() {
             return Err(PersistError::Invalid(format!("the root tree of commit {} is unknown", st.base)));
         }
-        // Taken before the snapshot, under the same lock: a snapshot taken after an overlay
-        // was dropped cannot name it, so these files can go once that snapshot is on disk.
-        let dropped = self.data.take_dropped();
+        dropped.extend(self.data.take_dropped());
         let snap = self.persist.snapshot(&st);
         drop(st);
         for m in &snap.mems {
