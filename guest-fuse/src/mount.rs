@@ -263,7 +263,7 @@ impl MountCore {
         // A closed file's bytes reach its data file (not flushed to the disk): a crash of
         // the helper from now on keeps them.
         if let Some(m) = unsaved
-            && let Err(e) = m.save(false)
+            && let Err(e) = m.save(false, false)
         {
             tracing::warn!(ino = h.ino, error = %e, "saving an overlay failed");
         }

@@ -60,9 +60,10 @@
 //! snapshot of the dirty entries (under the state lock, about 1 us per entry) and one state
 //! file write with fsync (about 100 bytes per entry).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -76,7 +77,7 @@ use volume_model::{FileData, TreeId};
 
 use crate::error::FuseError;
 use crate::mount::MountCore;
-use crate::overlay::{DataDir, MemOverlay, Overlay};
+use crate::overlay::{DataDir, MEM_FILE_LIMIT, MemOverlay, Overlay, PACK_ROLL_BYTES, PackLoc};
 use crate::ranges::RangeSet;
 use crate::remote::Remote;
 use crate::tree::{DirState, FileState, Kind, Node, ROOT, State};
@@ -209,7 +210,7 @@ enum SavedKind {
     File {
         size: u64,
         base: Option<SavedFileData>,
-        overlay: Option<u64>,
+        overlay: Option<SavedOverlay>,
         local: Vec<(u64, u64)>,
         changed: Vec<(u64, u64)>,
     },
@@ -222,6 +223,16 @@ enum SavedKind {
     Symlink {
         target: String,
     },
+}
+
+/// Where a file's local bytes are.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum SavedOverlay {
+    /// The data file `data/<id>`.
+    File { id: u64 },
+    /// `len` bytes at `off` in pack `data/p<pack>`.
+    Mem { pack: u64, off: u64, len: u64 },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -248,6 +259,8 @@ struct Saver {
     on_disk: bool,
     /// The mount ended with an explicit unmount: nothing is saved any more.
     closed: bool,
+    /// Pack bytes the last saved state named.
+    pack_bytes_named: u64,
 }
 
 /// What [`open`] found in the overlay directory.
@@ -275,8 +288,8 @@ pub fn open(overlay_dir: &Path, org: &str, volume: &str, remote: &Remote) -> Res
     let mut restored = None;
     if file.exists() {
         match load(&file, org, volume).and_then(|saved| {
-            let ids = next_id_after(&dir.join(DATA_DIR));
-            let data = DataDir::open(dir.join(DATA_DIR), ids).map_err(|e| PersistError::io("creating", &dir, e))?;
+            let (next, packs) = scan_data_dir(&dir.join(DATA_DIR));
+            let data = DataDir::open(dir.join(DATA_DIR), next, &packs).map_err(|e| PersistError::io("creating", &dir, e))?;
             restore(saved, remote, &data).map(|st| (st, data))
         }) {
             Ok((st, data)) => restored = Some((st, data)),
@@ -295,7 +308,7 @@ pub fn open(overlay_dir: &Path, org: &str, volume: &str, remote: &Remote) -> Res
             if data_dir.exists() {
                 std::fs::remove_dir_all(&data_dir).map_err(|e| PersistError::io("clearing", &data_dir, e))?;
             }
-            (None, DataDir::open(data_dir.clone(), 1).map_err(|e| PersistError::io("creating", &data_dir, e))?)
+            (None, DataDir::open(data_dir.clone(), 1, &[]).map_err(|e| PersistError::io("creating", &data_dir, e))?)
         }
     };
     if let Some(st) = &state {
@@ -305,7 +318,7 @@ pub fn open(overlay_dir: &Path, org: &str, volume: &str, remote: &Remote) -> Res
         dir,
         org: org.to_owned(),
         volume: volume.to_owned(),
-        saver: Mutex::new(Saver { saved_changes: 0, on_disk: state.is_some(), closed: false }),
+        saver: Mutex::new(Saver { saved_changes: 0, on_disk: state.is_some(), closed: false, pack_bytes_named: 0 }),
     };
     Ok(Opened { persist, data, state })
 }
@@ -323,25 +336,44 @@ fn set_aside(dir: &Path) -> Result<PathBuf, PersistError> {
     Ok(aside)
 }
 
-/// The first overlay number after every data file in `dir`.
-fn next_id_after(dir: &Path) -> u64 {
-    let Ok(rd) = std::fs::read_dir(dir) else { return 1 };
-    rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok()).max().map_or(1, |m| m.saturating_add(1))
+/// The first number after every data file and pack in `dir`, and the packs with their sizes.
+fn scan_data_dir(dir: &Path) -> (u64, Vec<(u64, u64)>) {
+    let Ok(rd) = std::fs::read_dir(dir) else { return (1, Vec::new()) };
+    let mut max = 0u64;
+    let mut packs = Vec::new();
+    for e in rd.flatten() {
+        let Some(name) = e.file_name().to_str().map(str::to_owned) else { continue };
+        if let Ok(id) = name.parse::<u64>() {
+            max = max.max(id);
+        } else if let Some(n) = name.strip_prefix('p').and_then(|n| n.parse::<u64>().ok()) {
+            max = max.max(n);
+            packs.push((n, e.metadata().map(|m| m.len()).unwrap_or(0)));
+        }
+    }
+    (max.saturating_add(1), packs)
 }
 
-/// Removes data files the restored state does not use.
+/// Removes data files and packs the restored state does not use.
 fn collect_garbage(st: &State, data: &DataDir) {
-    let used: HashSet<u64> = st
-        .nodes
-        .values()
-        .filter_map(|n| match &n.kind {
-            Kind::File(FileState { overlay: Some(o), .. }) => Some(o.id()),
-            _ => None,
-        })
-        .collect();
+    let mut files = HashSet::new();
+    let mut packs = HashSet::new();
+    for n in st.nodes.values() {
+        match &n.kind {
+            Kind::File(FileState { overlay: Some(Overlay::Mem(m)), .. }) => {
+                if let Some(l) = m.location() {
+                    packs.insert(l.pack);
+                }
+            }
+            Kind::File(FileState { overlay: Some(o), .. }) => {
+                files.extend(o.file_id());
+            }
+            _ => {}
+        }
+    }
+    data.remove_packs_except(&packs);
     let Ok(rd) = std::fs::read_dir(data.dir()) else { return };
     let unused: Vec<u64> =
-        rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok()).filter(|id| !used.contains(id)).collect();
+        rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok()).filter(|id| !files.contains(id)).collect();
     data.remove(&unused);
 }
 
@@ -441,6 +473,7 @@ fn resolve(st: &mut State, remote: &Remote, parts: &[&str]) -> Result<Option<u64
 
 /// Builds the view `saved` describes over a fresh view of its base commit.
 fn restore(saved: Saved, remote: &Remote, data: &Arc<DataDir>) -> Result<State, PersistError> {
+    let mut packs = PackReader { data: data.clone(), open: HashMap::new() };
     if saved.base.is_empty() || saved.base.len() > 256 {
         return Err(invalid("base commit id"));
     }
@@ -476,14 +509,47 @@ fn restore(saved: Saved, remote: &Remote, data: &Arc<DataDir>) -> Result<State, 
         }
     }
     for (_, e) in entries {
-        place_entry(&mut st, remote, data, e)?;
+        place_entry(&mut st, remote, data, &mut packs, e)?;
     }
     st.changes = 0;
     Ok(st)
 }
 
 /// Puts one record into the view.
-fn place_entry(st: &mut State, remote: &Remote, data: &Arc<DataDir>, e: SavedEntry) -> Result<(), PersistError> {
+/// Reads saved in-memory overlays from packs (each pack opened once, reads bounded).
+struct PackReader {
+    data: Arc<DataDir>,
+    open: HashMap<u64, (File, u64)>,
+}
+
+impl PackReader {
+    fn read(&mut self, loc: PackLoc) -> Result<Vec<u8>, PersistError> {
+        if loc.len > MEM_FILE_LIMIT {
+            return Err(invalid(format!("a saved in-memory overlay of {} bytes", loc.len)));
+        }
+        let path = self.data.pack_path(loc.pack);
+        if !self.open.contains_key(&loc.pack) {
+            let f = File::open(&path).map_err(|e| PersistError::io("opening", &path, e))?;
+            let len = f.metadata().map_err(|e| PersistError::io("reading", &path, e))?.len();
+            self.open.insert(loc.pack, (f, len));
+        }
+        let Some((f, pack_len)) = self.open.get(&loc.pack) else { return Err(invalid("pack vanished")) };
+        if loc.off.checked_add(loc.len).is_none_or(|end| end > *pack_len) {
+            return Err(invalid(format!("{}..+{} is past the end of pack {}", loc.off, loc.len, loc.pack)));
+        }
+        let mut buf = vec![0u8; loc.len as usize];
+        f.read_exact_at(&mut buf, loc.off).map_err(|e| PersistError::io("reading", &path, e))?;
+        Ok(buf)
+    }
+}
+
+fn place_entry(
+    st: &mut State,
+    remote: &Remote,
+    data: &Arc<DataDir>,
+    packs: &mut PackReader,
+    e: SavedEntry,
+) -> Result<(), PersistError> {
     if e.mode > 0o7777 {
         return Err(invalid(format!("mode {:o} of {:?}", e.mode, e.path)));
     }
@@ -531,8 +597,16 @@ fn place_entry(st: &mut State, remote: &Remote, data: &Arc<DataDir>, e: SavedEnt
             let base = base.map(file_data).transpose()?.map(Arc::new);
             let mem = st.mem.clone();
             let overlay = match overlay {
-                Some(id) => {
-                    Some(Overlay::restore(data, id, size, &mem).map_err(|err| PersistError::io("opening", &data.path(id), err))?)
+                Some(SavedOverlay::File { id }) => {
+                    Some(Overlay::restore_file(data, id).map_err(|err| PersistError::io("opening", &data.path(id), err))?)
+                }
+                Some(SavedOverlay::Mem { pack, off, len }) => {
+                    let loc = PackLoc { pack, off, len };
+                    let bytes = packs.read(loc)?;
+                    Some(
+                        Overlay::restore_mem(data, loc, bytes, size, &mem)
+                            .map_err(|err| PersistError::io("restoring an overlay in", data.dir(), err))?,
+                    )
                 }
                 None => None,
             };
@@ -584,7 +658,8 @@ fn saved_file_data(d: &FileData) -> SavedFileData {
 /// A snapshot of what must be saved, taken under the state lock.
 struct Snapshot {
     saved: Saved,
-    mems: Vec<Arc<MemOverlay>>,
+    /// In-memory overlays of entries (by path), saved and located after the snapshot.
+    mems: Vec<(String, Arc<MemOverlay>)>,
     changes: u64,
 }
 
@@ -600,18 +675,22 @@ fn in_moved(st: &State, mut ino: u64) -> bool {
     false
 }
 
-fn record(st: &State, ino: u64, n: &Node, path: String, in_moved: bool, mems: &mut Vec<Arc<MemOverlay>>) -> SavedEntry {
+fn record(st: &State, ino: u64, n: &Node, path: String, in_moved: bool, mems: &mut Vec<(String, Arc<MemOverlay>)>) -> SavedEntry {
     let kind = match &n.kind {
         Kind::File(f) => {
-            if let Some(Overlay::Mem(m)) = &f.overlay
-                && m.unsaved()
-            {
-                mems.push(m.clone());
-            }
+            let overlay = match &f.overlay {
+                Some(Overlay::Mem(m)) => {
+                    mems.push((path.clone(), m.clone()));
+                    // Filled in once saved.
+                    Some(SavedOverlay::Mem { pack: 0, off: 0, len: 0 })
+                }
+                Some(o) => o.file_id().map(|id| SavedOverlay::File { id }),
+                None => None,
+            };
             SavedKind::File {
                 size: f.size,
                 base: f.base.as_deref().map(saved_file_data),
-                overlay: f.overlay.as_ref().map(Overlay::id),
+                overlay,
                 local: f.local.iter().collect(),
                 changed: f.changed.iter().collect(),
             }
@@ -737,8 +816,25 @@ impl MountCore {
         dropped.extend(self.data.take_dropped());
         let snap = self.persist.snapshot(&st);
         drop(st);
-        for m in &snap.mems {
-            m.save(false).map_err(|e| PersistError::io("saving an overlay in", self.data.dir(), e))?;
+        let mut snap = snap;
+        // Packs holding far more than the state names: rewrite the live overlays into the
+        // current pack, so the old packs can go.
+        let rewrite = self.data.pack_bytes() > 4 * saver.pack_bytes_named + PACK_ROLL_BYTES;
+        let mut locs = HashMap::new();
+        for (path, m) in &snap.mems {
+            let loc = m.save(false, rewrite).map_err(|e| PersistError::io("saving an overlay in", self.data.dir(), e))?;
+            locs.insert(path.as_str(), loc);
+        }
+        let mut named_packs = HashSet::new();
+        let mut named_bytes = 0;
+        for e in &mut snap.saved.entries {
+            if let SavedKind::File { overlay: Some(SavedOverlay::Mem { pack, off, len }), .. } = &mut e.kind
+                && let Some(loc) = locs.get(e.path.as_str())
+            {
+                (*pack, *off, *len) = (loc.pack, loc.off, loc.len);
+                named_packs.insert(loc.pack);
+                named_bytes += loc.len;
+            }
         }
         if snap.saved.entries.is_empty() && snap.saved.deleted.is_empty() {
             if saver.on_disk {
@@ -750,6 +846,8 @@ impl MountCore {
             saver.on_disk = true;
         }
         saver.saved_changes = snap.changes;
+        saver.pack_bytes_named = named_bytes;
+        self.data.remove_packs_except(&named_packs);
         drop(saver);
         self.data.remove(&dropped);
         tracing::debug!(entries = snap.saved.entries.len(), deleted = snap.saved.deleted.len(), "overlay state saved");
