@@ -13,6 +13,7 @@
 //! <overlay dir>/dirty/data/<id>         one data file per large file's overlay
 //! <overlay dir>/dirty/data/p<n>         packs: small files' bytes (see crate::overlay)
 //! <overlay dir>/dirty.broken-<unix s>   state set aside: another volume's, or unreadable
+//! <overlay dir>/dirty.lock              flock'ed by the helper using the directory
 //! ```
 //!
 //! `state.json` holds `format` (`"sail-volume-overlay"`), `version`, `org`, `volume`, `base`
@@ -158,6 +159,9 @@ pub enum PersistError {
     /// volumed refused what the state names (a tree that does not exist, for example).
     #[error("overlay state names what volumed does not have: {0}")]
     Refused(#[source] FuseError),
+    /// Another live helper holds the overlay directory.
+    #[error("overlay directory {} is in use by another helper", .0.display())]
+    InUse(PathBuf),
     /// volumed could not be asked (the state is kept; try again later).
     #[error("restoring the overlay state needs volumed: {0}")]
     Remote(#[source] FuseError),
@@ -171,7 +175,7 @@ impl PersistError {
     /// Whether the state itself is at fault (set it aside and start clean) rather than the
     /// machine or volumed (keep it and fail).
     pub fn is_bad_state(&self) -> bool {
-        !matches!(self, PersistError::Remote(_) | PersistError::Encode(_))
+        !matches!(self, PersistError::Remote(_) | PersistError::Encode(_) | PersistError::InUse(_))
     }
 }
 
@@ -258,6 +262,8 @@ struct SavedFileData {
 /// The persisted state of one mount: where it lives and what was last saved.
 #[derive(Debug)]
 pub struct Persist {
+    /// `<overlay dir>/dirty.lock`, locked (flock) while this helper lives.
+    _lock: File,
     dir: PathBuf,
     org: String,
     volume: String,
@@ -296,6 +302,20 @@ pub fn state_dir(overlay_dir: &Path) -> PathBuf {
 /// aside (renamed `dirty.broken-<time>`) with a warning and the mount starts clean. Fails
 /// only when the machine or volumed does (the state is then left where it is).
 pub fn open(overlay_dir: &Path, org: &str, volume: &str, remote: &Remote) -> Result<Opened, PersistError> {
+    // One helper per overlay directory: a second one would interleave its saves with ours.
+    // The lock goes with the process, however it ends.
+    let lock_path = overlay_dir.join(format!("{STATE_DIR}.lock"));
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| PersistError::io("opening", &lock_path, e))?;
+    match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::WOULDBLOCK) => return Err(PersistError::InUse(overlay_dir.to_owned())),
+        Err(e) => return Err(PersistError::io("locking", &lock_path, e.into())),
+    }
     let dir = state_dir(overlay_dir);
     let file = dir.join(STATE_FILE);
     let mut restored = None;
@@ -328,6 +348,7 @@ pub fn open(overlay_dir: &Path, org: &str, volume: &str, remote: &Remote) -> Res
         collect_garbage(st, &data);
     }
     let persist = Persist {
+        _lock: lock,
         dir,
         org: org.to_owned(),
         volume: volume.to_owned(),

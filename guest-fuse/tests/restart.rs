@@ -213,3 +213,29 @@ fn an_explicit_unmount_drops_uncommitted_changes() {
     let b = env.remount_slot("vol", n, &[]);
     assert!(!b.p("f.txt").exists());
 }
+
+#[test]
+fn a_second_helper_on_a_busy_overlay_directory_refuses_to_start() {
+    let env = Env::new("vol");
+    let a = env.mount("vol");
+    fs::write(a.p("f.txt"), b"f").unwrap();
+    let other = env.dir.path().join("other-mnt");
+    fs::create_dir_all(&other).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sail-volume-fuse"))
+        .args(["--endpoint", &env.endpoint])
+        .arg("--cache-dir")
+        .arg(env.dir.path().join("other-cache"))
+        .arg("--overlay-dir")
+        .arg(env.overlay_dir(a.n))
+        .arg("--control-socket")
+        .arg(env.dir.path().join("other.sock"))
+        .arg("vol")
+        .arg(&other)
+        .output()
+        .expect("helper runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("in use by another helper"), "{err}");
+    assert!(!common::is_mounted(&other));
+    assert_eq!(fs::read(a.p("f.txt")).unwrap(), b"f", "the first mount is untouched");
+}
