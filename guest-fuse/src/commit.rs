@@ -219,6 +219,10 @@ impl MountCore {
     pub fn commit(&self) -> Result<CommitOutcome> {
         let _sync = self.sync_lock.lock();
         let started = Instant::now();
+        // What is about to be sent is on disk first: a crash mid-commit keeps it.
+        if let Err(e) = self.save_state(true) {
+            tracing::warn!(error = %e, "saving the overlay state before the commit failed");
+        }
         let (base, mut items, remote_dirs, deletes) = {
             let mut st = self.lock();
             let (items, remote_dirs) = plan(&st);
@@ -231,11 +235,19 @@ impl MountCore {
                 if let Some(resp) = resp {
                     finish(&mut st, &items, new_data, &resp.commit);
                     st.behind |= resp.merged;
+                    st.base_root = None;
+                    st.changes += 1;
                     out.commit = resp.commit;
                     out.seq = resp.seq;
                     out.merged = resp.merged;
+                    drop(st);
+                    self.learn_root(&out.commit, Some(out.seq));
+                    if let Err(e) = self.save_state(true) {
+                        tracing::warn!(error = %e, "saving the overlay state after the commit failed");
+                    }
                 } else {
                     out.commit = st.base.clone();
+                    drop(st);
                 }
                 out.elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
                 tracing::info!(
@@ -365,10 +377,15 @@ impl MountCore {
             root_node.touch();
         }
         st.base = commit.clone();
+        st.base_root = Some(root);
         st.dirty.clear();
         st.deleted.clear();
         st.behind = false;
+        st.changes += 1;
         drop(st);
+        if let Err(e) = self.save_state(true) {
+            tracing::warn!(error = %e, "saving the overlay state after the reload failed");
+        }
         if let Some(n) = self.notifier.get() {
             for name in top {
                 let _ = n.inval_entry(INodeNo(ROOT), std::ffi::OsStr::new(&name));
@@ -377,6 +394,20 @@ impl MountCore {
         }
         tracing::info!(%commit, %previous, discarded, "reloaded");
         Ok(ReloadOutcome { commit, previous, discarded, elapsed_ms: started.elapsed().as_secs_f64() * 1e3 })
+    }
+
+    /// Looks up the root tree of `commit` (just made by this mount) for the saved state.
+    pub fn learn_root(&self, commit: &str, seq: Option<u64>) {
+        match self.remote.commit_root(commit, seq) {
+            Ok(Some(root)) => {
+                let mut st = self.lock();
+                if st.base == commit {
+                    st.base_root = Some(root);
+                }
+            }
+            Ok(None) => tracing::warn!(%commit, "commit not found in the log; its root is unknown"),
+            Err(e) => tracing::warn!(%commit, error = %e, "looking up the commit's root failed"),
+        }
     }
 
     /// The mount's status.

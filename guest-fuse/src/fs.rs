@@ -276,7 +276,14 @@ impl Filesystem for VolumeFs {
     }
 
     fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        reply.ok();
+        // The directory's entries are in the dirty state: saved (and flushed) now.
+        match self.0.save_state(true) {
+            Ok(()) => reply.ok(),
+            Err(e) => {
+                tracing::warn!(error = %e, "saving the overlay state failed");
+                reply.error(Errno::EIO)
+            }
+        }
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

@@ -6,6 +6,7 @@
 //! - [`file_io`]: reading a file from its overlay and its committed chunks;
 //! - [`ops`]: changing operations; [`fs`]: the fuser binding;
 //! - [`passthrough`]: kernel passthrough reads of fully cached, unmodified files;
+//! - [`overlay`], [`persist`]: local bytes and the dirty state on disk (they survive a crash);
 //! - [`commit`]: commit, reload and status; [`control`]: the per-mount control socket;
 //! - [`runner`]: mounting and unmounting (the `sail-volume-fuse` binary and
 //!   `sail volume mount` both call [`runner::run`]).
@@ -22,6 +23,7 @@ pub mod mount;
 pub mod ops;
 pub mod overlay;
 pub mod passthrough;
+pub mod persist;
 pub mod pieced;
 pub mod ranges;
 pub mod remote;

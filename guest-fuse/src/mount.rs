@@ -13,7 +13,9 @@ use parking_lot::{Mutex, MutexGuard};
 
 use crate::error::FuseError;
 use crate::file_io::FileView;
+use crate::overlay::{DataDir, Overlay};
 use crate::passthrough::{OpenMode, OpenRequest, PASSTHROUGH_MIN_BYTES, Passthrough};
+use crate::persist::Persist;
 use crate::remote::Remote;
 use crate::tree::{Kind, Node, ROOT, State};
 
@@ -43,8 +45,13 @@ pub struct MountCore {
     pub state: Mutex<State>,
     /// volumed and the chunk caches.
     pub remote: Arc<Remote>,
-    /// Where overlay files are created (anonymous files: nothing is left there after exit).
+    /// The overlay directory (its free space is what statfs reports; assembled passthrough
+    /// copies are anonymous files there).
     pub overlay_dir: PathBuf,
+    /// Overlay data files (`<overlay dir>/dirty/data`).
+    pub data: Arc<DataDir>,
+    /// The dirty state on disk (see [`crate::persist`]).
+    pub persist: Persist,
     /// The control socket's path (reported through [`CONTROL_XATTR`]).
     pub control_socket: PathBuf,
     /// The mount point.
@@ -66,10 +73,13 @@ pub struct MountCore {
 
 impl MountCore {
     /// A core over `state`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         state: State,
         remote: Arc<Remote>,
         overlay_dir: PathBuf,
+        data: Arc<DataDir>,
+        persist: Persist,
         control_socket: PathBuf,
         mountpoint: PathBuf,
         endpoint: String,
@@ -80,6 +90,8 @@ impl MountCore {
             state: Mutex::new(state),
             remote,
             overlay_dir,
+            data,
+            persist,
             control_socket,
             mountpoint,
             endpoint,
@@ -222,6 +234,7 @@ impl MountCore {
         let Some(h) = h else { return };
         let mut assemble = None;
         let mut invalidate = false;
+        let mut unsaved = None;
         {
             let mut st = self.lock();
             if h.passthrough {
@@ -229,6 +242,13 @@ impl MountCore {
             }
             if let Some(n) = st.nodes.get_mut(&h.ino) {
                 n.opens = n.opens.saturating_sub(1);
+                if let Kind::File(f) = &n.kind
+                    && n.attached
+                    && let Some(Overlay::Mem(m)) = &f.overlay
+                    && m.unsaved()
+                {
+                    unsaved = Some(m.clone());
+                }
                 if let Kind::File(f) = &n.kind
                     && !h.passthrough
                     && n.opens == 0
@@ -239,6 +259,13 @@ impl MountCore {
                 }
             }
             st.maybe_drop(h.ino);
+        }
+        // A closed file's bytes reach its data file (not flushed to the disk): a crash of
+        // the helper from now on keeps them.
+        if let Some(m) = unsaved
+            && let Err(e) = m.save(false, false)
+        {
+            tracing::warn!(ino = h.ino, error = %e, "saving an overlay failed");
         }
         if let Some(data) = assemble {
             self.passthrough.maybe_assemble(&self.remote, data);

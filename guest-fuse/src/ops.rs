@@ -22,7 +22,7 @@ pub fn name_of(name: &std::ffi::OsStr) -> Result<&str, Errno> {
 fn resize(core: &MountCore, mem: &MemUsage, f: &mut FileState, new_size: u64) -> Result<(), Errno> {
     overlay_of(core, mem, f)?;
     let overlay = f.overlay.as_mut().ok_or(Errno::EIO)?;
-    overlay.spill_if_needed(new_size, &core.overlay_dir, mem).map_err(io_errno)?;
+    overlay.spill_if_needed(new_size, &core.data, mem).map_err(io_errno)?;
     overlay.set_len(new_size, mem).map_err(io_errno)?;
     let from = f.size.min(new_size);
     f.local.truncate(from);
@@ -37,7 +37,7 @@ fn overlay_of(core: &MountCore, mem: &MemUsage, f: &mut FileState) -> Result<Ove
     if let Some(o) = &f.overlay {
         return Ok(o.clone());
     }
-    let o = Overlay::create(&core.overlay_dir, f.size, mem).map_err(io_errno)?;
+    let o = Overlay::create(&core.data, f.size, mem).map_err(io_errno)?;
     f.overlay = Some(o.clone());
     Ok(o)
 }
@@ -165,16 +165,19 @@ impl MountCore {
         let overlay = {
             let mut st = self.lock();
             let mem = st.mem.clone();
-            match &mut st.get_mut(ino)?.kind {
+            let overlay = match &mut st.get_mut(ino)?.kind {
                 Kind::File(f) => {
                     overlay_of(self, &mem, f)?;
                     let o = f.overlay.as_mut().ok_or(Errno::EIO)?;
-                    o.spill_if_needed(end, &self.overlay_dir, &mem).map_err(io_errno)?;
+                    o.spill_if_needed(end, &self.data, &mem).map_err(io_errno)?;
                     o.clone()
                 }
                 Kind::Dir(_) => return Err(Errno::EISDIR),
                 Kind::Symlink(_) => return Err(Errno::EINVAL),
-            }
+            };
+            // Counted now: a spill replaced the overlay (see `MountCore::save_state`).
+            st.changes += 1;
+            overlay
         };
         overlay.write_at(data, offset).map_err(io_errno)?;
         let mut st = self.lock();
@@ -196,6 +199,7 @@ impl MountCore {
         if attached {
             st.dirty.insert(ino);
         }
+        st.changes += 1;
         Ok(data.len() as u32)
     }
 
@@ -239,11 +243,15 @@ impl MountCore {
         if changed && node.attached && ino != ROOT {
             st.dirty.insert(ino);
         }
+        if changed {
+            st.changes += 1;
+        }
         Ok(attr)
     }
 
-    /// Flushes the overlay file of `ino` to its disk. Local only: the durability boundary of a
-    /// volume is commit.
+    /// Flushes the overlay of `ino` to its data file on disk and saves the dirty state (see
+    /// [`crate::persist`]), so the change survives a crash of the helper. Local only: the
+    /// durability boundary of a volume is commit.
     pub fn fsync(&self, ino: u64) -> Result<(), Errno> {
         let overlay = match &self.lock().get(ino)?.kind {
             Kind::File(f) => f.overlay.clone(),
@@ -252,6 +260,9 @@ impl MountCore {
         if let Some(o) = overlay {
             o.sync().map_err(io_errno)?;
         }
-        Ok(())
+        self.save_state(true).map_err(|e| {
+            tracing::warn!(error = %e, "saving the overlay state failed");
+            Errno::EIO
+        })
     }
 }

@@ -83,6 +83,16 @@ impl RangeSet {
         self.map.range(offset + 1..).next().map(|(&s, &e)| (s, e))
     }
 
+    /// The ranges, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.map.iter().map(|(&s, &e)| (s, e))
+    }
+
+    /// Number of (merged) ranges.
+    pub fn count(&self) -> usize {
+        self.map.len()
+    }
+
     /// Total bytes in the set, counting ranges clipped to `limit`.
     pub fn len_below(&self, limit: u64) -> u64 {
         self.map.iter().map(|(&s, &e)| e.min(limit).saturating_sub(s)).sum()

@@ -141,6 +141,28 @@ impl Remote {
         Ok(chunking_from_proto(vol.chunking).unwrap_or(Chunking::Fixed))
     }
 
+    /// The root tree of commit `id` (sequence number `seq` if known), from the log: None
+    /// when it is not among the newest 1,000 commits.
+    pub fn commit_root(&self, id: &str, seq: Option<u64>) -> Result<Option<TreeId>> {
+        let mut c = self.client.clone();
+        let (before_seq, limit) = match seq {
+            Some(s) => (s.saturating_add(1), 1),
+            None => (0, 1000),
+        };
+        let req = pb::LogRequest {
+            volume: Some(pb::VolumeRef { org: self.org.clone(), name: self.volume.clone() }),
+            limit,
+            before_seq,
+        };
+        let resp = self.rt.block_on(async move { c.grpc().log(req).await });
+        let resp = resp.map_err(volume_client::ClientError::from)?.into_inner();
+        match resp.commits.into_iter().find(|ci| ci.id == id) {
+            Some(ci) => Ok(Some(TreeId::from_slice(&ci.root)?)),
+            None if seq.is_some() => self.commit_root(id, None),
+            None => Ok(None),
+        }
+    }
+
     /// One directory node's entries.
     pub fn tree(&self, id: &TreeId) -> Result<Vec<(String, Entry)>> {
         let mut c = self.client.clone();

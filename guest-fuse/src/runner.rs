@@ -5,6 +5,7 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use chunkstore::ChunkCache;
@@ -17,6 +18,7 @@ use crate::control;
 use crate::fs::VolumeFs;
 use crate::mount::MountCore;
 use crate::passthrough::Passthrough;
+use crate::persist;
 use crate::remote::Remote;
 use crate::tree::State;
 
@@ -37,7 +39,8 @@ pub struct MountOptions {
     pub cache_dir: PathBuf,
     /// Its size cap in bytes.
     pub cache_max_bytes: u64,
-    /// Where this mount's overlay files live (anonymous files; nothing persists).
+    /// Where this mount's overlay files and dirty state live (kept across a crash of the
+    /// helper; see `persist`).
     pub overlay_dir: PathBuf,
     /// Control socket path (default: [`default_socket_path`]).
     pub control_socket: Option<PathBuf>,
@@ -95,6 +98,21 @@ pub fn mount_device(mountpoint: &Path) -> Option<String> {
         .next_back()
 }
 
+/// Detaches a dead FUSE mount at `path` (its helper died, so a restarted helper can mount
+/// there again). `clean_dead_mount` stats the path, which the kernel may answer from the
+/// root's cached attributes even though the helper is gone; statfs always asks the helper.
+fn detach_dead_mount(path: &Path) {
+    if clean_dead_mount(path) || !is_mounted(path) {
+        return;
+    }
+    if rustix::fs::statfs(path).err() == Some(rustix::io::Errno::NOTCONN) {
+        match lazy_unmount(path) {
+            Ok(()) => tracing::info!(path = %path.display(), "detached the dead mount of a previous helper"),
+            Err(e) => tracing::warn!(path = %path.display(), error = %e, "detaching a dead mount failed"),
+        }
+    }
+}
+
 /// Whether something is mounted at `path` (per /proc/self/mountinfo; no stat of the mount).
 pub fn is_mounted(path: &Path) -> bool {
     mount_device(path).is_some()
@@ -133,19 +151,36 @@ pub fn run(opts: MountOptions, ready: impl FnOnce(&Path)) -> anyhow::Result<()> 
     raise_fd_limit();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().thread_name("sail-fuse-io").build()?;
     let remote = connect(&opts, &rt)?;
-    let (commit, root) = remote.head()?;
-    tracing::info!(volume = %opts.volume, %commit, "head fetched");
+    std::fs::create_dir_all(&opts.overlay_dir).with_context(|| format!("creating {}", opts.overlay_dir.display()))?;
+    // Uncommitted changes a previous helper left in the overlay directory (it crashed or
+    // was killed): resumed, on the commit they were made against.
+    let opened = persist::open(&opts.overlay_dir, &opts.org, &opts.volume, &remote)
+        .with_context(|| format!("opening the overlay state in {}", opts.overlay_dir.display()))?;
+    let state = match opened.state {
+        Some(st) => {
+            let (files, bytes) = st.dirty_summary();
+            tracing::info!(volume = %opts.volume, commit = %st.base, dirty_entries = st.dirty.len(), dirty_files = files,
+                dirty_bytes = bytes, pending_deletes = st.deleted.len(), "resumed uncommitted changes");
+            st
+        }
+        None => {
+            let (commit, root) = remote.head()?;
+            tracing::info!(volume = %opts.volume, %commit, "head fetched");
+            State::new(commit, root, 0o755)
+        }
+    };
 
-    clean_dead_mount(&opts.mountpoint);
+    detach_dead_mount(&opts.mountpoint);
     let mountpoint = std::fs::canonicalize(&opts.mountpoint)
         .with_context(|| format!("mount point {} must be an existing directory", opts.mountpoint.display()))?;
-    std::fs::create_dir_all(&opts.overlay_dir).with_context(|| format!("creating {}", opts.overlay_dir.display()))?;
     let (socket, listener) = SocketPath::bind(opts.control_socket.clone().unwrap_or_else(|| default_socket_path(&mountpoint)))?;
 
     let core = Arc::new(MountCore::new(
-        State::new(commit, root, 0o755),
+        state,
         remote,
         opts.overlay_dir.clone(),
+        opened.data,
+        opened.persist,
         socket.path.clone(),
         mountpoint.clone(),
         opts.endpoint.clone(),
@@ -158,12 +193,20 @@ pub fn run(opts: MountOptions, ready: impl FnOnce(&Path)) -> anyhow::Result<()> 
     let _ = core.notifier.set(session.notifier());
     let unmount = unmounter(&mut session, mountpoint);
     {
-        let unmount = unmount.clone();
+        let (unmount, core) = (unmount.clone(), core.clone());
         std::thread::Builder::new().name("sail-control".into()).spawn(move || control::serve(listener, core, unmount))?;
     }
-    unmount_on_signal(&rt, unmount);
+    let signalled = Arc::new(AtomicBool::new(false));
+    unmount_on_signal(&rt, unmount, signalled.clone());
+    persist::spawn_saver(&core)?;
     ready(&socket.path);
     let result = session.run();
+    if result.is_ok() && !signalled.load(Ordering::SeqCst) {
+        // An explicit unmount drops uncommitted changes (as documented).
+        core.discard_state();
+    } else if let Err(e) = core.save_state(true) {
+        tracing::warn!(error = %e, "saving the overlay state failed");
+    }
     socket.remove_if_ours();
     tracing::info!("unmounted");
     rt.shutdown_background();
@@ -211,15 +254,16 @@ fn unmounter(session: &mut Session<VolumeFs>, mountpoint: PathBuf) -> Arc<dyn Fn
     })
 }
 
-/// Unmounts on SIGTERM or SIGINT.
-fn unmount_on_signal(rt: &tokio::runtime::Runtime, unmount: Arc<dyn Fn() + Send + Sync>) {
+/// Unmounts on SIGTERM or SIGINT (setting `signalled`: the dirty state is kept).
+fn unmount_on_signal(rt: &tokio::runtime::Runtime, unmount: Arc<dyn Fn() + Send + Sync>, signalled: Arc<AtomicBool>) {
     rt.spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
         let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
             return;
         };
         tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-        tracing::info!("signal received; unmounting");
+        tracing::info!("signal received; unmounting (uncommitted changes are kept in the overlay directory)");
+        signalled.store(true, Ordering::SeqCst);
         tokio::task::spawn_blocking(move || unmount());
     });
 }

@@ -168,6 +168,8 @@ pub fn release_overlay(mem: &MemUsage, node: &Node) {
 pub struct State {
     /// Commit the view is based on.
     pub base: String,
+    /// Its root tree (None right after a commit, until looked up; see [`crate::persist`]).
+    pub base_root: Option<TreeId>,
     /// Every live inode.
     pub nodes: HashMap<u64, Node>,
     /// Next inode number (never reused while the helper runs).
@@ -181,6 +183,8 @@ pub struct State {
     pub behind: bool,
     /// Memory held by in-memory overlays.
     pub mem: Arc<MemUsage>,
+    /// Bumped by every change the persisted state must follow (see [`crate::persist`]).
+    pub changes: u64,
 }
 
 impl State {
@@ -193,12 +197,14 @@ impl State {
         nodes.insert(ROOT, node);
         State {
             base,
+            base_root: Some(root),
             nodes,
             next_ino: ROOT + 1,
             dirty: HashSet::new(),
             deleted: BTreeSet::new(),
             behind: false,
             mem: Arc::default(),
+            changes: 0,
         }
     }
 
@@ -283,6 +289,7 @@ impl State {
         self.nodes.insert(ino, node);
         self.link(parent, name, ino);
         self.dirty.insert(ino);
+        self.changes += 1;
         Ok(ino)
     }
 
@@ -305,6 +312,7 @@ impl State {
             let path = self.path_of(ino);
             self.deleted.insert(path);
         }
+        self.changes += 1;
         let Some(n) = self.nodes.get_mut(&ino) else { return };
         n.attached = false;
         let (parent, name) = (n.parent, n.name.clone());
@@ -368,6 +376,7 @@ impl State {
         }
         self.link(parent, name, ino);
         self.dirty.insert(ino);
+        self.changes += 1;
     }
 
     /// Forgets a detached node once nothing references it (its overlay file goes with it).
@@ -399,6 +408,40 @@ impl State {
                 None => return false,
             }
         }
+    }
+
+    /// Puts `node` at `(parent, name)` of a loaded directory, replacing what is there
+    /// without recording a delete marker (restoring saved state: the markers are restored
+    /// separately). Returns the new inode number.
+    pub fn place(&mut self, parent: u64, name: &str, node: Node) -> Result<u64, Errno> {
+        self.children(parent)?.ok_or(Errno::EIO)?;
+        self.unplace(parent, name);
+        let ino = self.next_ino;
+        self.next_ino += 1;
+        self.nodes.insert(ino, node);
+        if let Some(Node { kind: Kind::Dir(d), .. }) = self.nodes.get_mut(&parent)
+            && let Some(children) = d.children.as_mut()
+        {
+            children.insert(name.to_owned(), ino);
+        }
+        Ok(ino)
+    }
+
+    /// Removes `name` from loaded directory `parent` without recording a delete marker
+    /// (restoring saved state). Returns whether something was there.
+    pub fn unplace(&mut self, parent: u64, name: &str) -> bool {
+        let old = match self.nodes.get_mut(&parent) {
+            Some(Node { kind: Kind::Dir(DirState { children: Some(c), .. }), .. }) => c.remove(name),
+            _ => None,
+        };
+        let Some(old) = old else { return false };
+        if let Some(n) = self.nodes.get_mut(&old) {
+            n.attached = false;
+        }
+        self.dirty.remove(&old);
+        self.detach_descendants(old);
+        self.maybe_drop(old);
+        true
     }
 
     /// Files with local changes and their changed bytes (for status).

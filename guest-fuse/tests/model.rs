@@ -48,9 +48,15 @@ enum Op {
     Rmdir(String),
     Commit,
     Reload,
+    /// fsync of the mount root, then `kill -9` of the helper and a new one on the same
+    /// overlay directory and mount point.
+    Restart,
 }
 
-fn random_op(rng: &mut StdRng) -> Op {
+fn random_op(rng: &mut StdRng, restarts: bool) -> Op {
+    if restarts && rng.random_range(0..100) < 4 {
+        return Op::Restart;
+    }
     match rng.random_range(0..100) {
         0..=24 => Op::Write(random_path(rng), random_data(rng)),
         25..=39 => {
@@ -79,7 +85,7 @@ fn apply(root: &Path, op: &Op) -> i32 {
         Op::Unlink(path) => code(fs::remove_file(p(path))),
         Op::Mkdir(path) => code(fs::create_dir(p(path))),
         Op::Rmdir(path) => code(fs::remove_dir(p(path))),
-        Op::Commit | Op::Reload => 0,
+        Op::Commit | Op::Reload | Op::Restart => 0,
     }
 }
 
@@ -131,20 +137,32 @@ fn copy_tree(from: &Path, to: &Path) {
 
 #[test]
 fn random_operations_match_a_plain_directory() {
+    run_model(false);
+}
+
+/// The same, with helpers killed and restarted on their overlay directory now and then: the
+/// restarted mount must show exactly the model (uncommitted changes included).
+#[test]
+fn random_operations_survive_helper_restarts() {
+    run_model(true);
+}
+
+fn run_model(restarts: bool) {
     let seed: u64 = std::env::var("SAIL_MODEL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
-    let ops: usize = std::env::var("SAIL_MODEL_OPS").ok().and_then(|s| s.parse().ok()).unwrap_or(3000);
-    println!("model seed: {seed} (replay with SAIL_MODEL_SEED={seed}), {ops} operations");
+    let default_ops = if restarts { 1500 } else { 3000 };
+    let ops: usize = std::env::var("SAIL_MODEL_OPS").ok().and_then(|s| s.parse().ok()).unwrap_or(default_ops);
+    println!("model seed: {seed} (replay with SAIL_MODEL_SEED={seed}), {ops} operations, restarts: {restarts}");
     let mut rng = StdRng::seed_from_u64(seed);
     let env = Env::new("vol");
-    let a = env.mount("vol");
+    let mut a = env.mount("vol");
     let b = env.mount("vol");
     let model: PathBuf = env.dir.path().join("model");
     let committed: PathBuf = env.dir.path().join("committed");
     fs::create_dir_all(&model).unwrap();
     fs::create_dir_all(&committed).unwrap();
-    let (mut commits, mut reloads) = (0, 0);
+    let (mut commits, mut reloads, mut restarted) = (0, 0, 0);
     for i in 0..ops {
-        let op = random_op(&mut rng);
+        let op = random_op(&mut rng, restarts);
         match op {
             Op::Commit => {
                 if std::env::var_os("SAIL_MODEL_TRACE").is_some() {
@@ -166,6 +184,21 @@ fn random_operations_match_a_plain_directory() {
                 same(&a.path, &model, &format!("seed {seed}, op {i}: mount after reload"));
                 reloads += 1;
             }
+            Op::Restart => {
+                if std::env::var_os("SAIL_MODEL_TRACE").is_some() {
+                    println!("op {i}: restart");
+                }
+                fs::File::open(&a.path).unwrap().sync_all().unwrap();
+                a.kill();
+                if !sysutil::mount::clean_dead_mount(&a.path) {
+                    sysutil::mount::lazy_unmount(&a.path).unwrap();
+                }
+                let n = a.n;
+                drop(a);
+                a = env.remount_slot("vol", n, &[]);
+                same(&a.path, &model, &format!("seed {seed}, op {i}: mount after a restart"));
+                restarted += 1;
+            }
             ref op => {
                 if std::env::var_os("SAIL_MODEL_TRACE").is_some() {
                     let short = format!("{op:?}");
@@ -183,5 +216,5 @@ fn random_operations_match_a_plain_directory() {
     a.commit();
     b.reload();
     same(&b.path, &model, &format!("seed {seed}: final state"));
-    println!("{ops} operations, {commits} commits, {reloads} reloads: mount matches the model");
+    println!("{ops} operations, {commits} commits, {reloads} reloads, {restarted} restarts: mount matches the model");
 }

@@ -68,17 +68,32 @@ impl Env {
     /// Mounts with extra helper arguments.
     pub fn mount_with(&self, volume: &str, extra: &[&str]) -> Mount {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
+        self.mount_slot(volume, n, extra)
+    }
+
+    /// Starts a new helper on the mount point, overlay directory, cache and control socket
+    /// of slot `n` (whose helper must be gone and its mount cleaned up).
+    pub fn remount_slot(&self, volume: &str, n: usize, extra: &[&str]) -> Mount {
+        self.mount_slot(volume, n, extra)
+    }
+
+    /// The overlay directory of mount slot `n`.
+    pub fn overlay_dir(&self, n: usize) -> PathBuf {
+        self.dir.path().join(format!("overlay{n}"))
+    }
+
+    fn mount_slot(&self, volume: &str, n: usize, extra: &[&str]) -> Mount {
         let root = self.dir.path();
         let path = root.join(format!("mnt{n}"));
         std::fs::create_dir_all(&path).unwrap();
         let socket = root.join(format!("ctl{n}.sock"));
-        let log = std::fs::File::create(root.join(format!("helper{n}.log"))).unwrap();
+        let log = std::fs::File::options().create(true).append(true).open(root.join(format!("helper{n}.log"))).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_sail-volume-fuse"))
             .args(["--endpoint", &self.endpoint, "--threads", "4"])
             .arg("--cache-dir")
             .arg(root.join(format!("cache{n}")))
             .arg("--overlay-dir")
-            .arg(root.join(format!("overlay{n}")))
+            .arg(self.overlay_dir(n))
             .arg("--control-socket")
             .arg(&socket)
             .args(extra)
@@ -93,6 +108,7 @@ impl Env {
             path: std::fs::canonicalize(root.join(format!("mnt{n}"))).unwrap(),
             child,
             log: root.join(format!("helper{n}.log")),
+            n,
         };
         m.wait_ready();
         m
@@ -123,6 +139,8 @@ pub struct Mount {
     pub path: PathBuf,
     pub child: Child,
     pub log: PathBuf,
+    /// Its slot: mount point, overlay directory, cache and socket are named after it.
+    pub n: usize,
 }
 
 impl Mount {
