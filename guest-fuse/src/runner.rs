@@ -99,17 +99,10 @@ pub fn mount_device(mountpoint: &Path) -> Option<String> {
 }
 
 /// Detaches a dead FUSE mount at `path` (its helper died, so a restarted helper can mount
-/// there again). `clean_dead_mount` stats the path, which the kernel may answer from the
-/// root's cached attributes even though the helper is gone; statfs always asks the helper.
+/// there again).
 fn detach_dead_mount(path: &Path) {
-    if clean_dead_mount(path) || !is_mounted(path) {
-        return;
-    }
-    if rustix::fs::statfs(path).err() == Some(rustix::io::Errno::NOTCONN) {
-        match lazy_unmount(path) {
-            Ok(()) => tracing::info!(path = %path.display(), "detached the dead mount of a previous helper"),
-            Err(e) => tracing::warn!(path = %path.display(), error = %e, "detaching a dead mount failed"),
-        }
+    if is_mounted(path) && clean_dead_mount(path) {
+        tracing::info!(path = %path.display(), "detached the dead mount of a previous helper");
     }
 }
 

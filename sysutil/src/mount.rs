@@ -14,11 +14,14 @@ pub fn lazy_unmount(path: &Path) -> io::Result<()> {
 
 /// Detaches the mount at `path` if its daemon died (the path fails with ENOTCONN); returns
 /// whether it did. Anything else at `path` (nothing, a directory, a live mount) is left alone.
+///
+/// `statfs` is asked as well as `stat`: the kernel may answer a stat of a dead FUSE root from
+/// its cached attributes, while statfs always goes to the (gone) daemon.
 pub fn clean_dead_mount(path: &Path) -> bool {
-    match std::fs::metadata(path) {
-        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NOTCONN.raw_os_error()) => lazy_unmount(path).is_ok(),
-        _ => false,
-    }
+    let notconn = rustix::io::Errno::NOTCONN;
+    let stat_dead = matches!(std::fs::metadata(path), Err(e) if e.raw_os_error() == Some(notconn.raw_os_error()));
+    let dead = stat_dead || rustix::fs::statfs(path).err() == Some(notconn);
+    dead && lazy_unmount(path).is_ok()
 }
 
 #[cfg(test)]

@@ -379,7 +379,7 @@ impl VolumeService for Service {
         let mut uploads = Vec::with_capacity(resp.uploads.len());
         for u in resp.uploads {
             let id = ChunkId::from_slice(&u.id).map_err(|e| Status::internal(format!("volumed returned a bad chunk id: {e}")))?;
-            let len = lens.get(&u.id).copied().unwrap_or(chunkstore::MAX_CHUNK_SIZE as u64);
+            let len = lens.get(&u.id).copied().unwrap_or(chunkstore::MAX_CHUNK_SIZE);
             let url = self.0.grant_upload(u.url, u.headers, u.expires_unix_ms, UploadKind::Chunk { id, len });
             uploads.push(pb::SignedUrl { url, headers: HashMap::new(), ..u });
         }

@@ -131,7 +131,8 @@ async fn a_volume_shared_by_two_sailboxes_and_the_host() {
     assert_eq!(host.read_file(ORG, VOLUME, "parent.txt").await.unwrap(), b"p\n");
 
     // The helper dies: the agent restarts it; uncommitted data on the guest disk survives.
-    ok(&mut c, &a, "echo pending > /mnt/shared/pending.txt && sync && kill -9 $(pidof sail-volume-fuse)").await;
+    ok(&mut c, &a, "echo pending > /mnt/shared/pending.txt && sync /mnt/shared/pending.txt && kill -9 $(pidof sail-volume-fuse)")
+        .await;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let m = info(&mut c, &a).await.mounts.remove(0);

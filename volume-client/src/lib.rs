@@ -617,7 +617,13 @@ async fn put_chunk(http: &reqwest::Client, u: pb::SignedUrl, data: Bytes) -> Res
 
 /// A signed PUT, retried after transport failures (a PUT of content-addressed bytes is
 /// idempotent; see `transport_backoff`).
-async fn put_retrying(http: &reqwest::Client, url: &str, headers: &HashMap<String, String>, body: Bytes, what: &str) -> Result<()> {
+async fn put_retrying(
+    http: &reqwest::Client,
+    url: &str,
+    headers: &HashMap<String, String>,
+    body: Bytes,
+    what: &str,
+) -> Result<()> {
     use backon::Retryable;
     let once = || async { send_signed(http.put(url).body(body.clone()), headers, what).await.map(|_| ()) };
     once.retry(transport_backoff()).when(|e| matches!(e, ClientError::Transfer { .. })).await

@@ -24,7 +24,8 @@ use proto::sailbox as pb;
 use proto::sailbox::sailbox_service_client::SailboxServiceClient;
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
-use vmm_host::hypervisor::qemu::{GATEWAY_GUEST_ADDR, OUTBOUND_MAC, volumes_socket};
+use vmm_host::gateway::{GUEST_ADDR, socket_path};
+use vmm_host::hypervisor::qemu::OUTBOUND_MAC;
 
 #[derive(Parser)]
 struct Args {
@@ -209,7 +210,7 @@ async fn main() -> anyhow::Result<()> {
             std::thread::spawn(move || serve_one(s));
         }
     });
-    let unix = std::os::unix::net::UnixListener::bind(volumes_socket(&run_dir))?;
+    let unix = std::os::unix::net::UnixListener::bind(socket_path(&run_dir))?;
     std::thread::spawn(move || {
         for s in unix.incoming().flatten() {
             std::thread::spawn(move || serve_one(s));
@@ -230,7 +231,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let bytes = args.mib << 20;
     let mut rows = Vec::new();
-    for (nic, addr) in [("outbound (passt)", out_addr.as_str()), ("host NIC (slirp guestfwd + socat)", GATEWAY_GUEST_ADDR)] {
+    for (nic, addr) in [("outbound (passt)", out_addr.as_str()), ("host NIC (slirp guestfwd + socat)", GUEST_ADDR)] {
         let cases = [
             ("download", "busybox wget", format!("busybox wget -q -O /dev/null http://{addr}/{bytes}")),
             ("download", "python3 socket", py_get(addr, bytes)),
@@ -273,7 +274,7 @@ async fn main() -> anyhow::Result<()> {
 
     // Connection setup: small round trips, one connection each.
     let mut rows = Vec::new();
-    for (nic, addr) in [("outbound (passt)", out_addr.as_str()), ("host NIC (slirp guestfwd + socat)", GATEWAY_GUEST_ADDR)] {
+    for (nic, addr) in [("outbound (passt)", out_addr.as_str()), ("host NIC (slirp guestfwd + socat)", GUEST_ADDR)] {
         let cmd = format!(
             "python3 -c \"import socket,time; h,p='{addr}'.split(':'); t=time.monotonic()\nfor i in range({n}):\n  s=socket.create_connection((h,int(p))); s.sendall(b'GET /16 HTTP/1.0\\r\\n\\r\\n'); d=b''\n  while True:\n    k=s.recv(4096)\n    if not k: break\n    d+=k\n  s.close()\nprint((time.monotonic()-t)/{n}*1000)\"",
             n = args.requests
@@ -287,7 +288,7 @@ async fn main() -> anyhow::Result<()> {
         let t = Instant::now();
         for _ in 0..args.requests {
             let mut child = std::process::Command::new("socat")
-                .args(["STDIO", &format!("UNIX-CONNECT:{}", volumes_socket(&run_dir).display())])
+                .args(["STDIO", &format!("UNIX-CONNECT:{}", socket_path(&run_dir).display())])
                 .stdin(std::process::Stdio::piped())
                 .stdout(std::process::Stdio::piped())
                 .spawn()?;
