@@ -237,10 +237,15 @@ impl VolumeClient {
         let grpc = VolumeServiceClient::new(channel).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
         // Presigned S3 URLs may be https: make sure a TLS provider is installed.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
-            .pool_max_idle_per_host(SMALL_TRANSFER_CONCURRENCY)
-            .build()
-            .map_err(|e| err(e.to_string(), Box::new(e)))?;
+        // A system without CA certificates (a minimal guest image) cannot verify https, and
+        // the platform verifier then refuses to build at all; plain http (a sailbox's volume
+        // gateway, a local volumed) still works without roots, and an https URL then fails
+        // with a certificate error instead of every call failing here.
+        let build = |roots: bool| {
+            let b = reqwest::Client::builder().pool_max_idle_per_host(SMALL_TRANSFER_CONCURRENCY);
+            if roots { b } else { b.tls_certs_only(Vec::new()) }.build()
+        };
+        let http = build(true).or_else(|_| build(false)).map_err(|e| err(e.to_string(), Box::new(e)))?;
         // SAIL_BATCH_UPLOADS=0 turns batches off for every client of the process (the FUSE
         // helper included): for comparing both paths, or for a server that misbehaves.
         let batches = std::env::var("SAIL_BATCH_UPLOADS").map_or(true, |v| v != "0");
