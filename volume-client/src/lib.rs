@@ -407,18 +407,7 @@ impl VolumeClient {
                 wanted.push(*id);
             }
         }
-        let mut urls = Vec::with_capacity(wanted.len());
-        for batch in wanted.chunks(MAX_CHUNKS_PER_REQUEST) {
-            let req =
-                pb::ChunkUrlsRequest { volume: vref(org, name), ids: batch.iter().map(|i| i.as_bytes().to_vec()).collect() };
-            let g = &self.grpc;
-            let resp = retry_idempotent(|| {
-                let (mut g, req) = (g.clone(), req.clone());
-                async move { g.chunk_urls(req).await }
-            })
-            .await?;
-            urls.extend(resp.into_inner().downloads);
-        }
+        let urls = self.chunk_urls(org, name, &wanted).await?;
         let http = self.http.clone();
         let cache = self.cache.clone();
         let fetched: Vec<(ChunkId, Bytes)> = futures::stream::iter(urls.into_iter().zip(wanted))
