@@ -192,40 +192,34 @@ pub fn is_static(path: &Path) -> Result<bool> {
 /// Where the static agent is looked for: `$SAIL_AGENT_BIN`, then the static build beside
 /// (or above) the running executable's target directory.
 pub fn default_agent_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("SAIL_AGENT_BIN") {
-        return p.into();
-    }
-    let exe = std::env::current_exe().unwrap_or_default();
-    let mut candidates = Vec::new();
-    for dir in exe.ancestors().skip(1).take(3) {
-        candidates.push(dir.join("sail-agent-static"));
-        candidates.push(dir.join("x86_64-unknown-linux-gnu/release/sail-agent"));
-    }
-    candidates
-        .iter()
-        .find(|p| p.is_file())
-        .cloned()
-        .unwrap_or_else(|| candidates.into_iter().nth(1).unwrap_or_else(|| PathBuf::from("sail-agent")))
+    static_guest_binary("SAIL_AGENT_BIN", "sail-agent")
 }
 
 /// Where the static volume mount helper is looked for: `$SAIL_VOLUME_FUSE_BIN`, then the
 /// static build beside (or above) the running executable's target directory, as for the
 /// agent.
 pub fn default_volume_helper_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("SAIL_VOLUME_FUSE_BIN") {
+    static_guest_binary("SAIL_VOLUME_FUSE_BIN", "sail-volume-fuse")
+}
+
+/// A guest binary `name`: `$env` if set, else the first of `<dir>/<name>-static` and
+/// `<dir>/x86_64-unknown-linux-gnu/release/<name>` (scripts/build-agent.sh's output) that
+/// exists, for the three directories above the running executable; else the second of those.
+fn static_guest_binary(env: &str, name: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
         return p.into();
     }
     let exe = std::env::current_exe().unwrap_or_default();
     let mut candidates = Vec::new();
     for dir in exe.ancestors().skip(1).take(3) {
-        candidates.push(dir.join("sail-volume-fuse-static"));
-        candidates.push(dir.join("x86_64-unknown-linux-gnu/release/sail-volume-fuse"));
+        candidates.push(dir.join(format!("{name}-static")));
+        candidates.push(dir.join(format!("x86_64-unknown-linux-gnu/release/{name}")));
     }
     candidates
         .iter()
         .find(|p| p.is_file())
         .cloned()
-        .unwrap_or_else(|| candidates.into_iter().nth(1).unwrap_or_else(|| PathBuf::from("sail-volume-fuse")))
+        .unwrap_or_else(|| candidates.into_iter().nth(1).unwrap_or_else(|| PathBuf::from(name)))
 }
 
 /// The guest directory: `$SAIL_GUEST_DIR`, else `$XDG_CACHE_HOME/sail/guest`, else
