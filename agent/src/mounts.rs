@@ -2,7 +2,8 @@
 //!
 //! `Mount` validates the request, creates the mount point and starts the helper
 //! (`<helper> --endpoint E --org O --cache-dir <volumes>/cache --overlay-dir
-//! <volumes>/overlay/<hash> --control-socket <run>/<hash>.sock VOLUME PATH`, `<hash>` being the
+//! <volumes>/overlay/<hash> --control-socket <run>/<hash>.sock [--trusted-endpoint] VOLUME PATH`,
+//! `--trusted-endpoint` when the host says the endpoint is its verifying gateway, `<hash>` being the
 //! first 16 hex digits of BLAKE3 of the canonical mount path, the helper's own default naming),
 //! then answers once the helper's control socket reports a status carrying the helper's pid.
 //! A supervisor task per mount waits for the helper to exit: a helper that dies without an
@@ -190,6 +191,8 @@ struct Entry {
     volume: String,
     org: String,
     endpoint: String,
+    /// The endpoint verifies chunks (the host's gateway): `--trusted-endpoint`.
+    trusted_endpoint: bool,
     /// Names the socket, log and overlay.
     hash: String,
     status: Mutex<Status>,
@@ -285,6 +288,7 @@ impl Mounts {
                     volume: req.volume,
                     org: req.org,
                     endpoint: req.endpoint,
+                    trusted_endpoint: req.trusted_endpoint,
                     hash,
                     status: Mutex::new(Status {
                         state: MountState::Mounting,
@@ -570,6 +574,7 @@ impl Mounts {
             .arg(&overlay)
             .arg("--control-socket")
             .arg(self.socket(entry))
+            .args(entry.trusted_endpoint.then_some("--trusted-endpoint"))
             .arg(&entry.volume)
             .arg(&entry.canonical)
             // Its error is its last line (error backtraces would push it out of the tail).

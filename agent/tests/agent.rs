@@ -430,6 +430,7 @@ impl VolEnv {
             volume: volume.into(),
             org: "agent-tests".into(),
             endpoint: self.volumed.endpoint.clone(),
+            trusted_endpoint: false,
         }
     }
 

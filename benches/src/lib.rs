@@ -107,7 +107,14 @@ impl Drop for KillUnder {
 pub async fn serve_host(
     data_dir: &std::path::Path,
 ) -> anyhow::Result<(vmm_host::Host, proto::sailbox::sailbox_service_client::SailboxServiceClient<tonic::transport::Channel>)> {
-    let host = vmm_host::Host::open(vmm_host::HostConfig::local(data_dir)).await?;
+    serve_host_with(vmm_host::HostConfig::local(data_dir)).await
+}
+
+/// [`serve_host`] with a config of the caller's (volumed's endpoint, for benches with volumes).
+pub async fn serve_host_with(
+    config: vmm_host::HostConfig,
+) -> anyhow::Result<(vmm_host::Host, proto::sailbox::sailbox_service_client::SailboxServiceClient<tonic::transport::Channel>)> {
+    let host = vmm_host::Host::open(config).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let svc = vmm_host::GrpcSailboxes::new(host.clone()).into_server();

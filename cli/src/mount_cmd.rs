@@ -105,6 +105,7 @@ fn mount_options(g: &Globals, a: &MountArgs, mountpoint: PathBuf) -> MountOption
         memory_cache_bytes: a.memory_cache_mib << 20,
         threads: a.threads,
         passthrough: !a.no_passthrough,
+        trusted_endpoint: false,
     }
 }
 

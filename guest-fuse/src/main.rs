@@ -43,6 +43,11 @@ struct Args {
     /// Serve every read through this process: no FUSE passthrough for fully cached files.
     #[arg(long)]
     no_passthrough: bool,
+    /// The endpoint is vmm-host's volume gateway (inside a sailbox; the agent passes this):
+    /// it verifies and caches chunks on the host, so this helper keeps no chunk cache and
+    /// does not hash what the gateway serves.
+    #[arg(long)]
+    trusted_endpoint: bool,
     /// Volume name.
     #[arg(required = true)]
     volume: Option<String>,
@@ -111,6 +116,7 @@ fn main() -> anyhow::Result<()> {
         memory_cache_bytes: a.memory_cache_mib << 20,
         threads: a.threads,
         passthrough: !a.no_passthrough,
+        trusted_endpoint: a.trusted_endpoint,
     };
     guest_fuse::run(opts, |socket| eprintln!("mounted; control socket {}", socket.display()))
 }

@@ -35,7 +35,7 @@ pub struct MountOptions {
     pub mint: bool,
     /// Where to mount.
     pub mountpoint: PathBuf,
-    /// Shared, verified chunk cache directory.
+    /// Shared, verified chunk cache directory (unused with `trusted_endpoint`).
     pub cache_dir: PathBuf,
     /// Its size cap in bytes.
     pub cache_max_bytes: u64,
@@ -51,6 +51,12 @@ pub struct MountOptions {
     /// Serve reads of fully cached, unmodified files through FUSE passthrough (assembled
     /// copies in `overlay_dir`, at most `cache_max_bytes` of them; see `passthrough`).
     pub passthrough: bool,
+    /// The endpoint is vmm-host's volume gateway (a helper inside a sailbox), which fetches,
+    /// verifies and caches chunks once for every sailbox on the host: keep no chunk cache on
+    /// this side and do not hash what it serves (see `VolumeClient::trusting_endpoint`).
+    /// Reads are then served from memory and the kernel's page cache, and a miss asks the
+    /// gateway again; passthrough has no cached chunks to assemble files from.
+    pub trusted_endpoint: bool,
 }
 
 /// Where a mount's control socket goes by default: `/run/sail/mounts/<hash>.sock` as root
@@ -177,7 +183,7 @@ pub fn run(opts: MountOptions, ready: impl FnOnce(&Path)) -> anyhow::Result<()> 
         socket.path.clone(),
         mountpoint.clone(),
         opts.endpoint.clone(),
-        Passthrough::new(opts.passthrough, opts.overlay_dir.clone(), opts.cache_max_bytes),
+        Passthrough::new(opts.passthrough && !opts.trusted_endpoint, opts.overlay_dir.clone(), opts.cache_max_bytes),
     ));
     let mut session = Session::new(VolumeFs(core.clone()), &mountpoint, &fuse_config(&opts))
         .with_context(|| format!("mounting {}", mountpoint.display()))?;
@@ -208,9 +214,14 @@ pub fn run(opts: MountOptions, ready: impl FnOnce(&Path)) -> anyhow::Result<()> 
 
 /// Opens the shared chunk cache, connects to volumed and checks (or creates) the volume.
 fn connect(opts: &MountOptions, rt: &tokio::runtime::Runtime) -> anyhow::Result<Arc<Remote>> {
-    let cache = ChunkCache::open(&opts.cache_dir, opts.cache_max_bytes)
-        .with_context(|| format!("opening chunk cache {}", opts.cache_dir.display()))?;
-    let mut client = rt.block_on(VolumeClient::connect(&opts.endpoint))?.with_cache(cache);
+    let client = rt.block_on(VolumeClient::connect(&opts.endpoint))?;
+    let mut client = if opts.trusted_endpoint {
+        client.trusting_endpoint()
+    } else {
+        let cache = ChunkCache::open(&opts.cache_dir, opts.cache_max_bytes)
+            .with_context(|| format!("opening chunk cache {}", opts.cache_dir.display()))?;
+        client.with_cache(cache)
+    };
     rt.block_on(client.get_volume(&opts.org, &opts.volume, opts.mint))?;
     Ok(Arc::new(Remote::new(rt.handle().clone(), client, &opts.org, &opts.volume, opts.memory_cache_bytes)))
 }

@@ -135,6 +135,12 @@ impl Host {
         self.rt.ingress_host()
     }
 
+    /// The volume gateway's host chunk cache counters (`fetches`: chunks it fetched from the
+    /// backend for guests), when volumes are configured.
+    pub fn gateway_cache_stats(&self) -> Option<chunkstore::CacheStats> {
+        self.rt.gateway.as_ref().map(|g| g.cache_stats())
+    }
+
     /// A running sailbox and its VM; a sleeping one is woken first (exec, file transfers
     /// and ingress wake sleepers; a paused sailbox stays paused).
     pub(crate) async fn awake(&self, id: &str) -> Result<(Arc<Live>, Arc<Vm>)> {
