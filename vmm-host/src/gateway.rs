@@ -53,7 +53,8 @@ use crate::error::{Result, SailboxError};
 use sysutil::clock::now_ms;
 
 /// Where a guest reaches its gateway: the one address of its host NIC that leads anywhere
-/// (QEMU relays connections to it to [`socket_path`]; docs/networking.md).
+/// (the NIC's passt turns it into `127.0.0.1:`[`crate::host_nic::GATEWAY_PORT`] inside the
+/// sailbox's own network namespace, where only its gateway listens; docs/networking.md).
 pub const GUEST_ADDR: &str = "10.0.3.2:7420";
 
 /// [`GUEST_ADDR`] as the endpoint URL a guest's helper is given.
@@ -61,7 +62,8 @@ pub fn guest_endpoint() -> String {
     format!("http://{GUEST_ADDR}")
 }
 
-/// The gateway's socket in a sailbox's run directory.
+/// A Unix socket path in a run directory for [`Gateway::bind`] (tests and tools that serve a
+/// gateway without a VM; sailboxes are served through [`Gateway::serve`]).
 pub fn socket_path(run_dir: &Path) -> std::path::PathBuf {
     run_dir.join("volumes.sock")
 }
@@ -186,17 +188,36 @@ impl Gateway {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
             .map_err(|e| SailboxError::io(format!("restricting {}", socket.display()), e))?;
+        Ok(self.spawn(listener, scope))
+    }
+
+    /// Serves `scope`'s gateway on a TCP listener (non-blocking; the one in the sailbox's
+    /// host-NIC namespace, [`crate::host_nic`]) until the returned task is aborted.
+    pub fn serve(self: &Arc<Self>, listener: std::net::TcpListener, scope: Scope) -> Result<tokio::task::JoinHandle<()>> {
+        use axum::serve::ListenerExt;
+        let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| SailboxError::io("gateway listener", e))?;
+        // Small requests (gRPC, range GETs) must not wait for Nagle.
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        Ok(self.spawn(listener, scope))
+    }
+
+    fn spawn<L: axum::serve::Listener>(self: &Arc<Self>, listener: L, scope: Scope) -> tokio::task::JoinHandle<()>
+    where
+        L::Addr: std::fmt::Debug,
+    {
         let sailbox = Arc::new(Sailbox { gateway: self.clone(), scope, uploads: Mutex::default() });
         let router = router(sailbox.clone());
         let span = tracing::info_span!("gateway", sailbox = %sailbox.scope.sailbox);
-        Ok(tokio::spawn(tracing::Instrument::instrument(
+        tokio::spawn(tracing::Instrument::instrument(
             async move {
                 if let Err(e) = axum::serve(listener, router).await {
                     tracing::warn!(error = %e, "volume gateway stopped");
                 }
             },
             span,
-        )))
+        ))
     }
 
     fn mac(&self, sailbox: &str, volume: &str, id: &ChunkId, expires: u64) -> String {

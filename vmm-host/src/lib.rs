@@ -9,7 +9,8 @@
 //!   images stored as chunks; [`vmfiles`]: memory and disk as cowfs files (forks map their
 //!   checkpoint's memory privately, shared with the other forks of it).
 //! - [`gateway`]: how guests reach their volumes (scoped to the sailbox's mounts) and the
-//!   host's verified chunk cache every sailbox reads through.
+//!   host's verified chunk cache every sailbox reads through; [`host_nic`]: the private
+//!   network namespace per sailbox the guest reaches it through.
 //! - [`service`]: the `sail.sailbox.v1` gRPC service.
 //!
 //! See docs/vmm-host.md for the layout on disk, the guest protocol and the tests.
@@ -24,6 +25,7 @@ mod forkmem;
 pub mod gateway;
 pub mod guest;
 pub mod host;
+pub mod host_nic;
 pub mod hypervisor;
 pub mod image;
 mod ingress;

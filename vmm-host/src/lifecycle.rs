@@ -189,6 +189,7 @@ impl Lifecycle {
         live.abort_tasks();
         let _ = self.rt.files.remove(&id).await;
         let _ = std::fs::remove_dir_all(self.rt.run_dir(&id));
+        self.rt.forget_host_nic(&id);
         let failed = live.update(|r| {
             r.state = State::Terminated;
             r.state_reason = format!("creation failed: {e}");
@@ -409,6 +410,7 @@ impl Lifecycle {
         self.stop_vm(live).await;
         let _ = self.rt.files.remove(&rec.id).await;
         let _ = std::fs::remove_dir_all(self.rt.run_dir(&rec.id));
+        self.rt.forget_host_nic(&rec.id);
         Ok(live.snapshot())
     }
 

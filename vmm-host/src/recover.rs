@@ -125,6 +125,7 @@ impl Host {
                 self.rt.state.put_sailbox(&rec)?;
                 let _ = self.rt.files.remove(&rec.id).await;
                 let _ = std::fs::remove_dir_all(self.rt.run_dir(&rec.id));
+                self.rt.forget_host_nic(&rec.id);
                 Ok(Vec::new())
             }
         }

@@ -19,6 +19,7 @@ use crate::error::{Result, SailboxError};
 use crate::gateway::{Gateway, Scope};
 use crate::guest::{GuestKit, Initramfs};
 use crate::host::HostConfig;
+use crate::host_nic::HostNic;
 use crate::hypervisor::qemu::Qemu;
 use crate::hypervisor::{Hypervisor, Incoming, VmHandle, VmSpec};
 use crate::image::{ImageStore, LocalImage, Progress};
@@ -129,6 +130,9 @@ pub(crate) struct Runtime {
     pub(crate) gateway: Option<Arc<Gateway>>,
     initramfs: tokio::sync::Mutex<Option<Initramfs>>,
     live: Mutex<HashMap<String, Arc<Live>>>,
+    /// Each sailbox's host-NIC namespace, kept from its first launch (or re-attach) to its
+    /// end, so every VM it runs (wake, resume) gets the same one and the gateway stays bound.
+    host_nics: Mutex<HashMap<String, Arc<HostNic>>>,
 }
 
 /// A new random id with a prefix.
@@ -175,6 +179,7 @@ impl Runtime {
             gateway,
             initramfs: tokio::sync::Mutex::new(None),
             live: Mutex::default(),
+            host_nics: Mutex::default(),
         })
     }
 
@@ -182,20 +187,38 @@ impl Runtime {
         self.hypervisor.clone().map_err(SailboxError::Unavailable)
     }
 
-    /// Serves the sailbox's volume gateway on its run directory's socket (see
-    /// [`crate::gateway`]) until its tasks end. Without a volumed endpoint there is none.
+    /// Serves the sailbox's volume gateway in its host-NIC namespace (see [`crate::gateway`],
+    /// [`crate::host_nic`]) until its tasks end. Without a volumed endpoint there is none.
     pub(crate) fn bind_gateway(&self, live: &Arc<Live>) -> Result<()> {
         let Some(gateway) = &self.gateway else { return Ok(()) };
         let rec = live.snapshot();
-        let dir = self.run_dir(&rec.id);
-        std::fs::create_dir_all(&dir).map_err(|e| SailboxError::io("creating the run dir", e))?;
         let scope = Scope {
             sailbox: rec.id.clone(),
             org: crate::model::DEFAULT_ORG.to_owned(),
             volumes: rec.volumes.values().map(|v| v.volume.clone()).collect(),
         };
-        live.push_task(gateway.bind(&crate::gateway::socket_path(&dir), scope)?);
+        let listener = self.host_nic(&rec.id)?.listen(crate::host_nic::GATEWAY_PORT)?;
+        live.push_task(gateway.serve(listener, scope)?);
         Ok(())
+    }
+
+    /// The sailbox's host-NIC namespace: the one it has, else the one its still-running VM's
+    /// passt is in (a vmm-host restarted under a running VM), else a new one.
+    pub(crate) fn host_nic(&self, id: &str) -> Result<Arc<HostNic>> {
+        if let Some(nic) = self.host_nics.lock().get(id) {
+            return Ok(nic.clone());
+        }
+        let dir = self.run_dir(id);
+        let nic = Arc::new(match HostNic::of_running_vm(&dir)? {
+            Some(nic) => nic,
+            None => HostNic::create()?,
+        });
+        Ok(self.host_nics.lock().entry(id.to_owned()).or_insert(nic).clone())
+    }
+
+    /// Lets the sailbox's host-NIC namespace go (it ends with the last process in it).
+    pub(crate) fn forget_host_nic(&self, id: &str) {
+        self.host_nics.lock().remove(id);
     }
 
     pub(crate) fn run_root(&self) -> PathBuf {
@@ -352,6 +375,7 @@ impl Runtime {
             cmdline: self.cmdline(),
             accel: self.accel.accel,
             network: rec.network,
+            host_nic: self.host_nic(&rec.id)?,
         };
         // Unix socket paths are limited to 107 bytes.
         let longest = spec.dir.join("agent.sock.lock");

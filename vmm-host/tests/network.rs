@@ -1,6 +1,6 @@
 //! Guest networking on real VMs (QEMU; TCG here; docs/networking.md): an outbound sailbox
 //! fetches from a server in a network namespace on this host, cannot reach the host's
-//! loopback through either NIC, reaches the volume gateway's socket through the host NIC,
+//! loopback through either NIC, reaches the volume gateway's port in its host-NIC namespace,
 //! and still fetches after sleep and wake (passt relaunched with QEMU); a `network: "none"`
 //! sailbox has only the host NIC and fails a fetch at once. Two boots in all.
 
@@ -17,7 +17,8 @@ use common::{minimal, run};
 use proto::sailbox as pb;
 use proto::sailbox::sailbox_service_client::SailboxServiceClient;
 use tonic::transport::Channel;
-use vmm_host::gateway::{GUEST_ADDR, socket_path};
+use vmm_host::gateway::GUEST_ADDR;
+use vmm_host::host_nic::{GATEWAY_PORT, HostNic};
 use vmm_host::hypervisor::qemu::{HOST_MAC, OUTBOUND_MAC};
 
 type Client = SailboxServiceClient<Channel>;
@@ -104,8 +105,12 @@ fn loopback_server() -> (u16, Arc<AtomicUsize>) {
 
 /// A stand-in for the volume gateway on the sailbox's `volumes.sock`: answers each
 /// connection's first line with `gateway got <line>`.
-fn gateway_server(path: &std::path::Path) {
-    let l = std::os::unix::net::UnixListener::bind(path).unwrap();
+/// A line-echo server where the VM of `run_dir` finds its gateway: in its host-NIC namespace
+/// (no volumed is configured here, so the port is free).
+fn gateway_server(run_dir: &std::path::Path) {
+    let nic = HostNic::of_running_vm(run_dir).unwrap().expect("the VM's host-NIC passt runs");
+    let l = nic.listen(GATEWAY_PORT).unwrap();
+    l.set_nonblocking(false).unwrap();
     std::thread::spawn(move || {
         for s in l.incoming() {
             let Ok(mut s) = s else { continue };
@@ -128,12 +133,8 @@ async fn stdout(c: &mut Client, id: &str, cmd: &str) -> String {
 
 async fn procs_of(c: &mut Client, dir: &std::path::Path, id: &str) -> Vec<u32> {
     let _ = c;
-    // The VMM and passt (not the relays QEMU starts per gateway connection).
-    common::vm_processes(dir)
-        .into_iter()
-        .filter(|p| cmdline(p.pid).contains(id) && !cmdline(p.pid).starts_with("socat"))
-        .map(|p| p.pid)
-        .collect()
+    // The VMM and its passts.
+    common::vm_processes(dir).into_iter().filter(|p| cmdline(p.pid).contains(id)).map(|p| p.pid).collect()
 }
 
 fn cmdline(pid: u32) -> String {
@@ -153,11 +154,17 @@ async fn guest_networking() {
     let a = sb.sailbox_id.clone();
     assert_eq!(sb.network, "outbound");
     let run_dir = common::run_dir(dir.path()).join(&a);
-    gateway_server(&socket_path(&run_dir));
+    gateway_server(&run_dir);
     let passt: Vec<String> =
         procs_of(&mut c, dir.path(), &a).await.into_iter().map(cmdline).filter(|c| c.contains("passt")).collect();
-    assert_eq!(passt.len(), 1, "one passt per VM: {passt:?}");
-    assert!(passt[0].contains("--no-map-gw"), "{passt:?}");
+    assert_eq!(passt.len(), 2, "a passt per NIC: {passt:?}");
+    assert_eq!(passt.iter().filter(|c| c.contains("--no-map-gw")).count(), 1, "the outbound one: {passt:?}");
+    // The host NIC's passt is in a network namespace of its own, not the host's.
+    let host_passt = procs_of(&mut c, dir.path(), &a).await.into_iter().find(|p| cmdline(*p).contains("host-nic.log")).unwrap();
+    assert_ne!(
+        std::fs::read_link(format!("/proc/{host_passt}/ns/net")).unwrap(),
+        std::fs::read_link("/proc/self/ns/net").unwrap()
+    );
 
     // Outbound: the guest fetches from the server in the namespace.
     let fetch = format!("wget -q -T 10 -O - {}", outside.url);
@@ -186,7 +193,9 @@ async fn guest_networking() {
         c.create_sailbox(pb::CreateSailboxRequest { network: "none".into(), ..minimal(vec![]) }).await.unwrap().into_inner();
     let b = none.sailbox_id.clone();
     assert_eq!(none.network, "none");
-    assert!(procs_of(&mut c, dir.path(), &b).await.into_iter().all(|p| !cmdline(p).contains("passt")));
+    let passt: Vec<String> =
+        procs_of(&mut c, dir.path(), &b).await.into_iter().map(cmdline).filter(|c| c.contains("passt")).collect();
+    assert!(passt.len() == 1 && passt[0].contains("host-nic.log"), "only the host NIC's passt: {passt:?}");
     let macs = stdout(&mut c, &b, "cat /sys/class/net/*/address").await;
     assert!(macs.contains(HOST_MAC) && !macs.contains(OUTBOUND_MAC), "{macs}");
     let started = Instant::now();
@@ -194,7 +203,7 @@ async fn guest_networking() {
     assert_ne!(r.return_code, 0, "{r:?}");
     assert!(started.elapsed() < Duration::from_secs(5), "the fetch took {:?} to fail", started.elapsed());
     assert!(!stdout(&mut c, &b, "ip route").await.contains("default"));
-    gateway_server(&socket_path(&common::run_dir(dir.path()).join(&b)));
+    gateway_server(&common::run_dir(dir.path()).join(&b));
     let r = run(&mut c, &b, &format!("echo pong | nc -w 10 {gw_ip} {gw_port}")).await;
     assert_eq!(String::from_utf8_lossy(&r.stdout), "gateway got pong\n", "{r:?}");
     for ip in ["10.0.3.2", "10.0.3.1", "10.0.3.3"] {
@@ -213,7 +222,7 @@ async fn guest_networking() {
     let r = run(&mut c, &a, &fetch).await;
     assert_eq!((r.return_code, r.stdout.as_slice()), (0, &body[..]), "after wake: {r:?}");
     let after = procs_of(&mut c, dir.path(), &a).await;
-    assert_eq!(after.len(), 2, "passt and QEMU again");
+    assert_eq!(after.len(), 3, "both passts and QEMU again");
     assert!(after.iter().all(|p| !before.contains(p)));
     let r = run(&mut c, &a, &format!("echo again | nc -w 10 {gw_ip} {gw_port}")).await;
     assert_eq!(String::from_utf8_lossy(&r.stdout), "gateway got again\n", "{r:?}");

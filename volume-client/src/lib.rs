@@ -198,6 +198,10 @@ pub fn is_transport_failure(s: &tonic::Status) -> bool {
     matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled) && error_name(s).is_none()
 }
 
+/// Longest silence on a data connection (no byte arrives) before the transfer fails as a
+/// transport error (and is retried): a stalled connection must not hang a FUSE read.
+const HTTP_STALL: Duration = Duration::from_secs(30);
+
 /// How idempotent calls are retried after a transport failure: 5 more tries, 50 ms doubling
 /// to at most 2 s between them (about 4 s in all), each over a new connection (the channel
 /// reconnects). What this covers: a server restarted, or a guest woken from sleep or forked
@@ -243,7 +247,12 @@ impl VolumeClient {
         // gateway, a local volumed) still works without roots, and an https URL then fails
         // with a certificate error instead of every call failing here.
         let build = |roots: bool| {
-            let b = reqwest::Client::builder().pool_max_idle_per_host(SMALL_TRANSFER_CONCURRENCY);
+            // A connection that goes silent (a peer or a NAT that lost it) fails the read
+            // after HTTP_STALL instead of hanging it; GETs and PUTs are then retried.
+            let b = reqwest::Client::builder()
+                .pool_max_idle_per_host(SMALL_TRANSFER_CONCURRENCY)
+                .connect_timeout(Duration::from_secs(5))
+                .read_timeout(HTTP_STALL);
             if roots { b } else { b.tls_certs_only(Vec::new()) }.build()
         };
         let http = build(true).or_else(|_| build(false)).map_err(|e| err(e.to_string(), Box::new(e)))?;

@@ -101,7 +101,7 @@ def helpers():
         if not p.isdigit():
             continue
         try:
-            if open('/proc/%s/comm' % p).read().strip() == 'sail-volume-fuse':
+            if open('/proc/%s/comm' % p).read().startswith('sail-volume-fu'):
                 f = open('/proc/%s/stat' % p).read().rsplit(')', 1)[1].split()
                 t += int(f[11]) + int(f[12])
         except OSError:

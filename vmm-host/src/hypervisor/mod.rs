@@ -70,6 +70,8 @@ pub struct VmSpec {
     pub accel: Accelerator,
     /// Whether the VM gets the outbound network device (it always gets the host one).
     pub network: Network,
+    /// The sailbox's host-NIC namespace, where the VM's host-NIC passt runs.
+    pub host_nic: std::sync::Arc<crate::host_nic::HostNic>,
 }
 
 /// A device-state file to load and how it was saved.

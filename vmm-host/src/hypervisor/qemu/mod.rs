@@ -4,11 +4,12 @@
 //! snapshots (vhost-user-vsock, the other way to reach a guest without host vhost modules,
 //! blocks migration in QEMU).
 //!
-//! Networking (docs/networking.md): every VM has the host NIC, QEMU user networking with
-//! `restrict=on` and one `guestfwd` rule that relays [`GUEST_ADDR`] to
-//! [`socket_path`]; a VM with [`Network::Outbound`] also has the outbound NIC, backed by
-//! a per-VM `passt` (one of the VM's processes, started before QEMU and handed one end of a
-//! socket pair, QEMU the other). The guest's init finds each NIC by its MAC.
+//! Networking (docs/networking.md): every VM has the host NIC, backed by a `passt` running
+//! in the sailbox's own network namespace ([`crate::host_nic`]), where the only thing to
+//! reach is the volume gateway ([`crate::gateway::GUEST_ADDR`]); a VM with
+//! [`Network::Outbound`] also has the outbound NIC, backed by a second `passt` in the host's
+//! namespace. Each passt is one of the VM's processes, started before QEMU and handed one end
+//! of a socket pair, QEMU the other. The guest's init finds each NIC by its MAC.
 //!
 //! [`Qemu`] launches a VM and returns a [`QemuVm`], its handle: the spec, the processes and
 //! the QMP socket. The handle opens a QMP session per operation rather than holding one: a
@@ -35,7 +36,6 @@ use self::qmp::Qmp;
 use super::{DeviceState, Hypervisor, Incoming, LiveSave, RamImage, StateFormat, VmHandle, VmSpec, VmStatus};
 use crate::accel::Accelerator;
 use crate::error::{Result, SailboxError};
-use crate::gateway::{GUEST_ADDR, socket_path};
 use crate::link::GuestLink;
 use crate::model::{Network, ProcRef};
 use crate::procs;
@@ -78,11 +78,8 @@ pub fn agent_socket(dir: &Path) -> PathBuf {
 
 /// MAC of the outbound NIC (passt); the guest's init finds the NIC by it.
 pub const OUTBOUND_MAC: &str = "52:54:00:5a:11:01";
-/// MAC of the host NIC (QEMU user networking, restricted to the gateway's forward).
+/// MAC of the host NIC (passt in the sailbox's host-NIC namespace: the gateway only).
 pub const HOST_MAC: &str = "52:54:00:5a:11:02";
-/// The relay QEMU runs per guest connection to [`GUEST_ADDR`] (stdin and stdout
-/// are the connection), followed by the socket path.
-const RELAY: &str = "socat STDIO UNIX-CONNECT:";
 
 /// The `passt` command line for a VM, its end of the socket pair being `fd`: IPv4 only, the
 /// guest at 10.0.2.15/24 behind gateway 10.0.2.2, which is NOT the host (`--no-map-gw`:
@@ -95,6 +92,23 @@ pub fn passt_command(passt: &Path, dir: &Path, fd: RawFd) -> Command {
     cmd.args(["--address", "10.0.2.15", "--netmask", "24", "--gateway", "10.0.2.2"]);
     cmd.args(["--dns-forward", "10.0.2.3", "--dns", "10.0.2.3", "--tcp-ports", "none", "--udp-ports", "none"]);
     cmd.arg("--log-file").arg(dir.join("passt.log"));
+    cmd.arg("--fd").arg(fd.to_string());
+    inherit_fd(&mut cmd, fd);
+    cmd
+}
+
+/// The host NIC's `passt` command line (run inside the sailbox's host-NIC namespace, see
+/// [`crate::host_nic`]): the guest at 10.0.3.15/24 behind gateway 10.0.3.2, which passt
+/// maps to the namespace's loopback, where the volume gateway listens; IPv4 TCP only (no
+/// UDP, ICMP, DHCP or DNS: the guest's init configures the NIC), no inbound forwards. Its
+/// log file names the run directory (how [`crate::host_nic::HostNic::of_running_vm`] tells it
+/// is this VM's).
+pub fn host_passt_command(passt: &Path, dir: &Path, fd: RawFd) -> Command {
+    let mut cmd = Command::new(passt);
+    cmd.args(["--foreground", "--quiet", "--ipv4-only", "--no-udp", "--no-icmp", "--no-dhcp"]);
+    cmd.args(["--address", "10.0.3.15", "--netmask", "24", "--gateway", "10.0.3.2"]);
+    cmd.args(["--tcp-ports", "none"]);
+    cmd.arg("--log-file").arg(dir.join("host-nic.log"));
     cmd.arg("--fd").arg(fd.to_string());
     inherit_fd(&mut cmd, fd);
     cmd
@@ -131,11 +145,6 @@ fn enlarge_buffers(end: &std::os::unix::net::UnixStream) {
     }
 }
 
-/// Doubles commas, QEMU's escape inside an option value.
-fn qemu_escape(p: &Path) -> String {
-    p.display().to_string().replace(',', ",,")
-}
-
 impl Qemu {
     /// Finds `qemu-system-x86_64` and its qboot firmware.
     pub fn new(qemu: PathBuf) -> Result<Self> {
@@ -153,9 +162,10 @@ impl Qemu {
         Ok(Self { qemu, firmware, version, passt: PathBuf::from("passt") })
     }
 
-    /// The command line for `spec` (public for docs and tests). `outbound` is QEMU's end of
-    /// the socket pair to the VM's passt, given exactly when `spec.network` is outbound.
-    pub fn command(&self, spec: &VmSpec, outbound: Option<RawFd>) -> Command {
+    /// The command line for `spec` (public for docs and tests). `host` is QEMU's end of the
+    /// socket pair to the host NIC's passt; `outbound` its end of the one to the outbound
+    /// NIC's, given exactly when `spec.network` is outbound.
+    pub fn command(&self, spec: &VmSpec, host: RawFd, outbound: Option<RawFd>) -> Command {
         let mut cmd = Command::new(&self.qemu);
         let mem = format!("{}M", spec.memory_mib);
         let (accel, cpu) = match spec.accel {
@@ -192,12 +202,9 @@ impl Qemu {
         cmd.args(["-device", "virtio-rng-device"]);
         // The NICs come after the other devices (each takes the next virtio-mmio transport,
         // so the others keep theirs), the host NIC first: it is there in every VM.
-        cmd.arg("-netdev").arg(format!(
-            "user,id=net1,restrict=on,net=10.0.3.0/24,host=10.0.3.1,dhcpstart=10.0.3.15,ipv6=off,\
-             guestfwd=tcp:{GUEST_ADDR}-cmd:{RELAY}{}",
-            qemu_escape(&socket_path(&spec.dir))
-        ));
+        cmd.arg("-netdev").arg(format!("stream,id=net1,server=off,addr.type=fd,addr.str={host}"));
         cmd.arg("-device").arg(format!("virtio-net-device,netdev=net1,mac={HOST_MAC}"));
+        inherit_fd(&mut cmd, host);
         if let Some(fd) = outbound {
             cmd.arg("-netdev").arg(format!("stream,id=net0,server=off,addr.type=fd,addr.str={fd}"));
             cmd.arg("-device").arg(format!("virtio-net-device,netdev=net0,mac={OUTBOUND_MAC}"));
@@ -212,26 +219,37 @@ impl Qemu {
 
     async fn launch_inner(&self, spec: &VmSpec, procs: &mut Vec<ProcRef>) -> Result<()> {
         let log = spec.dir.join("vmm.log");
-        // The outbound NIC's passt runs first, on one end of a socket pair; QEMU gets the
-        // other. Each process holds its end only: when QEMU goes, passt sees the end of
-        // the stream and exits.
+        // Each NIC's passt runs first, on one end of a socket pair; QEMU gets the other.
+        // Each process holds its end only: when QEMU goes, passt sees the end of the stream
+        // and exits.
+        let pair = |what: &str| {
+            let (qemu_end, passt_end) = std::os::unix::net::UnixStream::pair()
+                .map_err(|e| SailboxError::io(format!("creating the {what} network's socket pair"), e))?;
+            for end in [&qemu_end, &passt_end] {
+                enlarge_buffers(end);
+            }
+            Ok::<_, SailboxError>((qemu_end, passt_end))
+        };
+        let (host_end, passt_end) = pair("host")?;
+        let mut cmd = host_passt_command(&self.passt, &spec.dir, passt_end.as_raw_fd());
+        spec.host_nic.enter_on_spawn(&mut cmd);
+        // A missing passt fails here ("starting passt: ..."); `sail doctor` checks it.
+        let host_passt = procs::spawn(cmd, &log)?;
+        drop(passt_end);
+        procs.push(host_passt.clone());
+        std::fs::write(crate::host_nic::pid_file(&spec.dir), host_passt.pid.to_string())
+            .map_err(|e| SailboxError::io("writing the host NIC's pid file", e))?;
         let outbound = match spec.network {
             Network::Outbound => {
-                let (qemu_end, passt_end) = std::os::unix::net::UnixStream::pair()
-                    .map_err(|e| SailboxError::io("creating the outbound network's socket pair", e))?;
-                for end in [&qemu_end, &passt_end] {
-                    enlarge_buffers(end);
-                }
-                let cmd = passt_command(&self.passt, &spec.dir, passt_end.as_raw_fd());
-                // A missing passt fails here ("starting passt: ..."); `sail doctor` checks it.
-                let passt = procs::spawn(cmd, &log)?;
+                let (qemu_end, passt_end) = pair("outbound")?;
+                let passt = procs::spawn(passt_command(&self.passt, &spec.dir, passt_end.as_raw_fd()), &log)?;
                 procs.push(passt);
                 Some(qemu_end)
             }
             Network::None => None,
         };
-        let vmm = procs::spawn(self.command(spec, outbound.as_ref().map(|s| s.as_raw_fd())), &log)?;
-        drop(outbound);
+        let vmm = procs::spawn(self.command(spec, host_end.as_raw_fd(), outbound.as_ref().map(|s| s.as_raw_fd())), &log)?;
+        drop((host_end, outbound));
         procs.push(vmm.clone());
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
