@@ -210,9 +210,15 @@ pub fn run(opts: MountOptions, ready: impl FnOnce(&Path)) -> anyhow::Result<()> 
 fn connect(opts: &MountOptions, rt: &tokio::runtime::Runtime) -> anyhow::Result<Arc<Remote>> {
     let cache = ChunkCache::open(&opts.cache_dir, opts.cache_max_bytes)
         .with_context(|| format!("opening chunk cache {}", opts.cache_dir.display()))?;
-    let mut client = rt.block_on(VolumeClient::connect(&opts.endpoint))?.with_cache(cache);
+    let mut client = rt.block_on(VolumeClient::connect(&opts.endpoint))?.with_cache(cache).with_author(fuse_author());
     rt.block_on(client.get_volume(&opts.org, &opts.volume, opts.mint))?;
     Ok(Arc::new(Remote::new(rt.handle().clone(), client, &opts.org, &opts.volume, opts.memory_cache_bytes)))
+}
+
+/// Who the mount's commits are by: `fuse/<hostname>` (in a sailbox, its gateway records
+/// `sailbox/<id>` instead).
+pub fn fuse_author() -> String {
+    format!("fuse/{}", sysutil::host::hostname())
 }
 
 /// The mount's options: its name, `default_permissions`, no devices or setuid, every user
