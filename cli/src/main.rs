@@ -266,6 +266,9 @@ async fn volume_command(g: mount_cmd::Globals, cmd: VolumeCmd) -> anyhow::Result
                     .with_context(|| format!("opening chunk cache {}", dir.display()))?;
                 client = client.with_cache(cache);
             }
+            // `sail volume put` commits as this host's CLI (like git's author, declared by
+            // the caller until API keys say who it is).
+            let client = client.with_author(format!("cli/{}", sysutil::host::hostname()));
             return volume(client, g.org, g.json, cmd).await;
         }
     };
@@ -329,16 +332,40 @@ async fn volume_log(c: &mut VolumeClient, volume: Option<pb::VolumeRef>, limit: 
     if json {
         let rows = log.commits.iter().map(|c| {
             serde_json::json!({"id": c.id, "seq": c.seq, "parent": c.parent, "base": c.base,
-                "time_unix_ms": c.time_unix_ms, "changes": c.change_count, "message": c.message})
+                "time_unix_ms": c.time_unix_ms, "changes": c.change_count, "author": c.author,
+                "message": c.message})
         });
         println!("{}", serde_json::Value::Array(rows.collect()));
     } else {
-        for c in log.commits {
-            let merged = if !c.base.is_empty() && c.base != c.parent { " (merged)" } else { "" };
-            println!("#{:<5} {}  {:>5} changes{merged}  {}", c.seq, short(&c.id), c.change_count, c.message);
-        }
+        print!("{}", log_table(&log.commits));
     }
     Ok(())
+}
+
+/// The rows of `sail volume log`: seq, id, change count (and "(merged)"), an AUTHOR column as
+/// wide as the longest author shown ("-" for none; control characters shown as `?`), then
+/// the message.
+fn log_table(commits: &[pb::CommitInfo]) -> String {
+    let author = |c: &pb::CommitInfo| match c.author.as_str() {
+        "" => "-".to_owned(),
+        a => a.chars().map(|ch| if ch.is_control() { '?' } else { ch }).collect(),
+    };
+    let width = commits.iter().map(|c| author(c).chars().count()).max().unwrap_or(0);
+    let mut out = String::new();
+    for c in commits {
+        let merged = if !c.base.is_empty() && c.base != c.parent { " (merged)" } else { "         " };
+        let line = format!(
+            "#{:<5} {}  {:>5} changes{merged}  {:<width$}  {}",
+            c.seq,
+            short(&c.id),
+            c.change_count,
+            author(c),
+            c.message
+        );
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
 }
 
 /// `sail volume put`: local files and directories as one commit onto the head.
@@ -448,4 +475,34 @@ fn collect(local: &Path, dest: &str, out: &mut Vec<FileUpload>) -> anyhow::Resul
         bail!(UserError(format!("{} is not a regular file or directory", local.display())));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(seq: u64, author: &str, message: &str) -> pb::CommitInfo {
+        pb::CommitInfo {
+            id: format!("{seq:064x}"),
+            seq,
+            change_count: 1,
+            author: author.into(),
+            message: message.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_log_table_has_an_author_column() {
+        let rows = [info(2, "sailbox/sb-7f3a", "two"), info(1, "cli/h\nx", "one"), info(0, "", "volume created")];
+        let table = log_table(&rows);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3, "{table}");
+        assert!(lines[0].starts_with("#2 ") && lines[0].ends_with("sailbox/sb-7f3a  two"), "{table}");
+        // Authors are padded to one column; a control character cannot break the row.
+        let col = lines[0].find("sailbox/").unwrap();
+        assert_eq!(lines[1].find("cli/h?x"), Some(col), "{table}");
+        assert_eq!(lines[2].find("- "), Some(col), "{table}");
+        assert!(lines[2].ends_with("volume created"), "{table}");
+    }
 }

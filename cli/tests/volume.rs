@@ -59,6 +59,10 @@ fn volume_commands_as_documented() {
     let log = up.sail(&["--json", "volume", "log", "ws", "--limit", "1"]).json();
     assert_eq!(log.as_array().map(Vec::len), Some(1), "{log}");
     assert_eq!(log[0]["seq"], 2);
+    // `volume put` commits as this host's CLI; the table shows it before the message.
+    let author = log[0]["author"].as_str().unwrap_or_default();
+    assert!(author.starts_with("cli/") && author.len() > 4, "{log}");
+    assert!(out.lines().next().is_some_and(|l| l.split_whitespace().any(|w| w == author)), "{out}");
 
     // ls: the volume is there; rm: and then it is not.
     assert!(up.sail(&["volume", "ls"]).ok().lines().any(|l| l.starts_with("ws ")));

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
 use proto::volume::CommitRequest;
+use volume_model::commit::{MAX_AUTHOR_BYTES, MAX_MESSAGE_BYTES};
 use volume_model::convert::{entry_from_proto, entry_to_proto, validate_commit};
 use volume_model::{ChangeOp, EntryKind, VolPath};
 
@@ -16,6 +17,9 @@ fuzz_target!(|data: &[u8]| {
     let Ok(valid) = validate_commit(&req) else { return };
     assert!(!valid.changes.is_empty());
     assert_eq!(valid.changes.len(), req.changes.len(), "every change is kept, in order");
+    // Message and author are kept as sent, within their bounds (a commit record holds them).
+    assert!(valid.message.len() <= MAX_MESSAGE_BYTES && valid.message == req.message);
+    assert!(valid.author.len() <= MAX_AUTHOR_BYTES && valid.author == req.author);
     // A path appears once, or twice as a delete marker followed by an upsert (a replace).
     let mut seen: HashMap<&VolPath, Vec<bool>> = HashMap::new();
     for c in &valid.changes {

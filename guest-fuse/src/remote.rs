@@ -293,7 +293,8 @@ impl Remote {
         Ok(self.rt.block_on(c.upload_chunks_with_pieces(&self.org, &self.volume, chunks, pieces))?)
     }
 
-    /// Publishes a commit of `changes` made against `base`.
+    /// Publishes a commit of `changes` made against `base`, by the client's author (the
+    /// runner sets `fuse/<hostname>`; a sailbox's gateway replaces it with `sailbox/<id>`).
     pub fn commit(&self, base: &str, changes: Vec<pb::Change>) -> Result<pb::CommitResponse> {
         let mut c = self.client.clone();
         let req = pb::CommitRequest {
@@ -301,6 +302,7 @@ impl Remote {
             base: base.to_owned(),
             changes,
             message: String::new(),
+            author: c.author().to_owned(),
         };
         let resp = self.rt.block_on(async move { c.grpc().commit(req).await });
         Ok(resp.map_err(volume_client::ClientError::from)?.into_inner())

@@ -214,7 +214,7 @@ pub fn run(opts: MountOptions, ready: impl FnOnce(&Path)) -> anyhow::Result<()> 
 
 /// Opens the shared chunk cache, connects to volumed and checks (or creates) the volume.
 fn connect(opts: &MountOptions, rt: &tokio::runtime::Runtime) -> anyhow::Result<Arc<Remote>> {
-    let client = rt.block_on(VolumeClient::connect(&opts.endpoint))?;
+    let client = rt.block_on(VolumeClient::connect(&opts.endpoint))?.with_author(fuse_author());
     let mut client = if opts.trusted_endpoint {
         client.trusting_endpoint()
     } else {
@@ -224,6 +224,12 @@ fn connect(opts: &MountOptions, rt: &tokio::runtime::Runtime) -> anyhow::Result<
     };
     rt.block_on(client.get_volume(&opts.org, &opts.volume, opts.mint))?;
     Ok(Arc::new(Remote::new(rt.handle().clone(), client, &opts.org, &opts.volume, opts.memory_cache_bytes)))
+}
+
+/// Who the mount's commits are by: `fuse/<hostname>` (in a sailbox, its gateway records
+/// `sailbox/<id>` instead).
+pub fn fuse_author() -> String {
+    format!("fuse/{}", sysutil::host::hostname())
 }
 
 /// The mount's options: its name, `default_permissions`, no devices or setuid, every user

@@ -24,6 +24,11 @@ fn write_commit_reload_read_across_two_mounts() {
     let c = a.commit();
     assert_eq!(c.commit, env.head("vol"), "commit returns the new head");
     assert_eq!(c.seq, 1);
+    assert_eq!(
+        env.log_authors("vol"),
+        [guest_fuse::runner::fuse_author(), String::new()],
+        "the mount's commit, then the creation"
+    );
     assert_eq!(a.status().dirty_entries, 0);
     assert!(!b.p("big.bin").exists(), "no live remote view: B needs a reload");
 

@@ -12,7 +12,9 @@
 //! - **`sail.volume.v1.VolumeService`** (gRPC, what the guest's `sail-volume-fuse` calls),
 //!   forwarded to volumed with the org forced to the sailbox's. A volume outside the scope
 //!   gets exactly volumed's answer for a volume that does not exist; `DeleteVolume` is refused,
-//!   `GetVolume` never mints, `ListVolumes` lists the mounted ones.
+//!   `GetVolume` never mints, `ListVolumes` lists the mounted ones, and a `Commit`'s author is
+//!   set to `sailbox/<sailbox id>` whatever the guest sent, so the log shows which sailbox
+//!   made each commit.
 //! - **Chunk reads.** `ChunkUrls` answers carry gateway URLs
 //!   `/v1/chunks/<volume>/<chunk>/<expires>/<mac>` (the MAC binds sailbox, volume, chunk and
 //!   expiry under a host key, so a guest cannot read a chunk by guessing its hash: it must
@@ -106,6 +108,13 @@ pub struct Scope {
     pub org: String,
     /// Names of the volumes mounted in it.
     pub volumes: BTreeSet<String>,
+}
+
+impl Scope {
+    /// The author every commit through this sailbox's gateway records: `sailbox/<id>`.
+    pub fn author(&self) -> String {
+        format!("sailbox/{}", self.sailbox)
+    }
 }
 
 /// An upload the gateway granted: where it goes and what it may carry.
@@ -340,7 +349,9 @@ impl VolumeService for Service {
     }
 
     async fn commit(&self, req: Request<pb::CommitRequest>) -> GrpcResult<pb::CommitResponse> {
-        let (req, mut c) = self.0.forwardable(req, |r| &mut r.volume).await?;
+        let (mut req, mut c) = self.0.forwardable(req, |r| &mut r.volume).await?;
+        // A sailbox's commits are its own, whatever the guest claims.
+        req.author = self.0.scope.author();
         c.grpc().commit(req).await
     }
 

@@ -127,6 +127,37 @@ async fn a_guest_commits_and_reads_its_volume_through_the_gateway() {
     drop(s.dir);
 }
 
+/// The authors of a volume's commits, newest first, as the host reads them from volumed.
+async fn log_authors(c: &mut VolumeClient, volume: &str) -> Vec<String> {
+    let log = c.grpc().log(pb::LogRequest { volume: vref(volume), limit: 0, before_seq: 0 }).await.unwrap().into_inner();
+    log.commits.into_iter().map(|c| c.author).collect()
+}
+
+#[tokio::test]
+async fn a_guest_commit_is_logged_as_its_sailbox_whatever_author_it_claims() {
+    let s = setup().await;
+    let mut host = VolumeClient::connect(&s.volumed.endpoint()).await.unwrap().with_author("operator");
+    commit(&mut host, "a", "from-host.txt", data(1000, 31)).await;
+    // The guest claims to be the operator, through commit_files and in a raw request (with
+    // a claim over volumed's length limit, which must not make the commit fail either).
+    let mut guest = s.guest.clone().with_author("operator");
+    commit(&mut guest, "a", "spoofed.txt", data(1000, 37)).await;
+    let head = guest.head(ORG, "a").await.unwrap().commit;
+    let req = pb::CommitRequest {
+        volume: vref("a"),
+        base: head,
+        changes: vec![pb::Change { path: "spoofed.txt".into(), op: Some(pb::change::Op::Delete(true)) }],
+        message: "raw".into(),
+        author: "x".repeat(volume_model::commit::MAX_AUTHOR_BYTES + 1),
+    };
+    guest.grpc().commit(req).await.unwrap();
+    // The host's own commit keeps the author it declared; both guest commits are the sailbox's.
+    let log = log_authors(&mut host, "a").await;
+    assert_eq!(log, ["sailbox/sb-1", "sailbox/sb-1", "operator", ""], "newest first");
+    // The guest reading the log through its gateway sees the same.
+    assert_eq!(log_authors(&mut guest, "a").await, log);
+}
+
 fn vref(name: &str) -> Option<pb::VolumeRef> {
     Some(pb::VolumeRef { org: ORG.into(), name: name.into() })
 }

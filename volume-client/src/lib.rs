@@ -188,6 +188,7 @@ pub struct VolumeClient {
     cache: Option<ChunkCache>,
     batches: bool,
     verify: Verify,
+    author: String,
     /// Counters of the last upload.
     pub last_upload: TransferStats,
 }
@@ -259,7 +260,15 @@ impl VolumeClient {
         // SAIL_BATCH_UPLOADS=0 turns batches off for every client of the process (the FUSE
         // helper included): for comparing both paths, or for a server that misbehaves.
         let batches = std::env::var("SAIL_BATCH_UPLOADS").map_or(true, |v| v != "0");
-        Ok(Self { grpc, http, cache: None, batches, verify: Verify::Hash, last_upload: TransferStats::default() })
+        Ok(Self {
+            grpc,
+            http,
+            cache: None,
+            batches,
+            verify: Verify::Hash,
+            author: String::new(),
+            last_upload: TransferStats::default(),
+        })
     }
 
     /// Reads chunks through `cache`: cached chunks are served locally (verified), missing ones
@@ -286,6 +295,20 @@ impl VolumeClient {
     pub fn with_batch_uploads(mut self, on: bool) -> Self {
         self.batches = on;
         self
+    }
+
+    /// Who this client's commits are by (like git's author; empty by default): sent in every
+    /// commit it makes ([`Self::commit_files`], and the FUSE helper's own commits). Free-form,
+    /// at most [`volume_model::commit::MAX_AUTHOR_BYTES`] bytes (volumed refuses longer ones).
+    /// A sailbox's volume gateway replaces it with `sailbox/<id>` whatever the guest sends.
+    pub fn with_author(mut self, author: impl Into<String>) -> Self {
+        self.author = author.into();
+        self
+    }
+
+    /// The author this client's commits carry.
+    pub fn author(&self) -> &str {
+        &self.author
     }
 
     /// The chunk cache reads go through, if any.
@@ -529,7 +552,8 @@ impl VolumeClient {
     }
 
     /// Chunks whole files with the volume's chunker, uploads missing chunks, and commits them
-    /// (plus delete markers for `deletes`) against `base`. Returns the commit response.
+    /// (plus delete markers for `deletes`) against `base`, by this client's
+    /// [author](Self::with_author). Returns the commit response.
     pub async fn commit_files(
         &mut self,
         org: &str,
@@ -565,7 +589,13 @@ impl VolumeClient {
             changes.push(pb::Change { path: (*d).to_owned(), op: Some(pb::change::Op::Delete(true)) });
         }
         self.upload_chunks(org, name, &chunks).await?;
-        let req = pb::CommitRequest { volume: vref(org, name), base: base.to_owned(), changes, message: String::new() };
+        let req = pb::CommitRequest {
+            volume: vref(org, name),
+            base: base.to_owned(),
+            changes,
+            message: String::new(),
+            author: self.author.clone(),
+        };
         Ok(self.grpc.commit(req).await?.into_inner())
     }
 

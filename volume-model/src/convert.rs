@@ -45,6 +45,8 @@ pub struct ValidCommit {
     pub changes: Vec<Change>,
     /// Message (bounded).
     pub message: String,
+    /// Who makes the commit (bounded; free-form).
+    pub author: String,
 }
 
 impl ValidCommit {
@@ -66,7 +68,8 @@ impl ValidCommit {
 }
 
 /// Validates a whole commit request: volume reference, base id, every path (normalised, not
-/// the root, no `..`/NUL, bounded), no path twice, every entry consistent, counts bounded.
+/// the root, no `..`/NUL, bounded), no path twice, every entry consistent, counts, message
+/// and author bounded.
 pub fn validate_commit(req: &pb::CommitRequest) -> Result<ValidCommit> {
     let volume = volume_ref(req.volume.as_ref())?;
     let base = optional_commit_id(&req.base)?;
@@ -81,6 +84,13 @@ pub fn validate_commit(req: &pb::CommitRequest) -> Result<ValidCommit> {
     }
     if req.message.len() > crate::commit::MAX_MESSAGE_BYTES {
         return Err(InvalidRequest::new("commit message too long"));
+    }
+    if req.author.len() > crate::commit::MAX_AUTHOR_BYTES {
+        return Err(InvalidRequest::new(format!(
+            "commit author too long ({} bytes, at most {})",
+            req.author.len(),
+            crate::commit::MAX_AUTHOR_BYTES
+        )));
     }
     // A path appears once, except a delete marker followed by an upsert of the same path:
     // that is a replace (the FUSE helper sends it when a path was removed and made again).
@@ -107,7 +117,7 @@ pub fn validate_commit(req: &pb::CommitRequest) -> Result<ValidCommit> {
         };
         changes.push(Change { path, op });
     }
-    Ok(ValidCommit { volume, base, changes, message: req.message.clone() })
+    Ok(ValidCommit { volume, base, changes, message: req.message.clone(), author: req.author.clone() })
 }
 
 /// Parses an optional 64-hex commit id ("" = none).
@@ -200,4 +210,29 @@ pub fn chunk_ids(ids: &[Vec<u8>]) -> Result<Vec<ChunkId>> {
         )));
     }
     ids.iter().map(|b| Ok(ChunkId::from_slice(b)?)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::commit::MAX_AUTHOR_BYTES;
+
+    fn request(author: String) -> pb::CommitRequest {
+        pb::CommitRequest {
+            volume: Some(pb::VolumeRef { org: "o".into(), name: "v".into() }),
+            base: String::new(),
+            changes: vec![pb::Change { path: "gone".into(), op: Some(pb::change::Op::Delete(true)) }],
+            message: String::new(),
+            author,
+        }
+    }
+
+    #[test]
+    fn the_author_is_kept_and_bounded() {
+        assert_eq!(validate_commit(&request(String::new())).unwrap().author, "");
+        let longest = "é".repeat(MAX_AUTHOR_BYTES / 2);
+        assert_eq!(validate_commit(&request(longest.clone())).unwrap().author, longest);
+        let err = validate_commit(&request("a".repeat(MAX_AUTHOR_BYTES + 1))).unwrap_err();
+        assert!(err.to_string().contains("author too long"), "{err}");
+    }
 }

@@ -28,6 +28,11 @@ fn every_seed_is_accepted() {
 }
 
 #[test]
+fn the_file_seed_carries_an_author() {
+    assert_eq!(validate_commit(&seed("file")).expect("file accepted").author, "fuse/seed");
+}
+
+#[test]
 fn the_replace_seed_is_a_delete_then_an_upsert_of_one_path() {
     let valid = validate_commit(&seed("replace")).expect("replace accepted");
     assert_eq!(valid.changes.len(), 2);

@@ -51,6 +51,7 @@ async fn malformed_commits_are_rejected_and_change_nothing() {
         base: r.commit.clone(),
         changes,
         message: String::new(),
+        author: String::new(),
     };
 
     let inval = "VolumeInvalidArgumentError";
@@ -74,6 +75,13 @@ async fn malformed_commits_are_rejected_and_change_nothing() {
     let bad_link =
         pb::Entry { mode: 0o777, mtime_ns: 0, kind: Some(pb::entry::Kind::Symlink(pb::SymlinkEntry { target: String::new() })) };
     expect_err(&mut c, commit(vec![upsert("l", bad_link)]), inval).await;
+    // A message or an author over its limit.
+    let mut req = commit(vec![upsert("a", good.clone())]);
+    req.message = "m".repeat(volume_model::commit::MAX_MESSAGE_BYTES + 1);
+    expect_err(&mut c, req, inval).await;
+    let mut req = commit(vec![upsert("a", good.clone())]);
+    req.author = "a".repeat(volume_model::commit::MAX_AUTHOR_BYTES + 1);
+    expect_err(&mut c, req, inval).await;
     // Bad names and unknown or malformed base commits.
     let mut req = commit(vec![upsert("a", good.clone())]);
     req.volume = Some(pb::VolumeRef { org: "../x".into(), name: "v".into() });

@@ -193,7 +193,13 @@ fn commit_of(vol: &str, base: &str, chunks: &[Vec<u8>]) -> pb::CommitRequest {
             })),
         })
         .collect();
-    pb::CommitRequest { volume: vref(vol), base: base.to_owned(), changes: entries, message: String::new() }
+    pb::CommitRequest {
+        volume: vref(vol),
+        base: base.to_owned(),
+        changes: entries,
+        message: String::new(),
+        author: String::new(),
+    }
 }
 
 /// An expired batch URL is refused: a server with a zero TTL hands out URLs dead on arrival.

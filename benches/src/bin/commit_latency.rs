@@ -126,7 +126,9 @@ async fn fill(volumes: &Volumes, backend: &LocalBackend, vref: &ValidRef, n: usi
         batch.push(upsert(format!("d{}/f{}", i / per_dir, i % per_dir), file_entry(shared_id, 4096)));
         if batch.len() == 100_000 || i + 1 == n {
             let changes = std::mem::take(&mut batch);
-            volumes.commit(ValidCommit { volume: vref.clone(), base: None, changes, message: "fill".into() }).await?;
+            volumes
+                .commit(ValidCommit { volume: vref.clone(), base: None, changes, message: "fill".into(), author: String::new() })
+                .await?;
         }
     }
     Ok(fill.elapsed())
@@ -149,7 +151,13 @@ async fn timed_commits(
         volumes.store().record_chunks(&[(id, 4096)])?;
         let i = (k * 7919) % n;
         let change = upsert(format!("d{}/f{}", i / per_dir, i % per_dir), file_entry(id, 4096));
-        let req = ValidCommit { volume: vref.clone(), base: None, changes: vec![change], message: String::new() };
+        let req = ValidCommit {
+            volume: vref.clone(),
+            base: None,
+            changes: vec![change],
+            message: String::new(),
+            author: String::new(),
+        };
         let start = Instant::now();
         volumes.commit(req).await?;
         samples.push(start.elapsed());

@@ -54,6 +54,20 @@ impl Env {
         self.client_do(|mut c| async move { c.head("default", &v).await.map(|h| h.commit) })
     }
 
+    /// The authors of the volume's commits, newest first.
+    pub fn log_authors(&self, volume: &str) -> Vec<String> {
+        let v = volume.to_owned();
+        self.client_do(|mut c| async move {
+            let req = proto::volume::LogRequest {
+                volume: Some(proto::volume::VolumeRef { org: "default".into(), name: v }),
+                limit: 0,
+                before_seq: 0,
+            };
+            let log = c.grpc().log(req).await.map_err(volume_client::ClientError::from)?;
+            Ok(log.into_inner().commits.into_iter().map(|c| c.author).collect())
+        })
+    }
+
     /// Reads a file at the head straight from volumed (not through a mount).
     pub fn read_file(&self, volume: &str, path: &str) -> Vec<u8> {
         let (v, p) = (volume.to_owned(), path.to_owned());

@@ -116,6 +116,7 @@ impl MetaStore {
             time_ms: created_ms,
             change_count: 0,
             message: "volume created".into(),
+            author: String::new(),
         };
         let (commit_id, commit_bytes) = commit.encode_with_id();
         let rec = VolumeRecord { id, org: org.to_owned(), name: name.to_owned(), chunking, created_ms, head: commit_id, seq: 0 };

@@ -219,6 +219,7 @@ impl VolumeService for GrpcVolumes {
                     time_unix_ms: c.time_ms,
                     change_count: c.change_count,
                     message: c.message,
+                    author: c.author,
                 })
                 .collect(),
         }))

@@ -328,6 +328,7 @@ impl Volumes {
                     time_ms: now,
                     change_count: req.changes.len() as u32,
                     message: req.message,
+                    author: req.author,
                 };
                 let (id, next) = store.publish(&rec, &commit, &applied.new_nodes)?;
                 Ok(CommitOutcome { commit: id, seq: next.seq, merged: req.base.is_some_and(|b| b != rec.head) })
