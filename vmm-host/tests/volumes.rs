@@ -308,7 +308,8 @@ async fn a_mount_across_snapshots_host_failure_and_faults() {
     let mut c = served.client().await;
     let req = pb::RestoreRequest { checkpoint_id: ck.checkpoint_id.clone(), ..Default::default() };
     let r = c.restore_sailbox(req).await.unwrap().into_inner().sailbox_id;
-    mounted(&mut c, &r, 0).await;
+    let m = mounted(&mut c, &r, 0).await;
+    assert!(m.dirty_bytes > 0, "the uncommitted change is still uncommitted: {m:?}");
     assert_eq!(ok(&mut c, &r, &format!("cat {MNT}/paused.txt {MNT}/ck.txt")).await, "paused\ncheckpointed");
     guest_commit(&mut c, &mut host, &r, VOL).await;
     assert_eq!(host.read_file(ORG, VOL, "ck.txt").await.unwrap(), b"checkpointed\n");
@@ -321,7 +322,8 @@ async fn a_mount_across_snapshots_host_failure_and_faults() {
     let served = serve_fresh().await;
     let mut c = served.client().await;
     assert_eq!(info(&mut c, &r).await.state, pb::SailboxState::Running as i32);
-    mounted(&mut c, &r, 0).await;
+    let m = mounted(&mut c, &r, 0).await;
+    assert!(m.dirty_bytes > 0, "the uncommitted change is still uncommitted: {m:?}");
     guest_commit(&mut c, &mut host, &r, VOL).await;
     assert_eq!(host.read_file(ORG, VOL, "reattach.txt").await.unwrap(), b"reattached\n");
     step("vmm-host restart (re-attach)");
@@ -340,7 +342,8 @@ async fn a_mount_across_snapshots_host_failure_and_faults() {
     let sb = info(&mut c, &r).await;
     assert_eq!(sb.state, pb::SailboxState::Running as i32, "{sb:?}");
     assert!(sb.state_reason.contains("restored from checkpoint"), "{sb:?}");
-    mounted(&mut c, &r, 0).await;
+    let m = mounted(&mut c, &r, 0).await;
+    assert!(m.dirty_bytes > 0, "the uncommitted change is still uncommitted: {m:?}");
     assert_eq!(ok(&mut c, &r, &format!("cat {MNT}/b1.txt; ls {MNT}")).await.lines().next(), Some("at-checkpoint"));
     assert_ne!(run(&mut c, &r, &format!("cat {MNT}/b2.txt")).await.return_code, 0, "written after the checkpoint");
     guest_commit(&mut c, &mut host, &r, VOL).await;
@@ -394,7 +397,9 @@ async fn a_mount_across_snapshots_host_failure_and_faults() {
     }
     mounted(&mut c, &r, restarts + 1).await;
     assert_eq!(ok(&mut c, &r, &format!("sha256sum {MNT}/big | cut -d' ' -f1")).await, sum);
+    let started = Instant::now();
     guest_commit(&mut c, &mut host, &r, VOL).await;
+    eprintln!("the 100 MiB commit took {:?}", started.elapsed());
     assert_eq!(sha256_hex(&host.read_file(ORG, VOL, "big").await.unwrap()), sum);
     step("helper killed mid-commit");
 
