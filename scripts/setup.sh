@@ -3,7 +3,7 @@
 # Debian 12, as root. Safe to run repeatedly.
 #   bash scripts/setup.sh        build dependencies (apt)
 #   bash scripts/setup.sh vm     also what sailboxes need: QEMU (bookworm-backports), image
-#                                tools, passt and socat (guest networking), the guest kernel kit
+#                                tools, passt (guest networking), the guest kernel kit
 #   bash scripts/setup.sh test   everything above plus the test tools (s3s-fs, cargo-fuzz, pytest)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,9 +43,24 @@ if ! dpkg-query -W -f '${Version}' qemu-system-x86 2>/dev/null | grep -q bpo12; 
         qemu-system-x86 qemu-system-data qemu-utils >/dev/null
 fi
 apt_install debootstrap e2fsprogs zstd xz-utils kmod cpio file ca-certificates
-# Guest networking (docs/networking.md): passt for the outbound NIC, socat relays the host
-# NIC's gateway address to the sailbox's volume socket.
-apt_install passt socat
+# Guest networking (docs/networking.md): passt backs both NICs; iproute2 configures the host
+# NIC's namespace. bookworm's passt (a 2023-03 snapshot) now and then left a guest connection
+# hanging (its FIN never reached the guest) in the network test; trixie's (2025-05) did not,
+# and it builds from Debian's source in seconds (it needs a newer libc as a package). Installed
+# to /usr/local/bin, ahead of /usr/bin on PATH.
+apt_install iproute2 passt curl gcc make libc6-dev
+PASST_VERSION=0.0~git20250503.587980c
+PASST_SHA256=69d5eb843f7d648c2cc60bfbca6ea7b5014c6b6f07cdee362c2a8cf490515a49
+if ! /usr/local/bin/passt --version 2>/dev/null | grep -q "${PASST_VERSION#0.0~git}"; then
+    echo "setup: building passt $PASST_VERSION from Debian's source"
+    src=$(mktemp -d)
+    curl -fsSL -o "$src/passt.tar.xz" "http://deb.debian.org/debian/pool/main/p/passt/passt_${PASST_VERSION}.orig.tar.xz"
+    echo "$PASST_SHA256  $src/passt.tar.xz" | sha256sum -c --quiet -
+    tar -xJf "$src/passt.tar.xz" -C "$src" --strip-components=1
+    make -s -C "$src" passt VERSION="${PASST_VERSION#0.0~git}" >/dev/null
+    install -m 755 "$src/passt" /usr/local/bin/passt
+    rm -rf "$src"
+fi
 bash scripts/guest-kernel.sh
 [ "$mode" = vm ] && exit 0
 

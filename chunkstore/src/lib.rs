@@ -26,6 +26,7 @@ pub mod cache;
 pub mod chunker;
 pub mod error;
 pub mod id;
+pub mod memory;
 pub mod pieces;
 #[cfg(feature = "testing")]
 pub mod testing;

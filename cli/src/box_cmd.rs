@@ -672,9 +672,10 @@ pub async fn doctor(endpoint: &str, json: bool) -> anyhow::Result<u8> {
     let kit = vmm_host::guest::GuestKit::load(&config.guest_dir);
     let agent = vmm_host::guest::describe_agent(&config.agent_binary);
     let qemu = std::process::Command::new(&config.qemu_binary).arg("--version").output();
-    // The outbound network's stack and the volume gateway's relay (docs/networking.md).
+    // Both NICs' network stack, and what configures the host NIC's namespace
+    // (docs/networking.md).
     let passt = std::process::Command::new("passt").arg("--version").output();
-    let socat = std::process::Command::new("socat").arg("-V").output();
+    let ip = std::process::Command::new("ip").arg("-V").output();
     let tool = |name: &str, o: &std::io::Result<std::process::Output>| match o {
         Ok(o) if o.status.success() => {
             Ok(String::from_utf8_lossy(&o.stdout).lines().find(|l| l.contains("version")).unwrap_or(name).trim().to_owned())
@@ -703,7 +704,7 @@ pub async fn doctor(endpoint: &str, json: bool) -> anyhow::Result<u8> {
                 .map_err(|e| e.to_string()),
         ),
         ("passt", tool("passt", &passt)),
-        ("socat", tool("socat", &socat)),
+        ("iproute2", tool("ip", &ip)),
         (
             "service",
             service

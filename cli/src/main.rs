@@ -67,7 +67,7 @@ enum Command {
     /// Manage sailboxes (microVMs).
     #[command(subcommand, name = "box", after_help = help::BOX)]
     Sailbox(box_cmd::BoxCmd),
-    /// Check what this host needs to run sailboxes (accelerator, VMM, kernel, agent, passt, socat).
+    /// Check what this host needs to run sailboxes (accelerator, VMM, kernel, agent, passt, iproute2).
     #[command(after_help = help::DOCTOR)]
     Doctor,
     /// Print a shell completion script (bash, zsh, fish, elvish or powershell).

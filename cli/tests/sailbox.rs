@@ -171,7 +171,7 @@ fn sleep_pause_upgrade_doctor(up: &Up, id: &str, data: &[u8]) {
 
     // doctor: every row present, as JSON.
     let d = up.sail(&["--json", "doctor"]).json();
-    for key in ["accelerator", "qemu", "guest kernel", "agent", "passt", "socat", "service"] {
+    for key in ["accelerator", "qemu", "guest kernel", "agent", "passt", "iproute2", "service"] {
         assert_eq!(d[key]["ok"], true, "doctor {key}: {d}");
     }
 }

@@ -6,9 +6,9 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use chunkstore::memory::ByLength;
 use chunkstore::{Backend, ChunkId};
 use parking_lot::Mutex;
-use quick_cache::Weighter;
 use quick_cache::sync::Cache;
 
 use crate::error::Result;
@@ -19,17 +19,6 @@ const DEFAULT_CACHE_BYTES: u64 = 256 << 20;
 const ESTIMATED_CACHED_CHUNKS: usize = 1024;
 /// Chunk uploads in flight at once.
 const PUT_CONCURRENCY: usize = 16;
-
-/// Weighs a cached chunk by its length (an empty chunk weighs 1: quick_cache never evicts
-/// weightless entries).
-#[derive(Clone, Copy, Debug, Default)]
-struct ByLength;
-
-impl Weighter<ChunkId, Bytes> for ByLength {
-    fn weight(&self, _id: &ChunkId, bytes: &Bytes) -> u64 {
-        (bytes.len() as u64).max(1)
-    }
-}
 
 /// Counters, for status and tests.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]

@@ -9,12 +9,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
+use chunkstore::memory::{ByteCache, byte_cache};
 use chunkstore::pieces::PIECE_SIZE;
 use chunkstore::{ChunkCache, ChunkId, Chunking};
 use parking_lot::Mutex;
 use proto::volume as pb;
-use quick_cache::sync::{Cache, GuardResult};
-use quick_cache::{OptionsBuilder, Weighter};
+use quick_cache::sync::GuardResult;
 use tokio::runtime::Handle;
 use tokio::sync::Semaphore;
 use volume_client::{TransferStats, VolumeClient};
@@ -46,35 +46,6 @@ pub struct ReadCounters {
     pub prefetched: AtomicU64,
     /// 1 MiB pieces of large chunks fetched with range requests (verified against their CVs).
     pub pieces_fetched: AtomicU64,
-}
-
-/// Weighs a cached chunk or piece by its length (an empty one weighs 1: quick_cache never
-/// evicts weightless entries).
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct ByLength;
-
-impl<K> Weighter<K, Bytes> for ByLength {
-    fn weight(&self, _key: &K, bytes: &Bytes) -> u64 {
-        (bytes.len() as u64).max(1)
-    }
-}
-
-/// Recently used chunks (or pieces), capped by bytes. Loads through
-/// `get_value_or_guard` are single-flight: concurrent readers of one key share one fetch,
-/// and retry it themselves if it failed.
-pub(crate) type ByteCache<K> = Cache<K, Bytes, ByLength>;
-
-/// A byte cache of `cap` bytes whose items are about `typical` bytes. One shard: an item may
-/// take (nearly) the whole bound, as a 64 MiB chunk in a 256 MiB cache does, and the old
-/// single-mutex LRU had no more concurrency either.
-fn byte_cache<K: Eq + std::hash::Hash + Clone>(cap: u64, typical: u64) -> ByteCache<K> {
-    let items = usize::try_from(cap / typical.max(1)).unwrap_or(usize::MAX).max(1);
-    let built = OptionsBuilder::new().shards(1).estimated_items_capacity(items).weight_capacity(cap).build();
-    match built {
-        Ok(options) => Cache::with_options(options, ByLength, Default::default(), Default::default()),
-        // Only an unset capacity fails to build; both are set above.
-        Err(_) => Cache::with_weighter(items, cap, ByLength),
-    }
 }
 
 /// The mount's connection to volumed plus its chunk caches.

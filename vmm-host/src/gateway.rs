@@ -1,14 +1,15 @@
 //! The volume gateway: how a guest reaches its volumes, and the host's one verified chunk
 //! cache that every sailbox on the host reads through.
 //!
-//! Each sailbox has a Unix socket, `<run dir>/volumes.sock`, served by [`Gateway::bind`].
-//! The guest reaches it at [`GUEST_ADDR`] on its host NIC: QEMU's restricted user network
-//! forwards that one address to the socket and nothing else (docs/networking.md), so the guest
-//! never sees volumed, the host's loopback or another sailbox's socket. Which socket a
-//! connection arrives on is the guest's identity; what it may reach is the sailbox's
-//! [`Scope`]: its org and the volumes mounted in it.
+//! Each sailbox has its own listener, 127.0.0.1:7420 inside the sailbox's host-NIC network
+//! namespace ([`crate::host_nic`]), served by [`Gateway::serve`]. The guest reaches it at
+//! [`GUEST_ADDR`] on its host NIC, whose passt runs in that namespace and maps that one
+//! address there (docs/networking.md), so the guest never sees volumed, the host's loopback or
+//! another sailbox's gateway. Which listener a connection arrives on is the guest's identity;
+//! what it may reach is the sailbox's [`Scope`]: its org and the volumes mounted in it.
+//! ([`Gateway::bind`] serves the same on a Unix socket, for tests and tools without a VM.)
 //!
-//! What the socket serves:
+//! What a listener serves:
 //! - **`sail.volume.v1.VolumeService`** (gRPC, what the guest's `sail-volume-fuse` calls),
 //!   forwarded to volumed with the org forced to the sailbox's. A volume outside the scope
 //!   gets exactly volumed's answer for a volume that does not exist; `DeleteVolume` is refused,
@@ -29,8 +30,9 @@
 //!   in memory until their URL expires (a commit that outlives a vmm-host restart asks again).
 //!
 //! Costs: a chunk fetched cold crosses the backend once per host; the guest's read then costs
-//! one relay through the per-connection `socat` QEMU spawns and the user-network stack
-//! (measured in docs/networking.md).
+//! the host NIC (passt and the guest's TCP stack; docs/networking.md) and no hashing in the
+//! guest (the agent mounts with `--trusted-endpoint`); figures in docs/benchmarks.md
+//! ("Volumes inside a sailbox").
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
@@ -46,7 +48,6 @@ use parking_lot::Mutex;
 use proto::ErrorDetail;
 use proto::volume as pb;
 use proto::volume::volume_service_server::{VolumeService, VolumeServiceServer};
-use quick_cache::Weighter;
 use tokio::sync::OnceCell;
 use tonic::{Code, Request, Status};
 use volume_client::VolumeClient;
@@ -78,24 +79,15 @@ const MAX_MESSAGE: usize = 64 << 20;
 /// Largest upload body (a batch; volumed checks the exact frame layout).
 const MAX_UPLOAD_BODY: u64 = 64 << 20;
 
-/// Weighs a cached chunk by its length (an empty one weighs 1: quick_cache never evicts
-/// weightless entries).
-#[derive(Clone, Copy, Debug, Default)]
-struct ByLength;
-
-impl Weighter<ChunkId, Bytes> for ByLength {
-    fn weight(&self, _key: &ChunkId, bytes: &Bytes) -> u64 {
-        (bytes.len() as u64).max(1)
-    }
-}
-
 /// The host-wide part: the connection to volumed, the chunk caches, the URL key.
 pub struct Gateway {
     upstream: String,
     guest_endpoint: String,
     client: OnceCell<VolumeClient>,
     disk: ChunkCache,
-    memory: quick_cache::sync::Cache<ChunkId, Bytes, ByLength>,
+    memory: chunkstore::memory::ByteCache<ChunkId>,
+    /// Chunks being fetched whole in the background after a cold piece was served.
+    filling: Mutex<std::collections::HashSet<ChunkId>>,
     key: [u8; 32],
 }
 
@@ -156,9 +148,9 @@ impl Gateway {
         let disk = ChunkCache::open(cache_dir, cache_bytes)
             .map_err(|e| SailboxError::Setup(format!("opening the chunk cache {}: {e}", cache_dir.display())))?;
         let key = load_or_create_key(key_file)?;
-        let items = usize::try_from(memory_bytes / (1 << 20)).unwrap_or(usize::MAX).max(16);
-        let memory = quick_cache::sync::Cache::with_weighter(items, memory_bytes.max(1), ByLength);
-        Ok(Arc::new(Self { upstream, guest_endpoint, client: OnceCell::new(), disk, memory, key }))
+        // Chunks are up to 64 MiB: one shard, or they would not be kept (chunkstore::memory).
+        let memory = chunkstore::memory::byte_cache(memory_bytes.max(1), 8 << 20);
+        Ok(Arc::new(Self { upstream, guest_endpoint, client: OnceCell::new(), disk, memory, filling: Mutex::default(), key }))
     }
 
     /// The disk cache's counters (`fetches`: chunks fetched from the backend).
@@ -232,6 +224,39 @@ impl Gateway {
     fn mac(&self, sailbox: &str, volume: &str, id: &ChunkId, expires: u64) -> String {
         let msg = format!("{sailbox}\0{volume}\0{}\0{expires}", id.to_hex());
         blake3::keyed_hash(&self.key, msg.as_bytes()).to_hex()[..32].to_owned()
+    }
+
+    /// Piece `idx` of a chunk that is nowhere on this host and not being fetched yet, straight
+    /// from the backend (a range request, verified against volumed's piece CVs), with the
+    /// chunk's length; the whole chunk is then fetched into the caches in the background, and
+    /// the reader's next pieces wait for that. So a cold reader's first byte waits for one
+    /// 1 MiB piece, not a 64 MiB chunk. `None`: take the whole-chunk path (cached, being
+    /// filled, small, or no CVs known).
+    async fn cold_piece(self: &Arc<Self>, org: &str, volume: &str, id: ChunkId, idx: usize) -> Option<(Bytes, u64)> {
+        if self.memory.contains_key(&id) || self.disk.contains(id) || !self.filling.lock().insert(id) {
+            return None;
+        }
+        let got = async {
+            let mut client = self.client().await.ok()?;
+            let url = client.chunk_urls(org, volume, &[id]).await.ok()?.pop()?;
+            if url.piece_cvs.is_empty() {
+                return None;
+            }
+            match client.fetch_piece_of_unknown_length(&url, id, idx).await {
+                Ok(got) => Some(got),
+                Err(e) => {
+                    tracing::debug!(chunk = %id, error = %e, "cold piece not fetched; reading the chunk whole");
+                    None
+                }
+            }
+        }
+        .await;
+        let (this, org, volume) = (self.clone(), org.to_owned(), volume.to_owned());
+        tokio::spawn(async move {
+            let _ = this.chunk(&org, &volume, id).await;
+            this.filling.lock().remove(&id);
+        });
+        got
     }
 
     /// A chunk's bytes: memory, else disk, else the backend (verified, then cached).
@@ -458,13 +483,25 @@ async fn get_chunk(
     if expires <= now_ms() {
         return plain(StatusCode::FORBIDDEN, "this URL has expired; ask for a new one");
     }
+    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    // A cold chunk's first piece (what a reader's first byte waits for) comes on its own.
+    if let Some((idx, want)) = range.and_then(single_piece)
+        && let Some((piece, total)) = sb.gateway.cold_piece(&sb.scope.org, &volume, id, idx).await
+        && !piece.is_empty()
+    {
+        let piece = piece.slice(..piece.len().min(want));
+        let start = idx as u64 * chunkstore::pieces::PIECE_SIZE;
+        let end = start + piece.len() as u64 - 1;
+        let content_range = format!("bytes {start}-{end}/{total}");
+        return (StatusCode::PARTIAL_CONTENT, [(header::CONTENT_RANGE, content_range)], Body::from(piece)).into_response();
+    }
     let bytes = match sb.gateway.chunk(&sb.scope.org, &volume, id).await {
         Ok(b) => b,
         Err(s) if s.code() == Code::NotFound => return plain(StatusCode::NOT_FOUND, s.message()),
         Err(s) => return plain(StatusCode::BAD_GATEWAY, s.message()),
     };
     let total = bytes.len() as u64;
-    match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
+    match range {
         None => ([(header::CONTENT_LENGTH, total.to_string())], Body::from(bytes)).into_response(),
         Some(range) => match parse_range(range, total) {
             Some((start, end)) => {
@@ -475,6 +512,18 @@ async fn get_chunk(
             None => (StatusCode::RANGE_NOT_SATISFIABLE, [(header::CONTENT_RANGE, format!("bytes */{total}"))]).into_response(),
         },
     }
+}
+
+/// The piece a `bytes=a-b` range starts (what `VolumeClient::fetch_piece` asks for: a
+/// piece-aligned start, at most one piece long) and how many bytes it wants, if it is one.
+fn single_piece(spec: &str) -> Option<(usize, usize)> {
+    use chunkstore::pieces::PIECE_SIZE;
+    let (a, b) = spec.strip_prefix("bytes=")?.split_once('-')?;
+    let (a, b): (u64, u64) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+    if a % PIECE_SIZE != 0 || b < a || b - a >= PIECE_SIZE {
+        return None;
+    }
+    Some((usize::try_from(a / PIECE_SIZE).ok()?, usize::try_from(b - a + 1).ok()?))
 }
 
 /// A single `bytes=a-b`, `bytes=a-` or `bytes=-n` range within `total` bytes, inclusive.

@@ -289,6 +289,11 @@ impl VolumeClient {
         self
     }
 
+    /// Whether this client trusts its endpoint's bytes ([`VolumeClient::trusting_endpoint`]).
+    pub fn trusts_endpoint(&self) -> bool {
+        self.verify == Verify::Length
+    }
+
     /// Whether uploads offer batches (on by default, unless `SAIL_BATCH_UPLOADS=0`): small
     /// chunks then travel many per signed request where the server takes them. Off, every
     /// chunk gets its own URL.
@@ -506,7 +511,8 @@ impl VolumeClient {
     /// (see [`VolumeClient::trusting_endpoint`]) only its length is checked.
     pub async fn fetch_piece(&self, url: &pb::SignedUrl, id: ChunkId, len: u64, idx: usize) -> Result<Bytes> {
         use chunkstore::pieces::{piece_range, root_from_cvs, verify_piece};
-        if root_from_cvs(len, &url.piece_cvs) != Some(id) {
+        // A trusted endpoint serves ranges of chunks it verified, with or without CVs.
+        if self.verify == Verify::Hash && root_from_cvs(len, &url.piece_cvs) != Some(id) {
             return Err(ClientError::Integrity(IntegrityFailure::PieceCvs(id)));
         }
         let (start, n) = piece_range(len, idx);
@@ -514,15 +520,7 @@ impl VolumeClient {
             return Err(ClientError::Protocol(format!("chunk {id} has no piece {idx}")));
         }
         let what = format!("GET {id} piece {idx}");
-        let once = || async {
-            let req = self.http.get(&url.url).header("range", format!("bytes={start}-{}", start + n - 1));
-            let resp = send_signed(req, &url.headers, &what).await?;
-            resp.bytes().await.map_err(|source| ClientError::Transfer { what: what.clone(), source })
-        };
-        let bytes = {
-            use backon::Retryable;
-            once.retry(transport_backoff()).when(|e| matches!(e, ClientError::Transfer { .. })).await?
-        };
+        let (bytes, _) = self.get_range(url, start, start + n - 1, &what).await?;
         match self.verify {
             Verify::Hash => verify_piece(id, len, &url.piece_cvs, idx, &bytes).map_err(|e| ClientError::Integrity(e.into()))?,
             Verify::Length if bytes.len() as u64 != n => {
@@ -531,6 +529,42 @@ impl VolumeClient {
             Verify::Length => {}
         }
         Ok(bytes)
+    }
+
+    /// Fetches piece `idx` of a chunk whose length the caller does not know (a relay that
+    /// was asked for a range, like vmm-host's gateway): the server's `Content-Range` says it.
+    /// The piece is always verified against the URL's piece CVs, which must merge into `id`
+    /// for that length. Returns the piece and the chunk's length.
+    pub async fn fetch_piece_of_unknown_length(&self, url: &pb::SignedUrl, id: ChunkId, idx: usize) -> Result<(Bytes, u64)> {
+        use chunkstore::pieces::{PIECE_SIZE, root_from_cvs, verify_piece};
+        let what = format!("GET {id} piece {idx}");
+        let start = idx as u64 * PIECE_SIZE;
+        let (bytes, total) = self.get_range(url, start, start + PIECE_SIZE - 1, &what).await?;
+        let len = total.ok_or_else(|| ClientError::Protocol(format!("{what}: no chunk length in the answer")))?;
+        if root_from_cvs(len, &url.piece_cvs) != Some(id) {
+            return Err(ClientError::Integrity(IntegrityFailure::PieceCvs(id)));
+        }
+        verify_piece(id, len, &url.piece_cvs, idx, &bytes).map_err(|e| ClientError::Integrity(e.into()))?;
+        Ok((bytes, len))
+    }
+
+    /// GET of bytes `[start, end]` of a signed URL, retried after transport failures; the
+    /// body and the total length from `Content-Range`, when the server sent one.
+    async fn get_range(&self, url: &pb::SignedUrl, start: u64, end: u64, what: &str) -> Result<(Bytes, Option<u64>)> {
+        use backon::Retryable;
+        let once = || async {
+            let req = self.http.get(&url.url).header("range", format!("bytes={start}-{end}"));
+            let resp = send_signed(req, &url.headers, what).await?;
+            let total = resp
+                .headers()
+                .get(reqwest::header::CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.rsplit_once('/'))
+                .and_then(|(_, t)| t.parse::<u64>().ok());
+            let body = resp.bytes().await.map_err(|source| ClientError::Transfer { what: what.to_owned(), source })?;
+            Ok((body, total))
+        };
+        once.retry(transport_backoff()).when(|e| matches!(e, ClientError::Transfer { .. })).await
     }
 
     /// PUTs `body` to a signed upload URL with the headers it must carry (a relay, such as

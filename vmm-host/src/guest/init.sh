@@ -45,6 +45,8 @@ for dev in /sys/class/net/*; do
         ;;
     52:54:00:5a:11:02)
         /bin/busybox ip addr add 10.0.3.15/24 dev "$name" || say "cannot address $name"
+        # Also passt (in the sailbox's own namespace): its MTU, as for the outbound NIC.
+        /bin/busybox ip link set "$name" mtu 65520 || say "cannot set the MTU of $name"
         /bin/busybox ip link set "$name" up || say "cannot bring up $name"
         ;;
     esac
