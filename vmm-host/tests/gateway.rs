@@ -281,3 +281,59 @@ async fn spare_server(dir: &tempfile::TempDir) -> volumed::server::RunningServer
     let config = volumed::server::ServerConfig::local(dir.path().join("spare"), "127.0.0.1:0".parse().unwrap());
     volumed::server::Server::bind(config).await.unwrap().spawn()
 }
+
+/// A large chunk nowhere on the host yet (committed by the host straight to volumed): a
+/// guest's range request for one of its pieces is answered (the gateway's cold-piece path:
+/// the piece by range from the backend, verified against volumed's piece CVs, while the whole
+/// chunk fills the host cache in the background), and the chunk is fetched from the backend
+/// once in all.
+#[tokio::test]
+async fn a_cold_large_chunk_serves_its_first_piece_before_the_whole_chunk() {
+    use chunkstore::pieces::{PIECE_SIZE, PIECED_MIN};
+    let mut s = setup().await;
+    let mut host = VolumeClient::connect(&s.volumed.endpoint()).await.unwrap();
+    let bytes = data(usize::try_from(PIECED_MIN).unwrap() + 12_345, 21);
+    let id = ChunkId::of(&bytes);
+    host.upload_chunks(ORG, "a", &std::collections::HashMap::from([(id, bytes.clone())])).await.unwrap();
+    let len = bytes.len() as u64;
+    let entry = pb::Entry {
+        mode: 0o644,
+        mtime_ns: 0,
+        kind: Some(pb::entry::Kind::File(pb::FileEntry {
+            size: len,
+            policy: Some(pb::ChunkPolicy { kind: Some(pb::chunk_policy::Kind::FixedSize(64 << 20)) }),
+            chunks: vec![pb::ChunkRef { id: id.as_bytes().to_vec(), len: u32::try_from(len).unwrap() }],
+        })),
+    };
+    let base = host.head(ORG, "a").await.unwrap().commit;
+    let change = pb::Change { path: "cold.bin".into(), op: Some(pb::change::Op::Upsert(entry)) };
+    let req = pb::CommitRequest { volume: vref("a"), base, changes: vec![change], ..Default::default() };
+    host.grpc().commit(req).await.unwrap();
+    assert_eq!(s.gateway.cache_stats().fetches, 0);
+
+    let url = s.guest.chunk_urls(ORG, "a", &[id]).await.unwrap().remove(0);
+    assert!(!url.piece_cvs.is_empty(), "volumed registered the chunk's piece CVs");
+    // Piece 1, by range, as the helper asks for it: the right bytes and the chunk's length.
+    let resp = reqwest::Client::new()
+        .get(&url.url)
+        .header("range", format!("bytes={}-{}", PIECE_SIZE, 2 * PIECE_SIZE - 1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 206);
+    assert_eq!(resp.headers()["content-range"].to_str().unwrap(), format!("bytes {}-{}/{len}", PIECE_SIZE, 2 * PIECE_SIZE - 1));
+    let piece = resp.bytes().await.unwrap();
+    assert_eq!(piece, bytes.slice(PIECE_SIZE as usize..2 * PIECE_SIZE as usize));
+    // The last (short) piece through the client's own verified path.
+    let last = chunkstore::pieces::piece_count(len) - 1;
+    let got = s.guest.fetch_piece(&url, id, len, last).await.unwrap();
+    assert_eq!(got, bytes.slice(last * PIECE_SIZE as usize..));
+    // The whole chunk filled the host cache once; the whole file reads back.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while s.gateway.cache_stats().fetches == 0 {
+        assert!(std::time::Instant::now() < deadline, "the chunk was never filled");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(s.guest.read_file(ORG, "a", "cold.bin").await.unwrap(), bytes.to_vec());
+    assert_eq!(s.gateway.cache_stats().fetches, 1, "one backend fetch of the whole chunk");
+}
