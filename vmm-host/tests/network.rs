@@ -42,8 +42,14 @@ impl OutsideServer {
     fn start(body: &[u8]) -> Self {
         let tag = std::process::id() % 100_000;
         let (ns, veth, peer) = (format!("sailnt{tag}"), format!("snh{tag}"), format!("snn{tag}"));
-        // A /30 picked by the pid, so concurrent runs do not collide.
-        let net = (tag % 60) * 4;
+        // A /30 picked by the pid, so concurrent runs do not collide; skipping any the host
+        // already has (a run killed before its cleanup leaves its veth behind).
+        let taken =
+            String::from_utf8_lossy(&Command::new("ip").args(["-4", "-br", "addr"]).output().unwrap().stdout).into_owned();
+        let net = (0..60)
+            .map(|i| ((tag + i) % 60) * 4)
+            .find(|net| !taken.contains(&format!("10.254.7.{}/30", net + 1)))
+            .expect("a free /30 in 10.254.7.0/24");
         let (host_ip, ns_ip) = (format!("10.254.7.{}", net + 1), format!("10.254.7.{}", net + 2));
         let _ = Command::new("ip").args(["netns", "del", &ns]).output();
         let _ = Command::new("ip").args(["link", "del", &veth]).output();
