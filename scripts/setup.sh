@@ -51,7 +51,9 @@ apt_install debootstrap e2fsprogs zstd xz-utils kmod cpio file ca-certificates
 apt_install iproute2 passt curl gcc make libc6-dev
 PASST_VERSION=0.0~git20250503.587980c
 PASST_SHA256=69d5eb843f7d648c2cc60bfbca6ea7b5014c6b6f07cdee362c2a8cf490515a49
-if ! /usr/local/bin/passt --version 2>/dev/null | grep -q "${PASST_VERSION#0.0~git}"; then
+# (A stamp, not `passt --version`: that prints nothing when stdout is not a terminal.)
+passt_stamp=/usr/local/share/sail/passt.version
+if [ ! -x /usr/local/bin/passt ] || [ "$(cat "$passt_stamp" 2>/dev/null)" != "$PASST_VERSION" ]; then
     echo "setup: building passt $PASST_VERSION from Debian's source"
     src=$(mktemp -d)
     curl -fsSL -o "$src/passt.tar.xz" "http://deb.debian.org/debian/pool/main/p/passt/passt_${PASST_VERSION}.orig.tar.xz"
@@ -59,6 +61,7 @@ if ! /usr/local/bin/passt --version 2>/dev/null | grep -q "${PASST_VERSION#0.0~g
     tar -xJf "$src/passt.tar.xz" -C "$src" --strip-components=1
     make -s -C "$src" passt VERSION="${PASST_VERSION#0.0~git}" >/dev/null
     install -m 755 "$src/passt" /usr/local/bin/passt
+    mkdir -p "$(dirname "$passt_stamp")" && echo "$PASST_VERSION" >"$passt_stamp"
     rm -rf "$src"
 fi
 bash scripts/guest-kernel.sh
