@@ -64,11 +64,21 @@ impl Qmp {
             .map_err(io)?;
         let (r, w) = stream.into_split();
         let mut qmp = Self { reader: BufReader::new(r), writer: w, path: p.clone(), events: Vec::new() };
-        let greeting =
-            tokio::time::timeout(timeout, qmp.read_message()).await.map_err(|_| QmpError::Timeout("greeting".into()))??;
-        if greeting.get("QMP").is_none() {
-            return Err(QmpError::Protocol(format!("expected a greeting, got {greeting}")));
-        }
+        // QEMU may put events it emitted meanwhile (a netdev stream connecting, say) ahead of
+        // the greeting on a new connection: keep them, as any event, and read on.
+        let greet = async {
+            loop {
+                let msg = qmp.read_message().await?;
+                if msg.get("QMP").is_some() {
+                    return Ok::<_, QmpError>(());
+                }
+                if msg.get("event").is_none() {
+                    return Err(QmpError::Protocol(format!("expected a greeting, got {msg}")));
+                }
+                qmp.events.push(msg);
+            }
+        };
+        tokio::time::timeout(timeout, greet).await.map_err(|_| QmpError::Timeout("greeting".into()))??;
         qmp.execute("qmp_capabilities", json!({}), timeout).await?;
         Ok(qmp)
     }
