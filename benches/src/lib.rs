@@ -126,3 +126,28 @@ pub async fn serve_host_with(
     let client = proto::sailbox::sailbox_service_client::SailboxServiceClient::new(ch).max_decoding_message_size(64 << 20);
     Ok((host, client))
 }
+
+/// The sailbox client the VM benches drive.
+pub type SailboxClient = proto::sailbox::sailbox_service_client::SailboxServiceClient<tonic::transport::Channel>;
+
+/// Runs `command` in sailbox `id` to completion (whatever its exit code).
+pub async fn exec(c: &mut SailboxClient, id: &str, command: &str) -> anyhow::Result<proto::sailbox::ExecResult> {
+    use proto::sailbox as pb;
+    let h = c.exec(pb::ExecRequest { sailbox_id: id.into(), command: command.into(), ..Default::default() }).await?.into_inner();
+    Ok(c.wait_exec(pb::WaitExecRequest { exec_id: h.exec_id, timeout_ms: 0 }).await?.into_inner())
+}
+
+/// Writes `data` to `path` (mode 0755) in sailbox `id`, streamed in 1 MiB messages.
+pub async fn write_file(c: &mut SailboxClient, id: &str, path: &str, data: &[u8]) -> anyhow::Result<()> {
+    use proto::sailbox as pb;
+    let mut msgs = vec![pb::WriteFileRequest {
+        sailbox_id: id.into(),
+        path: path.into(),
+        mode: 0o755,
+        size: data.len() as u64,
+        data: vec![],
+    }];
+    msgs.extend(data.chunks(1 << 20).map(|p| pb::WriteFileRequest { data: p.to_vec(), ..Default::default() }));
+    c.write_file(tokio_stream::iter(msgs)).await?;
+    Ok(())
+}

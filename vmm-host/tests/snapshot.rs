@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{error_name, minimal, read, run, serve, serve_with, write};
+use common::{background, error_name, minimal, read, run, serve, serve_with, write};
 use proto::sailbox as pb;
 use proto::sailbox::sailbox_service_client::SailboxServiceClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -18,16 +18,6 @@ type Client = SailboxServiceClient<Channel>;
 
 /// A shell loop that counts in memory (the variable) and shows the count on disk.
 const COUNTER: &str = "i=0; while true; do i=$((i+1)); echo $i > /run/count; sleep 0.1; done";
-
-async fn background(c: &mut Client, id: &str, cmd: &str) {
-    let h = c
-        .exec(pb::ExecRequest { sailbox_id: id.into(), command: cmd.into(), background: true, ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner();
-    let r = c.wait_exec(pb::WaitExecRequest { exec_id: h.exec_id, timeout_ms: 0 }).await.unwrap().into_inner();
-    assert_eq!(r.return_code, 0);
-}
 
 async fn count(c: &mut Client, id: &str) -> u64 {
     // The loop truncates the file before writing it: an empty read is retried.

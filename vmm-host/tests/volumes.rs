@@ -8,7 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{error_name, run, serve_with};
+use common::{background, error_name, run, serve_with};
 use proto::sailbox as pb;
 use proto::sailbox::sailbox_service_client::SailboxServiceClient;
 use tonic::transport::Channel;
@@ -189,17 +189,6 @@ async fn mounted(c: &mut SailboxServiceClient<Channel>, id: &str, restarts: u32)
         assert!(Instant::now() < deadline, "the mount is not mounted (restarts >= {restarts}): {sb:?}");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-}
-
-/// Starts `cmd` in the guest in the background (it outlives the exec).
-async fn background(c: &mut SailboxServiceClient<Channel>, id: &str, cmd: &str) {
-    let h = c
-        .exec(pb::ExecRequest { sailbox_id: id.into(), command: cmd.into(), background: true, ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner();
-    let r = c.wait_exec(pb::WaitExecRequest { exec_id: h.exec_id, timeout_ms: 0 }).await.unwrap().into_inner();
-    assert_eq!(r.return_code, 0, "{cmd}");
 }
 
 /// The pid of the sailbox VM's QEMU among the processes under `dir`.

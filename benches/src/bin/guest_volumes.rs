@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use benches::{mib_per_s, print_table, random_bytes};
+use benches::{mib_per_s, print_table, random_bytes, write_file as write};
 use bytes::Bytes;
 use clap::Parser;
 use proto::sailbox as pb;
@@ -61,9 +61,9 @@ const ORG: &str = "default";
 const BIG: &str = "reads";
 const MANY: &str = "many";
 
+/// Runs `command` in the guest; its stdout, or an error with its output if it failed.
 async fn exec(c: &mut Client, id: &str, command: &str) -> anyhow::Result<String> {
-    let h = c.exec(pb::ExecRequest { sailbox_id: id.into(), command: command.into(), ..Default::default() }).await?.into_inner();
-    let r = c.wait_exec(pb::WaitExecRequest { exec_id: h.exec_id, timeout_ms: 0 }).await?.into_inner();
+    let r = benches::exec(c, id, command).await?;
     anyhow::ensure!(
         r.return_code == 0,
         "{command}: exit {}: {} {}",
@@ -72,19 +72,6 @@ async fn exec(c: &mut Client, id: &str, command: &str) -> anyhow::Result<String>
         String::from_utf8_lossy(&r.stderr)
     );
     Ok(String::from_utf8_lossy(&r.stdout).trim().to_owned())
-}
-
-async fn write(c: &mut Client, id: &str, path: &str, data: &[u8]) -> anyhow::Result<()> {
-    let mut msgs = vec![pb::WriteFileRequest {
-        sailbox_id: id.into(),
-        path: path.into(),
-        mode: 0o755,
-        size: data.len() as u64,
-        data: vec![],
-    }];
-    msgs.extend(data.chunks(1 << 20).map(|p| pb::WriteFileRequest { data: p.to_vec(), ..Default::default() }));
-    c.write_file(tokio_stream::iter(msgs)).await?;
-    Ok(())
 }
 
 /// The guest's reader: drops the page cache when asked, times `open` + the first 4 KiB and

@@ -18,7 +18,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use benches::{mib_per_s, print_table};
+use benches::{exec, mib_per_s, print_table, write_file as write};
 use clap::Parser;
 use proto::sailbox as pb;
 use proto::sailbox::sailbox_service_client::SailboxServiceClient;
@@ -50,11 +50,6 @@ struct Args {
 
 type Client = SailboxServiceClient<Channel>;
 
-async fn exec(c: &mut Client, id: &str, command: &str) -> anyhow::Result<pb::ExecResult> {
-    let h = c.exec(pb::ExecRequest { sailbox_id: id.into(), command: command.into(), ..Default::default() }).await?.into_inner();
-    Ok(c.wait_exec(pb::WaitExecRequest { exec_id: h.exec_id, timeout_ms: 0 }).await?.into_inner())
-}
-
 /// How long one guest transfer may take before it counts as stalled, s.
 const STALL_S: u32 = 120;
 
@@ -74,19 +69,6 @@ async fn guest_timed(c: &mut Client, id: &str, cmd: &str) -> anyhow::Result<Opti
     let s: f64 = out.parse().unwrap_or(-1.0);
     anyhow::ensure!(s >= 0.0, "{cmd:?} failed: {}", String::from_utf8_lossy(&r.stderr));
     Ok(Some(s))
-}
-
-async fn write(c: &mut Client, id: &str, path: &str, data: &[u8]) -> anyhow::Result<()> {
-    let mut msgs = vec![pb::WriteFileRequest {
-        sailbox_id: id.into(),
-        path: path.into(),
-        mode: 0o755,
-        size: data.len() as u64,
-        data: vec![],
-    }];
-    msgs.extend(data.chunks(1 << 20).map(|p| pb::WriteFileRequest { data: p.to_vec(), ..Default::default() }));
-    c.write_file(tokio_stream::iter(msgs)).await?;
-    Ok(())
 }
 
 /// One connection of the host-side test server. The first line says what to do:

@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use benches::{mib_per_s, ms, percentile, print_table, random_bytes};
+use benches::{exec, mib_per_s, ms, percentile, print_table, random_bytes};
 use clap::Parser;
 use proto::sailbox as pb;
 use proto::sailbox::sailbox_service_client::SailboxServiceClient;
@@ -36,11 +36,6 @@ struct Args {
 }
 
 type Client = SailboxServiceClient<Channel>;
-
-async fn exec(c: &mut Client, id: &str, command: &str) -> anyhow::Result<pb::ExecResult> {
-    let h = c.exec(pb::ExecRequest { sailbox_id: id.into(), command: command.into(), ..Default::default() }).await?.into_inner();
-    Ok(c.wait_exec(pb::WaitExecRequest { exec_id: h.exec_id, timeout_ms: 0 }).await?.into_inner())
-}
 
 fn create_req(image: &str, disk_gib: u32) -> pb::CreateSailboxRequest {
     pb::CreateSailboxRequest {

@@ -40,8 +40,7 @@ struct Args {
 type Client = SailboxServiceClient<Channel>;
 
 async fn exec(c: &mut Client, id: &str, command: &str) -> anyhow::Result<pb::ExecResult> {
-    let h = c.exec(pb::ExecRequest { sailbox_id: id.into(), command: command.into(), ..Default::default() }).await?.into_inner();
-    let r = c.wait_exec(pb::WaitExecRequest { exec_id: h.exec_id, timeout_ms: 0 }).await?.into_inner();
+    let r = benches::exec(c, id, command).await?;
     anyhow::ensure!(r.return_code == 0, "{command:?} failed: {}", String::from_utf8_lossy(&r.stderr));
     Ok(r)
 }

@@ -130,6 +130,17 @@ pub async fn run(c: &mut SailboxServiceClient<Channel>, id: &str, command: &str)
     c.wait_exec(pb::WaitExecRequest { exec_id: h.exec_id, timeout_ms: 0 }).await.unwrap().into_inner()
 }
 
+/// Starts `cmd` in the guest in the background (it outlives the exec).
+pub async fn background(c: &mut SailboxServiceClient<Channel>, id: &str, cmd: &str) {
+    let h = c
+        .exec(pb::ExecRequest { sailbox_id: id.into(), command: cmd.into(), background: true, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    let r = c.wait_exec(pb::WaitExecRequest { exec_id: h.exec_id, timeout_ms: 0 }).await.unwrap().into_inner();
+    assert_eq!(r.return_code, 0, "{cmd}");
+}
+
 /// Writes `data` to `path` in the sailbox.
 pub async fn write(c: &mut SailboxServiceClient<Channel>, id: &str, path: &str, data: &[u8]) -> Result<u64, tonic::Status> {
     let mut msgs = vec![pb::WriteFileRequest {
