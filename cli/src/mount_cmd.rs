@@ -287,11 +287,12 @@ pub fn status(g: &Globals, path: &Path) -> anyhow::Result<()> {
             human(s.cache_capacity)
         );
         println!(
-            "  passthrough {}: {} opens, {} served by the helper, {} fallbacks; {} files assembled ({}){}",
+            "  passthrough {}: {} opens, {} served by the helper, {} fallbacks, {} files held open; {} files assembled ({}){}",
             if s.passthrough { "on" } else { "off" },
             s.passthrough_opens,
             s.passthrough_direct_opens,
             s.passthrough_fallbacks,
+            s.passthrough_inodes,
             s.assembled_files,
             human(s.assembled_bytes),
             if s.assembling > 0 { ", assembling" } else { "" }

@@ -134,6 +134,10 @@ pub struct MountStatus {
     /// Opens that fell back to the plain path because the kernel refused a backing file.
     #[serde(default)]
     pub passthrough_fallbacks: u64,
+    /// Inodes with a passthrough handle open now (the kernel accepts only passthrough opens
+    /// of them; it releases handles asynchronously, a moment after `close` returns).
+    #[serde(default)]
+    pub passthrough_inodes: usize,
     /// Files assembled from cached chunks for passthrough (now held).
     #[serde(default)]
     pub assembled_files: usize,
@@ -441,6 +445,7 @@ impl MountCore {
             passthrough_opens: load(&p.opens),
             passthrough_direct_opens: load(&p.direct_opens),
             passthrough_fallbacks: load(&p.fallbacks),
+            passthrough_inodes: self.passthrough.held_inodes(),
             assembled_files,
             assembled_bytes,
             assembling,

@@ -215,6 +215,12 @@ impl Passthrough {
         (s.files.len(), s.bytes, s.building.len())
     }
 
+    /// Inodes with a passthrough handle open now. The kernel sends `RELEASE` after `close`
+    /// has returned, so this drops to zero a moment after the last handle closes.
+    pub fn held_inodes(&self) -> usize {
+        self.inodes.lock().len()
+    }
+
     /// Decides how to serve an open and, for a passthrough open, counts the handle on its
     /// inode. `register` hands a backing file to the kernel. Call with the state lock held, so
     /// decisions for one inode are made one at a time.

@@ -134,6 +134,13 @@ fn a_writer_of_a_file_held_in_passthrough_goes_through_the_overlay() {
     assert_eq!(st1.passthrough_direct_opens, st0.passthrough_direct_opens + 2, "{st1:?}");
     assert_eq!(st1.passthrough_opens, st0.passthrough_opens, "{st1:?}");
     drop((reader, writer, second));
+    // The kernel sends RELEASE after close() returns: wait until the helper has seen the
+    // last one, or the next open would still find the inode in passthrough mode.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while b.status().passthrough_inodes > 0 {
+        assert!(std::time::Instant::now() < deadline, "the kernel never released the passthrough handles");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 
     // Once every handle is closed the file is an ordinary dirty file: plain reads.
     assert_eq!(read_uncached(&b.p("big.bin")), big);
