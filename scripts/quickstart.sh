@@ -3,7 +3,8 @@
 # data directory, creates a volume and mounts it twice through FUSE, writes files in one
 # mount, commits, reloads the other and reads them lazily, shows two concurrent commits
 # merging; then boots a sailbox (a microVM under QEMU), runs commands in it, moves a file in
-# and out, and reaches a web server inside it through its ingress listener. It prints what
+# and out, and reaches a web server inside it through its ingress listener; last, the same
+# from the Python SDK (installed into ~/.cache/sail/sdk-venv). It prints what
 # happened with timings and cleans up (terminates, unmounts, stops the service).
 # Needs root and /dev/fuse. SKIP_SAILBOX=1 skips the VM part (and its setup).
 # SAIL_BIN_DIR=DIR runs the `sail` and `sail-cowfs` already built there instead of building
@@ -165,6 +166,31 @@ if [ "${SKIP_SAILBOX:-0}" != 1 ]; then
     child=""
     sail box terminate "$box"
     box=""
+
+    step "the same from Python: the SDK (pip install ./sdk/python; here into ~/.cache/sail/sdk-venv)"
+    venv="$HOME/.cache/sail/sdk-venv"
+    [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check ./sdk/python
+    (cd "$work" && "$venv/bin/python" - <<'PY'
+import time
+import sail
+
+t = time.monotonic()
+app = sail.App.find(name="quickstart")
+with sail.Sailbox.create(app=app, image="minimal", name="from-python") as sb:
+    print(f"   {sb.id} running after {(time.monotonic() - t) * 1000:.0f} ms")
+    r = sb.exec("echo hello from $(hostname); exit 7").wait()
+    print(f"   exec: {r.stdout.strip()!r}, return code {r.returncode}")
+    sb.write("/data/greeting.txt", "hi from Python")
+    print(f"   read back: {sb.read('/data/greeting.txt').decode()!r}")
+    try:
+        sb.exec("sleep 2")
+        sb.exec("true")
+    except sail.SailboxExecAlreadyRunningError as e:
+        print(f"   one exec at a time: {type(e).__name__}")
+print("   terminated on leaving the with block")
+PY
+    )
 fi
 
 printf '\nquickstart finished in %s ms; cleaning up %s\n' "$(ms_since $t0)" "$work"

@@ -42,8 +42,16 @@ results=$(mktemp)
 trap 'rm -f "$results"' EXIT
 cargo test --release --workspace --no-fail-fast 2>&1 | tee "$results"
 
-# The Python SDK against real FUSE mounts served by the binaries just built.
-SAIL_BIN_DIR="${CARGO_TARGET_DIR:-$PWD/target}/release" python3 -m pytest -q sdk/python/tests 2>&1 | tee -a "$results"
+# The Python SDK, installed as a user installs it (the build generates its gRPC stubs from
+# proto/), against real FUSE mounts and real VMs served by the binaries just built. pytest
+# runs from outside the source tree so it imports the installed package.
+sdk_venv="$HOME/.cache/sail/sdk-venv"
+[ -x "$sdk_venv/bin/python" ] || python3 -m venv "$sdk_venv"
+"$sdk_venv/bin/pip" install --quiet --disable-pip-version-check pytest grpcio-tools
+"$sdk_venv/bin/pip" install --quiet --disable-pip-version-check ./sdk/python
+"$sdk_venv/bin/pip" install --quiet --disable-pip-version-check --force-reinstall --no-deps ./sdk/python
+(cd /tmp && SAIL_BIN_DIR="${CARGO_TARGET_DIR:-$PWD/target}/release" SAIL_PROTO_DIR="$OLDPWD/proto/proto" \
+    "$sdk_venv/bin/python" -m pytest -q -p no:cacheprovider --rootdir "$OLDPWD/sdk/python" "$OLDPWD/sdk/python/tests") 2>&1 | tee -a "$results"
 
 fuzz_seconds="${FUZZ_SECONDS:-30}"
 if [ "$fuzz_seconds" -gt 0 ]; then

@@ -27,7 +27,7 @@ use crate::forkmem::ForkMemory;
 use crate::image::Progress;
 use crate::ingress::Ingress;
 use crate::lifecycle::Lifecycle;
-use crate::model::{SailboxRecord, State};
+use crate::model::{self, SailboxRecord, State};
 use crate::runtime::{Live, Runtime, Vm};
 use crate::snapshot::Snapshots;
 use crate::vmfiles::VmFiles;
@@ -349,6 +349,25 @@ impl Host {
             .collect();
         out.sort_by_key(|r| r.created_unix_ms);
         Ok(out.iter().map(|r| self.rt.to_proto(r)).collect())
+    }
+
+    /// Finds an app by name, or mints it when `mint_if_missing` (an unknown app otherwise is
+    /// `NotFound`).
+    pub fn get_app(&self, req: &pb::GetAppRequest) -> Result<pb::App> {
+        model::check_name("app", &req.name).map_err(|_| {
+            SailboxError::invalid(format!(
+                "app {:?} must be 1..={} of [A-Za-z0-9._-], starting with a letter or digit",
+                req.name,
+                model::MAX_NAME
+            ))
+        })?;
+        let minted = match self.rt.state.app(&req.name)? {
+            Some(_) => false,
+            None if req.mint_if_missing => self.rt.state.ensure_app(&req.name)?,
+            None => return Err(SailboxError::NotFound(format!("app {}", req.name))),
+        };
+        let created_unix_ms = self.rt.state.app(&req.name)?.unwrap_or_default();
+        Ok(pb::App { name: req.name.clone(), created_unix_ms, minted })
     }
 
     /// What `sail doctor` shows.

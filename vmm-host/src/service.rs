@@ -169,6 +169,12 @@ impl SailboxService for GrpcSailboxes {
         Ok(Response::new(self.host.upgrade(&id).instrument(span("upgrade", &id)).await?))
     }
 
+    async fn get_app(&self, req: Request<pb::GetAppRequest>) -> Result<Response<pb::App>, Status> {
+        let req = req.into_inner();
+        let span = tracing::info_span!("get_app", app = %req.name);
+        Ok(Response::new(span.in_scope(|| self.host.get_app(&req))?))
+    }
+
     async fn get_host_info(&self, _req: Request<pb::HostInfoRequest>) -> Result<Response<pb::HostInfo>, Status> {
         Ok(Response::new(self.host.host_info().await))
     }

@@ -174,6 +174,13 @@ impl StateStore {
             .map_err(|source| SailboxError::CorruptResult { id: id.to_owned(), source })
     }
 
+    /// An app's creation time (Unix ms), if it exists.
+    pub fn app(&self, name: &str) -> Result<Option<u64>> {
+        let Some(raw) = self.db.get_cf(self.cf(CF_APPS)?, name.as_bytes())? else { return Ok(None) };
+        // Written by `ensure_app` as decimal; an unreadable value still names an app.
+        Ok(Some(std::str::from_utf8(&raw).ok().and_then(|s| s.parse().ok()).unwrap_or(0)))
+    }
+
     /// Finds or mints an app by name; returns whether it was minted.
     pub fn ensure_app(&self, name: &str) -> Result<bool> {
         let cf = self.cf(CF_APPS)?;

@@ -1,13 +1,44 @@
-"""sail: the in-VM module for volumes mounted by the sail FUSE helper.
+"""sail: the Python SDK for sailboxes (persistent Linux microVMs), volumes and functions.
 
     import sail
+
+    app = sail.App.find(name="demo", mint_if_missing=True)
+    vol = sail.Volume.get("ws", mint_if_missing=True)
+    with sail.Sailbox.create(app=app, image="debian", volumes={"/mnt/ws": vol}) as sb:
+        print(sb.exec("echo hi").wait().stdout)
+
+    @sail.function()
+    def add(a, b):
+        return a + b
+
+    # sb.exec(add, 2, 3) == 5, run in the sailbox
+
+Inside a sailbox (or wherever a volume is mounted), with the standard library only:
+
     vol = sail.Volume.from_mount("/mnt/ws")
     commit_id = vol.commit()
     latest = vol.reload()
+
+Configuration: ``SAIL_API_URL`` (or ``SAIL_ENDPOINT``), ``SAIL_API_KEY``, ``SAIL_ORG``,
+``SAIL_TIMEOUT`` (see :mod:`sail._client`). Errors are the contract's classes in
+:mod:`sail.errors`.
 """
 
 from .errors import (
+    ImageBuildError,
+    SailAuthenticationError,
+    SailboxCreationError,
+    SailboxError,
+    SailboxExecAlreadyRunningError,
+    SailboxExecRequestNotFoundError,
+    SailboxExecutionError,
+    SailboxFunctionError,
+    SailboxFunctionSerializationError,
+    SailboxTerminatedError,
+    SailboxWorkerLostError,
+    SailConnectionError,
     SailError,
+    SailTimeoutError,
     VolumeCommitConflictError,
     VolumeCommitNotFoundError,
     VolumeError,
@@ -18,11 +49,45 @@ from .errors import (
     VolumeNotFoundError,
     VolumePathNotFoundError,
 )
-from .volume import Volume
+from .functions import SailFunction, function
+from .sailbox import (
+    App,
+    Checkpoint,
+    Sailbox,
+    SailboxExecRequest,
+    SailboxExecResult,
+    SailboxListener,
+    SailboxState,
+    ensure_image,
+)
+from .volume import Volume, VolumeCommit
+
+__version__ = "0.2.0"
 
 __all__ = [
+    "App",
+    "Checkpoint",
+    "Sailbox",
+    "SailboxExecRequest",
+    "SailboxExecResult",
+    "SailboxListener",
+    "SailboxState",
+    "SailFunction",
     "Volume",
+    "VolumeCommit",
+    "ensure_image",
+    "function",
     "SailError",
+    "SailboxError",
+    "SailboxCreationError",
+    "SailboxExecutionError",
+    "SailboxExecAlreadyRunningError",
+    "SailboxExecRequestNotFoundError",
+    "SailboxFunctionError",
+    "SailboxFunctionSerializationError",
+    "SailboxTerminatedError",
+    "SailboxWorkerLostError",
+    "ImageBuildError",
     "VolumeError",
     "VolumeNotFoundError",
     "VolumeFuseUnavailableError",
@@ -32,4 +97,7 @@ __all__ = [
     "VolumePathNotFoundError",
     "VolumeInvalidArgumentError",
     "VolumeMissingChunksError",
+    "SailConnectionError",
+    "SailAuthenticationError",
+    "SailTimeoutError",
 ]

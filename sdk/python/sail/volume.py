@@ -1,5 +1,9 @@
-"""`Volume`: a handle to a mounted volume, talking to the mount's FUSE helper over its
-control socket (one JSON object per line each way; see docs/guest-fuse.md)."""
+"""`Volume`: a named volume in the service (:meth:`Volume.get`, over gRPC) and a handle to a
+mounted one (:meth:`Volume.from_mount`), which talks to the mount's FUSE helper over its
+control socket (one JSON object per line each way; see docs/guest-fuse.md).
+
+The mount half uses the standard library only: it runs inside guests, where the SDK's gRPC
+dependencies are not installed."""
 
 from __future__ import annotations
 
@@ -7,7 +11,8 @@ import errno
 import json
 import os
 import socket
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, List, Optional
 
 from .errors import SailError, VolumeFuseUnavailableError, error_for
 
@@ -37,17 +42,100 @@ def _socket_path(mount: str) -> str:
     return path
 
 
-class Volume:
-    """A volume mounted by the sail FUSE helper at ``path`` (get one with
-    :meth:`Volume.from_mount`).
+@dataclass(frozen=True)
+class VolumeCommit:
+    """One commit of a volume's history (:meth:`Volume.log`)."""
 
-    Every call reconnects, re-reading the socket path from the mount, so a helper that was
-    restarted on the same mount point is found. Calls on one mount are served one at a time.
+    #: The commit id (64 hex digits).
+    id: str
+    #: Its sequence number in the volume (0: the initial empty commit).
+    seq: int
+    #: The commit it was made on (its first parent).
+    parent: str
+    #: When it was published (Unix ms).
+    time_unix_ms: int
+    #: Changed paths.
+    change_count: int
+    #: Its message ("" if none).
+    message: str = ""
+    #: Who made it.
+    author: str = ""
+
+
+class Volume:
+    """A volume: either named in the service (:meth:`get`, :meth:`list`; ``name``, ``org``,
+    ``id`` and ``head`` set), or mounted at ``path`` by the sail FUSE helper
+    (:meth:`from_mount`; then :meth:`commit`, :meth:`reload` and :meth:`status` work).
+
+    Mount calls reconnect each time, re-reading the socket path from the mount, so a helper
+    that was restarted on the same mount point is found. Calls on one mount are served one
+    at a time.
     """
 
-    def __init__(self, path: str) -> None:
-        #: Absolute path of the mount point.
+    def __init__(self, path: str = "", *, name: str = "", org: str = "", id: str = "", head: str = "") -> None:
+        #: Absolute path of the mount point ("" for a volume that is not mounted here).
         self.path = path
+        #: The volume's name (from :meth:`get`; "" from :meth:`from_mount`).
+        self.name = name
+        #: Its org.
+        self.org = org
+        #: Its id (32 hex digits, stable for the volume's life).
+        self.id = id
+        #: Its head commit when it was looked up.
+        self.head = head
+
+    @classmethod
+    def get(cls, name: str, mint_if_missing: bool = False, *, org: Optional[str] = None) -> "Volume":
+        """The volume called ``name`` in ``org`` (default ``SAIL_ORG``, else ``default``);
+        created when missing only if ``mint_if_missing``, else :class:`VolumeNotFoundError`."""
+        from ._client import client
+        from ._pb import volume_pb2 as pb
+
+        c = client()
+        ref = pb.VolumeRef(org=org or c.config.org, name=name)
+        v = c.call(c.volumes.GetVolume, pb.GetVolumeRequest(volume=ref, mint_if_missing=mint_if_missing),
+                   idempotent=True)
+        return cls(name=v.name, org=v.org, id=v.id, head=v.head)
+
+    @classmethod
+    def list(cls, *, org: Optional[str] = None) -> List["Volume"]:
+        """Every volume of ``org``."""
+        from ._client import client
+        from ._pb import volume_pb2 as pb
+
+        c = client()
+        r = c.call(c.volumes.ListVolumes, pb.ListVolumesRequest(org=org or c.config.org), idempotent=True)
+        return [cls(name=v.name, org=v.org, id=v.id, head=v.head) for v in r.volumes]
+
+    def log(self, limit: int = 100) -> List[VolumeCommit]:
+        """The newest ``limit`` commits (at most 1000), newest first."""
+        from ._client import client
+        from ._pb import volume_pb2 as pb
+
+        name, org = self._ref()
+        c = client()
+        r = c.call(c.volumes.Log, pb.LogRequest(volume=pb.VolumeRef(org=org or c.config.org, name=name),
+                                                limit=limit), idempotent=True)
+        return [VolumeCommit(id=x.id, seq=x.seq, parent=x.parent, time_unix_ms=x.time_unix_ms,
+                             change_count=x.change_count, message=x.message, author=x.author) for x in r.commits]
+
+    def delete(self) -> None:
+        """Deletes the volume (its mounts keep their view until they reload)."""
+        from ._client import client
+        from ._pb import volume_pb2 as pb
+
+        name, org = self._ref()
+        c = client()
+        c.call(c.volumes.DeleteVolume, pb.DeleteVolumeRequest(volume=pb.VolumeRef(org=org or c.config.org, name=name)),
+               idempotent=True)
+
+    def _ref(self) -> "tuple[str, str]":
+        if self.name:
+            return self.name, self.org
+        if self.path:
+            st = self.status()
+            return str(st["volume"]), str(st["org"])
+        raise VolumeFuseUnavailableError("this Volume names no volume: use Volume.get(name) or Volume.from_mount(path)")
 
     @classmethod
     def from_mount(cls, path: str | os.PathLike[str]) -> Volume:
@@ -63,6 +151,8 @@ class Volume:
 
     def _call(self, op: str, timeout: float | None) -> dict[str, Any]:
         """Sends one request and returns the reply's result, or raises the reply's error."""
+        if not self.path:
+            raise _unavailable(self.name or "?", f"volume {self.name!r} is not mounted here: use Volume.from_mount(path)")
         sock_path = _socket_path(self.path)
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -129,4 +219,6 @@ class Volume:
         self._call("unmount", timeout)
 
     def __repr__(self) -> str:
-        return f"Volume.from_mount({self.path!r})"
+        if self.path:
+            return f"Volume.from_mount({self.path!r})"
+        return f"Volume.get({self.name!r})"

@@ -22,9 +22,14 @@ import uuid
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
+# The tests import the installed package (`pip install ./sdk/python`: the build generates its
+# gRPC stubs), never the source tree.
 import sail  # noqa: E402
+
+if os.path.realpath(os.path.dirname(sail.__file__)) == os.path.realpath(
+        os.path.join(os.path.dirname(__file__), "..", "sail")):
+    raise RuntimeError("the tests must run against the installed SDK (pip install ./sdk/python), "
+                       "not the source tree: run pytest from another directory")
 
 
 def _bin_dir() -> str:
@@ -61,12 +66,13 @@ def detach(path: str) -> None:
 class Service:
     """`sail up` on a temporary data directory; its output is drained into `self.output`."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, env: dict | None = None) -> None:
         self.root = root
         self.output: collections.deque[str] = collections.deque(maxlen=200)
         self.proc = subprocess.Popen(
             [_need("sail"), "up", "--data-dir", os.path.join(root, "data"), "--listen", "127.0.0.1:0"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+            env={**os.environ, **(env or {})},
         )
         found = threading.Event()
         self.endpoint = ""
@@ -161,10 +167,31 @@ class Mount:
 def service():
     root = tempfile.mkdtemp(prefix="sail-sdk-")
     svc = None
+    saved = {k: os.environ.get(k) for k in ("SAIL_API_URL", "SAIL_ENDPOINT", "SAIL_ORG")}
     try:
         svc = Service(root)
+        # The SDK's gRPC half finds the service the way a user's program does.
+        os.environ["SAIL_API_URL"] = svc.endpoint
+        os.environ.pop("SAIL_ENDPOINT", None)
+        os.environ.pop("SAIL_ORG", None)
         yield svc
     finally:
+        # `sail up` leaves VMs running when it stops (a restart re-attaches them): end them.
+        if svc is not None and svc.proc.poll() is None:
+            try:
+                for sb in sail.Sailbox.list(states=list(sail.SailboxState)):
+                    if sb.info.state not in (5, 6):  # terminated, lost
+                        try:
+                            sb.terminate()
+                        except sail.SailError:
+                            pass
+            except sail.SailError:
+                pass
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         if svc is not None:
             svc.stop()
         # Safety net: nothing may stay mounted under root (and rmtree must not enter a mount).
@@ -196,3 +223,23 @@ def mounts(service):
         m.close()
     leftover = [m.path for m in made if mounted(m.path)]
     assert not leftover, f"mounts left behind: {leftover}"
+
+
+def vm_kit() -> None:
+    """Fails (or skips, with SAIL_SDK_ALLOW_SKIP=1) when the VM kit is missing."""
+    guest = os.environ.get("SAIL_GUEST_DIR") or os.path.expanduser("~/.cache/sail/guest")
+    if not os.path.isdir(guest) or not os.environ.get("SAIL_AGENT_BIN"):
+        msg = ("the VM kit is missing: run `bash scripts/setup.sh vm && bash scripts/build-agent.sh` "
+               "and set SAIL_AGENT_BIN")
+        if os.environ.get("SAIL_SDK_ALLOW_SKIP") == "1":
+            pytest.skip(msg)
+        pytest.fail(msg, pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def debian_image(service):
+    """The Debian image, built once for the session (debootstrap on a new data directory:
+    minutes; bounded generously)."""
+    vm_kit()
+    lines: list = []
+    return sail.ensure_image("debian", timeout=1800, on_progress=lines.append)
