@@ -60,7 +60,7 @@ from .sailbox import (
     SailboxState,
     ensure_image,
 )
-from .volume import Volume, VolumeCommit
+from .volume import Volume, VolumeCommit, VolumeEntry
 
 __version__ = "0.2.0"
 
@@ -75,6 +75,7 @@ __all__ = [
     "SailFunction",
     "Volume",
     "VolumeCommit",
+    "VolumeEntry",
     "ensure_image",
     "function",
     "SailError",

@@ -322,8 +322,9 @@ class Sailbox:
         from ._pb import sailbox_pb2 as pb
 
         image_name = _image_name(image)
-        if image_build_timeout is not None:
-            ensure_image(image_name, timeout=image_build_timeout)
+        # The image first, under its own bound (a first Debian build takes minutes), so the
+        # create call's deadline covers only the VM; an image already built answers at once.
+        ensure_image(image_name, timeout=image_build_timeout)
         mounts: Dict[str, Any] = {}
         for path, vol in (volumes or {}).items():
             if isinstance(vol, str):
@@ -493,8 +494,12 @@ class Sailbox:
         from ._pb import sailbox_pb2 as pb
 
         source, size, cleanup = _source(data)
-        try:
-            def messages() -> Iterator[Any]:
+        # gRPC turns an exception raised while producing the messages into a bare CANCELLED:
+        # keep it and raise it instead.
+        failed: List[BaseException] = []
+
+        def messages() -> Iterator[Any]:
+            try:
                 yield pb.WriteFileRequest(sailbox_id=self.id, path=path, mode=mode, size=size)
                 sent = 0
                 while sent < size:
@@ -503,10 +508,22 @@ class Sailbox:
                         raise SailError(f"the data for {path} ended after {sent} of {size} bytes")
                     sent += len(chunk)
                     yield pb.WriteFileRequest(data=chunk)
+            except BaseException as e:
+                failed.append(e)
+                raise
 
+        try:
             c = client()
-            r = c.call(c.sailboxes.WriteFile, messages(), idempotent=False,
-                       timeout=timeout if timeout is not None else _INF)
+            try:
+                r = c.call(c.sailboxes.WriteFile, messages(), idempotent=False,
+                           timeout=timeout if timeout is not None else _INF)
+            except SailError:
+                if failed and not isinstance(failed[0], GeneratorExit):
+                    e = failed[0]
+                    if isinstance(e, SailError):
+                        raise e from None
+                    raise SailError(f"reading the data for {path} failed: {type(e).__name__}: {e}") from e
+                raise
             return int(r.bytes_written)
         finally:
             cleanup()

@@ -62,6 +62,32 @@ class VolumeCommit:
     author: str = ""
 
 
+@dataclass(frozen=True)
+class VolumeEntry:
+    """A file, directory or symlink in a volume's commit (:meth:`Volume.listdir`,
+    :meth:`Volume.stat`)."""
+
+    #: Its name in the directory (for :meth:`Volume.stat`, the path asked for).
+    name: str
+    #: ``"file"``, ``"dir"`` or ``"symlink"``.
+    kind: str
+    #: Bytes (files; 0 otherwise).
+    size: int
+    #: Permission bits.
+    mode: int
+    #: Modification time, nanoseconds since the Unix epoch.
+    mtime_ns: int
+    #: A symlink's target ("" otherwise).
+    target: str = ""
+
+    @classmethod
+    def _from_pb(cls, name: str, e: Any) -> "VolumeEntry":
+        kind = e.WhichOneof("kind") or "file"
+        size = e.file.size if kind == "file" else 0
+        return cls(name=name, kind=kind, size=int(size), mode=int(e.mode), mtime_ns=int(e.mtime_ns),
+                   target=e.symlink.target if kind == "symlink" else "")
+
+
 class Volume:
     """A volume: either named in the service (:meth:`get`, :meth:`list`; ``name``, ``org``,
     ``id`` and ``head`` set), or mounted at ``path`` by the sail FUSE helper
@@ -118,6 +144,30 @@ class Volume:
                                                 limit=limit), idempotent=True)
         return [VolumeCommit(id=x.id, seq=x.seq, parent=x.parent, time_unix_ms=x.time_unix_ms,
                              change_count=x.change_count, message=x.message, author=x.author) for x in r.commits]
+
+    def listdir(self, path: str = "", *, commit: str = "") -> List[VolumeEntry]:
+        """The entries of a directory in the head (or in ``commit``), by name; metadata only.
+        A missing path raises :class:`VolumePathNotFoundError`."""
+        from ._client import client
+        from ._pb import volume_pb2 as pb
+
+        name, org = self._ref()
+        c = client()
+        r = c.call(c.volumes.ListDir, pb.ListDirRequest(volume=pb.VolumeRef(org=org or c.config.org, name=name),
+                                                        commit=commit, path=path), idempotent=True)
+        return [VolumeEntry._from_pb(e.name, e.entry) for e in r.entries]
+
+    def stat(self, path: str, *, commit: str = "") -> VolumeEntry:
+        """One entry of the head (or of ``commit``); a missing path raises
+        :class:`VolumePathNotFoundError`."""
+        from ._client import client
+        from ._pb import volume_pb2 as pb
+
+        name, org = self._ref()
+        c = client()
+        r = c.call(c.volumes.Stat, pb.StatRequest(volume=pb.VolumeRef(org=org or c.config.org, name=name),
+                                                  commit=commit, path=path), idempotent=True)
+        return VolumeEntry._from_pb(path, r.entry)
 
     def delete(self) -> None:
         """Deletes the volume (its mounts keep their view until they reload)."""

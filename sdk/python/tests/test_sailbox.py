@@ -4,6 +4,7 @@ test forks it once more."""
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -168,6 +169,17 @@ def test_write_and_read_bytes_text_files_and_pipes(box, tmp_path):
         assert box.write("/root/piped.bin", pipe) == 64 * 65536
     assert box.read("/root/piped.bin") == b"".join(bytes([i]) * 65536 for i in range(64))
 
+    class Shrinking(io.BytesIO):
+        """Claims 100 bytes more than it holds (a file truncated while it is sent)."""
+
+        def seek(self, offset: int, whence: int = 0) -> int:
+            pos = super().seek(offset, whence)
+            return pos + 100 if whence == io.SEEK_END else pos
+
+    with pytest.raises(sail.SailError, match="ended after 5 of 105 bytes"):
+        box.write("/root/short.bin", Shrinking(b"12345"))
+    assert box.exec("test -e /root/short.bin").wait().returncode == 1, "a partial file appeared"
+
     with pytest.raises(sail.SailboxError) as e:
         box.read("/root/missing")
     assert e.value.code == "NOT_FOUND"
@@ -313,6 +325,12 @@ def test_volumes_get_list_and_log_and_the_mount_inside(box, ws):
     log = ws.log()
     assert log[0].id == r.stdout.strip() and log[0].seq == 1 and log[0].change_count >= 1
     assert sail.Volume.get(ws.name).head == log[0].id
+    entries = {e.name: e for e in ws.listdir()}
+    assert entries["notes.txt"].kind == "file" and entries["notes.txt"].size == len("from the sdk")
+    st = ws.stat("notes.txt", commit=log[0].id)
+    assert (st.kind, st.size, st.mode & 0o777) == ("file", 12, 0o644)
+    with pytest.raises(sail.VolumePathNotFoundError):
+        ws.stat("missing.txt")
     with pytest.raises(sail.VolumeFuseUnavailableError, match="not mounted here"):
         ws.commit()
 
