@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt;
 
 use crate::error::{Result, SailboxError};
+use crate::guest_input;
 use crate::model::{ExecRecord, ExecStatus, SailboxRecord};
 use crate::runtime::{Live, Runtime, Vm};
 use sysutil::clock::now_ms;
@@ -34,11 +35,39 @@ pub(crate) struct Execs {
     rt: Arc<Runtime>,
     /// Wakes waiters of an exec when its record changes.
     done: Mutex<HashMap<String, watch::Sender<bool>>>,
+    /// When finished requests were last pruned (Unix ms).
+    pruned_at: std::sync::atomic::AtomicU64,
 }
+
+/// How often starting requests prunes old finished ones.
+const PRUNE_EVERY_MS: u64 = 3600 * 1000;
 
 impl Execs {
     pub(crate) fn new(rt: Arc<Runtime>) -> Self {
-        Self { rt, done: Mutex::default() }
+        Self { rt, done: Mutex::default(), pruned_at: std::sync::atomic::AtomicU64::new(0) }
+    }
+
+    /// Deletes finished requests that started longer ago than the retention; returns how
+    /// many.
+    pub(crate) fn prune_old(&self) -> Result<usize> {
+        let now = now_ms();
+        self.pruned_at.store(now, std::sync::atomic::Ordering::Relaxed);
+        let retention = u64::try_from(self.rt.config.exec_retention.as_millis()).unwrap_or(u64::MAX);
+        let pruned = self.rt.state.prune_execs(now.saturating_sub(retention))?;
+        if pruned > 0 {
+            tracing::info!(pruned, "deleted finished exec requests past their retention");
+        }
+        Ok(pruned)
+    }
+
+    /// Prunes when the last pruning is more than [`PRUNE_EVERY_MS`] old.
+    fn prune_now_and_then(&self) {
+        let last = self.pruned_at.load(std::sync::atomic::Ordering::Relaxed);
+        if now_ms().saturating_sub(last) >= PRUNE_EVERY_MS
+            && let Err(e) = self.prune_old()
+        {
+            tracing::warn!(error = %e, "pruning old exec requests failed");
+        }
     }
 
     fn channel(&self, id: &str) -> watch::Receiver<bool> {
@@ -132,17 +161,21 @@ impl Execs {
     }
 }
 
+/// The stored result of an exec: what the agent reported, held to the contract's limits
+/// (the guest is not trusted to have kept them).
 fn result_to_proto(exec: &ExecRecord, r: apb::ExecResult) -> pb::ExecResult {
+    let (stdout, stdout_truncated, stdout_bytes) = guest_input::output(r.stdout, r.stdout_truncated, r.stdout_bytes);
+    let (stderr, stderr_truncated, stderr_bytes) = guest_input::output(r.stderr, r.stderr_truncated, r.stderr_bytes);
     pb::ExecResult {
         exec_id: exec.id.clone(),
         sailbox_id: exec.sailbox.clone(),
         return_code: r.return_code,
-        stdout: r.stdout,
-        stderr: r.stderr,
-        stdout_truncated: r.stdout_truncated,
-        stderr_truncated: r.stderr_truncated,
-        stdout_bytes: r.stdout_bytes,
-        stderr_bytes: r.stderr_bytes,
+        stdout,
+        stderr,
+        stdout_truncated,
+        stderr_truncated,
+        stdout_bytes,
+        stderr_bytes,
         timed_out: r.timed_out,
         started_unix_ms: r.started_unix_ms,
         finished_unix_ms: r.finished_unix_ms,
@@ -198,6 +231,7 @@ impl Execs {
         // The state may have changed while waiting for the lock.
         let (live, vm) = self.rt.running(&req.sailbox_id)?;
         let exec = self.record_new(&live, req)?;
+        self.prune_now_and_then();
         tracing::info!(sailbox = %exec.sailbox, exec = %exec.id, background = exec.background, "exec");
         self.launch(&live, &vm, &exec).await?;
         self.watch(&live, exec.id.clone());
@@ -292,21 +326,24 @@ impl Execs {
     pub(crate) async fn wait(&self, id: &str, timeout: Option<Duration>) -> Result<pb::ExecResult> {
         let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
         loop {
+            if let Some(done) = self.settled(id)? {
+                return done;
+            }
+            // Subscribe only to a running request, then look again: a finish between the
+            // first look and the subscription would otherwise be missed. Waiting on finished
+            // or unknown ids leaves nothing behind in the table.
             let mut rx = self.channel(id);
-            let exec = self.rt.state.exec(id)?.ok_or_else(|| SailboxError::ExecNotFound(id.to_owned()))?;
-            match exec.status {
-                ExecStatus::Finished => {
-                    return self.rt.state.exec_result(id)?.ok_or_else(|| SailboxError::MissingResult(id.to_owned()));
-                }
-                ExecStatus::Failed(why) => return Err(SailboxError::Execution(why)),
-                ExecStatus::Lost(why) => return Err(SailboxError::WorkerLost { id: exec.sailbox, reason: why }),
-                ExecStatus::Terminated => return Err(SailboxError::Terminated(exec.sailbox)),
-                ExecStatus::Running => {}
+            if let Some(done) = self.settled(id)? {
+                drop(rx);
+                self.prune(id);
+                return done;
             }
             let changed = rx.wait_for(|done| *done);
             match deadline {
                 Some(d) => {
                     if tokio::time::timeout_at(d, changed).await.is_err() {
+                        drop(rx);
+                        self.prune(id);
                         return Err(SailboxError::Timeout(format!("exec {id} still running")));
                     }
                 }
@@ -315,6 +352,35 @@ impl Execs {
                 }
             }
         }
+    }
+
+    /// The outcome of a request that is no longer running (`None` while it runs).
+    fn settled(&self, id: &str) -> Result<Option<Result<pb::ExecResult>>> {
+        let exec = self.rt.state.exec(id)?.ok_or_else(|| SailboxError::ExecNotFound(id.to_owned()))?;
+        Ok(match exec.status {
+            ExecStatus::Finished => {
+                Some(self.rt.state.exec_result(id)?.ok_or_else(|| SailboxError::MissingResult(id.to_owned())))
+            }
+            ExecStatus::Failed(why) => Some(Err(SailboxError::Execution(why))),
+            ExecStatus::Lost(why) => Some(Err(SailboxError::WorkerLost { id: exec.sailbox, reason: why })),
+            ExecStatus::Terminated => Some(Err(SailboxError::Terminated(exec.sailbox))),
+            ExecStatus::Running => None,
+        })
+    }
+
+    /// Drops a request's channel when nobody waits on it and it is not running (a running
+    /// request keeps its channel until it is notified).
+    fn prune(&self, id: &str) {
+        let running = matches!(self.rt.state.exec(id), Ok(Some(e)) if e.status == ExecStatus::Running);
+        let mut done = self.done.lock();
+        if !running && done.get(id).is_some_and(|tx| tx.receiver_count() == 0) {
+            done.remove(id);
+        }
+    }
+
+    /// Channels held (for tests of the table's bound).
+    pub(crate) fn channels(&self) -> usize {
+        self.done.lock().len()
     }
 
     /// Output of an exec as it is produced (live from the agent while it runs, from the

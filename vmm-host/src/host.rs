@@ -68,6 +68,9 @@ pub struct HostConfig {
     pub chunk_cache_bytes: u64,
     /// Its in-memory part, bytes.
     pub chunk_memory_bytes: u64,
+    /// How long finished exec requests (and their results) stay waitable by id after they
+    /// started; older ones are deleted at start and then about hourly.
+    pub exec_retention: Duration,
 }
 
 impl HostConfig {
@@ -92,6 +95,10 @@ impl HostConfig {
             volumed_endpoint: None,
             chunk_cache_bytes: 10 << 30,
             chunk_memory_bytes: 256 << 20,
+            exec_retention: std::env::var("SAIL_EXEC_RETENTION_HOURS")
+                .ok()
+                .and_then(|h| h.parse::<u64>().ok())
+                .map_or(Duration::from_secs(7 * 24 * 3600), |h| Duration::from_secs(h.saturating_mul(3600))),
         }
     }
 }
@@ -116,6 +123,7 @@ impl Host {
     pub async fn open(config: HostConfig) -> Result<Self> {
         let host = Self::assemble(Arc::new(Runtime::open(config).await?));
         host.recover().await?;
+        host.execs.prune_old()?;
         Ok(host)
     }
 
@@ -289,8 +297,9 @@ impl Host {
         Ok(s)
     }
 
-    /// The volume mounts of a running sailbox as its agent reports them; when the agent does
-    /// not answer in time, each recorded mount with state "unknown".
+    /// The volume mounts of a running sailbox: the host's record of them, with what its agent
+    /// reports (bounded, see [`crate::guest_input::mounts`]); when the agent does not answer
+    /// in time, each recorded mount with state "unknown".
     async fn mounts(&self, id: &str) -> Vec<pb::MountStatus> {
         let Ok((live, vm)) = self.rt.running(id) else { return Vec::new() };
         let recorded = live.snapshot().volumes;
@@ -299,36 +308,15 @@ impl Host {
         }
         let asked = tokio::time::timeout(MOUNTS_TIMEOUT, vm.agent.raw().list_mounts(proto::agent::ListMountsRequest {})).await;
         match asked {
-            Ok(Ok(resp)) => resp
-                .into_inner()
-                .mounts
-                .into_iter()
-                .map(|m| pb::MountStatus {
-                    path: m.path,
-                    volume: m.volume,
-                    org: m.org,
-                    state: m.state,
-                    head_commit: m.head_commit,
-                    dirty_bytes: m.dirty_bytes,
-                    restarts: m.restarts,
-                    last_error: m.last_error,
-                })
-                .collect(),
+            Ok(Ok(resp)) => crate::guest_input::mounts(&recorded, &resp.into_inner().mounts),
             failed => {
                 let why = match failed {
-                    Ok(Err(status)) => status.message().to_owned(),
+                    Ok(Err(status)) => crate::guest_input::text(status.message(), crate::guest_input::MAX_ERROR),
                     _ => "the agent did not answer in time".to_owned(),
                 };
-                recorded
+                crate::guest_input::mounts(&recorded, &[])
                     .into_iter()
-                    .map(|(path, v)| pb::MountStatus {
-                        path,
-                        volume: v.volume,
-                        org: v.org,
-                        state: "unknown".into(),
-                        last_error: why.clone(),
-                        ..Default::default()
-                    })
+                    .map(|m| pb::MountStatus { last_error: why.clone(), ..m })
                     .collect()
             }
         }
@@ -368,6 +356,19 @@ impl Host {
         };
         let created_unix_ms = self.rt.state.app(&req.name)?.unwrap_or_default();
         Ok(pb::App { name: req.name.clone(), created_unix_ms, minted })
+    }
+
+    /// Deletes finished exec requests older than the retention (see
+    /// [`HostConfig::exec_retention`]); returns how many. Also runs at start and, about
+    /// hourly, when requests start.
+    pub fn prune_exec_results(&self) -> Result<usize> {
+        self.execs.prune_old()
+    }
+
+    /// Exec wait channels held: one per running request at most (waits on finished or
+    /// unknown requests leave nothing behind).
+    pub fn exec_waiters(&self) -> usize {
+        self.execs.channels()
     }
 
     /// What `sail doctor` shows.

@@ -149,11 +149,6 @@ impl ImageStore {
                 }
             }
         };
-        let lock = {
-            let mut locks = self.locks.lock();
-            locks.entry(id.clone()).or_default().clone()
-        };
-        let _guard = lock.lock().await;
         if let Some(manifest) = self.manifest(&id)? {
             let size = manifest.size;
             return Ok(LocalImage { id, manifest, size });
@@ -161,11 +156,43 @@ impl ImageStore {
         let Some(definition) = definition else {
             return Err(SailboxError::InvalidConfig(format!("image {id} is not known on this host")));
         };
-        progress(&format!("building image {name_or_id} ({id}); this happens once per host"));
-        let manifest = self.build(name_or_id, &id, &definition, &progress).await?;
-        progress(&format!("image {id} ready: {} MiB, {} chunks", manifest.size >> 20, manifest.chunks.iter().flatten().count()));
+        // One build per definition at a time: later callers wait and find the manifest. The
+        // lock table holds only builds in progress (callers choose the ids they ask for, so
+        // an entry per id ever asked would grow without bound).
+        let lock = {
+            let mut locks = self.locks.lock();
+            locks.entry(id.clone()).or_default().clone()
+        };
+        let built: Result<ImageManifest> = async {
+            let _guard = lock.lock().await;
+            if let Some(manifest) = self.manifest(&id)? {
+                return Ok(manifest);
+            }
+            progress(&format!("building image {name_or_id} ({id}); this happens once per host"));
+            let manifest = self.build(name_or_id, &id, &definition, &progress).await?;
+            progress(&format!(
+                "image {id} ready: {} MiB, {} chunks",
+                manifest.size >> 20,
+                manifest.chunks.iter().flatten().count()
+            ));
+            Ok(manifest)
+        }
+        .await;
+        drop(lock);
+        {
+            let mut locks = self.locks.lock();
+            if locks.get(&id).is_some_and(|l| Arc::strong_count(l) == 1) {
+                locks.remove(&id);
+            }
+        }
+        let manifest = built?;
         let size = manifest.size;
         Ok(LocalImage { id, manifest, size })
+    }
+
+    /// Builds in progress or waited on (for tests of the lock table's bound).
+    pub fn locks_held(&self) -> usize {
+        self.locks.lock().len()
     }
 
     /// A cowfs manifest for a disk of `disk_bytes` over the image: its regions point into
@@ -395,4 +422,27 @@ fn dir_size(path: &Path) -> u64 {
         }
     }
     total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_build_lock_table_holds_only_builds_in_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateStore::open(dir.path().join("state")).unwrap();
+        let backend: Arc<dyn Backend> = Arc::new(chunkstore::LocalBackend::open(dir.path().join("chunks")).unwrap());
+        let images = ImageStore::new(state, backend, dir.path().join("images"), None);
+        let quiet: Progress = Arc::new(|_: &str| {});
+        // Ids a caller makes up: refused, and nothing is kept per id.
+        for i in 0..1000 {
+            let e = images.ensure(&format!("im-{i:024x}"), quiet.clone()).await.unwrap_err();
+            assert!(e.to_string().contains("not known"), "{e}");
+        }
+        assert_eq!(images.locks_held(), 0);
+        // A build that fails (no guest kit here) leaves no entry either.
+        assert!(images.ensure("minimal", quiet.clone()).await.is_err());
+        assert_eq!(images.locks_held(), 0);
+    }
 }

@@ -24,6 +24,7 @@ mod files;
 mod forkmem;
 pub mod gateway;
 pub mod guest;
+pub mod guest_input;
 pub mod host;
 pub mod host_nic;
 pub mod hypervisor;

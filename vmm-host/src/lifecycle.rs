@@ -14,10 +14,11 @@ use crate::agent_client::AgentClient;
 use crate::error::{Result, SailboxError};
 use crate::exec::Execs;
 use crate::forkmem::ForkMemory;
+use crate::guest_input::{self, console_tail};
 use crate::hypervisor::{DeviceState, Incoming};
 use crate::ingress::Ingress;
 use crate::model::{self, CheckpointRecord, ExecStatus, SailboxRecord, State};
-use crate::runtime::{Live, Runtime, Vm, console_tail, random_id};
+use crate::runtime::{Live, Runtime, Vm, random_id};
 use crate::vmfiles::VmFiles;
 use sysutil::clock::now_ms;
 
@@ -270,7 +271,7 @@ impl Lifecycle {
         let rec = live.update(|r| {
             r.boot_ms = started.elapsed().as_millis() as u64;
             r.guest_schema_version = hello.guest_schema_version;
-            r.agent_version = hello.agent_version.clone();
+            r.agent_version = guest_input::agent_version(&hello.agent_version);
         });
         self.rt.state.put_sailbox(&rec)?;
         self.watch_vmm(live, &vm);

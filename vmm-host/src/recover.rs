@@ -153,7 +153,7 @@ impl Host {
         let rec = live.update(|r| {
             r.listeners = listeners;
             r.guest_schema_version = hello.guest_schema_version;
-            r.agent_version = hello.agent_version;
+            r.agent_version = crate::guest_input::agent_version(&hello.agent_version);
         });
         self.rt.state.put_sailbox(&rec)?;
         self.rt.add_live(live);

@@ -407,13 +407,3 @@ pub(crate) fn not_running(id: &str, state: State, reason: &str) -> SailboxError 
         State::Running => SailboxError::Execution(format!("sailbox {id} is not reachable")),
     }
 }
-
-/// The last lines of a VM's serial console, for error messages.
-pub(crate) fn console_tail(dir: &Path) -> String {
-    let text = std::fs::read_to_string(dir.join("console.log")).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).rev().take(6).collect();
-    if lines.is_empty() {
-        return "(empty)".into();
-    }
-    lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
-}

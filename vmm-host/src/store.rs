@@ -22,7 +22,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::{Result, SailboxError};
-use crate::model::{CheckpointRecord, ExecRecord, SailboxRecord};
+use crate::model::{CheckpointRecord, ExecRecord, ExecStatus, SailboxRecord};
 
 const CF_SAILBOXES: &str = "sailboxes";
 const CF_APPS: &str = "apps";
@@ -163,7 +163,7 @@ impl StateStore {
     /// Every exec request that has not finished.
     pub fn running_execs(&self) -> Result<Vec<ExecRecord>> {
         let all: Vec<ExecRecord> = self.all_json(CF_EXECS)?;
-        Ok(all.into_iter().filter(|e| e.status == crate::model::ExecStatus::Running).collect())
+        Ok(all.into_iter().filter(|e| e.status == ExecStatus::Running).collect())
     }
 
     /// The stored result of an exec request.
@@ -172,6 +172,24 @@ impl StateStore {
         pb::ExecResult::decode(bytes.as_slice())
             .map(Some)
             .map_err(|source| SailboxError::CorruptResult { id: id.to_owned(), source })
+    }
+
+    /// Deletes the finished exec requests (and their results) that started before
+    /// `started_before_ms`; running ones are kept. Returns how many were deleted.
+    pub fn prune_execs(&self, started_before_ms: u64) -> Result<usize> {
+        let all: Vec<ExecRecord> = self.all_json(CF_EXECS)?;
+        let (execs, results) = (self.cf(CF_EXECS)?, self.cf(CF_EXEC_RESULTS)?);
+        let mut changes = self.changes();
+        let mut pruned = 0;
+        for e in all.iter().filter(|e| e.status != ExecStatus::Running && e.started_unix_ms < started_before_ms) {
+            changes.batch.delete_cf(execs, e.id.as_bytes());
+            changes.batch.delete_cf(results, e.id.as_bytes());
+            pruned += 1;
+        }
+        if pruned > 0 {
+            self.commit(changes)?;
+        }
+        Ok(pruned)
     }
 
     /// An app's creation time (Unix ms), if it exists.
@@ -215,5 +233,45 @@ impl StateStore {
             out.push(String::from_utf8_lossy(&key).into_owned());
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exec(id: &str, started: u64, status: ExecStatus) -> ExecRecord {
+        ExecRecord {
+            id: id.into(),
+            sailbox: "sb-1".into(),
+            command: "true".into(),
+            cwd: String::new(),
+            timeout_ms: 0,
+            background: false,
+            env: Default::default(),
+            started_unix_ms: started,
+            status,
+        }
+    }
+
+    #[test]
+    fn finished_execs_past_the_cutoff_are_pruned_with_their_results() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = StateStore::open(dir.path()).unwrap();
+        let result = pb::ExecResult { stdout: b"out".to_vec(), ..Default::default() };
+        for (id, started, status) in [
+            ("ex-old", 1_000, ExecStatus::Finished),
+            ("ex-old-failed", 1_500, ExecStatus::Failed("x".into())),
+            ("ex-old-running", 1_000, ExecStatus::Running),
+            ("ex-new", 9_000, ExecStatus::Finished),
+        ] {
+            st.commit(st.changes().exec(&st, &exec(id, started, status)).exec_result(&st, id, &result)).unwrap();
+        }
+        assert_eq!(st.prune_execs(5_000).unwrap(), 2);
+        assert!(st.exec("ex-old").unwrap().is_none() && st.exec_result("ex-old").unwrap().is_none());
+        assert!(st.exec("ex-old-failed").unwrap().is_none());
+        assert!(st.exec("ex-old-running").unwrap().is_some(), "a running request is kept");
+        assert!(st.exec("ex-new").unwrap().is_some() && st.exec_result("ex-new").unwrap().is_some());
+        assert_eq!(st.prune_execs(5_000).unwrap(), 0);
     }
 }

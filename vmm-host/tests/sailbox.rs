@@ -116,8 +116,15 @@ async fn one_exec_at_a_time(mut c: Client, served: &common::Served, id: &str) ->
     let r = c.wait_exec(pb::WaitExecRequest { exec_id: first.exec_id.clone(), timeout_ms: 0 }).await.unwrap().into_inner();
     assert_eq!((r.return_code, r.stdout.as_slice()), (0, &b"slept\n"[..]));
     // Waiting again returns the stored result.
-    let again = c.wait_exec(pb::WaitExecRequest { exec_id: first.exec_id, timeout_ms: 0 }).await.unwrap().into_inner();
+    let again = c.wait_exec(pb::WaitExecRequest { exec_id: first.exec_id.clone(), timeout_ms: 0 }).await.unwrap().into_inner();
     assert_eq!(again.stdout, b"slept\n");
+    // Waits on finished and on made-up requests keep nothing in the host's tables.
+    for i in 0..100 {
+        let _ = c.wait_exec(pb::WaitExecRequest { exec_id: first.exec_id.clone(), timeout_ms: 0 }).await.unwrap();
+        let e = c.wait_exec(pb::WaitExecRequest { exec_id: format!("ex-made-up-{i}"), timeout_ms: 0 }).await.unwrap_err();
+        assert_eq!(error_name(&e), "SailboxExecRequestNotFoundError");
+    }
+    assert_eq!(served.host.exec_waiters(), 0);
     c
 }
 
