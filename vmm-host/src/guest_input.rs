@@ -9,7 +9,9 @@
 //!   paths are reported, with the volume and org the host recorded; from the guest come only
 //!   the state (one of the agent's known words), the head commit (64 hex digits or nothing)
 //!   and the counters.
-//! - The serial console is read from its tail only (a guest can print without end).
+//! - The serial console is read from its tail only, and cut down to its last sixteenth whenever
+//!   it passes its cap (1 MiB by default) (a guest can print without end; QEMU appends to it, so bytes it writes
+//!   while the file is cut land after the kept tail, at worst a few out of order).
 
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
@@ -26,6 +28,9 @@ pub const MAX_AGENT_VERSION: usize = 64;
 pub const MAX_ERROR: usize = 512;
 /// Bytes of the console read for an error message.
 pub const CONSOLE_TAIL_BYTES: u64 = 8 << 10;
+/// Largest a VM's console log grows before it is cut down to its tail (the default of
+/// `HostConfig::console_max_bytes`; a sixteenth of it is kept).
+pub const CONSOLE_MAX_BYTES: u64 = 1 << 20;
 /// Bytes of stdout and of stderr kept per exec request (the contract's limit; the agent keeps
 /// the first this many and counts the rest).
 pub const MAX_OUTPUT: usize = 16 << 20;
@@ -122,6 +127,25 @@ pub fn console_tail(dir: &Path) -> String {
     lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
 }
 
+/// Cuts `console.log` in `dir` down to its last `keep` bytes when it is larger than `max`;
+/// returns whether it did.
+pub fn trim_console(dir: &Path, max: u64, keep: u64) -> std::io::Result<bool> {
+    let path = dir.join("console.log");
+    let len = match std::fs::metadata(&path) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if len <= max {
+        return Ok(false);
+    }
+    let tail = read_tail(&path, keep)?;
+    let f = std::fs::OpenOptions::new().append(true).open(&path)?;
+    f.set_len(0)?;
+    std::io::Write::write_all(&mut &f, &tail)?;
+    Ok(true)
+}
+
 fn read_tail(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
     let mut f = std::fs::File::open(path)?;
     let len = f.metadata()?.len();
@@ -146,6 +170,20 @@ mod tests {
         assert_eq!(text(&"x".repeat(10_000_000), MAX_AGENT_VERSION).len(), MAX_AGENT_VERSION);
         assert_eq!(text("abc", 2), "");
         assert_eq!(text("", 0), "");
+    }
+
+    #[test]
+    fn the_console_is_cut_down_to_its_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!trim_console(dir.path(), 100, 10).unwrap(), "no console yet");
+        let path = dir.path().join("console.log");
+        std::fs::write(&path, b"0123456789").unwrap();
+        assert!(!trim_console(dir.path(), 100, 10).unwrap());
+        let mut all = vec![b'a'; 150];
+        all.extend_from_slice(b"0123456789");
+        std::fs::write(&path, &all).unwrap();
+        assert!(trim_console(dir.path(), 100, 10).unwrap());
+        assert_eq!(std::fs::read(&path).unwrap(), b"0123456789");
     }
 
     #[test]

@@ -68,6 +68,9 @@ pub struct HostConfig {
     pub chunk_cache_bytes: u64,
     /// Its in-memory part, bytes.
     pub chunk_memory_bytes: u64,
+    /// Largest a VM's console log grows before it is cut down to its last sixteenth
+    /// (guest_input::trim_console).
+    pub console_max_bytes: u64,
     /// How long finished exec requests (and their results) stay waitable by id after they
     /// started; older ones are deleted at start and then about hourly.
     pub exec_retention: Duration,
@@ -95,6 +98,7 @@ impl HostConfig {
             volumed_endpoint: None,
             chunk_cache_bytes: 10 << 30,
             chunk_memory_bytes: 256 << 20,
+            console_max_bytes: crate::guest_input::CONSOLE_MAX_BYTES,
             exec_retention: std::env::var("SAIL_EXEC_RETENTION_HOURS")
                 .ok()
                 .and_then(|h| h.parse::<u64>().ok())

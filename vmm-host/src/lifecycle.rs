@@ -5,7 +5,7 @@
 //! new sailbox's listeners) and the exec part (an ending sailbox fails its active request).
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use proto::sailbox as pb;
 use tracing::Instrument;
@@ -21,6 +21,9 @@ use crate::model::{self, CheckpointRecord, ExecStatus, SailboxRecord, State};
 use crate::runtime::{Live, Runtime, Vm, random_id};
 use crate::vmfiles::VmFiles;
 use sysutil::clock::now_ms;
+
+/// How often a VM's console log size is checked.
+const CONSOLE_CHECK: Duration = Duration::from_secs(5);
 
 /// What a VM starts from.
 pub(crate) enum Start<'a> {
@@ -346,13 +349,30 @@ impl Lifecycle {
     }
 
     /// Watches the VMM process: an exit vmm-host did not ask for restarts the sailbox from
-    /// its last checkpoint (commands after it are not replayed), or marks it lost.
+    /// its last checkpoint (commands after it are not replayed), or marks it lost. Until
+    /// then it keeps the console log bounded.
     pub(crate) fn watch_vmm(self: &Arc<Self>, live: &Arc<Live>, vm: &Arc<Vm>) {
         let lifecycle = self.clone();
         let exited = vm.handle.exited();
         let (weak_live, weak_vm) = (Arc::downgrade(live), Arc::downgrade(vm));
+        let dir = vm.spec().dir.clone();
+        let console_max = self.rt.config.console_max_bytes;
         let task = tokio::spawn(async move {
-            exited.await;
+            // Meanwhile, keep the console log bounded (guest_input::trim_console).
+            let mut exited = std::pin::pin!(exited);
+            let mut tick = tokio::time::interval(CONSOLE_CHECK);
+            loop {
+                tokio::select! {
+                    () = &mut exited => break,
+                    _ = tick.tick() => {
+                        let d = dir.clone();
+                        let trim = move || guest_input::trim_console(&d, console_max, console_max / 16);
+                        if let Ok(Err(e)) = tokio::task::spawn_blocking(trim).await {
+                            tracing::warn!(error = %e, "trimming the console log failed");
+                        }
+                    }
+                }
+            }
             let (Some(live), Some(vm)) = (weak_live.upgrade(), weak_vm.upgrade()) else { return };
             if vm.is_stopping() {
                 return;

@@ -27,7 +27,8 @@ type Client = proto::sailbox::sailbox_service_client::SailboxServiceClient<tonic
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sailbox_end_to_end() {
     let dir = common::data_dir();
-    let served = serve(dir.path()).await;
+    // A small console cap, so a guest fills it quickly (the serial port is slow under TCG).
+    let served = common::serve_with(dir.path(), |c| c.console_max_bytes = CONSOLE_CAP).await;
     let mut c = served.client().await;
     let id = create_one(&mut c).await;
     exec_basics(&mut c, &id).await;
@@ -36,6 +37,7 @@ async fn sailbox_end_to_end() {
     let mut c = one_exec_at_a_time(c, &served, &id).await;
     timeouts_kill(&mut c, &id).await;
     bad_input_gets_contract_errors(&mut c, &id).await;
+    a_chatty_console_stays_bounded(&mut c, dir.path(), &id).await;
     let (served, mut c, url) = restart_keeps_running(c, served, dir.path(), &id).await;
     terminate_leaves_nothing(&mut c, dir.path(), &id, &url).await;
     vmm_death_loses_the_sailbox(&mut c, dir.path()).await;
@@ -200,6 +202,34 @@ async fn restart_keeps_running(
     assert!(http_get(&l.url, "/index.html").await.ends_with("hello from the guest\n"));
     assert_eq!(run(&mut c, id, "echo $((6 * 7))").await.stdout, b"42\n");
     (served, c, l.url)
+}
+
+const CONSOLE_CAP: u64 = 64 << 10;
+
+/// A guest printing without end to its serial console: the host's console log is cut down to
+/// its tail and never grows past its cap for long.
+async fn a_chatty_console_stays_bounded(c: &mut Client, dir: &std::path::Path, id: &str) {
+    let log = common::run_dir(dir).join(id).join("console.log");
+    let r = common::run(c, id, "head -c 300000 /dev/zero | tr '\\0' x > /dev/console; printf '\\nconsole-end\\n' > /dev/console")
+        .await;
+    assert_eq!(r.return_code, 0, "{r:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let len = std::fs::metadata(&log).unwrap().len();
+        let tail = vmm_host::guest_input::console_tail(&common::run_dir(dir).join(id));
+        if len <= CONSOLE_CAP && tail.contains("console-end") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "console.log is {len} bytes; tail {tail:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // The guest keeps printing to the same file after the cut.
+    common::run(c, id, "printf '\\nafter-the-cut\\n' > /dev/console").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !vmm_host::guest_input::console_tail(&common::run_dir(dir).join(id)).contains("after-the-cut") {
+        assert!(std::time::Instant::now() < deadline, "nothing reached the console after the cut");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Terminate leaves nothing behind.

@@ -187,7 +187,10 @@ impl Qemu {
         cmd.arg("-bios").arg(&self.firmware);
         cmd.arg("-kernel").arg(&spec.kernel).arg("-initrd").arg(&spec.initramfs).arg("-append").arg(&spec.cmdline);
         cmd.args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
-        cmd.arg("-serial").arg(format!("file:{}", spec.dir.join("console.log").display()));
+        // The console in append mode, so vmm-host can cut it down while QEMU writes
+        // (guest_input::trim_console): a guest may print without end.
+        cmd.arg("-chardev").arg(format!("file,id=console,path={},append=on", spec.dir.join("console.log").display()));
+        cmd.arg("-serial").arg("chardev:console");
         // Buffered I/O: every write reaches cowfs as it happens (FUSE writes through), reads
         // use the host page cache; discards are not passed on (cowfs keeps fixed sizes).
         cmd.arg("-drive").arg(format!(
