@@ -59,6 +59,8 @@ GUEST_DIR = "/tmp/.sail-fn"
 MARKER = "SAILFN1 "
 #: Results up to this size come back inline on stdout; larger ones through a file.
 INLINE_MAX = 8 << 20
+#: The call's exit code when the runtime zip is missing in the guest.
+_NO_RUNTIME = 97
 
 # The runner, run in the guest as the zip's __main__ (standard library + cloudpickle).
 _RUNNER = r'''
@@ -238,13 +240,19 @@ class SailFunction:
     ) -> Any:
         payload = self.serialize(args, kwargs)
         rt_path, rt = _runtime()
-        if sb._runtime != rt_path:
-            sb.write(rt_path, rt, 0o644)
-            sb._runtime = rt_path
         call = f"{GUEST_DIR}/calls/{uuid.uuid4().hex}"
-        sb.write(call, payload, 0o600)
-        req = sb._exec(f"exec python3 {rt_path} {call} {GUEST_DIR}/calls", timeout=timeout, cwd=cwd, env=env)
-        res = req.wait()
+        for attempt in range(2):
+            if sb._runtime != rt_path:
+                sb.write(rt_path, rt, 0o644)
+                sb._runtime = rt_path
+            sb.write(call, payload, 0o600)
+            # The runtime can be gone although this handle uploaded it (a reboot by upgrade
+            # empties /tmp, another client cleaned it): the shell says so and it is sent again.
+            cmd = f"test -f {rt_path} || exit {_NO_RUNTIME}; exec python3 {rt_path} {call} {GUEST_DIR}/calls"
+            res = sb._exec(cmd, timeout=timeout, cwd=cwd, env=env).wait()
+            if res.returncode != _NO_RUNTIME or attempt == 1:
+                break
+            sb._runtime = None
         report = _report(res.stdout)
         if report is None:
             if res.timed_out:

@@ -265,6 +265,9 @@ def test_a_function_returns_its_value(box):
     assert box.exec(add, "a", "b", scale=2) == "abab"
     info = box.exec(where)
     assert info["host"] == "main" and info["pid"] != os.getpid()
+    # A runtime removed behind the handle's back (a reboot empties /tmp) is sent again.
+    assert box.exec("rm -rf /tmp/.sail-fn").wait().returncode == 0
+    assert box.exec(add, 4, 5) == 9
     # More than the inline limit comes back through a file.
     assert box.exec(big_result, 9 << 20) == b"x" * (9 << 20)
 
