@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use crate::reaper::{Exit, Reaper};
 
 /// Bytes of stdout and of stderr kept per request; the rest is counted, not kept.
-pub const OUTPUT_CAP: usize = 16 << 20;
+pub use proto::agent::OUTPUT_CAP;
 
 /// Finished requests kept for late waiters (the oldest are dropped first).
 const RETAIN_FINISHED: usize = 256;

@@ -81,6 +81,11 @@ pub mod agent {
     /// the VMM's hybrid-vsock socket the host sends `CONNECT 10000`). Sailboxes cannot use it
     /// as an ingress port.
     pub const VSOCK_PORT: u32 = 10000;
+
+    /// Bytes of stdout and of stderr an exec request keeps (the contract's limit): the agent
+    /// keeps the first this many and counts the rest; vmm-host holds what an agent reports to
+    /// it.
+    pub const OUTPUT_CAP: usize = 16 << 20;
 }
 
 /// The vmm-host API (`sail.sailbox.v1`): create, exec, files, listeners, terminate.

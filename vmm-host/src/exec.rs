@@ -342,8 +342,7 @@ impl Execs {
             match deadline {
                 Some(d) => {
                     if tokio::time::timeout_at(d, changed).await.is_err() {
-                        drop(rx);
-                        self.prune(id);
+                        // Still running: its channel stays until it is notified.
                         return Err(SailboxError::Timeout(format!("exec {id} still running")));
                     }
                 }
@@ -368,12 +367,11 @@ impl Execs {
         })
     }
 
-    /// Drops a request's channel when nobody waits on it and it is not running (a running
-    /// request keeps its channel until it is notified).
+    /// Drops the channel of a settled request when nobody waits on it (a finished request's
+    /// channel is otherwise only removed by its notification, which already happened).
     fn prune(&self, id: &str) {
-        let running = matches!(self.rt.state.exec(id), Ok(Some(e)) if e.status == ExecStatus::Running);
         let mut done = self.done.lock();
-        if !running && done.get(id).is_some_and(|tx| tx.receiver_count() == 0) {
+        if done.get(id).is_some_and(|tx| tx.receiver_count() == 0) {
             done.remove(id);
         }
     }

@@ -9,9 +9,10 @@
 //!   paths are reported, with the volume and org the host recorded; from the guest come only
 //!   the state (one of the agent's known words), the head commit (64 hex digits or nothing)
 //!   and the counters.
-//! - The serial console is read from its tail only, and cut down to its last sixteenth whenever
-//!   it passes its cap (1 MiB by default) (a guest can print without end; QEMU appends to it, so bytes it writes
-//!   while the file is cut land after the kept tail, at worst a few out of order).
+//! - The serial console is read from its tail only, and cut down to its last sixteenth
+//!   whenever it passes its cap (1 MiB by default): a guest can print without end. QEMU
+//!   appends to it, so bytes it writes while the file is cut land after the kept tail, at
+//!   worst a few out of order.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
@@ -31,9 +32,8 @@ pub const CONSOLE_TAIL_BYTES: u64 = 8 << 10;
 /// Largest a VM's console log grows before it is cut down to its tail (the default of
 /// `HostConfig::console_max_bytes`; a sixteenth of it is kept).
 pub const CONSOLE_MAX_BYTES: u64 = 1 << 20;
-/// Bytes of stdout and of stderr kept per exec request (the contract's limit; the agent keeps
-/// the first this many and counts the rest).
-pub const MAX_OUTPUT: usize = 16 << 20;
+/// Bytes of stdout and of stderr kept per exec request (the limit the agent applies too).
+pub const MAX_OUTPUT: usize = proto::agent::OUTPUT_CAP;
 /// The mount states the agent reports (agent.proto `MountInfo.state`).
 const MOUNT_STATES: &[&str] = &["mounting", "mounted", "restarting", "failed", "unmounted"];
 
