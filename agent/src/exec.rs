@@ -293,6 +293,27 @@ impl ExecTable {
     }
 }
 
+/// Where an image's `env` steps leave their variables (`KEY=VALUE` lines; vmm-host's image
+/// builder writes it).
+const IMAGE_ENV: &str = "/etc/sail/image.env";
+/// Bytes of [`IMAGE_ENV`] read, at most.
+const IMAGE_ENV_MAX: u64 = 64 << 10;
+
+/// The image's environment: applied over the base environment, under the request's.
+fn image_env() -> Vec<(String, String)> {
+    use std::io::Read;
+    let mut text = String::new();
+    let Ok(f) = std::fs::File::open(IMAGE_ENV) else { return Vec::new() };
+    if f.take(IMAGE_ENV_MAX).read_to_string(&mut text).is_err() {
+        return Vec::new();
+    }
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .filter(|(k, _)| !k.is_empty() && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
 /// The child's ends of a foreground request's pipes.
 struct Pipes {
     stdin: Option<OwnedFd>,
@@ -306,6 +327,9 @@ fn shell_command(req: &pb::StartExecRequest) -> Command {
     cmd.arg("-c").arg(&req.command).env_clear();
     cmd.current_dir(if req.cwd.is_empty() { "/" } else { &req.cwd });
     for (k, v) in BASE_ENV {
+        cmd.env(k, v);
+    }
+    for (k, v) in image_env() {
         cmd.env(k, v);
     }
     for e in &req.env {

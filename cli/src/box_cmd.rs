@@ -203,7 +203,7 @@ pub struct ExecArgs {
     command: Vec<String>,
 }
 
-async fn client(endpoint: &str) -> anyhow::Result<Client> {
+pub(crate) async fn client(endpoint: &str) -> anyhow::Result<Client> {
     let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
         .with_context(|| format!("bad endpoint {endpoint}"))?
         .tcp_nodelay(true)
@@ -306,7 +306,7 @@ fn print_sailbox(s: &pb::Sailbox, json: bool) {
 }
 
 /// The gRPC client of vmm-host's sailbox service.
-type Client = SailboxServiceClient<Channel>;
+pub(crate) type Client = SailboxServiceClient<Channel>;
 
 /// Runs a `sail box` command; returns the process exit code.
 pub async fn run(endpoint: &str, json: bool, cmd: BoxCmd) -> anyhow::Result<u8> {

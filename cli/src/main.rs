@@ -16,6 +16,7 @@ use volumed::server::{Server, ServerConfig};
 
 mod box_cmd;
 mod help;
+mod image_cmd;
 mod mount_cmd;
 mod output;
 
@@ -67,6 +68,9 @@ enum Command {
     /// Manage sailboxes (microVMs).
     #[command(subcommand, name = "box", after_help = help::BOX)]
     Sailbox(box_cmd::BoxCmd),
+    /// Build, list and inspect images (docs/images.md).
+    #[command(subcommand)]
+    Image(image_cmd::ImageCmd),
     /// Check what this host needs to run sailboxes (accelerator, VMM, kernel, agent, passt, iproute2).
     #[command(after_help = help::DOCTOR)]
     Doctor,
@@ -201,6 +205,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Up { data_dir, listen } => up(data_dir.unwrap_or_else(default_data_dir), listen).await,
         Command::Sailbox(cmd) => box_cmd::run(&cli.endpoint, cli.json, cmd).await,
         Command::Doctor => box_cmd::doctor(&cli.endpoint, cli.json).await,
+        Command::Image(cmd) => image_cmd::run(&mut box_cmd::client(&cli.endpoint).await?, cli.json, cli.quiet, cmd).await,
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "sail", &mut std::io::stdout());
             Ok(0)

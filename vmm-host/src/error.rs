@@ -75,6 +75,23 @@ pub enum SailboxError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// An image definition is malformed (nothing was built).
+    #[error("bad image definition: {0}")]
+    ImageDefinition(String),
+    /// A step of an image build exited with an error or ran out of time.
+    #[error("image build failed at step {step} ({what}): {reason}\n--- log tail ---\n{log_tail}")]
+    ImageStepFailed {
+        /// 1-based step number.
+        step: usize,
+        /// The step, as written in the definition.
+        what: String,
+        /// Exit status or timeout.
+        reason: String,
+        /// The last lines the step printed.
+        log_tail: String,
+        /// The build ran out of time (maps to DEADLINE_EXCEEDED).
+        timed_out: bool,
+    },
     /// A waiting call ran out of time.
     #[error("timed out: {0}")]
     Timeout(String),
@@ -212,7 +229,9 @@ impl SailboxError {
             Self::ExecNotFound(_) => "SailboxExecRequestNotFoundError",
             Self::Terminated(_) => "SailboxTerminatedError",
             Self::WorkerLost { .. } => "SailboxWorkerLostError",
-            Self::ImageBuild(_) | Self::ImageBuildStep { .. } => "ImageBuildError",
+            Self::ImageBuild(_) | Self::ImageBuildStep { .. } | Self::ImageDefinition(_) | Self::ImageStepFailed { .. } => {
+                "ImageBuildError"
+            }
             _ => "SailError",
         }
     }
@@ -221,7 +240,9 @@ impl SailboxError {
     pub fn code(&self) -> tonic::Code {
         use tonic::Code;
         match self {
-            Self::InvalidArgument(_) | Self::InvalidConfig(_) => Code::InvalidArgument,
+            Self::InvalidArgument(_) | Self::InvalidConfig(_) | Self::ImageDefinition(_) => Code::InvalidArgument,
+            Self::ImageStepFailed { timed_out: true, .. } => Code::DeadlineExceeded,
+            Self::ImageStepFailed { .. } => Code::FailedPrecondition,
             Self::NotFound(_) | Self::ExecNotFound(_) | Self::FileNotFound(_) => Code::NotFound,
             Self::ExecAlreadyRunning { .. } => Code::AlreadyExists,
             Self::Terminated(_) | Self::Execution(_) => Code::FailedPrecondition,

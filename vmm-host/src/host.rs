@@ -169,6 +169,11 @@ impl Host {
         self.rt.ensure_image(name, progress).await
     }
 
+    /// The host's image store (builds, layers, contexts).
+    pub fn images(&self) -> &crate::image::ImageStore {
+        &self.rt.images
+    }
+
     /// Creates a sailbox and returns once its agent answers.
     pub async fn create(&self, req: pb::CreateSailboxRequest) -> Result<pb::Sailbox> {
         self.lifecycle.create(req).await

@@ -32,6 +32,19 @@ impl GrpcSailboxes {
     }
 }
 
+fn image_info(m: &crate::image::ImageManifest) -> pb::ImageInfo {
+    pb::ImageInfo {
+        image_id: m.id.clone(),
+        name: m.name.clone(),
+        size: m.size,
+        created_unix_ms: m.created_unix_ms,
+        parent: m.parent.clone().unwrap_or_default(),
+        step: m.step.clone().unwrap_or_default(),
+        stored_bytes: m.stored_bytes,
+        chunks: m.chunks.iter().flatten().count() as u64,
+    }
+}
+
 fn span(op: &'static str, sailbox: &str) -> tracing::Span {
     tracing::info_span!("sailbox_op", op, sailbox = %sailbox)
 }
@@ -123,6 +136,89 @@ impl SailboxService for GrpcSailboxes {
             let _ = tx.send(last).await;
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    type BuildImageStream = Pin<Box<dyn Stream<Item = Result<pb::ImageBuildEvent, Status>> + Send>>;
+
+    async fn build_image(&self, req: Request<pb::BuildImageRequest>) -> Result<Response<Self::BuildImageStream>, Status> {
+        let req = req.into_inner();
+        let def = crate::image::definition::ImageDefinition::try_from(req.definition.unwrap_or_default())?;
+        let timeout = Duration::from_secs(if req.timeout_secs == 0 { 1800 } else { u64::from(req.timeout_secs) });
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let host = self.host.clone();
+        tokio::spawn(
+            async move {
+                let events = tx.clone();
+                let report: crate::image::BuildReport = std::sync::Arc::new(move |e: crate::image::BuildEvent| {
+                    use crate::image::BuildEvent as E;
+                    let ev = match e {
+                        E::Log(line) => {
+                            tracing::debug!("{line}");
+                            pb::ImageBuildEvent { log: line, ..Default::default() }
+                        }
+                        E::Step { step, steps, id, what, cached } => {
+                            tracing::info!(step, cached, layer = %id, "{what}");
+                            pb::ImageBuildEvent {
+                                step: step as u32,
+                                steps: steps as u32,
+                                layer_id: id,
+                                what,
+                                cached,
+                                ..Default::default()
+                            }
+                        }
+                        E::Layer { step, id, size, stored_bytes, run_ms } => pb::ImageBuildEvent {
+                            step: step as u32,
+                            layer_id: id,
+                            layer_stored: true,
+                            stored_bytes,
+                            layer_size: size,
+                            run_ms,
+                            ..Default::default()
+                        },
+                    };
+                    // A slow reader loses log lines, never the build.
+                    let _ = events.try_send(Ok(ev));
+                });
+                let last = match host.images().build_definition(&def, timeout, report).await {
+                    Ok(img) => Ok(pb::ImageBuildEvent { image_id: img.id, size: img.size, ..Default::default() }),
+                    Err(e) => Err(Status::from(e)),
+                };
+                let _ = tx.send(last).await;
+            }
+            .instrument(tracing::info_span!("build_image")),
+        );
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn upload_context(
+        &self,
+        req: Request<Streaming<pb::UploadContextRequest>>,
+    ) -> Result<Response<pb::UploadContextResponse>, Status> {
+        use tokio_stream::StreamExt as _;
+        let parts = req.into_inner().map(|r| r.map(|p| bytes::Bytes::from(p.data)));
+        let (context, size) = self.host.images().put_context(parts).await?;
+        Ok(Response::new(pb::UploadContextResponse { context, size }))
+    }
+
+    async fn list_images(&self, _req: Request<pb::ListImagesRequest>) -> Result<Response<pb::ListImagesResponse>, Status> {
+        let images = self.host.images();
+        let mut out = Vec::new();
+        for id in images.list()? {
+            if let Some(m) = images.manifest(&id)? {
+                out.push(image_info(&m));
+            }
+        }
+        out.sort_by_key(|i| i.created_unix_ms);
+        Ok(Response::new(pb::ListImagesResponse { images: out }))
+    }
+
+    async fn get_image(&self, req: Request<pb::GetImageRequest>) -> Result<Response<pb::ImageInfo>, Status> {
+        let id = req.into_inner().image_id;
+        match self.host.images().manifest(&id)? {
+            Some(m) => Ok(Response::new(image_info(&m))),
+            None => Err(crate::error::SailboxError::NotFound(format!("image {id}")).into()),
+        }
     }
 
     async fn checkpoint_sailbox(&self, req: Request<pb::SailboxIdRequest>) -> Result<Response<pb::Checkpoint>, Status> {

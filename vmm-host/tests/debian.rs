@@ -68,7 +68,151 @@ async fn default_debian_image_runs_python() {
         .sailboxes;
     assert!(none.is_empty());
     c.terminate(pb::TerminateRequest { sailbox_id: sb.sailbox_id }).await.unwrap();
+
+    // The builder, on the Debian base built above (one debootstrap per CI run).
+    built_images_run_every_step(&mut c).await;
+
     assert!(common::vm_processes(dir.path()).is_empty());
     drop(c);
     served.stop().await;
+}
+
+type Client = proto::sailbox::sailbox_service_client::SailboxServiceClient<tonic::transport::Channel>;
+
+async fn upload(c: &mut Client, src: vmm_host::image::context::LocalSource) -> (String, String) {
+    use std::io::Read;
+    let mut packed = src.pack().unwrap();
+    let mut data = Vec::new();
+    packed.file.read_to_end(&mut data).unwrap();
+    let parts: Vec<pb::UploadContextRequest> =
+        data.chunks(1 << 20).map(|p| pb::UploadContextRequest { data: p.to_vec() }).collect();
+    let r = c.upload_context(tokio_stream::iter(parts)).await.unwrap().into_inner();
+    assert_eq!(r.context, packed.hash);
+    (packed.remote_dir, r.context)
+}
+
+fn step(s: pb::image_step::Step) -> pb::ImageStep {
+    pb::ImageStep { step: Some(s) }
+}
+
+fn list(items: &[&str]) -> pb::StringList {
+    pb::StringList { items: items.iter().map(|s| s.to_string()).collect() }
+}
+
+async fn build(
+    c: &mut Client,
+    steps: Vec<pb::ImageStep>,
+    timeout_secs: u32,
+) -> Result<(String, Vec<pb::ImageBuildEvent>), tonic::Status> {
+    let def = pb::ImageDefinition { base: "debian_amd64".into(), python_version: String::new(), steps };
+    let mut s = c.build_image(pb::BuildImageRequest { definition: Some(def), timeout_secs }).await?.into_inner();
+    let mut events = Vec::new();
+    while let Some(e) = s.next().await {
+        let e = e?;
+        if !e.image_id.is_empty() {
+            return Ok((e.image_id.clone(), events));
+        }
+        events.push(e);
+    }
+    panic!("the build stream ended without an image: {events:?}")
+}
+
+async fn built_images_run_every_step(c: &mut Client) {
+    use pb::image_step::Step as S;
+    let ctx = tempfile::tempdir().unwrap();
+    let app = ctx.path().join("app");
+    std::fs::create_dir_all(app.join("pkg/__pycache__")).unwrap();
+    std::fs::write(app.join("pkg/mod.py"), "VALUE = 41\n").unwrap();
+    std::fs::write(app.join("pkg/__pycache__/mod.pyc"), "junk").unwrap();
+    std::fs::write(app.join("notes.log"), "ignored").unwrap();
+    std::os::unix::fs::symlink("/etc/shadow", app.join("link")).unwrap();
+    let dir_src = vmm_host::image::context::LocalSource::Dir {
+        local: app.clone(),
+        remote: "/app".into(),
+        ignore: vec!["*.log".into(), "__pycache__/".into()],
+        ignore_file: None,
+    };
+    let (remote, context) = upload(c, dir_src.clone()).await;
+    let steps = |context: &str| {
+        vec![
+            step(S::AptInstall(list(&["hello"]))),
+            step(S::PipInstall(list(&["six==1.16.0"]))),
+            step(S::Env(pb::EnvVars { vars: [("GREETING".to_owned(), "hi there".to_owned())].into() })),
+            step(S::RunCommands(list(&[
+                "echo \"$GREETING\" > /opt/greeting",
+                // Isolation, checked from inside: no device nodes, no host paths, own PIDs.
+                "if mknod /tmp/disk b 8 0 2>/dev/null; then echo made > /opt/mknod; else echo refused > /opt/mknod; fi",
+                "test ! -e /work && test ! -e /root/.cache/sail && echo no-host-files > /opt/hostfiles",
+                "ps -e -o pid= | wc -l > /opt/pids",
+            ]))),
+            step(S::AddFiles(pb::AddFiles { remote: remote.clone(), context: context.to_owned() })),
+        ]
+    };
+    let (id, events) = build(c, steps(&context), 1800).await.unwrap();
+    let stored: Vec<&pb::ImageBuildEvent> = events.iter().filter(|e| e.layer_stored).collect();
+    assert_eq!(stored.len(), 5, "every step ran once: {events:?}");
+    for e in &stored {
+        assert!(e.stored_bytes < e.layer_size / 2, "a layer stores only what its step changed: {e:?}");
+    }
+    assert!(events.iter().any(|e| e.log.contains("Setting up hello")), "apt's log streamed");
+
+    // Unchanged: every layer cached, nothing runs.
+    let (again, events) = build(c, steps(&context), 1800).await.unwrap();
+    assert_eq!(again, id);
+    assert!(events.iter().all(|e| !e.layer_stored) && events.iter().filter(|e| e.cached).count() == 5, "{events:?}");
+
+    // A one-byte change in an added file rebuilds exactly that layer.
+    std::fs::write(app.join("pkg/mod.py"), "VALUE = 42\n").unwrap();
+    let (_, context2) = upload(c, dir_src).await;
+    assert_ne!(context2, context);
+    let (id2, events) = build(c, steps(&context2), 1800).await.unwrap();
+    assert_ne!(id2, id);
+    let ran: Vec<u32> = events.iter().filter(|e| e.layer_stored).map(|e| e.step).collect();
+    assert_eq!(ran, [5], "{events:?}");
+
+    // A sailbox of the built image uses every step.
+    let req = pb::CreateSailboxRequest { app: "tests".into(), name: "built".into(), image: id2.clone(), ..Default::default() };
+    let sb = c.create_sailbox(req).await.unwrap().into_inner();
+    let r = run(
+        c,
+        &sb.sailbox_id,
+        "hello; PYTHONDONTWRITEBYTECODE=1 python3 -c 'import six, sys; sys.path.insert(0, \"/app\"); from pkg import mod; print(six.__version__, mod.VALUE)'; \
+         cat /opt/greeting; echo \"env=$GREETING\"; cat /opt/mknod /opt/hostfiles /opt/pids; ls -A /app; ls /app/pkg",
+    )
+    .await;
+    let out = String::from_utf8_lossy(&r.stdout);
+    assert_eq!(r.return_code, 0, "{r:?}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[..5], ["Hello, world!", "1.16.0 42", "hi there", "env=hi there", "refused"], "{out}");
+    assert_eq!(lines[5], "no-host-files", "{out}");
+    let pids: u32 = lines[6].trim().parse().unwrap();
+    assert!(pids < 10, "the step saw only its own PID namespace: {out}");
+    assert_eq!(lines[7..], ["pkg", "mod.py"], "ignored files and symlinks are not added: {out}");
+    c.terminate(pb::TerminateRequest { sailbox_id: sb.sailbox_id }).await.unwrap();
+
+    // A failing step: ImageBuildError naming the step, with the log tail.
+    let failing = vec![step(S::AptInstall(list(&["hello"]))), step(S::RunCommands(list(&["echo about to fail", "exit 3"])))];
+    let e = build(c, failing, 1800).await.unwrap_err();
+    assert_eq!(error_name(&e), "ImageBuildError", "{e:?}");
+    assert!(e.message().contains("step 2") && e.message().contains("about to fail"), "{}", e.message());
+
+    // A timeout: the step is killed, DEADLINE_EXCEEDED.
+    let slow = vec![step(S::RunCommands(list(&["echo sleeping; sleep 600"])))];
+    let t0 = std::time::Instant::now();
+    let e = build(c, slow, 5).await.unwrap_err();
+    assert_eq!((e.code(), error_name(&e).as_str()), (tonic::Code::DeadlineExceeded, "ImageBuildError"), "{e:?}");
+    assert!(t0.elapsed() < std::time::Duration::from_secs(120), "the timeout bounds the build");
+
+    // A bad definition: refused before anything runs.
+    let bad = vec![step(S::AptInstall(list(&["hello; rm -rf /"])))];
+    let e = build(c, bad, 60).await.unwrap_err();
+    assert_eq!((e.code(), error_name(&e).as_str()), (tonic::Code::InvalidArgument, "ImageBuildError"), "{e:?}");
+
+    // Listing and polling.
+    let info = c.get_image(pb::GetImageRequest { image_id: id2.clone() }).await.unwrap().into_inner();
+    assert_eq!(info.step.as_str(), format!("add_files(/app <- {})", &context2[..12]));
+    let all = c.list_images(pb::ListImagesRequest {}).await.unwrap().into_inner().images;
+    assert!(all.iter().any(|i| i.image_id == id) && all.iter().any(|i| i.image_id == id2));
+    let e = c.get_image(pb::GetImageRequest { image_id: "im-000000000000000000000000".into() }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
 }

@@ -10,6 +10,18 @@
 //! The image id is derived from the image's definition (builder version, packages, and the
 //! hash of every input file), so an unchanged definition is never rebuilt and any change
 //! gives a new image.
+//!
+//! Built images ([`definition`]) are chains of layers on a base: each step runs in a
+//! [`sandbox`] on the parent layer's ext4 file system, modified in place, and the result is
+//! stored like any image. Chunks are 1 MiB and content-addressed, so a layer stores only the
+//! chunks its step changed; the rest are the parent's ([`builder`]).
+
+mod builder;
+pub mod context;
+pub mod definition;
+mod sandbox;
+
+pub use builder::{BuildEvent, BuildReport};
 
 use std::collections::HashMap;
 use std::os::unix::fs::{FileExt, PermissionsExt};
@@ -26,12 +38,13 @@ use crate::error::{Result, SailboxError};
 use crate::guest::GuestKit;
 use crate::store::StateStore;
 
-/// Chunk size of image files.
-pub const IMAGE_CHUNK: u64 = 8 << 20;
+/// Chunk size of image files: small enough that a layer stores little more than what its
+/// step wrote (a 1 GiB base is 1,024 chunks), a multiple of cowfs's region.
+pub const IMAGE_CHUNK: u64 = 1 << 20;
 /// Chunk transfers in flight while storing or assembling an image.
 const TRANSFERS: usize = 4;
 /// Bump to rebuild every image (changes every id).
-const BUILDER_VERSION: u32 = 1;
+const BUILDER_VERSION: u32 = 2;
 
 /// The Debian suite of the `debian` image.
 pub const DEBIAN_SUITE: &str = "bookworm";
@@ -55,6 +68,15 @@ pub struct ImageManifest {
     pub chunks: Vec<Option<String>>,
     /// Build time, Unix ms.
     pub created_unix_ms: u64,
+    /// The layer this one was built on (built images only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// The step that made it from its parent, as written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+    /// Bytes of new chunks this image stored (the rest it shares).
+    #[serde(default)]
+    pub stored_bytes: u64,
 }
 
 /// An image ready to back disks.
@@ -156,38 +178,42 @@ impl ImageStore {
         let Some(definition) = definition else {
             return Err(SailboxError::InvalidConfig(format!("image {id} is not known on this host")));
         };
-        // One build per definition at a time: later callers wait and find the manifest. The
-        // lock table holds only builds in progress (callers choose the ids they ask for, so
-        // an entry per id ever asked would grow without bound).
-        let lock = {
-            let mut locks = self.locks.lock();
-            locks.entry(id.clone()).or_default().clone()
-        };
-        let built: Result<ImageManifest> = async {
+        let manifest = self
+            .coalesced(&id, async {
+                if let Some(manifest) = self.manifest(&id)? {
+                    return Ok(manifest);
+                }
+                progress(&format!("building image {name_or_id} ({id}); this happens once per host"));
+                let manifest = self.build(name_or_id, &id, &definition, &progress).await?;
+                progress(&format!(
+                    "image {id} ready: {} MiB, {} chunks",
+                    manifest.size >> 20,
+                    manifest.chunks.iter().flatten().count()
+                ));
+                Ok(manifest)
+            })
+            .await?;
+        let size = manifest.size;
+        Ok(LocalImage { id, manifest, size })
+    }
+
+    /// Runs `work` while holding the build lock of `id`: one build per image at a time, later
+    /// callers wait (and then find the manifest). The lock table holds only builds in progress
+    /// (callers choose the ids they ask for, so an entry per id ever asked would grow without
+    /// bound).
+    async fn coalesced<T>(&self, id: &str, work: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        let lock = self.locks.lock().entry(id.to_owned()).or_default().clone();
+        let result = async {
             let _guard = lock.lock().await;
-            if let Some(manifest) = self.manifest(&id)? {
-                return Ok(manifest);
-            }
-            progress(&format!("building image {name_or_id} ({id}); this happens once per host"));
-            let manifest = self.build(name_or_id, &id, &definition, &progress).await?;
-            progress(&format!(
-                "image {id} ready: {} MiB, {} chunks",
-                manifest.size >> 20,
-                manifest.chunks.iter().flatten().count()
-            ));
-            Ok(manifest)
+            work.await
         }
         .await;
         drop(lock);
-        {
-            let mut locks = self.locks.lock();
-            if locks.get(&id).is_some_and(|l| Arc::strong_count(l) == 1) {
-                locks.remove(&id);
-            }
+        let mut locks = self.locks.lock();
+        if locks.get(id).is_some_and(|l| Arc::strong_count(l) == 1) {
+            locks.remove(id);
         }
-        let manifest = built?;
-        let size = manifest.size;
-        Ok(LocalImage { id, manifest, size })
+        result
     }
 
     /// Builds in progress or waited on (for tests of the lock table's bound).
@@ -278,11 +304,31 @@ impl ImageStore {
 
     /// Cuts a raw image into chunks, stores those the backend lacks, and records the manifest.
     async fn store_chunks(&self, id: &str, name: &str, definition: &str, image: &Path) -> Result<ImageManifest> {
+        let (size, chunks, stored_bytes) = self.chunk_file(image).await?;
+        let manifest = ImageManifest {
+            id: id.to_owned(),
+            name: name.to_owned(),
+            definition: definition.to_owned(),
+            size,
+            chunk_size: IMAGE_CHUNK,
+            chunks,
+            created_unix_ms: sysutil::clock::now_ms(),
+            parent: None,
+            step: None,
+            stored_bytes,
+        };
+        self.record(&manifest).await?;
+        Ok(manifest)
+    }
+
+    /// Cuts a file into [`IMAGE_CHUNK`]s and stores those the backend lacks; returns its
+    /// size, the chunk list (`None` for all-zero chunks) and the bytes newly stored.
+    async fn chunk_file(&self, image: &Path) -> Result<(u64, Vec<Option<String>>, u64)> {
         let file = Arc::new(std::fs::File::open(image).map_err(|e| SailboxError::io("opening the image", e))?);
         let size = file.metadata().map_err(|e| SailboxError::io("stat image", e))?.len();
         let count = size.div_ceil(IMAGE_CHUNK);
         let backend = self.backend.clone();
-        let chunks: Vec<Result<Option<String>>> = futures::stream::iter(0..count)
+        let chunks: Vec<Result<(Option<String>, u64)>> = futures::stream::iter(0..count)
             .map(|i| {
                 let (file, backend) = (file.clone(), backend.clone());
                 async move {
@@ -294,36 +340,75 @@ impl ImageStore {
                     .await?
                     .map_err(|e| SailboxError::io("reading the image", e))?;
                     if data.iter().all(|&b| b == 0) {
-                        return Ok(None);
+                        return Ok((None, 0));
                     }
                     let data = Bytes::from(data);
                     let cid = ChunkId::of(&data);
+                    let mut stored = 0;
                     if !backend.exists(cid).await? {
+                        stored = data.len() as u64;
                         backend.put(cid, data).await?;
                     }
-                    Ok(Some(cid.to_hex()))
+                    Ok((Some(cid.to_hex()), stored))
                 }
             })
             .buffered(TRANSFERS)
             .collect()
             .await;
-        let chunks = chunks.into_iter().collect::<Result<Vec<_>>>()?;
-        let manifest = ImageManifest {
-            id: id.to_owned(),
-            name: name.to_owned(),
-            definition: definition.to_owned(),
-            size,
-            chunk_size: IMAGE_CHUNK,
-            chunks,
-            created_unix_ms: sysutil::clock::now_ms(),
-        };
-        let json = serde_json::to_vec(&manifest)
+        let mut list = Vec::with_capacity(chunks.len());
+        let mut stored = 0;
+        for c in chunks {
+            let (cid, n) = c?;
+            list.push(cid);
+            stored += n;
+        }
+        Ok((size, list, stored))
+    }
+
+    /// Records a manifest: in the state store, and as a chunk so another host can fetch the
+    /// image by its id.
+    async fn record(&self, manifest: &ImageManifest) -> Result<()> {
+        let id = &manifest.id;
+        let json = serde_json::to_vec(manifest)
             .map_err(|source| SailboxError::Encode { what: format!("image manifest {id}"), source })?;
-        // The manifest itself is a chunk too: another host can fetch the image by its id.
         let json = Bytes::from(json);
         self.backend.put(ChunkId::of(&json), json.clone()).await?;
-        self.state.put_image(id, &json)?;
-        Ok(manifest)
+        self.state.put_image(id, &json)
+    }
+
+    /// Writes an image's content to `path` (all-zero chunks left as holes), verifying every
+    /// chunk against its id.
+    async fn assemble(&self, manifest: &ImageManifest, path: &Path) -> Result<()> {
+        let file = Arc::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .open(path)
+                .map_err(|e| SailboxError::io(format!("creating {}", path.display()), e))?,
+        );
+        file.set_len(manifest.size).map_err(|e| SailboxError::io("sizing the image", e))?;
+        let present: Vec<(usize, String)> =
+            manifest.chunks.iter().enumerate().filter_map(|(i, c)| c.clone().map(|hex| (i, hex))).collect();
+        let results: Vec<Result<()>> = futures::stream::iter(present)
+            .map(|(i, hex)| {
+                let (file, backend, chunk_size) = (file.clone(), self.backend.clone(), manifest.chunk_size);
+                let what = format!("image {}", manifest.id);
+                async move {
+                    let cid = hex.parse::<ChunkId>().map_err(|source| SailboxError::BadChunkId { what, source })?;
+                    let data = backend.get(cid).await?;
+                    if ChunkId::of(&data) != cid {
+                        return Err(SailboxError::ImageBuild(format!("chunk {hex} of the parent image fails verification")));
+                    }
+                    tokio::task::spawn_blocking(move || file.write_all_at(&data, i as u64 * chunk_size))
+                        .await?
+                        .map_err(|e| SailboxError::io("writing the image", e))
+                }
+            })
+            .buffer_unordered(TRANSFERS)
+            .collect()
+            .await;
+        results.into_iter().collect()
     }
 }
 

@@ -1,0 +1,218 @@
+//! `sail image ...`: build images from a definition file, list and inspect them.
+//!
+//! The definition file is JSON (docs/images.md has the schema):
+//!
+//! ```json
+//! {"base": "debian_amd64", "steps": [
+//!   {"apt_install": ["curl"]}, {"pip_install": ["requests==2.32.3"]},
+//!   {"run_commands": ["mkdir -p /data"]}, {"env": {"APP_ENV": "prod"}},
+//!   {"add_local_file": {"local": "app.conf", "remote": "/etc/app.conf", "mode": "0600"}},
+//!   {"add_local_dir": {"local": "src", "remote": "/app", "ignore": ["*.pyc"], "ignore_file": ".dockerignore"}}]}
+//! ```
+//!
+//! Local paths are relative to the file's directory. Added files are packed here, uploaded
+//! (`UploadContext`) and named in the definition by their BLAKE3, so the image id covers
+//! their bytes.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::Subcommand;
+use proto::sailbox as pb;
+use serde::Deserialize;
+use tokio_stream::StreamExt;
+use vmm_host::image::context::LocalSource;
+use vmm_host::image::definition::{ImageDefinition, Step};
+
+use crate::box_cmd::{BoxError, Client};
+
+#[derive(Subcommand)]
+pub enum ImageCmd {
+    /// Build an image from a JSON definition file; prints the image id.
+    Build {
+        /// The definition file.
+        file: PathBuf,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 1800)]
+        timeout: u32,
+    },
+    /// List the images and layers on the host.
+    Ls,
+    /// Show one image or layer.
+    Info {
+        /// The image id (`im-...`).
+        id: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDefinition {
+    base: String,
+    #[serde(default)]
+    python_version: Option<String>,
+    #[serde(default)]
+    steps: Vec<FileStep>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+enum FileStep {
+    AptInstall(Vec<String>),
+    PipInstall(Vec<String>),
+    RunCommands(Vec<String>),
+    Env(BTreeMap<String, String>),
+    AddLocalFile {
+        local: PathBuf,
+        remote: String,
+        #[serde(default)]
+        mode: Option<String>,
+    },
+    AddLocalDir {
+        local: PathBuf,
+        remote: String,
+        #[serde(default)]
+        ignore: Vec<String>,
+        #[serde(default)]
+        ignore_file: Option<PathBuf>,
+    },
+}
+
+/// Uploads a packed context; returns (remote dir, context hash).
+async fn upload(c: &mut Client, src: &LocalSource) -> anyhow::Result<(String, String)> {
+    let mut packed = src.pack()?;
+    let mut data = Vec::with_capacity(packed.size as usize);
+    packed.file.read_to_end(&mut data)?;
+    let parts: Vec<pb::UploadContextRequest> =
+        data.chunks(1 << 20).map(|p| pb::UploadContextRequest { data: p.to_vec() }).collect();
+    let r = c.upload_context(tokio_stream::iter(parts)).await.map_err(BoxError::from)?.into_inner();
+    anyhow::ensure!(r.context == packed.hash, "the host stored the context as {} but it hashes to {}", r.context, packed.hash);
+    Ok((packed.remote_dir, r.context))
+}
+
+/// Reads a definition file, uploads its contexts, and returns the wire definition.
+async fn resolve(c: &mut Client, file: &Path) -> anyhow::Result<ImageDefinition> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let def: FileDefinition = serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
+    let dir = file.parent().unwrap_or(Path::new("."));
+    let mut steps = Vec::with_capacity(def.steps.len());
+    for (i, s) in def.steps.into_iter().enumerate() {
+        steps.push(match s {
+            FileStep::AptInstall(p) => Step::AptInstall(p),
+            FileStep::PipInstall(p) => Step::PipInstall(p),
+            FileStep::RunCommands(c) => Step::RunCommands(c),
+            FileStep::Env(v) => Step::Env(v),
+            FileStep::AddLocalFile { local, remote, mode } => {
+                let mode = mode
+                    .map(|m| u32::from_str_radix(m.trim_start_matches("0o"), 8))
+                    .transpose()
+                    .with_context(|| format!("step {}: mode must be octal, like \"0644\"", i + 1))?;
+                let (remote_dir, context) = upload(c, &LocalSource::File { local: dir.join(local), remote, mode }).await?;
+                Step::AddFiles { remote: remote_dir, context }
+            }
+            FileStep::AddLocalDir { local, remote, ignore, ignore_file } => {
+                let src =
+                    LocalSource::Dir { local: dir.join(local), remote, ignore, ignore_file: ignore_file.map(|f| dir.join(f)) };
+                let (remote, context) = upload(c, &src).await?;
+                Step::AddFiles { remote, context }
+            }
+        });
+    }
+    let def = ImageDefinition { base: def.base, python_version: def.python_version, steps };
+    def.validate()?;
+    Ok(def)
+}
+
+fn info_json(i: &pb::ImageInfo) -> serde_json::Value {
+    serde_json::json!({
+        "image_id": i.image_id, "base": i.name, "size": i.size, "created_unix_ms": i.created_unix_ms,
+        "parent": i.parent, "step": i.step, "stored_bytes": i.stored_bytes, "chunks": i.chunks,
+    })
+}
+
+/// Runs a `sail image` command; returns the exit code.
+pub async fn run(c: &mut Client, json: bool, quiet: bool, cmd: ImageCmd) -> anyhow::Result<u8> {
+    match cmd {
+        ImageCmd::Build { file, timeout } => {
+            let def = resolve(c, &file).await?;
+            let req = pb::BuildImageRequest { definition: Some((&def).into()), timeout_secs: timeout };
+            let mut stream = c.build_image(req).await.map_err(BoxError::from)?.into_inner();
+            let mut layers = Vec::new();
+            while let Some(ev) = stream.next().await {
+                let ev = ev.map_err(BoxError::from)?;
+                if !ev.image_id.is_empty() {
+                    if json {
+                        println!("{}", serde_json::json!({"image_id": ev.image_id, "size": ev.size, "layers": layers}));
+                    } else {
+                        println!("{}", ev.image_id);
+                    }
+                    return Ok(0);
+                }
+                if ev.layer_stored {
+                    layers.push(serde_json::json!({"step": ev.step, "layer_id": ev.layer_id, "stored_bytes": ev.stored_bytes, "size": ev.layer_size, "run_ms": ev.run_ms}));
+                    if !quiet {
+                        eprintln!(
+                            "      layer {} stored: {} new of {} ({:.1} s)",
+                            ev.layer_id,
+                            crate::output::human(ev.stored_bytes),
+                            crate::output::human(ev.layer_size),
+                            ev.run_ms as f64 / 1000.0
+                        );
+                    }
+                } else if ev.step > 0 {
+                    if ev.cached {
+                        layers.push(serde_json::json!({"step": ev.step, "layer_id": ev.layer_id, "cached": true}));
+                    }
+                    if !quiet {
+                        let state = if ev.cached { " (cached)" } else { "" };
+                        eprintln!("[{}/{}] {}{state}", ev.step, ev.steps, ev.what);
+                    }
+                } else if !quiet && !ev.log.is_empty() {
+                    eprintln!("    | {}", ev.log);
+                }
+            }
+            anyhow::bail!("the build stream ended without an image")
+        }
+        ImageCmd::Ls => {
+            let images = c.list_images(pb::ListImagesRequest {}).await.map_err(BoxError::from)?.into_inner().images;
+            if json {
+                println!("{}", serde_json::Value::Array(images.iter().map(info_json).collect()));
+            } else {
+                println!("{:<28} {:<14} {:>9} {:>9}  STEP", "IMAGE", "BASE", "SIZE", "STORED");
+                for i in &images {
+                    let step = if i.step.is_empty() { "(base)" } else { &i.step };
+                    println!(
+                        "{:<28} {:<14} {:>9} {:>9}  {}",
+                        i.image_id,
+                        i.name,
+                        crate::output::human(i.size),
+                        crate::output::human(i.stored_bytes),
+                        step
+                    );
+                }
+            }
+            Ok(0)
+        }
+        ImageCmd::Info { id } => {
+            let i = c.get_image(pb::GetImageRequest { image_id: id }).await.map_err(BoxError::from)?.into_inner();
+            if json {
+                println!("{}", info_json(&i));
+            } else {
+                println!(
+                    "{}  base={} size={} stored={} chunks={}",
+                    i.image_id,
+                    i.name,
+                    crate::output::human(i.size),
+                    crate::output::human(i.stored_bytes),
+                    i.chunks
+                );
+                if !i.parent.is_empty() {
+                    println!("  parent: {}\n  step: {}", i.parent, i.step);
+                }
+            }
+            Ok(0)
+        }
+    }
+}
