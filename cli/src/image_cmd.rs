@@ -15,7 +15,6 @@
 //! their bytes.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -82,14 +81,12 @@ enum FileStep {
 
 /// Uploads a packed context; returns (remote dir, context hash).
 async fn upload(c: &mut Client, src: &LocalSource) -> anyhow::Result<(String, String)> {
-    let mut packed = src.pack()?;
-    let mut data = Vec::with_capacity(packed.size as usize);
-    packed.file.read_to_end(&mut data)?;
-    let parts: Vec<pb::UploadContextRequest> =
-        data.chunks(1 << 20).map(|p| pb::UploadContextRequest { data: p.to_vec() }).collect();
+    let packed = src.pack()?;
+    let (hash, remote_dir) = (packed.hash.clone(), packed.remote_dir.clone());
+    let parts = packed.into_requests()?;
     let r = c.upload_context(tokio_stream::iter(parts)).await.map_err(BoxError::from)?.into_inner();
-    anyhow::ensure!(r.context == packed.hash, "the host stored the context as {} but it hashes to {}", r.context, packed.hash);
-    Ok((packed.remote_dir, r.context))
+    anyhow::ensure!(r.context == hash, "the host stored the context as {} but it hashes to {hash}", r.context);
+    Ok((remote_dir, r.context))
 }
 
 /// Reads a definition file, uploads its contexts, and returns the wire definition.

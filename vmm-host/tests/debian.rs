@@ -80,15 +80,11 @@ async fn default_debian_image_runs_python() {
 type Client = proto::sailbox::sailbox_service_client::SailboxServiceClient<tonic::transport::Channel>;
 
 async fn upload(c: &mut Client, src: vmm_host::image::context::LocalSource) -> (String, String) {
-    use std::io::Read;
-    let mut packed = src.pack().unwrap();
-    let mut data = Vec::new();
-    packed.file.read_to_end(&mut data).unwrap();
-    let parts: Vec<pb::UploadContextRequest> =
-        data.chunks(1 << 20).map(|p| pb::UploadContextRequest { data: p.to_vec() }).collect();
-    let r = c.upload_context(tokio_stream::iter(parts)).await.unwrap().into_inner();
-    assert_eq!(r.context, packed.hash);
-    (packed.remote_dir, r.context)
+    let packed = src.pack().unwrap();
+    let (hash, remote_dir) = (packed.hash.clone(), packed.remote_dir.clone());
+    let r = c.upload_context(tokio_stream::iter(packed.into_requests().unwrap())).await.unwrap().into_inner();
+    assert_eq!(r.context, hash);
+    (remote_dir, r.context)
 }
 
 fn step(s: pb::image_step::Step) -> pb::ImageStep {

@@ -50,6 +50,7 @@ from .errors import (
     VolumePathNotFoundError,
 )
 from .functions import SailFunction, function
+from .image import Image, ImageBuildEvent
 from .sailbox import (
     App,
     Checkpoint,
@@ -67,6 +68,8 @@ __version__ = "0.2.0"
 __all__ = [
     "App",
     "Checkpoint",
+    "Image",
+    "ImageBuildEvent",
     "Sailbox",
     "SailboxExecRequest",
     "SailboxExecResult",

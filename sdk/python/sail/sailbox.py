@@ -314,17 +314,23 @@ class Sailbox:
         ``ingress_ports`` unique in 1..=65535, never 22 or 10000; ``volumes`` maps absolute
         guest paths (not ``/``) to :class:`Volume` handles (or names). Out-of-range
         arguments raise :class:`SailboxCreationError` before anything is created.
-        ``image`` is ``"debian"`` (default), ``"minimal"`` or an image id;
+        ``image`` is ``"debian"`` (default), ``"minimal"``, an image id or a
+        :class:`sail.Image` definition (built first when needed);
         ``image_build_timeout`` bounds preparing it (:class:`ImageBuildError` past it).
         ``network="none"`` gives the guest no outbound network. ``timeout`` bounds the
         create call itself (default: 10 minutes; VMs boot slowly under emulation).
         """
         from ._pb import sailbox_pb2 as pb
 
-        image_name = _image_name(image)
+        from .image import Image
+
         # The image first, under its own bound (a first Debian build takes minutes), so the
         # create call's deadline covers only the VM; an image already built answers at once.
-        ensure_image(image_name, timeout=image_build_timeout)
+        if isinstance(image, Image):
+            image_name = image.build(timeout=image_build_timeout)
+        else:
+            image_name = _image_name(image)
+            ensure_image(image_name, timeout=image_build_timeout)
         mounts: Dict[str, Any] = {}
         for path, vol in (volumes or {}).items():
             if isinstance(vol, str):

@@ -14,6 +14,7 @@ pub const FILES: &[(&str, &str)] = &[
     ("sail/errors.py", include_str!("../../../sdk/python/sail/errors.py")),
     ("sail/_client.py", include_str!("../../../sdk/python/sail/_client.py")),
     ("sail/functions.py", include_str!("../../../sdk/python/sail/functions.py")),
+    ("sail/image.py", include_str!("../../../sdk/python/sail/image.py")),
     ("sail/sailbox.py", include_str!("../../../sdk/python/sail/sailbox.py")),
     ("sail/volume.py", include_str!("../../../sdk/python/sail/volume.py")),
 ];

@@ -143,6 +143,16 @@ impl LocalSource {
     }
 }
 
+impl PackedContext {
+    /// The tar as `UploadContext` messages of 1 MiB.
+    pub fn into_requests(mut self) -> Result<Vec<proto::sailbox::UploadContextRequest>> {
+        use std::io::Read;
+        let mut data = Vec::with_capacity(self.size as usize);
+        self.file.read_to_end(&mut data).map_err(io("reading the packed context"))?;
+        Ok(data.chunks(1 << 20).map(|p| proto::sailbox::UploadContextRequest { data: p.to_vec() }).collect())
+    }
+}
+
 fn matcher(root: &Path, patterns: &[String], file: Option<&Path>) -> Result<Gitignore> {
     let mut b = GitignoreBuilder::new(root);
     if let Some(f) = file {
