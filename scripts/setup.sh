@@ -64,6 +64,9 @@ if [ ! -x /usr/local/bin/passt ] || [ "$(cat "$passt_stamp" 2>/dev/null)" != "$P
     mkdir -p "$(dirname "$passt_stamp")" && echo "$PASST_VERSION" >"$passt_stamp"
     rm -rf "$src"
 fi
+# pasta is passt's network-namespace mode (the binary picks it by name): image build steps
+# reach the network through it (docs/images.md).
+ln -sf passt /usr/local/bin/pasta
 bash scripts/guest-kernel.sh
 [ "$mode" = vm ] && exit 0
 

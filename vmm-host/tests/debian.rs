@@ -70,7 +70,7 @@ async fn default_debian_image_runs_python() {
     c.terminate(pb::TerminateRequest { sailbox_id: sb.sailbox_id }).await.unwrap();
 
     // The builder, on the Debian base built above (one debootstrap per CI run).
-    built_images_run_every_step(&mut c).await;
+    built_images_run_every_step(&mut c, served.addr.port()).await;
 
     assert!(common::vm_processes(dir.path()).is_empty());
     drop(c);
@@ -113,7 +113,7 @@ async fn build(
     panic!("the build stream ended without an image: {events:?}")
 }
 
-async fn built_images_run_every_step(c: &mut Client) {
+async fn built_images_run_every_step(c: &mut Client, api_port: u16) {
     use pb::image_step::Step as S;
     let ctx = tempfile::tempdir().unwrap();
     let app = ctx.path().join("app");
@@ -141,12 +141,19 @@ async fn built_images_run_every_step(c: &mut Client) {
                 "test ! -e /work && test ! -e /root/.cache/sail && echo no-host-files > /opt/hostfiles",
                 "ps -e -o pid= | wc -l > /opt/pids",
             ]))),
+            // The network: the registries yes (apt and pip above), the host's loopback (this
+            // test's own API) and the gateway no.
+            step(S::RunCommands(pb::StringList {
+                items: vec![format!(
+                    "for a in 127.0.0.1 10.0.2.2; do python3 -c 'import socket,sys; socket.create_connection((sys.argv[1], {api_port}), 3)' $a 2>/dev/null && echo reached $a >> /opt/api || echo unreachable >> /opt/api; done"
+                )],
+            })),
             step(S::AddFiles(pb::AddFiles { remote: remote.clone(), context: context.to_owned() })),
         ]
     };
     let (id, events) = build(c, steps(&context), 1800).await.unwrap();
     let stored: Vec<&pb::ImageBuildEvent> = events.iter().filter(|e| e.layer_stored).collect();
-    assert_eq!(stored.len(), 5, "every step ran once: {events:?}");
+    assert_eq!(stored.len(), 6, "every step ran once: {events:?}");
     for e in &stored {
         assert!(e.stored_bytes < e.layer_size / 2, "a layer stores only what its step changed: {e:?}");
     }
@@ -155,7 +162,7 @@ async fn built_images_run_every_step(c: &mut Client) {
     // Unchanged: every layer cached, nothing runs.
     let (again, events) = build(c, steps(&context), 1800).await.unwrap();
     assert_eq!(again, id);
-    assert!(events.iter().all(|e| !e.layer_stored) && events.iter().filter(|e| e.cached).count() == 5, "{events:?}");
+    assert!(events.iter().all(|e| !e.layer_stored) && events.iter().filter(|e| e.cached).count() == 6, "{events:?}");
 
     // A one-byte change in an added file rebuilds exactly that layer.
     std::fs::write(app.join("pkg/mod.py"), "VALUE = 42\n").unwrap();
@@ -164,7 +171,7 @@ async fn built_images_run_every_step(c: &mut Client) {
     let (id2, events) = build(c, steps(&context2), 1800).await.unwrap();
     assert_ne!(id2, id);
     let ran: Vec<u32> = events.iter().filter(|e| e.layer_stored).map(|e| e.step).collect();
-    assert_eq!(ran, [5], "{events:?}");
+    assert_eq!(ran, [6], "{events:?}");
 
     // A sailbox of the built image uses every step.
     let req = pb::CreateSailboxRequest { app: "tests".into(), name: "built".into(), image: id2.clone(), ..Default::default() };
@@ -173,7 +180,7 @@ async fn built_images_run_every_step(c: &mut Client) {
         c,
         &sb.sailbox_id,
         "hello; PYTHONDONTWRITEBYTECODE=1 python3 -c 'import six, sys; sys.path.insert(0, \"/app\"); from pkg import mod; print(six.__version__, mod.VALUE)'; \
-         cat /opt/greeting; echo \"env=$GREETING\"; cat /opt/mknod /opt/hostfiles /opt/pids; ls -A /app; ls /app/pkg",
+         cat /opt/greeting; echo \"env=$GREETING\"; cat /opt/mknod /opt/hostfiles /opt/pids /opt/api; ls -A /app; ls /app/pkg",
     )
     .await;
     let out = String::from_utf8_lossy(&r.stdout);
@@ -183,7 +190,8 @@ async fn built_images_run_every_step(c: &mut Client) {
     assert_eq!(lines[5], "no-host-files", "{out}");
     let pids: u32 = lines[6].trim().parse().unwrap();
     assert!(pids < 10, "the step saw only its own PID namespace: {out}");
-    assert_eq!(lines[7..], ["pkg", "mod.py"], "ignored files and symlinks are not added: {out}");
+    assert_eq!(lines[7..9], ["unreachable", "unreachable"], "a step reached the host's loopback: {out}");
+    assert_eq!(lines[9..], ["pkg", "mod.py"], "ignored files and symlinks are not added: {out}");
     c.terminate(pb::TerminateRequest { sailbox_id: sb.sailbox_id }).await.unwrap();
 
     // A failing step: ImageBuildError naming the step, with the log tail.
@@ -191,6 +199,12 @@ async fn built_images_run_every_step(c: &mut Client) {
     let e = build(c, failing, 1800).await.unwrap_err();
     assert_eq!(error_name(&e), "ImageBuildError", "{e:?}");
     assert!(e.message().contains("step 2") && e.message().contains("about to fail"), "{}", e.message());
+
+    // A step that turns a path the sandbox mounts on into a symlink (pointing at a host path
+    // before pivot_root) cannot steer the next step's mounts: refused.
+    let hostile = vec![step(S::RunCommands(list(&["rm -rf /tmp && ln -s /etc /tmp"]))), step(S::RunCommands(list(&["true"])))];
+    let e = build(c, hostile, 600).await.unwrap_err();
+    assert!(e.message().contains("step 2") && e.message().contains("/tmp in the image is a symlink"), "{}", e.message());
 
     // A timeout: the step is killed, DEADLINE_EXCEEDED.
     let slow = vec![step(S::RunCommands(list(&["echo sleeping; sleep 600"])))];

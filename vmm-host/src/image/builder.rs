@@ -104,9 +104,18 @@ impl ImageStore {
                 hasher.update(&part);
                 file.write_all(&part).await.map_err(err_io("writing a context file"))?;
             }
-            file.sync_all().await.map_err(err_io("syncing a context file"))?;
             let hash = hasher.finalize().to_hex().to_string();
-            tokio::fs::rename(&tmp, self.context_path(&hash)).await.map_err(err_io("storing a context"))?;
+            let path = self.context_path(&hash);
+            if path.is_file() {
+                // Uploaded before (every build uploads its contexts): nothing to keep, and no
+                // fsync on the path of an unchanged rebuild.
+                drop(file);
+                let _ = tokio::fs::remove_file(&tmp).await;
+                return Ok((hash, size));
+            }
+            // Durable before it gets its name: a name always holds its whole content.
+            file.sync_all().await.map_err(err_io("syncing a context file"))?;
+            tokio::fs::rename(&tmp, path).await.map_err(err_io("storing a context"))?;
             Ok((hash, size))
         }
         .await;
@@ -159,7 +168,7 @@ impl ImageStore {
             }
         }
         let manifest = self
-            .coalesced(&final_id, async {
+            .coalesced(&final_id, Some(deadline.into()), async {
                 if let Some(m) = self.manifest(&final_id)? {
                     return Ok(m);
                 }

@@ -179,7 +179,7 @@ impl ImageStore {
             return Err(SailboxError::InvalidConfig(format!("image {id} is not known on this host")));
         };
         let manifest = self
-            .coalesced(&id, async {
+            .coalesced(&id, None, async {
                 if let Some(manifest) = self.manifest(&id)? {
                     return Ok(manifest);
                 }
@@ -201,10 +201,27 @@ impl ImageStore {
     /// callers wait (and then find the manifest). The lock table holds only builds in progress
     /// (callers choose the ids they ask for, so an entry per id ever asked would grow without
     /// bound).
-    async fn coalesced<T>(&self, id: &str, work: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    ///
+    /// A caller that waits for another's build gives up at `deadline` (the build goes on for
+    /// the caller running it).
+    async fn coalesced<T>(
+        &self,
+        id: &str,
+        deadline: Option<tokio::time::Instant>,
+        work: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
         let lock = self.locks.lock().entry(id.to_owned()).or_default().clone();
         let result = async {
-            let _guard = lock.lock().await;
+            let _guard = match deadline {
+                Some(at) => tokio::time::timeout_at(at, lock.lock()).await.map_err(|_| SailboxError::ImageStepFailed {
+                    step: 0,
+                    what: format!("waiting for another build of {id}"),
+                    reason: "it did not finish in time".into(),
+                    log_tail: String::new(),
+                    timed_out: true,
+                })?,
+                None => lock.lock().await,
+            };
             work.await
         }
         .await;
@@ -334,14 +351,19 @@ impl ImageStore {
                 async move {
                     let len = IMAGE_CHUNK.min(size - i * IMAGE_CHUNK) as usize;
                     let data = tokio::task::spawn_blocking(move || {
+                        // A chunk inside a hole is zeros without reading it (built layers are
+                        // mostly holes: the grown tail, blocks a step discarded).
+                        if in_hole(&file, i * IMAGE_CHUNK, len as u64) {
+                            return Ok(None);
+                        }
                         let mut buf = vec![0u8; len];
-                        file.read_exact_at(&mut buf, i * IMAGE_CHUNK).map(|_| buf)
+                        file.read_exact_at(&mut buf, i * IMAGE_CHUNK).map(|_| Some(buf))
                     })
                     .await?
                     .map_err(|e| SailboxError::io("reading the image", e))?;
-                    if data.iter().all(|&b| b == 0) {
+                    let Some(data) = data.filter(|d| d.iter().any(|&b| b != 0)) else {
                         return Ok((None, 0));
-                    }
+                    };
                     let data = Bytes::from(data);
                     let cid = ChunkId::of(&data);
                     let mut stored = 0;
@@ -409,6 +431,16 @@ impl ImageStore {
             .collect()
             .await;
         results.into_iter().collect()
+    }
+}
+
+/// Whether `[offset, offset + len)` of `file` lies entirely in a hole (`SEEK_DATA` finds no
+/// data before its end). False when the file system cannot tell.
+fn in_hole(file: &std::fs::File, offset: u64, len: u64) -> bool {
+    match rustix::fs::seek(file, rustix::fs::SeekFrom::Data(offset)) {
+        Ok(next) => next >= offset + len,
+        // ENXIO: no data at or after `offset`.
+        Err(e) => e == rustix::io::Errno::NXIO,
     }
 }
 

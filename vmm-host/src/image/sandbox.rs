@@ -14,11 +14,13 @@
 //!   null, zero, full, random, urandom, tty and its own pts instance;
 //! - Docker's default capability set without `mknod` and `net_raw` (no device nodes, no raw
 //!   or packet sockets), with `no_new_privs` (setpriv);
-//! - the host's network namespace, so steps reach the package registries this host reaches.
-//!   (A private namespace behind pasta was tried: pasta started as root drops to `nobody`
-//!   before it opens a namespace and cannot join one that root made.) A step can therefore
-//!   connect to services listening on the host's loopback; until API keys exist (the tenancy
-//!   issue) that includes the sail API itself. docs/images.md says so.
+//! - a network namespace of its own behind `pasta` (passt's namespace mode: userspace TCP/IP,
+//!   no bridge, tap or host configuration), [`BuildNet`]: outbound connections leave through
+//!   the host's sockets, so steps reach the package registries this host reaches, while the
+//!   host's loopback (the sail API, anything else listening there) is out of reach
+//!   (`--no-map-gw`) and nothing comes in (no port forwards). DNS goes to pasta's forwarder,
+//!   which asks the host's resolver. (pasta started as root drops to `nobody`; pointed at a
+//!   namespace created with `ip netns add` and `--runas 0:0`, it joins it.)
 //!
 //! The file system is a loop device over the layer's image file, mounted inside the step's
 //! mount namespace with `discard` (files a step deletes are punched out of the image file, so
@@ -48,6 +50,11 @@ dev=$1 root=$2 resolv=$3 cas=$4
 script=$SAIL_STEP_SCRIPT
 unset SAIL_STEP_SCRIPT
 mount -t ext4 -o discard "$dev" "$root"
+# Every path below is used before pivot_root, where a symlink would resolve against the host's
+# tree: an image (a step before this one) that made one of them a symlink is refused.
+for d in proc dev tmp etc etc/resolv.conf etc/ssl etc/ssl/certs etc/ssl/certs/ca-certificates.crt; do
+  if [ -L "$root/$d" ]; then echo "/$d in the image is a symlink; the build sandbox refuses it" >&2; exit 125; fi
+done
 mkdir -p "$root/proc" "$root/dev" "$root/tmp"
 mount -t proc -o nosuid,nodev,noexec proc "$root/proc"
 for p in sys sysrq-trigger irq bus fs; do
@@ -63,11 +70,13 @@ mount -t devpts -o newinstance,ptmxmode=0666,mode=620 devpts "$root/dev/pts"
 ln -s pts/ptmx "$root/dev/ptmx"
 ln -s /proc/self/fd "$root/dev/fd"
 mount -t tmpfs -o nosuid,nodev,size=64m shm "$root/dev/shm"
-# The host's resolver and trust roots, read-only and for the step only (the registries this
+# pasta's resolver and the host's trust roots, read-only and for the step only (the registries this
 # host reaches may sit behind a proxy whose CA only the host trusts).
+# A missing resolv.conf is made for the step and removed after it.
+if [ -d "$root/etc" ] && [ ! -e "$root/etc/resolv.conf" ]; then : > "$root/etc/resolv.conf"; made_resolv=1; fi
 for f in "$resolv:/etc/resolv.conf" "$cas:/etc/ssl/certs/ca-certificates.crt"; do
   src=${f%%:*} dst=$root${f#*:}
-  if [ -f "$src" ] && [ -f "$dst" ] && [ ! -L "$dst" ]; then
+  if [ -f "$src" ] && [ -f "$dst" ]; then
     mount --bind "$src" "$dst"; mount -o remount,bind,ro "$dst"
   fi
 done
@@ -93,6 +102,7 @@ setpriv --no-new-privs --inh-caps=-all \
 rc=$?
 [ -n "${rcd:-}" ] && rm -f /usr/sbin/policy-rc.d
 kill -9 -1 2>/dev/null
+if [ -n "${made_resolv:-}" ]; then umount /etc/resolv.conf 2>/dev/null; rm -f /etc/resolv.conf; fi
 exit $rc
 "#;
 
@@ -109,6 +119,72 @@ impl StepOutcome {
     /// The step succeeded.
     pub fn ok(&self) -> bool {
         self.code == Some(0)
+    }
+}
+
+/// The step's network: a named namespace (`ip netns add`) with a `pasta` attached. Dropping
+/// it stops pasta and deletes the namespace.
+struct BuildNet {
+    name: String,
+    pasta: Option<i32>,
+}
+
+/// Addresses inside the build namespace (as the guests' passt uses them).
+const NET_ARGS: &[&str] = &["--address", "10.0.2.15", "--netmask", "24", "--gateway", "10.0.2.2", "--dns-forward", "10.0.2.3"];
+/// The resolver a step uses: pasta's forwarder.
+const NET_RESOLV: &str = "nameserver 10.0.2.3\n";
+
+impl BuildNet {
+    fn create(work: &Path) -> Result<Self> {
+        let name = format!("sail-build-{:016x}", rand::random::<u64>());
+        let out = Command::new("ip").args(["netns", "add", &name]).output().map_err(|e| SailboxError::ImageBuildStep {
+            what: "running ip (iproute2) for the build network".into(),
+            source: e.into(),
+        })?;
+        if !out.status.success() {
+            return Err(SailboxError::ImageBuild(format!(
+                "creating the build network namespace: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        let mut net = Self { name, pasta: None };
+        let pid_file = work.join("pasta.pid");
+        let out = Command::new("pasta")
+            .args(["--config-net", "--quiet", "--no-map-gw", "--ipv4-only", "--runas", "0:0"])
+            .args(["-t", "none", "-u", "none", "-T", "none", "-U", "none"])
+            .args(NET_ARGS)
+            .arg("--pid")
+            .arg(&pid_file)
+            .arg("--netns")
+            .arg(net.path())
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
+            .output()
+            .map_err(|e| SailboxError::ImageBuildStep {
+                what: "running pasta (passt's namespace mode; `bash scripts/setup.sh vm` installs it)".into(),
+                source: e.into(),
+            })?;
+        net.pasta = std::fs::read_to_string(&pid_file).ok().and_then(|t| t.trim().parse().ok());
+        if !out.status.success() || net.pasta.is_none() {
+            return Err(SailboxError::ImageBuild(format!(
+                "starting pasta for the build network ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(net)
+    }
+
+    fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+}
+
+impl Drop for BuildNet {
+    fn drop(&mut self) {
+        if let Some(pid) = self.pasta.and_then(rustix::process::Pid::from_raw) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
     }
 }
 
@@ -154,14 +230,19 @@ pub fn run_step(
     let dev = Loop(String::from_utf8_lossy(&out.stdout).trim().to_owned());
     let root = work.join("root");
     std::fs::create_dir_all(&root).map_err(|e| setup_err("creating the mount point", e))?;
+    let net = BuildNet::create(work)?;
+    let resolv = work.join("resolv.conf");
+    std::fs::write(&resolv, NET_RESOLV).map_err(|e| setup_err("writing the build resolv.conf", e))?;
 
     let (reader, writer) = std::io::pipe().map_err(|e| setup_err("creating a pipe", e))?;
-    let mut cmd = Command::new("unshare");
-    cmd.args(["--mount", "--propagation", "private", "--pid", "--fork", "--kill-child", "--ipc", "--uts", "--"])
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", net.path()))
+        .args(["--", "unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child", "--ipc", "--uts"])
+        .arg("--")
         .args(["/bin/sh", "-c", SETUP, "sail-build"])
         .arg(&dev.0)
         .arg(&root)
-        .arg("/etc/resolv.conf")
+        .arg(&resolv)
         .arg("/etc/ssl/certs/ca-certificates.crt")
         .env_clear()
         .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
@@ -207,7 +288,8 @@ pub fn run_step(
             match child.try_wait() {
                 Ok(Some(status)) => break status.code().or(Some(128)),
                 Ok(None) if Instant::now() >= deadline => {
-                    // unshare's --kill-child takes the step's whole PID namespace with it.
+                    // nsenter execs unshare, whose --kill-child takes the step's whole PID
+                    // namespace with it.
                     let _ = child.kill();
                     let _ = child.wait();
                     break None;
