@@ -119,7 +119,14 @@ pub async fn serve_host_with(
     let addr = listener.local_addr()?;
     let svc = vmm_host::GrpcSailboxes::new(host.clone()).into_server();
     tokio::spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        use tokio_stream::StreamExt;
+        // TCP_NODELAY as `sail up` sets it (else streamed responses wait for delayed ACKs).
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|c| {
+            if let Ok(c) = &c {
+                let _ = c.set_nodelay(true);
+            }
+            c
+        });
         let _ = tonic::transport::Server::builder().add_service(svc).serve_with_incoming(incoming).await;
     });
     let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.tcp_nodelay(true).connect().await?;

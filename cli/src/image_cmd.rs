@@ -44,6 +44,12 @@ pub enum ImageCmd {
         /// The image id (`im-...`).
         id: String,
     },
+    /// Forget an image or layer (sailboxes made from it are unaffected; a later build of it
+    /// runs its step again).
+    Rm {
+        /// The image id (`im-...`).
+        id: String,
+    },
 }
 
 #[derive(Deserialize)]
@@ -189,6 +195,15 @@ pub async fn run(c: &mut Client, json: bool, quiet: bool, cmd: ImageCmd) -> anyh
                         step
                     );
                 }
+            }
+            Ok(0)
+        }
+        ImageCmd::Rm { id } => {
+            let i = c.delete_image(pb::GetImageRequest { image_id: id }).await.map_err(BoxError::from)?.into_inner();
+            if json {
+                println!("{}", info_json(&i));
+            } else {
+                println!("removed {}", i.image_id);
             }
             Ok(0)
         }

@@ -221,6 +221,11 @@ impl SailboxService for GrpcSailboxes {
         }
     }
 
+    async fn delete_image(&self, req: Request<pb::GetImageRequest>) -> Result<Response<pb::ImageInfo>, Status> {
+        let id = req.into_inner().image_id;
+        Ok(Response::new(image_info(&self.host.images().remove(&id)?)))
+    }
+
     async fn checkpoint_sailbox(&self, req: Request<pb::SailboxIdRequest>) -> Result<Response<pb::Checkpoint>, Status> {
         let id = req.into_inner().sailbox_id;
         Ok(Response::new(self.host.checkpoint(&id).instrument(span("checkpoint", &id)).await?))

@@ -220,6 +220,13 @@ impl StateStore {
         self.commit(changes)
     }
 
+    /// Forgets an image's manifest (its chunks stay until garbage collection).
+    pub fn delete_image(&self, id: &str) -> Result<()> {
+        let mut changes = self.changes();
+        changes.batch.delete_cf(self.cf(CF_IMAGES)?, id.as_bytes());
+        self.commit(changes)
+    }
+
     /// An image manifest (JSON bytes).
     pub fn image(&self, id: &str) -> Result<Option<Vec<u8>>> {
         Ok(self.db.get_cf(self.cf(CF_IMAGES)?, id.as_bytes())?)

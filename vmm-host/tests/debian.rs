@@ -225,4 +225,16 @@ async fn built_images_run_every_step(c: &mut Client, api_port: u16) {
     assert!(all.iter().any(|i| i.image_id == id) && all.iter().any(|i| i.image_id == id2));
     let e = c.get_image(pb::GetImageRequest { image_id: "im-000000000000000000000000".into() }).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
+
+    // Removing a layer: it is gone, a later build runs its step again and stores (almost)
+    // nothing, since its chunks are still in the store.
+    let removed = c.delete_image(pb::GetImageRequest { image_id: id2.clone() }).await.unwrap().into_inner();
+    assert_eq!(removed.image_id, id2);
+    assert_eq!(c.get_image(pb::GetImageRequest { image_id: id2.clone() }).await.unwrap_err().code(), tonic::Code::NotFound);
+    let (again, events) = build(c, steps(&context2), 1800).await.unwrap();
+    assert_eq!(again, id2);
+    let ran: Vec<&pb::ImageBuildEvent> = events.iter().filter(|e| e.layer_stored).collect();
+    assert_eq!(ran.len(), 1, "{events:?}");
+    eprintln!("rebuilt removed layer: {} bytes stored of {}", ran[0].stored_bytes, ran[0].layer_size);
+    assert!(ran[0].stored_bytes <= 16 << 20, "{:?}", ran[0]);
 }

@@ -115,13 +115,17 @@ async fn main() -> anyhow::Result<()> {
 
     // No change: pack + upload + build, all cached.
     let mut samples = Vec::new();
+    let mut split = (Duration::ZERO, Duration::ZERO);
     for _ in 0..5 {
         let t = Instant::now();
         let last = add_dir(&mut c, &src).await?;
+        let packed = t.elapsed();
         let (again, ran) = build(&mut c, steps(last)).await?;
         anyhow::ensure!(again == image && ran.is_empty(), "an unchanged definition ran steps");
         samples.push(t.elapsed());
+        split = (packed, t.elapsed() - packed);
     }
+    eprintln!("bench: last no-change rebuild: pack + upload {} ms, build {} ms", ms(split.0), ms(split.1));
     let no_change = benches::percentile(&mut samples, 50.0);
     let mut rtts = Vec::new();
     for _ in 0..5 {

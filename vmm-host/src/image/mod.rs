@@ -275,6 +275,18 @@ impl ImageStore {
         Ok(id.to_hex())
     }
 
+    /// Forgets an image or layer: later builds that need it build it again (its chunks stay
+    /// in the store until garbage collection, so that costs the step's time, not storage).
+    /// Sailboxes made from it are unaffected: their disks name chunks, not the image.
+    pub fn remove(&self, id: &str) -> Result<ImageManifest> {
+        let manifest = self.manifest(id)?.ok_or_else(|| SailboxError::NotFound(format!("image {id}")))?;
+        if self.locks.lock().contains_key(id) {
+            return Err(SailboxError::invalid(format!("image {id} is being built")));
+        }
+        self.state.delete_image(id)?;
+        Ok(manifest)
+    }
+
     /// The manifest of a stored image.
     pub fn manifest(&self, id: &str) -> Result<Option<ImageManifest>> {
         let Some(bytes) = self.state.image(id)? else { return Ok(None) };
