@@ -14,7 +14,6 @@
 //! (`UploadContext`) and named in the definition by their BLAKE3, so the image id covers
 //! their bytes.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -59,16 +58,13 @@ struct FileDefinition {
     #[serde(default)]
     python_version: Option<String>,
     #[serde(default)]
-    steps: Vec<FileStep>,
+    steps: Vec<serde_json::Value>,
 }
 
+/// The steps only a file (or the SDK) has: they name local paths, uploaded as contexts.
 #[derive(Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
-enum FileStep {
-    AptInstall(Vec<String>),
-    PipInstall(Vec<String>),
-    RunCommands(Vec<String>),
-    Env(BTreeMap<String, String>),
+enum LocalStep {
     AddLocalFile {
         local: PathBuf,
         remote: String,
@@ -83,6 +79,27 @@ enum FileStep {
         #[serde(default)]
         ignore_file: Option<PathBuf>,
     },
+}
+
+/// A step of the file: a local one, or one the service takes as it is.
+enum FileStep {
+    Local(LocalStep),
+    Plain(Step),
+}
+
+/// The step kinds a definition file takes.
+const STEP_KINDS: &[&str] = &["apt_install", "pip_install", "run_commands", "env", "add_local_file", "add_local_dir"];
+
+fn parse_step(n: usize, v: serde_json::Value) -> anyhow::Result<FileStep> {
+    let kind = v.as_object().filter(|o| o.len() == 1).and_then(|o| o.keys().next().cloned());
+    match &kind {
+        Some(k) if STEP_KINDS.contains(&k.as_str()) => {}
+        _ => anyhow::bail!("step {n}: a step is an object with one key, one of {}: {v}", STEP_KINDS.join(", ")),
+    }
+    let local = kind.is_some_and(|k| k.starts_with("add_local_"));
+    let parsed =
+        if local { serde_json::from_value(v).map(FileStep::Local) } else { serde_json::from_value(v).map(FileStep::Plain) };
+    parsed.with_context(|| format!("step {n}"))
 }
 
 /// Uploads a packed context; returns (remote dir, context hash).
@@ -102,12 +119,9 @@ async fn resolve(c: &mut Client, file: &Path) -> anyhow::Result<ImageDefinition>
     let dir = file.parent().unwrap_or(Path::new("."));
     let mut steps = Vec::with_capacity(def.steps.len());
     for (i, s) in def.steps.into_iter().enumerate() {
-        steps.push(match s {
-            FileStep::AptInstall(p) => Step::AptInstall(p),
-            FileStep::PipInstall(p) => Step::PipInstall(p),
-            FileStep::RunCommands(c) => Step::RunCommands(c),
-            FileStep::Env(v) => Step::Env(v),
-            FileStep::AddLocalFile { local, remote, mode } => {
+        steps.push(match parse_step(i + 1, s)? {
+            FileStep::Plain(step) => step,
+            FileStep::Local(LocalStep::AddLocalFile { local, remote, mode }) => {
                 let mode = mode
                     .map(|m| u32::from_str_radix(m.trim_start_matches("0o"), 8))
                     .transpose()
@@ -115,7 +129,7 @@ async fn resolve(c: &mut Client, file: &Path) -> anyhow::Result<ImageDefinition>
                 let (remote_dir, context) = upload(c, &LocalSource::File { local: dir.join(local), remote, mode }).await?;
                 Step::AddFiles { remote: remote_dir, context }
             }
-            FileStep::AddLocalDir { local, remote, ignore, ignore_file } => {
+            FileStep::Local(LocalStep::AddLocalDir { local, remote, ignore, ignore_file }) => {
                 let src =
                     LocalSource::Dir { local: dir.join(local), remote, ignore, ignore_file: ignore_file.map(|f| dir.join(f)) };
                 let (remote, context) = upload(c, &src).await?;
@@ -133,6 +147,21 @@ fn info_json(i: &pb::ImageInfo) -> serde_json::Value {
         "image_id": i.image_id, "base": i.name, "size": i.size, "created_unix_ms": i.created_unix_ms,
         "parent": i.parent, "step": i.step, "stored_bytes": i.stored_bytes, "chunks": i.chunks,
     })
+}
+
+/// Prints one image (`what` before its line, e.g. "removed").
+fn print_info(what: &str, i: &pb::ImageInfo, json: bool) {
+    if json {
+        println!("{}", info_json(i));
+        return;
+    }
+    let size = crate::output::human(i.size);
+    let stored = crate::output::human(i.stored_bytes);
+    let sep = if what.is_empty() { "" } else { " " };
+    println!("{what}{sep}{}  base={} size={size} stored={stored} chunks={}", i.image_id, i.name, i.chunks);
+    if !i.parent.is_empty() {
+        println!("  parent: {}\n  step: {}", i.parent, i.step);
+    }
 }
 
 /// Runs a `sail image` command; returns the exit code.
@@ -200,31 +229,36 @@ pub async fn run(c: &mut Client, json: bool, quiet: bool, cmd: ImageCmd) -> anyh
         }
         ImageCmd::Rm { id } => {
             let i = c.delete_image(pb::GetImageRequest { image_id: id }).await.map_err(BoxError::from)?.into_inner();
-            if json {
-                println!("{}", info_json(&i));
-            } else {
-                println!("removed {}", i.image_id);
-            }
+            print_info("removed", &i, json);
             Ok(0)
         }
         ImageCmd::Info { id } => {
             let i = c.get_image(pb::GetImageRequest { image_id: id }).await.map_err(BoxError::from)?.into_inner();
-            if json {
-                println!("{}", info_json(&i));
-            } else {
-                println!(
-                    "{}  base={} size={} stored={} chunks={}",
-                    i.image_id,
-                    i.name,
-                    crate::output::human(i.size),
-                    crate::output::human(i.stored_bytes),
-                    i.chunks
-                );
-                if !i.parent.is_empty() {
-                    println!("  parent: {}\n  step: {}", i.parent, i.step);
-                }
-            }
+            print_info("", &i, json);
             Ok(0)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_file_schema_parses_every_step_and_names_the_bad_one() {
+        let text = r#"{"base": "debian_amd64", "steps": [
+            {"apt_install": ["curl"]}, {"pip_install": ["six"]}, {"run_commands": ["true"]},
+            {"env": {"A": "1"}}, {"add_local_file": {"local": "a", "remote": "/a", "mode": "0600"}},
+            {"add_local_dir": {"local": "src", "remote": "/app", "ignore": ["*.pyc"], "ignore_file": ".ignore"}}]}"#;
+        let def: FileDefinition = serde_json::from_str(text).unwrap();
+        let steps: Vec<FileStep> = def.steps.into_iter().enumerate().map(|(i, v)| parse_step(i + 1, v).unwrap()).collect();
+        assert!(matches!(&steps[0], FileStep::Plain(Step::AptInstall(p)) if p == &["curl"]));
+        assert!(matches!(&steps[3], FileStep::Plain(Step::Env(_))));
+        assert!(matches!(&steps[4], FileStep::Local(LocalStep::AddLocalFile { mode: Some(m), .. }) if m == "0600"));
+        assert!(matches!(&steps[5], FileStep::Local(LocalStep::AddLocalDir { ignore_file: Some(_), .. })));
+        let e = parse_step(3, serde_json::json!({"apt_instal": ["x"]})).err().unwrap();
+        assert!(format!("{e:#}").starts_with("step 3: a step is an object with one key, one of apt_install"), "{e:#}");
+        let e = parse_step(1, serde_json::json!({"add_local_file": {"local": "a"}})).err().unwrap();
+        assert!(format!("{e:#}").contains("missing field `remote`"), "{e:#}");
     }
 }

@@ -24,6 +24,9 @@ pub enum SailboxError {
     /// No such file in the sailbox.
     #[error("{0}: no such file in the sailbox")]
     FileNotFound(String),
+    /// No image or layer with this id on this host.
+    #[error("image {0} not found")]
+    ImageNotFound(String),
     /// Create (or start, stop, restore) failed; the partial sailbox was cleaned up.
     #[error("sailbox creation failed: {0}")]
     Creation(String),
@@ -218,7 +221,7 @@ impl SailboxError {
     /// The contract name carried in status details.
     pub fn name(&self) -> &'static str {
         match self {
-            Self::InvalidArgument(_) | Self::NotFound(_) | Self::FileNotFound(_) => "SailboxError",
+            Self::InvalidArgument(_) | Self::NotFound(_) | Self::FileNotFound(_) | Self::ImageNotFound(_) => "SailboxError",
             Self::InvalidConfig(_)
             | Self::Creation(_)
             | Self::CreationFailed(_)
@@ -243,7 +246,7 @@ impl SailboxError {
             Self::InvalidArgument(_) | Self::InvalidConfig(_) | Self::ImageDefinition(_) => Code::InvalidArgument,
             Self::ImageStepFailed { timed_out: true, .. } => Code::DeadlineExceeded,
             Self::ImageStepFailed { .. } => Code::FailedPrecondition,
-            Self::NotFound(_) | Self::ExecNotFound(_) | Self::FileNotFound(_) => Code::NotFound,
+            Self::NotFound(_) | Self::ExecNotFound(_) | Self::FileNotFound(_) | Self::ImageNotFound(_) => Code::NotFound,
             Self::ExecAlreadyRunning { .. } => Code::AlreadyExists,
             Self::Terminated(_) | Self::Execution(_) => Code::FailedPrecondition,
             Self::WorkerLost { .. } => Code::Unavailable,

@@ -217,7 +217,7 @@ impl SailboxService for GrpcSailboxes {
         let id = req.into_inner().image_id;
         match self.host.images().manifest(&id)? {
             Some(m) => Ok(Response::new(image_info(&m))),
-            None => Err(crate::error::SailboxError::NotFound(format!("image {id}")).into()),
+            None => Err(crate::error::SailboxError::ImageNotFound(id).into()),
         }
     }
 

@@ -279,7 +279,7 @@ impl ImageStore {
     /// in the store until garbage collection, so that costs the step's time, not storage).
     /// Sailboxes made from it are unaffected: their disks name chunks, not the image.
     pub fn remove(&self, id: &str) -> Result<ImageManifest> {
-        let manifest = self.manifest(id)?.ok_or_else(|| SailboxError::NotFound(format!("image {id}")))?;
+        let manifest = self.manifest(id)?.ok_or_else(|| SailboxError::ImageNotFound(id.to_owned()))?;
         if self.locks.lock().contains_key(id) {
             return Err(SailboxError::invalid(format!("image {id} is being built")));
         }
