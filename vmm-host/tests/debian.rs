@@ -226,6 +226,24 @@ async fn built_images_run_every_step(c: &mut Client, api_port: u16) {
     let e = c.get_image(pb::GetImageRequest { image_id: "im-000000000000000000000000".into() }).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
 
+    // Two concurrent builds of one new definition coalesce: the step runs once.
+    let slow_once = || vec![step(S::RunCommands(list(&["sleep 2; date +%s%N > /opt/built-at"])))];
+    let (mut c1, mut c2) = (c.clone(), c.clone());
+    let (a, b) = tokio::join!(build(&mut c1, slow_once(), 600), build(&mut c2, slow_once(), 600));
+    let ((ia, ea), (ib, eb)) = (a.unwrap(), b.unwrap());
+    assert_eq!(ia, ib);
+    let runs = ea.iter().chain(&eb).filter(|e| e.layer_stored).count();
+    assert_eq!(runs, 1, "the step ran once for both callers: {ea:?} {eb:?}");
+
+    // A step that removes python3 still leaves an image whose sailboxes boot and run commands
+    // (the agent and the volume helper come from the initramfs, not the image).
+    let (no_python, _) = build(c, vec![step(S::RunCommands(list(&["rm -f /usr/bin/python3*"])))], 600).await.unwrap();
+    let req = pb::CreateSailboxRequest { app: "tests".into(), name: "no-python".into(), image: no_python, ..Default::default() };
+    let sb = c.create_sailbox(req).await.unwrap().into_inner();
+    let r = run(c, &sb.sailbox_id, "test ! -e /usr/bin/python3 && echo alive && test -x /run/sail/sail-volume-fuse && echo helper").await;
+    assert_eq!(String::from_utf8_lossy(&r.stdout), "alive\nhelper\n", "{r:?}");
+    c.terminate(pb::TerminateRequest { sailbox_id: sb.sailbox_id }).await.unwrap();
+
     // Removing a layer: it is gone, a later build runs its step again and stores (almost)
     // nothing, since its chunks are still in the store.
     let removed = c.delete_image(pb::GetImageRequest { image_id: id2.clone() }).await.unwrap().into_inner();
