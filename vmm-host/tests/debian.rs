@@ -240,7 +240,9 @@ async fn built_images_run_every_step(c: &mut Client, api_port: u16) {
     let (no_python, _) = build(c, vec![step(S::RunCommands(list(&["rm -f /usr/bin/python3*"])))], 600).await.unwrap();
     let req = pb::CreateSailboxRequest { app: "tests".into(), name: "no-python".into(), image: no_python, ..Default::default() };
     let sb = c.create_sailbox(req).await.unwrap().into_inner();
-    let r = run(c, &sb.sailbox_id, "test ! -e /usr/bin/python3 && echo alive && test -x /run/sail/sail-volume-fuse && echo helper").await;
+    let r =
+        run(c, &sb.sailbox_id, "test ! -e /usr/bin/python3 && echo alive && test -x /run/sail/sail-volume-fuse && echo helper")
+            .await;
     assert_eq!(String::from_utf8_lossy(&r.stdout), "alive\nhelper\n", "{r:?}");
     c.terminate(pb::TerminateRequest { sailbox_id: sb.sailbox_id }).await.unwrap();
 
