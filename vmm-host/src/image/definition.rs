@@ -71,7 +71,7 @@ impl Step {
             Self::PipInstall(p) => list("pip_install", p),
             Self::RunCommands(c) => list("run_commands", c),
             Self::Env(vars) => list("env", &vars.keys().cloned().collect::<Vec<_>>()),
-            Self::AddFiles { remote, context } => format!("add_files({remote} <- {})", &context[..context.len().min(12)]),
+            Self::AddFiles { remote, context } => format!("add_files({remote} <- {})", context.get(..12).unwrap_or(context)),
         }
     }
 
