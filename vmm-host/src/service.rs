@@ -42,6 +42,7 @@ fn image_info(m: &crate::image::ImageManifest) -> pb::ImageInfo {
         step: m.step.clone().unwrap_or_default(),
         stored_bytes: m.stored_bytes,
         chunks: m.chunks.iter().flatten().count() as u64,
+        building: false,
     }
 }
 
@@ -156,6 +157,7 @@ impl SailboxService for GrpcSailboxes {
                             tracing::debug!("{line}");
                             pb::ImageBuildEvent { log: line, ..Default::default() }
                         }
+                        E::Planned { id } => pb::ImageBuildEvent { planned_image_id: id, ..Default::default() },
                         E::Step { step, steps, id, what, cached } => {
                             tracing::info!(step, cached, layer = %id, "{what}");
                             pb::ImageBuildEvent {
@@ -215,8 +217,12 @@ impl SailboxService for GrpcSailboxes {
 
     async fn get_image(&self, req: Request<pb::GetImageRequest>) -> Result<Response<pb::ImageInfo>, Status> {
         let id = req.into_inner().image_id;
-        match self.host.images().manifest(&id)? {
+        let images = self.host.images();
+        match images.manifest(&id)? {
             Some(m) => Ok(Response::new(image_info(&m))),
+            None if images.building(&id) => {
+                Ok(Response::new(pb::ImageInfo { image_id: id, building: true, ..Default::default() }))
+            }
             None => Err(crate::error::SailboxError::ImageNotFound(id).into()),
         }
     }

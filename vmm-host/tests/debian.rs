@@ -235,6 +235,27 @@ async fn built_images_run_every_step(c: &mut Client, api_port: u16) {
     let runs = ea.iter().chain(&eb).filter(|e| e.layer_stored).count();
     assert_eq!(runs, 1, "the step ran once for both callers: {ea:?} {eb:?}");
 
+    // Polling a build: the first event names the image; GetImage says `building` while it
+    // runs, then returns the built image.
+    let def = pb::ImageDefinition {
+        base: "debian_amd64".into(),
+        python_version: String::new(),
+        steps: vec![step(S::RunCommands(list(&["sleep 3; echo polled > /opt/polled"])))],
+    };
+    let mut stream =
+        c.build_image(pb::BuildImageRequest { definition: Some(def), timeout_secs: 600 }).await.unwrap().into_inner();
+    let planned = stream.next().await.unwrap().unwrap().planned_image_id;
+    assert!(planned.starts_with("im-"), "{planned:?}");
+    let polled = c.get_image(pb::GetImageRequest { image_id: planned.clone() }).await.unwrap().into_inner();
+    assert!(polled.building && polled.size == 0, "{polled:?}");
+    let mut last = pb::ImageBuildEvent::default();
+    while let Some(e) = stream.next().await {
+        last = e.unwrap();
+    }
+    assert_eq!(last.image_id, planned);
+    let done = c.get_image(pb::GetImageRequest { image_id: planned }).await.unwrap().into_inner();
+    assert!(!done.building && done.size > 0, "{done:?}");
+
     // A step that removes python3 still leaves an image whose sailboxes boot and run commands
     // (the agent and the volume helper come from the initramfs, not the image).
     let (no_python, _) = build(c, vec![step(S::RunCommands(list(&["rm -f /usr/bin/python3*"])))], 600).await.unwrap();

@@ -37,8 +37,9 @@ _PART = 1 << 20
 
 @dataclass(frozen=True)
 class ImageBuildEvent:
-    """One event of a build: a log line, a step starting (``cached`` when its layer existed),
-    a layer stored (``stored_bytes`` of new chunks), or the end (``image_id`` set)."""
+    """One event of a build: the start (``planned_image_id``: the id it makes), a log line, a
+    step starting (``cached`` when its layer existed), a layer stored (``stored_bytes`` of new
+    chunks), or the end (``image_id`` set)."""
 
     log: str = ""
     step: int = 0
@@ -52,6 +53,7 @@ class ImageBuildEvent:
     run_ms: int = 0
     image_id: str = ""
     size: int = 0
+    planned_image_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -156,7 +158,7 @@ class Image:
                 yield ImageBuildEvent(
                     log=e.log, step=e.step, steps=e.steps, what=e.what, layer_id=e.layer_id, cached=e.cached,
                     layer_stored=e.layer_stored, stored_bytes=e.stored_bytes, layer_size=e.layer_size,
-                    run_ms=e.run_ms, image_id=e.image_id, size=e.size,
+                    run_ms=e.run_ms, image_id=e.image_id, size=e.size, planned_image_id=e.planned_image_id,
                 )
         except SailTimeoutError as e:
             raise ImageBuildError(f"the image was not built within {limit} s: {e.message}", code=e.code) from None

@@ -32,6 +32,11 @@ pub const MAX_CONTEXT_BYTES: u64 = 4 << 30;
 pub enum BuildEvent {
     /// A line of a step's output, or a message of the builder.
     Log(String),
+    /// The build starts; it makes image `id`.
+    Planned {
+        /// The image id the definition names.
+        id: String,
+    },
     /// Step `step` of `steps` starts (`cached`: its layer exists, nothing runs).
     Step {
         /// 1-based.
@@ -151,6 +156,7 @@ impl ImageStore {
         let ids = def.layer_ids(&base.id);
         let Some(final_id) = ids.last().cloned() else { return Ok(base) };
         if let Some(manifest) = self.manifest(&final_id)? {
+            report(BuildEvent::Planned { id: final_id.clone() });
             for (i, (step, id)) in def.steps.iter().zip(&ids).enumerate() {
                 report(BuildEvent::Step { step: i + 1, steps: ids.len(), id: id.clone(), what: step.describe(), cached: true });
             }
@@ -167,8 +173,12 @@ impl ImageStore {
                 )));
             }
         }
+        // Entered in the build table before the id is announced: a caller polling GetImage
+        // with it sees `building` from the start.
+        let lock = self.lock_for(&final_id);
+        report(BuildEvent::Planned { id: final_id.clone() });
         let manifest = self
-            .coalesced(&final_id, Some(deadline.into()), async {
+            .coalesced(&final_id, lock, Some(deadline.into()), async {
                 if let Some(m) = self.manifest(&final_id)? {
                     return Ok(m);
                 }

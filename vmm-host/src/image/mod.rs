@@ -179,7 +179,7 @@ impl ImageStore {
             return Err(SailboxError::InvalidConfig(format!("image {id} is not known on this host")));
         };
         let manifest = self
-            .coalesced(&id, None, async {
+            .coalesced(&id, self.lock_for(&id), None, async {
                 if let Some(manifest) = self.manifest(&id)? {
                     return Ok(manifest);
                 }
@@ -204,13 +204,16 @@ impl ImageStore {
     ///
     /// A caller that waits for another's build gives up at `deadline` (the build goes on for
     /// the caller running it).
+    ///
+    /// `lock` comes from [`Self::lock_for`] (taken before, so that [`Self::building`] is true
+    /// from then on); this call removes the table's entry when nobody else holds it.
     async fn coalesced<T>(
         &self,
         id: &str,
+        lock: Arc<tokio::sync::Mutex<()>>,
         deadline: Option<tokio::time::Instant>,
         work: impl std::future::Future<Output = Result<T>>,
     ) -> Result<T> {
-        let lock = self.locks.lock().entry(id.to_owned()).or_default().clone();
         let result = async {
             let _guard = match deadline {
                 Some(at) => tokio::time::timeout_at(at, lock.lock()).await.map_err(|_| SailboxError::ImageStepFailed {
@@ -231,6 +234,17 @@ impl ImageStore {
             locks.remove(id);
         }
         result
+    }
+
+    /// The build lock of `id`, entered in the table (pass it to [`Self::coalesced`], which
+    /// removes the entry).
+    fn lock_for(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks.lock().entry(id.to_owned()).or_default().clone()
+    }
+
+    /// Whether a build of `id` runs now.
+    pub fn building(&self, id: &str) -> bool {
+        self.locks.lock().contains_key(id)
     }
 
     /// Builds in progress or waited on (for tests of the lock table's bound).
