@@ -119,14 +119,7 @@ pub async fn serve_host_with(
     let addr = listener.local_addr()?;
     let svc = vmm_host::GrpcSailboxes::new(host.clone()).into_server();
     tokio::spawn(async move {
-        use tokio_stream::StreamExt;
-        // TCP_NODELAY as `sail up` sets it (else streamed responses wait for delayed ACKs).
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|c| {
-            if let Ok(c) = &c {
-                let _ = c.set_nodelay(true);
-            }
-            c
-        });
+        let incoming = vmm_host::service::incoming_nodelay(listener);
         let _ = tonic::transport::Server::builder().add_service(svc).serve_with_incoming(incoming).await;
     });
     let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.tcp_nodelay(true).connect().await?;

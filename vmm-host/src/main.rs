@@ -115,22 +115,6 @@ async fn shutdown_signal() {
     tracing::info!("signal received; shutting down");
 }
 
-/// Sets TCP_NODELAY on every accepted connection: without it a streamed response's small
-/// frames wait ~40 ms for the client's delayed ACK (Nagle), as `sail up`'s server notes too.
-fn nodelay(
-    incoming: tokio_stream::wrappers::TcpListenerStream,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt;
-    incoming.map(|conn| {
-        if let Ok(c) = &conn
-            && let Err(e) = c.set_nodelay(true)
-        {
-            tracing::warn!(error = %e, "could not set TCP_NODELAY");
-        }
-        conn
-    })
-}
-
 async fn run(args: Args) -> anyhow::Result<()> {
     let config = args.config();
     let data_dir = config.data_dir.clone();
@@ -140,7 +124,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     println!("vmm-host listening on http://{addr} (data in {})", data_dir.display());
     let served = tonic::transport::Server::builder()
         .add_service(GrpcSailboxes::new(host.clone()).into_server())
-        .serve_with_incoming_shutdown(nodelay(tokio_stream::wrappers::TcpListenerStream::new(listener)), shutdown_signal())
+        .serve_with_incoming_shutdown(vmm_host::service::incoming_nodelay(listener), shutdown_signal())
         .await
         .context("serving gRPC");
     // Running and sleeping sailboxes keep running (the next start re-attaches them); with

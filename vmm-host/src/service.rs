@@ -32,6 +32,21 @@ impl GrpcSailboxes {
     }
 }
 
+/// The connections `listener` accepts, each with TCP_NODELAY set: without it a streamed
+/// response's small frames wait ~40 ms for the client's delayed ACK (Nagle), as `sail up`'s
+/// server notes too. For `serve_with_incoming`.
+pub fn incoming_nodelay(listener: tokio::net::TcpListener) -> impl Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
+        if let Ok(c) = &conn
+            && let Err(e) = c.set_nodelay(true)
+        {
+            tracing::warn!(error = %e, "could not set TCP_NODELAY");
+        }
+        conn
+    })
+}
+
 fn image_info(m: &crate::image::ImageManifest) -> pb::ImageInfo {
     pb::ImageInfo {
         image_id: m.id.clone(),

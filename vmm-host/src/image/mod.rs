@@ -1,7 +1,7 @@
 //! Base images: ext4 root file systems stored as chunks and assembled per host.
 //!
 //! An image is built once (the `minimal` busybox image in a second, the `debian` image with
-//! debootstrap in about a minute), cut into 8 MiB chunks (all-zero chunks are elided), stored
+//! debootstrap in about a minute), cut into [`IMAGE_CHUNK`] chunks (all-zero chunks are elided), stored
 //! in the chunk backend, and described by a manifest (JSON in the state store, and itself
 //! stored as a chunk so other hosts can fetch it by id). A sailbox's disk is a cowfs file over
 //! the image's chunks ([`ImageStore::disk_manifest`]): nothing is copied, per sailbox or per
@@ -253,7 +253,7 @@ impl ImageStore {
     }
 
     /// A cowfs manifest for a disk of `disk_bytes` over the image: its regions point into
-    /// the image's 8 MiB chunks; past the image, zeros. Stored as a chunk; returns its id.
+    /// the image's chunks; past the image, zeros. Stored as a chunk; returns its id.
     pub async fn disk_manifest(&self, image: &ImageManifest, disk_bytes: u64) -> Result<String> {
         if image.size > disk_bytes {
             return Err(SailboxError::InvalidConfig(format!(
@@ -294,7 +294,7 @@ impl ImageStore {
     /// Sailboxes made from it are unaffected: their disks name chunks, not the image.
     pub fn remove(&self, id: &str) -> Result<ImageManifest> {
         let manifest = self.manifest(id)?.ok_or_else(|| SailboxError::ImageNotFound(id.to_owned()))?;
-        if self.locks.lock().contains_key(id) {
+        if self.building(id) {
             return Err(SailboxError::invalid(format!("image {id} is being built")));
         }
         self.state.delete_image(id)?;
