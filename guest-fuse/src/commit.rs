@@ -112,6 +112,9 @@ pub struct MountStatus {
     pub prefetched: u64,
     /// Pieces of large chunks fetched with verified range requests.
     pub pieces_fetched: u64,
+    /// First reads of a chunk served by a range of their own (trusted endpoints).
+    #[serde(default)]
+    pub first_reads: u64,
     /// Disk cache hits (this process).
     pub cache_hits: u64,
     /// Disk cache misses (this process).
@@ -437,6 +440,7 @@ impl MountCore {
             memory_misses: load(&c.memory_misses),
             prefetched: load(&c.prefetched),
             pieces_fetched: load(&c.pieces_fetched),
+            first_reads: load(&c.first_reads),
             cache_hits: cache.hits,
             cache_misses: cache.misses,
             cache_bytes: cache.bytes_cached,

@@ -34,9 +34,12 @@ struct Args {
     /// Control socket path (default: /run/sail/mounts/<hash>.sock).
     #[arg(long)]
     control_socket: Option<PathBuf>,
-    /// In-memory chunk cache in MiB.
-    #[arg(long, default_value_t = 256)]
-    memory_cache_mib: u64,
+    /// In-memory chunk cache in MiB (default 256; 64 with --trusted-endpoint, where the
+    /// guest's page cache keeps what was read and this only bridges partial reads of a chunk
+    /// and readahead: a small one recycles its receive buffers instead of faulting in new
+    /// memory for every chunk).
+    #[arg(long)]
+    memory_cache_mib: Option<u64>,
     /// FUSE worker threads (default: one per CPU, 2 to 8).
     #[arg(long, default_value_t = guest_fuse::runner::default_threads())]
     threads: usize,
@@ -113,7 +116,7 @@ fn main() -> anyhow::Result<()> {
         cache_max_bytes: a.cache_max_mib << 20,
         overlay_dir,
         control_socket: a.control_socket,
-        memory_cache_bytes: a.memory_cache_mib << 20,
+        memory_cache_bytes: a.memory_cache_mib.unwrap_or(if a.trusted_endpoint { 64 } else { 256 }) << 20,
         threads: a.threads,
         passthrough: !a.no_passthrough,
         trusted_endpoint: a.trusted_endpoint,

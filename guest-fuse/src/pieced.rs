@@ -22,6 +22,13 @@ use crate::remote::Remote;
 /// A URL is reused until this long before it expires.
 const URL_MARGIN_MS: u64 = 30_000;
 
+/// URLs kept (forgotten all at once past this: they are cheap to ask for again).
+const MAX_URLS: usize = 4096;
+
+/// The largest first read served by a range request ([`Remote::first_read`]); chunks no
+/// larger than this are fetched whole.
+const FIRST_READ_MAX: u64 = 1 << 20;
+
 impl Remote {
     /// Copies bytes `[from, from + out.len())` of chunk `id` (`clen` bytes long) into `out`.
     pub fn read_into(&self, id: ChunkId, clen: u64, from: u64, out: &mut [u8]) -> Result<()> {
@@ -52,7 +59,7 @@ impl Remote {
 
     /// Bytes `[from, from + len)` of chunk `id` (`clen` bytes long): a slice of the chunk or of
     /// one piece held in memory when the range lies inside it (no copy), else copied together.
-    pub fn read_range(&self, id: ChunkId, clen: u64, from: u64, len: usize) -> Result<Bytes> {
+    pub fn read_range(self: &Arc<Self>, id: ChunkId, clen: u64, from: u64, len: usize) -> Result<Bytes> {
         let end = from + len as u64;
         let slice = |b: Bytes, at: u64| -> Result<Bytes> {
             let (a, z) = ((from - at) as usize, (end - at) as usize);
@@ -85,6 +92,9 @@ impl Remote {
                 return Ok(Bytes::from(out));
             }
         }
+        if let Some(b) = self.first_read(id, clen, from, len)? {
+            return Ok(b);
+        }
         slice(self.chunk(id)?, 0)
     }
 
@@ -97,26 +107,99 @@ impl Remote {
 
     /// The download URL of a large chunk, if volumed has its piece CVs (and they check out).
     fn piece_url(&self, id: ChunkId, clen: u64) -> Result<Option<SignedUrl>> {
-        if let Some(u) = self.urls.lock().get(&id)
-            && u.expires_unix_ms > now_ms() + URL_MARGIN_MS
-        {
-            return Ok(Some(u.clone()).filter(|u| !u.piece_cvs.is_empty()));
-        }
-        let mut c = self.client.clone();
-        let urls = self.rt.block_on(c.chunk_urls(self.org(), self.volume(), &[id]))?;
-        let Some(mut url) = urls.into_iter().next() else {
+        let Some(url) = self.url(id)? else {
             return Ok(None);
         };
-        if !url.piece_cvs.is_empty() && root_from_cvs(clen, &url.piece_cvs) != Some(id) {
-            tracing::warn!(chunk = %id, "piece CVs from volumed do not match the chunk; reading it whole");
-            url.piece_cvs.clear();
+        if url.piece_cvs.is_empty() {
+            return Ok(None);
         }
+        if root_from_cvs(clen, &url.piece_cvs) != Some(id) {
+            tracing::warn!(chunk = %id, "piece CVs from volumed do not match the chunk; reading it whole");
+            return Ok(None);
+        }
+        Ok(Some(url))
+    }
+
+    /// Chunk `id`'s download URL: the one learnt earlier while it has time left, else asked
+    /// for (None: the answer named no URL for it).
+    pub(crate) fn url(&self, id: ChunkId) -> Result<Option<SignedUrl>> {
+        if let Some(u) = self.fresh_url(id) {
+            return Ok(Some(u));
+        }
+        self.learn_urls(&[id])?;
+        Ok(self.fresh_url(id))
+    }
+
+    pub(crate) fn fresh_url(&self, id: ChunkId) -> Option<SignedUrl> {
+        self.urls.lock().get(&id).filter(|u| u.expires_unix_ms > now_ms() + URL_MARGIN_MS).cloned()
+    }
+
+    /// Asks for the URLs of `ids` in one call and keeps them (readahead learns a window's
+    /// URLs at once instead of one round trip per chunk).
+    pub(crate) fn learn_urls(&self, ids: &[ChunkId]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut c = self.client.clone();
+        let got = self.rt.block_on(c.chunk_urls(self.org(), self.volume(), ids))?;
         let mut urls = self.urls.lock();
-        if urls.len() > 4096 {
+        if urls.len() + got.len() > MAX_URLS {
             urls.clear();
         }
-        urls.insert(id, url.clone());
-        Ok(Some(url).filter(|u| !u.piece_cvs.is_empty()))
+        for (id, u) in ids.iter().zip(got) {
+            urls.insert(*id, u);
+        }
+        Ok(())
+    }
+
+    /// Forgets a URL the endpoint refused (a gateway that restarted with a new key, a sailbox
+    /// restored on another host): the next use asks for a fresh one.
+    pub(crate) fn forget_url(&self, id: ChunkId) {
+        self.urls.lock().remove(&id);
+    }
+
+    /// Runs `f` with chunk `id`'s URL; when the endpoint refuses the URL (403: granted by a
+    /// gateway that is gone), once more with a fresh one.
+    pub(crate) fn with_url<T>(&self, id: ChunkId, f: impl Fn(SignedUrl) -> Result<T>) -> Result<T> {
+        let url = self.url(id)?.ok_or_else(|| FuseError::Protocol(format!("no URL for chunk {id}")))?;
+        match f(url) {
+            Err(FuseError::Remote(volume_client::ClientError::Refused { status: 403, .. })) => {
+                self.forget_url(id);
+                let url = self.url(id)?.ok_or_else(|| FuseError::Protocol(format!("no URL for chunk {id}")))?;
+                f(url)
+            }
+            other => other,
+        }
+    }
+
+    /// A reader's first read of a chunk that is neither in memory nor being fetched, from a
+    /// trusted endpoint (the host's gateway): the read's own bytes come with one small range
+    /// request while the whole chunk is fetched in the background for the reads that follow.
+    /// So a cold reader's first byte waits for its few KiB, not for an 8 MiB chunk to cross
+    /// the guest's NIC (~0.3-0.8 s under TCG). None: the chunk is being fetched already (wait
+    /// for it), or this is not a trusted endpoint.
+    fn first_read(self: &Arc<Self>, id: ChunkId, clen: u64, from: u64, len: usize) -> Result<Option<Bytes>> {
+        if !self.client.trusts_endpoint() || clen <= FIRST_READ_MAX || len as u64 > FIRST_READ_MAX {
+            return Ok(None);
+        }
+        match self.hot.get_value_or_guard(&id, Some(Duration::ZERO)) {
+            GuardResult::Value(b) => {
+                let (a, z) = (from as usize, from as usize + len);
+                return match b.get(a..z) {
+                    Some(_) => Ok(Some(b.slice(a..z))),
+                    None => Err(FuseError::Protocol(format!("read past the end of chunk {id}"))),
+                };
+            }
+            GuardResult::Timeout => return Ok(None),
+            // Nobody is fetching it: give the placeholder up and start the whole chunk.
+            GuardResult::Guard(guard) => drop(guard),
+        }
+        // The whole chunk starts after the range arrived: on one vCPU the two transfers would
+        // share it, and the reader's first byte would wait for half of the chunk's cost.
+        let got = self.with_url(id, |url| Ok(self.rt.block_on(self.client.fetch_trusted_range(&url, id, from, len as u64))?));
+        self.prefetch(vec![id]);
+        self.counters.first_reads.fetch_add(1, Ordering::Relaxed);
+        got.map(Some)
     }
 
     /// One verified piece (memory, else a range request; concurrent readers share a fetch).

@@ -46,6 +46,9 @@ pub struct ReadCounters {
     pub prefetched: AtomicU64,
     /// 1 MiB pieces of large chunks fetched with range requests (verified against their CVs).
     pub pieces_fetched: AtomicU64,
+    /// First reads of a chunk served by a range request of their own while the whole chunk
+    /// was fetched behind them (trusted endpoints only).
+    pub first_reads: AtomicU64,
 }
 
 /// The mount's connection to volumed plus its chunk caches.
@@ -211,9 +214,7 @@ impl Remote {
         {
             return Ok(bytes);
         }
-        let mut c = self.client.clone();
-        let got = self.rt.block_on(c.fetch_chunks(&self.org, &self.volume, &[id]))?;
-        let bytes = got.into_iter().next().ok_or_else(|| FuseError::Protocol(format!("no bytes for chunk {id}")))?;
+        let bytes = self.with_url(id, |url| Ok(self.rt.block_on(self.client.fetch_chunk_at(url, id))?))?;
         self.fill_cache(id, bytes.clone());
         Ok(bytes)
     }
@@ -239,23 +240,39 @@ impl Remote {
         }
     }
 
-    /// Starts loading `ids` in the background (bounded; skipped when all slots are busy).
+    /// Starts loading `ids` in the background (bounded; skipped when all slots are busy). The
+    /// URLs the mount does not hold yet are asked for in one call first.
     pub fn prefetch(self: &Arc<Self>, ids: Vec<ChunkId>) {
+        let mut jobs = Vec::new();
         for id in ids {
             if self.hot.contains_key(&id) {
                 continue;
             }
             let Ok(permit) = self.prefetch.clone().try_acquire_owned() else {
-                return;
+                break;
             };
-            let this = self.clone();
-            self.rt.spawn_blocking(move || {
-                if this.load(id).is_ok() {
-                    this.counters.prefetched.fetch_add(1, Ordering::Relaxed);
-                }
-                drop(permit);
-            });
+            jobs.push((id, permit));
         }
+        if jobs.is_empty() {
+            return;
+        }
+        let this = self.clone();
+        self.rt.spawn_blocking(move || {
+            let unknown: Vec<ChunkId> =
+                jobs.iter().map(|(id, _)| *id).filter(|id| !this.is_cached(*id) && this.fresh_url(*id).is_none()).collect();
+            if let Err(e) = this.learn_urls(&unknown) {
+                tracing::debug!(error = %e, "readahead could not learn chunk URLs");
+            }
+            for (id, permit) in jobs {
+                let this2 = this.clone();
+                this.rt.spawn_blocking(move || {
+                    if this2.load(id).is_ok() {
+                        this2.counters.prefetched.fetch_add(1, Ordering::Relaxed);
+                    }
+                    drop(permit);
+                });
+            }
+        });
     }
 
     /// Uploads the chunks the store lacks, registering piece CVs of large ones.

@@ -71,6 +71,34 @@ fn concurrent_commits_merge_and_same_path_is_last_writer_wins() {
 }
 
 #[test]
+fn a_trusted_endpoint_serves_a_first_read_by_itself_then_the_whole_chunk() {
+    let env = Env::new("vol");
+    let a = env.mount("vol");
+    let data = bytes_for(7, 20 * MIB);
+    fs::write(a.p("big.bin"), &data).unwrap();
+    a.commit();
+    // The endpoint is volumed itself here (a guest's is the host's verifying gateway): what
+    // is tested is the helper's read path with a trusted endpoint.
+    let b = env.mount_with("vol", &["--trusted-endpoint"]);
+    let mut buf = vec![0u8; 4096];
+    let f = fs::File::open(b.p("big.bin")).unwrap();
+    f.read_exact_at(&mut buf, 3 * MIB as u64 + 5).unwrap();
+    assert_eq!(buf, data[3 * MIB + 5..3 * MIB + 5 + 4096]);
+    let st = b.status();
+    assert_eq!(st.first_reads, 1, "the first read came with its own range request: {st:?}");
+    // The rest of the file (the first chunk was fetched whole behind that read).
+    assert_eq!(hash_file(&b.p("big.bin")), blake3::hash(&data));
+    let st = b.status();
+    assert!(st.first_reads >= 1 && st.prefetched >= 1, "{st:?}");
+    // A mount that hashes what it reads never takes the unverified range path.
+    let c = env.mount("vol");
+    let f = fs::File::open(c.p("big.bin")).unwrap();
+    f.read_exact_at(&mut buf, 3 * MIB as u64 + 5).unwrap();
+    assert_eq!(buf, data[3 * MIB + 5..3 * MIB + 5 + 4096]);
+    assert_eq!(c.status().first_reads, 0);
+}
+
+#[test]
 fn reload_discards_local_changes_and_commit_of_nothing_is_the_head() {
     let env = Env::new("vol");
     let a = env.mount("vol");

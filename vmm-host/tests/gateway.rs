@@ -122,6 +122,12 @@ async fn a_guest_commits_and_reads_its_volume_through_the_gateway() {
     assert_eq!(resp.bytes().await.unwrap().to_vec(), big[100..1100].to_vec(), "chunk {id}");
     let resp = reqwest::Client::new().get(&urls[0].url).header("range", format!("bytes={len}-")).send().await.unwrap();
     assert_eq!(resp.status().as_u16(), 416);
+    // A trusted client (the guest's helper) reads a first range by itself; an untrusted one
+    // refuses to take unverified bytes.
+    let trusted = VolumeClient::connect(&s.guest_endpoint).await.unwrap().trusting_endpoint();
+    let got = trusted.fetch_trusted_range(&urls[0], id, 100, 1000).await.unwrap();
+    assert_eq!(got.to_vec(), big[100..1100].to_vec());
+    assert!(matches!(s.guest.fetch_trusted_range(&urls[0], id, 100, 1000).await, Err(ClientError::Protocol(_))));
     // Uploaded chunks went into the host cache: reading them fetched nothing from the backend.
     assert_eq!(s.gateway.cache_stats().fetches, 0, "{:?}", s.gateway.cache_stats());
     drop(s.dir);

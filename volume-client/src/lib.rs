@@ -189,6 +189,8 @@ pub struct VolumeClient {
     batches: bool,
     verify: Verify,
     author: String,
+    /// Buffers downloaded bodies are received into (shared by clones).
+    pool: std::sync::Arc<chunkstore::memory::BufferPool>,
     /// Counters of the last upload.
     pub last_upload: TransferStats,
 }
@@ -202,6 +204,10 @@ pub fn is_transport_failure(s: &tonic::Status) -> bool {
 /// Longest silence on a data connection (no byte arrives) before the transfer fails as a
 /// transport error (and is retried): a stalled connection must not hang a FUSE read.
 const HTTP_STALL: Duration = Duration::from_secs(30);
+
+/// Idle receive buffers a client keeps for later downloads (see
+/// [`chunkstore::memory::BufferPool`]): four 8 MiB chunks in flight, twice over.
+const RECEIVE_POOL_BYTES: usize = 64 << 20;
 
 /// How idempotent calls are retried after a transport failure: 5 more tries, 50 ms doubling
 /// to at most 2 s between them (about 4 s in all), each over a new connection (the channel
@@ -267,6 +273,7 @@ impl VolumeClient {
             batches,
             verify: Verify::Hash,
             author: String::new(),
+            pool: chunkstore::memory::BufferPool::new(RECEIVE_POOL_BYTES),
             last_upload: TransferStats::default(),
         })
     }
@@ -457,22 +464,22 @@ impl VolumeClient {
             }
         }
         let urls = self.chunk_urls(org, name, &wanted).await?;
-        let (http, verify) = (self.http.clone(), self.verify);
+        let (http, verify, pool) = (self.http.clone(), self.verify, self.pool.clone());
         let cache = self.cache.clone();
         let fetched: Vec<(ChunkId, Bytes)> = futures::stream::iter(urls.into_iter().zip(wanted))
             .map(|(u, id)| {
-                let (http, cache) = (http.clone(), cache.clone());
+                let (http, cache, pool) = (http.clone(), cache.clone(), pool.clone());
                 async move {
                     let bytes = match cache {
                         Some(cache) => cache
                             .get_or_fetch(id, || async {
-                                get_chunk(&http, u, id, verify)
+                                get_chunk(&http, &pool, u, id, verify)
                                     .await
                                     .map_err(|e| chunkstore::ChunkError::Fetch { chunk: id, source: Box::new(e) })
                             })
                             .await
                             .map_err(cache_error)?,
-                        None => get_chunk(&http, u, id, verify).await?,
+                        None => get_chunk(&http, &pool, u, id, verify).await?,
                     };
                     Ok::<_, ClientError>((id, bytes))
                 }
@@ -531,6 +538,32 @@ impl VolumeClient {
         Ok(bytes)
     }
 
+    /// Bytes `[start, start + len)` of a chunk from a trusted endpoint (see
+    /// [`VolumeClient::trusting_endpoint`]), with one range request: what a reader's first
+    /// read of a chunk waits for, instead of the whole chunk. Only the length is checked, so
+    /// this refuses to run against an endpoint that is not trusted (there a range can only be
+    /// verified as whole pieces: [`VolumeClient::fetch_piece`]).
+    pub async fn fetch_trusted_range(&self, url: &pb::SignedUrl, id: ChunkId, start: u64, len: u64) -> Result<Bytes> {
+        if self.verify != Verify::Length {
+            return Err(ClientError::Protocol(format!("GET {id} range: an unverified range from an untrusted endpoint")));
+        }
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let what = format!("GET {id} bytes {start}+{len}");
+        let (bytes, _) = self.get_range(url, start, start + len - 1, &what).await?;
+        if bytes.len() as u64 != len {
+            return Err(ClientError::Protocol(format!("{what}: got {} bytes", bytes.len())));
+        }
+        Ok(bytes)
+    }
+
+    /// Downloads (and verifies, unless the endpoint is trusted) one chunk from a URL the
+    /// caller already holds (from [`VolumeClient::chunk_urls`]), without touching the cache.
+    pub async fn fetch_chunk_at(&self, url: pb::SignedUrl, id: ChunkId) -> Result<Bytes> {
+        get_chunk(&self.http, &self.pool, url, id, self.verify).await
+    }
+
     /// Fetches piece `idx` of a chunk whose length the caller does not know (a relay that
     /// was asked for a range, like vmm-host's gateway): the server's `Content-Range` says it.
     /// The piece is always verified against the URL's piece CVs, which must merge into `id`
@@ -561,7 +594,7 @@ impl VolumeClient {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.rsplit_once('/'))
                 .and_then(|(_, t)| t.parse::<u64>().ok());
-            let body = resp.bytes().await.map_err(|source| ClientError::Transfer { what: what.to_owned(), source })?;
+            let body = read_body(resp, &self.pool, what).await?;
             Ok((body, total))
         };
         once.retry(transport_backoff()).when(|e| matches!(e, ClientError::Transfer { .. })).await
@@ -577,9 +610,9 @@ impl VolumeClient {
     /// in the background, like the FUSE helper, use this to serve a reader first).
     pub async fn fetch_chunks(&mut self, org: &str, name: &str, ids: &[ChunkId]) -> Result<Vec<Bytes>> {
         let urls = self.chunk_urls(org, name, ids).await?;
-        let (http, verify) = (self.http.clone(), self.verify);
+        let (http, verify, pool) = (&self.http, self.verify, &self.pool);
         futures::stream::iter(urls.into_iter().zip(ids.iter().copied()))
-            .map(|(u, id)| get_chunk(&http, u, id, verify))
+            .map(|(u, id)| get_chunk(http, pool, u, id, verify))
             .buffered(TRANSFER_CONCURRENCY)
             .try_collect()
             .await
@@ -715,12 +748,40 @@ async fn put_retrying(
     once.retry(transport_backoff()).when(|e| matches!(e, ClientError::Transfer { .. })).await
 }
 
-async fn get_chunk(http: &reqwest::Client, u: pb::SignedUrl, id: ChunkId, verify: Verify) -> Result<Bytes> {
+/// A response's body, received frame by frame into a buffer of `pool` sized from its
+/// `Content-Length` (so the frames hyper read are dropped at once and its read buffer is
+/// reused, and the body lands in memory that is already faulted in; see
+/// [`chunkstore::memory::BufferPool`]). A body over [`chunkstore::MAX_CHUNK_SIZE`] is refused
+/// whatever its headers say.
+async fn read_body(
+    mut resp: reqwest::Response,
+    pool: &std::sync::Arc<chunkstore::memory::BufferPool>,
+    what: &str,
+) -> Result<Bytes> {
+    let max = chunkstore::MAX_CHUNK_SIZE;
+    let expect = resp.content_length().unwrap_or(0).min(max);
+    let mut buf = pool.take(expect as usize);
+    while let Some(frame) = resp.chunk().await.map_err(|source| ClientError::Transfer { what: what.to_owned(), source })? {
+        if (buf.len() + frame.len()) as u64 > max {
+            return Err(ClientError::Protocol(format!("{what}: the body is longer than the largest chunk ({max} bytes)")));
+        }
+        buf.extend_from_slice(&frame);
+    }
+    Ok(buf.freeze())
+}
+
+async fn get_chunk(
+    http: &reqwest::Client,
+    pool: &std::sync::Arc<chunkstore::memory::BufferPool>,
+    u: pb::SignedUrl,
+    id: ChunkId,
+    verify: Verify,
+) -> Result<Bytes> {
     use backon::Retryable;
     let what = format!("GET {id}");
     let once = || async {
         let resp = send_signed(http.get(&u.url), &u.headers, &what).await?;
-        resp.bytes().await.map_err(|source| ClientError::Transfer { what: what.clone(), source })
+        read_body(resp, pool, &what).await
     };
     // A GET is idempotent: a connection that died (see `transport_backoff`) is retried.
     let bytes = once.retry(transport_backoff()).when(|e| matches!(e, ClientError::Transfer { .. })).await?;
