@@ -40,6 +40,9 @@ pub struct HostConfig {
     /// The chunk directory: images and checkpoints. Several hosts (or a fresh data
     /// directory) pointed at the same one can restore each other's checkpoints.
     pub chunks_dir: PathBuf,
+    /// The key checkpoint records stored as chunks are sealed with ([`crate::seal`]); hosts
+    /// that restore each other's checkpoints share it. `None`: `<chunks_dir>.record-key`.
+    pub record_key: Option<PathBuf>,
     /// Kernel, modules and busybox (scripts/guest-kernel.sh).
     pub guest_dir: PathBuf,
     /// The static `sail-agent`.
@@ -84,6 +87,7 @@ impl HostConfig {
         let accel = std::env::var("SAIL_ACCEL").ok().and_then(|s| s.parse().ok()).unwrap_or_default();
         Self {
             chunks_dir: data_dir.join("chunks"),
+            record_key: None,
             chunk_cache_dir: data_dir.join("chunk-cache"),
             data_dir,
             guest_dir: crate::guest::default_guest_dir(),

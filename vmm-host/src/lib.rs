@@ -36,6 +36,7 @@ pub mod model;
 pub mod procs;
 mod recover;
 mod runtime;
+pub mod seal;
 pub mod service;
 mod snapshot;
 pub mod store;

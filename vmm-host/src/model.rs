@@ -502,22 +502,7 @@ pub fn validate_create(req: &pb::CreateSailboxRequest, org: &str) -> Result<Crea
     if !DISK_GIB.contains(&disk_gib) {
         return bad(format!("disk_gib must be in {}..={}, got {disk_gib}", DISK_GIB.start(), DISK_GIB.end()));
     }
-    if req.ingress_ports.len() > MAX_PORTS {
-        return bad(format!("at most {MAX_PORTS} ingress ports"));
-    }
-    let mut ports = Vec::new();
-    for &p in &req.ingress_ports {
-        if !(1..=65535).contains(&p) {
-            return bad(format!("ingress port {p} is not in 1..=65535"));
-        }
-        if RESERVED_PORTS.contains(&p) {
-            return bad(format!("ingress port {p} is reserved"));
-        }
-        if ports.contains(&p) {
-            return bad(format!("ingress port {p} is listed twice"));
-        }
-        ports.push(p);
-    }
+    let ports = check_ports(&req.ingress_ports)?;
     if req.volumes.len() > MAX_MOUNTS {
         return bad(format!("at most {MAX_MOUNTS} volume mounts, got {}", req.volumes.len()));
     }
@@ -542,14 +527,7 @@ pub fn validate_create(req: &pb::CreateSailboxRequest, org: &str) -> Result<Crea
         }
         volumes.insert(normalized, VolumeRecord { org, volume: v.volume.clone() });
     }
-    let paths: Vec<&String> = volumes.keys().collect();
-    for a in &paths {
-        for b in &paths {
-            if a != b && b.starts_with(a.as_str()) && b.as_bytes().get(a.len()) == Some(&b'/') {
-                return bad(format!("volume mount {b:?} is inside mount {a:?}"));
-            }
-        }
-    }
+    check_mounts_apart(volumes.keys())?;
     Ok(CreateSpec {
         app,
         image,
@@ -563,6 +541,156 @@ pub fn validate_create(req: &pb::CreateSailboxRequest, org: &str) -> Result<Crea
         mint,
         network,
     })
+}
+
+/// Ingress ports as create takes them: at most [`MAX_PORTS`], each in 1..=65535, none
+/// reserved, none twice.
+pub fn check_ports(ports: &[u32]) -> Result<Vec<u32>> {
+    let bad = |m: String| Err(SailboxError::InvalidConfig(m));
+    if ports.len() > MAX_PORTS {
+        return bad(format!("at most {MAX_PORTS} ingress ports"));
+    }
+    let mut out = Vec::with_capacity(ports.len());
+    for &p in ports {
+        if !(1..=65535).contains(&p) {
+            return bad(format!("ingress port {p} is not in 1..=65535"));
+        }
+        if RESERVED_PORTS.contains(&p) {
+            return bad(format!("ingress port {p} is reserved"));
+        }
+        if out.contains(&p) {
+            return bad(format!("ingress port {p} is listed twice"));
+        }
+        out.push(p);
+    }
+    Ok(out)
+}
+
+/// Mount paths (normalized) of which none lies inside another.
+fn check_mounts_apart<'a>(paths: impl Iterator<Item = &'a String> + Clone) -> Result<()> {
+    for a in paths.clone() {
+        for b in paths.clone() {
+            if a != b && b.starts_with(a.as_str()) && b.as_bytes().get(a.len()) == Some(&b'/') {
+                return Err(SailboxError::InvalidConfig(format!("volume mount {b:?} is inside mount {a:?}")));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Longest free-form string a checkpoint record may carry (versions, names of the VMM).
+const MAX_RECORD_STRING: usize = 128;
+
+impl CheckpointRecord {
+    /// Checks every field as create checks a request (names, sizes, ports, mounts), and that
+    /// the chunks it names are chunk ids: a record is what a restore hands to the VMM, so one
+    /// that is not exactly what a host would have written is refused.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(SailboxError::InvalidConfig(m));
+        check_name("app", &self.app)?;
+        if !self.name.is_empty() {
+            check_name("name", &self.name)?;
+        }
+        check_name("image", &self.image)?;
+        check_name("sailbox", &self.sailbox)?;
+        if !self.cpu.is_finite() || self.cpu <= 0.0 || self.cpu > MAX_CPU {
+            return bad(format!("cpu {} is out of range", self.cpu));
+        }
+        if self.vcpus == 0 || f64::from(self.vcpus) != self.cpu.ceil() {
+            return bad(format!("vcpus {} does not match cpu {}", self.vcpus, self.cpu));
+        }
+        if !MEMORY_MIB.contains(&self.memory_mib) {
+            return bad(format!("memory_mib {} is out of range", self.memory_mib));
+        }
+        if !DISK_GIB.contains(&self.disk_gib) {
+            return bad(format!("disk_gib {} is out of range", self.disk_gib));
+        }
+        check_ports(&self.ports)?;
+        for (what, hex) in [
+            ("memory manifest", &self.memory_manifest),
+            ("disk manifest", &self.disk_manifest),
+            ("device state", &self.device_state),
+        ] {
+            if hex.parse::<chunkstore::ChunkId>().is_err() {
+                return bad(format!("the {what} {hex:?} is not a chunk id"));
+            }
+        }
+        for (what, v) in
+            [("hypervisor", &self.hypervisor), ("accelerator", &self.accelerator), ("agent_version", &self.agent_version)]
+        {
+            if v.len() > MAX_RECORD_STRING || v.chars().any(char::is_control) {
+                return bad(format!("{what} is not a short printable string"));
+            }
+        }
+        if self.parent.as_ref().is_some_and(|p| p.len() > MAX_RECORD_STRING) {
+            return bad("parent is too long".into());
+        }
+        if self.volumes.len() > MAX_MOUNTS {
+            return bad(format!("at most {MAX_MOUNTS} volume mounts, got {}", self.volumes.len()));
+        }
+        for (path, v) in &self.volumes {
+            if let Err(m) = check_guest_path(path) {
+                return bad(format!("volume mount {m}"));
+            }
+            check_name("volume", &v.volume)?;
+            check_name("org", &v.org)?;
+        }
+        check_mounts_apart(self.volumes.keys())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod record_tests {
+    use super::*;
+
+    /// A record as a host writes one, as JSON (tests change one field at a time).
+    pub(crate) fn record_json() -> serde_json::Value {
+        let hex = chunkstore::ChunkId::of(b"x").to_hex().to_string();
+        serde_json::json!({
+            "sailbox": "sb-1", "app": "default", "name": "", "image": "debian", "cpu": 1.0, "vcpus": 1,
+            "memory_mib": 1024, "disk_gib": 8, "ports": [8080], "memory_manifest": hex, "disk_manifest": hex,
+            "device_state": hex, "hypervisor": "QEMU 10.0.2", "accelerator": "tcg", "guest_schema_version": 2,
+            "agent_version": "0.1.0", "parent": null, "created_unix_ms": 1, "pause_ms": 1, "total_ms": 1,
+            "memory_bytes_changed": 0, "memory_bytes_uploaded": 0, "disk_bytes_changed": 0, "disk_bytes_uploaded": 0,
+            "volumes": {"/mnt/v": {"org": "default", "volume": "v"}}
+        })
+    }
+
+    fn with(field: &str, value: serde_json::Value) -> CheckpointRecord {
+        let mut j = record_json();
+        j[field] = value;
+        serde_json::from_value(j).unwrap()
+    }
+
+    #[test]
+    fn a_record_is_validated_like_a_create_request() {
+        let ok: CheckpointRecord = serde_json::from_value(record_json()).unwrap();
+        ok.validate().unwrap();
+        let bad = [
+            with("ports", serde_json::json!([22])),
+            with("ports", serde_json::json!([8080, 8080])),
+            with("ports", serde_json::json!([70000])),
+            with("memory_mib", serde_json::json!(1)),
+            with("cpu", serde_json::json!(1000.0)),
+            with("vcpus", serde_json::json!(3)),
+            with("disk_gib", serde_json::json!(100_000)),
+            with("device_state", serde_json::json!("../../etc/passwd")),
+            with("memory_manifest", serde_json::json!("")),
+            with("app", serde_json::json!("../x")),
+            with("image", serde_json::json!("a b")),
+            with("agent_version", serde_json::json!("x".repeat(1000))),
+            with("hypervisor", serde_json::json!("qemu\n-object")),
+            with(
+                "volumes",
+                serde_json::json!({"/a": {"org": "default", "volume": "v"}, "/a/b": {"org": "default", "volume": "w"}}),
+            ),
+            with("volumes", serde_json::json!({"relative": {"org": "default", "volume": "v"}})),
+            with("volumes", serde_json::json!({"/a": {"org": "", "volume": "v"}})),
+        ];
+        for rec in bad {
+            assert!(rec.validate().is_err(), "{rec:?}");
+        }
+    }
 }
 
 #[cfg(test)]

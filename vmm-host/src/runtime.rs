@@ -24,6 +24,7 @@ use crate::hypervisor::qemu::Qemu;
 use crate::hypervisor::{Hypervisor, Incoming, VmHandle, VmSpec};
 use crate::image::{ImageStore, LocalImage, Progress};
 use crate::model::{self, CheckpointRecord, SailboxRecord, State};
+use crate::seal::RecordKey;
 use crate::store::StateStore;
 use crate::vmfiles::VmFiles;
 
@@ -122,6 +123,8 @@ pub(crate) struct Runtime {
     pub(crate) state: StateStore,
     pub(crate) images: ImageStore,
     pub(crate) backend: Arc<dyn Backend>,
+    /// Seals checkpoint records stored as chunks ([`crate::seal`]).
+    pub(crate) record_key: RecordKey,
     pub(crate) files: VmFiles,
     pub(crate) accel: AccelProbe,
     pub(crate) hypervisor: std::result::Result<Arc<dyn Hypervisor>, Arc<SailboxError>>,
@@ -150,6 +153,8 @@ impl Runtime {
         let db = config.data_dir.join("db");
         let state = tokio::task::spawn_blocking(move || StateStore::open(db)).await??;
         let backend: Arc<dyn Backend> = Arc::new(LocalBackend::open(&config.chunks_dir)?);
+        let key_path = config.record_key.clone().unwrap_or_else(|| crate::seal::default_key_path(&config.chunks_dir));
+        let record_key = RecordKey::load_or_create(&key_path)?;
         let files = VmFiles::ensure(&config.data_dir.join("cowfs"), &config.chunks_dir, &config.cowfs_binary).await?;
         let kit = GuestKit::load(&config.guest_dir).map_err(Arc::new);
         let images = ImageStore::new(state.clone(), backend.clone(), config.data_dir.join("images"), kit.clone().ok());
@@ -172,6 +177,7 @@ impl Runtime {
             state,
             images,
             backend,
+            record_key,
             files,
             accel,
             hypervisor,
@@ -315,9 +321,12 @@ impl Runtime {
     }
 
     /// Loads a checkpoint record by id: from the state store, else from the chunk store (a
-    /// checkpoint made by another host sharing it).
+    /// checkpoint made by another host sharing it), where only a record sealed with the record
+    /// key counts ([`crate::seal`]: anything else there, such as a record a guest wrote into
+    /// its disk, is a checkpoint that does not exist). Either way its fields are validated.
     pub(crate) async fn load_checkpoint(&self, id: &str) -> Result<CheckpointRecord> {
         if let Some(rec) = self.state.checkpoint(id)? {
+            rec.validate().map_err(|e| SailboxError::InvalidConfig(format!("checkpoint {id}: {e}")))?;
             return Ok(rec);
         }
         let hex = id.strip_prefix("ck-").ok_or_else(|| SailboxError::invalid(format!("{id:?} is not a checkpoint id")))?;
@@ -327,8 +336,7 @@ impl Runtime {
             Err(chunkstore::ChunkError::NotFound(_)) => return Err(SailboxError::NotFound(format!("checkpoint {id}"))),
             Err(e) => return Err(e.into()),
         };
-        let rec: CheckpointRecord = serde_json::from_slice(&bytes)
-            .map_err(|source| SailboxError::CorruptRecord { what: format!("checkpoint record {id}"), source })?;
+        let rec = checkpoint_from_chunk(&self.record_key, id, &bytes)?;
         self.state.commit(self.state.changes().checkpoint(&self.state, id, &rec))?;
         Ok(rec)
     }
@@ -405,5 +413,42 @@ pub(crate) fn not_running(id: &str, state: State, reason: &str) -> SailboxError 
         State::Paused => SailboxError::Execution(format!("sailbox {id} is paused: resume it first")),
         State::Sleeping => SailboxError::Execution(format!("sailbox {id} is sleeping")),
         State::Running => SailboxError::Execution(format!("sailbox {id} is not reachable")),
+    }
+}
+
+/// A checkpoint record from its chunk: sealed under `key` ([`crate::seal`]), well-formed and
+/// valid, or a checkpoint that does not exist (an unsealed or forged record is not told
+/// apart from a missing one).
+pub(crate) fn checkpoint_from_chunk(key: &RecordKey, id: &str, bytes: &[u8]) -> Result<CheckpointRecord> {
+    let Some(json) = key.open(bytes) else {
+        tracing::warn!(checkpoint = %id, "a chunk named as a checkpoint is not a sealed record; refused");
+        return Err(SailboxError::NotFound(format!("checkpoint {id}")));
+    };
+    let rec: CheckpointRecord = serde_json::from_slice(json)
+        .map_err(|source| SailboxError::CorruptRecord { what: format!("checkpoint record {id}"), source })?;
+    rec.validate().map_err(|e| SailboxError::InvalidConfig(format!("checkpoint {id}: {e}")))?;
+    Ok(rec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_sealed_valid_record_is_a_checkpoint() {
+        let key = RecordKey::from_bytes([3; 32]);
+        let json = serde_json::to_vec(&crate::model::record_tests::record_json()).unwrap();
+        let rec = checkpoint_from_chunk(&key, "ck-1", &key.seal(&json)).unwrap();
+        assert_eq!(rec.sailbox, "sb-1");
+        // The same record unsealed (what a guest can get stored: its disk regions are chunks).
+        assert!(matches!(checkpoint_from_chunk(&key, "ck-1", &json), Err(SailboxError::NotFound(_))));
+        // Sealed with another host's key.
+        let other = RecordKey::from_bytes([4; 32]);
+        assert!(matches!(checkpoint_from_chunk(&key, "ck-1", &other.seal(&json)), Err(SailboxError::NotFound(_))));
+        // Sealed but not valid.
+        let mut j = crate::model::record_tests::record_json();
+        j["ports"] = serde_json::json!([22]);
+        let sealed = key.seal(&serde_json::to_vec(&j).unwrap());
+        assert!(matches!(checkpoint_from_chunk(&key, "ck-1", &sealed), Err(SailboxError::InvalidConfig(_))));
     }
 }

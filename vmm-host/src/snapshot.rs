@@ -134,8 +134,9 @@ impl Snapshots {
         let json = Bytes::from(
             serde_json::to_vec(&ck).map_err(|source| SailboxError::Encode { what: "a checkpoint record".into(), source })?,
         );
-        let record_chunk = ChunkId::of(&json);
-        self.rt.backend.put(record_chunk, json).await?;
+        let sealed = self.rt.record_key.seal(&json);
+        let record_chunk = ChunkId::of(&sealed);
+        self.rt.backend.put(record_chunk, sealed).await?;
         let id = ck_id(record_chunk);
         let rec = live.update(|r| {
             r.last_checkpoint = Some(id.clone());
@@ -403,7 +404,8 @@ impl Snapshots {
                 self.rt.accel.accel.as_str()
             )));
         }
-        let ports = if req.ingress_ports.is_empty() { None } else { Some(req.ingress_ports.clone()) };
+        // The ports a restore asks for get create's checks (range, reserved, twice, how many).
+        let ports = if req.ingress_ports.is_empty() { None } else { Some(crate::model::check_ports(&req.ingress_ports)?) };
         self.start_from_checkpoint(&req.checkpoint_id, &ck, req.app, req.name, ports).await
     }
 

@@ -274,6 +274,22 @@ async fn restore_on_a_fresh_data_dir(mut c: Client, served: common::Served, dir:
     assert_eq!(text(&mut c, &r, "/data/note.txt").await, "written before the checkpoint\n");
     let e = c.restore_sailbox(pb::RestoreRequest { checkpoint_id: "ck-00".into(), ..Default::default() }).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    // The checkpoint's own record, unsealed, stored as a chunk (what a guest can plant: its
+    // disk regions are stored verbatim) is no checkpoint (vmm_host::seal).
+    {
+        use chunkstore::Backend;
+        let store = chunkstore::LocalBackend::open(&chunks).unwrap();
+        let sealed = store.get(last.checkpoint_id.strip_prefix("ck-").unwrap().parse().unwrap()).await.unwrap();
+        let planted = sealed.slice(sealed.iter().position(|&b| b == b'{').unwrap()..);
+        let planted_id = chunkstore::ChunkId::of(&planted);
+        store.put(planted_id, planted).await.unwrap();
+        let req = pb::RestoreRequest { checkpoint_id: format!("ck-{}", planted_id.to_hex()), ..Default::default() };
+        let e = c.restore_sailbox(req).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+        // Ports a restore asks for are checked like create's.
+        let req = pb::RestoreRequest { checkpoint_id: last.checkpoint_id.clone(), ingress_ports: vec![22], ..Default::default() };
+        assert_eq!(c.restore_sailbox(req).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    }
     c.terminate(pb::TerminateRequest { sailbox_id: r.clone() }).await.unwrap();
     assert!(common::vm_processes(fresh.path()).is_empty());
     drop(c);

@@ -74,6 +74,9 @@ pub struct CommitOutcome {
     pub merged: bool,
 }
 
+/// Entries of the commit-lock table past which idle ones are dropped.
+const COMMIT_LOCKS_PRUNE_AT: usize = 1024;
+
 /// The volume service's operations.
 #[derive(Clone)]
 pub struct Volumes {
@@ -348,7 +351,39 @@ impl Volumes {
         blocking(move || store.log(rec.id, before_seq, limit)).await
     }
 
+    /// The lock commits (and deletion) of volume `id` take. The table is pruned as it grows:
+    /// a lock nobody holds or waits for (only the table refers to it) is dropped, and made
+    /// anew when the volume commits again, so deleted and idle volumes do not keep an entry
+    /// each forever.
     fn commit_lock(&self, id: VolumeId) -> Arc<Mutex<()>> {
-        self.commit_locks.lock().entry(id).or_default().clone()
+        lock_in(&self.commit_locks, id)
+    }
+}
+
+/// [`Volumes::commit_lock`] over a lock table.
+fn lock_in(table: &Mutex<HashMap<VolumeId, Arc<Mutex<()>>>>, id: VolumeId) -> Arc<Mutex<()>> {
+    let mut locks = table.lock();
+    if locks.len() >= COMMIT_LOCKS_PRUNE_AT {
+        locks.retain(|_, l| Arc::strong_count(l) > 1);
+    }
+    locks.entry(id).or_default().clone()
+}
+
+#[cfg(test)]
+mod lock_table_tests {
+    use super::*;
+
+    #[test]
+    fn idle_commit_locks_are_pruned_and_held_ones_kept() {
+        let table = Mutex::new(HashMap::new());
+        let held_id = VolumeId::random();
+        let held = lock_in(&table, held_id);
+        let _guard = held.lock();
+        for _ in 0..10 * COMMIT_LOCKS_PRUNE_AT {
+            drop(lock_in(&table, VolumeId::random()));
+        }
+        assert!(table.lock().len() <= COMMIT_LOCKS_PRUNE_AT, "idle entries were dropped");
+        // The held lock is still the volume's: a second committer waits on the same one.
+        assert!(Arc::ptr_eq(&lock_in(&table, held_id), &held));
     }
 }
