@@ -745,7 +745,11 @@ async fn put_retrying(
 ) -> Result<()> {
     use backon::Retryable;
     let once = || async { send_signed(http.put(url).body(body.clone()), headers, what).await.map(|_| ()) };
-    once.retry(transport_backoff()).when(|e| matches!(e, ClientError::Transfer { .. })).await
+    // Also retried: a server that had no upload slot free (503) or cut off a body that
+    // arrived too slowly (408); see volumed's `datapath::body`.
+    let retryable =
+        |e: &ClientError| matches!(e, ClientError::Transfer { .. } | ClientError::Refused { status: 408 | 429 | 503, .. });
+    once.retry(transport_backoff()).when(retryable).await
 }
 
 /// A response's body, received frame by frame into a buffer of `pool` sized from its

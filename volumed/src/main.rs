@@ -70,6 +70,7 @@ async fn main() -> anyhow::Result<()> {
         public_url: args.public_url.clone(),
         backend,
         url_ttl: Duration::from_secs(args.url_ttl_secs),
+        upload_limits: volumed::datapath::body::UploadLimits::default(),
     };
     let server = Server::bind(config)
         .await

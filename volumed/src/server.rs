@@ -39,6 +39,8 @@ pub struct ServerConfig {
     pub backend: BackendConfig,
     /// Lifetime of signed URLs.
     pub url_ttl: Duration,
+    /// Limits on upload bodies (local backend's chunk endpoint): concurrency, stalls, rate.
+    pub upload_limits: crate::datapath::body::UploadLimits,
 }
 
 impl ServerConfig {
@@ -50,6 +52,7 @@ impl ServerConfig {
             public_url: None,
             backend: BackendConfig::Local,
             url_ttl: crate::service::DEFAULT_URL_TTL,
+            upload_limits: crate::datapath::body::UploadLimits::default(),
         }
     }
 }
@@ -91,6 +94,8 @@ impl Server {
                     signer: signer.clone(),
                     store: store.clone(),
                     stats: data_stats.clone(),
+                    limits: config.upload_limits,
+                    slots: Arc::new(tokio::sync::Semaphore::new(config.upload_limits.concurrent.max(1))),
                 };
                 (DataPath::Local { backend, signer, base_url }, Some(routes(state)))
             }

@@ -19,9 +19,9 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use chunkstore::{ChunkError, LocalBackend};
-use futures::StreamExt;
 use serde::Deserialize;
 
+use crate::datapath::body::{BodyError, Busy, LimitedBody, admit};
 use crate::datapath::http::ChunkHttpState;
 use crate::datapath::sign::SignedParams;
 use crate::error::VolumeError;
@@ -48,9 +48,9 @@ enum BatchFailure {
     /// Malformed body: length, count.
     #[error("{0}")]
     Body(String),
-    /// The body could not be read.
-    #[error("reading request body: {0}")]
-    ReadBody(#[source] axum::Error),
+    /// The body could not be read, or broke the upload limits (stalled, too slow).
+    #[error("{0}")]
+    ReadBody(#[source] BodyError),
     /// Malformed framing.
     #[error("{0}")]
     Frame(#[from] FrameError),
@@ -69,6 +69,9 @@ enum BatchFailure {
     /// The writer thread panicked or was cancelled.
     #[error("batch writer failed: {0}")]
     Writer(#[source] tokio::task::JoinError),
+    /// Every upload slot is taken (answered with 503 and `Retry-After`).
+    #[error("too many uploads in progress; retry")]
+    Busy,
 }
 
 impl From<ChunkError> for BatchFailure {
@@ -85,11 +88,11 @@ impl BatchFailure {
     fn status(&self) -> StatusCode {
         match self {
             BatchFailure::Signature(_) | BatchFailure::List(_) => StatusCode::FORBIDDEN,
-            BatchFailure::Body(_) | BatchFailure::ReadBody(_) | BatchFailure::Frame(_) | BatchFailure::TooLarge(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            BatchFailure::ReadBody(e) => e.status(),
+            BatchFailure::Body(_) | BatchFailure::Frame(_) | BatchFailure::TooLarge(_) => StatusCode::BAD_REQUEST,
             BatchFailure::Integrity(_) => StatusCode::UNPROCESSABLE_ENTITY,
             BatchFailure::Chunk(_) | BatchFailure::Record(_) | BatchFailure::Writer(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            BatchFailure::Busy => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }
@@ -115,6 +118,10 @@ pub(crate) async fn upload_batch(
             state.stats.batch_chunks.fetch_add(stored as u64, Ordering::Relaxed);
             (StatusCode::CREATED, format!("stored {stored} chunks ({present} already present)\n")).into_response()
         }
+        Err(BatchFailure::Busy) => {
+            state.stats.rejected_uploads.fetch_add(1, Ordering::Relaxed);
+            Busy.into_response()
+        }
         Err(e) => {
             state.stats.rejected_uploads.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(error = %e, "batch upload rejected");
@@ -132,10 +139,13 @@ async fn receive(
     body: Body,
 ) -> Result<(usize, usize), BatchFailure> {
     let (n, len) = check_request(state, &digest, p, headers)?;
+    // The writer thread lives as long as the body arrives: the slot bounds how many do, and
+    // the body's limits how long each may take (super::body).
+    let _slot = admit(&state.slots, &state.limits).await.map_err(|_| BatchFailure::Busy)?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Msg>(16);
     let (backend, store) = (state.backend.clone(), state.store.clone());
     let writer = tokio::task::spawn_blocking(move || write_batch(&backend, &store, &digest, n, rx));
-    let failed = stream_body(body, len, tx).await;
+    let failed = stream_body(LimitedBody::new(body, len, &state.limits), len, tx).await;
     let result = writer.await.map_err(BatchFailure::Writer)?;
     match failed {
         Some(e) => Err(e),
@@ -216,13 +226,13 @@ fn write_batch(
 
 /// Streams the body to the writer (`Msg::End` once exactly `len` bytes arrived); returns why
 /// the body itself was refused, if it was. The writer's own failure is its result.
-async fn stream_body(body: Body, len: u64, tx: tokio::sync::mpsc::Sender<Msg>) -> Option<BatchFailure> {
-    let mut stream = body.into_data_stream();
+async fn stream_body(mut body: LimitedBody, len: u64, tx: tokio::sync::mpsc::Sender<Msg>) -> Option<BatchFailure> {
     let mut received: u64 = 0;
     let mut writer_gone = false;
-    while let Some(frame) = stream.next().await {
-        match frame {
-            Ok(bytes) => {
+    loop {
+        match body.next().await {
+            Ok(None) => break,
+            Ok(Some(bytes)) => {
                 received += bytes.len() as u64;
                 if received > len {
                     return Some(BatchFailure::Body(format!("body longer than the signed {len} bytes")));

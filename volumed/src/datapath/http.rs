@@ -19,10 +19,10 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use chunkstore::{Backend, ChunkError, ChunkId, LocalBackend, MAX_CHUNK_SIZE};
-use futures::StreamExt;
 use serde::Deserialize;
 
 use crate::datapath::DataPathStats;
+use crate::datapath::body::{BodyError, LimitedBody, UploadLimits, WRITE_BLOCK, admit};
 use crate::datapath::sign::{SignedParams, UrlSigner};
 use crate::error::VolumeError;
 use crate::meta::MetaStore;
@@ -38,6 +38,10 @@ pub struct ChunkHttpState {
     pub store: MetaStore,
     /// Upload counters.
     pub stats: Arc<DataPathStats>,
+    /// Limits on upload bodies.
+    pub limits: UploadLimits,
+    /// Upload slots ([`UploadLimits::concurrent`]).
+    pub slots: Arc<tokio::sync::Semaphore>,
 }
 
 #[derive(Deserialize)]
@@ -150,6 +154,10 @@ async fn store_one(state: &ChunkHttpState, id: String, p: Params, headers: Heade
     if matches!(state.store.chunk_known(&chunk), Ok(true)) {
         return StatusCode::OK.into_response();
     }
+    let _slot = match admit(&state.slots, &state.limits).await {
+        Ok(permit) => permit,
+        Err(busy) => return busy.into_response(),
+    };
     match receive(state, chunk, len, body).await {
         // A RocksDB write (and the upload's fsyncs before it): keep them off the async workers.
         Ok(()) => {
@@ -160,7 +168,11 @@ async fn store_one(state: &ChunkHttpState, id: String, p: Params, headers: Heade
                 Err(e) => reject(StatusCode::INTERNAL_SERVER_ERROR, e),
             }
         }
-        Err(e) => {
+        Err(Received::Body(e)) => {
+            tracing::debug!(%chunk, error = %e, "upload body cut off");
+            reject(e.status(), e)
+        }
+        Err(Received::Store(e)) => {
             let status = match &e {
                 e if e.is_integrity() => StatusCode::UNPROCESSABLE_ENTITY,
                 VolumeError::InvalidArgument(_) | VolumeError::RequestBody(_) => StatusCode::BAD_REQUEST,
@@ -171,46 +183,64 @@ async fn store_one(state: &ChunkHttpState, id: String, p: Params, headers: Heade
     }
 }
 
-/// Streams the body into a verified upload on a blocking thread.
-async fn receive(state: &ChunkHttpState, chunk: ChunkId, len: u64, body: Body) -> Result<(), VolumeError> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(16);
+/// Why an upload was not stored.
+enum Received {
+    /// The body broke a limit or could not be read.
+    Body(BodyError),
+    /// The bytes were refused or could not be stored.
+    Store(VolumeError),
+}
+
+impl From<VolumeError> for Received {
+    fn from(e: VolumeError) -> Self {
+        Received::Store(e)
+    }
+}
+
+impl From<ChunkError> for Received {
+    fn from(e: ChunkError) -> Self {
+        Received::Store(e.into())
+    }
+}
+
+/// Writes one block of an upload on a blocking thread, released as soon as it is written
+/// (no thread waits on the network).
+async fn write_block(
+    mut upload: chunkstore::backend::local::ChunkUpload,
+    block: bytes::Bytes,
+) -> Result<chunkstore::backend::local::ChunkUpload, Received> {
+    tokio::task::spawn_blocking(move || upload.write(&block).map(|()| upload))
+        .await
+        .map_err(VolumeError::task("chunk upload writer"))?
+        .map_err(Received::from)
+}
+
+/// Receives the body under the upload limits into a verified upload: gathered in blocks of
+/// [`WRITE_BLOCK`] bytes, each written on a blocking thread (the upload hashes as it writes),
+/// then finished (fsync + rename) if it is the signed length and hashes to the id.
+async fn receive(state: &ChunkHttpState, chunk: ChunkId, len: u64, body: Body) -> Result<(), Received> {
     let backend = state.backend.clone();
-    let writer = tokio::task::spawn_blocking(move || -> Result<u64, VolumeError> {
-        let mut upload = backend.begin_upload(chunk, len)?;
-        while let Some(frame) = rx.blocking_recv() {
-            upload.write(&frame)?;
+    let mut upload = tokio::task::spawn_blocking(move || backend.begin_upload(chunk, len))
+        .await
+        .map_err(VolumeError::task("chunk upload writer"))??;
+    let mut body = LimitedBody::new(body, len, &state.limits);
+    let mut block = bytes::BytesMut::new();
+    while let Some(frame) = body.next().await.map_err(Received::Body)? {
+        if body.received() > len {
+            return Err(VolumeError::invalid(format!("body longer than the signed {len} bytes")).into());
         }
-        Ok(upload.finish()?)
-    });
-    let mut stream = body.into_data_stream();
-    let mut received: u64 = 0;
-    let mut failed = None;
-    while let Some(frame) = stream.next().await {
-        match frame {
-            Ok(bytes) => {
-                received += bytes.len() as u64;
-                if received > len {
-                    failed = Some(VolumeError::invalid(format!("body longer than the signed {len} bytes")));
-                    break;
-                }
-                if tx.send(bytes).await.is_err() {
-                    break; // the writer failed; its error is reported below
-                }
-            }
-            Err(e) => {
-                failed = Some(VolumeError::RequestBody(e));
-                break;
-            }
+        block.extend_from_slice(&frame);
+        if block.len() >= WRITE_BLOCK {
+            upload = write_block(upload, block.split().freeze()).await?;
         }
     }
-    drop(tx);
-    if let Some(e) = failed {
-        writer.abort();
-        return Err(e);
+    if !block.is_empty() {
+        upload = write_block(upload, block.freeze()).await?;
     }
-    let written = writer.await.map_err(VolumeError::task("chunk upload writer"))??;
+    let written =
+        tokio::task::spawn_blocking(move || upload.finish()).await.map_err(VolumeError::task("chunk upload writer"))??;
     if written != len {
-        return Err(VolumeError::invalid(format!("body is {written} bytes, signed length is {len}")));
+        return Err(VolumeError::invalid(format!("body is {written} bytes, signed length is {len}")).into());
     }
     Ok(())
 }

@@ -7,6 +7,7 @@
 //! - S3 backend: URLs are S3 presigned URLs; no chunk byte passes through volumed.
 
 pub mod batch;
+pub mod body;
 pub mod http;
 pub mod sign;
 
