@@ -89,6 +89,32 @@ pub struct Gateway {
     /// Chunks being fetched whole in the background after a cold piece was served.
     filling: Mutex<std::collections::HashSet<ChunkId>>,
     key: [u8; 32],
+    upload_limits: Mutex<UploadLimits>,
+}
+
+/// Limits on a sailbox's upload bodies, so a guest that opens uploads and stalls them holds
+/// neither memory nor tasks without end (each body is buffered whole to be verified).
+#[derive(Clone, Copy, Debug)]
+pub struct UploadLimits {
+    /// Bodies one sailbox may send at once (each buffered up to 64 MiB).
+    pub slots: usize,
+    /// Longest an upload waits for a slot before `503` (+ `Retry-After`; the helper retries).
+    pub queue_wait: std::time::Duration,
+    /// Time every body gets on top of its length at `min_rate`, else `408`.
+    pub grace: std::time::Duration,
+    /// Slowest average rate a body may arrive at, bytes per second.
+    pub min_rate: u64,
+}
+
+impl Default for UploadLimits {
+    fn default() -> Self {
+        Self {
+            slots: 8,
+            queue_wait: std::time::Duration::from_secs(10),
+            grace: std::time::Duration::from_secs(30),
+            min_rate: 256 << 10,
+        }
+    }
 }
 
 /// What one sailbox may reach: its org and the volumes mounted in it.
@@ -130,6 +156,8 @@ struct Sailbox {
     gateway: Arc<Gateway>,
     scope: Scope,
     uploads: Mutex<HashMap<String, Upload>>,
+    /// Upload slots ([`UploadLimits::slots`]).
+    upload_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Gateway {
@@ -150,7 +178,21 @@ impl Gateway {
         let key = load_or_create_key(key_file)?;
         // Chunks are up to 64 MiB: one shard, or they would not be kept (chunkstore::memory).
         let memory = chunkstore::memory::byte_cache(memory_bytes.max(1), 8 << 20);
-        Ok(Arc::new(Self { upstream, guest_endpoint, client: OnceCell::new(), disk, memory, filling: Mutex::default(), key }))
+        Ok(Arc::new(Self {
+            upstream,
+            guest_endpoint,
+            client: OnceCell::new(),
+            disk,
+            memory,
+            filling: Mutex::default(),
+            key,
+            upload_limits: Mutex::new(UploadLimits::default()),
+        }))
+    }
+
+    /// Replaces the limits on upload bodies (for sailboxes bound from now on).
+    pub fn set_upload_limits(&self, limits: UploadLimits) {
+        *self.upload_limits.lock() = limits;
     }
 
     /// The disk cache's counters (`fetches`: chunks fetched from the backend).
@@ -208,7 +250,8 @@ impl Gateway {
     where
         L::Addr: std::fmt::Debug,
     {
-        let sailbox = Arc::new(Sailbox { gateway: self.clone(), scope, uploads: Mutex::default() });
+        let upload_slots = Arc::new(tokio::sync::Semaphore::new(self.upload_limits.lock().slots.max(1)));
+        let sailbox = Arc::new(Sailbox { gateway: self.clone(), scope, uploads: Mutex::default(), upload_slots });
         let router = router(sailbox.clone());
         let span = tracing::info_span!("gateway", sailbox = %sailbox.scope.sailbox);
         tokio::spawn(tracing::Instrument::instrument(
@@ -558,9 +601,17 @@ async fn put_upload(State(sb): State<Arc<Sailbox>>, UrlPath(token): UrlPath<Stri
     let limit = match kind {
         UploadKind::Chunk { len, .. } | UploadKind::Batch { len } => len.min(MAX_UPLOAD_BODY),
     };
-    let data = match axum::body::to_bytes(body, usize::try_from(limit).unwrap_or(usize::MAX)).await {
-        Ok(d) => d,
-        Err(e) => return plain(StatusCode::PAYLOAD_TOO_LARGE, format!("upload body: {e}")),
+    let limits = *sb.gateway.upload_limits.lock();
+    let Ok(Ok(_slot)) = tokio::time::timeout(limits.queue_wait, sb.upload_slots.clone().acquire_owned()).await else {
+        let mut busy = plain(StatusCode::SERVICE_UNAVAILABLE, "too many uploads in progress; retry");
+        busy.headers_mut().insert(header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+        return busy;
+    };
+    let due = limits.grace + std::time::Duration::from_secs_f64(limit as f64 / limits.min_rate.max(1) as f64);
+    let data = match tokio::time::timeout(due, axum::body::to_bytes(body, usize::try_from(limit).unwrap_or(usize::MAX))).await {
+        Ok(Ok(d)) => d,
+        Ok(Err(e)) => return plain(StatusCode::PAYLOAD_TOO_LARGE, format!("upload body: {e}")),
+        Err(_) => return plain(StatusCode::REQUEST_TIMEOUT, format!("the upload did not arrive within {due:?}")),
     };
     // The chunks the body carries, each checked against its id (cached after the upload).
     let chunks: Vec<(ChunkId, Bytes)> = match kind {

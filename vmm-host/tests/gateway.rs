@@ -46,6 +46,11 @@ fn scope(id: &str, volumes: &[&str]) -> Scope {
 }
 
 async fn setup() -> Setup {
+    setup_with(|_| {}).await
+}
+
+/// [`setup`], with `before_bind` applied to the gateway before the sailbox's listener is bound.
+async fn setup_with(before_bind: impl FnOnce(&Gateway)) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let config = volumed::server::ServerConfig::local(dir.path().join("volumed"), "127.0.0.1:0".parse().unwrap());
     let volumed = volumed::server::Server::bind(config).await.unwrap().spawn();
@@ -61,6 +66,7 @@ async fn setup() -> Setup {
         &dir.path().join("gateway.key"),
     )
     .unwrap();
+    before_bind(&gateway);
     let serve = gateway.bind(&socket_path(&run), scope("sb-1", &["a"])).unwrap();
     let mut host = VolumeClient::connect(&volumed.endpoint()).await.unwrap();
     host.get_volume(ORG, "a", true).await.unwrap();
@@ -342,4 +348,44 @@ async fn a_cold_large_chunk_serves_its_first_piece_before_the_whole_chunk() {
     }
     assert_eq!(s.guest.read_file(ORG, "a", "cold.bin").await.unwrap(), bytes.to_vec());
     assert_eq!(s.gateway.cache_stats().fetches, 1, "one backend fetch of the whole chunk");
+}
+
+/// A guest that opens uploads and stalls them holds a slot only until its body is due: the
+/// stalled uploads get 408 (or 503 while every slot was taken), and a commit from the same
+/// sailbox still goes through (its upload waits for a slot or retries a 503).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_guest_uploads_are_cut_off_and_a_commit_still_goes_through() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = setup_with(|g| {
+        g.set_upload_limits(vmm_host::gateway::UploadLimits {
+            slots: 2,
+            queue_wait: std::time::Duration::from_secs(1),
+            grace: std::time::Duration::from_secs(1),
+            min_rate: 1 << 30,
+        })
+    })
+    .await;
+    let host = s.guest_endpoint.strip_prefix("http://").unwrap().to_owned();
+    let guest = &mut s.guest;
+    let mut stalled = Vec::new();
+    for seed in 0..6 {
+        let d = data(100_000, 500 + seed);
+        let spec = pb::ChunkSpec { id: ChunkId::of(&d).as_bytes().to_vec(), len: d.len() as u64, piece_cvs: vec![] };
+        let req = pb::MissingChunksRequest { volume: vref("a"), chunks: vec![spec], accept_batches: false };
+        let up = guest.grpc().missing_chunks(req).await.unwrap().into_inner().uploads.remove(0);
+        let path = &up.url[up.url.find("/v1/").unwrap()..];
+        let mut tcp = tokio::net::TcpStream::connect(&host).await.unwrap();
+        let head = format!("PUT {path} HTTP/1.1\r\nhost: {host}\r\ncontent-length: 100000\r\n\r\npartial");
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        stalled.push(tcp);
+    }
+    let work = commit(guest, "a", "after-stalls.bin", data(300_000, 77));
+    let done = tokio::time::timeout(std::time::Duration::from_secs(60), work).await;
+    assert!(!done.expect("a commit goes through while uploads stall").commit.is_empty());
+    for mut tcp in stalled {
+        let mut buf = vec![0u8; 256];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(20), tcp.read(&mut buf)).await.unwrap().unwrap();
+        let status = String::from_utf8_lossy(&buf[..n]).split_whitespace().nth(1).map(str::to_owned);
+        assert!(matches!(status.as_deref(), Some("408" | "503")), "{:?}", String::from_utf8_lossy(&buf[..n]));
+    }
 }
