@@ -96,6 +96,7 @@ impl Server {
                     stats: data_stats.clone(),
                     limits: config.upload_limits,
                     slots: Arc::new(tokio::sync::Semaphore::new(config.upload_limits.concurrent.max(1))),
+                    whole_reads: Arc::new(tokio::sync::Semaphore::new(crate::datapath::http::WHOLE_READS)),
                 };
                 (DataPath::Local { backend, signer, base_url }, Some(routes(state)))
             }
