@@ -74,6 +74,9 @@ struct Inner {
     bytes: AtomicU64,
     stats: Mutex<CacheStats>,
     inflight: Mutex<HashMap<ChunkId, Flight>>,
+    /// Marks this opener's temp files as in use (`crate::staging`): the host's cache is
+    /// opened by several processes at once (the gateway, host mounts' helpers, the CLI).
+    owner: crate::staging::Owner,
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
@@ -108,9 +111,8 @@ impl ChunkCache {
         let (tmp, locks) = (dir.join("tmp"), dir.join("locks"));
         fs::create_dir_all(&tmp).map_err(io_at("creating", &tmp))?;
         fs::create_dir_all(&locks).map_err(io_at("creating", &locks))?;
-        for entry in fs::read_dir(&tmp).map_err(io_at("listing", &tmp))? {
-            let _ = fs::remove_file(entry.map_err(io_at("listing", &tmp))?.path());
-        }
+        crate::staging::remove_stale(&tmp)?;
+        let owner = crate::staging::Owner::create(&tmp)?;
         let cache = Self {
             inner: Arc::new(Inner {
                 size_file: dir.join("size"),
@@ -119,6 +121,7 @@ impl ChunkCache {
                 bytes: AtomicU64::new(0),
                 stats: Mutex::new(CacheStats { capacity, ..CacheStats::default() }),
                 inflight: Mutex::new(HashMap::new()),
+                owner,
             }),
         };
         cache.with_size(|total| {
@@ -271,7 +274,7 @@ impl ChunkCache {
             return Ok(());
         }
         self.with_size(|total| self.make_room(total, len))?;
-        let tmp = self.inner.dir.join("tmp").join(format!("{}-{:016x}", std::process::id(), rand::random::<u64>()));
+        let tmp = self.inner.dir.join("tmp").join(format!("{}-{:016x}", self.inner.owner.token(), rand::random::<u64>()));
         let written = (|| -> std::io::Result<()> {
             let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
             for part in parts {

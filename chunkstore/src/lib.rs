@@ -28,6 +28,7 @@ pub mod error;
 pub mod id;
 pub mod memory;
 pub mod pieces;
+mod staging;
 #[cfg(feature = "testing")]
 pub mod testing;
 

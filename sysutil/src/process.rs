@@ -1,4 +1,5 @@
-//! Ending a child process politely: a grace period to exit, then SIGKILL.
+//! Processes: ending a child politely (a grace period to exit, then SIGKILL), and telling a
+//! process apart from a later one that reused its pid (its start time).
 
 use std::io;
 use std::process::{Child, ExitStatus};
@@ -26,6 +27,15 @@ pub fn terminate(child: &mut Child, grace: Duration) -> io::Result<ExitStatus> {
         let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
     }
     wait_or_kill(child, grace)
+}
+
+/// Field 22 of `/proc/PID/stat`: the process's start time in clock ticks since boot. With the
+/// pid it names one process for good (a pid is reused, a pid with its start time is not).
+pub fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and parentheses: split after the last ')'.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 #[cfg(test)]

@@ -44,10 +44,7 @@ pub fn spawn(mut cmd: Command, log: &Path) -> Result<ProcRef> {
 
 /// Field 22 of /proc/PID/stat (start time in clock ticks since boot).
 pub fn start_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may contain spaces and parentheses: split after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split_whitespace().nth(19)?.parse().ok()
+    sysutil::process::start_ticks(pid)
 }
 
 /// Whether the process still runs (and is the same process: start time matches).

@@ -23,6 +23,7 @@ use bytes::Bytes;
 use crate::backend::{Backend, MAX_CHUNK_SIZE, Presigned};
 use crate::error::{ChunkError, Result};
 use crate::id::ChunkId;
+use crate::staging::Owner;
 
 /// Chunks in a local directory. Cheap to clone.
 #[derive(Clone, Debug)]
@@ -36,6 +37,8 @@ struct Inner {
     chunks: PathBuf,
     tmp: PathBuf,
     counter: AtomicU64,
+    /// What marks this backend's temp entries as staged by a live process (`crate::staging`).
+    owner: Owner,
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
@@ -47,25 +50,18 @@ pub(crate) fn fsync_dir(dir: &Path) -> Result<()> {
 }
 
 impl LocalBackend {
-    /// Opens (creating if needed) a chunk directory and removes temp files a crash left.
+    /// Opens (creating if needed) a chunk directory and removes temp files a crash left: only
+    /// those no open backend owns (`crate::staging`), so a second process opening the same
+    /// directory never deletes an upload or batch another live one is staging.
     pub fn open(root: impl AsRef<Path>) -> Result<Self> {
         let root = root.as_ref().to_path_buf();
         let chunks = root.join("chunks");
         let tmp = root.join("tmp");
         fs::create_dir_all(&chunks).map_err(|e| ChunkError::io("creating", &chunks, e))?;
         fs::create_dir_all(&tmp).map_err(|e| ChunkError::io("creating", &tmp, e))?;
-        let listing = |e| ChunkError::io("listing", &tmp, e);
-        for entry in fs::read_dir(&tmp).map_err(listing)? {
-            let entry = entry.map_err(listing)?;
-            let path = entry.path();
-            // Batches stage their chunks in directories of their own (see `ChunkBatch`).
-            let is_dir = entry.file_type().map_err(|e| ChunkError::io("reading the type of", &path, e))?.is_dir();
-            let removed = if is_dir { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
-            if let Err(e) = removed {
-                tracing::warn!(path = %path.display(), error = %e, "could not remove stale temp file");
-            }
-        }
-        Ok(Self { inner: Arc::new(Inner { root, chunks, tmp, counter: AtomicU64::new(0) }) })
+        crate::staging::remove_stale(&tmp)?;
+        let owner = Owner::create(&tmp)?;
+        Ok(Self { inner: Arc::new(Inner { root, chunks, tmp, counter: AtomicU64::new(0), owner }) })
     }
 
     /// The directory this backend was opened on.
@@ -88,9 +84,10 @@ impl LocalBackend {
         &self.inner.chunks
     }
 
+    /// A fresh temp name: `<owner token>-<n>-<random>` (see `crate::staging`).
     pub(crate) fn temp_path(&self) -> PathBuf {
         let n = self.inner.counter.fetch_add(1, Ordering::Relaxed);
-        self.inner.tmp.join(format!("{}-{n}-{:016x}", std::process::id(), rand::random::<u64>()))
+        self.inner.tmp.join(format!("{}-{n}-{:016x}", self.inner.owner.token(), rand::random::<u64>()))
     }
 
     /// Moves a complete, fsynced temp file into place and makes the rename durable.
@@ -315,5 +312,48 @@ impl Backend for LocalBackend {
 
     async fn presign_put(&self, _id: ChunkId, _len: u64, _ttl: Duration) -> Result<Option<Presigned>> {
         Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opening_keeps_what_a_live_backend_stages_and_removes_what_a_dead_one_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let tmp = dir.path().join("tmp");
+        let first = LocalBackend::open(dir.path()).unwrap();
+        // An upload and a batch the first backend is staging.
+        let upload = first.begin_upload(ChunkId::of(b"abc"), 3).unwrap();
+        let batch = first.begin_batch().unwrap();
+        let staged = |prefix: &str| -> Vec<PathBuf> {
+            let mut v: Vec<_> = fs::read_dir(&tmp)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with(prefix))
+                .collect();
+            v.sort();
+            v
+        };
+        let live = staged(first.inner.owner.token());
+        assert_eq!(live.len(), 3, "owner file, upload, batch: {live:?}");
+        // Left by backends that are gone: an owner file nobody holds, one that is missing,
+        // and an old-style name.
+        fs::write(tmp.join("o1x00000000000000aa.owner"), b"").unwrap();
+        fs::write(tmp.join("o1x00000000000000aa-0-00000000000000ff"), b"x").unwrap();
+        fs::create_dir(tmp.join("o2x00000000000000bb-1-00000000000000ee.batch")).unwrap();
+        fs::write(tmp.join("4194303-0-1"), b"x").unwrap();
+        // Another opener of the same directory (a second server, a tool).
+        let second = LocalBackend::open(dir.path()).unwrap();
+        assert_eq!(staged(first.inner.owner.token()), live, "the live backend's staging survives");
+        assert_eq!(staged("o1x").len() + staged("o2x").len() + staged("419").len(), 0, "the dead ones' is gone");
+        // Once the first backend is dropped (its process ended), the next opener cleans up.
+        drop((upload, batch));
+        let token = first.inner.owner.token().to_owned();
+        drop(first);
+        let _third = LocalBackend::open(dir.path()).unwrap();
+        assert!(staged(&token).is_empty());
+        drop(second);
     }
 }
