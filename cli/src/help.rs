@@ -83,7 +83,7 @@ Example:
 
 pub(crate) const BOX_CREATE: &str = "\
 Examples:
-  sail box create --image minimal --name web --port 8080 --memory-mib 512
+  sail box create --image minimal --name web --port 8080 --memory-mib 2048
   sail box create --name worker-1 --volume shared-data:/mnt/shared --mint   # mounted before it returns
   sail box create --network none            # no outbound network inside";
 
