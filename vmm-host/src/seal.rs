@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 
 use crate::error::{Result, SailboxError};
+use crate::gateway::constant_time_eq;
 
 const MAGIC: &[u8] = b"sail-checkpoint-v1\n";
 const MAC_HEX: usize = 64;
@@ -80,10 +81,6 @@ impl RecordKey {
 pub fn default_key_path(chunks_dir: &Path) -> PathBuf {
     let name = chunks_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "chunks".into());
     chunks_dir.with_file_name(format!("{name}.record-key"))
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]
