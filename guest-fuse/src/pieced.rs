@@ -176,21 +176,16 @@ impl Remote {
     /// trusted endpoint (the host's gateway): the read's own bytes come with one small range
     /// request while the whole chunk is fetched in the background for the reads that follow.
     /// So a cold reader's first byte waits for its few KiB, not for an 8 MiB chunk to cross
-    /// the guest's NIC (~0.3-0.8 s under TCG). None: the chunk is being fetched already (wait
-    /// for it), or this is not a trusted endpoint.
+    /// the guest's NIC (~0.3-0.8 s under TCG). None: the chunk is in memory or being fetched
+    /// already, or this is not a trusted endpoint.
     fn first_read(self: &Arc<Self>, id: ChunkId, clen: u64, from: u64, len: usize) -> Result<Option<Bytes>> {
         if !self.client.trusts_endpoint() || clen <= FIRST_READ_MAX || len as u64 > FIRST_READ_MAX {
             return Ok(None);
         }
         match self.hot.get_value_or_guard(&id, Some(Duration::ZERO)) {
-            GuardResult::Value(b) => {
-                let (a, z) = (from as usize, from as usize + len);
-                return match b.get(a..z) {
-                    Some(_) => Ok(Some(b.slice(a..z))),
-                    None => Err(FuseError::Protocol(format!("read past the end of chunk {id}"))),
-                };
-            }
-            GuardResult::Timeout => return Ok(None),
+            // In memory (arrived since the caller looked) or being fetched: the caller's
+            // whole-chunk path serves it from memory or waits for the fetch.
+            GuardResult::Value(_) | GuardResult::Timeout => return Ok(None),
             // Nobody is fetching it: give the placeholder up and start the whole chunk.
             GuardResult::Guard(guard) => drop(guard),
         }

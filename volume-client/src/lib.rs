@@ -606,18 +606,6 @@ impl VolumeClient {
         put_retrying(&self.http, url, headers, body, "PUT (relayed)").await
     }
 
-    /// Downloads and verifies chunks without touching the cache (callers that fill the cache
-    /// in the background, like the FUSE helper, use this to serve a reader first).
-    pub async fn fetch_chunks(&mut self, org: &str, name: &str, ids: &[ChunkId]) -> Result<Vec<Bytes>> {
-        let urls = self.chunk_urls(org, name, ids).await?;
-        let (http, verify, pool) = (&self.http, self.verify, &self.pool);
-        futures::stream::iter(urls.into_iter().zip(ids.iter().copied()))
-            .map(|(u, id)| get_chunk(http, pool, u, id, verify))
-            .buffered(TRANSFER_CONCURRENCY)
-            .try_collect()
-            .await
-    }
-
     /// Chunks whole files with the volume's chunker, uploads missing chunks, and commits them
     /// (plus delete markers for `deletes`) against `base`, by this client's
     /// [author](Self::with_author). Returns the commit response.
