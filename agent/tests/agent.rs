@@ -32,11 +32,17 @@ impl Agent {
 
     /// Starts the agent with extra arguments, its socket in `dir`.
     fn start_in(dir: tempfile::TempDir, extra: &[&OsStr]) -> Self {
+        Self::start_with(dir, extra, &[])
+    }
+
+    /// [`Agent::start_in`] with environment variables (its volume helpers inherit them).
+    fn start_with(dir: tempfile::TempDir, extra: &[&OsStr], env: &[(&str, String)]) -> Self {
         let api = dir.path().join("api.sock");
         let child = Command::new(env!("CARGO_BIN_EXE_sail-agent"))
             .arg("--listen")
             .arg(format!("unix:{}", api.display()))
             .args(extra)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -350,6 +356,8 @@ fn workspace_bin(name: &str, env: &str) -> PathBuf {
 struct Volumed {
     child: Child,
     endpoint: String,
+    /// Its operator key (the volumes here live in org `agent-tests`).
+    key: String,
     _dir: tempfile::TempDir,
 }
 
@@ -374,13 +382,16 @@ impl Volumed {
         .unwrap()
         .unwrap();
         let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("volumed printed {line:?}"));
-        Self { child, endpoint: format!("http://{addr}"), _dir: dir }
+        let key = std::fs::read_to_string(dir.path().join("data/keys/operator.key")).unwrap().trim().to_owned();
+        Self { child, endpoint: format!("http://{addr}"), key, _dir: dir }
     }
 
     /// Creates a volume in `org`.
     async fn create(&self, org: &str, name: &str) {
         use proto::volume as vpb;
-        let mut c = vpb::volume_service_client::VolumeServiceClient::connect(self.endpoint.clone()).await.unwrap();
+        let channel = tonic::transport::Channel::from_shared(self.endpoint.clone()).unwrap().connect().await.unwrap();
+        let key: tenancy::ApiKey = self.key.parse().unwrap();
+        let mut c = vpb::volume_service_client::VolumeServiceClient::new(tenancy::client::authed(channel, Some(&key)));
         let req = vpb::GetVolumeRequest {
             volume: Some(vpb::VolumeRef { org: org.into(), name: name.into() }),
             mint_if_missing: true,
@@ -410,7 +421,8 @@ impl VolEnv {
         let dir = tempfile::tempdir().unwrap();
         let helper = helper.map(Path::to_path_buf).unwrap_or_else(|| workspace_bin("sail-volume-fuse", "SAIL_VOLUME_FUSE_BIN"));
         let (volumes, run) = (dir.path().join("volumes"), dir.path().join("run"));
-        let agent = Agent::start_in(
+        let key = volumed.key.clone();
+        let agent = Agent::start_with(
             dir,
             &[
                 "--volume-helper".as_ref(),
@@ -420,6 +432,7 @@ impl VolEnv {
                 "--mounts-run-dir".as_ref(),
                 run.as_os_str(),
             ],
+            &[("SAIL_API_KEY", key)],
         );
         Self { agent, volumed }
     }

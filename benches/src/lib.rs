@@ -104,31 +104,32 @@ impl Drop for KillUnder {
 
 /// Opens a vmm-host on `data_dir`, serves it on a loopback port, and returns it with a
 /// connected client (what the sailbox benches drive).
-pub async fn serve_host(
-    data_dir: &std::path::Path,
-) -> anyhow::Result<(vmm_host::Host, proto::sailbox::sailbox_service_client::SailboxServiceClient<tonic::transport::Channel>)> {
+pub async fn serve_host(data_dir: &std::path::Path) -> anyhow::Result<(vmm_host::Host, SailboxClient)> {
     serve_host_with(vmm_host::HostConfig::local(data_dir)).await
 }
 
 /// [`serve_host`] with a config of the caller's (volumed's endpoint, for benches with volumes).
-pub async fn serve_host_with(
-    config: vmm_host::HostConfig,
-) -> anyhow::Result<(vmm_host::Host, proto::sailbox::sailbox_service_client::SailboxServiceClient<tonic::transport::Channel>)> {
+pub async fn serve_host_with(config: vmm_host::HostConfig) -> anyhow::Result<(vmm_host::Host, SailboxClient)> {
     let host = vmm_host::Host::open(config).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let svc = vmm_host::GrpcSailboxes::new(host.clone()).into_server();
+    // Served as in production: every call's key checked (one admin key of org `default`).
+    let key = tenancy::ApiKey::generate();
+    let keys = tenancy::server::StaticKeys::default().with(&key, "default", tenancy::Role::Admin);
+    let auth = tenancy::server::AuthLayer::new(std::sync::Arc::new(keys));
     tokio::spawn(async move {
         let incoming = vmm_host::service::incoming_nodelay(listener);
-        let _ = tonic::transport::Server::builder().add_service(svc).serve_with_incoming(incoming).await;
+        let _ = tonic::transport::Server::builder().layer(auth).add_service(svc).serve_with_incoming(incoming).await;
     });
     let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.tcp_nodelay(true).connect().await?;
-    let client = proto::sailbox::sailbox_service_client::SailboxServiceClient::new(ch).max_decoding_message_size(64 << 20);
+    let client = proto::sailbox::sailbox_service_client::SailboxServiceClient::new(tenancy::client::authed(ch, Some(&key)))
+        .max_decoding_message_size(64 << 20);
     Ok((host, client))
 }
 
 /// The sailbox client the VM benches drive.
-pub type SailboxClient = proto::sailbox::sailbox_service_client::SailboxServiceClient<tonic::transport::Channel>;
+pub type SailboxClient = proto::sailbox::sailbox_service_client::SailboxServiceClient<tenancy::client::AuthedChannel>;
 
 /// Runs `command` in sailbox `id` to completion (whatever its exit code).
 pub async fn exec(c: &mut SailboxClient, id: &str, command: &str) -> anyhow::Result<proto::sailbox::ExecResult> {

@@ -25,7 +25,7 @@ impl BoxError {
     /// Whether the request (not the service) was at fault: exit code 2.
     pub fn is_user_error(&self) -> bool {
         use tonic::Code::*;
-        matches!(self.code, InvalidArgument | NotFound | AlreadyExists | FailedPrecondition)
+        matches!(self.code, InvalidArgument | NotFound | AlreadyExists | FailedPrecondition | Unauthenticated | PermissionDenied)
             || matches!(
                 self.name.as_str(),
                 "SailboxExecAlreadyRunningError" | "SailboxExecRequestNotFoundError" | "SailboxTerminatedError"
@@ -203,14 +203,22 @@ pub struct ExecArgs {
     command: Vec<String>,
 }
 
-pub(crate) async fn client(endpoint: &str) -> anyhow::Result<Client> {
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
+/// A connection to the service at `endpoint` (an unreachable one names what to run).
+pub(crate) async fn channel(endpoint: &str) -> anyhow::Result<Channel> {
+    Ok(tonic::transport::Endpoint::from_shared(endpoint.to_owned())
         .with_context(|| format!("bad endpoint {endpoint}"))?
         .tcp_nodelay(true)
         .connect()
         .await
-        .map_err(|e| crate::output::ServiceUnreachable::new(endpoint, &e))?;
-    Ok(SailboxServiceClient::new(channel).max_decoding_message_size(64 << 20))
+        .map_err(|e| crate::output::ServiceUnreachable::new(endpoint, &e))?)
+}
+
+/// The sailbox client of `endpoint`, sending this machine's key for it
+/// (`tenancy::credentials::find_key`: `SAIL_API_KEY`, else the file `sail up` wrote).
+pub(crate) async fn client(endpoint: &str) -> anyhow::Result<Client> {
+    let key = tenancy::credentials::find_key(endpoint)?;
+    let channel = channel(endpoint).await?;
+    Ok(SailboxServiceClient::new(tenancy::client::authed(channel, key.as_ref())).max_decoding_message_size(64 << 20))
 }
 
 fn state_name(v: i32) -> &'static str {
@@ -306,7 +314,7 @@ fn print_sailbox(s: &pb::Sailbox, json: bool) {
 }
 
 /// The gRPC client of vmm-host's sailbox service.
-pub(crate) type Client = SailboxServiceClient<Channel>;
+pub(crate) type Client = SailboxServiceClient<tenancy::client::AuthedChannel>;
 
 /// Runs a `sail box` command; returns the process exit code.
 pub async fn run(endpoint: &str, json: bool, cmd: BoxCmd) -> anyhow::Result<u8> {
@@ -376,6 +384,7 @@ async fn create(c: &mut Client, a: CreateArgs, json: bool) -> anyhow::Result<()>
         ingress_ports: a.ports,
         volumes: volume_mounts(&a.volumes, a.mint)?,
         network: a.network,
+        org: String::new(),
     };
     let s = crate::output::spin("booting the sailbox", c.create_sailbox(req)).await.map_err(BoxError::from)?.into_inner();
     if json {

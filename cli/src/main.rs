@@ -17,6 +17,7 @@ use volumed::server::{Server, ServerConfig};
 mod box_cmd;
 mod help;
 mod image_cmd;
+mod key_cmd;
 mod mount_cmd;
 mod output;
 
@@ -31,8 +32,8 @@ struct Cli {
     /// volumed endpoint.
     #[arg(long, global = true, env = "SAIL_ENDPOINT", default_value = "http://127.0.0.1:7420")]
     endpoint: String,
-    /// Org that owns the volumes.
-    #[arg(long, global = true, env = "SAIL_ORG", default_value = "default")]
+    /// Org to act in (default: the API key's own; only an operator key names another).
+    #[arg(long, global = true, env = "SAIL_ORG", default_value = "")]
     org: String,
     /// Print machine-readable JSON.
     #[arg(long, global = true)]
@@ -65,6 +66,9 @@ enum Command {
     /// Manage volumes.
     #[command(subcommand, after_help = help::VOLUME)]
     Volume(VolumeCmd),
+    /// Manage API keys (admin keys; `sail up` keeps the first one where this CLI finds it).
+    #[command(subcommand)]
+    Key(key_cmd::KeyCmd),
     /// Manage sailboxes (microVMs).
     #[command(subcommand, name = "box", after_help = help::BOX)]
     Sailbox(box_cmd::BoxCmd),
@@ -204,6 +208,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Up { data_dir, listen } => up(data_dir.unwrap_or_else(default_data_dir), listen).await,
         Command::Sailbox(cmd) => box_cmd::run(&cli.endpoint, cli.json, cmd).await,
+        Command::Key(cmd) => key_cmd::run(&cli.endpoint, &cli.org, cli.json, cmd).await,
         Command::Doctor => box_cmd::doctor(&cli.endpoint, cli.json).await,
         Command::Image(cmd) => image_cmd::run(&mut box_cmd::client(&cli.endpoint).await?, cli.json, cli.quiet, cmd).await,
         Command::Completions { shell } => {
@@ -230,13 +235,20 @@ async fn up(data_dir: PathBuf, listen: std::net::SocketAddr) -> anyhow::Result<u
         .await
         .with_context(|| format!("starting volumed on {listen} (data in {})", data_dir.display()))?;
     let mut config = vmm_host::HostConfig::local(data_dir.join("vmm"));
-    // Guests reach volumes through vmm-host's gateway, which forwards to this volumed.
+    // Guests reach volumes through vmm-host's gateway, which forwards to this volumed with
+    // the operator key (it names each sailbox's org).
     config.volumed_endpoint = Some(format!("http://{}", server.addr));
+    config.volumed_key = Some(server.bootstrap.operator.clone());
+    // The local CLI and SDK find the first admin key without a step of their own.
+    let endpoint = format!("http://{}", server.addr);
+    let key_file = tenancy::credentials::save_key(&endpoint, &server.bootstrap.admin)
+        .with_context(|| format!("keeping the admin key for {endpoint}"))?;
     let host = vmm_host::Host::open(config)
         .await
         .with_context(|| format!("starting vmm-host (data in {})", data_dir.join("vmm").display()))?;
     let server = server.with_grpc(|r| r.add_service(vmm_host::GrpcSailboxes::new(host.clone()).into_server()));
     println!("sail up: volumed and vmm-host listening on http://{} (data in {})", server.addr, data_dir.display());
+    println!("sail up: admin key of org default in {} (clients on this machine use it)", key_file.display());
     server
         .serve(async {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();

@@ -146,10 +146,12 @@ fn raise_fd_limit() {
 
 /// Mounts and serves until unmounted. `ready` runs once the mount is live and the control
 /// socket accepts requests (with the socket's path).
-pub fn run(opts: MountOptions, ready: impl FnOnce(&Path)) -> anyhow::Result<()> {
+pub fn run(mut opts: MountOptions, ready: impl FnOnce(&Path)) -> anyhow::Result<()> {
     raise_fd_limit();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().thread_name("sail-fuse-io").build()?;
     let remote = connect(&opts, &rt)?;
+    // An empty org means the key's own: from here on, the one volumed answered with.
+    opts.org = remote.org().to_owned();
     std::fs::create_dir_all(&opts.overlay_dir).with_context(|| format!("creating {}", opts.overlay_dir.display()))?;
     // Uncommitted changes a previous helper left in the overlay directory (it crashed or
     // was killed): resumed, on the commit they were made against.
@@ -222,8 +224,9 @@ fn connect(opts: &MountOptions, rt: &tokio::runtime::Runtime) -> anyhow::Result<
             .with_context(|| format!("opening chunk cache {}", opts.cache_dir.display()))?;
         client.with_cache(cache)
     };
-    rt.block_on(client.get_volume(&opts.org, &opts.volume, opts.mint))?;
-    Ok(Arc::new(Remote::new(rt.handle().clone(), client, &opts.org, &opts.volume, opts.memory_cache_bytes)))
+    let vol = rt.block_on(client.get_volume(&opts.org, &opts.volume, opts.mint))?;
+    let org = if vol.org.is_empty() { opts.org.clone() } else { vol.org };
+    Ok(Arc::new(Remote::new(rt.handle().clone(), client, &org, &opts.volume, opts.memory_cache_bytes)))
 }
 
 /// Who the mount's commits are by: `fuse/<hostname>` (in a sailbox, its gateway records

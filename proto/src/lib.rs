@@ -97,6 +97,15 @@ pub mod sailbox {
     pub use super::error::ErrorDetail;
 }
 
+/// API keys and orgs (`sail.tenancy.v1`), served by volumed; see the `tenancy` crate.
+pub mod tenancy {
+    #![allow(missing_docs, clippy::all)]
+    tonic::include_proto!("sail.tenancy.v1");
+
+    /// The error detail of this service's statuses (defined once, in `sail.error.v1`).
+    pub use super::error::ErrorDetail;
+}
+
 #[cfg(test)]
 mod tests {
     use prost::Message;

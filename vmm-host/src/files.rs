@@ -26,7 +26,13 @@ fn agent_error(path: &str, status: tonic::Status) -> SailboxError {
 impl Host {
     /// Writes a file from a client stream: the first message names the sailbox, path, mode
     /// and size; data follows in order.
-    pub async fn write_file(&self, mut stream: Streaming<pb::WriteFileRequest>) -> Result<pb::WriteFileResponse> {
+    /// `allowed` is asked about the sailbox the stream's first message names before anything
+    /// is written (the caller's org check).
+    pub async fn write_file(
+        &self,
+        mut stream: Streaming<pb::WriteFileRequest>,
+        allowed: impl FnOnce(&str) -> Result<()>,
+    ) -> Result<pb::WriteFileResponse> {
         let first = stream
             .message()
             .await
@@ -36,6 +42,7 @@ impl Host {
         if first.mode > 0o7777 {
             return Err(SailboxError::invalid(format!("mode {:o} has bits beyond 0o7777", first.mode)));
         }
+        allowed(&first.sailbox_id)?;
         let (live, vm) = self.awake(&first.sailbox_id).await?;
         let capacity = u64::from(live.snapshot().disk_gib) << 30;
         if first.size > capacity {

@@ -82,6 +82,7 @@ const MAX_UPLOAD_BODY: u64 = 64 << 20;
 /// The host-wide part: the connection to volumed, the chunk caches, the URL key.
 pub struct Gateway {
     upstream: String,
+    upstream_key: Option<tenancy::ApiKey>,
     guest_endpoint: String,
     client: OnceCell<VolumeClient>,
     disk: ChunkCache,
@@ -164,9 +165,11 @@ impl Gateway {
     /// A gateway forwarding to volumed at `upstream`, caching chunks in `cache_dir` (at most
     /// `cache_bytes` on disk, `memory_bytes` in memory), signing chunk URLs with the key kept
     /// at `key_file` (made on first use). URLs it hands out start with `guest_endpoint`, where
-    /// guests reach their socket ([`GUEST_ADDR`] on a sailbox's host NIC).
+    /// guests reach their socket ([`GUEST_ADDR`] on a sailbox's host NIC). Calls to volumed
+    /// carry `upstream_key` (an operator key: the gateway names each sailbox's org itself).
     pub fn open(
         upstream: String,
+        upstream_key: Option<tenancy::ApiKey>,
         guest_endpoint: String,
         cache_dir: &Path,
         cache_bytes: u64,
@@ -180,6 +183,7 @@ impl Gateway {
         let memory = chunkstore::memory::byte_cache(memory_bytes.max(1), 8 << 20);
         Ok(Arc::new(Self {
             upstream,
+            upstream_key,
             guest_endpoint,
             client: OnceCell::new(),
             disk,
@@ -216,7 +220,11 @@ impl Gateway {
     pub async fn client(&self) -> std::result::Result<VolumeClient, Status> {
         let c = self
             .client
-            .get_or_try_init(|| async { VolumeClient::connect(&self.upstream).await.map(|c| c.with_cache(self.disk.clone())) })
+            .get_or_try_init(|| async {
+                VolumeClient::connect_with_key(&self.upstream, self.upstream_key.as_ref())
+                    .await
+                    .map(|c| c.with_cache(self.disk.clone()))
+            })
             .await
             .map_err(|e| Status::unavailable(format!("the volume service is unreachable: {e}")))?;
         Ok(c.clone())

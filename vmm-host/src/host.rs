@@ -65,6 +65,9 @@ pub struct HostConfig {
     /// volumed's gRPC endpoint (`http://host:port`): where the volume gateway forwards the
     /// guests' volume calls. `None`: sailboxes cannot mount volumes.
     pub volumed_endpoint: Option<String>,
+    /// The key the gateway calls volumed with: an operator key (it acts for each sailbox's
+    /// org). `sail up` passes its data directory's; `vmm-host --volumed-key-file`.
+    pub volumed_key: Option<tenancy::ApiKey>,
     /// The host's verified chunk cache (every sailbox's volume reads go through it).
     pub chunk_cache_dir: PathBuf,
     /// Its size cap on disk, bytes.
@@ -100,6 +103,7 @@ impl HostConfig {
             host_name: sysutil::host::hostname(),
             boot_timeout: Duration::from_secs(180),
             volumed_endpoint: None,
+            volumed_key: None,
             chunk_cache_bytes: 10 << 30,
             chunk_memory_bytes: 256 << 20,
             console_max_bytes: crate::guest_input::CONSOLE_MAX_BYTES,
@@ -179,8 +183,9 @@ impl Host {
     }
 
     /// Creates a sailbox and returns once its agent answers.
-    pub async fn create(&self, req: pb::CreateSailboxRequest) -> Result<pb::Sailbox> {
-        self.lifecycle.create(req).await
+    /// The sailbox belongs to `org` (the caller's).
+    pub async fn create(&self, org: &str, req: pb::CreateSailboxRequest) -> Result<pb::Sailbox> {
+        self.lifecycle.create(org, req).await
     }
 
     /// Terminates a sailbox for good (idempotent).
@@ -336,7 +341,8 @@ impl Host {
     }
 
     /// Sailboxes matching the filter (by default every one not terminated).
-    pub async fn list(&self, req: &pb::ListSailboxesRequest) -> Result<Vec<pb::Sailbox>> {
+    /// Only `org`'s, or every org's with `None` (an operator).
+    pub async fn list(&self, org: Option<&str>, req: &pb::ListSailboxesRequest) -> Result<Vec<pb::Sailbox>> {
         let states: Vec<State> = req.states.iter().filter_map(|s| State::from_proto(*s)).collect();
         let mut out: Vec<SailboxRecord> = self
             .rt
@@ -344,6 +350,7 @@ impl Host {
             .sailboxes()?
             .into_iter()
             .map(|r| self.rt.live(&r.id).map(|l| l.snapshot()).unwrap_or(r))
+            .filter(|r| org.is_none_or(|o| r.org == o))
             .filter(|r| req.app.is_empty() || r.app == req.app)
             .filter(|r| if states.is_empty() { r.state != State::Terminated } else { states.contains(&r.state) })
             .filter(|r| req.max_guest_schema_version == 0 || r.guest_schema_version <= req.max_guest_schema_version)
@@ -354,7 +361,7 @@ impl Host {
 
     /// Finds an app by name, or mints it when `mint_if_missing` (an unknown app otherwise is
     /// `NotFound`).
-    pub fn get_app(&self, req: &pb::GetAppRequest) -> Result<pb::App> {
+    pub fn get_app(&self, org: &str, req: &pb::GetAppRequest) -> Result<pb::App> {
         model::check_name("app", &req.name).map_err(|_| {
             SailboxError::invalid(format!(
                 "app {:?} must be 1..={} of [A-Za-z0-9._-], starting with a letter or digit",
@@ -362,13 +369,31 @@ impl Host {
                 model::MAX_NAME
             ))
         })?;
-        let minted = match self.rt.state.app(&req.name)? {
+        let minted = match self.rt.state.app(org, &req.name)? {
             Some(_) => false,
-            None if req.mint_if_missing => self.rt.state.ensure_app(&req.name)?,
+            None if req.mint_if_missing => self.rt.state.ensure_app(org, &req.name)?,
             None => return Err(SailboxError::NotFound(format!("app {}", req.name))),
         };
-        let created_unix_ms = self.rt.state.app(&req.name)?.unwrap_or_default();
+        let created_unix_ms = self.rt.state.app(org, &req.name)?.unwrap_or_default();
         Ok(pb::App { name: req.name.clone(), created_unix_ms, minted })
+    }
+
+    /// The org sailbox `id` belongs to (`NotFound` for an unknown id).
+    pub fn sailbox_org(&self, id: &str) -> Result<String> {
+        Ok(self.rt.record(id)?.org)
+    }
+
+    /// The sailbox exec request `id` runs in (`ExecNotFound` for an unknown id).
+    pub fn exec_sailbox(&self, id: &str) -> Result<String> {
+        match self.rt.state.exec(id)? {
+            Some(rec) => Ok(rec.sailbox),
+            None => Err(SailboxError::ExecNotFound(id.to_owned())),
+        }
+    }
+
+    /// The org checkpoint `id` belongs to (`NotFound` for an unknown or unsealed one).
+    pub async fn checkpoint_org(&self, id: &str) -> Result<String> {
+        Ok(self.rt.load_checkpoint(id).await?.org)
     }
 
     /// Deletes finished exec requests older than the retention (see

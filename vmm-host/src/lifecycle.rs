@@ -78,17 +78,19 @@ impl Lifecycle {
     }
 
     /// Creates a sailbox and returns once its agent answers.
-    pub(crate) async fn create(self: &Arc<Self>, req: pb::CreateSailboxRequest) -> Result<pb::Sailbox> {
-        let spec = model::validate_create(&req, model::DEFAULT_ORG)?;
-        self.resolve_volumes(&spec).await?;
+    pub(crate) async fn create(self: &Arc<Self>, org: &str, req: pb::CreateSailboxRequest) -> Result<pb::Sailbox> {
+        model::check_name("org", org)?;
+        let spec = model::validate_create(&req, org)?;
+        self.resolve_volumes(org, &spec).await?;
         let hypervisor = self.rt.hypervisor()?;
         let initramfs = self.rt.initramfs().await?;
         let image = self.rt.ensure_image(&spec.image, Arc::new(|m: &str| tracing::info!("{m}"))).await?;
         let disk_manifest = self.rt.images.disk_manifest(&image.manifest, u64::from(spec.disk_gib) << 30).await?;
-        self.check_name_free(&spec.app, &spec.name)?;
-        self.rt.state.ensure_app(&spec.app)?;
+        self.check_name_free(org, &spec.app, &spec.name)?;
+        self.rt.state.ensure_app(org, &spec.app)?;
         let rec = SailboxRecord {
             id: random_id("sb"),
+            org: org.to_owned(),
             app: spec.app.clone(),
             name: spec.name.clone(),
             image: image.id.clone(),
@@ -111,7 +113,7 @@ impl Lifecycle {
 
     /// Checks that every volume to mount exists, minting those asked for, before anything
     /// of the sailbox is made.
-    async fn resolve_volumes(&self, spec: &model::CreateSpec) -> Result<()> {
+    async fn resolve_volumes(&self, org: &str, spec: &model::CreateSpec) -> Result<()> {
         if spec.volumes.is_empty() {
             return Ok(());
         }
@@ -121,7 +123,7 @@ impl Lifecycle {
             )
         })?;
         for (path, v) in &spec.volumes {
-            if v.org != model::DEFAULT_ORG {
+            if v.org != org {
                 return Err(SailboxError::InvalidConfig(format!(
                     "volume {} at {path}: org {:?} is not this request's org",
                     v.volume, v.org
@@ -132,11 +134,12 @@ impl Lifecycle {
         Ok(())
     }
 
-    pub(crate) fn check_name_free(&self, app: &str, name: &str) -> Result<()> {
+    pub(crate) fn check_name_free(&self, org: &str, app: &str, name: &str) -> Result<()> {
         if name.is_empty() {
             return Ok(());
         }
-        let taken = self.rt.state.sailboxes()?.into_iter().any(|r| !r.state.is_final() && r.app == app && r.name == name);
+        let taken =
+            self.rt.state.sailboxes()?.into_iter().any(|r| !r.state.is_final() && r.org == org && r.app == app && r.name == name);
         if taken {
             return Err(SailboxError::InvalidConfig(format!("app {app} already has a sailbox named {name}")));
         }

@@ -3,6 +3,9 @@
 //! the sailboxes it records, and serves `sail.sailbox.v1` over gRPC until SIGTERM or ctrl-c.
 //! Then it stops its background work and leaves running sailboxes running (the next start
 //! re-attaches them), as `sail up` does; see docs/vmm-host.md.
+//!
+//! Every call must carry an API key, which vmm-host checks by asking volumed (`--volumed`,
+//! required): keys and orgs live there (docs/security.md).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -55,6 +58,10 @@ struct Args {
     /// sailboxes cannot mount volumes).
     #[arg(long, env = "SAIL_VOLUMED")]
     volumed: Option<String>,
+    /// The operator key vmm-host calls volumed with (default: `<data-dir>/keys/operator.key`,
+    /// which volumed writes in a data directory it shares with this host).
+    #[arg(long, env = "SAIL_VOLUMED_KEY_FILE")]
+    volumed_key_file: Option<PathBuf>,
     /// The host's chunk cache for volume reads (default: `<data-dir>/vmm/chunk-cache`).
     #[arg(long, env = "SAIL_CHUNK_CACHE_DIR")]
     chunk_cache_dir: Option<PathBuf>,
@@ -65,8 +72,9 @@ struct Args {
 
 impl Args {
     /// The host configuration: `HostConfig::local` on `<data-dir>/vmm`, then the flags.
-    fn config(&self) -> HostConfig {
+    fn config(&self) -> anyhow::Result<HostConfig> {
         let data_dir = self.data_dir.clone().unwrap_or_else(default_data_dir);
+        let key_file = self.volumed_key_file.clone().unwrap_or_else(|| data_dir.join("keys/operator.key"));
         let mut config = HostConfig::local(data_dir.join("vmm"));
         if let Some(d) = &self.chunks_dir {
             config.chunks_dir = d.clone();
@@ -88,11 +96,19 @@ impl Args {
         config.ingress_addr = self.ingress_addr;
         config.boot_timeout = Duration::from_secs(self.boot_timeout_secs);
         config.volumed_endpoint = self.volumed.clone();
+        config.volumed_key = tenancy::credentials::read_key_file(&key_file)
+            .with_context(|| format!("reading volumed's operator key {}", key_file.display()))?;
+        if config.volumed_key.is_none() {
+            anyhow::bail!(
+                "no operator key at {} (volumed writes one in its data directory; pass --volumed-key-file)",
+                key_file.display()
+            );
+        }
         if let Some(d) = &self.chunk_cache_dir {
             config.chunk_cache_dir = d.clone();
         }
         config.chunk_cache_bytes = self.chunk_cache_mib << 20;
-        config
+        Ok(config)
     }
 }
 
@@ -116,13 +132,18 @@ async fn shutdown_signal() {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let config = args.config();
+    let volumed = args.volumed.clone().context(
+        "vmm-host needs --volumed (or SAIL_VOLUMED): callers' API keys are checked there, and guests' volumes served from it",
+    )?;
+    let auth = tenancy::server::RemoteAuthenticator::new(&volumed).with_context(|| format!("volumed endpoint {volumed:?}"))?;
+    let config = args.config()?;
     let data_dir = config.data_dir.clone();
     let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr().context("reading the bound address")?;
     let host = Host::open(config).await.with_context(|| format!("starting vmm-host (data in {})", data_dir.display()))?;
     println!("vmm-host listening on http://{addr} (data in {})", data_dir.display());
     let served = tonic::transport::Server::builder()
+        .layer(tenancy::server::AuthLayer::new(std::sync::Arc::new(auth)))
         .add_service(GrpcSailboxes::new(host.clone()).into_server())
         .serve_with_incoming_shutdown(vmm_host::service::incoming_nodelay(listener), shutdown_signal())
         .await

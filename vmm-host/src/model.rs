@@ -141,6 +141,9 @@ impl Network {
 pub struct SailboxRecord {
     /// `sb-` + 24 hex digits.
     pub id: String,
+    /// The org it belongs to (the caller's at create; records from before orgs: `default`).
+    #[serde(default = "default_org")]
+    pub org: String,
     /// App name.
     pub app: String,
     /// Optional name, unique among live sailboxes of the app.
@@ -208,6 +211,11 @@ pub struct SailboxRecord {
     pub network: Network,
 }
 
+/// The org of records written before records had one.
+fn default_org() -> String {
+    DEFAULT_ORG.to_owned()
+}
+
 impl SailboxRecord {
     /// A record in state `Creating` that has run nothing yet (no processes, listeners,
     /// checkpoints), created now; create, fork and restore fill in the rest with struct
@@ -215,6 +223,7 @@ impl SailboxRecord {
     pub fn creating() -> Self {
         Self {
             id: String::new(),
+            org: DEFAULT_ORG.to_owned(),
             app: String::new(),
             name: String::new(),
             image: String::new(),
@@ -249,6 +258,7 @@ impl SailboxRecord {
     pub fn to_proto(&self, host: &str, ingress_host: &str) -> pb::Sailbox {
         pb::Sailbox {
             sailbox_id: self.id.clone(),
+            org: self.org.clone(),
             app: self.app.clone(),
             name: self.name.clone(),
             image: self.image.clone(),
@@ -299,6 +309,9 @@ impl SailboxRecord {
 pub struct CheckpointRecord {
     /// The sailbox checkpointed.
     pub sailbox: String,
+    /// Its org: only that org restores it (records from before orgs: `default`).
+    #[serde(default = "default_org")]
+    pub org: String,
     /// Its app.
     pub app: String,
     /// Its name.
@@ -593,6 +606,7 @@ impl CheckpointRecord {
         }
         check_name("image", &self.image)?;
         check_name("sailbox", &self.sailbox)?;
+        check_name("org", &self.org)?;
         if !self.cpu.is_finite() || self.cpu <= 0.0 || self.cpu > MAX_CPU {
             return bad(format!("cpu {} is out of range", self.cpu));
         }

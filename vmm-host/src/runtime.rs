@@ -163,6 +163,7 @@ impl Runtime {
         let gateway = match &config.volumed_endpoint {
             Some(endpoint) => Some(Gateway::open(
                 endpoint.clone(),
+                config.volumed_key.clone(),
                 crate::gateway::guest_endpoint(),
                 &config.chunk_cache_dir,
                 config.chunk_cache_bytes,
@@ -200,7 +201,7 @@ impl Runtime {
         let rec = live.snapshot();
         let scope = Scope {
             sailbox: rec.id.clone(),
-            org: crate::model::DEFAULT_ORG.to_owned(),
+            org: rec.org.clone(),
             volumes: rec.volumes.values().map(|v| v.volume.clone()).collect(),
         };
         let listener = self.host_nic(&rec.id)?.listen(crate::host_nic::GATEWAY_PORT)?;

@@ -9,6 +9,9 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use tenancy::Identity;
+
+use crate::error::SailboxError;
 use crate::host::Host;
 
 /// The gRPC face of a host.
@@ -61,6 +64,42 @@ fn image_info(m: &crate::image::ImageManifest) -> pb::ImageInfo {
     }
 }
 
+impl GrpcSailboxes {
+    /// Refuses `id` unless the caller's org owns it: another org's sailbox is "not found",
+    /// exactly like one that does not exist.
+    fn owned(&self, who: &Identity, id: &str) -> Result<(), Status> {
+        owned(&self.host, who, id).map_err(Status::from)
+    }
+
+    /// The caller of `req` and the sailbox it names, once the sailbox is checked to be theirs.
+    fn check<T>(&self, req: &Request<T>, id: &str) -> Result<Identity, Status> {
+        let who = Identity::of(req)?;
+        self.owned(&who, id)?;
+        Ok(who)
+    }
+
+    /// Refuses exec request `id` unless it runs in a sailbox of the caller's org (another
+    /// org's request is "not found").
+    fn owned_exec<T>(&self, req: &Request<T>, id: &str) -> Result<(), Status> {
+        let who = Identity::of(req)?;
+        let sailbox = self.host.exec_sailbox(id)?;
+        owned(&self.host, &who, &sailbox).map_err(|_| SailboxError::ExecNotFound(id.to_owned()).into())
+    }
+}
+
+fn owned(host: &Host, who: &Identity, id: &str) -> crate::error::Result<()> {
+    match host.sailbox_org(id) {
+        Ok(org) if who.sees(&org) => Ok(()),
+        Ok(_) => Err(SailboxError::NotFound(id.to_owned())),
+        Err(e) => Err(e),
+    }
+}
+
+/// The org whose objects a caller sees in listings: its own, or every org for an operator.
+fn listing_org(who: &Identity) -> Option<&str> {
+    (who.role != tenancy::Role::Operator).then_some(who.org.as_str())
+}
+
 fn span(op: &'static str, sailbox: &str) -> tracing::Span {
     tracing::info_span!("sailbox_op", op, sailbox = %sailbox)
 }
@@ -68,12 +107,15 @@ fn span(op: &'static str, sailbox: &str) -> tracing::Span {
 #[tonic::async_trait]
 impl SailboxService for GrpcSailboxes {
     async fn create_sailbox(&self, req: Request<pb::CreateSailboxRequest>) -> Result<Response<pb::Sailbox>, Status> {
+        let who = Identity::of(&req)?;
         let req = req.into_inner();
-        let span = tracing::info_span!("create", app = %req.app, image = %req.image);
-        Ok(Response::new(self.host.create(req).instrument(span).await?))
+        let org = who.scope(&req.org)?;
+        let span = tracing::info_span!("create", org = %org, app = %req.app, image = %req.image);
+        Ok(Response::new(self.host.create(&org, req).instrument(span).await?))
     }
 
     async fn get_sailbox(&self, req: Request<pb::GetSailboxRequest>) -> Result<Response<pb::Sailbox>, Status> {
+        self.check(&req, &req.get_ref().sailbox_id)?;
         let req = req.into_inner();
         let id = req.sailbox_id;
         Ok(Response::new(self.host.get(&id, req.connect).instrument(span("get", &id)).await?))
@@ -83,17 +125,20 @@ impl SailboxService for GrpcSailboxes {
         &self,
         req: Request<pb::ListSailboxesRequest>,
     ) -> Result<Response<pb::ListSailboxesResponse>, Status> {
-        let sailboxes = self.host.list(req.get_ref()).await?;
+        let who = Identity::of(&req)?;
+        let sailboxes = self.host.list(listing_org(&who), req.get_ref()).await?;
         Ok(Response::new(pb::ListSailboxesResponse { sailboxes }))
     }
 
     async fn exec(&self, req: Request<pb::ExecRequest>) -> Result<Response<pb::ExecHandle>, Status> {
+        self.check(&req, &req.get_ref().sailbox_id)?;
         let req = req.into_inner();
         let span = span("exec", &req.sailbox_id);
         Ok(Response::new(self.host.exec(req).instrument(span).await?))
     }
 
     async fn wait_exec(&self, req: Request<pb::WaitExecRequest>) -> Result<Response<pb::ExecResult>, Status> {
+        self.owned_exec(&req, &req.get_ref().exec_id)?;
         let req = req.into_inner();
         let timeout = (req.timeout_ms > 0).then(|| Duration::from_millis(req.timeout_ms));
         let span = tracing::info_span!("wait_exec", exec = %req.exec_id);
@@ -103,17 +148,21 @@ impl SailboxService for GrpcSailboxes {
     type StreamExecStream = OutputStream;
 
     async fn stream_exec(&self, req: Request<pb::WaitExecRequest>) -> Result<Response<OutputStream>, Status> {
+        self.owned_exec(&req, &req.get_ref().exec_id)?;
         let rx = self.host.stream_exec(&req.into_inner().exec_id).await?;
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 
     async fn write_file(&self, req: Request<Streaming<pb::WriteFileRequest>>) -> Result<Response<pb::WriteFileResponse>, Status> {
-        Ok(Response::new(self.host.write_file(req.into_inner()).await?))
+        let who = Identity::of(&req)?;
+        let host = self.host.clone();
+        Ok(Response::new(self.host.write_file(req.into_inner(), move |id| owned(&host, &who, id)).await?))
     }
 
     type ReadFileStream = DataStream;
 
     async fn read_file(&self, req: Request<pb::ReadFileRequest>) -> Result<Response<DataStream>, Status> {
+        self.check(&req, &req.get_ref().sailbox_id)?;
         let req = req.into_inner();
         let span = span("read_file", &req.sailbox_id);
         let rx = self.host.read_file(req).instrument(span).await?;
@@ -121,6 +170,7 @@ impl SailboxService for GrpcSailboxes {
     }
 
     async fn listeners(&self, req: Request<pb::ListenersRequest>) -> Result<Response<pb::ListenersResponse>, Status> {
+        self.check(&req, &req.get_ref().sailbox_id)?;
         let req = req.into_inner();
         let wait = (req.wait_routed_ms > 0).then(|| Duration::from_millis(req.wait_routed_ms));
         let listeners =
@@ -129,6 +179,7 @@ impl SailboxService for GrpcSailboxes {
     }
 
     async fn terminate(&self, req: Request<pb::TerminateRequest>) -> Result<Response<pb::Sailbox>, Status> {
+        self.check(&req, &req.get_ref().sailbox_id)?;
         let id = req.into_inner().sailbox_id;
         Ok(Response::new(self.host.terminate(&id).instrument(span("terminate", &id)).await?))
     }
@@ -248,16 +299,19 @@ impl SailboxService for GrpcSailboxes {
     }
 
     async fn checkpoint_sailbox(&self, req: Request<pb::SailboxIdRequest>) -> Result<Response<pb::Checkpoint>, Status> {
+        self.check(&req, &req.get_ref().sailbox_id)?;
         let id = req.into_inner().sailbox_id;
         Ok(Response::new(self.host.checkpoint(&id).instrument(span("checkpoint", &id)).await?))
     }
 
     async fn pause(&self, req: Request<pb::SailboxIdRequest>) -> Result<Response<pb::Sailbox>, Status> {
+        self.check(&req, &req.get_ref().sailbox_id)?;
         let id = req.into_inner().sailbox_id;
         Ok(Response::new(self.host.pause(&id).instrument(span("pause", &id)).await?))
     }
 
     async fn sleep(&self, req: Request<pb::SleepRequest>) -> Result<Response<pb::Sailbox>, Status> {
+        self.check(&req, &req.get_ref().sailbox_id)?;
         let req = req.into_inner();
         let call = (!req.call.is_empty()).then_some(req.call);
         let span = span("sleep", &req.sailbox_id);
@@ -265,36 +319,48 @@ impl SailboxService for GrpcSailboxes {
     }
 
     async fn resume(&self, req: Request<pb::SailboxIdRequest>) -> Result<Response<pb::Sailbox>, Status> {
+        self.check(&req, &req.get_ref().sailbox_id)?;
         let id = req.into_inner().sailbox_id;
         Ok(Response::new(self.host.resume(&id).instrument(span("resume", &id)).await?))
     }
 
     async fn complete_call(&self, req: Request<pb::CompleteCallRequest>) -> Result<Response<pb::Sailbox>, Status> {
+        self.check(&req, &req.get_ref().sailbox_id)?;
         let req = req.into_inner();
         let span = span("complete_call", &req.sailbox_id);
         Ok(Response::new(self.host.complete_call(&req.sailbox_id, &req.call).instrument(span).await?))
     }
 
     async fn fork(&self, req: Request<pb::SailboxIdRequest>) -> Result<Response<pb::ForkResponse>, Status> {
+        self.check(&req, &req.get_ref().sailbox_id)?;
         let id = req.into_inner().sailbox_id;
         Ok(Response::new(self.host.fork(&id).instrument(span("fork", &id)).await?))
     }
 
     async fn restore_sailbox(&self, req: Request<pb::RestoreRequest>) -> Result<Response<pb::Sailbox>, Status> {
+        let who = Identity::of(&req)?;
+        let org = self.host.checkpoint_org(&req.get_ref().checkpoint_id).await?;
+        if !who.sees(&org) {
+            // Exactly what an unknown checkpoint id gets.
+            return Err(SailboxError::NotFound(format!("checkpoint {}", req.get_ref().checkpoint_id)).into());
+        }
         let req = req.into_inner();
         let span = tracing::info_span!("restore", checkpoint = %req.checkpoint_id);
         Ok(Response::new(self.host.restore(req).instrument(span).await?))
     }
 
     async fn upgrade(&self, req: Request<pb::SailboxIdRequest>) -> Result<Response<pb::UpgradeResponse>, Status> {
+        self.check(&req, &req.get_ref().sailbox_id)?;
         let id = req.into_inner().sailbox_id;
         Ok(Response::new(self.host.upgrade(&id).instrument(span("upgrade", &id)).await?))
     }
 
     async fn get_app(&self, req: Request<pb::GetAppRequest>) -> Result<Response<pb::App>, Status> {
+        let who = Identity::of(&req)?;
         let req = req.into_inner();
-        let span = tracing::info_span!("get_app", app = %req.name);
-        Ok(Response::new(span.in_scope(|| self.host.get_app(&req))?))
+        let org = who.scope(&req.org)?;
+        let span = tracing::info_span!("get_app", org = %org, app = %req.name);
+        Ok(Response::new(span.in_scope(|| self.host.get_app(&org, &req))?))
     }
 
     async fn get_host_info(&self, _req: Request<pb::HostInfoRequest>) -> Result<Response<pb::HostInfo>, Status> {

@@ -104,6 +104,7 @@ impl Snapshots {
         self.rt.backend.put(state_chunk, state_bytes).await?;
         let ck = CheckpointRecord {
             sailbox: rec.id.clone(),
+            org: rec.org.clone(),
             app: rec.app.clone(),
             name: rec.name.clone(),
             image: rec.image.clone(),
@@ -422,8 +423,8 @@ impl Snapshots {
         if !name.is_empty() {
             crate::model::check_name("name", &name)?;
         }
-        self.lifecycle.check_name_free(&app, &name)?;
-        self.rt.state.ensure_app(&app)?;
+        self.lifecycle.check_name_free(&ck.org, &app, &name)?;
+        self.rt.state.ensure_app(&ck.org, &app)?;
         let rec = SailboxRecord {
             id: random_id("sb"),
             app,
@@ -437,6 +438,7 @@ impl Snapshots {
             agent_version: ck.agent_version.clone(),
             hypervisor: ck.hypervisor.clone(),
             accelerator: ck.accelerator.clone(),
+            org: ck.org.clone(),
             forked_from: Some(ck_id.to_owned()),
             ports: ports.unwrap_or_else(|| ck.ports.clone()),
             volumes: ck.volumes.clone(),

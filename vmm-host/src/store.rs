@@ -2,7 +2,9 @@
 //!
 //! Column families (keys → values):
 //! - `sailboxes`: sailbox id → [`SailboxRecord`] (JSON)
-//! - `apps`: app name → creation time (Unix ms, decimal)
+//! - `apps`: app key → creation time (Unix ms, decimal); the key is `<org>/<name>`, and the
+//!   bare name for org `default` (the records from before orgs keep working; `/` is not a
+//!   name character, so the two forms cannot collide)
 //! - `execs`: exec id → [`ExecRecord`] (JSON)
 //! - `exec_results`: exec id → `sail.sailbox.v1.ExecResult` (protobuf)
 //! - `images`: image id → image manifest (JSON, see `image`)
@@ -192,21 +194,26 @@ impl StateStore {
         Ok(pruned)
     }
 
-    /// An app's creation time (Unix ms), if it exists.
-    pub fn app(&self, name: &str) -> Result<Option<u64>> {
-        let Some(raw) = self.db.get_cf(self.cf(CF_APPS)?, name.as_bytes())? else { return Ok(None) };
+    fn app_key(org: &str, name: &str) -> String {
+        if org == crate::model::DEFAULT_ORG { name.to_owned() } else { format!("{org}/{name}") }
+    }
+
+    /// An app's creation time (Unix ms), if it exists in `org`.
+    pub fn app(&self, org: &str, name: &str) -> Result<Option<u64>> {
+        let Some(raw) = self.db.get_cf(self.cf(CF_APPS)?, Self::app_key(org, name).as_bytes())? else { return Ok(None) };
         // Written by `ensure_app` as decimal; an unreadable value still names an app.
         Ok(Some(std::str::from_utf8(&raw).ok().and_then(|s| s.parse().ok()).unwrap_or(0)))
     }
 
-    /// Finds or mints an app by name; returns whether it was minted.
-    pub fn ensure_app(&self, name: &str) -> Result<bool> {
+    /// Finds or mints an app of `org` by name; returns whether it was minted.
+    pub fn ensure_app(&self, org: &str, name: &str) -> Result<bool> {
         let cf = self.cf(CF_APPS)?;
-        if self.db.get_cf(cf, name.as_bytes())?.is_some() {
+        let key = Self::app_key(org, name);
+        if self.db.get_cf(cf, key.as_bytes())?.is_some() {
             return Ok(false);
         }
         let mut batch = WriteBatch::default();
-        batch.put_cf(cf, name.as_bytes(), sysutil::clock::now_ms().to_string());
+        batch.put_cf(cf, key.as_bytes(), sysutil::clock::now_ms().to_string());
         let mut changes = self.changes();
         changes.batch = batch;
         self.commit(changes)?;

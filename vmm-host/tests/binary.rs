@@ -1,8 +1,10 @@
 //! The `vmm-host` binary on its own: it opens a fresh data directory (starting the cowfs
 //! daemon), serves `sail.sailbox.v1` on a loopback port, answers `GetHostInfo`, and on
 //! SIGTERM shuts down cleanly: exit status 0, and the cowfs mount (no sailbox holds files on
-//! it) is gone. No VM is started. Needs `sail-cowfs` built beside it
-//! (`cargo build --release -p cowfsd`), root and /dev/fuse.
+//! it) is gone. No VM is started. Callers' keys are checked through a `volumed` sharing its
+//! data directory: a call without a key is refused, one with the directory's admin key
+//! served. Needs `sail-cowfs` and `volumed` built beside it (`cargo build --release -p cowfsd
+//! -p volumed`), root and /dev/fuse.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus};
@@ -14,6 +16,7 @@ use proto::sailbox::sailbox_service_client::SailboxServiceClient;
 /// The binary under test; killed (and its cowfs mount detached) if the test fails midway.
 struct Running {
     child: Child,
+    volumed: Child,
     data: tempfile::TempDir,
 }
 
@@ -39,6 +42,8 @@ impl Drop for Running {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = self.volumed.kill();
+        let _ = self.volumed.wait();
         let cow = self.data.path().join("vmm/cowfs");
         for p in vmm_host::procs::find_by_cmdline(&cow.display().to_string()) {
             // SAFETY: killing the cowfs daemon this test's binary started.
@@ -65,24 +70,44 @@ async fn serves_host_info_and_stops_on_sigterm() {
     let exe = PathBuf::from(env!("CARGO_BIN_EXE_vmm-host"));
     let cowfs = exe.with_file_name("sail-cowfs");
     assert!(cowfs.is_file(), "{} is missing: build it with cargo build --release -p cowfsd", cowfs.display());
+    let volumed_exe = exe.with_file_name("volumed");
+    assert!(volumed_exe.is_file(), "{} is missing: build it with cargo build --release -p volumed", volumed_exe.display());
     let data = tempfile::tempdir().unwrap();
+    let volumed_port = free_port();
+    let volumed = Command::new(&volumed_exe)
+        .arg("--data-dir")
+        .arg(data.path())
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{volumed_port}"))
+        .spawn()
+        .unwrap();
+    // volumed writes the data directory's keys before it listens.
+    let operator_key = data.path().join("keys/operator.key");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(operator_key.is_file() && std::net::TcpStream::connect(("127.0.0.1", volumed_port)).is_ok()) {
+        assert!(Instant::now() < deadline, "volumed did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let port = free_port();
     let child = Command::new(&exe)
         .arg("--data-dir")
         .arg(data.path())
         .arg("--listen")
         .arg(format!("127.0.0.1:{port}"))
+        .arg("--volumed")
+        .arg(format!("http://127.0.0.1:{volumed_port}"))
         .env("SAIL_COWFS_BIN", &cowfs)
         .spawn()
         .unwrap();
-    let mut running = Running { child, data };
+    let mut running = Running { child, volumed, data };
+    let admin = tenancy::credentials::read_key_file(&running.data.path().join("keys/admin.key")).unwrap().unwrap();
 
     let endpoint = format!("http://127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(60);
+    let channel = tonic::transport::Channel::from_shared(endpoint.clone()).unwrap().connect_lazy();
+    let mut client = SailboxServiceClient::new(tenancy::client::authed(channel.clone(), Some(&admin)));
     let info = loop {
-        if let Ok(mut c) = SailboxServiceClient::connect(endpoint.clone()).await
-            && let Ok(r) = c.get_host_info(HostInfoRequest {}).await
-        {
+        if let Ok(r) = client.get_host_info(HostInfoRequest {}).await {
             break r.into_inner();
         }
         assert!(running.child.try_wait().unwrap().is_none(), "vmm-host exited before serving");
@@ -93,6 +118,14 @@ async fn serves_host_info_and_stops_on_sigterm() {
     assert_eq!(info.running, 0, "a fresh data directory runs no sailbox: {info:?}");
     assert!(matches!(info.accelerator.as_str(), "kvm" | "tcg"), "{info:?}");
     assert!(mounted(&running.mount()), "vmm-host started the cowfs daemon");
+    // Without a key, or with one volumed does not know, nothing is served.
+    let mut anonymous = SailboxServiceClient::new(channel.clone());
+    let refused = anonymous.get_host_info(HostInfoRequest {}).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    assert_eq!(proto::error_name(&refused).as_deref(), Some("SailAuthenticationError"));
+    let stranger = tenancy::ApiKey::generate();
+    let mut forged = SailboxServiceClient::new(tenancy::client::authed(channel, Some(&stranger)));
+    assert_eq!(forged.get_host_info(HostInfoRequest {}).await.unwrap_err().code(), tonic::Code::Unauthenticated);
 
     // SAFETY: signalling the child this test started.
     assert_eq!(unsafe { libc::kill(running.child.id() as i32, libc::SIGTERM) }, 0);

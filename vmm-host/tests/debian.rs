@@ -4,13 +4,13 @@
 
 mod common;
 
+use common::Client;
+
 use common::{error_name, run, serve, write};
 use proto::sailbox as pb;
 use tokio_stream::StreamExt;
 
-async fn ensure(
-    c: &mut proto::sailbox::sailbox_service_client::SailboxServiceClient<tonic::transport::Channel>,
-) -> (String, Vec<String>) {
+async fn ensure(c: &mut Client) -> (String, Vec<String>) {
     let mut s = c.ensure_image(pb::EnsureImageRequest { image: String::new() }).await.unwrap().into_inner();
     let (mut id, mut messages) = (String::new(), Vec::new());
     while let Some(p) = s.next().await {
@@ -76,8 +76,6 @@ async fn default_debian_image_runs_python() {
     drop(c);
     served.stop().await;
 }
-
-type Client = proto::sailbox::sailbox_service_client::SailboxServiceClient<tonic::transport::Channel>;
 
 async fn upload(c: &mut Client, src: vmm_host::image::context::LocalSource) -> (String, String) {
     let packed = src.pack().unwrap();

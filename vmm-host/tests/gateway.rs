@@ -59,6 +59,7 @@ async fn setup_with(before_bind: impl FnOnce(&Gateway)) -> Setup {
     let (guest_endpoint, relay_task) = relay(socket_path(&run)).await;
     let gateway = Gateway::open(
         volumed.endpoint(),
+        Some(volumed.operator_key().clone()),
         guest_endpoint.clone(),
         &dir.path().join("cache"),
         1 << 30,
@@ -68,7 +69,7 @@ async fn setup_with(before_bind: impl FnOnce(&Gateway)) -> Setup {
     .unwrap();
     before_bind(&gateway);
     let serve = gateway.bind(&socket_path(&run), scope("sb-1", &["a"])).unwrap();
-    let mut host = VolumeClient::connect(&volumed.endpoint()).await.unwrap();
+    let mut host = VolumeClient::connect_with_key(&volumed.endpoint(), Some(volumed.operator_key())).await.unwrap();
     host.get_volume(ORG, "a", true).await.unwrap();
     host.get_volume(ORG, "b", true).await.unwrap();
     let guest = VolumeClient::connect(&guest_endpoint).await.unwrap();
@@ -98,7 +99,7 @@ async fn a_guest_commits_and_reads_its_volume_through_the_gateway() {
     let resp = commit(&mut s.guest, "a", "big.bin", big.clone()).await;
     assert!(!resp.commit.is_empty());
     // The host sees the guest's commit.
-    let mut host = VolumeClient::connect(&s.volumed.endpoint()).await.unwrap();
+    let mut host = VolumeClient::connect_with_key(&s.volumed.endpoint(), Some(s.volumed.operator_key())).await.unwrap();
     assert_eq!(host.read_file(ORG, "a", "big.bin").await.unwrap(), big.to_vec());
     assert_eq!(host.head(ORG, "a").await.unwrap().commit, resp.commit);
     // The guest reads back through the gateway: whole chunks, and ranges of big ones.
@@ -148,7 +149,10 @@ async fn log_authors(c: &mut VolumeClient, volume: &str) -> Vec<String> {
 #[tokio::test]
 async fn a_guest_commit_is_logged_as_its_sailbox_whatever_author_it_claims() {
     let s = setup().await;
-    let mut host = VolumeClient::connect(&s.volumed.endpoint()).await.unwrap().with_author("operator");
+    let mut host = VolumeClient::connect_with_key(&s.volumed.endpoint(), Some(s.volumed.operator_key()))
+        .await
+        .unwrap()
+        .with_author("operator");
     commit(&mut host, "a", "from-host.txt", data(1000, 31)).await;
     // The guest claims to be the operator, through commit_files and in a raw request (with
     // a claim over volumed's length limit, which must not make the commit fail either).
@@ -177,7 +181,7 @@ fn vref(name: &str) -> Option<pb::VolumeRef> {
 #[tokio::test]
 async fn a_guest_reaches_only_the_volumes_mounted_in_it() {
     let mut s = setup().await;
-    let mut host = VolumeClient::connect(&s.volumed.endpoint()).await.unwrap();
+    let mut host = VolumeClient::connect_with_key(&s.volumed.endpoint(), Some(s.volumed.operator_key())).await.unwrap();
     commit(&mut host, "b", "secret.txt", data(5000, 17)).await;
     // Another volume behaves like one that does not exist, in every call that names one.
     let missing = s.guest.get_volume(ORG, "no-such-volume", false).await.unwrap_err();
@@ -217,7 +221,7 @@ async fn a_guest_reaches_only_the_volumes_mounted_in_it() {
 #[tokio::test]
 async fn chunk_urls_cannot_be_forged_or_replayed_elsewhere() {
     let mut s = setup().await;
-    let mut host = VolumeClient::connect(&s.volumed.endpoint()).await.unwrap();
+    let mut host = VolumeClient::connect_with_key(&s.volumed.endpoint(), Some(s.volumed.operator_key())).await.unwrap();
     let secret = data(5000, 19);
     commit(&mut host, "b", "secret.txt", secret.clone()).await;
     let shared = data(5000, 23);
@@ -247,6 +251,7 @@ async fn chunk_urls_cannot_be_forged_or_replayed_elsewhere() {
     let (endpoint2, _relay2) = relay(socket_path(&run2)).await;
     let gateway2 = Gateway::open(
         s.volumed.endpoint(),
+        Some(s.volumed.operator_key().clone()),
         endpoint2.clone(),
         &s.dir.path().join("cache"),
         1 << 30,
@@ -303,7 +308,7 @@ async fn spare_server(dir: &tempfile::TempDir) -> volumed::server::RunningServer
 async fn a_cold_large_chunk_serves_its_first_piece_before_the_whole_chunk() {
     use chunkstore::pieces::{PIECE_SIZE, PIECED_MIN};
     let mut s = setup().await;
-    let mut host = VolumeClient::connect(&s.volumed.endpoint()).await.unwrap();
+    let mut host = VolumeClient::connect_with_key(&s.volumed.endpoint(), Some(s.volumed.operator_key())).await.unwrap();
     let bytes = data(usize::try_from(PIECED_MIN).unwrap() + 12_345, 21);
     let id = ChunkId::of(&bytes);
     host.upload_chunks(ORG, "a", &std::collections::HashMap::from([(id, bytes.clone())])).await.unwrap();

@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::Client;
+
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::process::Command;
@@ -15,13 +17,9 @@ use std::time::{Duration, Instant};
 
 use common::{minimal, run};
 use proto::sailbox as pb;
-use proto::sailbox::sailbox_service_client::SailboxServiceClient;
-use tonic::transport::Channel;
 use vmm_host::gateway::GUEST_ADDR;
 use vmm_host::host_nic::{GATEWAY_PORT, HostNic};
 use vmm_host::hypervisor::qemu::{HOST_MAC, OUTBOUND_MAC};
-
-type Client = SailboxServiceClient<Channel>;
 
 fn sh(args: &[&str]) {
     let out = Command::new(args[0]).args(&args[1..]).output().unwrap();

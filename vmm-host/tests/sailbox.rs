@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::Client;
+
 use std::time::Duration;
 
 use common::{error_name, minimal, read, run, serve, write};
@@ -21,8 +23,6 @@ async fn http_get(url: &str, path: &str) -> String {
     s.read_to_string(&mut out).await.unwrap();
     out
 }
-
-type Client = proto::sailbox::sailbox_service_client::SailboxServiceClient<tonic::transport::Channel>;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sailbox_end_to_end() {

@@ -6,15 +6,13 @@
 
 mod common;
 
+use common::Client;
+
 use std::time::Duration;
 
 use common::{background, error_name, minimal, read, run, serve, serve_with, write};
 use proto::sailbox as pb;
-use proto::sailbox::sailbox_service_client::SailboxServiceClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tonic::transport::Channel;
-
-type Client = SailboxServiceClient<Channel>;
 
 /// A shell loop that counts in memory (the variable) and shows the count on disk.
 const COUNTER: &str = "i=0; while true; do i=$((i+1)); echo $i > /run/count; sleep 0.1; done";
@@ -272,6 +270,10 @@ async fn restore_on_a_fresh_data_dir(mut c: Client, served: common::Served, dir:
     let restored = count_after(&mut c, &r, 0).await;
     assert!(restored + 20 >= counted, "the counter goes on from the checkpoint ({restored} vs {counted} at it)");
     assert_eq!(text(&mut c, &r, "/data/note.txt").await, "written before the checkpoint\n");
+    // Tenancy: another org sees none of it (issue 19, item 2).
+    let exec = c.exec(pb::ExecRequest { sailbox_id: r.clone(), command: "true".into(), ..Default::default() }).await.unwrap();
+    let app = c.get_sailbox(pb::GetSailboxRequest { sailbox_id: r.clone(), connect: false }).await.unwrap().into_inner().app;
+    common::assert_invisible_to_another_org(&served, &r, &exec.into_inner().exec_id, &last.checkpoint_id, &app).await;
     let e = c.restore_sailbox(pb::RestoreRequest { checkpoint_id: "ck-00".into(), ..Default::default() }).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     // The checkpoint's own record, unsealed, stored as a chunk (what a guest can plant: its

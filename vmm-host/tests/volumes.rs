@@ -6,12 +6,12 @@
 
 mod common;
 
+use common::Client;
+
 use std::time::{Duration, Instant};
 
 use common::{background, error_name, run, serve_with};
 use proto::sailbox as pb;
-use proto::sailbox::sailbox_service_client::SailboxServiceClient;
-use tonic::transport::Channel;
 use volume_client::VolumeClient;
 
 const ORG: &str = "default";
@@ -26,7 +26,7 @@ fn request(name: &str, path: &str, mint: bool) -> pb::CreateSailboxRequest {
 }
 
 /// Runs `command` and returns its stdout, failing with its output when it exits non-zero.
-async fn ok(c: &mut SailboxServiceClient<Channel>, id: &str, command: &str) -> String {
+async fn ok(c: &mut Client, id: &str, command: &str) -> String {
     let r = run(c, id, command).await;
     assert_eq!(
         r.return_code,
@@ -46,7 +46,7 @@ fn reload_py(path: &str) -> String {
     format!("python3 -c 'import sail; print(sail.Volume.from_mount(\"{path}\").reload())'")
 }
 
-async fn info(c: &mut SailboxServiceClient<Channel>, id: &str) -> pb::Sailbox {
+async fn info(c: &mut Client, id: &str) -> pb::Sailbox {
     c.get_sailbox(pb::GetSailboxRequest { sailbox_id: id.into(), connect: false }).await.unwrap().into_inner()
 }
 
@@ -56,9 +56,14 @@ async fn a_volume_shared_by_two_sailboxes_and_the_host() {
     let config = volumed::server::ServerConfig::local(dir.path().join("volumed"), "127.0.0.1:0".parse().unwrap());
     let volumed = volumed::server::Server::bind(config).await.unwrap().spawn();
     let endpoint = volumed.endpoint();
-    let served = serve_with(dir.path(), |c| c.volumed_endpoint = Some(endpoint)).await;
+    let key = volumed.operator_key().clone();
+    let served = serve_with(dir.path(), |c| {
+        c.volumed_endpoint = Some(endpoint);
+        c.volumed_key = Some(key);
+    })
+    .await;
     let mut c = served.client().await;
-    let mut host = VolumeClient::connect(&volumed.endpoint()).await.unwrap();
+    let mut host = VolumeClient::connect_with_key(&volumed.endpoint(), Some(volumed.operator_key())).await.unwrap();
 
     // Refused before anything is made: an unknown volume without minting, too many mounts.
     let e = c.create_sailbox(request("w0", "/mnt/shared", false)).await.unwrap_err();
@@ -165,7 +170,7 @@ fn cli(op: &str) -> String {
 }
 
 /// Commits the mount from the guest and checks the host sees the new head.
-async fn guest_commit(c: &mut SailboxServiceClient<Channel>, host: &mut VolumeClient, id: &str, volume: &str) -> String {
+async fn guest_commit(c: &mut Client, host: &mut VolumeClient, id: &str, volume: &str) -> String {
     let commit = ok(c, id, &cli("commit")).await;
     assert_eq!(host.head(ORG, volume).await.unwrap().commit, commit, "the guest's commit is the head");
     commit
@@ -173,7 +178,7 @@ async fn guest_commit(c: &mut SailboxServiceClient<Channel>, host: &mut VolumeCl
 
 /// Waits (bounded) until the sailbox's only mount is `mounted` after at least `restarts`
 /// helper restarts; returns it.
-async fn mounted(c: &mut SailboxServiceClient<Channel>, id: &str, restarts: u32) -> pb::MountStatus {
+async fn mounted(c: &mut Client, id: &str, restarts: u32) -> pb::MountStatus {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         // No mounts while the VM is (re)starting.
@@ -256,9 +261,15 @@ async fn a_mount_across_snapshots_host_failure_and_faults() {
     let mut volumed = volumed::server::Server::bind(config).await.unwrap().spawn();
     let (volumed_addr, endpoint) = (volumed.addr, volumed.endpoint());
     let e = endpoint.clone();
-    let served = serve_with(dir.path(), |c| c.volumed_endpoint = Some(e)).await;
+    let key = volumed.operator_key().clone();
+    let k = key.clone();
+    let served = serve_with(dir.path(), |c| {
+        c.volumed_endpoint = Some(e);
+        c.volumed_key = Some(k);
+    })
+    .await;
     let mut c = served.client().await;
-    let mut host = VolumeClient::connect(&endpoint).await.unwrap();
+    let mut host = VolumeClient::connect_with_key(&endpoint, Some(&key)).await.unwrap();
 
     let req = pb::CreateSailboxRequest { name: "faults".into(), volumes: mounts(MNT, VOL, true), ..common::minimal(vec![]) };
     let a = c.create_sailbox(req).await.unwrap().into_inner().sailbox_id;
@@ -287,10 +298,11 @@ async fn a_mount_across_snapshots_host_failure_and_faults() {
     let fresh = common::data_dir();
     let chunks = dir.path().join("vmm/chunks");
     let serve_fresh = || {
-        let (chunks, endpoint) = (chunks.clone(), endpoint.clone());
+        let (chunks, endpoint, key) = (chunks.clone(), endpoint.clone(), key.clone());
         serve_with(fresh.path(), move |cfg| {
             cfg.chunks_dir = chunks;
             cfg.volumed_endpoint = Some(endpoint);
+            cfg.volumed_key = Some(key);
         })
     };
     let served = serve_fresh().await;

@@ -28,6 +28,7 @@ use chunkstore::{ChunkCache, ChunkError, ChunkId, Chunking};
 use futures::{StreamExt, TryStreamExt};
 use proto::volume as pb;
 use proto::volume::volume_service_client::VolumeServiceClient;
+use tenancy::client::AuthedChannel;
 use tonic::transport::Channel;
 
 use volume_model::convert::{MAX_CHUNKS_PER_REQUEST, chunking_from_proto, entry_from_proto, policy_to_proto};
@@ -75,6 +76,9 @@ pub enum ClientError {
         #[source]
         source: BoxError,
     },
+    /// `SAIL_API_KEY` or the endpoint's key file holds something that is not a key.
+    #[error(transparent)]
+    Credentials(#[from] tenancy::credentials::CredentialsError),
     /// A signed-URL request could not be sent, or its answer not read.
     #[error("chunk transfer failed: {what}: {source}")]
     Transfer {
@@ -183,7 +187,7 @@ pub struct TransferStats {
 /// A connection to volumed.
 #[derive(Clone)]
 pub struct VolumeClient {
-    grpc: VolumeServiceClient<Channel>,
+    grpc: VolumeServiceClient<AuthedChannel>,
     http: reqwest::Client,
     cache: Option<ChunkCache>,
     batches: bool,
@@ -237,8 +241,17 @@ fn vref(org: &str, name: &str) -> Option<pb::VolumeRef> {
 }
 
 impl VolumeClient {
-    /// Connects to `endpoint` (`http://host:port`).
+    /// Connects to `endpoint` (`http://host:port`) with the key this machine keeps for it:
+    /// `SAIL_API_KEY`, else the endpoint's key file (see [`tenancy::credentials`]); without
+    /// either, calls go out without a key (a sailbox's volume gateway needs none: it knows
+    /// its guest by the listener reached; volumed answers `Unauthenticated`).
     pub async fn connect(endpoint: &str) -> Result<Self> {
+        let key = tenancy::credentials::find_key(endpoint)?;
+        Self::connect_with_key(endpoint, key.as_ref()).await
+    }
+
+    /// Connects to `endpoint`, sending `key` on every call.
+    pub async fn connect_with_key(endpoint: &str, key: Option<&tenancy::ApiKey>) -> Result<Self> {
         let err = |message: String, source: BoxError| ClientError::Connect { endpoint: endpoint.to_owned(), message, source };
         let channel = Channel::from_shared(endpoint.to_owned())
             .map_err(|e| err(e.to_string(), Box::new(e)))?
@@ -246,7 +259,9 @@ impl VolumeClient {
             .connect()
             .await
             .map_err(|e| err(format!("{e:?}"), Box::new(e)))?;
-        let grpc = VolumeServiceClient::new(channel).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
+        let grpc = VolumeServiceClient::new(tenancy::client::authed(channel, key))
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
         // Presigned S3 URLs may be https: make sure a TLS provider is installed.
         let _ = rustls::crypto::ring::default_provider().install_default();
         // A system without CA certificates (a minimal guest image) cannot verify https, and
@@ -329,7 +344,7 @@ impl VolumeClient {
     }
 
     /// The raw gRPC client, for calls this wrapper does not cover.
-    pub fn grpc(&mut self) -> &mut VolumeServiceClient<Channel> {
+    pub fn grpc(&mut self) -> &mut VolumeServiceClient<AuthedChannel> {
         &mut self.grpc
     }
 

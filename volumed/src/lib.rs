@@ -10,6 +10,7 @@
 
 pub mod datapath;
 pub mod error;
+pub mod keys;
 pub mod meta;
 pub mod server;
 pub mod service;

@@ -13,6 +13,7 @@ use crate::datapath::http::{ChunkHttpState, routes};
 use crate::datapath::sign::UrlSigner;
 use crate::datapath::{DataPath, DataPathStats};
 use crate::error::{Result, VolumeError};
+use crate::keys::{BootstrapKeys, GrpcKeys, Keys};
 use crate::meta::MetaStore;
 use crate::service::{GrpcVolumes, Volumes};
 
@@ -65,6 +66,10 @@ pub struct Server {
     pub volumes: Volumes,
     /// Upload counters of the local data path (all zero with S3).
     pub data_stats: Arc<DataPathStats>,
+    /// The API key store (also the authenticator of every gRPC call served here).
+    pub keys: Keys,
+    /// The data directory's first keys (see [`Keys::bootstrap`]).
+    pub bootstrap: BootstrapKeys,
     listener: TcpListener,
     grpc: tonic::service::Routes,
     chunk_routes: Option<axum::Router>,
@@ -105,11 +110,18 @@ impl Server {
                 (DataPath::S3 { backend: Arc::new(backend) }, None)
             }
         };
+        let keys = Keys::new(store.clone());
+        let bootstrap = {
+            let (keys, dir) = (keys.clone(), config.data_dir.clone());
+            tokio::task::spawn_blocking(move || keys.bootstrap(&dir))
+                .await
+                .map_err(VolumeError::task("creating the first keys"))??
+        };
         let volumes = Volumes::new(store, data, config.url_ttl);
-        let grpc = GrpcVolumes::new(volumes.clone()).into_server();
-        let grpc = tonic::service::Routes::new(grpc);
+        let grpc = tonic::service::Routes::new(GrpcVolumes::new(volumes.clone()).into_server())
+            .add_service(GrpcKeys::new(keys.clone()).into_server());
         tracing::info!(%addr, data_dir = %config.data_dir.display(), backend = ?config.backend, "volumed bound");
-        Ok(Self { addr, volumes, data_stats, listener, grpc, chunk_routes })
+        Ok(Self { addr, volumes, data_stats, keys, bootstrap, listener, grpc, chunk_routes })
     }
 
     /// Adds gRPC services (vmm-host's) to the ones served on this listener:
@@ -129,7 +141,10 @@ impl Server {
                 tracing::warn!(error = %e, "could not set TCP_NODELAY");
             }
         });
-        let mut router = self.grpc.prepare().into_axum_router();
+        // Every gRPC call (volumes, keys, and vmm-host's sailboxes when `sail up` adds them)
+        // passes the key check; chunk transfers are authorised by their signed URLs instead.
+        let auth = tenancy::server::AuthLayer::new(Arc::new(self.keys.clone()));
+        let mut router = self.grpc.prepare().into_axum_router().layer(auth);
         if let Some(chunk_routes) = self.chunk_routes {
             router = router.merge(chunk_routes);
         }
@@ -143,11 +158,12 @@ impl Server {
         let addr = self.addr;
         let volumes = self.volumes.clone();
         let data_stats = self.data_stats.clone();
+        let bootstrap = self.bootstrap.clone();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(self.serve(async {
             let _ = rx.await;
         }));
-        RunningServer { addr, volumes, data_stats, stop: Some(tx), task }
+        RunningServer { addr, volumes, data_stats, bootstrap, stop: Some(tx), task }
     }
 }
 
@@ -184,6 +200,8 @@ pub struct RunningServer {
     pub volumes: Volumes,
     /// Upload counters of the local data path.
     pub data_stats: Arc<DataPathStats>,
+    /// The data directory's first keys.
+    pub bootstrap: BootstrapKeys,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<()>>,
 }
@@ -192,6 +210,16 @@ impl RunningServer {
     /// `http://addr`, what clients connect to.
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The operator key (acts for any org it names): what vmm-host and tests use.
+    pub fn operator_key(&self) -> &tenancy::ApiKey {
+        &self.bootstrap.operator
+    }
+
+    /// The first admin key (org `default`): what `sail up`'s local clients use.
+    pub fn admin_key(&self) -> &tenancy::ApiKey {
+        &self.bootstrap.admin
     }
 
     /// Stops serving and waits for the server task.

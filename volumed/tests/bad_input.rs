@@ -200,7 +200,7 @@ async fn forged_expired_and_misused_urls_are_rejected() {
     let mut cfg = volumed::server::ServerConfig::local(dir2.path(), "127.0.0.1:0".parse().unwrap());
     cfg.url_ttl = std::time::Duration::ZERO;
     let short = volumed::server::Server::bind(cfg).await.unwrap().spawn();
-    let mut c2 = VolumeClient::connect(&short.endpoint()).await.unwrap();
+    let mut c2 = VolumeClient::connect_with_key(&short.endpoint(), Some(short.operator_key())).await.unwrap();
     c2.get_volume(ORG, "u", true).await.unwrap();
     let req = pb::MissingChunksRequest {
         volume: vref("u"),

@@ -213,7 +213,7 @@ async fn refuse_expired_url(http: &reqwest::Client, chunks: &[Vec<u8>], ordered:
     let mut cfg = volumed::server::ServerConfig::local(dir2.path(), "127.0.0.1:0".parse().unwrap());
     cfg.url_ttl = std::time::Duration::ZERO;
     let short = volumed::server::Server::bind(cfg).await.unwrap().spawn();
-    let mut c2 = VolumeClient::connect(&short.endpoint()).await.unwrap();
+    let mut c2 = VolumeClient::connect_with_key(&short.endpoint(), Some(short.operator_key())).await.unwrap();
     c2.get_volume(ORG, "t", true).await.unwrap();
     let dead = ask(&mut c2, "t", chunks).await.batches.remove(0);
     while sysutil::clock::now_ms() <= dead.expires_unix_ms {

@@ -51,6 +51,12 @@ async fn start_volumed(dir: &std::path::Path) -> (Child, String) {
     (child, format!("http://{addr}"))
 }
 
+/// A client with the data directory's operator key (volumed wrote it on first start).
+async fn connect(dir: &std::path::Path, endpoint: &str) -> Result<VolumeClient, volume_client::ClientError> {
+    let key = tenancy::credentials::read_key_file(&dir.join("keys/operator.key")).unwrap().expect("operator key written");
+    VolumeClient::connect_with_key(endpoint, Some(&key)).await
+}
+
 /// File names carry what their contents must be: `r{round}/c{i}-{seed}-{len}`.
 fn expected(name: &str) -> Vec<u8> {
     let tail = name.rsplit('/').next().unwrap();
@@ -138,7 +144,7 @@ async fn kill_9_during_commits_loses_no_acknowledged_commit() {
 
     for round in 0..rounds {
         let (mut child, endpoint) = start_volumed(dir.path()).await;
-        let mut c = VolumeClient::connect(&endpoint).await.unwrap();
+        let mut c = connect(dir.path(), &endpoint).await.unwrap();
         c.get_volume(ORG, VOL, true).await.unwrap();
 
         // Everything acknowledged so far is there and references the right bytes; files
@@ -198,7 +204,7 @@ async fn kill_9_during_commits_loses_no_acknowledged_commit() {
 
     // One last restart: the store opens and holds every acknowledged commit.
     let (_child, endpoint) = start_volumed(dir.path()).await;
-    let mut c = VolumeClient::connect(&endpoint).await.unwrap();
+    let mut c = connect(dir.path(), &endpoint).await.unwrap();
     let files = verify_head(&mut c, &mut known, |_| true).await;
     for (_, path) in acked.lock().unwrap().iter() {
         assert!(files.contains_key(path), "acknowledged {path} lost (seed {seed})");

@@ -20,9 +20,10 @@ async fn eight_concurrent_clients_on_different_paths_all_survive() {
     let mut tasks = Vec::new();
     for i in 0..8u64 {
         let endpoint = server.endpoint();
+        let key = server.operator_key().clone();
         let base = base.clone();
         tasks.push(tokio::spawn(async move {
-            let mut c = volume_client::VolumeClient::connect(&endpoint).await.unwrap();
+            let mut c = volume_client::VolumeClient::connect_with_key(&endpoint, Some(&key)).await.unwrap();
             let mut last = None;
             for j in 0..5u64 {
                 let files = vec![
@@ -195,7 +196,10 @@ async fn reads_go_through_the_shared_verified_cache() {
     let cache_dir = dir.path().join("cache");
     let cached_client = || async {
         let cache = chunkstore::ChunkCache::open(&cache_dir, 1 << 30).unwrap();
-        volume_client::VolumeClient::connect(&server.endpoint()).await.unwrap().with_cache(cache)
+        volume_client::VolumeClient::connect_with_key(&server.endpoint(), Some(server.operator_key()))
+            .await
+            .unwrap()
+            .with_cache(cache)
     };
     let mut a = cached_client().await;
     let base = a.get_volume(ORG, "cached", true).await.unwrap().head;

@@ -17,7 +17,7 @@ async fn commits_and_reads_through_presigned_s3_urls() {
     let mut sc = ServerConfig::local(dir.path(), "127.0.0.1:0".parse().unwrap());
     sc.backend = BackendConfig::S3(cfg);
     let server = Server::bind(sc).await.unwrap().spawn();
-    let mut c = VolumeClient::connect(&server.endpoint()).await.unwrap();
+    let mut c = VolumeClient::connect_with_key(&server.endpoint(), Some(server.operator_key())).await.unwrap();
     let vol = c.get_volume("acme", "s3vol", true).await.unwrap();
 
     // Upload URLs point at the object store, not at volumed.

@@ -87,7 +87,7 @@ async fn measure(args: &Args, n: usize) -> anyhow::Result<Vec<String>> {
     volumes.get_volume(vref.clone(), true, chunkstore::Chunking::Fixed).await?;
     let fill_time = fill(&volumes, &backend, &vref, n).await?;
     let mut samples = timed_commits(&volumes, &backend, &vref, n, args.commits).await?;
-    let (mut listing, root_entries) = timed_listings(&running.endpoint(), &vref, args.listings).await?;
+    let (mut listing, root_entries) = timed_listings(&running.endpoint(), running.operator_key(), &vref, args.listings).await?;
 
     // Baseline: a synced 4 KiB write to a RocksDB in the same directory.
     let db = rocksdb_floor(dir.path(), args.commits)?;
@@ -167,8 +167,13 @@ async fn timed_commits(
 
 /// Timed: what a reload needs, over gRPC: GetHead + ListDir of the root. Returns the times
 /// and the root's entry count.
-async fn timed_listings(endpoint: &str, vref: &ValidRef, listings: usize) -> anyhow::Result<(Vec<Duration>, usize)> {
-    let mut client = volume_client::VolumeClient::connect(endpoint).await?;
+async fn timed_listings(
+    endpoint: &str,
+    key: &tenancy::ApiKey,
+    vref: &ValidRef,
+    listings: usize,
+) -> anyhow::Result<(Vec<Duration>, usize)> {
+    let mut client = volume_client::VolumeClient::connect_with_key(endpoint, Some(key)).await?;
     let pref = Some(pb::VolumeRef { org: vref.org.clone(), name: vref.name.clone() });
     let mut listing = Vec::with_capacity(listings);
     let mut root_entries = 0;

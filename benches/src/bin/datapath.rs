@@ -69,10 +69,11 @@ fn file_copy(dir: &std::path::Path, data: &HashMap<ChunkId, Bytes>, order: &[Chu
 
 async fn through_volumed(
     endpoint: &str,
+    key: &tenancy::ApiKey,
     data: &HashMap<ChunkId, Bytes>,
     order: &[ChunkId],
 ) -> anyhow::Result<(Duration, Duration)> {
-    let mut c = VolumeClient::connect(endpoint).await?;
+    let mut c = VolumeClient::connect_with_key(endpoint, Some(key)).await?;
     c.get_volume("bench", "data", true).await?;
     let start = Instant::now();
     let stats = c.upload_chunks("bench", "data", data).await?;
@@ -104,7 +105,7 @@ async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| ".".into()))?;
     let copy = file_copy(dir.path(), &data, &order)?;
     let server = Server::bind(ServerConfig::local(dir.path().join("volumed"), "127.0.0.1:0".parse()?)).await?.spawn();
-    let (up, down) = through_volumed(&server.endpoint(), &data, &order).await?;
+    let (up, down) = through_volumed(&server.endpoint(), server.operator_key(), &data, &order).await?;
     server.stop().await?;
     rows.push(row("plain file copy (read + write + fsync), baseline", copy, copy));
     rows.push(row("local: upload via signed URL (hash-checked, fsynced)", up, copy));
@@ -143,7 +144,7 @@ async fn main() -> anyhow::Result<()> {
         let mut sc = ServerConfig::local(dir.path().join("volumed-s3"), "127.0.0.1:0".parse()?);
         sc.backend = BackendConfig::S3(vcfg);
         let server = Server::bind(sc).await?.spawn();
-        let (up, down) = through_volumed(&server.endpoint(), &data, &order).await?;
+        let (up, down) = through_volumed(&server.endpoint(), server.operator_key(), &data, &order).await?;
         server.stop().await?;
         rows.push(row("s3: aws-sdk-s3 PutObject direct, baseline", sdk_put, sdk_put));
         rows.push(row("s3: upload via presigned PUT", up, sdk_put));

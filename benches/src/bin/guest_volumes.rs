@@ -29,10 +29,9 @@ use benches::{mib_per_s, print_table, random_bytes, write_file as write};
 use bytes::Bytes;
 use clap::Parser;
 use proto::sailbox as pb;
-use proto::sailbox::sailbox_service_client::SailboxServiceClient;
+type Client = benches::SailboxClient;
 use proto::volume as vpb;
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
 use volume_client::{FileUpload, VolumeClient};
 
 #[derive(Parser)]
@@ -54,8 +53,6 @@ struct Args {
     #[arg(long)]
     data_dir: Option<PathBuf>,
 }
-
-type Client = SailboxServiceClient<Channel>;
 
 const ORG: &str = "default";
 const BIG: &str = "reads";
@@ -282,8 +279,9 @@ async fn main() -> anyhow::Result<()> {
     let endpoint = volumed.endpoint();
     let mut config = vmm_host::HostConfig::local(&data_dir);
     config.volumed_endpoint = Some(endpoint.clone());
+    config.volumed_key = Some(volumed.operator_key().clone());
     let (host, mut c) = benches::serve_host_with(config).await?;
-    let mut v = VolumeClient::connect(&endpoint).await?;
+    let mut v = VolumeClient::connect_with_key(&endpoint, Some(volumed.operator_key())).await?;
 
     // The volumes: a large file (and a 64 MiB one for time to first byte), many files.
     eprintln!("bench: committing {} MiB and {} files", args.mib, args.files);

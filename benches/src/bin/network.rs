@@ -21,9 +21,8 @@ use std::time::{Duration, Instant};
 use benches::{exec, mib_per_s, print_table, write_file as write};
 use clap::Parser;
 use proto::sailbox as pb;
-use proto::sailbox::sailbox_service_client::SailboxServiceClient;
+type Client = benches::SailboxClient;
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
 use vmm_host::gateway::GUEST_ADDR;
 use vmm_host::host_nic::{GATEWAY_PORT, HostNic};
 use vmm_host::hypervisor::qemu::OUTBOUND_MAC;
@@ -47,8 +46,6 @@ struct Args {
     #[arg(long)]
     data_dir: Option<std::path::PathBuf>,
 }
-
-type Client = SailboxServiceClient<Channel>;
 
 /// How long one guest transfer may take before it counts as stalled, s.
 const STALL_S: u32 = 120;

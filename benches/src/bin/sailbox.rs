@@ -12,9 +12,8 @@ use std::time::{Duration, Instant};
 use benches::{exec, mib_per_s, ms, percentile, print_table, random_bytes};
 use clap::Parser;
 use proto::sailbox as pb;
-use proto::sailbox::sailbox_service_client::SailboxServiceClient;
+type Client = benches::SailboxClient;
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
 
 #[derive(Parser)]
 struct Args {
@@ -34,8 +33,6 @@ struct Args {
     #[arg(long, default_value = "minimal")]
     image: String,
 }
-
-type Client = SailboxServiceClient<Channel>;
 
 fn create_req(image: &str, disk_gib: u32) -> pb::CreateSailboxRequest {
     pb::CreateSailboxRequest {

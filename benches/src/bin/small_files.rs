@@ -60,7 +60,8 @@ fn local_write(dir: &Path, files: &[(String, Vec<u8>)]) -> anyhow::Result<Durati
 async fn commit(files: &[(String, Vec<u8>)], batches: bool) -> anyhow::Result<(Duration, usize)> {
     let dir = tempfile::tempdir_in("/var/tmp")?;
     let server = Server::bind(ServerConfig::local(dir.path(), "127.0.0.1:0".parse()?)).await?.spawn();
-    let mut c = VolumeClient::connect(&server.endpoint()).await?.with_batch_uploads(batches);
+    let mut c =
+        VolumeClient::connect_with_key(&server.endpoint(), Some(server.operator_key())).await?.with_batch_uploads(batches);
     let vol = c.get_volume("bench", "src", true).await?;
     let uploads: Vec<FileUpload> = files.iter().map(|(p, d)| FileUpload::from_bytes(p.clone(), d.clone(), 0o644)).collect();
     let start = Instant::now();

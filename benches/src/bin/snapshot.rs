@@ -14,9 +14,8 @@ use std::time::{Duration, Instant};
 use benches::{mib_per_s, ms, percentile, print_table};
 use clap::Parser;
 use proto::sailbox as pb;
-use proto::sailbox::sailbox_service_client::SailboxServiceClient;
+type Client = benches::SailboxClient;
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
 
 #[derive(Parser)]
 struct Args {
@@ -36,8 +35,6 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_value = "checkpoint,disk,wake,memory")]
     only: Vec<String>,
 }
-
-type Client = SailboxServiceClient<Channel>;
 
 async fn exec(c: &mut Client, id: &str, command: &str) -> anyhow::Result<pb::ExecResult> {
     let r = benches::exec(c, id, command).await?;

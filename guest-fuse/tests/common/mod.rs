@@ -18,6 +18,8 @@ pub struct Env {
     pub server: Option<RunningServer>,
     pub dir: tempfile::TempDir,
     pub endpoint: String,
+    /// The server's admin key (org `default`), which helpers and clients send.
+    pub key: tenancy::ApiKey,
     next: AtomicUsize,
 }
 
@@ -31,7 +33,8 @@ impl Env {
             Server::bind(ServerConfig::local(&data, "127.0.0.1:0".parse().unwrap())).await.expect("volumed starts").spawn()
         });
         let endpoint = server.endpoint();
-        let env = Env { rt, server: Some(server), dir, endpoint, next: AtomicUsize::new(0) };
+        let key = server.admin_key().clone();
+        let env = Env { rt, server: Some(server), dir, endpoint, key, next: AtomicUsize::new(0) };
         let v = volume.to_owned();
         env.client_do(|mut c| async move { c.get_volume("default", &v, true).await.map(|_| ()) });
         env
@@ -43,7 +46,7 @@ impl Env {
         Fut: std::future::Future<Output = Result<T, volume_client::ClientError>>,
     {
         self.rt.block_on(async {
-            let c = VolumeClient::connect(&self.endpoint).await.expect("connect");
+            let c = VolumeClient::connect_with_key(&self.endpoint, Some(&self.key)).await.expect("connect");
             f(c).await.expect("volumed call")
         })
     }
@@ -104,6 +107,7 @@ impl Env {
         let log = std::fs::File::options().create(true).append(true).open(root.join(format!("helper{n}.log"))).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_sail-volume-fuse"))
             .args(["--endpoint", &self.endpoint, "--threads", "4"])
+            .env("SAIL_API_KEY", self.key.to_string())
             .arg("--cache-dir")
             .arg(root.join(format!("cache{n}")))
             .arg("--overlay-dir")

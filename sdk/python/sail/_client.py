@@ -9,8 +9,12 @@ Configuration (environment):
 - ``SAIL_API_URL`` (or ``SAIL_ENDPOINT``, same meaning): the service, ``http://host:port``
   (plaintext) or ``https://host:port`` (TLS); default ``http://127.0.0.1:7420``, where
   ``sail up`` listens.
-- ``SAIL_API_KEY``: sent with every call as ``authorization: Bearer <key>``.
-- ``SAIL_ORG``: the org volumes are addressed in (default ``default``).
+- ``SAIL_API_KEY``: sent with every call as ``authorization: Bearer <key>``; without it, the
+  key ``sail up`` kept for the endpoint on this machine (``<config>/keys/<host>_<port>``,
+  ``<config>`` being ``$SAIL_CONFIG_DIR``, else ``$XDG_CONFIG_HOME/sail``, else
+  ``~/.config/sail``; the same rule as the CLI's, see the ``tenancy`` crate).
+- ``SAIL_ORG``: the org to act in (default: the API key's own; only an operator key names
+  another).
 - ``SAIL_TIMEOUT``: the default deadline of a unary call in seconds (default 60).
 """
 
@@ -48,8 +52,8 @@ class Config:
     endpoint: str = DEFAULT_ENDPOINT
     #: Sent as ``authorization: Bearer <key>``; empty sends nothing.
     api_key: str = ""
-    #: The org volumes are addressed in.
-    org: str = "default"
+    #: The org to act in ("": the API key's own).
+    org: str = ""
     #: Default deadline of a unary call, seconds.
     timeout: float = 60.0
 
@@ -60,10 +64,49 @@ class Config:
         timeout = os.environ.get("SAIL_TIMEOUT")
         return cls(
             endpoint=endpoint,
-            api_key=os.environ.get("SAIL_API_KEY", ""),
-            org=os.environ.get("SAIL_ORG") or "default",
+            api_key=os.environ.get("SAIL_API_KEY", "").strip() or _saved_key(endpoint),
+            org=os.environ.get("SAIL_ORG") or "",
             timeout=float(timeout) if timeout else 60.0,
         )
+
+
+def _config_dir() -> str:
+    """``$SAIL_CONFIG_DIR``, else ``$XDG_CONFIG_HOME/sail``, else ``~/.config/sail``."""
+    if os.environ.get("SAIL_CONFIG_DIR"):
+        return os.environ["SAIL_CONFIG_DIR"]
+    if os.environ.get("XDG_CONFIG_HOME"):
+        return os.path.join(os.environ["XDG_CONFIG_HOME"], "sail")
+    return os.path.join(os.path.expanduser("~"), ".config", "sail")
+
+
+def _key_file_name(endpoint: str) -> str:
+    """``<host>_<port>``, every loopback host spelled ``loopback`` (as ``tenancy`` names it)."""
+    import ipaddress
+
+    scheme, _, rest = endpoint.partition("://") if "://" in endpoint else ("http", "", endpoint)
+    authority = rest.split("/", 1)[0].rsplit("@", 1)[-1]
+    host, port = authority, ("443" if scheme == "https" else "80")
+    head, sep, tail = authority.rpartition(":")
+    if sep and tail.isdigit() and (":" not in head or head.endswith("]")):
+        host, port = head, tail
+    host = host.strip("[]").lower()
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback or host in ("localhost", "0.0.0.0", "::"):
+        host = "loopback"
+    safe = "".join(c if (c.isascii() and c.isalnum()) or c in ".-" else "_" for c in host)
+    return f"{safe}_{port}"
+
+
+def _saved_key(endpoint: str) -> str:
+    """The key ``sail up`` kept for ``endpoint`` on this machine, or ""."""
+    try:
+        with open(os.path.join(_config_dir(), "keys", _key_file_name(endpoint))) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def _target(endpoint: str) -> Tuple[str, bool]:

@@ -202,6 +202,13 @@ class SailAuthenticationError(SailError):
     name = "SailAuthenticationError"
 
 
+class SailPermissionDeniedError(SailAuthenticationError):
+    """The call's API key is valid but may not do this (another org named, or managing keys
+    without an admin key)."""
+
+    name = "SailPermissionDeniedError"
+
+
 class SailTimeoutError(SailError, TimeoutError):
     """A call's deadline (or a wait's timeout) passed before it finished."""
 
@@ -233,6 +240,7 @@ _BY_NAME: Dict[str, Type[SailError]] = {
         VolumeMissingChunksError,
         SailConnectionError,
         SailAuthenticationError,
+        SailPermissionDeniedError,
         SailTimeoutError,
     )
 }

@@ -9,6 +9,9 @@
 //! - `chunks`: chunk id (32 B) → varint size, varint first-seen ms: chunks known to be in the
 //!   backend; garbage collection will sweep backend chunks absent from every live tree and
 //!   older than a grace period, using first-seen to spare chunks of commits in flight.
+//! - `pieces`: chunk id → its pieces' chaining values
+//! - `keys`: API key id (16 hex digits) → [`crate::keys::KeyRecord`] (JSON; the secret's hash,
+//!   never the secret)
 //!
 //! Durability: every mutation is one `WriteBatch` written with `sync = true` (the WAL is
 //! fsynced before the call returns), so a publish is all-or-nothing and acknowledged only once
@@ -35,7 +38,8 @@ const CF_LOG: &str = "log";
 const CF_TREES: &str = "trees";
 const CF_CHUNKS: &str = "chunks";
 const CF_PIECES: &str = "pieces";
-const ALL_CFS: [&str; 7] = [CF_VOLUMES, CF_NAMES, CF_COMMITS, CF_LOG, CF_TREES, CF_CHUNKS, CF_PIECES];
+const CF_KEYS: &str = "keys";
+const ALL_CFS: [&str; 8] = [CF_VOLUMES, CF_NAMES, CF_COMMITS, CF_LOG, CF_TREES, CF_CHUNKS, CF_PIECES, CF_KEYS];
 
 /// The metadata database. Cheap to clone; safe to share between threads.
 #[derive(Clone)]
@@ -200,6 +204,34 @@ impl MetaStore {
             }
             let id = CommitId::from_slice(&val).map_err(|_| VolumeError::Integrity("commit log entry is malformed".into()))?;
             out.push((id, self.commit(volume, &id)?));
+        }
+        Ok(out)
+    }
+
+    /// An API key's record (JSON bytes).
+    pub fn key(&self, id: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get_cf(self.cf(CF_KEYS)?, id.as_bytes())?)
+    }
+
+    /// Stores an API key's record, synced (a key acknowledged to its creator survives a crash).
+    pub fn put_key(&self, id: &str, record: &[u8]) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_KEYS)?, id.as_bytes(), record);
+        self.sync_write(batch)
+    }
+
+    /// Deletes an API key's record, synced (a revocation acknowledged is never undone).
+    pub fn delete_key(&self, id: &str) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(self.cf(CF_KEYS)?, id.as_bytes());
+        self.sync_write(batch)
+    }
+
+    /// Every API key record (JSON bytes).
+    pub fn keys(&self) -> Result<Vec<Vec<u8>>> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_KEYS)?, IteratorMode::Start) {
+            out.push(item?.1.to_vec());
         }
         Ok(out)
     }

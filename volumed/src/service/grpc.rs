@@ -9,7 +9,8 @@ use tonic::{Code, Request, Response, Status};
 use crate::error::VolumeError;
 use crate::meta::VolumeRecord;
 use crate::service::volumes::Volumes;
-use volume_model::convert::{self, chunk_ids, optional_commit_id, volume_ref};
+use tenancy::Identity;
+use volume_model::convert::{self, ValidRef, chunk_ids, optional_commit_id, volume_ref};
 use volume_model::{InvalidRequest, TreeId, TreeNode, VolPath};
 
 /// Largest page of commits one Log call returns.
@@ -82,36 +83,49 @@ fn entries(node: TreeNode) -> Vec<pb::NamedEntry> {
 
 type R<T> = Result<Response<T>, Status>;
 
+/// The volume a request names, in the org its caller acts in (see [`Identity::scope`]: a
+/// member's own org; naming another is refused before anything is looked up).
+fn scoped(who: &Identity, v: Option<&pb::VolumeRef>) -> Result<ValidRef, Status> {
+    let mut r = v.cloned().ok_or_else(|| to_status(VolumeError::invalid("missing volume reference")))?;
+    r.org = who.scope(&r.org)?;
+    volume_ref(Some(&r)).map_err(to_status)
+}
+
 #[tonic::async_trait]
 impl VolumeService for GrpcVolumes {
     async fn get_volume(&self, req: Request<pb::GetVolumeRequest>) -> R<pb::Volume> {
+        let who = Identity::of(&req)?;
         let req = req.into_inner();
-        let v = volume_ref(req.volume.as_ref()).map_err(to_status)?;
+        let v = scoped(&who, req.volume.as_ref())?;
         let chunking = convert::chunking_from_proto(req.chunking).map_err(to_status)?;
         let rec = self.inner.get_volume(v, req.mint_if_missing, chunking).await.map_err(to_status)?;
         Ok(Response::new(volume_to_proto(&rec)))
     }
 
     async fn list_volumes(&self, req: Request<pb::ListVolumesRequest>) -> R<pb::ListVolumesResponse> {
-        let recs = self.inner.list(req.into_inner().org).await.map_err(to_status)?;
+        let org = Identity::of(&req)?.scope(&req.get_ref().org)?;
+        let recs = self.inner.list(org).await.map_err(to_status)?;
         Ok(Response::new(pb::ListVolumesResponse { volumes: recs.iter().map(volume_to_proto).collect() }))
     }
 
     async fn delete_volume(&self, req: Request<pb::DeleteVolumeRequest>) -> R<pb::DeleteVolumeResponse> {
-        let v = volume_ref(req.into_inner().volume.as_ref()).map_err(to_status)?;
+        let who = Identity::of(&req)?;
+        let v = scoped(&who, req.into_inner().volume.as_ref())?;
         self.inner.delete(v).await.map_err(to_status)?;
         Ok(Response::new(pb::DeleteVolumeResponse {}))
     }
 
     async fn get_head(&self, req: Request<pb::GetHeadRequest>) -> R<pb::Head> {
-        let v = volume_ref(req.into_inner().volume.as_ref()).map_err(to_status)?;
+        let who = Identity::of(&req)?;
+        let v = scoped(&who, req.into_inner().volume.as_ref())?;
         let (rec, commit) = self.inner.head(v).await.map_err(to_status)?;
         Ok(Response::new(pb::Head { commit: rec.head.to_hex(), root: commit.root.as_bytes().to_vec(), seq: rec.seq }))
     }
 
     async fn list_dir(&self, req: Request<pb::ListDirRequest>) -> R<pb::ListDirResponse> {
+        let who = Identity::of(&req)?;
         let req = req.into_inner();
-        let v = volume_ref(req.volume.as_ref()).map_err(to_status)?;
+        let v = scoped(&who, req.volume.as_ref())?;
         let commit = optional_commit_id(&req.commit).map_err(to_status)?;
         let path = VolPath::parse(&req.path).map_err(to_status)?;
         let (commit, tree, node) = self.inner.list_dir(v, commit, path).await.map_err(to_status)?;
@@ -119,16 +133,18 @@ impl VolumeService for GrpcVolumes {
     }
 
     async fn get_tree(&self, req: Request<pb::GetTreeRequest>) -> R<pb::GetTreeResponse> {
+        let who = Identity::of(&req)?;
         let req = req.into_inner();
-        let v = volume_ref(req.volume.as_ref()).map_err(to_status)?;
+        let v = scoped(&who, req.volume.as_ref())?;
         let tree = TreeId::from_slice(&req.tree).map_err(to_status)?;
         let node = self.inner.tree(v, tree).await.map_err(to_status)?;
         Ok(Response::new(pb::GetTreeResponse { entries: entries(node) }))
     }
 
     async fn stat(&self, req: Request<pb::StatRequest>) -> R<pb::StatResponse> {
+        let who = Identity::of(&req)?;
         let req = req.into_inner();
-        let v = volume_ref(req.volume.as_ref()).map_err(to_status)?;
+        let v = scoped(&who, req.volume.as_ref())?;
         let commit = optional_commit_id(&req.commit).map_err(to_status)?;
         let path = VolPath::parse(&req.path).map_err(to_status)?;
         let (commit, entry) = self.inner.stat(v, commit, path).await.map_err(to_status)?;
@@ -136,8 +152,9 @@ impl VolumeService for GrpcVolumes {
     }
 
     async fn diff(&self, req: Request<pb::DiffRequest>) -> R<pb::DiffResponse> {
+        let who = Identity::of(&req)?;
         let req = req.into_inner();
-        let v = volume_ref(req.volume.as_ref()).map_err(to_status)?;
+        let v = scoped(&who, req.volume.as_ref())?;
         let from = optional_commit_id(&req.from)
             .and_then(|c| c.ok_or_else(|| InvalidRequest::new("diff needs a `from` commit")))
             .map_err(to_status)?;
@@ -147,8 +164,9 @@ impl VolumeService for GrpcVolumes {
     }
 
     async fn missing_chunks(&self, req: Request<pb::MissingChunksRequest>) -> R<pb::MissingChunksResponse> {
+        let who = Identity::of(&req)?;
         let req = req.into_inner();
-        let v = volume_ref(req.volume.as_ref()).map_err(to_status)?;
+        let v = scoped(&who, req.volume.as_ref())?;
         let ids = chunk_ids(&req.chunks.iter().map(|c| c.id.clone()).collect::<Vec<_>>()).map_err(to_status)?;
         let mut pieces = Vec::new();
         for (id, spec) in ids.iter().zip(&req.chunks) {
@@ -179,8 +197,9 @@ impl VolumeService for GrpcVolumes {
     }
 
     async fn chunk_urls(&self, req: Request<pb::ChunkUrlsRequest>) -> R<pb::ChunkUrlsResponse> {
+        let who = Identity::of(&req)?;
         let req = req.into_inner();
-        let v = volume_ref(req.volume.as_ref()).map_err(to_status)?;
+        let v = scoped(&who, req.volume.as_ref())?;
         let ids = chunk_ids(&req.ids).map_err(to_status)?;
         let urls = self.inner.chunk_urls(v, ids).await.map_err(to_status)?;
         let pieces = self.inner.pieces_of(urls.iter().map(|(id, _)| *id).collect()).await.map_err(to_status)?;
@@ -193,14 +212,20 @@ impl VolumeService for GrpcVolumes {
     }
 
     async fn commit(&self, req: Request<pb::CommitRequest>) -> R<pb::CommitResponse> {
-        let valid = convert::validate_commit(&req.into_inner()).map_err(to_status)?;
+        let who = Identity::of(&req)?;
+        let mut req = req.into_inner();
+        if let Some(v) = req.volume.as_mut() {
+            v.org = who.scope(&v.org)?;
+        }
+        let valid = convert::validate_commit(&req).map_err(to_status)?;
         let out = self.inner.commit(valid).await.map_err(to_status)?;
         Ok(Response::new(pb::CommitResponse { commit: out.commit.to_hex(), seq: out.seq, merged: out.merged }))
     }
 
     async fn log(&self, req: Request<pb::LogRequest>) -> R<pb::LogResponse> {
+        let who = Identity::of(&req)?;
         let req = req.into_inner();
-        let v = volume_ref(req.volume.as_ref()).map_err(to_status)?;
+        let v = scoped(&who, req.volume.as_ref())?;
         let limit = match req.limit {
             0 => 100,
             n => n.min(MAX_LOG_LIMIT),

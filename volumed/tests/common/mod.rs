@@ -31,5 +31,5 @@ pub fn file(path: &str, data: Vec<u8>) -> FileUpload {
 }
 
 pub async fn client(server: &RunningServer) -> VolumeClient {
-    VolumeClient::connect(&server.endpoint()).await.expect("client connects")
+    VolumeClient::connect_with_key(&server.endpoint(), Some(server.operator_key())).await.expect("client connects")
 }
