@@ -35,6 +35,11 @@ FORBIDDEN = [
     ("vmm-host", "volumed"),
     ("cowfs", "cowfsd"),
     ("vmm-host", "cowfsd"),
+    # Keys and identities are a leaf every side shares: no service, no client library.
+    ("tenancy", "volumed"),
+    ("tenancy", "vmm-host"),
+    ("tenancy", "volume-client"),
+    ("tenancy", "chunkstore"),
 ]
 
 

@@ -48,10 +48,12 @@ for _ in $(seq 1 100); do
     sleep 0.1
 done
 export SAIL_ENDPOINT=$(sed -n 's/.*listening on \(http:\/\/[^ ]*\).*/\1/p' "$work/up.log")
-export SAIL_ORG=quickstart
+# `sail up` kept its first admin key where the CLI and SDK find it (docs/tenancy.md): no
+# SAIL_API_KEY needed on this machine.
 # Every mount reads through a verified chunk cache (one per host; here one per mount, so
 # that mount B really fetches lazily).
 cat "$work/up.log"
+sail key whoami
 
 step "create a volume and mount it twice (two FUSE helpers, like two sailboxes)"
 sail volume create demo
@@ -161,7 +163,7 @@ if [ "${SKIP_SAILBOX:-0}" != 1 ]; then
     sail box info "$box" | grep volume
     sail box exec "$box" -- 'echo "{}" > /mnt/shared/nb.ipynb && sail-volume-fuse commit /mnt/shared'
     echo "   worker-2 reloads to $(sail box exec "$child" -- sail-volume-fuse reload /mnt/shared) and reads: $(sail box exec "$child" -- cat /mnt/shared/nb.ipynb)"
-    echo "   the host sees it too: $(SAIL_ORG=default sail volume cat shared-data nb.ipynb)   (sailboxes run in org \"default\" until API keys name one)"
+    echo "   the host sees it too: $(sail volume cat shared-data nb.ipynb)"
     sail box terminate "$child"
     child=""
     sail box terminate "$box"

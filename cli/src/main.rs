@@ -177,7 +177,8 @@ fn main() -> ExitCode {
                 || e.downcast_ref::<ClientError>().is_some_and(|c| {
                     matches!(c, ClientError::Server { code, .. } if matches!(code,
                     tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::AlreadyExists
-                    | tonic::Code::FailedPrecondition | tonic::Code::Aborted))
+                    | tonic::Code::FailedPrecondition | tonic::Code::Aborted | tonic::Code::Unauthenticated
+                    | tonic::Code::PermissionDenied))
                 })
                 || e.downcast_ref::<UserError>().is_some()
                 || e.downcast_ref::<box_cmd::BoxError>().is_some_and(|b| b.is_user_error());
@@ -305,9 +306,11 @@ async fn volume(mut c: VolumeClient, org: String, json: bool, cmd: VolumeCmd) ->
         }
         VolumeCmd::Ls => volume_ls(&mut c, &org, json).await?,
         VolumeCmd::Rm { name } => {
+            // Looked up first so the message names the org the key resolved to.
+            let v = c.get_volume(&org, &name, false).await?;
             c.grpc().delete_volume(pb::DeleteVolumeRequest { volume: vref(&name) }).await.map_err(ClientError::from)?;
             if !json && !quiet() {
-                println!("deleted {org}/{name}");
+                println!("deleted {}/{name}", v.org);
             }
         }
         VolumeCmd::Log { name, limit } => volume_log(&mut c, vref(&name), limit, json).await?,

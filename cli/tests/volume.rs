@@ -163,12 +163,23 @@ fn mount_flags() {
     // Without --create an unknown volume is not found (exit 2) and nothing stays mounted.
     let r = up.sail(&["volume", "mount", "never-made", m]);
     assert_eq!(r.code, 2, "{}", r.stderr);
-    // --org: the same name in another org is another volume.
-    let other = sail_with(&[("SAIL_ENDPOINT", &up.endpoint)], &["--org", "other-org", "--json", "volume", "ls"], None).json();
+    // --org: a key of org cli-tests cannot name another org (exit 2, the contract's name);
+    // an operator key can, and the same name in another org is another volume.
+    let refused = up.sail(&["--org", "other-org", "--json", "volume", "ls"]);
+    refused.fails(2);
+    assert_eq!(refused.json_error().0, "SailPermissionDeniedError");
+    let env = [("SAIL_ENDPOINT", up.endpoint.as_str()), ("SAIL_API_KEY", up.operator_key.as_str())];
+    let other = sail_with(&env, &["--org", "other-org", "--json", "volume", "ls"], None).json();
     assert_eq!(other, serde_json::json!([]));
+    // Without a key the CLI says so (exit 2); `sail key whoami` names the key's org.
+    let anonymous = sail_with(&[("SAIL_ENDPOINT", &up.endpoint), ("SAIL_CONFIG_DIR", "/nonexistent")], &["--json", "volume", "ls"], None);
+    anonymous.fails(2);
+    assert_eq!(anonymous.json_error().0, "SailAuthenticationError");
+    assert!(up.sail(&["key", "whoami"]).ok().contains("admin of org cli-tests"));
     // --foreground serves in this process until unmounted.
     let mut fg = std::process::Command::new(common::SAIL)
-        .args(["--endpoint", &up.endpoint, "--org", "cli-tests", "volume", "mount", "--foreground", "minted", m])
+        .args(["--endpoint", &up.endpoint, "volume", "mount", "--foreground", "minted", m])
+        .env("SAIL_API_KEY", &up.key)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()

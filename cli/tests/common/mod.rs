@@ -14,6 +14,11 @@ pub struct Up {
     child: Child,
     pub endpoint: String,
     pub dir: tempfile::TempDir,
+    /// An admin key of org `cli-tests`, made with `sail key create` and the data directory's
+    /// operator key; every [`Up::sail`] run sends it (`SAIL_API_KEY`).
+    pub key: String,
+    /// The data directory's operator key (acts for any org it names).
+    pub operator_key: String,
 }
 
 impl Up {
@@ -40,7 +45,15 @@ impl Up {
             .find(|w| w.starts_with("http://"))
             .unwrap_or_else(|| panic!("no endpoint in {line:?}"))
             .to_owned();
-        Up { child, endpoint, dir }
+        let operator_key = std::fs::read_to_string(dir.path().join("data/keys/operator.key")).expect("operator key").trim().to_owned();
+        let made = sail_with(
+            &[("SAIL_ENDPOINT", &endpoint), ("SAIL_API_KEY", &operator_key)],
+            &["--org", "cli-tests", "key", "create", "--role", "admin", "--name", "cli tests", "-q"],
+            None,
+        );
+        let key = made.ok().trim().to_owned();
+        assert!(key.starts_with("sail_"), "sail key create printed {key:?}");
+        Up { child, endpoint, dir, key, operator_key }
     }
 
     /// `sail ARGS` against this service.
@@ -50,7 +63,7 @@ impl Up {
 
     /// `sail ARGS` with `stdin` as its standard input.
     pub fn sail_in(&self, args: &[&str], stdin: Option<&[u8]>) -> Run {
-        sail_with(&[("SAIL_ENDPOINT", &self.endpoint), ("SAIL_ORG", "cli-tests")], args, stdin)
+        sail_with(&[("SAIL_ENDPOINT", &self.endpoint), ("SAIL_API_KEY", &self.key)], args, stdin)
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -121,7 +134,7 @@ impl Run {
 
 pub fn sail_with(env: &[(&str, &str)], args: &[&str], stdin: Option<&[u8]>) -> Run {
     let mut cmd = Command::new(SAIL);
-    cmd.args(args).env("RUST_LOG", "warn").env_remove("SAIL_ENDPOINT").env_remove("SAIL_ORG");
+    cmd.args(args).env("RUST_LOG", "warn").env_remove("SAIL_ENDPOINT").env_remove("SAIL_ORG").env_remove("SAIL_API_KEY");
     for (k, v) in env {
         cmd.env(k, v);
     }
