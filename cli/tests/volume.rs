@@ -172,7 +172,8 @@ fn mount_flags() {
     let other = sail_with(&env, &["--org", "other-org", "--json", "volume", "ls"], None).json();
     assert_eq!(other, serde_json::json!([]));
     // Without a key the CLI says so (exit 2); `sail key whoami` names the key's org.
-    let anonymous = sail_with(&[("SAIL_ENDPOINT", &up.endpoint), ("SAIL_CONFIG_DIR", "/nonexistent")], &["--json", "volume", "ls"], None);
+    let anonymous =
+        sail_with(&[("SAIL_ENDPOINT", &up.endpoint), ("SAIL_CONFIG_DIR", "/nonexistent")], &["--json", "volume", "ls"], None);
     anonymous.fails(2);
     assert_eq!(anonymous.json_error().0, "SailAuthenticationError");
     assert!(up.sail(&["key", "whoami"]).ok().contains("admin of org cli-tests"));

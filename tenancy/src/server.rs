@@ -124,11 +124,14 @@ pub const REMOTE_CACHE_TTL: Duration = Duration::from_secs(10);
 /// Answers it keeps at most (then the oldest go).
 const REMOTE_CACHE_MAX: usize = 4096;
 
+/// A remembered answer: when, and the identity or the key id refused.
+type Answer = (Instant, Result<Identity, String>);
+
 /// Asks volumed's `WhoAmI` who a key belongs to (for a vmm-host serving on its own), keeping
 /// each answer, good or bad, for [`REMOTE_CACHE_TTL`].
 pub struct RemoteAuthenticator {
     channel: tonic::transport::Channel,
-    cache: Mutex<std::collections::HashMap<String, (Instant, Result<Identity, String>)>>,
+    cache: Mutex<std::collections::HashMap<String, Answer>>,
 }
 
 impl RemoteAuthenticator {

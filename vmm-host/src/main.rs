@@ -132,6 +132,13 @@ async fn shutdown_signal() {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    if !args.listen.ip().is_loopback() {
+        anyhow::bail!(
+            "refusing to listen on {}: API keys would cross the network in clear text and TLS is not served yet; \
+             listen on 127.0.0.1 (reach it from elsewhere through an ssh tunnel)",
+            args.listen
+        );
+    }
     let volumed = args.volumed.clone().context(
         "vmm-host needs --volumed (or SAIL_VOLUMED): callers' API keys are checked there, and guests' volumes served from it",
     )?;

@@ -58,6 +58,20 @@ impl ServerConfig {
     }
 }
 
+/// Refuses a listen address beyond loopback: API keys travel in every call's metadata and
+/// volumed serves no TLS yet, so a key sent over a network could be read on the way. Until
+/// TLS is served (issue 19, item 4), reach a remote host through a tunnel (ssh -L) to its
+/// loopback port.
+pub fn check_listen_address(addr: SocketAddr) -> Result<()> {
+    if addr.ip().is_loopback() {
+        return Ok(());
+    }
+    Err(VolumeError::invalid(format!(
+        "refusing to listen on {addr}: API keys would cross the network in clear text and TLS is not served yet; \
+         listen on 127.0.0.1 (reach it from elsewhere through an ssh tunnel)"
+    )))
+}
+
 /// A started server.
 pub struct Server {
     /// The bound address.
@@ -78,6 +92,7 @@ pub struct Server {
 impl Server {
     /// Opens the stores and binds the listener; call [`Server::serve`] to start serving.
     pub async fn bind(config: ServerConfig) -> Result<Self> {
+        check_listen_address(config.listen)?;
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| VolumeError::io(format!("creating data dir {}", config.data_dir.display()), e))?;
         let listener = TcpListener::bind(config.listen)

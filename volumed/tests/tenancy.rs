@@ -202,3 +202,14 @@ async fn the_first_keys_are_kept_in_the_data_directory() {
     let mut c = VolumeClient::connect_with_key(&again.endpoint(), Some(&admin)).await.unwrap();
     assert_eq!(c.get_volume("", "v", true).await.unwrap().org, "default");
 }
+
+#[tokio::test]
+async fn a_listener_beyond_loopback_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for addr in ["0.0.0.0:0", "[::]:0", "10.1.2.3:0"] {
+        let config = volumed::server::ServerConfig::local(dir.path(), addr.parse().unwrap());
+        let e = volumed::server::Server::bind(config).await.err().expect("refused");
+        assert!(e.to_string().contains("refusing to listen"), "{e}");
+    }
+    assert!(!dir.path().join("meta").exists(), "nothing is opened before the refusal");
+}

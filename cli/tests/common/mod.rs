@@ -45,7 +45,8 @@ impl Up {
             .find(|w| w.starts_with("http://"))
             .unwrap_or_else(|| panic!("no endpoint in {line:?}"))
             .to_owned();
-        let operator_key = std::fs::read_to_string(dir.path().join("data/keys/operator.key")).expect("operator key").trim().to_owned();
+        let operator_key =
+            std::fs::read_to_string(dir.path().join("data/keys/operator.key")).expect("operator key").trim().to_owned();
         let made = sail_with(
             &[("SAIL_ENDPOINT", &endpoint), ("SAIL_API_KEY", &operator_key)],
             &["--org", "cli-tests", "key", "create", "--role", "admin", "--name", "cli tests", "-q"],

@@ -208,3 +208,35 @@ def test_an_unconnectable_socket_is_unavailable(tmp_path, monkeypatch):
     monkeypatch.setattr(sail.volume, "_socket_path", lambda _: str(tmp_path / "nobody.sock"))
     with pytest.raises(sail.VolumeFuseUnavailableError, match=f"FUSE helper unavailable for {tmp_path}"):
         sail.Volume(str(tmp_path)).status()
+
+
+def test_the_key_file_names_match_the_cli(tmp_path, monkeypatch):
+    from sail._client import Config, _key_file_name
+
+    # The same names as tenancy::credentials::endpoint_file_name (its doc test).
+    assert _key_file_name("http://127.0.0.1:7420") == "loopback_7420"
+    assert _key_file_name("http://localhost:7420/") == "loopback_7420"
+    assert _key_file_name("http://[::1]:7420") == "loopback_7420"
+    assert _key_file_name("https://sail.example.com") == "sail.example.com_443"
+    assert _key_file_name("10.0.0.5:9000") == "10.0.0.5_9000"
+    key = "sail_0123456789abcdef_" + "ab" * 32
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "loopback_9").write_text(key + "\n")
+    monkeypatch.setenv("SAIL_CONFIG_DIR", str(tmp_path))
+    monkeypatch.delenv("SAIL_API_KEY", raising=False)
+    monkeypatch.setenv("SAIL_API_URL", "http://127.0.0.1:9")
+    assert Config.from_env().api_key == key
+    monkeypatch.setenv("SAIL_API_KEY", "sail_fedcba9876543210_" + "cd" * 32)
+    assert Config.from_env().api_key.startswith("sail_fedcba9876543210_")
+
+
+def test_a_key_the_service_does_not_know_is_refused(service):
+    from sail._client import Client, Config
+    from sail._pb import volume_pb2 as pb
+
+    c = Client(Config(endpoint=service.endpoint, api_key="sail_0123456789abcdef_" + "0" * 64))
+    with pytest.raises(sail.SailAuthenticationError) as e:
+        c.call(c.volumes.ListVolumes, pb.ListVolumesRequest(), idempotent=True)
+    assert "unknown or revoked" in str(e.value)
+    # The key `sail up` kept for this endpoint is found without SAIL_API_KEY.
+    assert all(v.org == "default" for v in sail.Volume.list())
