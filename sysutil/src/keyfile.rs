@@ -35,13 +35,31 @@ pub fn load_or_create(path: &Path, make: impl FnOnce() -> [u8; 32]) -> Result<[u
         Err(source) => return Err(KeyFileError::Io { what: "reading", path: shown(), source }),
     }
     let key = make();
-    let io = |source| KeyFileError::Io { what: "writing", path: shown(), source };
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io)?;
-    f.write_all(&key).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)?;
+    write_private(path, &key).map_err(|source| KeyFileError::Io { what: "writing", path: shown(), source })?;
     Ok(key)
+}
+
+/// Replaces `path` with `bytes` atomically: written to a temp file of its own beside it
+/// (mode 0600), fsynced, renamed into place; the temp file is removed if any step fails.
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("key");
+    let tmp = path.with_file_name(format!(".{name}.{:016x}.tmp", rand_u64()));
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+/// A temp-name suffix: the clock's nanoseconds mixed with the process id (no rand dependency).
+fn rand_u64() -> u64 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ (u64::from(std::process::id()) << 32)
 }
 
 #[cfg(test)]

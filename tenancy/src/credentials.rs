@@ -7,7 +7,6 @@
 //! any loopback spelling of the host (`127.0.0.1`, `localhost`, `::1`, `0.0.0.0`) names the
 //! same file. The Python SDK reads the same places (sdk/python/sail/_client.py).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::ApiKey;
@@ -104,18 +103,10 @@ pub fn read_key_file(path: &Path) -> Result<Option<ApiKey>, CredentialsError> {
 
 /// Writes `key` to `path` (mode 0600, directories 0700, replaced atomically).
 pub fn write_key_file(path: &Path, key: &ApiKey) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    use std::os::unix::fs::DirBuilderExt;
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
-    let tmp =
-        dir.join(format!(".{}.{:016x}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("key"), rand::random::<u64>()));
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-    let written = f.write_all(format!("{key}\n").as_bytes()).and_then(|_| f.sync_all());
-    if let Err(e) = written.and_then(|_| std::fs::rename(&tmp, path)) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    Ok(())
+    sysutil::keyfile::write_private(path, format!("{key}\n").as_bytes())
 }
 
 /// Keeps `key` as the one clients of `endpoint` on this machine use; returns the file.
