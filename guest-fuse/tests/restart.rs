@@ -223,6 +223,7 @@ fn a_second_helper_on_a_busy_overlay_directory_refuses_to_start() {
     fs::create_dir_all(&other).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_sail-volume-fuse"))
         .args(["--endpoint", &env.endpoint])
+        .env("SAIL_API_KEY", env.key.to_string())
         .arg("--cache-dir")
         .arg(env.dir.path().join("other-cache"))
         .arg("--overlay-dir")
