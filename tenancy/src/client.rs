@@ -61,8 +61,14 @@ pub fn authed(channel: Channel, key: Option<&ApiKey>) -> AuthedChannel {
 /// The key a request's metadata carries: `Ok(None)` without one, `Err` for one that is not a
 /// key (so a typo is told apart from a missing key).
 pub fn key_of(metadata: &tonic::metadata::MetadataMap) -> Result<Option<ApiKey>, crate::KeyError> {
-    let Some(v) = metadata.get(HEADER) else { return Ok(None) };
-    let s = v.to_str().map_err(|_| crate::KeyError)?;
+    key_in(metadata.get(HEADER).map(|v| v.as_bytes()))
+}
+
+/// The key in an `authorization` value (`Bearer <key>` or the bare key); `Ok(None)` for none.
+/// What the server layer reads straight from the HTTP headers, without copying them.
+pub fn key_in(value: Option<&[u8]>) -> Result<Option<ApiKey>, crate::KeyError> {
+    let Some(v) = value else { return Ok(None) };
+    let s = std::str::from_utf8(v).map_err(|_| crate::KeyError)?;
     let token = s.strip_prefix("Bearer ").unwrap_or(s);
     token.parse().map(Some)
 }

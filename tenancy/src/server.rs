@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use crate::client::{AuthedChannel, authed, key_of};
+use crate::client::{AuthedChannel, authed, key_in};
 use crate::{ApiKey, Identity, Role, unauthenticated};
 
 /// A boxed future, as authenticators return.
@@ -100,8 +100,7 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let auth = self.auth.clone();
         Box::pin(async move {
-            let metadata = tonic::metadata::MetadataMap::from_headers(req.headers().clone());
-            let key = match key_of(&metadata) {
+            let key = match key_in(req.headers().get(crate::client::HEADER).map(|v| v.as_bytes())) {
                 Ok(Some(k)) => k,
                 Ok(None) => return Ok(refuse(unauthenticated(NO_KEY))),
                 Err(e) => return Ok(refuse(unauthenticated(e.to_string()))),
